@@ -1,0 +1,67 @@
+"""Selected-block attention (paper §3.3.2 and §3.4; SPEC §3 "Selected attention").
+
+Query head h of KV group g attends to the tokens of the blocks in
+`block_idx[b, t, g]`, causally masked (`key position <= t`); `-1` slots are
+empty. The Pallas kernel is `pallas_kernels/selected_attention.py`.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import _common
+
+QUERY_CHUNK = 128
+
+
+def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
+                       scale: float | None = None, impl: str = "auto",
+                       interpret: bool | None = None):
+  """Attention of each query over the tokens of its selected blocks.
+
+  Args:
+    q: [B, T, HQ, Dk]; k, v: [B, T, HKV, Dk], [B, T, HKV, Dv].
+    block_idx: [B, T, HKV, n] int, distinct block indices or -1.
+
+  Returns:
+    o [B, T, HQ, Dv]. Gradients flow to q, k, v.
+  """
+  _common.check_config(config)
+  _common.check_attention_inputs(q, k, v)
+  _common.check_block_idx(block_idx, q, k, config)
+  scale = _common.resolve_scale(scale, q)
+  block_idx = block_idx.astype(jnp.int32)
+  if _common.use_pallas(impl):
+    from pallas_kernels import selected_attention as kernel
+    return kernel.selected_attention(
+        q, k, v, block_idx, config=config, scale=scale,
+        interpret=_common.resolve_interpret(interpret))
+  return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
+
+
+def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: float,
+                           query_chunk: int = QUERY_CHUNK):
+  """Pure-JAX reference: gathers the n*l' selected keys of each query chunk."""
+  B, T, HQ, Dk = q.shape
+  HKV, Dv = k.shape[2], v.shape[-1]
+  G, lp = HQ // HKV, config.select_block
+  dt = _common.compute_dtype(q.dtype)
+  kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)   # [B, HKV, T, D]
+
+  def chunk_fn(start, qc, bc):
+    C = qc.shape[1]
+    t = start + jnp.arange(C)
+    pos = bc[..., None] * lp + jnp.arange(lp)                  # [B, C, HKV, n, l']
+    visible = (bc[..., None] >= 0) & (pos <= t[None, :, None, None, None])
+    pos = jnp.swapaxes(jnp.clip(pos, 0, T - 1), 1, 2).reshape(B, HKV, -1, 1)
+    kg = jnp.take_along_axis(kt, pos, axis=2).reshape(B, HKV, C, -1, Dk)
+    vg = jnp.take_along_axis(vt, pos, axis=2).reshape(B, HKV, C, -1, Dv)
+    qg = qc.reshape(B, C, HKV, G, Dk)
+    s = jnp.einsum("bchgd,bhckd->bhgck", qg, kg,
+                   preferred_element_type=dt).astype(dt) * scale
+    mask = jnp.swapaxes(visible, 1, 2).reshape(B, HKV, 1, C, -1)
+    p, _ = _common.masked_softmax(s, mask)
+    o = jnp.einsum("bhgck,bhckd->bchgd", p, vg.astype(dt))
+    return o.reshape(B, C, HQ, Dv).astype(q.dtype)
+
+  return _common.map_query_chunks(chunk_fn, (q, block_idx), query_chunk)

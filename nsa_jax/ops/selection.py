@@ -1,0 +1,105 @@
+"""Top-n block selection (paper §3.3.2, Eq. 8-11; SPEC §3 "Importance scores", "Selection").
+
+The compressed branch's probabilities p_cmp are mapped to selection blocks by
+their overlap, counted in strides (the corrected Eq. 9):
+
+    p_slc[t, h, j] = sum_i |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d * p_cmp[t, h, i]
+
+summed over the G heads of each KV group (Eq. 10), and the n best candidate
+blocks (`j*l' <= t`) are kept, the initial and local blocks forced in (Eq. 11).
+The Pallas kernel is `pallas_kernels/select_blocks.py`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import _common
+from nsa_jax.ops.compressed import compressed_scores
+
+QUERY_CHUNK = 256
+
+
+def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
+                  impl: str = "auto", interpret: bool | None = None):
+  """Indices of the selection blocks each query's KV group attends to.
+
+  Args:
+    q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
+
+  Returns:
+    block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
+    Carries no gradient.
+  """
+  _common.check_config(config)
+  _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
+                                 seq_len=config.num_compressed(q.shape[1]))
+  scale = _common.resolve_scale(scale, q)
+  q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
+  if _common.use_pallas(impl):
+    from pallas_kernels import select_blocks as kernel
+    return kernel.select_blocks(q, k_cmp, config=config, scale=scale,
+                                interpret=_common.resolve_interpret(interpret))
+  return select_blocks_xla(q, k_cmp, config=config, scale=scale)
+
+
+def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
+  """Maps [..., Tc] compressed-block mass to [..., num_blocks] selection-block mass.
+
+  Block i covers strides i .. i + l/d - 1; selection block j covers strides
+  j*l'/d .. (j+1)*l'/d - 1; the overlap in strides is the weight. So spread
+  each p_i over its strides (a box filter of width l/d), then sum the strides
+  of each selection block. For l=32, d=16, l'=64: weights 1,2,2,2,1 on
+  i = 4j-1 .. 4j+3.
+  """
+  per_block = config.compress_block // config.compress_stride
+  per_select = config.select_block // config.compress_stride
+  num_strides = num_blocks * per_select
+  Tc = p.shape[-1]
+  lead = [(0, 0)] * (p.ndim - 1)
+  p = jnp.pad(p, lead + [(per_block - 1, num_strides - Tc)])
+  strides = sum(p[..., per_block - 1 - k: per_block - 1 - k + num_strides]
+                for k in range(per_block))
+  return strides.reshape(*strides.shape[:-1], num_blocks, per_select).sum(-1)
+
+
+def rank_blocks(scores, t, config: NSAConfig):
+  """Top-n of [..., C, Ts] block scores for queries at positions t [C].
+
+  Non-candidates (j*l' > t) score -inf, forced blocks +inf; ties go to the
+  lower index (lax.top_k keeps the lower index first). Returns int32 [..., C, n].
+  """
+  n, lp = config.num_selected, config.select_block
+  Ts = scores.shape[-1]
+  j = jnp.arange(Ts)[None, :]
+  cur = (t // lp)[:, None]
+  candidate = j <= cur
+  forced = candidate & ((j < config.num_initial) | (j > cur - config.num_local))
+  s = jnp.where(forced, jnp.inf, jnp.where(candidate, scores, -jnp.inf))
+  if Ts < n:
+    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n - Ts)],
+                constant_values=-jnp.inf)
+  vals, idx = lax.top_k(s, n)
+  return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float,
+                      query_chunk: int = QUERY_CHUNK):
+  """Pure-JAX reference: [T, Tc] scores exist one query chunk at a time."""
+  T = q.shape[1]
+  Ts = config.num_select_blocks(T)
+
+  def chunk_fn(start, qc):
+    C = qc.shape[1]
+    t = start + jnp.arange(C)
+    if k_cmp.shape[1] == 0:
+      scores = jnp.zeros((qc.shape[0], k_cmp.shape[2], C, Ts), jnp.float32)
+    else:
+      s, mask = compressed_scores(qc, start, k_cmp, config, scale)
+      p, _ = _common.masked_softmax(s, mask)          # [B, HKV, G, C, Tc]
+      scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
+    return jnp.moveaxis(rank_blocks(scores, t, config), 1, 2)   # [B, C, HKV, n]
+
+  return _common.map_query_chunks(chunk_fn, (q,), query_chunk)

@@ -1,0 +1,66 @@
+"""Sliding-window attention (paper §3.3.3; SPEC §3 "Sliding window").
+
+Query t attends to keys max(0, t-w+1) .. t: w keys, itself included. The
+Pallas kernel is `pallas_kernels/window_attention.py`.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import _common
+
+QUERY_CHUNK = 256
+
+
+def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
+                     impl: str = "auto", interpret: bool | None = None):
+  """Causal attention over the last `config.window` keys of each query.
+
+  Args:
+    q: [B, T, HQ, Dk]; k, v: [B, T, HKV, Dk], [B, T, HKV, Dv].
+
+  Returns:
+    o [B, T, HQ, Dv]. Gradients flow to q, k, v.
+  """
+  _common.check_config(config)
+  _common.check_attention_inputs(q, k, v)
+  scale = _common.resolve_scale(scale, q)
+  if _common.use_pallas(impl):
+    from pallas_kernels import window_attention as kernel
+    return kernel.window_attention(q, k, v, config=config, scale=scale,
+                                   interpret=_common.resolve_interpret(interpret))
+  return window_attention_xla(q, k, v, config=config, scale=scale)
+
+
+def window_attention_xla(q, k, v, *, config: NSAConfig, scale: float,
+                         query_chunk: int = QUERY_CHUNK):
+  """Pure-JAX reference: each query chunk reads a key slab of chunk + w - 1 keys.
+
+  Work and memory grow with T * (chunk + w), never with T^2.
+  """
+  B, T, HQ, Dk = q.shape
+  HKV, Dv = k.shape[2], v.shape[-1]
+  G, w = HQ // HKV, config.window
+  C = min(query_chunk, T)
+  span = C + w - 1
+  dt = _common.compute_dtype(q.dtype)
+  pad = [(0, 0), (w - 1, -(-T // C) * C - T), (0, 0), (0, 0)]
+  kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)   # key j sits at row j + w - 1
+
+  def chunk_fn(start, qc):
+    ks = lax.dynamic_slice_in_dim(kp, start, span, axis=1)   # keys start-w+1 ..
+    vs = lax.dynamic_slice_in_dim(vp, start, span, axis=1)
+    t = start + jnp.arange(C)
+    pos = start - (w - 1) + jnp.arange(span)
+    mask = (pos[None, :] >= 0) & (pos[None, :] <= t[:, None]) & (
+        pos[None, :] > t[:, None] - w)
+    qg = qc.reshape(B, C, HKV, G, Dk)
+    s = jnp.einsum("bchgd,bkhd->bhgck", qg, ks,
+                   preferred_element_type=dt).astype(dt) * scale
+    p, _ = _common.masked_softmax(s, mask)
+    o = jnp.einsum("bhgck,bkhd->bchgd", p, vs.astype(dt))
+    return o.reshape(B, C, HQ, Dv).astype(q.dtype)
+
+  return _common.map_query_chunks(chunk_fn, (q,), C)
