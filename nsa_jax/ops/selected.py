@@ -51,7 +51,7 @@ def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: floa
   def chunk_fn(start, qc, bc):
     C = qc.shape[1]
     t = start + jnp.arange(C)
-    pos = bc[..., None] * lp + jnp.arange(lp)                  # [B, C, HKV, n, l']
+    pos = bc[..., None] * lp + jnp.arange(lp)[None, None, None, None]                # [B, C, HKV, n, l']
     visible = (bc[..., None] >= 0) & (pos <= t[None, :, None, None, None])
     pos = jnp.swapaxes(jnp.clip(pos, 0, T - 1), 1, 2).reshape(B, HKV, -1, 1)
     kg = jnp.take_along_axis(kt, pos, axis=2).reshape(B, HKV, C, -1, Dk)

@@ -1,0 +1,27 @@
+# The two commands of the README: `make train` (main job) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/find_python.sh
+	@python=$$(scripts/find_python.sh) || exit 1; \
+	  echo "using $$python"; \
+	  [ -x $(PY) ] || $$python -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Trains the `demo` preset (a small NSA language model on the Python standard
+# library's source) on the CPU, saves a checkpoint, prints a sample.
+train: setup
+	$(PY) -m experiments.train --preset demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,137 @@
+"""`NativeSparseAttention`: the NSA layer as a Flax NNX module (paper §3).
+
+    x -> q, and per branch c in {cmp, slc, win}: k_c, v_c      (linear projections, GQA)
+    k_cmp, v_cmp = phi(blocks of k_cmp / v_cmp + intra-block PE)   (paper Eq. 7)
+    g = sigmoid(W_g x)                                         (paper Eq. 5)
+    o = nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g)    (nsa_jax.ops.nsa)
+
+Choices where the paper is silent (documented in the README):
+- phi_k and phi_v are 2-layer MLPs (GELU, hidden width `2 * head dim`) over the
+  flattened block of l tokens, shared by the KV heads, after adding a learned
+  position embedding of shape [l, D] (paper §3.3.1 "learnable MLP with
+  intra-block position encoding").
+- RoPE rotates q and the raw keys of the selected and window branches at their
+  token positions. Compressed keys are computed from un-rotated keys and then
+  rotated at the position of their block's last token `i*d + l - 1`, the first
+  position that may see the block, so q . k_cmp depends on relative position
+  the same way as the other branches.
+- The gate is one linear layer + sigmoid, one gate per query head and branch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import _common
+from nsa_jax.ops.nsa import nsa
+from nsa_jax.rope import apply_rope
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+class CompressionMLP(nnx.Module):
+  """phi: [B, N, l, H, D] blocks -> [B, N, H, D_out] (paper Eq. 7)."""
+
+  def __init__(self, block: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (block, dim), param_dtype))
+    hidden = 2 * dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(block * dim, hidden, **kw)
+    self.fc2 = nnx.Linear(hidden, dim, **kw)
+
+  def __call__(self, blocks):
+    B, N, l, H, D = blocks.shape
+    x = blocks + self.pos.value.astype(blocks.dtype)[None, None, :, None, :]
+    x = jnp.moveaxis(x, 2, 3).reshape(B, N, H, l * D)
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+def compression_blocks(x, config: NSAConfig):
+  """[B, T, H, D] -> [B, Tc, l, H, D]: block i holds tokens i*d .. i*d + l - 1."""
+  Tc = config.num_compressed(x.shape[1])
+  idx = (jnp.arange(Tc)[:, None] * config.compress_stride
+         + jnp.arange(config.compress_block)[None, :])
+  return x[:, idx]
+
+
+def compressed_positions(num_blocks: int, config: NSAConfig):
+  """Position of compressed block i for RoPE: its last token, i*d + l - 1."""
+  return jnp.arange(num_blocks) * config.compress_stride + config.compress_block - 1
+
+
+class NativeSparseAttention(nnx.Module):
+  """Causal NSA self-attention layer: [B, T, d_model] -> [B, T, d_model].
+
+  Args:
+    d_model: model width.
+    num_heads: query heads HQ; num_kv_heads: KV heads HKV (HQ % HKV == 0).
+    head_dim / head_dim_v: Dk / Dv (default d_model // num_heads; Dv = Dk).
+    config: NSA block sizes (NSAConfig).
+    shared_kv: one K/V projection for the three branches instead of three
+      (the paper uses separate ones to prevent shortcut learning, §3.3.3).
+    rope_theta: RoPE base.
+    impl: "xla", "pallas" or "auto" for the ops.
+    dtype / param_dtype: compute and parameter dtypes (e.g. bf16 / f32).
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *,
+               head_dim: int | None = None, head_dim_v: int | None = None,
+               config: NSAConfig = NSAConfig(), shared_kv: bool = False,
+               rope_theta: float = 10000.0, impl: str = "auto",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a positive multiple of "
+                       f"num_kv_heads={num_kv_heads}")
+    Dk = head_dim or d_model // num_heads
+    Dv = head_dim_v or Dk
+    if Dk < 2 or Dk % 2:
+      raise ValueError(f"head_dim={Dk} must be even and >= 2 (RoPE); "
+                       f"d_model={d_model}, num_heads={num_heads}")
+    _common.check_config(config)
+    _common.check_impl(impl)
+    self.config, self.impl, self.rope_theta = config, impl, rope_theta
+    self.num_heads, self.num_kv_heads, self.dk, self.dv = num_heads, num_kv_heads, Dk, Dv
+    self.kv_branches = 1 if shared_kv else len(BRANCHES)
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = nnx.Linear(d_model, num_heads * Dk, **kw)
+    self.kv_proj = nnx.Linear(d_model, self.kv_branches * num_kv_heads * (Dk + Dv), **kw)
+    self.o_proj = nnx.Linear(num_heads * Dv, d_model, **kw)
+    self.gate = nnx.Linear(d_model, num_heads * len(BRANCHES), dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    mlp_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.phi_k = CompressionMLP(config.compress_block, Dk, **mlp_kw)
+    self.phi_v = CompressionMLP(config.compress_block, Dv, **mlp_kw)
+
+  def branch_inputs(self, x, positions=None):
+    """Projects x [B, T, d_model] to the inputs of `nsa_jax.nsa`.
+
+    Returns a dict with q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.
+    """
+    B, T, _ = x.shape
+    HQ, HKV, Dk, Dv = self.num_heads, self.num_kv_heads, self.dk, self.dv
+    pos = jnp.arange(T) if positions is None else positions
+    q = apply_rope(self.q_proj(x).reshape(B, T, HQ, Dk), pos, self.rope_theta)
+    kv = self.kv_proj(x).reshape(B, T, self.kv_branches, HKV, Dk + Dv)
+    ks, vs = kv[..., :Dk], kv[..., Dk:]
+    pick = (lambda a, c: a[:, :, 0]) if self.kv_branches == 1 else (
+        lambda a, c: a[:, :, BRANCHES.index(c)])
+    k_cmp_raw, v_cmp_raw = pick(ks, "cmp"), pick(vs, "cmp")
+    k_cmp = self.phi_k(compression_blocks(k_cmp_raw, self.config))
+    v_cmp = self.phi_v(compression_blocks(v_cmp_raw, self.config))
+    k_cmp = apply_rope(k_cmp, compressed_positions(k_cmp.shape[1], self.config),
+                       self.rope_theta)
+    rope = lambda k: apply_rope(k, pos, self.rope_theta)
+    gates = jax.nn.sigmoid(self.gate(x).reshape(B, T, HQ, len(BRANCHES)))
+    dt = q.dtype
+    return dict(q=q, k_cmp=k_cmp.astype(dt), v_cmp=v_cmp.astype(dt),
+                k_slc=rope(pick(ks, "slc")), v_slc=pick(vs, "slc"),
+                k_win=rope(pick(ks, "win")), v_win=pick(vs, "win"),
+                gates=gates.astype(dt))
+
+  def __call__(self, x):
+    """Causal NSA over x [B, T, d_model] at positions 0 .. T-1."""
+    B, T, _ = x.shape
+    o = nsa(**self.branch_inputs(x), config=self.config, impl=self.impl)
+    return self.o_proj(o.reshape(B, T, self.num_heads * self.dv))

@@ -1,0 +1,80 @@
+"""The Flax NNX layer `NativeSparseAttention`: shapes, causality, gradients, training."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+from nsa_jax import NSAConfig
+from nsa_jax.module import NativeSparseAttention
+
+CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                num_selected=3, window=16)
+
+
+def layer(**kw):
+  args = dict(d_model=32, num_heads=4, num_kv_heads=2, config=CFG, impl="xla",
+              rngs=nnx.Rngs(0))
+  args.update(kw)
+  return NativeSparseAttention(**args)
+
+
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_shapes_and_causality(shared_kv):
+  m = layer(shared_kv=shared_kv, head_dim=8, head_dim_v=12)
+  x = jax.random.normal(jax.random.key(1), (2, 45, 32), jnp.float32)
+  y = nnx.jit(lambda m, x: m(x))(m, x)
+  assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
+  # Changing the future leaves the past untouched.
+  x2 = x.at[:, 30:].set(jax.random.normal(jax.random.key(2), (2, 15, 32), jnp.float32))
+  y2 = nnx.jit(lambda m, x: m(x))(m, x2)
+  np.testing.assert_allclose(y[:, :30], y2[:, :30], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(y[:, 30:], y2[:, 30:])
+
+
+def test_short_sequences_and_bf16():
+  m = layer(dtype=jnp.bfloat16)
+  for T in (1, 5, 17):
+    y = m(jax.random.normal(jax.random.key(T), (1, T, 32), jnp.float32))
+    assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="num_heads=6 must be a positive multiple of num_kv_heads=4"):
+    layer(num_heads=6, num_kv_heads=4)
+  with pytest.raises(ValueError, match="head_dim=3"):
+    layer(head_dim=3)
+  with pytest.raises(ValueError, match="impl='triton'"):
+    layer(impl="triton")
+
+
+def test_gradients_float64():
+  m = layer(d_model=16, num_heads=2, num_kv_heads=1, head_dim=4,
+            dtype=jnp.float64, param_dtype=jnp.float64)
+  graphdef, params = nnx.split(m)
+  x = jax.random.normal(jax.random.key(3), (1, 21, 16), jnp.float64)
+
+  @jax.jit
+  def f(params, x):
+    return nnx.merge(graphdef, params)(x)
+
+  check_grads(f, (params, x), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_layer_learns_a_toy_task():
+  """A few AdamW steps fit y = (running mean of x over the window) better."""
+  m = layer()
+  x = jax.random.normal(jax.random.key(4), (4, 48, 32), jnp.float32)
+  target = jnp.cumsum(x, axis=1) / jnp.arange(1, 49, dtype=jnp.float32)[None, :, None]
+  opt = nnx.Optimizer(m, optax.adamw(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt):
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(m)
+    opt.update(m, g)
+    return loss
+
+  losses = [float(step(m, opt)) for _ in range(30)]
+  assert losses[-1] < 0.5 * losses[0], losses

@@ -1,0 +1,252 @@
+"""The pure-JAX reference ops (impl="xla") against brute-force dense oracles.
+
+Forward values must match the float64 NumPy oracle of tests/oracle.py to 1e-5
+in float32; gradients pass `jax.test_util.check_grads` in float64.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import nsa_jax
+from nsa_jax import NSAConfig
+from tests import oracle
+
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                  num_selected=4, window=16)
+# l = l' and no initial block, window not a power of two.
+ODD = NSAConfig(compress_block=16, compress_stride=8, select_block=16,
+                num_selected=3, num_initial=0, num_local=1, window=24)
+
+# (B, T, HQ, HKV, Dk, Dv, config): T=1, T < l, T < l', T < w, T not a
+# multiple of any block, G in {1, 2, 16}, Dk != Dv, batch 2.
+SHAPES = [
+    (1, 1, 2, 1, 16, 16, SMALL),
+    (2, 5, 4, 2, 16, 8, SMALL),
+    (1, 13, 2, 2, 8, 8, SMALL),
+    (2, 77, 4, 2, 16, 8, SMALL),
+    (1, 70, 16, 1, 8, 16, SMALL),
+    (1, 61, 4, 4, 8, 12, ODD),
+]
+
+
+def make_inputs(key, B, T, HQ, HKV, Dk, Dv, cfg, dtype=jnp.float32):
+  ks = jax.random.split(key, 8)
+  Tc = cfg.num_compressed(T)
+  n = lambda k, s: jax.random.normal(k, s, dtype)
+  return dict(
+      q=n(ks[0], (B, T, HQ, Dk)),
+      k_cmp=n(ks[1], (B, Tc, HKV, Dk)), v_cmp=n(ks[2], (B, Tc, HKV, Dv)),
+      k_slc=n(ks[3], (B, T, HKV, Dk)), v_slc=n(ks[4], (B, T, HKV, Dv)),
+      k_win=n(ks[5], (B, T, HKV, Dk)), v_win=n(ks[6], (B, T, HKV, Dv)),
+      gates=jax.nn.sigmoid(n(ks[7], (B, T, HQ, 3))))
+
+
+def scale_of(x):
+  return 1.0 / np.sqrt(x["q"].shape[-1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_compressed_attention_matches_oracle(shape):
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(0), *dims, cfg)
+  o, lse = nsa_jax.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
+                                        config=cfg, impl="xla")
+  B, T, _, HKV, _, _ = dims
+  o_ref, lse_ref = oracle.dense_attention(
+      x["q"], x["k_cmp"], x["v_cmp"], oracle.compressed_mask(B, T, HKV, cfg),
+      scale_of(x))
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(lse_ref))
+  fin = np.isfinite(lse_ref)
+  np.testing.assert_allclose(np.asarray(lse)[fin], lse_ref[fin], rtol=1e-5, atol=1e-5)
+  # Queries before the first complete block see nothing: zero output, -inf lse.
+  early = min(T, cfg.compress_block - 1)
+  assert np.all(np.asarray(o)[:, :early] == 0)
+  assert np.all(np.asarray(lse)[:, :early] == -np.inf)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_window_attention_matches_oracle(shape):
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(1), *dims, cfg)
+  o = nsa_jax.window_attention(x["q"], x["k_win"], x["v_win"], config=cfg, impl="xla")
+  B, T, _, HKV, _, _ = dims
+  o_ref, _ = oracle.dense_attention(x["q"], x["k_win"], x["v_win"],
+                                    oracle.window_mask(B, T, HKV, cfg), scale_of(x))
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_select_blocks_matches_oracle(shape):
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(2), *dims, cfg)
+  idx = np.asarray(nsa_jax.select_blocks(x["q"], x["k_cmp"], config=cfg, impl="xla"))
+  want, scores = oracle.select_blocks(x["q"], x["k_cmp"], cfg, scale_of(x))
+  B, T, HKV, n = idx.shape
+  assert n == cfg.num_selected and idx.dtype == np.int32
+  for b in range(B):
+    for t in range(T):
+      for g in range(HKV):
+        got = idx[b, t, g]
+        chosen = got[got >= 0]
+        assert len(set(chosen)) == len(chosen), "duplicate block"
+        assert np.all(got[len(chosen):] == -1) or np.all(np.sort(got)[: n - len(chosen)] == -1)
+        assert len(chosen) == min(n, t // cfg.select_block + 1)
+        if set(chosen) != want[b, t, g]:
+          # Only a float near-tie may flip between equally scored blocks.
+          diff = set(chosen) ^ want[b, t, g]
+          s = scores[b, t, g, sorted(diff)]
+          assert np.ptp(s) < 1e-6, (b, t, g, set(chosen), want[b, t, g])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_selected_attention_matches_oracle(shape):
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(3), *dims, cfg)
+  idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=cfg, impl="xla")
+  o = nsa_jax.selected_attention(x["q"], x["k_slc"], x["v_slc"], idx,
+                                 config=cfg, impl="xla")
+  T = dims[1]
+  o_ref, _ = oracle.dense_attention(x["q"], x["k_slc"], x["v_slc"],
+                                    oracle.selected_mask(idx, T, cfg), scale_of(x))
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_selected_attention_ignores_slot_order_and_empty_slots():
+  B, T, HQ, HKV, Dk, Dv = 1, 50, 4, 2, 16, 8
+  x = make_inputs(jax.random.key(4), B, T, HQ, HKV, Dk, Dv, SMALL)
+  idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=SMALL, impl="xla")
+  shuffled = jnp.flip(idx, axis=-1)
+  f = lambda i: nsa_jax.selected_attention(x["q"], x["k_slc"], x["v_slc"], i,
+                                           config=SMALL, impl="xla")
+  np.testing.assert_allclose(f(idx), f(shuffled), rtol=1e-6, atol=1e-6)
+  # Only -1 slots: nothing visible, zero output and no NaN.
+  o = f(jnp.full_like(idx, -1))
+  assert np.all(np.asarray(o) == 0)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_nsa_matches_oracle(shape):
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(5), *dims, cfg)
+  o, idx = nsa_jax.nsa(**x, config=cfg, impl="xla", return_block_idx=True)
+  B, T, _, HKV, _, _ = dims
+  sc = scale_of(x)
+  o_cmp, _ = oracle.dense_attention(x["q"], x["k_cmp"], x["v_cmp"],
+                                    oracle.compressed_mask(B, T, HKV, cfg), sc)
+  o_slc, _ = oracle.dense_attention(x["q"], x["k_slc"], x["v_slc"],
+                                    oracle.selected_mask(idx, T, cfg), sc)
+  o_win, _ = oracle.dense_attention(x["q"], x["k_win"], x["v_win"],
+                                    oracle.window_mask(B, T, HKV, cfg), sc)
+  g = np.asarray(x["gates"], np.float64)[..., None]
+  want = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+  np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+
+
+GRAD_SHAPES = [(2, 37, 4, 2, 8, 4, SMALL), (1, 33, 16, 1, 4, 8, ODD)]
+NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def test_gradients_float64(shape):
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(6), *dims, cfg, dtype=jnp.float64)
+  kw = dict(config=cfg, impl="xla")
+
+  @jax.jit
+  def cmp(q, k, v):
+    o, lse = nsa_jax.compressed_attention(q, k, v, **kw)
+    return o, jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+  opts = dict(order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+  check_grads(cmp, (x["q"], x["k_cmp"], x["v_cmp"]), **opts)
+  # The whole op covers the q/k/v gradients of every branch (each enters the
+  # output through its gate) and the gates'. Selection is piecewise constant
+  # in q and k_cmp, and the check's perturbations are too small to cross a tie.
+  check_grads(jax.jit(lambda *a: nsa_jax.nsa(*a, **kw)), tuple(x[n] for n in NAMES), **opts)
+
+
+def test_gradients_finite_where_nothing_is_visible():
+  x = make_inputs(jax.random.key(7), 1, 6, 2, 1, 8, 8, SMALL)   # T < l: Tc = 0
+  loss = lambda *a: jnp.sum(nsa_jax.nsa(*a, config=SMALL, impl="xla") ** 2)
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*(x[n] for n in NAMES))
+  for n, g in zip(NAMES, grads):
+    assert np.all(np.isfinite(np.asarray(g))), n
+  x = make_inputs(jax.random.key(8), 1, 20, 2, 1, 8, 8, SMALL)  # rows t < l-1 see no block
+  o, lse = nsa_jax.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config=SMALL, impl="xla")
+  g = jax.grad(lambda q: jnp.sum(nsa_jax.compressed_attention(
+      q, x["k_cmp"], x["v_cmp"], config=SMALL, impl="xla")[0]))(x["q"])
+  assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[:, :7] == 0)
+
+
+def test_bad_inputs_raise_value_errors_naming_the_argument():
+  x = make_inputs(jax.random.key(9), 1, 40, 4, 2, 8, 8, SMALL)
+  q, kc, vc, k, v = x["q"], x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"]
+  kw = dict(config=SMALL, impl="xla")
+  with pytest.raises(ValueError, match="q must have shape"):
+    nsa_jax.window_attention(q[0], k, v, **kw)
+  with pytest.raises(ValueError, match="HQ=4.*HKV=3"):
+    nsa_jax.window_attention(q, jnp.zeros((1, 40, 3, 8), q.dtype), jnp.zeros((1, 40, 3, 8), q.dtype), **kw)
+  with pytest.raises(ValueError, match="k.dtype=bfloat16"):
+    nsa_jax.window_attention(q, k.astype(jnp.bfloat16), v, **kw)
+  with pytest.raises(ValueError, match="k_cmp and v_cmp must have 9 time steps"):
+    nsa_jax.compressed_attention(q, kc[:, :3], vc[:, :3], **kw)
+  with pytest.raises(ValueError, match=r"k.shape\[-1\]=4"):
+    nsa_jax.window_attention(q, k[..., :4], v, **kw)
+  with pytest.raises(ValueError, match="block_idx.shape"):
+    nsa_jax.selected_attention(q, k, v, jnp.zeros((1, 40, 2, 3), jnp.int32), **kw)
+  with pytest.raises(ValueError, match="impl='cuda'"):
+    nsa_jax.window_attention(q, k, v, config=SMALL, impl="cuda")
+  with pytest.raises(ValueError, match="gates.shape"):
+    nsa_jax.nsa(q, kc, vc, k, v, k, v, x["gates"][..., :2], **kw)
+  with pytest.raises(ValueError, match="config must be an NSAConfig"):
+    nsa_jax.window_attention(q, k, v, config={"window": 4})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(compress_block=24, compress_stride=16), "compress_stride=16 must divide compress_block=24"),
+    (dict(select_block=40), "compress_stride=16 must divide select_block=40"),
+    (dict(compress_block=128), "compress_block=128 must be <= select_block=64"),
+    (dict(num_selected=2), "must be <= num_selected=2"),
+    (dict(window=0), "window=0"),
+])
+def test_config_validation(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    NSAConfig(**kwargs)
+
+
+def test_config_counts():
+  cfg = NSAConfig()
+  assert cfg.num_compressed(31) == 0 and cfg.num_compressed(32) == 1
+  assert cfg.num_compressed(65536) == 4095
+  assert cfg.num_select_blocks(65) == 2
+
+
+def _largest_intermediate(jaxpr):
+  sizes = [0]
+  for eqn in jaxpr.eqns:
+    sizes += [int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape")]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)          # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          sizes.append(_largest_intermediate(sub))
+  return max(sizes)
+
+
+def test_memory_is_subquadratic():
+  """The references never build a [T, T]-sized array (checked on the jaxpr)."""
+  T, cfg = 4096, NSAConfig()
+  x = jax.eval_shape(lambda: make_inputs(jax.random.key(0), 1, T, 2, 1, 16, 16, cfg))
+  idx = jax.ShapeDtypeStruct((1, T, 1, cfg.num_selected), jnp.int32)
+  kw = dict(config=cfg, impl="xla")
+  cases = [
+      (lambda q, k, v: nsa_jax.window_attention(q, k, v, **kw), (x["q"], x["k_win"], x["v_win"])),
+      (lambda q, k, v, i: nsa_jax.selected_attention(q, k, v, i, **kw), (x["q"], x["k_slc"], x["v_slc"], idx)),
+      (lambda q, k: nsa_jax.select_blocks(q, k, **kw), (x["q"], x["k_cmp"])),
+  ]
+  for fn, args in cases:
+    biggest = _largest_intermediate(jax.make_jaxpr(fn)(*args).jaxpr)
+    assert biggest < T * T / 4, biggest
