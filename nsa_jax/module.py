@@ -27,6 +27,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.rope import apply_rope
+from nsa_jax.sharding import sharded_nsa
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -43,7 +44,7 @@ class CompressionMLP(nnx.Module):
 
   def __call__(self, blocks):
     B, N, l, H, D = blocks.shape
-    x = blocks + self.pos.value.astype(blocks.dtype)[None, None, :, None, :]
+    x = blocks + self.pos[...].astype(blocks.dtype)[None, None, :, None, :]
     x = jnp.moveaxis(x, 2, 3).reshape(B, N, H, l * D)
     return self.fc2(jax.nn.gelu(self.fc1(x)))
 
@@ -74,13 +75,16 @@ class NativeSparseAttention(nnx.Module):
     rope_theta: RoPE base.
     impl: "xla", "pallas" or "auto" for the ops.
     dtype / param_dtype: compute and parameter dtypes (e.g. bf16 / f32).
+    mesh: a device mesh with axes ("data", "fsdp", "heads"): the op then runs
+      per batch and head shard (`nsa_jax.sharding.sharded_nsa`); None runs it whole.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *,
                head_dim: int | None = None, head_dim_v: int | None = None,
                config: NSAConfig = NSAConfig(), shared_kv: bool = False,
                rope_theta: float = 10000.0, impl: str = "auto",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32,
+               mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a positive multiple of "
                        f"num_kv_heads={num_kv_heads}")
@@ -92,6 +96,7 @@ class NativeSparseAttention(nnx.Module):
     _common.check_config(config)
     _common.check_impl(impl)
     self.config, self.impl, self.rope_theta = config, impl, rope_theta
+    self.mesh = mesh
     self.num_heads, self.num_kv_heads, self.dk, self.dv = num_heads, num_kv_heads, Dk, Dv
     self.kv_branches = 1 if shared_kv else len(BRANCHES)
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -133,5 +138,6 @@ class NativeSparseAttention(nnx.Module):
   def __call__(self, x):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1."""
     B, T, _ = x.shape
-    o = nsa(**self.branch_inputs(x), config=self.config, impl=self.impl)
+    op = nsa if self.mesh is None else sharded_nsa(self.mesh)
+    o = op(**self.branch_inputs(x), config=self.config, impl=self.impl)
     return self.o_proj(o.reshape(B, T, self.num_heads * self.dv))

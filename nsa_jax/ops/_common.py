@@ -130,7 +130,8 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int):
   padded rows are computed and dropped). `start` is the chunk's first query
   position. `fn` returns a pytree of [B, chunk, ...] arrays; the result is
   the same pytree with [B, T, ...] arrays. Keeps live memory at one chunk's
-  worth of scores instead of all T queries' worth.
+  worth of scores instead of all T queries' worth, in the backward pass too:
+  each chunk is rematerialised (`jax.checkpoint`) rather than saved.
   """
   T = xs[0].shape[1]
   chunk = min(chunk, T)
@@ -147,5 +148,6 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int):
     return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :T]
 
   starts = jnp.arange(n, dtype=jnp.int32) * chunk
-  out = lax.map(lambda a: fn(a[0], *a[1:]), (starts, *map(split, xs)))
+  body = jax.checkpoint(lambda a: fn(a[0], *a[1:]))
+  out = lax.map(body, (starts, *map(split, xs)))
   return jax.tree.map(merge, out)

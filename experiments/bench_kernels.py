@@ -1,0 +1,420 @@
+"""Benchmark of the NSA ops against cuDNN dense attention (SPEC §5).
+
+One process, one GPU. For each sequence length T it times, forward and
+forward+backward (a random cotangent through `jax.vjp`, gradients w.r.t. all
+float inputs):
+  - the whole `nsa(...)` op (compressed attention, top-n, selected and window
+    attention, gating; paper §3.2-3.3, Eq. 5);
+  - each branch alone (Config A only): compressed_attention, select_blocks
+    (forward only: it has no gradient), selected_attention with block_idx
+    precomputed, window_attention;
+  - cuDNN flash attention, causal, on the selected branch's q/k/v;
+  - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
+    its compression is mean pooling with l = l'), timed with triton's do_bench;
+and a FLOP floor: the matmul FLOPs counted below over a bf16 matmul rate
+measured in the same run.
+
+Configs (B=1, bf16, NSAConfig() paper defaults): A = HQ 64, HKV 4, Dk=Dv=128;
+B = Dk 192, Dv 128. G sweep at the largest T: HQ = 64 fixed and HKV = 64/G for
+G = 1, 2, 4, 8 (G = 16 is Config A), so dense attention does the same work at
+every G and only NSA's sharing of K/V and selections across a group changes.
+
+Inputs are random normal (never zero); selections from random q/k are less
+coherent between neighbouring tokens than a trained model's, which is the
+pessimistic case for kernels that share block loads across a query tile.
+
+Run on the device machine (about 6 minutes on an H100):
+    python3 experiments/bench_kernels.py            # T = 8k..64k, 128k if time is left
+    python3 experiments/bench_kernels.py --quick    # T = 8k, 64k
+    python3 experiments/bench_kernels.py --small    # tiny shapes, CPU, for the smoke test
+"""
+from __future__ import annotations
+
+import os
+
+# Before jax starts: let torch (the peer) share the GPU with jax.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bench_common as bc   # also puts the repo root on sys.path
+from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
+                     selected_attention, window_attention)
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  config: str   # "A", "B" or "G<g>" (G sweep)
+  B: int
+  T: int
+  HQ: int
+  HKV: int
+  Dk: int
+  Dv: int
+
+  @property
+  def G(self) -> int:
+    return self.HQ // self.HKV
+
+
+# ----------------------------------------------------------------------------
+# FLOP counts. A (query, key) pair of one head costs 2*Dk (q.k) + 2*Dv (p*v)
+# FLOP forward. Backward, flash style: recompute q.k (2*Dk), dP = dO v (2*Dv),
+# dV = P^T dO (2*Dv), dQ = dS k (2*Dk), dK = dS^T q (2*Dk). The top-n scoring
+# is q.k only (2*Dk) and has no backward; in the fused floor of `nsa` it is
+# counted once with the compressed branch (KERNELS.md: one pass can do both).
+# ----------------------------------------------------------------------------
+def visible_pairs(T: int, config: NSAConfig) -> dict[str, int]:
+  """Sum over queries t = 0..T-1 of the keys each branch attends to (one head)."""
+  t = np.arange(T, dtype=np.int64)
+  l, d, lp = config.compress_block, config.compress_stride, config.select_block
+  # compressed: blocks i with i*d + l - 1 <= t, at most Tc of them
+  cmp = np.clip((t - l + 1) // d + 1, 0, config.num_compressed(T))
+  # selected: min(n, #candidates) blocks; the block holding t is always selected
+  # (num_local >= 1) and shows t % l' + 1 keys, the others all l' keys.
+  # With num_local = 0 this is an upper bound.
+  num_sel = np.minimum(config.num_selected, t // lp + 1)
+  slc = (t % lp + 1) + lp * (num_sel - 1)
+  win = np.minimum(config.window, t + 1)
+  return {"compressed": int(cmp.sum()), "selected": int(slc.sum()),
+          "window": int(win.sum()), "dense": T * (T + 1) // 2}
+
+
+def flop_counts(shape: Shape, config: NSAConfig) -> dict[tuple[str, str], int]:
+  """FLOPs of every timed (op, pass), pass in {"fwd", "fwd+bwd"}."""
+  pairs = visible_pairs(shape.T, config)
+  heads = shape.B * shape.HQ
+  fwd = 2 * (shape.Dk + shape.Dv)
+  bwd = 2 * (3 * shape.Dk + 2 * shape.Dv)
+  out = {("select_blocks", "fwd"): heads * 2 * shape.Dk * pairs["compressed"]}
+  for op, key in [("compressed_attention", "compressed"), ("selected_attention", "selected"),
+                  ("window_attention", "window"), ("dense", "dense")]:
+    out[(op, "fwd")] = heads * fwd * pairs[key]
+    out[(op, "fwd+bwd")] = heads * (fwd + bwd) * pairs[key]
+  for p in ("fwd", "fwd+bwd"):
+    out[("nsa", p)] = sum(out[(op, p)] for op in
+                          ("compressed_attention", "selected_attention", "window_attention"))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Inputs and the functions timed
+# ----------------------------------------------------------------------------
+def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: bool):
+  """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches."""
+  kw = lambda op: dict(config=config, impl=impls[op])
+  names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
+  select = jax.jit(lambda q, k: select_blocks(q, k, **kw("select_blocks")))
+
+  def inputs_of(*keys, block_idx=False):
+    def make(key):
+      x = bc.random_nsa_inputs(shape.B, shape.T, shape.HQ, shape.HKV, shape.Dk, shape.Dv,
+                               config, dtype, key)
+      args = [x[k] for k in keys]
+      if block_idx:   # precomputed selection, the way nsa would select
+        args.append(select(x["q"], x["k_cmp"]))
+      return tuple(args) + (x["cotangent"],)
+    return make
+
+  def drop_cotangent(make):
+    return lambda key: make(key)[:-1]
+
+  nsa_fn = lambda *a: nsa(*a, **kw("nsa"))
+  cmp_fn = lambda q, k, v: compressed_attention(q, k, v, **kw("compressed_attention"))[0]
+  slc_fn = lambda q, k, v, idx: selected_attention(q, k, v, idx, **kw("selected_attention"))
+  win_fn = lambda q, k, v: window_attention(q, k, v, **kw("window_attention"))
+
+  cases = [("nsa", nsa_fn, inputs_of(*names), len(names))]
+  if branches:
+    cases += [("compressed_attention", cmp_fn, inputs_of("q", "k_cmp", "v_cmp"), 3),
+              ("select_blocks", select, inputs_of("q", "k_cmp"), 0),
+              ("selected_attention", slc_fn, inputs_of("q", "k_slc", "v_slc", block_idx=True), 3),
+              ("window_attention", win_fn, inputs_of("q", "k_win", "v_win"), 3)]
+  for op, fn, make, num_diff in cases:
+    yield op, "fwd", fn, drop_cotangent(make)
+    if num_diff:
+      yield op, "fwd+bwd", bc.forward_backward(fn, num_diff), make
+
+
+def dense_candidates(shape: Shape, impl: str):
+  """[(name, f(q, k, v))]: ways to run causal dense attention, preferred first.
+
+  jax.nn.dot_product_attention takes GQA (k/v with HKV heads) but needs
+  Dk == Dv; for Dk != Dv (Config B) cuDNN's own MLA path (jax._src, cuDNN >=
+  9.10 on Hopper) is tried, then v zero-padded to Dk (which costs cuDNN
+  (Dk + Dk)/(Dk + Dv) more P.V work). Repeating k/v heads is the last resort.
+  """
+  G, Dk, Dv = shape.G, shape.Dk, shape.Dv
+  scale = 1.0 / math.sqrt(Dk)
+
+  def nn_dpa(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        implementation=impl)
+
+  def cudnn_mla(q, k, v):
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    return dot_product_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
+
+  def pad_v(f):
+    return lambda q, k, v: f(q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, Dk - Dv)]))[..., :Dv]
+
+  def repeat_kv(f):
+    return lambda q, k, v: f(q, jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2))
+
+  if Dk == Dv:
+    base = [("gqa", nn_dpa)]
+  elif Dk > Dv:
+    base = ([("mla", cudnn_mla)] if impl == "cudnn" else []) + [("pad-v", pad_v(nn_dpa))]
+  else:
+    raise ValueError(f"dense baseline needs Dk >= Dv, got Dk={Dk}, Dv={Dv}")
+  return base + [(f"{name}+repeat-kv", repeat_kv(f)) for name, f in base]
+
+
+def dense_inputs(shape: Shape, dtype, key):
+  kq, kk, kv, kc = jax.random.split(key, 4)
+  B, T = shape.B, shape.T
+  return (jax.random.normal(kq, (B, T, shape.HQ, shape.Dk), dtype),
+          jax.random.normal(kk, (B, T, shape.HKV, shape.Dk), dtype),
+          jax.random.normal(kv, (B, T, shape.HKV, shape.Dv), dtype),
+          jax.random.normal(kc, (B, T, shape.HQ, shape.Dv), dtype))
+
+
+def time_fla_peer(shape: Shape, config: NSAConfig) -> dict:
+  """fla's parallel_nsa (Triton, PyTorch) on the same shapes, or a note why not."""
+  try:
+    import torch
+    import triton.testing
+    from fla.ops.nsa import parallel_nsa
+  except Exception as err:   # expected where fla is not installed
+    return {"skipped": f"fla not importable ({bc.describe_error(err)})"}
+  if shape.G < 16 or shape.G & (shape.G - 1):
+    return {"skipped": f"fla needs G a power of 2 >= 16, got G={shape.G}"}
+  try:
+    dev, dt = "cuda", torch.bfloat16
+    B, T, HQ, HKV = shape.B, shape.T, shape.HQ, shape.HKV
+    leaf = lambda *s: torch.randn(*s, device=dev, dtype=dt).requires_grad_()
+    q, k, v = leaf(B, T, HQ, shape.Dk), leaf(B, T, HKV, shape.Dk), leaf(B, T, HKV, shape.Dv)
+    g_cmp, g_slc = (torch.rand(B, T, HQ, device=dev, dtype=dt).requires_grad_()
+                    for _ in range(2))
+    run = lambda: parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc,
+                               block_counts=config.num_selected,
+                               block_size=config.select_block, window_size=0)
+    do = torch.randn(B, T, HQ, shape.Dv, device=dev, dtype=dt)
+
+    def fwd():
+      with torch.no_grad():
+        run()
+
+    def bench(fn):
+      fn()   # compile / autotune
+      torch.cuda.synchronize()
+      start = time.perf_counter()
+      fn()
+      torch.cuda.synchronize()
+      once_ms = (time.perf_counter() - start) * 1e3
+      return triton.testing.do_bench(fn, warmup=max(25, 2 * once_ms), rep=max(100, 12 * once_ms),
+                                     grad_to_none=[q, k, v, g_cmp, g_slc], return_mode="median")
+    return {"fwd_ms": bench(fwd), "fwd+bwd_ms": bench(lambda: run().backward(do)),
+            "note": "fla parallel_nsa: mean-pooled compression with l = l', no window, "
+                    "same inputs every run (do_bench)"}
+  except Exception as err:   # recorded, never fatal
+    return {"error": bc.describe_error(err)}
+
+
+# ----------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------
+class Bench:
+  """Collects timing records; skips what is left once the time budget is spent."""
+
+  def __init__(self, args, config, impls, rate_tflops):
+    self.args, self.config, self.impls, self.rate = args, config, impls, rate_tflops
+    self.deadline = time.perf_counter() + args.budget_s
+    self.records = []
+    self.dense_choice = {}   # (HQ, HKV, Dk, Dv) -> candidate name that ran
+
+  def record(self, shape: Shape, op: str, pass_: str, impl: str, result: dict,
+             flops: int | None):
+    rec = {"config": shape.config, "T": shape.T, "G": shape.G, "shape": dataclasses.asdict(shape),
+           "op": op, "pass": pass_, "impl": impl, **result}
+    if flops is not None:
+      rec["flops"] = flops
+      rec["floor_ms"] = flops / (self.rate * 1e12) * 1e3
+    self.records.append(rec)
+    what = (f"{rec['median_ms']:.3f} ms (floor {rec.get('floor_ms', float('nan')):.3f}, "
+            f"compile {rec['compile_s']:.1f} s)" if "median_ms" in rec else
+            rec.get("error") or rec.get("skipped"))
+    print(f"[{shape.config} T={shape.T} G={shape.G}] {op} {pass_} ({impl}): {what}", flush=True)
+
+  def out_of_time(self) -> bool:
+    return time.perf_counter() > self.deadline
+
+  def timed(self, fn, make):
+    if self.out_of_time():
+      return {"skipped": "time budget spent"}
+    return bc.try_time_fn(fn, make, n_iter=self.args.n_iter, warmup=self.args.warmup)
+
+  def run_shape(self, shape: Shape, branches: bool, peer: bool):
+    flops = flop_counts(shape, self.config)
+    dtype = self.args.dtype
+    for op, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
+      self.record(shape, op, pass_, self.impls[op], self.timed(fn, make), flops.get((op, pass_)))
+    self.run_dense(shape, flops)
+    if peer:
+      result = time_fla_peer(shape, self.config) if not self.out_of_time() else {
+          "skipped": "time budget spent"}
+      for pass_ in ("fwd", "fwd+bwd"):
+        peer_result = ({"median_ms": result[f"{pass_}_ms"], "compile_s": 0.0,
+                        "note": result["note"]} if f"{pass_}_ms" in result else result)
+        self.record(shape, "fla_parallel_nsa", pass_, "triton", peer_result, None)
+
+  def run_dense(self, shape: Shape, flops):
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    make = lambda key: dense_inputs(shape, self.args.dtype, key)
+    key = (shape.HQ, shape.HKV, shape.Dk, shape.Dv)
+    candidates = dense_candidates(shape, impl)
+    if key in self.dense_choice:
+      candidates = [c for c in candidates if c[0] == self.dense_choice[key]]
+    for name, f in candidates:
+      result = self.timed(f, lambda k: make(k)[:3])
+      if "error" not in result or result["error"].startswith("OOM"):
+        break
+      print(f"  dense variant {name} failed: {result['error']}")
+    if "error" not in result:
+      self.dense_choice.setdefault(key, name)
+    tag = f"{impl}:{name}"
+    self.record(shape, "dense", "fwd", tag, result, flops[("dense", "fwd")])
+    self.record(shape, "dense", "fwd+bwd", tag, self.timed(bc.forward_backward(f, 3), make),
+                flops[("dense", "fwd+bwd")])
+
+
+def shapes_to_run(args):
+  """[(shape, branches, peer)] in priority order: what matters most runs first."""
+  if args.small:   # T = 200: not a multiple of any block size; --quick: Config A only
+    a = dict(B=1, HQ=8, HKV=2, Dk=32, Dv=32)
+    T_a, T_big = [200], []
+    g_sweep, T_b = ([], []) if args.quick else ([1, 2], [200])
+  else:
+    a = dict(B=1, HQ=64, HKV=4, Dk=128, Dv=128)
+    T_a = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536]
+    T_big = [] if args.quick else [131072]
+    g_sweep, T_b = [1, 2, 4, 8], T_a
+  if args.max_t:
+    T_a, T_b, T_big = ([T for T in Ts if T <= args.max_t] for Ts in (T_a, T_b, T_big))
+  b = dict(a, Dk=192 if not args.small else 48)
+  out = [(Shape("A", T=T, **a), True, True) for T in T_a]
+  out += [(Shape("B", T=T, **b), False, True) for T in T_b]
+  out += [(Shape(f"G{g}", T=T_a[-1], **dict(a, HKV=a["HQ"] // g)), False, False)
+          for g in g_sweep if T_a]
+  out += [(Shape("A", T=T, **a), False, True) for T in T_big]
+  return out
+
+
+def summary_rows(records):
+  """One row per shape: NSA and dense times, speedups, floors."""
+  by = {}
+  for r in records:
+    by.setdefault((r["config"], r["T"], r["G"]), {})[(r["op"], r["pass"])] = r
+  rows = []
+  for (config, T, G), recs in by.items():
+    get = lambda op, p, k="median_ms": recs.get((op, p), {}).get(k)
+    ratio = lambda a, b: a / b if a and b else None
+    nf, nb = get("nsa", "fwd"), get("nsa", "fwd+bwd")
+    df, db = get("dense", "fwd"), get("dense", "fwd+bwd")
+    ff, fb = get("nsa", "fwd", "floor_ms"), get("nsa", "fwd+bwd", "floor_ms")
+    rows.append([config, T, G, nf, nb, df, db, ratio(df, nf), ratio(db, nb), ff, fb,
+                 ratio(nf, ff), ratio(nb, fb), get("fla_parallel_nsa", "fwd"),
+                 get("fla_parallel_nsa", "fwd+bwd")])
+  return rows
+
+
+def branch_rows(records):
+  rows = []
+  for r in records:
+    if r["op"] not in ("nsa", "dense", "fla_parallel_nsa"):
+      med, floor = r.get("median_ms"), r.get("floor_ms")
+      rows.append([r["config"], r["T"], r["op"], r["pass"], r["impl"], med, floor,
+                   med / floor if med and floor else None,
+                   r.get("error") or r.get("skipped")])
+  return rows
+
+
+def plot(records, path):
+  panels = {}
+  for config in ("A", "B"):
+    recs = [r for r in records if r["config"] == config and "median_ms" in r]
+    if not recs:
+      continue
+    series = {}
+    dense = "cuDNN" if any(r["impl"].startswith("cudnn") for r in recs) else "dense"
+    for op, label in [("nsa", "NSA"), ("dense", dense), ("fla_parallel_nsa", "fla")]:
+      for p in ("fwd", "fwd+bwd"):
+        pts = sorted((r["T"], r["median_ms"]) for r in recs if r["op"] == op and r["pass"] == p)
+        if pts:
+          series[f"{label} {p}"] = tuple(zip(*pts))
+    # speedup labels need NSA and cuDNN at the same T: align on NSA's T list
+    for p in ("fwd", "fwd+bwd"):
+      if f"NSA {p}" in series and f"{dense} {p}" in series:
+        times = dict(zip(*series[f"{dense} {p}"]))
+        series[f"{dense} {p}"] = (series[f"NSA {p}"][0],
+                                  [times.get(T) for T in series[f"NSA {p}"][0]])
+    panels[f"Config {config}"] = {
+        "series": series, "ratios": [("NSA fwd", f"{dense} fwd"), ("NSA fwd+bwd", f"{dense} fwd+bwd")]}
+  if panels:
+    bc.plot_loglog(path, panels)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"))
+  parser.add_argument("--quick", action="store_true", help="T = 8k and 64k only")
+  parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
+  parser.add_argument("--max-t", type=int, default=0, help="drop sequence lengths above this")
+  parser.add_argument("--n-iter", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--budget-s", type=float, default=330.0,
+                      help="stop starting new measurements after this many seconds")
+  parser.add_argument("--out", default=bc.default_out_dir())
+  args = parser.parse_args(argv)
+  args.dtype = jnp.bfloat16
+  start = time.perf_counter()
+
+  config = bc.small_config() if args.small else NSAConfig()
+  impls = bc.kernel_impls(args.impl)
+  rate = bc.matmul_rate(n=256 if args.small else 8192)
+  print(f"device {bc.gpu_name()}, jax {jax.__version__}, impls {impls}, "
+        f"bf16 matmul {rate:.1f} TFLOP/s", flush=True)
+
+  bench = Bench(args, config, impls, rate)
+  for shape, branches, peer in shapes_to_run(args):
+    bench.run_shape(shape, branches, peer)
+
+  name = f"bench_kernels_{bc.slug(bc.gpu_name())}"
+  bc.write_json(os.path.join(args.out, name + ".json"), {
+      "impls": impls, "matmul_tflops": rate, "dtype": "bfloat16",
+      "flop_model": "fwd 2*(Dk+Dv) per visible (query, key) pair and head; bwd "
+                    "2*(3*Dk+2*Dv) (flash recompute); nsa floor = compressed + selected + "
+                    "window (top-n scoring fused with compressed)",
+      "g_sweep": "HQ=64, HKV=64/G, Dk=Dv=128 at the largest T (G=16 is Config A)",
+      "wall_s": time.perf_counter() - start, "records": bench.records}, config=config)
+  plot(bench.records, os.path.join(args.out, name + ".png"))
+
+  print("\nbranches (ms; floor = matmul FLOPs / measured rate)")
+  bc.print_table(["cfg", "T", "op", "pass", "impl", "ms", "floor", "x floor", "note"],
+                 branch_rows(bench.records))
+  print(f"\nNSA ({impls['nsa']}) vs dense, bf16, ms; bf16 matmul {rate:.0f} TFLOP/s; "
+        f"wall {time.perf_counter() - start:.0f} s")
+  bc.print_table(["cfg", "T", "G", "nsa fwd", "nsa f+b", "dense fwd", "dense f+b",
+                  "speedup fwd", "speedup f+b", "floor fwd", "floor f+b",
+                  "x floor fwd", "x floor f+b", "fla fwd", "fla f+b"],
+                 summary_rows(bench.records))
+
+
+if __name__ == "__main__":
+  main()

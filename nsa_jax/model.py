@@ -1,0 +1,205 @@
+"""A decoder-only transformer language model whose attention is NSA or full attention.
+
+Pre-norm blocks (RMSNorm), RoPE, SwiGLU MLP, tied or untied embeddings, as in
+the NSA paper's backbone (§4.1: GQA + MoE; here a dense MLP). The attention is
+`"nsa"` (`nsa_jax.module.NativeSparseAttention`) or `"full"`: dense causal
+attention through `jax.nn.dot_product_attention` (cuDNN on GPU for 16-bit
+compute) with the same query/key/value/output projections and the same RoPE,
+so the two models differ only by NSA's own parameters (per-branch keys and
+values, the compression MLPs and the gates).
+
+Parameters are float32; `dtype` is the compute dtype (bf16 for mixed precision).
+Logits are returned in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.module import NativeSparseAttention
+from nsa_jax.rope import apply_rope
+
+ATTENTIONS = ("nsa", "full")
+EMBED_INIT = nnx.initializers.normal(0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape of the language model.
+
+  Attributes:
+    vocab_size: tokens (256 for bytes).
+    d_model, num_layers: width and depth.
+    num_heads, num_kv_heads: query heads and KV heads (GQA; num_heads % num_kv_heads == 0).
+    head_dim: per-head width (default d_model // num_heads).
+    mlp_hidden: SwiGLU hidden width (default 8/3 d_model rounded up to a multiple of 64).
+    attention: "nsa" or "full".
+    nsa: NSA block sizes (used when attention == "nsa").
+    shared_kv: NSA branches share one K/V projection (paper: separate).
+    tie_embeddings: the output layer reuses the input embedding.
+    rope_theta: RoPE base.
+    dtype: compute dtype name ("float32", "bfloat16"); parameters stay float32.
+    impl: NSA op implementation ("auto", "xla", "pallas").
+  """
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 1
+  head_dim: int | None = None
+  mlp_hidden: int | None = None
+  attention: str = "nsa"
+  nsa: NSAConfig = NSAConfig()
+  shared_kv: bool = False
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  dtype: str = "float32"
+  impl: str = "auto"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"attention={self.attention!r} must be one of {ATTENTIONS}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} must be a multiple of "
+                       f"num_heads={self.num_heads}, or set head_dim")
+    if self.head_size % 2:
+      raise ValueError(f"head dim {self.head_size} must be even for RoPE")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def mlp_size(self) -> int:
+    return self.mlp_hidden or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def check_seq_len(self, seq_len: int) -> None:
+    """Raises a ValueError when NSA cannot work at `seq_len` tokens.
+
+    NSA needs at least one compressed block (`seq_len >= compress_block`) and
+    room for more selection blocks than are forced (`num_initial + num_local`),
+    otherwise the selection branch would be the window branch under another name.
+    """
+    if self.attention != "nsa":
+      return
+    c = self.nsa
+    if seq_len < c.compress_block:
+      raise ValueError(f"seq_len={seq_len} is shorter than one compressed block "
+                       f"(compress_block={c.compress_block}): NSA's compressed and "
+                       f"selection branches would see nothing")
+    forced = c.num_initial + c.num_local
+    if c.num_select_blocks(seq_len) <= forced:
+      raise ValueError(f"seq_len={seq_len} holds only {c.num_select_blocks(seq_len)} "
+                       f"selection blocks of select_block={c.select_block}, not more than "
+                       f"the {forced} always selected (num_initial + num_local): "
+                       f"use a longer seq_len or smaller blocks")
+
+
+def dense_implementation(dtype) -> str | None:
+  """cuDNN flash attention on GPU for 16-bit inputs; jax's choice otherwise."""
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return None
+
+
+class FullAttention(nnx.Module):
+  """Dense causal GQA self-attention with RoPE: the baseline NSA is compared with."""
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, head_dim: int,
+               rope_theta: float, dtype, rngs: nnx.Rngs):
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.rope_theta = rope_theta
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw)
+    self.kv_proj = nnx.Linear(d_model, 2 * num_kv_heads * head_dim, **kw)
+    self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **kw)
+
+  def __call__(self, x):
+    B, T, _ = x.shape
+    H, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
+    pos = jnp.arange(T)
+    q = apply_rope(self.q_proj(x).reshape(B, T, H, D), pos, self.rope_theta)
+    kv = self.kv_proj(x).reshape(B, T, 2, HKV, D)
+    k = apply_rope(kv[:, :, 0], pos, self.rope_theta)
+    o = jax.nn.dot_product_attention(q, k, kv[:, :, 1], is_causal=True,
+                                     implementation=dense_implementation(q.dtype))
+    return self.o_proj(o.reshape(B, T, H * D))
+
+
+class SwiGLU(nnx.Module):
+  """MLP with a SiLU-gated hidden layer (Shazeer 2020)."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.gate_up = nnx.Linear(d_model, 2 * hidden, **kw)
+    self.down = nnx.Linear(hidden, d_model, **kw)
+
+  def __call__(self, x):
+    gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+    return self.down(jax.nn.silu(gate) * up)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c, dtype = config, config.compute_dtype
+    self.attn_norm = nnx.RMSNorm(c.d_model, dtype=dtype, rngs=rngs)
+    self.mlp_norm = nnx.RMSNorm(c.d_model, dtype=dtype, rngs=rngs)
+    if c.attention == "nsa":
+      self.attn = NativeSparseAttention(
+          c.d_model, c.num_heads, c.num_kv_heads, head_dim=c.head_size, config=c.nsa,
+          shared_kv=c.shared_kv, rope_theta=c.rope_theta, impl=c.impl, dtype=dtype,
+          param_dtype=jnp.float32, rngs=rngs)
+    else:
+      self.attn = FullAttention(c.d_model, c.num_heads, c.num_kv_heads,
+                                head_dim=c.head_size, rope_theta=c.rope_theta,
+                                dtype=dtype, rngs=rngs)
+    self.mlp = SwiGLU(c.d_model, c.mlp_size, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.attn_norm(x))
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] int -> next-token logits [B, T, vocab] float32."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = config.compute_dtype
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
+                           embedding_init=EMBED_INIT, rngs=rngs)
+    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.norm = nnx.RMSNorm(config.d_model, dtype=dtype, rngs=rngs)
+    self.lm_head = None if config.tie_embeddings else nnx.Linear(
+        config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
+        kernel_init=EMBED_INIT, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = block(x)
+    x = self.norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

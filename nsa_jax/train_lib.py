@@ -1,0 +1,493 @@
+"""Training a byte-level LM with NSA or full attention: config, steps, checkpoints, loop.
+
+`experiments/train.py` is the command line around :func:`main`. One run:
+
+* builds `nsa_jax.model.Transformer` (float32 parameters, `dtype` compute),
+* optimizes with AdamW, linear warmup then cosine decay, global-norm clipping,
+* draws batches from `nsa_jax.data.Loader` (its position is checkpointed),
+* jit-compiles one train step and one eval step (`jax.jit` over the split
+  NNX state), stops with :class:`NonFiniteError` on a NaN/Inf loss or gradient
+  before saving anything from that step,
+* saves model, optimizer, loader position and step with an Orbax
+  `CheckpointManager` (keep-last-N) and resumes from the latest one so that
+  the continued run is bit-for-bit the uninterrupted one,
+* writes `metrics.csv`, TensorBoard events (`tb/`) and `loss.png` under `out`,
+  and prints a sample at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from nsa_jax import data
+from nsa_jax.config import NSAConfig
+from nsa_jax.model import ModelConfig, Transformer, count_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run depends on; every field is a command-line flag (`--field value`)."""
+  preset: str = "demo"
+  out: str = ""                  # output directory; "" means runs/<preset>
+  # model (nsa_jax.model.ModelConfig)
+  attention: str = "nsa"
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None
+  mlp_hidden: int | None = None
+  tie_embeddings: bool = True
+  shared_kv: bool = False
+  dtype: str = "float32"
+  impl: str = "auto"
+  # NSA block sizes (nsa_jax.config.NSAConfig)
+  compress_block: int = 16
+  compress_stride: int = 8
+  select_block: int = 32
+  num_selected: int = 4
+  num_initial: int = 1
+  num_local: int = 2
+  window: int = 64
+  # data (nsa_jax.data)
+  mixture: str = "text"
+  seq_len: int = 256
+  batch_size: int = 4
+  seed: int = 0
+  val_percent: int = 5
+  # optimization
+  steps: int = 200
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 20
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  # evaluation, checkpoints, output
+  eval_every: int = 50
+  eval_batches: int = 2
+  ckpt_every: int = 100
+  keep_checkpoints: int = 3
+  resume: bool = True            # continue from the latest checkpoint in out, if any
+  time_limit_s: float = 0.0      # > 0: stop (eval, checkpoint) after this much training time
+  sample_tokens: int = 200
+  sample_prompt: str = "def "
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches",
+                 "ckpt_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+      raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+    data.parse_mixture(self.mixture, self.seq_len)
+    self.model_config().check_seq_len(self.seq_len)
+
+  @property
+  def out_dir(self) -> pathlib.Path:
+    return pathlib.Path(self.out or f"runs/{self.preset}")
+
+  def nsa_config(self) -> NSAConfig:
+    return NSAConfig(compress_block=self.compress_block, compress_stride=self.compress_stride,
+                     select_block=self.select_block, num_selected=self.num_selected,
+                     num_initial=self.num_initial, num_local=self.num_local,
+                     window=self.window)
+
+  def model_config(self) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=data.VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        mlp_hidden=self.mlp_hidden, attention=self.attention, nsa=self.nsa_config(),
+        shared_kv=self.shared_kv, tie_embeddings=self.tie_embeddings, dtype=self.dtype,
+        impl=self.impl)
+
+
+# Presets: overrides of the TrainConfig defaults (which are the CPU `demo`).
+PRESETS: dict[str, dict] = {
+    # ~3 minutes on a 2-core CPU: byte-level stdlib text, tiny NSA.
+    "demo": {},
+    # Smoke test of the whole pipeline in seconds (tests, `--small` modes).
+    "tiny": dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, seq_len=160,
+                 batch_size=2, steps=8, warmup_steps=2, eval_every=4, eval_batches=1,
+                 ckpt_every=4, sample_tokens=16, mixture="text:0.6,passkey:0.2,mqar:0.2"),
+    # One GPU, 8k context, paper block sizes, text with passkey retrieval mixed in.
+    "gpu-small": dict(d_model=384, num_layers=6, num_heads=8, num_kv_heads=2, head_dim=64,
+                      dtype="bfloat16", compress_block=32, compress_stride=16,
+                      select_block=64, num_selected=16, window=512, seq_len=8192,
+                      batch_size=8, steps=1000, lr=1e-3, warmup_steps=50, eval_every=100,
+                      eval_batches=4, ckpt_every=250, mixture="text:0.8,passkey:0.2"),
+    # gpu-small shrunk so that an NSA run and a full-attention run fit ~8 GPU minutes.
+    "gpu-compare": dict(d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
+                        dtype="bfloat16", compress_block=32, compress_stride=16,
+                        select_block=64, num_selected=16, window=512, seq_len=8192,
+                        batch_size=4, steps=400, lr=2e-3, warmup_steps=40, eval_every=50,
+                        eval_batches=2, ckpt_every=400, time_limit_s=120.0,
+                        mixture="text:0.75,passkey:0.25"),
+}
+
+
+def make_config(preset: str = "demo", **overrides) -> TrainConfig:
+  if preset not in PRESETS:
+    raise ValueError(f"preset={preset!r} must be one of {sorted(PRESETS)}")
+  return TrainConfig(**{"preset": preset, **PRESETS[preset], **overrides})
+
+
+def _parse_value(text: str, annotation: str):
+  if text.lower() == "none" and "None" in annotation:
+    return None
+  if annotation.startswith("bool"):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+    return text.lower() in ("true", "1")
+  for kind in (int, float):
+    if annotation.startswith(kind.__name__):
+      return kind(text)
+  return text
+
+
+def parse_args(argv=None) -> TrainConfig:
+  """`--preset NAME` then `--field value` overrides for any TrainConfig field."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  for field in dataclasses.fields(TrainConfig):
+    parser.add_argument(f"--{field.name}", dest=field.name, default=None,
+                        type=lambda s, a=field.type: _parse_value(s, a),
+                        help=f"({field.type}) default from the preset")
+  args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+  return make_config(args.pop("preset", "demo"), **args)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer and steps.
+
+
+def _schedule(lr: float, min_lr_ratio: float, warmup_steps: int, steps: int):
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps,
+      end_value=lr * min_lr_ratio)
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  return _schedule(cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, cfg.steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _adamw(lr: float, min_lr_ratio: float, warmup_steps: int, steps: int,
+           weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+  """AdamW (no weight decay on vectors: norms, biases) after global-norm clipping.
+
+  Cached by its hyperparameters, so that equal configurations give equal
+  (hashable) graphdefs and share the compiled steps of `make_steps`.
+  """
+  schedule = _schedule(lr, min_lr_ratio, warmup_steps, steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(grad_clip),
+      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> nnx.Optimizer:
+  tx = _adamw(cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, cfg.steps, cfg.weight_decay,
+              cfg.grad_clip)
+  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def loss_sums(model: Transformer, batch):
+  """(sum of weighted next-token NLL, sum of weights) of a batch."""
+  logits = model(batch["inputs"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  w = batch["weights"].astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(w)
+
+
+@functools.lru_cache(maxsize=8)
+def make_steps(graphdef):
+  """jit-compiled (train_step, eval_step) over the state of nnx.split((model, optimizer)).
+
+  Cached by graphdef, so runs of one configuration in one process (a resumed
+  run, the tests) share the compiled steps.
+  """
+
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      total, count = loss_sums(model, batch)
+      return total / jnp.maximum(count, 1.0)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return nnx.state((model, optimizer)), metrics
+
+  def eval_step(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    return loss_sums(model, batch)
+
+  return jax.jit(train_step), jax.jit(eval_step)
+
+
+class NonFiniteError(RuntimeError):
+  """A NaN or Inf loss or gradient: the run stopped, the last checkpoint is the last good state."""
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(out_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      (out_dir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def save_checkpoint(manager, step: int, model, optimizer, loader: data.Loader,
+                    cfg: TrainConfig, train_s: float) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      model=ocp.args.StandardSave(nnx.state(model)),
+      optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+      loader=ocp.args.JsonSave(loader.state_dict()),
+      meta=ocp.args.JsonSave({"step": step, "train_s": train_s,
+                              "config": dataclasses.asdict(cfg)})))
+
+
+def _abstract(module) -> nnx.State:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
+
+
+def restore_checkpoint(manager, step: int, model, optimizer=None, loader=None) -> dict:
+  """Loads a checkpoint into `model` (and `optimizer`, `loader` when given); returns its meta."""
+  items = {"model": ocp.args.StandardRestore(_abstract(model)),
+           "meta": ocp.args.JsonRestore()}
+  if optimizer is not None:
+    items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer))
+  if loader is not None:
+    items["loader"] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  nnx.update(model, restored["model"])
+  if optimizer is not None:
+    nnx.update(optimizer, restored["optimizer"])
+  if loader is not None:
+    loader.load_state_dict(restored["loader"])
+  return restored["meta"]
+
+
+def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConfig, int]:
+  """The model of a run's checkpoint (latest when `step` is None), for evaluation and sampling."""
+  manager = checkpoint_manager(pathlib.Path(out_dir))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {pathlib.Path(out_dir) / 'checkpoints'}")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  cfg = TrainConfig(**meta["config"])
+  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+  restore_checkpoint(manager, step, model)
+  manager.close()
+  return model, cfg, step
+
+
+# ----------------------------------------------------------------------------
+# Metrics: CSV, TensorBoard, PNG.
+
+
+class MetricsLog:
+  """Rows of metrics per step -> metrics.csv, TensorBoard events and loss.png under `out_dir`.
+
+  On resume, rows after the restored step (written before a crash) are dropped.
+  """
+
+  def __init__(self, out_dir: pathlib.Path, columns: list[str], resume_step: int):
+    from tensorboardX import SummaryWriter
+    self.out_dir, self.columns = out_dir, columns
+    self.csv_path, self.png_path = out_dir / "metrics.csv", out_dir / "loss.png"
+    self.rows = []
+    if resume_step and self.csv_path.exists():
+      with open(self.csv_path) as f:
+        self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    with open(self.csv_path, "w", newline="") as f:
+      writer = csv.DictWriter(f, columns, restval="")
+      writer.writeheader()
+      writer.writerows(self.rows)
+    self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
+
+  def log(self, row: dict) -> None:
+    self.rows.append(row)
+    with open(self.csv_path, "a", newline="") as f:
+      csv.DictWriter(f, self.columns, restval="").writerow(row)
+    for key, value in row.items():
+      if key != "step":
+        self.tb.add_scalar(key, value, row["step"])
+
+  def plot(self) -> pathlib.Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in [c for c in self.columns if c == "loss" or c.startswith("val_")]:
+      pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key, "") != ""]
+      if pts:
+        ax.plot(*zip(*pts), marker="o" if key != "loss" else None, ms=3,
+                label="train" if key == "loss" else key, lw=1 if key == "loss" else 1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(self.png_path, dpi=120)
+    plt.close(fig)
+    return self.png_path
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+# ----------------------------------------------------------------------------
+# Sampling.
+
+
+def sample(model: Transformer, prompt: bytes, num_tokens: int, *, context: int,
+           temperature: float = 0.8, seed: int = 0) -> bytes:
+  """Autoregressive sampling, re-running the model on the last `context` tokens each step."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def next_token(state, buf, last, key):
+    logits = nnx.merge(graphdef, state)(buf[None])[0, last]
+    return jax.random.categorical(key, logits / temperature)
+
+  tokens = list(prompt) or [ord("\n")]
+  key = jax.random.key(seed)
+  for _ in range(num_tokens):
+    window = tokens[-context:]
+    buf = np.zeros(context, np.int32)
+    buf[:len(window)] = window
+    key, sub = jax.random.split(key)
+    tokens.append(int(next_token(state, buf, len(window) - 1, sub)))
+  return bytes(tokens)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def evaluate(eval_step, state, val_sets: dict[str, list]) -> dict[str, float]:
+  out = {}
+  for task, batches in val_sets.items():
+    sums = [eval_step(state, b) for b in batches]
+    out[f"val_{task}"] = float(sum(s[0] for s in sums) / max(sum(s[1] for s in sums), 1.0))
+  return out
+
+
+def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict]:
+  """Runs (or resumes) training; returns the metric rows of this call.
+
+  `crash_after_step` stops right after that step without saving or evaluating,
+  like a killed process (used by the resume test).
+  Raises NonFiniteError on a NaN/Inf loss or gradient norm.
+  """
+  out = cfg.out_dir
+  out.mkdir(parents=True, exist_ok=True)
+  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+  optimizer = make_optimizer(model, cfg)
+  loader = data.Loader(cfg.mixture, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                       seed=cfg.seed, val_percent=cfg.val_percent)
+  val_sets = {task: data.validation_batches(task, seq_len=cfg.seq_len,
+                                            batch_size=cfg.batch_size,
+                                            num_batches=cfg.eval_batches, seed=cfg.seed,
+                                            val_percent=cfg.val_percent)
+              for task in loader.mixture}
+  manager = checkpoint_manager(out, cfg.keep_checkpoints)
+  start, train_s = 0, 0.0
+  if cfg.resume and manager.latest_step() is not None:
+    meta = restore_checkpoint(manager, manager.latest_step(), model, optimizer, loader)
+    start, train_s = meta["step"], meta["train_s"]
+    print(f"resumed from step {start} of {manager.directory}")
+  (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  columns = ["step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "train_s",
+             *[f"val_{t}" for t in loader.mixture]]
+  log = MetricsLog(out, columns, start)
+  print(f"{cfg.attention} model: {count_params(model):,} parameters; "
+        f"{cfg.batch_size} x {cfg.seq_len} tokens per step; output in {out}")
+
+  graphdef, state = nnx.split((model, optimizer))
+  train_step, eval_step = make_steps(graphdef)
+  schedule = lr_schedule(cfg)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  rows = []
+  bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
+             dynamic_ncols=True)
+  for step in range(start + 1, cfg.steps + 1):
+    batch = next(loader)
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    step_s = time.perf_counter() - t0
+    train_s += step_s
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      manager.wait_until_finished()
+      bar.close()
+      raise NonFiniteError(
+          f"step {step}: loss={loss}, grad_norm={grad_norm} is not finite; stopped. "
+          f"Last good checkpoint: step {manager.latest_step()} in {manager.directory} "
+          f"(lower --lr or raise --warmup_steps, then resume from it)")
+    row = {"step": step, "loss": loss, "grad_norm": grad_norm,
+           "lr": float(schedule(step - 1)), "step_s": step_s,
+           "tokens_per_s": tokens_per_step / step_s, "train_s": train_s}
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                    step_ms=f"{1e3 * step_s:.0f}")
+    if step == crash_after_step:
+      log.log(row)
+      rows.append(row)
+      break
+    last = step == cfg.steps or (cfg.time_limit_s > 0 and train_s > cfg.time_limit_s)
+    if step % cfg.eval_every == 0 or last:
+      row.update(evaluate(eval_step, state, val_sets))
+      bar.write(f"step {step}: " + ", ".join(
+          f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
+    log.log(row)
+    rows.append(row)
+    if step % cfg.ckpt_every == 0 or last:
+      nnx.update((model, optimizer), state)
+      save_checkpoint(manager, step, model, optimizer, loader, cfg, train_s)
+    if step % cfg.eval_every == 0 or last:
+      log.plot()
+    if last:
+      if step < cfg.steps:
+        bar.write(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}")
+      break
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  log.close()
+  nnx.update((model, optimizer), state)
+  return rows
+
+
+def main(argv=None) -> None:
+  cfg = parse_args(argv)
+  try:
+    train(cfg)
+  except NonFiniteError as err:
+    sys.exit(f"error: {err}")
+  model, cfg, step = load_model(cfg.out_dir)
+  text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, context=cfg.seq_len,
+                seed=cfg.seed)
+  print(f"--- sample from the step-{step} checkpoint ---")
+  print(text.decode("utf-8", errors="replace"))
+  print(f"--- loss curve: {cfg.out_dir / 'loss.png'}  metrics: {cfg.out_dir / 'metrics.csv'}")

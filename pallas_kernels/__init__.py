@@ -1,0 +1,1 @@
+"""Pallas (Triton lowering) kernels of the NSA ops; references live in nsa_jax/ops."""

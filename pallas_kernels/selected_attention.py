@@ -1,0 +1,486 @@
+"""Selected-block attention in Pallas (Triton lowering), forward and backward.
+
+NSA paper (arXiv 2502.11089) §3.3.2, Eq. 10-12 (attention over the selected
+blocks) and §3.4 "Kernel Design" (group-centric loading); SPEC §3 "Selected
+attention". Reference: `nsa_jax.ops.selected.selected_attention_xla`.
+
+Forward. One program takes a *query tile*: `Bq` consecutive tokens of one KV
+group, with all G query heads of the group, i.e. M = Bq * G rows (paper §3.4:
+all heads of a group share one selection, so they share every K/V load). It
+loops over the *union* of the blocks its Bq tokens selected (built in XLA by
+sorting and de-duplicating the tile's Bq * n indices) and masks, per row, the
+blocks that row's token did not select and the keys after it (causality). A
+block wanted by several neighbouring tokens is thus read once per tile, not
+once per token. Softmax is online, in float32, in base 2.
+
+Backward (recomputes p from the saved log-sum-exp):
+- dQ: the forward's access pattern, per query tile.
+- dK/dV: an inverted index. For every KV block, the query tiles whose union
+  holds it (a stable sort in XLA), cut into chunks of at most
+  `Tiles.dkv_tiles` tiles; one program per chunk accumulates the block's dK
+  and dV in registers and adds them into a float32 buffer with atomics.
+  Chunking bounds the work of one program: every tile selects block 0 (the
+  forced initial block), so its list is T / Bq tiles long. Determinism: with
+  `dkv_tiles=None` each block is one chunk, so every element of dK/dV receives
+  one atomic add of its value onto zero (besides exact adds of 0.0 from the
+  padded rows of a neighbouring block when l' < 16), and the result is
+  bitwise deterministic.
+  With chunks, blocks whose list is longer than `dkv_tiles` (the forced
+  initial block, popular blocks) receive one add per chunk in an unspecified
+  order: float32 rounding may differ from run to run. This is the default,
+  for load balance; pass `Tiles(dkv_tiles=None)` for reproducible gradients.
+
+Inputs are padded in XLA where the kernels need powers of two: the group size
+G, the head dims (>= 16), n, and T (to whole tiles and blocks). The padding is
+a no-op for the paper's shapes with T a multiple of 64 and Dk = Dv = 128.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from nsa_jax.config import NSAConfig
+
+LOG2E = math.log2(math.e)
+NEG = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite "minus infinity"
+INT32_MAX = int(jnp.iinfo(jnp.int32).max)
+
+
+def _pow2(x: int, least: int = 1) -> int:
+  """Smallest power of two >= max(x, least)."""
+  return max(least, 1 << max(0, x - 1).bit_length())
+
+
+def _is_pow2(x: int) -> bool:
+  return x >= 1 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes and launch parameters.
+
+  Attributes:
+    rows: M, query rows per program (Bq tokens x G heads); a power of 2 >= 16.
+      Bq = max(1, rows // G).
+    dkv_tiles: query tiles per dK/dV program at most; None = one program per
+      KV block (bitwise deterministic dK/dV, see the module docstring).
+    num_warps, num_stages: Triton launch parameters of the forward and dQ
+      kernels (H100: 4 warps, 2 stages).
+    dkv_num_warps: warps of the dK/dV kernel, which holds two [l', D] float32
+      accumulators and the block's K and V (8 warps: no register spills at
+      l' = 64, D = 128).
+  """
+
+  rows: int = 64
+  dkv_tiles: int | None = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  dkv_num_warps: int = 8
+
+  def __post_init__(self):
+    if not isinstance(self.rows, int) or self.rows < 16 or not _is_pow2(self.rows):
+      raise ValueError(f"Tiles.rows={self.rows!r} must be a power of 2 >= 16")
+    if self.dkv_tiles is not None and (
+        not isinstance(self.dkv_tiles, int) or self.dkv_tiles < 1):
+      raise ValueError(f"Tiles.dkv_tiles={self.dkv_tiles!r} must be None or an int >= 1")
+    for name in ("num_warps", "dkv_num_warps"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or not _is_pow2(value):
+        raise ValueError(f"Tiles.{name}={value!r} must be a power of 2")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"Tiles.num_stages={self.num_stages!r} must be an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static sizes of one call; `*p` are padded sizes."""
+
+  B: int
+  T: int
+  HKV: int
+  G: int
+  Dk: int
+  Dv: int
+  lp: int        # l', tokens per selection block
+  Gp: int
+  Dkp: int
+  Dvp: int
+  Lb: int        # keys loaded per block: l' rounded up to a power of 2 >= 16
+  n_pad: int     # n rounded up to a power of 2
+  Bq: int        # tokens per query tile
+  nT: int        # query tiles
+  nb: int        # selection blocks covering T
+  U: int         # capacity of a tile's block union
+  scale: float
+  interpret: bool
+  tiles: Tiles
+
+  @property
+  def M(self) -> int:
+    return self.Bq * self.Gp
+
+  @property
+  def Tq(self) -> int:    # padded query length
+    return self.nT * self.Bq
+
+  @property
+  def Tk(self) -> int:    # padded key length: every block load stays in bounds
+    return self.nb * self.lp + self.Lb - self.lp
+
+  @classmethod
+  def make(cls, q, v, block_idx, config: NSAConfig, scale, interpret, tiles):
+    B, T, HQ, Dk = q.shape
+    HKV, n, Dv = block_idx.shape[2], block_idx.shape[3], v.shape[-1]
+    G, lp = HQ // HKV, config.select_block
+    Gp, n_pad = _pow2(G), _pow2(n)
+    Bq = max(1, tiles.rows // Gp)
+    nT, nb = -(-T // Bq), -(-T // lp)
+    return cls(B=B, T=T, HKV=HKV, G=G, Dk=Dk, Dv=Dv, lp=lp, Gp=Gp,
+               Dkp=_pow2(Dk, 16), Dvp=_pow2(Dv, 16), Lb=_pow2(lp, 16), n_pad=n_pad,
+               Bq=Bq, nT=nT, nb=nb, U=min(Bq * n_pad, nb), scale=float(scale),
+               interpret=bool(interpret), tiles=tiles)
+
+  def params(self, num_warps=None):
+    return plgpu.CompilerParams(num_warps=num_warps or self.tiles.num_warps,
+                                num_stages=self.tiles.num_stages)
+
+
+def _pad(x, shape, value=0):
+  """Pads x at the end of each axis up to `shape` (no copy when it fits)."""
+  if x.shape == tuple(shape):
+    return x
+  return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)],
+                 constant_values=value)
+
+
+# ----------------------------------------------------------------- XLA side
+
+
+def _tile_unions(blk, geo: _Geometry):
+  """Sorted union of each query tile's selected blocks.
+
+  blk [B, Tq, HKV, n_pad] (-1 = empty) -> union [B, HKV, nT, U] int32 (valid
+  entries first, ascending) and count [B, HKV, nT, 1]. Out-of-range indices
+  (>= nb) are dropped: the reference ignores them too (no visible key).
+  """
+  x = blk.reshape(geo.B, geo.nT, geo.Bq, geo.HKV, geo.n_pad)
+  x = jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(geo.B, geo.HKV, geo.nT, -1)
+  x = jnp.sort(x, axis=-1)
+  repeat = jnp.concatenate(
+      [jnp.zeros_like(x[..., :1], dtype=bool), x[..., 1:] == x[..., :-1]], -1)
+  keep = (x >= 0) & (x < geo.nb) & ~repeat
+  union = jnp.sort(jnp.where(keep, x, INT32_MAX), axis=-1)[..., :geo.U]
+  count = jnp.sum(keep, axis=-1, dtype=jnp.int32)[..., None]
+  return union, count
+
+
+def _inverted_index(union, count, geo: _Geometry):
+  """For each KV block, the query tiles that selected it, cut into work items.
+
+  Returns tiles [B, HKV, nT*U]: tile ids sorted by block (ascending tile id
+  within a block), and items [B, HKV, W, 4]: (block j, lo, hi, 0) meaning
+  "block j, tiles[lo:hi]", at most `chunk` tiles each; unused items have
+  lo = hi = 0.
+  """
+  B, HKV, nT, U, nb = geo.B, geo.HKV, geo.nT, geo.U, geo.nb
+  chunk = geo.tiles.dkv_tiles or nT
+  E = nT * U
+  W = nb + -(-E // chunk)    # sum_j ceil(len_j / chunk) <= E / chunk + nb
+  valid = jnp.arange(U, dtype=jnp.int32).reshape(1, 1, 1, U) < count
+  j = jnp.where(valid, union, nb).reshape(B * HKV, E)
+  i = jnp.broadcast_to(jnp.arange(nT, dtype=jnp.int32)[:, None], (nT, U))
+  i = jnp.broadcast_to(i.reshape(1, E), (B * HKV, E))
+  j, tiles = lax.sort((j, i), dimension=1, num_keys=1, is_stable=True)
+
+  def items_of(js):
+    starts = jnp.searchsorted(js, jnp.arange(nb + 1, dtype=jnp.int32)).astype(jnp.int32)
+    n_chunks = -(-(starts[1:] - starts[:-1]) // chunk)
+    ends = jnp.cumsum(n_chunks)
+    w = jnp.arange(W, dtype=jnp.int32)
+    jw = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
+    used = jw < nb
+    jw = jnp.minimum(jw, nb - 1)
+    lo = starts[jw] + (w - (ends[jw] - n_chunks[jw])) * chunk
+    hi = jnp.minimum(lo + chunk, starts[jw + 1])
+    zero = jnp.zeros_like(w)
+    return jnp.stack([jnp.where(used, jw, zero), jnp.where(used, lo, zero),
+                      jnp.where(used, hi, zero), zero], axis=-1)
+
+  items = jax.vmap(items_of)(j)
+  return tiles.reshape(B, HKV, E), items.reshape(B, HKV, W, 4)
+
+
+# ------------------------------------------------------------- kernel side
+
+
+def _rows(blk, i, geo: _Geometry):
+  """Token position [M] and selected blocks [M, n_pad] of each row of tile i.
+
+  Row r is token i*Bq + r // Gp, head r % Gp (the tile's [Bq, Gp] flattened).
+  """
+  tok = i * geo.Bq + jnp.arange(geo.Bq, dtype=jnp.int32)
+  tok = jnp.broadcast_to(tok[:, None], (geo.Bq, geo.Gp)).reshape(geo.M)
+  sel = jnp.broadcast_to(blk[:, None, :], (geo.Bq, geo.Gp, geo.n_pad))
+  return tok, sel.reshape(geo.M, geo.n_pad)
+
+
+def _scores(q, k, j, tok, sel, geo: _Geometry):
+  """Base-2 logits [M, Lb] of the rows against block j, and their visibility.
+
+  A key is visible to a row when the row's token selected block j, the key
+  lies in block j (the load holds Lb >= l' keys) and is not after the token.
+  """
+  s = plgpu.dot(q, k.T) * (geo.scale * LOG2E)
+  col = jnp.arange(geo.Lb, dtype=jnp.int32)
+  pos = j * geo.lp + col
+  chosen = jnp.max(jnp.where(sel == j, 1, 0), axis=1) > 0
+  mask = (chosen[:, None] & (pos[None, :] <= tok[:, None])
+          & (col < geo.lp)[None, :])
+  return s, mask
+
+
+def _block(ref, j, geo: _Geometry):
+  return ref[pl.ds(j * geo.lp, geo.Lb), :]
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
+                o_ref, lse_ref, *, geo: _Geometry):
+  q = q_ref[...].reshape(geo.M, geo.Dkp)
+  tok, sel = _rows(blk_ref[...], pl.program_id(0), geo)
+
+  def body(u, carry):
+    acc, m, l = carry
+    j = union_ref[u]
+    v = _block(v_ref, j, geo)
+    s, mask = _scores(q, _block(k_ref, j, geo), j, tok, sel, geo)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, NEG), axis=1))
+    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+
+  init = (jnp.zeros((geo.M, geo.Dvp), jnp.float32),
+          jnp.full((geo.M,), NEG, jnp.float32), jnp.zeros((geo.M,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, count_ref[0], body, init)
+  seen = l > 0
+  l = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l[:, None]).reshape(geo.Bq, geo.Gp, geo.Dvp).astype(o_ref.dtype)
+  # Rows that see nothing keep lse = 0; their p is masked to 0 in the backward.
+  lse_ref[...] = jnp.where(seen, m + jnp.log2(l), 0.0).reshape(geo.Bq, geo.Gp)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, geo: _Geometry):
+  q = q_ref[...].reshape(geo.M, geo.Dkp)
+  do = do_ref[...].reshape(geo.M, geo.Dvp)
+  lse = lse_ref[...].reshape(geo.M)
+  delta = delta_ref[...].reshape(geo.M)
+  tok, sel = _rows(blk_ref[...], pl.program_id(0), geo)
+
+  def body(u, dq):
+    j = union_ref[u]
+    k = _block(k_ref, j, geo)
+    s, mask = _scores(q, k, j, tok, sel, geo)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    ds = p * (plgpu.dot(do, _block(v_ref, j, geo).T) - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, count_ref[0], body,
+                     jnp.zeros((geo.M, geo.Dkp), jnp.float32))
+  dq_ref[...] = (dq * geo.scale).reshape(geo.Bq, geo.Gp, geo.Dkp).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
+                tiles_ref, item_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *,
+                geo: _Geometry):
+  del dk_in_ref, dv_in_ref   # aliased with dk_ref, dv_ref (zeros)
+  j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
+  k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
+
+  def body(u, carry):
+    dk, dv = carry
+    i = tiles_ref[u]
+    rows = pl.ds(i * geo.Bq, geo.Bq)
+    q = q_ref[rows].reshape(geo.M, geo.Dkp)
+    do = do_ref[rows].reshape(geo.M, geo.Dvp)
+    lse = lse_ref[rows].reshape(geo.M)
+    delta = delta_ref[rows].reshape(geo.M)
+    tok, sel = _rows(blk_ref[rows, :], i, geo)
+    s, mask = _scores(q, k, j, tok, sel, geo)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
+    ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+    return dk + plgpu.dot(ds.astype(q.dtype).T, q), dv
+
+  dk, dv = lax.fori_loop(lo, hi, body,
+                         (jnp.zeros((geo.Lb, geo.Dkp), jnp.float32),
+                          jnp.zeros((geo.Lb, geo.Dvp), jnp.float32)))
+  # Rows past l' belong to block j+1: add exact zeros there (no masked
+  # atomics: interpret mode lacks them).
+  in_block = (jnp.arange(geo.Lb) < geo.lp)[:, None]
+  keys = pl.ds(j * geo.lp, geo.Lb)
+  zero = jnp.int32(0)   # int32 like `keys` (interpret mode under x64)
+
+  @pl.when(hi > lo)
+  def _():
+    plgpu.atomic_add(dk_ref, (keys, pl.ds(zero, geo.Dkp)),
+                     jnp.where(in_block, dk * geo.scale, 0.0))
+    plgpu.atomic_add(dv_ref, (keys, pl.ds(zero, geo.Dvp)),
+                     jnp.where(in_block, dv, 0.0))
+
+
+# ------------------------------------------------------------ pallas calls
+
+
+def _tile_specs(geo: _Geometry):
+  """BlockSpecs of the per-query-tile kernels, grid (nT, HKV, B).
+
+  Tile index fastest, so that neighbouring tiles of one head, which select
+  mostly the same blocks, run together and share K/V through L2.
+  Returns the per-tile spec maker and the specs of (q, k, v, blk, union, count).
+  """
+  def per_tile(*tail):
+    return pl.BlockSpec((None, geo.Bq, None, *tail),
+                        lambda i, h, b: (b, i, h) + (0,) * len(tail))
+
+  def per_head(D):
+    return pl.BlockSpec((None, geo.Tk, None, D), lambda i, h, b: (b, 0, h, 0))
+
+  union = pl.BlockSpec((None, None, None, geo.U), lambda i, h, b: (b, h, i, 0))
+  count = pl.BlockSpec((None, None, None, 1), lambda i, h, b: (b, h, i, 0))
+  return per_tile, [per_tile(geo.Gp, geo.Dkp), per_head(geo.Dkp),
+                    per_head(geo.Dvp), per_tile(geo.n_pad), union, count]
+
+
+def _forward(q5, k, v, blk, union, count, geo: _Geometry):
+  per_tile, in_specs = _tile_specs(geo)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, geo=geo),
+      grid=(geo.nT, geo.HKV, geo.B),
+      in_specs=in_specs,
+      out_specs=[per_tile(geo.Gp, geo.Dvp), per_tile(geo.Gp)],
+      out_shape=[
+          jax.ShapeDtypeStruct((geo.B, geo.Tq, geo.HKV, geo.Gp, geo.Dvp), q5.dtype),
+          jax.ShapeDtypeStruct((geo.B, geo.Tq, geo.HKV, geo.Gp), jnp.float32)],
+      compiler_params=geo.params(), interpret=geo.interpret,
+      name="nsa_selected_fwd",
+  )(q5, k, v, blk, union, count)
+
+
+def _backward_dq(q5, k, v, blk, union, count, do5, lse, delta, geo: _Geometry):
+  per_tile, in_specs = _tile_specs(geo)
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, geo=geo),
+      grid=(geo.nT, geo.HKV, geo.B),
+      in_specs=in_specs + [per_tile(geo.Gp, geo.Dvp), per_tile(geo.Gp),
+                           per_tile(geo.Gp)],
+      out_specs=per_tile(geo.Gp, geo.Dkp),
+      out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
+      compiler_params=geo.params(), interpret=geo.interpret,
+      name="nsa_selected_dq",
+  )(q5, k, v, blk, union, count, do5, lse, delta)
+
+
+def _backward_dkv(q5, k, v, blk, do5, lse, delta, tiles, items, geo: _Geometry):
+  HKV = geo.HKV
+
+  def whole(*shape):   # the whole sequence of head (b, h); grid (W, B*HKV)
+    return pl.BlockSpec((None, shape[0], None, *shape[1:]),
+                        lambda w, z: (z // HKV, 0, z % HKV) + (0,) * (len(shape) - 1))
+
+  dk0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dkp), jnp.float32)
+  dv0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dvp), jnp.float32)
+  out_specs = [whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp)]
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, geo=geo),
+      grid=(items.shape[2], geo.B * HKV),
+      in_specs=[
+          whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp),
+          whole(geo.Tk, geo.Dvp), whole(geo.Tq, geo.n_pad),
+          whole(geo.Tq, geo.Gp, geo.Dvp), whole(geo.Tq, geo.Gp),
+          whole(geo.Tq, geo.Gp),
+          pl.BlockSpec((None, None, tiles.shape[2]),
+                       lambda w, z: (z // HKV, z % HKV, 0)),
+          pl.BlockSpec((None, None, None, 4),
+                       lambda w, z: (z // HKV, z % HKV, w, 0)),
+      ] + out_specs,
+      out_specs=out_specs,
+      out_shape=[jax.ShapeDtypeStruct(dk0.shape, dk0.dtype),
+                 jax.ShapeDtypeStruct(dv0.shape, dv0.dtype)],
+      input_output_aliases={9: 0, 10: 1},
+      compiler_params=geo.params(geo.tiles.dkv_num_warps), interpret=geo.interpret,
+      name="nsa_selected_dkv",
+  )(q5, k, v, blk, do5, lse, delta, tiles, items, dk0, dv0)
+
+
+# ------------------------------------------------------------- custom_vjp
+
+
+def _prepare(q, k, v, block_idx, geo: _Geometry):
+  B, T, HKV = geo.B, geo.T, geo.HKV
+  q5 = _pad(q.reshape(B, T, HKV, geo.G, geo.Dk), (B, geo.Tq, HKV, geo.Gp, geo.Dkp))
+  kp = _pad(k, (B, geo.Tk, HKV, geo.Dkp))
+  vp = _pad(v, (B, geo.Tk, HKV, geo.Dvp))
+  blk = _pad(block_idx, (B, geo.Tq, HKV, geo.n_pad), value=-1)
+  union, count = _tile_unions(blk, geo)
+  return q5, kp, vp, blk, union, count
+
+
+def _unpad(x5, geo: _Geometry, D: int):
+  """[B, Tq, HKV, Gp, Dp] -> [B, T, HQ, D]."""
+  x = x5[:, :geo.T, :, :geo.G, :D]
+  return x.reshape(geo.B, geo.T, geo.HKV * geo.G, D)
+
+
+def _fwd(q, k, v, block_idx, geo: _Geometry):
+  q5, kp, vp, blk, union, count = _prepare(q, k, v, block_idx, geo)
+  o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
+  return _unpad(o5, geo, geo.Dv), (q5, kp, vp, blk, union, count, o5, lse)
+
+
+def _bwd(geo: _Geometry, res, do):
+  q5, kp, vp, blk, union, count, o5, lse = res
+  B, T, HKV = geo.B, geo.T, geo.HKV
+  do5 = _pad(do.reshape(B, T, HKV, geo.G, geo.Dv), o5.shape)
+  delta = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)
+  dq5 = _backward_dq(q5, kp, vp, blk, union, count, do5, lse, delta, geo)
+  tiles, items = _inverted_index(union, count, geo)
+  dk, dv = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, tiles, items, geo)
+  dk = dk[:, :T, :, :geo.Dk].astype(kp.dtype)
+  dv = dv[:, :T, :, :geo.Dv].astype(vp.dtype)
+  return _unpad(dq5, geo, geo.Dk), dk, dv, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected(q, k, v, block_idx, geo: _Geometry):
+  return _fwd(q, k, v, block_idx, geo)[0]
+
+
+_selected.defvjp(_fwd, _bwd)
+
+
+def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
+                       interpret: bool, tiles: Tiles = Tiles()):
+  """Selected-block attention (the op `nsa_jax.selected_attention`, impl="pallas").
+
+  Args:
+    q: [B, T, HQ, Dk]; k, v: [B, T, HKV, Dk], [B, T, HKV, Dv] (float32, bf16
+      or f16; accumulation is float32).
+    block_idx: [B, T, HKV, n] int32, distinct block indices or -1; order free.
+    config: NSAConfig (uses select_block); scale: logit scale;
+    interpret: run the kernels in Pallas interpret mode (CPU).
+    tiles: tile sizes and launch parameters.
+
+  Returns:
+    o [B, T, HQ, Dv] in q.dtype; rows that see no key get 0. Differentiable
+    in q, k, v (custom VJP); block_idx gets no gradient.
+  """
+  geo = _Geometry.make(q, v, block_idx, config, scale, interpret, tiles)
+  return _selected(q, k, v, block_idx.astype(jnp.int32), geo)

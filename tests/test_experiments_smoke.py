@@ -1,0 +1,57 @@
+"""Smoke tests of the GPU scripts' --small mode on the CPU (experiments/).
+
+Each script runs in a subprocess (its own jax settings, as on the device
+machine) and must exit 0 and write its JSON with the records the lead reads.
+The benchmark runs the XLA reference (interpret-mode Pallas compiles too slowly
+for a smoke test; the kernels have their own tests); the check runs two ops
+through the Pallas kernels in interpret mode, which is what it exists to do.
+"""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, args, out_dir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise")
+  env.pop("OUT", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", name), "--small",
+       "--out", str(out_dir), *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_bench_kernels_small(tmp_path):
+  stdout = run_script("bench_kernels.py", ["--quick", "--impl", "xla"], tmp_path)
+  with open(tmp_path / "bench_kernels_cpu.json") as f:
+    data = json.load(f)
+  assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"
+  assert (tmp_path / "bench_kernels_cpu.png").stat().st_size > 0
+  timed = {(r["op"], r["pass"]): r for r in data["records"]}
+  for op, pass_ in [("nsa", "fwd"), ("nsa", "fwd+bwd"), ("dense", "fwd"), ("dense", "fwd+bwd"),
+                    ("compressed_attention", "fwd+bwd"), ("select_blocks", "fwd"),
+                    ("selected_attention", "fwd+bwd"), ("window_attention", "fwd+bwd")]:
+    rec = timed[(op, pass_)]
+    assert rec["median_ms"] > 0 and rec["n_iter"] >= 10, rec
+    assert rec["floor_ms"] > 0, rec
+  # NSA's fused floor counts the three attention branches, scoring not again.
+  assert timed[("nsa", "fwd")]["flops"] == sum(
+      timed[(op, "fwd")]["flops"] for op in
+      ("compressed_attention", "selected_attention", "window_attention"))
+  assert "speedup" in stdout
+
+
+def test_gpu_check_small(tmp_path):
+  run_script("gpu_check.py", ["--impl", "pallas", "--cases", "small-G2",
+                              "--ops", "select_blocks,window_attention"], tmp_path)
+  with open(tmp_path / "gpu_check_cpu.json") as f:
+    data = json.load(f)
+  assert data["impls"]["window_attention"] == "pallas"
+  assert data["failed"] == 0
+  quantities = {(r["op"], r["quantity"]) for r in data["rows"] if r["status"] == "PASS"}
+  assert {("window_attention", q) for q in ("o", "dq", "dk", "dv")} <= quantities
+  assert {("select_blocks", "block_idx"), ("select_blocks", "block_idx[xla]")} <= quantities

@@ -1,0 +1,122 @@
+"""Selected-attention Pallas kernel (pallas_kernels/selected_attention.py) vs its reference.
+
+Interpret mode on the CPU, float32: forward output and the q, k, v gradients
+(jax.vjp with a random cotangent) against `selected_attention_xla`. Each case
+compiles once (interpret-mode compiles dominate the run time), so the cases
+pile several edge conditions each.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax import NSAConfig
+from nsa_jax.ops.selected import selected_attention_xla
+from pallas_kernels.selected_attention import Tiles, selected_attention
+
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                  num_selected=4, window=16)
+# l' = 8 < 16 keys per load, n = 3 not a power of two.
+TINY_BLOCKS = NSAConfig(compress_block=4, compress_stride=4, select_block=8,
+                        num_selected=3, window=8)
+RTOL = ATOL = 1e-4   # float32, same math in a different summation order
+
+
+def _inputs(key, B, T, HKV, G, Dk, Dv):
+  kq, kk, kv, kc, kg = jax.random.split(key, 5)
+  q = jax.random.normal(kq, (B, T, HKV * G, Dk), jnp.float32)
+  k = jax.random.normal(kk, (B, T, HKV, Dk), jnp.float32)
+  v = jax.random.normal(kv, (B, T, HKV, Dv), jnp.float32)
+  ct = jax.random.normal(kg, (B, T, HKV * G, Dv), jnp.float32)
+  return q, k, v, ct, kc
+
+
+def _random_block_idx(key, B, T, HKV, config, empty_frac):
+  """Distinct random block indices in shuffled slot order, some slots -1."""
+  n, nb = config.num_selected, config.num_select_blocks(T)
+  k1, k2 = jax.random.split(key)
+  idx = jnp.argsort(jax.random.uniform(k1, (B, T, HKV, max(n, nb))), axis=-1)[..., :n]
+  idx = jnp.where(idx < nb, idx, -1)
+  drop = jax.random.uniform(k2, idx.shape) < empty_frac
+  return jnp.where(drop, -1, idx).astype(jnp.int32)
+
+
+def _selected_block_idx(key, q, HKV, config):
+  """block_idx from the reference top-n selection on random compressed keys."""
+  B, T, _, Dk = q.shape
+  k_cmp = jax.random.normal(key, (B, config.num_compressed(T), HKV, Dk), jnp.float32)
+  return nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla")
+
+
+def _check(kernel_fn, q, k, v, block_idx, ct, config):
+  scale = q.shape[-1] ** -0.5
+  ref_fn = jax.jit(lambda q, k, v: jax.vjp(
+      lambda *a: selected_attention_xla(*a, block_idx, config=config, scale=scale),
+      q, k, v)[1](ct))
+  o_ref = selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
+
+  def run(q, k, v):
+    o, vjp = jax.vjp(lambda *a: kernel_fn(*a, block_idx, scale), q, k, v)
+    return o, vjp(ct)
+
+  o, grads = jax.jit(run)(q, k, v)
+  assert o.shape == o_ref.shape and o.dtype == q.dtype
+  np.testing.assert_allclose(o, o_ref, rtol=RTOL, atol=ATOL)
+  for name, g, g_ref in zip("qkv", grads, ref_fn(q, k, v)):
+    assert bool(jnp.all(jnp.isfinite(g))), name
+    np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=ATOL, err_msg=f"d{name}")
+  return o
+
+
+def _kernel(config, tiles):
+  return lambda q, k, v, b, scale: selected_attention(
+      q, k, v, b, config=config, scale=scale, interpret=True, tiles=tiles)
+
+
+def test_random_indices_odd_length_chunked_dkv():
+  """T=77 (no multiple of a tile or block), G=2, Dk != Dv, B=2, -1 slots,
+  some tokens with no block at all; dK/dV split into chunks of 2 tiles."""
+  B, T, HKV, G = 2, 77, 2, 2
+  q, k, v, ct, kc = _inputs(jax.random.key(0), B, T, HKV, G, 32, 16)
+  block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
+  block_idx = block_idx.at[:, 40:43].set(-1)       # these rows see nothing
+  o = _check(_kernel(SMALL, Tiles(rows=16, dkv_tiles=2)), q, k, v, block_idx, ct, SMALL)
+  assert bool(jnp.all(o[:, 40:43] == 0))
+
+
+def test_selected_indices_group16_deterministic_dkv():
+  """T=130, G=16 (4 tokens per 64-row tile), block_idx from select_blocks,
+  default tiles with one dK/dV program per block."""
+  B, T, HKV, G = 1, 130, 2, 16
+  q, k, v, ct, kc = _inputs(jax.random.key(1), B, T, HKV, G, 16, 16)
+  block_idx = _selected_block_idx(kc, q, HKV, SMALL)
+  _check(_kernel(SMALL, Tiles(dkv_tiles=None)), q, k, v, block_idx, ct, SMALL)
+
+
+def test_small_blocks_odd_group_and_dims():
+  """l' = 8 (blocks padded to 16-key loads), n = 3, G = 3, Dk = 24, Dv = 40:
+  every padding path of the wrapper."""
+  B, T, HKV, G = 1, 45, 1, 3
+  q, k, v, ct, kc = _inputs(jax.random.key(2), B, T, HKV, G, 24, 40)
+  block_idx = _random_block_idx(kc, B, T, HKV, TINY_BLOCKS, empty_frac=0.1)
+  _check(_kernel(TINY_BLOCKS, Tiles(rows=16, dkv_tiles=3)), q, k, v, block_idx, ct,
+         TINY_BLOCKS)
+
+
+def test_public_op_shorter_than_a_block():
+  """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")."""
+  B, T, HKV, G = 2, 5, 2, 1
+  q, k, v, ct, kc = _inputs(jax.random.key(3), B, T, HKV, G, 16, 32)
+  block_idx = _selected_block_idx(kc, q, HKV, SMALL)
+  assert bool(jnp.all(block_idx[..., 0] == 0)) and bool(jnp.all(block_idx[..., 1:] == -1))
+  _check(lambda q, k, v, b, scale: nsa_jax.selected_attention(
+      q, k, v, b, config=SMALL, impl="pallas", interpret=True),
+      q, k, v, block_idx, ct, SMALL)
+
+
+def test_tiles_validation():
+  with pytest.raises(ValueError, match="rows=24"):
+    Tiles(rows=24)
+  with pytest.raises(ValueError, match="dkv_tiles=0"):
+    Tiles(dkv_tiles=0)

@@ -1,0 +1,76 @@
+"""Training: bit-for-bit resume after a crash, checkpoints, NaN guard, outputs, config errors."""
+import csv
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from nsa_jax.train_lib import (NonFiniteError, checkpoint_manager, load_model, make_config,
+                               parse_args, sample, train)
+
+
+def tiny(tmp_path, name, **kw):
+  kw = {"steps": 8, "ckpt_every": 4, "eval_every": 4, "keep_checkpoints": 2, **kw}
+  return make_config("tiny", out=str(tmp_path / name), progress=False, **kw)
+
+
+def params(run_dir):
+  model, _, step = load_model(run_dir)
+  return step, jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+  straight = train(tiny(tmp_path, "straight"))
+  crashed = train(tiny(tmp_path, "resumed"), crash_after_step=6)  # dies after step 6
+  resumed = train(tiny(tmp_path, "resumed"))                      # restarts from step 4
+  assert [r["step"] for r in straight] == list(range(1, 9))
+  assert [r["step"] for r in crashed] == list(range(1, 7))
+  assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+  losses = lambda rows, key: [r.get(key) for r in rows]
+  for key in ("loss", "grad_norm", "val_text", "val_passkey", "val_mqar"):
+    assert losses(crashed[:4] + resumed, key) == losses(straight, key), key
+  assert straight[-1]["loss"] < straight[0]["loss"]
+
+  (step_a, a), (step_b, b) = params(tmp_path / "straight"), params(tmp_path / "resumed")
+  assert step_a == step_b == 8
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+  run = tmp_path / "resumed"
+  assert checkpoint_manager(run).all_steps() == [4, 8]  # keep the last 2
+  with open(run / "metrics.csv") as f:
+    assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
+  assert (run / "loss.png").stat().st_size > 0
+  assert list((run / "tb").glob("events.out.tfevents.*"))
+
+  model, cfg, _ = load_model(run)
+  text = sample(model, b"def ", 6, context=cfg.seq_len)
+  assert len(text) == 10 and text.startswith(b"def ")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = tiny(tmp_path, "nan", attention="full", lr=1e30, warmup_steps=1, ckpt_every=1)
+  with pytest.raises(NonFiniteError, match=r"step \d+: loss=.* is not finite") as err:
+    train(cfg)
+  bad = int(re.search(r"step (\d+):", str(err.value)).group(1))
+  assert 1 < bad <= 8
+  assert f"Last good checkpoint: step {bad - 1}" in str(err.value)
+  assert checkpoint_manager(cfg.out_dir).latest_step() == bad - 1
+
+
+def test_config_errors_and_cli():
+  with pytest.raises(ValueError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
+    make_config("tiny", num_heads=3, num_kv_heads=2)
+  with pytest.raises(ValueError, match="seq_len=64 holds only 2 selection blocks"):
+    make_config("tiny", seq_len=64, mixture="text")
+  with pytest.raises(ValueError, match="'mqar' needs seq_len >= 160"):
+    make_config("tiny", seq_len=128)
+  with pytest.raises(ValueError, match="preset='huge'"):
+    make_config("huge")
+  cfg = parse_args(["--preset", "tiny", "--head_dim", "none", "--tie_embeddings", "false",
+                    "--lr", "1e-3", "--attention", "full", "--steps", "20"])
+  assert (cfg.head_dim, cfg.tie_embeddings, cfg.lr, cfg.attention, cfg.steps) == (
+      None, False, 1e-3, "full", 20)
+  assert cfg.seq_len == 160 and str(cfg.out_dir) == "runs/tiny"
