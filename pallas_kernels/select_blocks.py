@@ -1,0 +1,375 @@
+"""Fused importance scores and top-n block selection (paper §3.3.2, Eq. 8-11; SPEC §3).
+
+Pallas (Triton lowering) kernel behind `nsa_jax.select_blocks(..., impl="pallas")`.
+Reference: `select_blocks_xla` in `nsa_jax/ops/selection.py` (same semantics, up to
+floating-point summation order; see "Near-ties" below).
+
+For every query t and KV group g it computes
+
+    score[t, g, j] = sum_{h in g} sum_i  overlap(i, j) * p_cmp[t, h, i]      (Eq. 8-10)
+
+with p_cmp the compressed branch's softmax over the visible compressed blocks
+(`i*d + l - 1 <= t`) and overlap(i, j) = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d,
+forces the initial and local candidate blocks in with +inf, drops non-candidates
+(`j*l' > t`) with -inf, and keeps the n best (Eq. 11; ties to the lower index).
+Neither the [T, Tc] probabilities nor the [T, Ts] block scores reach HBM: only
+the [T, n] indices are written.
+
+Design (one program per (query tile of Bq tokens, KV group, batch)):
+
+* Rows of every matmul are the Bq tokens of the tile; the G query heads of the
+  group are a loop inside the program. So M = Bq for any G (no padding of the
+  GQA group to 16, no reshape), and the sum over heads (Eq. 10) is a plain
+  accumulation.
+* Pass 1, per head: online max / sum over the compressed keys visible to the
+  tile (the visibility mask is monotone, so the loop stops at the tile's last
+  visible block) -> lse[token, head], kept in registers as a [Bq, G] tile.
+* Pass 2 walks the selection blocks in chunks of `Sc` blocks. A chunk needs the
+  compressed blocks that overlap it, `Sc*l'/d + l/d - 1` of them, which fit one
+  key tile of `block_k` rows (`Sc = (block_k - (l/d - 1)) // (l'/d)`). Per chunk:
+  for each head p = exp(s - lse) is recomputed and summed over heads; one
+  matmul with the 0/1/2 overlap matrix (built from iota, exact in any float
+  type) maps the [Bq, block_k] probabilities to [Bq, Sc] block scores. Small
+  score differences decide the ranking, so that matmul keeps float32
+  accuracy: p is split into three bf16 pieces on the tensor cores (`_exact_dot`;
+  ~l'/d times fewer FLOPs than the QK matmuls).
+* Running top-n (Triton has no sort): the n best (value, index) pairs so far
+  live in registers as a [Bq, n] set. After each chunk, its entries are
+  inserted best first (row max, lowest index holding it), each replacing the
+  set's worst where it beats it (`_merge_top_n`). A chunk needs only as many
+  passes as its rows have entries above their current n-th best: n for the
+  first chunk, usually a few afterwards. Slots still at -inf at the end
+  become -1 (fewer than n candidates).
+* Tiles are walked last-first (the causal work grows with t), so the longest
+  programs start first.
+
+Padding done by the wrapper (copies only when needed): T to a multiple of Bq,
+Dk to a multiple of 16 (zeros; the QK matmul is split in power-of-2 pieces,
+e.g. 192 = 128 + 64), k_cmp by `l/d - 1` zero rows in front (so that
+chunk tiles start at a non-negative row) and at the end (so that every tile
+read is in bounds, which interpret mode requires). Padded keys are masked by
+index; padded queries' outputs are dropped.
+
+Near-ties: the kernel sums probabilities in another order than the reference,
+so two blocks whose scores agree to ~1e-7 relative (f32) may swap across the
+n-th place. Where the reference's n-th and (n+1)-th scores are apart, the
+selections are equal. tests/test_kernel_select.py checks exactly that. On a
+GPU, float32 inputs take the QK matmul in TF32 (Triton's default, like XLA's
+default precision), which moves scores by ~1e-3 relative: more swaps, still
+between near-equal blocks (experiments/check_select.py measures them).
+
+No custom_vjp: the output is integer and the inputs arrive stop_gradient'ed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import _common
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes and launch parameters.
+
+  Attributes:
+    block_q: query tokens per program, the rows of every matmul; a power of
+      2 >= 16 (shrunk to the next power of 2 >= T for short sequences).
+    block_k: compressed keys per tile; a power of 2 >= 16. Fixes the chunk of
+      selection blocks scored per step, (block_k - l/d + 1) // (l'/d): 15 for
+      the paper's sizes.
+    num_warps, num_stages: Triton launch parameters. The defaults compile for
+      sm_90 (Triton 3.6) to 180 registers per thread, no spills, at Dk = 128;
+      the other block sizes and Dk = 192 compile without spills too.
+  """
+
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"Tiles.{name}={value!r} must be a power of 2 >= 16")
+    if not isinstance(self.num_warps, int) or self.num_warps < 1 or (
+        self.num_warps & (self.num_warps - 1)):
+      raise ValueError(f"Tiles.num_warps={self.num_warps!r} must be a power of 2")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"Tiles.num_stages={self.num_stages!r} must be an int >= 1")
+
+
+def _next_pow2(x: int, at_least: int = 1) -> int:
+  return max(at_least, pl.next_power_of_2(x))
+
+
+def _pow2_parts(size: int) -> list[tuple[int, int]]:
+  """(start, length) pieces of [0, size), size a multiple of 16, in powers of 2 >= 16.
+
+  Triton arrays must have power-of-2 sizes: Dk = 192 is read as 128 + 64
+  instead of being padded to 256.
+  """
+  parts, start = [], 0
+  for bit in reversed(range(size.bit_length())):
+    if size & (1 << bit):
+      parts.append((start, 1 << bit))
+      start += 1 << bit
+  return parts
+
+
+def _div(a, b: int):
+  """a // b for int32 a >= 0 and a python int b (Triton-friendly: no floor fix-up)."""
+  return lax.div(a, jnp.int32(b))
+
+
+def _overlap_matrix(i0, rows: int, j0, cols: int, num_cols: int,
+                    config: NSAConfig, dtype):
+  """[rows, cols] overlap in strides of compressed blocks i0.. with selection blocks j0...
+
+  Compressed block i covers strides [i, i + l/d), selection block j covers
+  [j*l'/d, (j+1)*l'/d). Columns >= num_cols are zero.
+  """
+  per_block = config.compress_block // config.compress_stride
+  per_select = config.select_block // config.compress_stride
+  i = i0 + jnp.arange(rows, dtype=jnp.int32)[:, None]
+  col = jnp.arange(cols, dtype=jnp.int32)[None, :]
+  j = j0 + col
+  overlap = (jnp.minimum(i + per_block, (j + 1) * per_select)
+             - jnp.maximum(i, j * per_select))
+  return jnp.where(col < num_cols, jnp.maximum(overlap, 0), 0).astype(dtype)
+
+
+def _exact_dot(p, weights):
+  """p @ weights at float32 accuracy on bf16 tensor cores (float64: one f64 dot).
+
+  The overlap weights are small integers, exact in bf16; p is split into three
+  bf16 pieces (8 + 8 + 8 bits of mantissa), each multiplied exactly and summed
+  in float32. An IEEE float32 dot would run on the FMA units in Triton and
+  hold whole rows of p per thread (register spills).
+  """
+  if p.dtype == jnp.float64:
+    return plgpu.dot(p, weights, allow_tf32=False)
+  w = weights.astype(jnp.bfloat16)
+  total = jnp.zeros((p.shape[0], w.shape[1]), jnp.float32)
+  for _ in range(3):
+    piece = p.astype(jnp.bfloat16)
+    total += plgpu.dot(piece, w)
+    p = p - piece.astype(jnp.float32)
+  return total
+
+
+def _merge_top_n(vals, idx, run_vals, run_idx):
+  """Inserts a chunk's candidates (vals, idx) [Bq, Sc] into the running top-n.
+
+  run_vals, run_idx [Bq, NP] hold the n best (value, index) pairs seen so far
+  (a set, unsorted), ordered by value and then by lower index; empty slots
+  hold -inf with distinct negative indices, padding slots (>= n) +inf.
+  Each pass takes the chunk's best remaining entry (highest value, lowest
+  index) and, where it beats the set's worst entry (lowest value, and the
+  highest index among equal values), puts it in that entry's slot. Chunk
+  indices exceed every index in the set, so an equal value never wins: `>`.
+  Entries that do not beat the initial worst can never enter, so the
+  passes needed are at most the largest such count over the rows (and the
+  set size): usually a few once the set is full, instead of n.
+  """
+  big = jnp.iinfo(jnp.int32).max
+  worst = jnp.min(run_vals, axis=1)[:, None]
+  num_passes = jnp.minimum(
+      jnp.max(jnp.sum((vals > worst).astype(jnp.int32), axis=1)),
+      run_vals.shape[1])
+
+  def insert(_, carry):
+    vals, run_vals, run_idx = carry
+    best = jnp.max(vals, axis=1)[:, None]
+    pick = jnp.min(jnp.where(vals == best, idx, big), axis=1)[:, None]
+    worst = jnp.min(run_vals, axis=1)[:, None]
+    evict = jnp.max(jnp.where(run_vals == worst, run_idx, -big), axis=1)[:, None]
+    replace = (run_idx == evict) & (best > worst)
+    run_vals = jnp.where(replace, best, run_vals)
+    run_idx = jnp.where(replace, pick, run_idx)
+    vals = jnp.where(idx == pick, -jnp.inf, vals)
+    return vals, run_vals, run_idx
+
+  _, run_vals, run_idx = lax.fori_loop(0, num_passes, insert,
+                                       (vals, run_vals, run_idx))
+  return run_vals, run_idx
+
+
+def _select_kernel(q_ref, k_ref, o_ref, *, config: NSAConfig, scale: float,
+                   seq_len: int, num_cmp: int, group: int, chunk: int,
+                   block_k: int, num_tiles: int, dtype):
+  """One (query tile, KV group, batch) program.
+
+  q_ref [Bq, G, Dk] (this tile and group), k_ref [Lk, Dk] (this group's padded
+  compressed keys, row r = compressed block r - (l/d - 1)), o_ref [Bq, NP].
+  """
+  l, d, lp = config.compress_block, config.compress_stride, config.select_block
+  front = l // d - 1                       # zero rows in front of k_ref
+  per_select = lp // d
+  block_q = q_ref.shape[0]
+  chunk_pad = _next_pow2(chunk, 16)
+  n = config.num_selected
+  n_pad = o_ref.shape[1]
+  group_pad = _next_pow2(group)
+
+  tile = num_tiles - 1 - pl.program_id(0)   # longest tiles first
+  t = tile * block_q + jnp.arange(block_q, dtype=jnp.int32)        # [Bq]
+  t_last = jnp.minimum(tile * block_q + block_q - 1, seq_len - 1)
+  # Compressed blocks visible to the tile's last query: i*d + l - 1 <= t_last.
+  num_visible = jnp.minimum(
+      _div(jnp.maximum(t_last - l + 1 + d, 0), d), num_cmp)
+
+  def scores(h, row0, i):
+    """scale * q_h . k over k_ref rows row0.. (compressed blocks i), and visibility."""
+    s = sum(plgpu.dot(q_ref[:, h, pl.ds(start, size)],
+                      k_ref[pl.ds(row0, block_k), pl.ds(start, size)],
+                      trans_b=True).astype(dtype)
+            for start, size in _pow2_parts(q_ref.shape[-1])) * scale
+    visible = ((i[None, :] >= 0) & (i[None, :] < num_cmp)
+               & (i[None, :] * d + l - 1 <= t[:, None]))
+    return s, visible
+
+  # Pass 1: lse per (token, head) over the visible compressed blocks.
+  head_col = jnp.arange(group_pad, dtype=jnp.int32)[None, :]
+
+  def lse_of_head(h, lse):
+    def body(kt, carry):
+      m, total = carry
+      i = kt * block_k + jnp.arange(block_k, dtype=jnp.int32)
+      s, visible = scores(h, front + kt * block_k, i)
+      s = jnp.where(visible, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      total = (total * jnp.exp(m - m_safe)
+               + jnp.sum(jnp.exp(s - m_safe[:, None]), axis=1))
+      return m_new, total
+
+    init = (jnp.full((block_q,), -jnp.inf, dtype), jnp.zeros((block_q,), dtype))
+    m, total = lax.fori_loop(0, _div(num_visible + block_k - 1, block_k), body, init)
+    return jnp.where(head_col == h, (m + jnp.log(total))[:, None], lse)
+
+  lse = lax.fori_loop(0, group, lse_of_head,
+                      jnp.zeros((block_q, group_pad), dtype))
+
+  # Pass 2: block scores chunk by chunk, merged into a running top-n.
+  current = _div(t, lp)[:, None]                                # [Bq, 1]
+  num_chunks = _div(_div(t_last, lp) + chunk, chunk)
+
+  def chunk_body(c, carry):
+    run_vals, run_idx = carry
+    row0 = c * chunk * per_select          # k_ref row of compressed block i0
+    i0 = row0 - front
+    i = i0 + jnp.arange(block_k, dtype=jnp.int32)
+
+    def add_head(h, p_sum):
+      s, visible = scores(h, row0, i)
+      lse_h = jnp.sum(jnp.where(head_col == h, lse, 0.0), axis=1)
+      return p_sum + jnp.where(visible, jnp.exp(s - lse_h[:, None]), 0.0)
+
+    p_sum = lax.fori_loop(0, group, add_head,
+                          jnp.zeros((block_q, block_k), dtype))
+    weights = _overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk,
+                              config, dtype)
+    block_scores = _exact_dot(p_sum, weights)
+
+    col = jnp.arange(chunk_pad, dtype=jnp.int32)[None, :]
+    j = c * chunk + col                                            # [1, Sc]
+    candidate = (j <= current) & (col < chunk)
+    forced = candidate & ((j < config.num_initial)
+                          | (j > current - config.num_local))
+    vals = jnp.where(forced, jnp.inf,
+                     jnp.where(candidate, block_scores, -jnp.inf))
+    return _merge_top_n(vals, jnp.broadcast_to(j, vals.shape),
+                        run_vals, run_idx)
+
+  slot = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32)[None, :],
+                          (block_q, n_pad))
+  init = (jnp.where(slot < n, -jnp.inf, jnp.inf).astype(dtype), -1 - slot)
+  run_vals, run_idx = lax.fori_loop(0, num_chunks, chunk_body, init)
+  o_ref[...] = jnp.where((run_vals == -jnp.inf) | (slot >= n), -1, run_idx)
+
+
+def _kernel_block_k(config: NSAConfig, chunk: int) -> int:
+  """Smallest power-of-2 key tile (>= 16) holding the blocks of `chunk` selection blocks."""
+  front = config.compress_block // config.compress_stride - 1
+  per_select = config.select_block // config.compress_stride
+  return _next_pow2(chunk * per_select + front, 16)
+
+
+def _chunk_size(config: NSAConfig, num_blocks: int, block_k: int) -> int:
+  """Selection blocks per chunk: as many as one `block_k` key tile covers."""
+  front = config.compress_block // config.compress_stride - 1
+  per_select = config.select_block // config.compress_stride
+  fit = (block_k - front) // per_select
+  return max(1, min(fit, num_blocks))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret",
+                                             "tiles"))
+def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float,
+                  interpret: bool, tiles: Tiles = Tiles()):
+  """Top-n selection blocks per query and KV group; see the module docstring.
+
+  Args:
+    q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
+    config, scale: as in `nsa_jax.select_blocks` (scale a python float).
+    interpret: run the kernel in Pallas interpret mode (CPU).
+    tiles: tile sizes and launch parameters.
+
+  Returns:
+    block_idx [B, T, HKV, n] int32, -1 in unused slots, order free.
+  """
+  B, T, HQ, Dk = q.shape
+  Tc, HKV = k_cmp.shape[1], k_cmp.shape[2]
+  G = HQ // HKV
+  n = config.num_selected
+  dtype = _common.compute_dtype(q.dtype)
+
+  num_blocks = config.num_select_blocks(T)
+  chunk = _chunk_size(config, num_blocks, tiles.block_k)
+  tile_k = _kernel_block_k(config, chunk)
+  block_q = min(tiles.block_q, _next_pow2(T, 16))
+  num_tiles = pl.cdiv(T, block_q)
+  dk_pad = pl.cdiv(Dk, 16) * 16
+
+  # Rows read: pass 1 up to front + ceil(Tc / tile_k) * tile_k, pass 2 up to
+  # the last chunk's start + tile_k.
+  front = config.compress_block // config.compress_stride - 1
+  per_select = config.select_block // config.compress_stride
+  rows = max(front + pl.cdiv(Tc, tile_k) * tile_k,
+             (pl.cdiv(num_blocks, chunk) - 1) * chunk * per_select + tile_k)
+  q = jnp.pad(q, [(0, 0), (0, num_tiles * block_q - T), (0, 0), (0, dk_pad - Dk)])
+  q = q.reshape(B, num_tiles * block_q, HKV, G, dk_pad)
+  k_cmp = jnp.pad(k_cmp, [(0, 0), (front, rows - front - Tc), (0, 0),
+                          (0, dk_pad - Dk)])
+
+  n_pad = _next_pow2(n)
+  kernel = functools.partial(
+      _select_kernel, config=config, scale=scale, seq_len=T, num_cmp=Tc,
+      group=G, chunk=chunk, block_k=tile_k, num_tiles=num_tiles, dtype=dtype)
+  out = pl.pallas_call(
+      kernel,
+      grid=(num_tiles, HKV, B),
+      in_specs=[
+          pl.BlockSpec((None, block_q, None, G, dk_pad),
+                       lambda i, g, b: (b, num_tiles - 1 - i, g, 0, 0)),
+          pl.BlockSpec((None, rows, None, dk_pad), lambda i, g, b: (b, 0, g, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, block_q, None, n_pad),
+                             lambda i, g, b: (b, num_tiles - 1 - i, g, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, num_tiles * block_q, HKV, n_pad),
+                                     jnp.int32),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="nsa_select_blocks",
+  )(q, k_cmp)
+  return out[:, :T, :, :n]
