@@ -1,0 +1,214 @@
+"""Per-step decode attention latency: NSA vs dense attention on the same cache sizes.
+
+For each context T and batch B, one new token per sequence attends to a full
+cache of T tokens (Config A of SPEC §5: HQ=64, HKV=4, Dk=Dv=128, bf16, paper
+block sizes):
+- NSA: `nsa_jax.decoding.nsa_decode` (compressed + top-n selection + selected +
+  window + gates), impl "pallas" (pallas_kernels/decode_attention.py) and "xla";
+- dense: `jax.nn.dot_product_attention` of the query over the selected branch's
+  raw K/V cache with a length mask, implementation "cudnn" (skipped with a note
+  when cuDNN refuses) and "xla".
+Timing: `STEPS` dependent steps in one jit-compiled `lax.fori_loop` (the next
+query depends on the last output, so nothing is hoisted and no Python dispatch
+is timed), median of `--reps` runs, divided by STEPS.
+
+NSA also gets a bandwidth check: bytes of K/V one step must read (visible
+compressed + n*l' selected + w window keys and values per KV group) over a
+device copy rate measured in the same run, printed as "bytes read per step /
+measured bandwidth". Writes decode_bench.json and decode_bench.png to --out
+(default $OUT, else experiments/results).
+
+GPU:  PYTHONPATH=. python experiments/bench_decode.py
+CPU smoke test (interpret mode, tiny shapes):
+      PYTHONPATH=. python experiments/bench_decode.py --small
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import NSAConfig
+from nsa_jax import decoding
+
+STEPS = 16
+
+
+def parse_args():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--contexts", default="8192,16384,32768,65536,131072")
+  ap.add_argument("--batches", default="1,8,32")
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--methods", default="nsa_pallas,nsa_xla,dense_cudnn,dense_xla",
+                  help="subset of nsa_pallas, nsa_xla, dense_cudnn, dense_xla")
+  ap.add_argument("--out", default=os.environ.get("OUT") or "experiments/results")
+  ap.add_argument("--small", action="store_true",
+                  help="CPU smoke test: tiny shapes, interpret mode")
+  return ap.parse_args()
+
+
+def timed(fn, *args, reps: int) -> float:
+  """Median seconds per step of fn (which runs STEPS steps)."""
+  jax.block_until_ready(fn(*args))      # compile
+  jax.block_until_ready(fn(*args))      # warm up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / STEPS
+
+
+def steps_loop(attend):
+  """STEPS decode steps; each query depends on the previous output."""
+  def run(q, *rest):
+    def body(_, q):
+      o = attend(q, *rest)
+      return q + (1e-3 * o.mean(axis=-1, keepdims=True)).astype(q.dtype)
+    return jax.lax.fori_loop(0, STEPS, body, q)
+  return jax.jit(run)
+
+
+def copy_bandwidth(reps: int) -> float:
+  """Bytes/s of x + 1 over a 1 GiB bf16 array (read + write)."""
+  x = jnp.ones((1 << 29,), jnp.bfloat16)
+  f = jax.jit(lambda x: x + 1)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * x.nbytes / statistics.median(times)
+
+
+def nsa_bytes(config: NSAConfig, T: int, B: int, HKV: int, Dk: int, Dv: int, itemsize: int) -> int:
+  """K/V bytes one NSA step reads at context T: compressed, selected, window."""
+  keys = (config.num_compressed(T) + min(config.num_selected * config.select_block, T)
+          + min(config.window, T))
+  return B * HKV * keys * (Dk + Dv) * itemsize
+
+
+def main():
+  args = parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  if args.small:
+    contexts, batches = [512, 1024], [1, 2]
+    HQ, HKV, D, dtype = 8, 2, 32, jnp.float32
+    args.reps = 2
+  else:
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    HQ, HKV, D, dtype = 64, 4, 128, jnp.bfloat16
+  config = NSAConfig()
+  itemsize = jnp.dtype(dtype).itemsize
+  device = jax.devices()[0]
+  mem_limit = (device.memory_stats() or {}).get("bytes_limit") if on_gpu else None
+  bw = copy_bandwidth(args.reps) if on_gpu else float("nan")
+  print(f"device: {device.device_kind}; jax {jax.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s")
+
+  known = {"nsa_pallas": "pallas", "nsa_xla": "xla", "dense_cudnn": "cudnn", "dense_xla": "xla"}
+  methods = {m: known[m] for m in args.methods.split(",")
+             if m in known and (on_gpu or m != "dense_cudnn")}
+  results = []
+  for T in contexts:
+    S, Sc = decoding.cache_rows(config, T)
+    for B in batches:
+      cache_bytes = B * HKV * (4 * S + 2 * Sc) * D * itemsize
+      if mem_limit and cache_bytes > 0.6 * mem_limit:
+        print(f"T={T} B={B}: skipped, caches need {cache_bytes / 2**30:.1f} GiB")
+        continue
+      ks = jax.random.split(jax.random.key(T + B), 8)
+      rnd = jax.jit(lambda k, shape: jax.random.normal(k, shape, dtype), static_argnums=1)
+      q = rnd(ks[0], (B, HQ, D))
+      k_cmp, v_cmp = rnd(ks[1], (B, Sc, HKV, D)), rnd(ks[2], (B, Sc, HKV, D))
+      k_slc, v_slc = rnd(ks[3], (B, S, HKV, D)), rnd(ks[4], (B, S, HKV, D))
+      k_win, v_win = rnd(ks[5], (B, S, HKV, D)), rnd(ks[6], (B, S, HKV, D))
+      gates = jax.nn.sigmoid(rnd(ks[7], (B, HQ, 3)))
+      lengths = jnp.full((B,), T, jnp.int32)
+      row = dict(T=T, B=B)
+      for name, impl in methods.items():
+        if name.startswith("nsa"):
+          attend = lambda q, *c, impl=impl: decoding.nsa_decode(
+              q, *c, config=config, impl=impl)
+          operands = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths)
+        else:
+          attend = lambda q, k, v, n, impl=impl: jax.nn.dot_product_attention(
+              q[:, None], k, v, key_value_seq_lengths=n, implementation=impl)[:, 0]
+          operands = (q, k_slc, v_slc, lengths)
+        try:
+          row[name] = timed(steps_loop(attend), *operands, reps=args.reps)
+        except Exception as e:  # cuDNN may refuse a shape: record why, keep going
+          row[name] = None
+          row[name + "_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+      row["nsa_bytes"] = nsa_bytes(config, T, B, HKV, D, D, itemsize)
+      row["dense_bytes"] = B * HKV * T * 2 * D * itemsize
+      results.append(row)
+      dense = [row[m] for m in ("dense_cudnn", "dense_xla") if row.get(m)]
+      nsa = row.get("nsa_pallas")
+      line = f"T={T:>6} B={B:>2}  " + "  ".join(
+          f"{m}={row[m] * 1e3:.3f}ms" if row.get(m) else f"{m}=n/a" for m in methods)
+      if nsa and dense:
+        line += f"  speedup(best dense / nsa_pallas)={min(dense) / nsa:.1f}x"
+      if nsa and on_gpu:
+        floor = row["nsa_bytes"] / bw
+        line += (f"\n    NSA bytes read per step {row['nsa_bytes'] / 1e6:.2f} MB"
+                 f" / measured bandwidth "
+                 f"{bw / 1e9:.0f} GB/s = {floor * 1e6:.1f} us; measured {nsa * 1e6:.1f} us "
+                 f"= {nsa / floor:.2f}x of the byte time")
+      print(line, flush=True)
+      for name in methods:
+        if row.get(name + "_error"):
+          print(f"    {name}: {row[name + '_error']}")
+      del q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, operands
+      gc.collect()
+
+  os.makedirs(args.out, exist_ok=True)
+  meta = dict(device=device.device_kind, jax=jax.__version__, copy_bandwidth_Bps=bw,
+              HQ=HQ, HKV=HKV, Dk=D, Dv=D, dtype=jnp.dtype(dtype).name, steps_per_timing=STEPS,
+              reps=args.reps, config=config.__dict__, small=args.small)
+  with open(os.path.join(args.out, "decode_bench.json"), "w") as f:
+    json.dump(dict(meta=meta, results=results), f, indent=1)
+  plot(results, list(methods), batches, os.path.join(args.out, "decode_bench.png"), meta)
+  print(f"wrote {args.out}/decode_bench.json and decode_bench.png")
+  for r in results:
+    dense = [r[m] for m in ("dense_cudnn", "dense_xla") if r.get(m)]
+    if r["T"] == 65536 and r["B"] in (1, 32) and r.get("nsa_pallas") and dense:
+      x = min(dense) / r["nsa_pallas"]
+      print(f"target check T=64k B={r['B']}: {x:.1f}x faster than the best dense "
+            f"({'meets' if x >= 10 else 'misses'} the 10x target)")
+
+
+def plot(results, methods, batches, path, meta):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+  for ax, B in zip(axes[0], batches):
+    rows = [r for r in results if r["B"] == B]
+    for m in methods:
+      pts = [(r["T"], r[m] * 1e3) for r in rows if r.get(m)]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=m)
+    for r in rows:
+      dense = [r[m] for m in ("dense_cudnn", "dense_xla") if r.get(m)]
+      if r.get("nsa_pallas") and dense:
+        ax.annotate(f"{min(dense) / r['nsa_pallas']:.1f}x", (r["T"], r["nsa_pallas"] * 1e3),
+                    textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="context T", ylabel="ms per decode step",
+           title=f"batch {B}")
+    ax.legend(fontsize=7)
+  fig.suptitle(f"decode attention, {meta['device']}, HQ={meta['HQ']} HKV={meta['HKV']} "
+               f"D={meta['Dk']} {meta['dtype']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,182 @@
+"""Decoding (nsa_jax.decoding, pallas_kernels/decode_attention.py) against one full forward pass.
+
+Small blocks (l=8, d=4, l'=16, n=4, w=24) so that a few dozen tokens cross
+compressed-block, selection-block and window boundaries. Each function is
+jit-compiled once; lengths vary as data.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nsa_jax import NSAConfig, nsa
+from nsa_jax import decoding
+from nsa_jax.model import ModelConfig, Transformer
+from nsa_jax.module import NativeSparseAttention
+
+CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
+                num_initial=1, num_local=2, window=24)
+# float32 everywhere; differences come from summation order only.
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _normal(key, shape):
+  return jax.random.normal(key, shape, jnp.float32)
+
+
+def _pad_rows(x, rows):
+  return jnp.pad(x, [(0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0)])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_nsa_decode_is_last_row_of_nsa(impl):
+  """One decode query == row t of the full op, selection included, at many lengths."""
+  B, T, HKV, G, Dk, Dv = 2, 70, 2, 3, 16, 32
+  ks = jax.random.split(jax.random.key(0), 8)
+  q = _normal(ks[0], (B, T, HKV * G, Dk))
+  Tc = CFG.num_compressed(T)
+  k_cmp, v_cmp = _normal(ks[1], (B, Tc, HKV, Dk)), _normal(ks[2], (B, Tc, HKV, Dv))
+  k_slc, k_win = _normal(ks[3], (B, T, HKV, Dk)), _normal(ks[4], (B, T, HKV, Dk))
+  v_slc, v_win = _normal(ks[5], (B, T, HKV, Dv)), _normal(ks[6], (B, T, HKV, Dv))
+  gates = jax.nn.sigmoid(_normal(ks[7], (B, T, HKV * G, 3)))
+  want, want_idx = jax.jit(functools.partial(nsa, config=CFG, impl="xla", return_block_idx=True))(
+      q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+  S, Sc = 128, 64      # aligned cache sizes, rows past T are zero
+  caches = [_pad_rows(x, Sc) for x in (k_cmp, v_cmp)] + [
+      _pad_rows(x, S) for x in (k_slc, v_slc, k_win, v_win)]
+
+  @jax.jit
+  def step(lengths):
+    t = lengths - 1
+    b = jnp.arange(B)
+    return decoding.nsa_decode(q[b, t], *caches, gates[b, t], lengths, config=CFG,
+                               impl=impl, interpret=True, return_block_idx=True)
+
+  # 1: nothing compressed; 7/8/9: around the first compressed block; 16/17: a
+  # new selection block; 24/25: the window fills; 70: all.
+  for a, b in [(1, 8), (7, 9), (16, 17), (24, 25), (31, 33), (48, 70)]:
+    lengths = jnp.array([a, b], jnp.int32)
+    o, idx = step(lengths)
+    for i, L in enumerate((a, b)):
+      np.testing.assert_allclose(o[i], want[i, L - 1], **TOL)
+      for h in range(HKV):
+        got = set(np.asarray(idx[i, h]).tolist())
+        assert got == set(np.asarray(want_idx[i, L - 1, h]).tolist())
+
+
+def _layer(shared_kv, impl):
+  return NativeSparseAttention(32, 4, 2, head_dim=16, config=CFG, shared_kv=shared_kv,
+                               impl=impl, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shared_kv,impl", [(False, "xla"), (True, "xla"), (False, "pallas")])
+def test_layer_decoding_matches_forward(shared_kv, impl):
+  """Prefill prompts of different lengths, then decode token by token == layer(x)."""
+  B, T = 2, 60
+  layer = _layer(shared_kv, impl="xla")
+  x = _normal(jax.random.key(1), (B, T, 32))
+  graphdef, state = nnx.split(layer)
+  want = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+  prompt_lengths = jnp.array([5, 13], jnp.int32)
+  P = 13
+
+  @jax.jit
+  def run_prefill(state, x):
+    layer = nnx.merge(graphdef, state)
+    return decoding.prefill(layer, x, prompt_lengths, decoding.init_cache(layer, B, T))
+
+  @jax.jit
+  def run_step(state, x, cache):
+    return decoding.decode_step(nnx.merge(graphdef, state), x, cache, impl=impl)
+
+  y, cache = run_prefill(state, x[:, :P])
+  np.testing.assert_allclose(y[0, :5], want[0, :5], **TOL)
+  np.testing.assert_allclose(y[1], want[1, :P], **TOL)
+  b = jnp.arange(B)
+  for _ in range(T - P):
+    t = cache.lengths
+    y, cache = run_step(state, x[b, t][:, None], cache)
+    np.testing.assert_allclose(y[:, 0], want[b, t], **TOL)
+  assert cache.lengths.tolist() == [T - P + 5, T]
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_model_decoding_matches_forward_and_greedy_generate(attention):
+  B, T = 2, 40
+  config = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=16, nsa=CFG, attention=attention, impl="xla")
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(2), (B, T), 0, 64, jnp.int32)
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+  want = forward(state, tokens)
+  lengths = jnp.array([3, 9], jnp.int32)
+
+  @jax.jit
+  def run(state, tokens):
+    model = nnx.merge(graphdef, state)
+    logits, caches = decoding.model_prefill(model, tokens[:, :9], lengths,
+                                            decoding.init_model_cache(model, B, T))
+    b = jnp.arange(B)
+
+    def step(caches, i):
+      logits, caches = decoding.model_decode_step(model, tokens[b, lengths + i], caches)
+      return caches, logits
+    _, rest = jax.lax.scan(step, caches, jnp.arange(T - 9))
+    return logits, rest
+
+  first, rest = run(state, tokens)
+  np.testing.assert_allclose(first, want[jnp.arange(B), lengths - 1], **TOL)
+  for i in range(T - 9):
+    np.testing.assert_allclose(rest[i], want[jnp.arange(B), lengths + i], **TOL)
+
+  # Greedy generation continues each prompt with the full forward's argmax.
+  new = decoding.generate(model, tokens[:, :9], jax.random.key(3), max_new_tokens=6,
+                          lengths=lengths)
+  seqs = jnp.zeros((B, T), jnp.int32)      # prompt + generated, zero-padded (causal)
+  for i in range(B):
+    seqs = seqs.at[i, :lengths[i] + 6].set(jnp.concatenate([tokens[i, :lengths[i]], new[i]]))
+  logits = forward(state, seqs)
+  for i in range(B):
+    L = int(lengths[i])
+    np.testing.assert_array_equal(new[i], jnp.argmax(logits[i, L - 1:L + 5], axis=-1))
+  # Sampling inside generate(): top_k=1 leaves only the argmax.
+  sampled = decoding.generate(model, tokens[:, :9], jax.random.key(5), max_new_tokens=6,
+                              lengths=lengths,
+                              sampling=decoding.Sampling(temperature=0.7, top_k=1, top_p=0.9))
+  np.testing.assert_array_equal(sampled, new)
+
+
+def test_sampling_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4096, jnp.float32))
+  key = jax.random.key(4)
+  greedy = decoding.sample(logits, key, decoding.Sampling())
+  assert set(np.asarray(greedy).tolist()) == {0}
+  top2 = decoding.sample(logits, key, decoding.Sampling(temperature=1.0, top_k=2))
+  assert set(np.asarray(top2).tolist()) == {0, 1}
+  # Nucleus 0.7: tokens 0 and 1 (0.5 before token 1 < 0.7, 0.8 before token 2).
+  nucleus = decoding.sample(logits, key, decoding.Sampling(temperature=1.0, top_p=0.7))
+  assert set(np.asarray(nucleus).tolist()) == {0, 1}
+  counts = np.bincount(np.asarray(decoding.sample(logits, key, decoding.Sampling(temperature=1.0))),
+                       minlength=4) / 4096
+  np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)   # ~4 sigma at n=4096
+
+
+def test_errors_name_values():
+  with pytest.raises(ValueError, match="top_p=1.5"):
+    decoding.Sampling(temperature=1.0, top_p=1.5)
+  layer = _layer(False, "xla")
+  cache = decoding.init_cache(layer, 1, 16)
+  with pytest.raises(ValueError, match="T=80"):
+    decoding.prefill(layer, jnp.zeros((1, 80, 32), jnp.float32), jnp.array([80]), cache)
+  q = jnp.zeros((1, 4, 24), jnp.float32)
+  kv = jnp.zeros((1, 64, 2, 24), jnp.float32)
+  with pytest.raises(ValueError, match="Dk=24"):
+    decoding.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 3), jnp.float32),
+                        jnp.array([3]), config=CFG, impl="pallas")
+  with pytest.raises(ValueError, match="gates.shape"):
+    decoding.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 2), jnp.float32),
+                        jnp.array([3]), config=CFG)
