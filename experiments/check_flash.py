@@ -1,0 +1,263 @@
+"""GPU check and benchmark of the banded flash-attention kernels (window and compressed).
+
+    PYTHONPATH=. python experiments/check_flash.py            # on a GPU
+    PYTHONPATH=. python experiments/check_flash.py --small    # CPU, interpret mode
+
+1. Correctness: `pallas_kernels.window_attention` and
+   `pallas_kernels.compressed_attention` vs their XLA references (float32
+   math at "highest" matmul precision) at Config A shapes (G = 16), T = 8k and
+   16k, bf16 and float32: output, lse (compressed), and the q, k, v gradients
+   of random cotangents (one on lse too). Error = max |diff| / max |ref|;
+   exits non-zero on a mismatch or a non-finite value.
+2. Timing: Config A of SPEC §5 (B=1, HQ=64, HKV=4, Dk=Dv=128, bf16, w=512,
+   l=32, d=16) for T = 8k .. 64k, forward and forward+backward (jit, warm-up,
+   block_until_ready, median of >= 10 runs, fresh random inputs per T), with
+   cuDNN's sliding-window attention as a yardstick for the window branch.
+3. Floor: matmul FLOPs over visible (query, key) pairs -- forward
+   2 matmuls x 2 FLOP x pairs x HQ x D, backward 2.5x that -- over a bf16
+   matmul rate measured in this run (KERNELS.md targets: forward within 2x).
+4. Tile sweep (skip with --no-sweep): a few `Tiles` variants at the largest T.
+
+Prints tables; writes everything as JSON to $OUT/check_flash.json when $OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nsa_jax import NSAConfig
+from nsa_jax.ops.compressed import compressed_attention_xla
+from nsa_jax.ops.window import window_attention_xla
+from pallas_kernels import compressed_attention as cmp_kernel
+from pallas_kernels import window_attention as win_kernel
+from pallas_kernels._flash import Tiles
+
+# max|diff| / max|ref|: float32 differs in summation order only; bf16 rounds
+# q, k, v, p and the outputs to 8 mantissa bits.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+OPS = ("window", "compressed")
+SWEEP = {
+    "m64-w4-s3": Tiles(block_m=64, num_warps=4, num_stages=3),
+    "m128-k128-s2": Tiles(block_k=128, num_stages=2),
+    "m128-s2": Tiles(num_stages=2),
+    "bwd-m32-w4": Tiles(bwd_block_m=32, bwd_num_warps=4),
+    "bwd-k32": Tiles(bwd_block_k=32),
+    "bwd-m128-k32": Tiles(bwd_block_m=128, bwd_block_k=32),
+    "dkv-splits16": Tiles(dkv_splits=16),
+}
+
+
+def op_fn(op, config, scale, interpret, tiles=None):
+  """(q, k, v) -> tuple of outputs: (o,) for window, (o, lse) for compressed."""
+  if op == "window":   # tiles=None: the op's defaults for the dtype
+    return lambda q, k, v: (win_kernel.window_attention(
+        q, k, v, config=config, scale=scale, interpret=interpret, tiles=tiles),)
+  return lambda q, k, v: cmp_kernel.compressed_attention(
+      q, k, v, config=config, scale=scale, interpret=interpret, tiles=tiles)
+
+
+def reference_fn(op, config, scale):
+  def f(q, k, v):
+    with jax.default_matmul_precision("highest"):
+      if op == "window":
+        return (window_attention_xla(q, k, v, config=config, scale=scale),)
+      return compressed_attention_xla(q, k, v, config=config, scale=scale)
+  return f
+
+
+def make_inputs(key, op, T, B, HKV, G, D, config, dtype):
+  """q, k, v and cotangents for every output (never zero)."""
+  S = T if op == "window" else config.num_compressed(T)
+  ks = jax.random.split(key, 5)
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+  q = normal(ks[0], (B, T, HKV * G, D))
+  k = normal(ks[1], (B, S, HKV, D))
+  v = normal(ks[2], (B, S, HKV, D))
+  cts = (normal(ks[3], (B, T, HKV * G, D)),)
+  if op == "compressed":
+    cts += (jax.random.normal(ks[4], (B, T, HKV * G), jnp.float32),)
+  return q, k, v, cts
+
+
+def fwd_bwd(fn):
+  """jit of (outputs, dq, dk, dv) for cotangents cts."""
+  def run(q, k, v, cts):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (*out, *vjp(cts))
+  return jax.jit(run)
+
+
+def check(op, T, dtype, config, interpret, key, B, HKV, G, D):
+  scale = D ** -0.5
+  q, k, v, cts = make_inputs(key, op, T, B, HKV, G, D, config, dtype)
+  got = fwd_bwd(op_fn(op, config, scale, interpret))(q, k, v, cts)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = fwd_bwd(reference_fn(op, config, scale))(
+      f32(q), f32(k), f32(v), jax.tree.map(f32, cts))
+  names = ("o",) + (("lse",) if op == "compressed" else ()) + ("dq", "dk", "dv")
+  errors = {}
+  for name, g, w in zip(names, got, want):
+    g, w = np.asarray(f32(g)), np.asarray(w)
+    same_inf = np.array_equal(np.isneginf(g), np.isneginf(w))   # lse rows that see nothing
+    g, w = np.where(np.isneginf(w), 0.0, g), np.where(np.isneginf(w), 0.0, w)
+    finite = same_inf and np.isfinite(g).all()
+    errors[name] = (float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30))
+                    if finite else float("inf"))
+  ok = all(e <= TOLERANCE[jnp.dtype(dtype).name] for e in errors.values())
+  return {"op": op, "T": T, "dtype": jnp.dtype(dtype).name, "errors": errors,
+          "ok": ok}
+
+
+def median_ms(f, *args, runs):
+  jax.block_until_ready(f(*args))   # compile
+  jax.block_until_ready(f(*args))   # warm up
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def visible_pairs(op, T, config):
+  """Number of (query, key) pairs the op attends to, summed over t."""
+  t = np.arange(T, dtype=np.int64)
+  if op == "window":
+    return int(np.minimum(t + 1, config.window).sum())
+  l, d = config.compress_block, config.compress_stride
+  n = np.clip((t - l + 1) // d + 1, 0, config.num_compressed(T))
+  return int(np.where(t >= l - 1, n, 0).sum())
+
+
+def matmul_tflops(runs, interpret):
+  """bf16 matmul rate measured here (TFLOP/s)."""
+  n = 256 if interpret else 8192
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+  ms = median_ms(jax.jit(jnp.matmul), a, b, runs=runs)
+  return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def cudnn_window_ms(q, k, v, config, scale, runs):
+  """cuDNN sliding-window attention forward, or None where unavailable."""
+  try:
+    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True,
+        local_window_size=(config.window - 1, 0), implementation="cudnn"))
+    return median_ms(f, q, k, v, runs=runs)
+  except Exception as e:   # no cuDNN, or a shape it rejects
+    print(f"  (cuDNN window attention unavailable: {type(e).__name__}: {str(e)[:120]})")
+    return None
+
+
+def bench(op, T, config, interpret, runs, key, B, HKV, G, D, tiles=None,
+          with_cudnn=False):
+  scale = D ** -0.5
+  q, k, v, cts = make_inputs(key, op, T, B, HKV, G, D, config, jnp.bfloat16)
+  fn = op_fn(op, config, scale, interpret, tiles)
+  flop = 2 * 2 * visible_pairs(op, T, config) * B * HKV * G * D
+  row = {"op": op, "T": T, "fwd_tflop": flop / 1e12,
+         "fwd_ms": median_ms(jax.jit(fn), q, k, v, runs=runs),
+         "fwd_bwd_ms": median_ms(fwd_bwd(fn), q, k, v, cts, runs=runs)}
+  if with_cudnn and op == "window" and not interpret:
+    row["cudnn_window_fwd_ms"] = cudnn_window_ms(q, k, v, config, scale, runs)
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true",
+                      help="tiny shapes in interpret mode (CPU smoke test)")
+  parser.add_argument("--runs", type=int, default=10)
+  parser.add_argument("--max-t", type=int, default=65536)
+  parser.add_argument("--no-sweep", action="store_true",
+                      help="skip the tile sweep at the largest T")
+  args = parser.parse_args()
+
+  if args.small:
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                       num_selected=4, window=16)
+    check_ts, bench_ts, runs, interpret = [45], [64], 2, True
+    shape = dict(B=1, HKV=1, G=16, D=16)
+  else:
+    config = NSAConfig()
+    check_ts, runs, interpret = [8192, 16384], max(args.runs, 10), False
+    bench_ts = [T for T in (8192, 16384, 32768, 65536) if T <= args.max_t]
+    shape = dict(B=1, HKV=4, G=16, D=128)   # Config A
+  key = jax.random.key(0)
+  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "config": dataclasses.asdict(config), "shape": shape,
+            "tiles": {"window": repr(win_kernel.TILES),
+                      "compressed": repr(cmp_kernel.TILES)},
+            "checks": [], "bench": [], "sweep": []}
+  print(f"device: {result['device']}, jax {result['jax']}, shape {shape}")
+
+  print("\n== correctness vs XLA reference (max|diff| / max|ref|)")
+  for op in OPS:
+    for T in check_ts:
+      for dtype in (jnp.float32, jnp.bfloat16):
+        key, sub = jax.random.split(key)
+        r = check(op, T, dtype, config, interpret, sub, **shape)
+        result["checks"].append(r)
+        errs = "  ".join(f"{n} {e:.1e}" for n, e in r["errors"].items())
+        print(f"{op:10s} T={T:6d} {r['dtype']:8s} {errs}  "
+              f"{'ok' if r['ok'] else 'MISMATCH'}")
+
+  rate = matmul_tflops(runs, interpret)
+  result["matmul_tflops"] = rate
+  print(f"\n== timing, Config A bf16 (bf16 matmul rate here: {rate:.0f} TFLOP/s;"
+        " floor = matmul FLOPs / that rate, backward = 2.5x forward)")
+  print(f"{'op':10s} {'T':>6s} {'fwd ms':>8s} {'floor':>7s} {'x floor':>7s}"
+        f" {'fwd+bwd':>8s} {'floor':>7s} {'x floor':>7s} {'cuDNN win fwd':>13s}")
+  for T in bench_ts:
+    for op in OPS:
+      key, sub = jax.random.split(key)
+      r = bench(op, T, config, interpret, runs, sub, **shape, with_cudnn=True)
+      r["fwd_floor_ms"] = r["fwd_tflop"] / rate * 1e3
+      r["fwd_bwd_floor_ms"] = 3.5 * r["fwd_floor_ms"]
+      result["bench"].append(r)
+      cudnn = r.get("cudnn_window_fwd_ms")
+      print(f"{op:10s} {T:6d} {r['fwd_ms']:8.2f} {r['fwd_floor_ms']:7.2f}"
+            f" {r['fwd_ms'] / r['fwd_floor_ms']:7.2f} {r['fwd_bwd_ms']:8.2f}"
+            f" {r['fwd_bwd_floor_ms']:7.2f}"
+            f" {r['fwd_bwd_ms'] / r['fwd_bwd_floor_ms']:7.2f}"
+            f" {'' if cudnn is None else f'{cudnn:13.2f}'}")
+
+  if not args.no_sweep:
+    T = bench_ts[-1]
+    print(f"\n== tile sweep at T={T} (ms; defaults above)")
+    for name, tiles in SWEEP.items():
+      for op in OPS:
+        key, sub = jax.random.split(key)
+        try:
+          r = bench(op, T, config, interpret, runs, sub, **shape, tiles=tiles)
+        except Exception as e:   # a variant Triton cannot compile
+          r = {"op": op, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        r.update(variant=name, tiles=repr(tiles))
+        result["sweep"].append(r)
+        timing = (f"fwd {r['fwd_ms']:7.2f}  fwd+bwd {r['fwd_bwd_ms']:7.2f}"
+                  if "error" not in r else r["error"])
+        print(f"{name:14s} {op:10s} {timing}")
+
+  out = os.environ.get("OUT")
+  if out:
+    with open(os.path.join(out, "check_flash.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  bad = [r for r in result["checks"] if not r["ok"]]
+  if bad:
+    print(f"\nFAILED: {len(bad)} correctness check(s) out of tolerance")
+    sys.exit(1)
+  print("\nall correctness checks passed")
+
+
+if __name__ == "__main__":
+  main()

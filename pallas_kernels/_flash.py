@@ -1,0 +1,547 @@
+"""Banded flash attention: the Pallas kernel shared by the window and compressed branches.
+
+Both the sliding-window branch (NSA paper §3.3.3) and the compressed branch
+(§3.3.1, Eq. 7) are softmax attention (Eq. 1-2) under a causal mask whose
+visible keys form one contiguous band per query:
+
+    key j sits at position  pos(j) = j * stride + offset,
+    query t sees key j iff  t - window < pos(j) <= t      (window=None: no lower edge).
+
+Window attention is stride=1, offset=0, window=w; compressed attention is
+stride=d, offset=l-1 (compressed block j ends at token j*d + l - 1), no window.
+Because the band of a query tile is known from the tile's position alone,
+each program loops only over the key blocks its tile can see: the work of the
+window branch grows with T*w, not T^2.
+
+Layout and tiling (KERNELS.md): q is viewed as [B, T, HKV, G, Dk]; one program
+takes `Bq` consecutive tokens of one KV head and all G query heads of its
+group, i.e. M = Bq * G rows, so each K/V tile is loaded once per group
+(GQA packing). The wrapper pads G and the head dims to powers of two (>= 16
+for the dot) and T to the tile size; the padded rows and columns are zeros and
+are sliced away.
+
+Forward: online softmax in float32 (FlashAttention-2), writes o and
+lse = log sum_j exp(s_j) (natural log; -inf where no key is visible, then o=0).
+Backward (`jax.custom_vjp`): with p = exp(s - lse),
+    dv = p^T do,  ds = p * (do v^T - delta),  delta = rowsum(do * o) - dlse,
+    dq = scale * ds k,  dk = scale * ds^T q,
+so a cotangent on lse (d lse / d s = p) folds into delta. One kernel computes
+dq per query tile (same loop as the forward); another computes dk, dv per key
+block, looping over the query tiles that see the block, optionally split
+over `dkv_splits` query chunks whose partial sums XLA adds (no atomics).
+Every loop runs its edge blocks with the mask and its inner blocks, which
+every row sees whole, without it.
+
+Pure-JAX references: nsa_jax/ops/window.py, nsa_jax/ops/compressed.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = math.log2(math.e)
+
+
+def _pow2(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def _div(a, b: int):
+  """a // b for a traced non-negative int32 `a` (lax.div: x64-safe, cheap in Triton)."""
+  a = jnp.asarray(a, jnp.int32)
+  return lax.div(a, jnp.int32(b))
+
+
+def _cdiv(a, b: int):
+  return _div(a + (b - 1), b)
+
+
+def check_dtype(q) -> None:
+  """The kernels compute in float32 and take float32 / bfloat16 / float16 inputs."""
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"q.dtype={q.dtype}: the Pallas kernels take float32, "
+                     "bfloat16 or float16 inputs (use impl='xla' for others)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+  """Which keys a query sees: key j at position j*stride + offset, query t sees
+  positions in (t - window, t]; `window=None` means no lower edge."""
+
+  stride: int = 1
+  offset: int = 0
+  window: int | None = None
+
+  def __post_init__(self):
+    if self.stride < 1 or self.offset < 0:
+      raise ValueError(f"Band needs stride >= 1 and offset >= 0, got "
+                       f"stride={self.stride}, offset={self.offset}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"Band.window={self.window} must be >= 1 or None")
+
+  def visible(self, t, j, num_keys: int):
+    """Mask of query positions t against key indices j (broadcasting)."""
+    pos = j * self.stride + self.offset
+    mask = (pos <= t) & (j < num_keys)
+    if self.window is not None:
+      mask &= pos > t - self.window
+    return mask
+
+  def key_range(self, t_first, t_last, num_keys: int):
+    """[lo, hi): the keys that some query in t_first..t_last sees."""
+    hi = jnp.minimum(
+        _div(jnp.maximum(t_last - self.offset + self.stride, 0), self.stride),
+        num_keys)
+    if self.window is None:
+      return 0, hi
+    first = jnp.maximum(t_first - self.window + 1 - self.offset, 0)
+    return _cdiv(first, self.stride), hi
+
+  def query_range(self, j_first, j_last, num_queries: int):
+    """[lo, hi): the queries that see some key in j_first..j_last."""
+    lo = j_first * self.stride + self.offset
+    if self.window is None:
+      return lo, num_queries
+    return lo, jnp.minimum(j_last * self.stride + self.offset + self.window,
+                           num_queries)
+
+  def key_blocks(self, t_first, t_last, num_keys: int, size: int):
+    """Key blocks of `size` for the queries t_first..t_last, see `_block_ranges`."""
+    return _block_ranges(self.key_range(t_first, t_last, num_keys),
+                         self.key_range(t_last, t_first, num_keys), size)
+
+  def query_tiles(self, j_first, j_last, num_queries: int, num_keys: int,
+                  size: int):
+    """Query tiles of `size` for the keys j_first..j_last, see `_block_ranges`."""
+    all_lo, all_hi = self.query_range(j_last, j_first, num_queries)
+    # Keys past the end are masked out, so no tile sees the block whole.
+    all_hi = jnp.where(j_last < num_keys, all_hi, all_lo)
+    return _block_ranges(self.query_range(j_first, j_last, num_queries),
+                         (all_lo, all_hi), size)
+
+
+def _block_ranges(some, every, size: int):
+  """(lo, full_lo, full_hi, hi): blocks of `size` in [lo, hi) overlap the index
+  range `some` (seen by some query/key of the other side), those in
+  [full_lo, full_hi) lie inside `every` (seen by all: no mask needed)."""
+  lo = _div(some[0], size)
+  hi = jnp.maximum(_cdiv(some[1], size), lo)
+  full_lo = jnp.clip(_cdiv(every[0], size), lo, hi)
+  full_hi = jnp.clip(_div(jnp.maximum(every[1], 0), size), full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _banded_loop(blocks, body, carry):
+  """Runs body(i, carry, masked) over blocks (lo, full_lo, full_hi, hi): with
+  the mask on the edge blocks, without it on the inner ones."""
+  lo, full_lo, full_hi, hi = blocks
+  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False),
+                        carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes and Triton launch parameters (H100 defaults).
+
+  Attributes:
+    block_m: rows (tokens x padded group heads) per query tile; power of 2.
+    block_k: keys per key tile; power of 2 >= 16.
+    num_warps, num_stages: Triton parameters of the forward and dq kernels.
+    bwd_block_m, bwd_block_k: tiles of the backward kernels.
+    bwd_num_warps, bwd_num_stages: Triton parameters of the backward kernels.
+    dkv_splits: query chunks the dk/dv kernel is split over (partial sums
+      added by XLA); > 1 balances the long triangular loops of compressed
+      attention.
+  """
+
+  block_m: int = 128
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 3
+  bwd_block_m: int = 64
+  bwd_block_k: int = 64
+  bwd_num_warps: int = 8
+  bwd_num_stages: int = 2
+  dkv_splits: int = 1
+
+  def for_float32(self) -> "Tiles":
+    """Smaller tiles for float32 inputs on the GPU: their 3-pass TF32 dots
+    need about twice the shared memory and registers of bf16."""
+    return dataclasses.replace(
+        self, block_m=64, block_k=32, num_warps=4, num_stages=1,
+        bwd_block_m=32, bwd_block_k=32, bwd_num_warps=4, bwd_num_stages=1)
+
+  def __post_init__(self):
+    for name in ("block_m", "block_k", "bwd_block_m", "bwd_block_k"):
+      value = getattr(self, name)
+      if not _pow2(value) or value < 16:
+        raise ValueError(f"Tiles.{name}={value} must be a power of 2 >= 16")
+    if self.dkv_splits < 1:
+      raise ValueError(f"Tiles.dkv_splits={self.dkv_splits} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+  """Static facts of one call: sizes before and after padding, interpret mode."""
+
+  B: int
+  T: int         # queries
+  S: int         # keys
+  HKV: int
+  G: int
+  Dk: int
+  Dv: int
+  block_m: int
+  block_k: int
+  interpret: bool
+
+  @property
+  def Gp(self):
+    return pl.next_power_of_2(self.G)
+
+  @property
+  def Dkp(self):
+    return max(16, pl.next_power_of_2(self.Dk))
+
+  @property
+  def Dvp(self):
+    return max(16, pl.next_power_of_2(self.Dv))
+
+  @property
+  def Bq(self):
+    """Tokens per query tile."""
+    return max(1, self.block_m // self.Gp)
+
+  @property
+  def M(self):
+    return self.Bq * self.Gp
+
+  @property
+  def num_q_tiles(self):
+    return pl.cdiv(self.T, self.Bq)
+
+  @property
+  def num_k_tiles(self):
+    return max(1, pl.cdiv(self.S, self.block_k))
+
+  @property
+  def Tp(self):
+    return self.num_q_tiles * self.Bq
+
+  @property
+  def Sp(self):
+    return self.num_k_tiles * self.block_k
+
+
+def _pad_to(x, shape):
+  if x.shape == tuple(shape):
+    return x
+  return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)])
+
+
+def _dot(a, b, sh: _Shapes, contract=(1, 0)):
+  """2-D matmul with float32 accumulation. Float32 inputs keep float32
+  accuracy: 3-pass TF32 on the GPU's tensor cores (plain float32 dots spill
+  registers badly in Triton), exact float32 in interpret mode."""
+  if a.dtype != jnp.float32:
+    precision = lax.Precision.DEFAULT
+  elif sh.interpret:
+    precision = lax.Precision.HIGHEST
+  else:
+    precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
+                         precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _row_positions(t_first, sh: _Shapes):
+  """Query position of each of the M packed rows (token-major, heads minor)."""
+  return t_first + _div(lax.broadcasted_iota(jnp.int32, (sh.M,), 0), sh.Gp)
+
+
+def _query_tile(i, sh: _Shapes, reverse: bool):
+  """Query tile of program i; reverse=True runs the longest tiles (the last
+  ones under a causal band without lower edge) first, for tail balance."""
+  return sh.num_q_tiles - 1 - i if reverse else i
+
+
+# ----------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
+                sh: _Shapes, scale: float, reverse: bool):
+  tile = _query_tile(pl.program_id(0), sh, reverse)
+  t0, bk = tile * sh.Bq, sh.block_k
+  q = q_ref[...].reshape(sh.M, sh.Dkp)
+  t = _row_positions(t0, sh)[:, None]
+  c = scale * _LOG2E   # scores in log2 units: exp2 instead of exp
+
+  def body(kb, carry, masked):
+    acc, m, l = carry
+    j0 = kb * bk
+    k = k_ref[pl.ds(j0, bk), :]
+    v = v_ref[pl.ds(j0, bk), :]
+    s = _dot(q, k, sh, (1, 1)) * c
+    m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=1))
+    if masked:
+      j = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+      s = jnp.where(band.visible(t, j, sh.S), s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # row saw nothing yet
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, sh)
+    return acc, m_new, l
+
+  acc, m, l = _banded_loop(
+      band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk), body,
+      (jnp.zeros((sh.M, sh.Dvp), jnp.float32),
+       jnp.full((sh.M,), -jnp.inf, jnp.float32),
+       jnp.zeros((sh.M,), jnp.float32)))
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(
+      sh.Bq, sh.Gp, sh.Dvp)
+  lse = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+  lse_ref[...] = lse.reshape(sh.Bq, sh.Gp)
+
+
+def _probs(a, b, lse2, c, masked, band, t, j, sh):
+  """p = exp(s - lse) of one tile, s = scale * a b^T (a, b = q, k or k, q);
+  lse2 in log2 units, t and j broadcast to s. Masked entries are 0, which also
+  covers rows that see nothing (lse = -inf)."""
+  p = jnp.exp2(_dot(a, b, sh, (1, 1)) * c - lse2)
+  return jnp.where(band.visible(t, j, sh.S), p, 0.0) if masked else p
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               band: Band, sh: _Shapes, scale: float, reverse: bool):
+  tile = _query_tile(pl.program_id(0), sh, reverse)
+  t0, bk = tile * sh.Bq, sh.block_k
+  q = q_ref[...].reshape(sh.M, sh.Dkp)
+  do = do_ref[...].reshape(sh.M, sh.Dvp)
+  lse2 = lse_ref[...].reshape(sh.M, 1)
+  delta = delta_ref[...].reshape(sh.M, 1)
+  t = _row_positions(t0, sh)[:, None]
+  c = scale * _LOG2E
+
+  def body(kb, dq, masked):
+    j0 = kb * bk
+    k = k_ref[pl.ds(j0, bk), :]
+    v = v_ref[pl.ds(j0, bk), :]
+    j = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    p = _probs(q, k, lse2, c, masked, band, t, j, sh)
+    ds = p * (_dot(do, v, sh, (1, 1)) - delta)
+    return dq + _dot(ds.astype(k.dtype), k, sh)
+
+  dq = _banded_loop(band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk), body,
+                    jnp.zeros((sh.M, sh.Dkp), jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(sh.Bq, sh.Gp, sh.Dkp)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                *, band: Band, sh: _Shapes, scale: float, splits: int):
+  # The third grid axis packs (batch, split); split s takes query chunk s.
+  kb, split = pl.program_id(0), pl.program_id(2) % splits
+  bk, bq = sh.block_k, sh.Bq
+  j0 = kb * bk
+  k = k_ref[...]
+  v = v_ref[...]
+  j = j0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+  chunk = pl.cdiv(sh.num_q_tiles, splits)
+  tiles = tuple(jnp.clip(x, split * chunk, (split + 1) * chunk)
+                for x in band.query_tiles(j0, j0 + bk - 1, sh.T, sh.S, bq))
+  c = scale * _LOG2E
+
+  def body(tile, carry, masked):
+    # Transposed tiles ([keys, rows]): every dot takes its register operand
+    # as is, q and do enter transposed from memory.
+    dk, dv = carry
+    t0 = tile * bq
+    q = q_ref[pl.ds(t0, bq)].reshape(sh.M, sh.Dkp)
+    do = do_ref[pl.ds(t0, bq)].reshape(sh.M, sh.Dvp)
+    lse2 = lse_ref[pl.ds(t0, bq)].reshape(1, sh.M)
+    delta = delta_ref[pl.ds(t0, bq)].reshape(1, sh.M)
+    t = _row_positions(t0, sh)[None, :]
+    p_t = _probs(k, q, lse2, c, masked, band, t, j, sh)
+    dv = dv + _dot(p_t.astype(do.dtype), do, sh)
+    ds_t = p_t * (_dot(v, do, sh, (1, 1)) - delta)
+    dk = dk + _dot(ds_t.astype(q.dtype), q, sh)
+    return dk, dv
+
+  dk, dv = _banded_loop(tiles, body,
+                        (jnp.zeros((bk, sh.Dkp), jnp.float32),
+                         jnp.zeros((bk, sh.Dvp), jnp.float32)))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------- pallas calls
+
+
+def _shapes(q, k, v, tiles: Tiles, backward: bool, interpret: bool) -> _Shapes:
+  B, T, HQ, Dk = q.shape
+  S, HKV, Dv = k.shape[1], k.shape[2], v.shape[-1]
+  return _Shapes(B=B, T=T, S=S, HKV=HKV, G=HQ // HKV, Dk=Dk, Dv=Dv,
+                 block_m=tiles.bwd_block_m if backward else tiles.block_m,
+                 block_k=tiles.bwd_block_k if backward else tiles.block_k,
+                 interpret=interpret)
+
+
+def _pad_inputs(q, k, v, sh: _Shapes):
+  """q -> [B, Tp, HKV, Gp, Dkp]; k, v -> [B, Sp, HKV, Dkp / Dvp], zero padded."""
+  qg = q.reshape(sh.B, sh.T, sh.HKV, sh.G, sh.Dk)
+  return (_pad_to(qg, (sh.B, sh.Tp, sh.HKV, sh.Gp, sh.Dkp)),
+          _pad_to(k, (sh.B, sh.Sp, sh.HKV, sh.Dkp)),
+          _pad_to(v, (sh.B, sh.Sp, sh.HKV, sh.Dvp)))
+
+
+def _row_spec(sh: _Shapes, *, dim: int | None, reverse: bool | None = None):
+  """BlockSpec of a packed-row array [B, Tp, HKV, Gp(, dim)], grid (., HKV, B).
+
+  reverse=None: all of T; else the query tile of program_id(0).
+  """
+  rows = sh.Tp if reverse is None else sh.Bq
+  tail = () if dim is None else (dim,)
+
+  def index(i, h, b):
+    tile = 0 if reverse is None else _query_tile(i, sh, reverse)
+    return (b, tile, h, 0) + (0,) * len(tail)
+
+  return pl.BlockSpec((None, rows, None, sh.Gp) + tail, index)
+
+
+def _key_spec(sh: _Shapes, dim: int, *, whole: bool):
+  """BlockSpec of a key array [B, Sp, HKV, D]: all keys, or key tile program_id(0)."""
+  if whole:
+    return pl.BlockSpec((None, sh.Sp, None, dim), lambda i, h, b: (b, 0, h, 0))
+  return pl.BlockSpec((None, sh.block_k, None, dim), lambda i, h, b: (b, i, h, 0))
+
+
+def _fwd_call(qp, kp, vp, *, band, sh, scale, tiles, interpret, reverse):
+  grid = (sh.num_q_tiles, sh.HKV, sh.B)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, band=band, sh=sh, scale=scale,
+                        reverse=reverse),
+      grid=grid,
+      in_specs=[_row_spec(sh, dim=sh.Dkp, reverse=reverse),
+                _key_spec(sh, sh.Dkp, whole=True),
+                _key_spec(sh, sh.Dvp, whole=True)],
+      out_specs=[_row_spec(sh, dim=sh.Dvp, reverse=reverse),
+                 _row_spec(sh, dim=None, reverse=reverse)],
+      out_shape=[jax.ShapeDtypeStruct((sh.B, sh.Tp, sh.HKV, sh.Gp, sh.Dvp),
+                                      qp.dtype),
+                 jax.ShapeDtypeStruct((sh.B, sh.Tp, sh.HKV, sh.Gp), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret, name="banded_flash_fwd")(qp, kp, vp)
+
+
+def _bwd_calls(qp, kp, vp, dop, lse2, delta, *, band, sh, scale, tiles,
+               interpret, reverse):
+  """Returns padded (dq, dk, dv)."""
+  params = plgpu.CompilerParams(num_warps=tiles.bwd_num_warps,
+                                num_stages=tiles.bwd_num_stages)
+  tile_rows = functools.partial(_row_spec, sh, reverse=reverse)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, band=band, sh=sh, scale=scale,
+                        reverse=reverse),
+      grid=(sh.num_q_tiles, sh.HKV, sh.B),
+      in_specs=[tile_rows(dim=sh.Dkp), _key_spec(sh, sh.Dkp, whole=True),
+                _key_spec(sh, sh.Dvp, whole=True), tile_rows(dim=sh.Dvp),
+                tile_rows(dim=None), tile_rows(dim=None)],
+      out_specs=tile_rows(dim=sh.Dkp),
+      out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+      compiler_params=params, interpret=interpret,
+      name="banded_flash_dq")(qp, kp, vp, dop, lse2, delta)
+
+  # dk/dv: grid (key tile, KV head, batch * splits); split s of batch b sums
+  # the query tiles of chunk s into partial [splits, B, Sp, HKV, D].
+  splits = tiles.dkv_splits
+  acc_dtype = jnp.float32 if splits > 1 else kp.dtype
+
+  def unsplit(spec):
+    return pl.BlockSpec(spec.block_shape,
+                        lambda i, h, bs: spec.index_map(i, h, bs // splits))
+
+  def part_spec(dim):
+    return pl.BlockSpec((None, None, sh.block_k, None, dim),
+                        lambda i, h, bs: (bs % splits, bs // splits, i, h, 0))
+
+  all_rows = functools.partial(_row_spec, sh)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, band=band, sh=sh, scale=scale,
+                        splits=splits),
+      grid=(sh.num_k_tiles, sh.HKV, sh.B * splits),
+      in_specs=[unsplit(all_rows(dim=sh.Dkp)),
+                unsplit(_key_spec(sh, sh.Dkp, whole=False)),
+                unsplit(_key_spec(sh, sh.Dvp, whole=False)),
+                unsplit(all_rows(dim=sh.Dvp)),
+                unsplit(all_rows(dim=None)), unsplit(all_rows(dim=None))],
+      out_specs=[part_spec(sh.Dkp), part_spec(sh.Dvp)],
+      out_shape=[jax.ShapeDtypeStruct((splits,) + kp.shape, acc_dtype),
+                 jax.ShapeDtypeStruct((splits,) + vp.shape, acc_dtype)],
+      compiler_params=params, interpret=interpret,
+      name="banded_flash_dkv")(qp, kp, vp, dop, lse2, delta)
+  return dq, dk.sum(0).astype(kp.dtype), dv.sum(0).astype(vp.dtype)
+
+
+# ---------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def banded_attention(q, k, v, band: Band, scale: float, tiles: Tiles,
+                     interpret: bool):
+  """Softmax attention of q [B,T,HQ,Dk] over k, v [B,S,HKV,Dk/Dv] under `band`.
+
+  Returns (o [B, T, HQ, Dv] in q.dtype, lse [B, T, HQ] float32); rows that
+  see no key get o = 0 and lse = -inf, with zero gradients.
+  """
+  return _forward(q, k, v, band, scale, tiles, interpret)[0]
+
+
+def _forward(q, k, v, band, scale, tiles, interpret):
+  sh = _shapes(q, k, v, tiles, backward=False, interpret=interpret)
+  qp, kp, vp = _pad_inputs(q, k, v, sh)
+  o, lse = _fwd_call(qp, kp, vp, band=band, sh=sh, scale=scale, tiles=tiles,
+                     interpret=interpret, reverse=band.window is None)
+  HQ = sh.HKV * sh.G
+  o = o[:, :sh.T, :, :sh.G, :sh.Dv].reshape(sh.B, sh.T, HQ, sh.Dv)
+  lse = lse[:, :sh.T, :, :sh.G].reshape(sh.B, sh.T, HQ)
+  return (o, lse), (q, k, v, o, lse)
+
+
+def _backward(band, scale, tiles, interpret, res, cts):
+  q, k, v, o, lse = res
+  do, dlse = cts
+  sh = _shapes(q, k, v, tiles, backward=True, interpret=interpret)
+  qp, kp, vp = _pad_inputs(q, k, v, sh)
+  rows = (sh.B, sh.T, sh.HKV, sh.G)
+  padded_rows = (sh.B, sh.Tp, sh.HKV, sh.Gp)
+  dop = _pad_to(do.reshape(rows + (sh.Dv,)), padded_rows + (sh.Dvp,))
+  delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+           - dlse.astype(jnp.float32))
+  delta = _pad_to(delta.reshape(rows), padded_rows)
+  # Padded rows get lse = +inf, hence p = 0.
+  lse2 = jnp.pad(lse.reshape(rows) * _LOG2E,
+                 [(0, n - m) for m, n in zip(rows, padded_rows)],
+                 constant_values=jnp.inf)
+  dq, dk, dv = _bwd_calls(qp, kp, vp, dop, lse2, delta, band=band, sh=sh,
+                          scale=scale, tiles=tiles, interpret=interpret,
+                          reverse=band.window is None)
+  HQ = sh.HKV * sh.G
+  return (dq[:, :sh.T, :, :sh.G, :sh.Dk].reshape(sh.B, sh.T, HQ, sh.Dk),
+          dk[:, :sh.S, :, :sh.Dk], dv[:, :sh.S, :, :sh.Dv])
+
+
+banded_attention.defvjp(_forward, _backward)

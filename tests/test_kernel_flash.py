@@ -1,0 +1,172 @@
+"""Banded flash-attention kernels (pallas_kernels/_flash.py) vs their references.
+
+Window attention (window_attention_xla) and compressed attention
+(compressed_attention_xla) run in Pallas interpret mode on the CPU in float32:
+forward outputs, lse, and the gradients of q, k, v (jax.vjp with random
+cotangents, including one on lse for compressed attention). Small tiles make
+the kernels walk several key blocks with and without the mask, so each case
+piles up edge conditions: T not a multiple of any tile, T < w, T < l
+(no compressed block), query rows that see nothing, G in {1, 2, 3, 16},
+Dk != Dv, batch 2. Each case compiles once: compiles dominate the run time.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax import NSAConfig
+from nsa_jax.ops.compressed import compressed_attention_xla
+from nsa_jax.ops.window import window_attention_xla
+from pallas_kernels import _flash
+from pallas_kernels.compressed_attention import compressed_attention
+from pallas_kernels.window_attention import window_attention
+
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                  num_selected=4, window=16)
+WIDE = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                 num_selected=4, window=40)   # w not a power of two
+# 16-key blocks and 16- or 32-row query tiles: several inner (unmasked) blocks.
+SMALL_TILES = _flash.Tiles(block_m=16, block_k=16, bwd_block_m=32,
+                           bwd_block_k=16, dkv_splits=3)
+RTOL = 1e-4   # float32, same math in another summation order: errors ~1e-6
+
+
+def _assert_close(got, want, name):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (name, got.shape, want.shape)
+  assert np.isfinite(got).all(), f"{name}: non-finite values"
+  err = np.max(np.abs(got - want), initial=0.0)
+  ref = max(np.max(np.abs(want), initial=0.0), 1e-6)
+  assert err <= RTOL * ref, f"{name}: max error {err:.3g} vs max |ref| {ref:.3g}"
+
+
+def _inputs(seed, B, T, S, HKV, G, Dk, Dv):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  q = jax.random.normal(ks[0], (B, T, HKV * G, Dk), jnp.float32)
+  k = jax.random.normal(ks[1], (B, S, HKV, Dk), jnp.float32)
+  v = jax.random.normal(ks[2], (B, S, HKV, Dv), jnp.float32)
+  do = jax.random.normal(ks[3], (B, T, HKV * G, Dv), jnp.float32)
+  dlse = jax.random.normal(ks[4], (B, T, HKV * G), jnp.float32)
+  return q, k, v, do, dlse
+
+
+def _vjp(fn, q, k, v, ct):
+  out, pullback = jax.vjp(fn, q, k, v)
+  return out, pullback(ct)
+
+
+WINDOW_CASES = [
+    # B, T, HKV, G, Dk, Dv, config, tiles
+    (2, 77, 2, 2, 32, 16, SMALL, SMALL_TILES),
+    (1, 130, 1, 16, 16, 16, WIDE, SMALL_TILES),
+    (1, 5, 1, 1, 16, 16, SMALL, _flash.Tiles()),  # T < w, default tiles
+]
+
+
+@pytest.mark.parametrize("B,T,HKV,G,Dk,Dv,config,tiles", WINDOW_CASES)
+def test_window_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
+  q, k, v, do, _ = _inputs(T, B, T, T, HKV, G, Dk, Dv)
+  scale = 0.7 / Dk ** 0.5
+  kernel = jax.jit(lambda q, k, v, ct: _vjp(
+      lambda *a: window_attention(*a, config=config, scale=scale,
+                                  interpret=True, tiles=tiles), q, k, v, ct))
+  ref = jax.jit(lambda q, k, v, ct: _vjp(
+      lambda *a: window_attention_xla(*a, config=config, scale=scale),
+      q, k, v, ct))
+  (o, grads), (o_ref, grads_ref) = kernel(q, k, v, do), ref(q, k, v, do)
+  _assert_close(o, o_ref, "o")
+  for name, g, g_ref in zip("qkv", grads, grads_ref):
+    _assert_close(g, g_ref, f"d{name}")
+
+
+COMPRESSED_CASES = [
+    (2, 77, 2, 2, 32, 16, SMALL, SMALL_TILES),   # rows t < 7 see no block
+    (1, 130, 1, 16, 16, 16, SMALL, SMALL_TILES),
+    # G = 3 (padded to 4), default tiles: one query tile, T < w.
+    (1, 61, 2, 3, 16, 32, WIDE, _flash.Tiles(dkv_splits=2)),
+]
+
+
+@pytest.mark.parametrize("B,T,HKV,G,Dk,Dv,config,tiles", COMPRESSED_CASES)
+def test_compressed_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
+  Tc = config.num_compressed(T)
+  q, k, v, do, dlse = _inputs(T, B, T, Tc, HKV, G, Dk, Dv)
+  scale = 1.3 / Dk ** 0.5
+  kernel = jax.jit(lambda q, k, v, ct: _vjp(
+      lambda *a: compressed_attention(*a, config=config, scale=scale,
+                                      interpret=True, tiles=tiles),
+      q, k, v, ct))
+  ref = jax.jit(lambda q, k, v, ct: _vjp(
+      lambda *a: compressed_attention_xla(*a, config=config, scale=scale),
+      q, k, v, ct))
+  ((o, lse), grads), ((o_ref, lse_ref), grads_ref) = (
+      kernel(q, k, v, (do, dlse)), ref(q, k, v, (do, dlse)))
+  blind = np.arange(T) < config.compress_block - 1   # queries that see nothing
+  assert lse.dtype == jnp.float32
+  np.testing.assert_array_equal(np.isneginf(lse), blind[None, :, None] & np.ones(lse.shape, bool))
+  np.testing.assert_array_equal(np.asarray(o)[:, blind], 0.0)
+  _assert_close(o, o_ref, "o")
+  _assert_close(jnp.where(jnp.isinf(lse), 0.0, lse),
+                jnp.where(jnp.isinf(lse_ref), 0.0, lse_ref), "lse")
+  for name, g, g_ref in zip("qkv", grads, grads_ref):
+    _assert_close(g, g_ref, f"d{name}")
+  assert not np.asarray(grads[0])[:, blind].any(), "blind rows get no dq"
+
+
+def test_compressed_without_blocks():
+  """T < l: Tc = 0, zero output, lse = -inf, zero gradient for q."""
+  q, k, v, do, dlse = _inputs(0, 1, 5, 0, 2, 2, 16, 16)
+  (o, lse), (dq, dk, dv) = _vjp(
+      lambda *a: compressed_attention(*a, config=SMALL, scale=0.25,
+                                      interpret=True), q, k, v, (do, dlse))
+  assert not np.asarray(o).any() and np.isneginf(lse).all()
+  assert not np.asarray(dq).any() and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_public_ops_dispatch_to_kernels():
+  """nsa_jax.window_attention / compressed_attention with impl="pallas"
+  (forward only: the gradients are checked above)."""
+  q, k, v, _, _ = _inputs(1, 1, 40, 40, 2, 2, 16, 16)
+  Tc = SMALL.num_compressed(40)
+  for impl_fn, args in [(nsa_jax.window_attention, (q, k, v)),
+                        (nsa_jax.compressed_attention, (q, k[:, :Tc], v[:, :Tc]))]:
+    outs = [jax.jit(lambda *a, impl=impl: impl_fn(
+        *a, config=SMALL, impl=impl, interpret=True))(*args)
+            for impl in ("pallas", "xla")]
+    flat, flat_ref = (jax.tree.leaves(x) for x in outs)
+    for i, (a, b) in enumerate(zip(flat, flat_ref)):
+      finite = np.isfinite(np.asarray(b))
+      np.testing.assert_array_equal(np.isfinite(np.asarray(a)), finite)
+      _assert_close(np.where(finite, a, 0), np.where(finite, b, 0),
+                    f"{impl_fn.__name__} output {i}")
+
+
+@pytest.mark.parametrize("band", [_flash.Band(1, 0, 16), _flash.Band(1, 0, 40),
+                                  _flash.Band(4, 7, None), _flash.Band(2, 3, 9)])
+def test_block_ranges_match_the_mask(band):
+  """The loop bounds cover every visible (query, key) pair, and the inner,
+  unmasked blocks hold visible pairs only (checked against the dense mask)."""
+  T, S, bq, bk = 70, 53, 4, 16
+  t, j = np.arange(T)[:, None], np.arange(S)[None, :]
+  mask = np.asarray(band.visible(t, j, S))
+  for t0 in range(0, T, bq):
+    rows = mask[t0:t0 + bq]
+    lo, full_lo, full_hi, hi = map(int, band.key_blocks(t0, t0 + bq - 1, S, bk))
+    assert lo <= full_lo <= full_hi <= hi
+    seen = np.flatnonzero(rows.any(0))
+    if seen.size:
+      assert lo * bk <= seen[0] and seen[-1] < hi * bk
+    assert rows[:, full_lo * bk:full_hi * bk].all()
+    if band.window is not None:   # work per tile is bounded by the band width
+      assert hi - lo <= -(-(bq + band.window - 1) // bk) + 1
+  for j0 in range(0, S + bk, bk):
+    cols = np.zeros((T, bk), bool)
+    cols[:, :max(0, min(S - j0, bk))] = mask[:, j0:j0 + bk]
+    lo, full_lo, full_hi, hi = map(int, band.query_tiles(j0, j0 + bk - 1, T, S, bq))
+    assert lo <= full_lo <= full_hi <= hi
+    seen = np.flatnonzero(cols.any(1))
+    if seen.size:
+      assert lo * bq <= seen[0] and seen[-1] < hi * bq
+    assert cols[full_lo * bq:full_hi * bq].all()

@@ -1,0 +1,96 @@
+"""The notebooks under notebooks/ run top to bottom on the CPU, and are committed without outputs.
+
+Each notebook runs with nbclient in a fresh "python3" kernel: jupyter_client starts a kernelspec
+whose command is "python" with the interpreter running these tests, so the kernel sees the same
+packages; the repository goes on its PYTHONPATH. A cell that raises fails the test.
+
+Committed notebooks carry no outputs (and no execution counts): outputs would go stale the moment
+the code changes, so a reader always gets what a run produces.
+
+`03_performance` reads the GPU benchmark's JSON; besides the run against whatever results are
+committed, it also runs against the output of `experiments/bench_kernels.py --small` on the CPU, so
+its plotting code is exercised against the script's real schema even before GPU results exist.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
+NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
+CELL_TIMEOUT_S = 600
+PERFORMANCE = os.path.join(NOTEBOOK_DIR, "03_performance.ipynb")
+
+
+def execute(path, **env):
+  """Runs the notebook at `path` in a fresh kernel (cwd: notebooks/) and returns it, outputs filled."""
+  nb = nbformat.read(path, as_version=4)
+  kernel_env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+  kernel_env["PYTHONPATH"] = os.pathsep.join(
+      [REPO] + ([kernel_env["PYTHONPATH"]] if kernel_env.get("PYTHONPATH") else []))
+  client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                          resources={"metadata": {"path": NOTEBOOK_DIR}})
+  client.execute(env=kernel_env)
+  return nb
+
+
+def outputs(nb):
+  """(all printed text, number of images) of an executed notebook."""
+  text, images = [], 0
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      text.append(out.get("text", "") + out.get("data", {}).get("text/plain", ""))
+      images += "image/png" in out.get("data", {})
+  return "".join(text), images
+
+
+def test_the_three_notebooks_exist():
+  names = [os.path.basename(p) for p in NOTEBOOKS]
+  assert names == ["01_quickstart.ipynb", "02_what_nsa_attends_to.ipynb",
+                   "03_performance.ipynb"], names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_committed_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
+  nbformat.validate(nb)
+  assert nb.cells[0].cell_type == "markdown" and "How to run" in nb.cells[0].source
+  for i, cell in enumerate(nb.cells):
+    if cell.cell_type == "code":
+      assert cell.outputs == [] and cell.execution_count is None, (
+          f"{os.path.basename(path)} cell {i} carries outputs: strip them before committing "
+          f"(jupyter nbconvert --clear-output --inplace {os.path.relpath(path, REPO)})")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_runs_top_to_bottom(path):
+  text, images = outputs(execute(path))
+  name = os.path.basename(path)
+  if name.startswith("01"):
+    assert "max |y_pallas - y_xla|" in text
+  if name.startswith("02"):
+    assert "dense weights vs nsa(...)" in text and images >= 5, (images, text[-2000:])
+  if name.startswith("03"):
+    committed = glob.glob(os.path.join(REPO, "experiments", "results", "bench_kernels_*.json"))
+    if committed:
+      assert images >= 3 and "No benchmark results" not in text, (images, text[-2000:])
+    else:
+      assert "No benchmark results" in text and images == 0
+
+
+def test_performance_plots_a_real_results_file(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("OUT", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "bench_kernels.py"), "--small",
+       "--quick", "--impl", "xla", "--out", str(tmp_path)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  text, images = outputs(execute(PERFORMANCE, NSA_BENCH_RESULTS=str(tmp_path)))
+  assert "bench_kernels_cpu.json" in text and "No benchmark results" not in text
+  assert images >= 3, (images, text[-2000:])   # time, speedup, branches vs floor
