@@ -1,0 +1,162 @@
+"""Training throughput on 1 .. N devices: data parallel and head parallel (nsa_jax.sharding).
+
+For each mode and device count n (1, 2, 4, ... up to the devices present), one
+train step of `nsa_jax.train_lib` (AdamW, NSA model) is jit-compiled over the
+mesh and timed (median of --iters steps after 2 warm-up steps):
+
+* data parallel (mesh data=n): weak scaling, --per_device_batch sequences per
+  device, so the global batch grows with n;
+* head parallel (mesh heads=n): strong scaling, one fixed global batch of
+  --per_device_batch sequences, attention heads (and the NSA kernels, shard_mapped)
+  split over n devices; the MLP and embeddings are replicated over "heads".
+
+Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
+Target: >= 90 % for data parallel from 1 to 4 GPUs. Head parallel also
+replicates the non-attention work, so it is expected to scale worse.
+Writes scaling.json and scaling.png to --out (default $OUT, else experiments/results).
+
+GPU (2 or 4 GPUs, ~2 minutes):  PYTHONPATH=. python experiments/bench_scaling.py
+CPU smoke run (8 host devices, tiny model):
+                                PYTHONPATH=. python experiments/bench_scaling.py --small
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Before jax starts: NVLink SHARP (NVLS) collectives fail on our machines; --small
+# needs 8 host devices.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+if "--small" in sys.argv:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import bench_common  # noqa: E402  (puts the repo root on sys.path)
+from nsa_jax import sharding  # noqa: E402
+from nsa_jax.model import Transformer  # noqa: E402
+from nsa_jax.train_lib import make_config, make_optimizer, make_steps  # noqa: E402
+
+# Model and NSA sizes of the GPU run: paper block sizes at 8k tokens, HKV = 4 so
+# that heads split 4 ways. The CPU smoke run uses the "tiny" preset's sizes.
+GPU_MODEL = dict(d_model=512, num_layers=2, num_heads=16, num_kv_heads=4, head_dim=64,
+                 dtype="bfloat16", impl="auto", compress_block=32, compress_stride=16,
+                 select_block=64, num_selected=16, window=512, seq_len=8192)
+CPU_MODEL = dict(d_model=32, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=8,
+                 impl="xla", compress_block=8, compress_stride=4, select_block=16,
+                 num_selected=3, window=16, seq_len=64)
+
+
+def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict:
+  """Median train-step time of `cfg`'s model on the first n devices with mesh `mesh_spec`."""
+  mesh = sharding.make_mesh(mesh_spec, jax.devices()[:n])
+  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(0))
+  optimizer = make_optimizer(model, cfg)
+  sharding.shard_model_and_optimizer(model, optimizer, mesh)
+  graphdef, state = nnx.split((model, optimizer))
+  train_step = make_steps(graphdef)[0]
+  rng = np.random.default_rng(0)
+
+  def batch():
+    tokens = rng.integers(0, 256, (batch_size, cfg.seq_len + 1), dtype=np.int32)
+    return sharding.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                 "weights": np.ones((batch_size, cfg.seq_len), np.float32)},
+                                mesh)
+
+  start = time.perf_counter()
+  state, metrics = train_step(state, batch())
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  batches = [batch() for _ in range(3)]
+  times = []
+  for i in range(iters + 2):
+    start = time.perf_counter()
+    state, metrics = train_step(state, batches[i % 3])
+    jax.block_until_ready((state, metrics))
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  tokens_per_s = batch_size * cfg.seq_len / step_s
+  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "step_ms": 1e3 * step_s,
+          "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n,
+          "loss": float(metrics["loss"]), "compile_s": compile_s}
+
+
+def plot(path: str, results: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for mode, rows in results.items():
+    ns = [r["devices"] for r in rows]
+    ax.plot(ns, [100 * r["efficiency"] for r in rows], marker="o", label=mode)
+    for r in rows:
+      ax.annotate(f"{r['tokens_per_s'] / 1e3:.0f}k tok/s", (r["devices"], 100 * r["efficiency"]),
+                  textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+  ax.axhline(90, color="gray", ls="--", lw=1, label="90 % target")
+  ax.set_xscale("log", base=2)
+  ns = sorted({r["devices"] for rows in results.values() for r in rows})
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.set_xlabel("devices")
+  ax.set_ylabel("efficiency (%): tokens/s per device / 1 device")
+  ax.set_title(f"NSA training scaling on {bench_common.gpu_name()}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--small", action="store_true", help="CPU smoke run, 8 host devices")
+  parser.add_argument("--per_device_batch", type=int, default=None,
+                      help="sequences per device (data) / in all (heads); default 2 (GPU), 1 (CPU)")
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--modes", default="data,heads")
+  parser.add_argument("--out", default=bench_common.default_out_dir())
+  args = parser.parse_args()
+  if args.iters < 10:
+    parser.error(f"--iters={args.iters} must be >= 10 (SPEC §5: median of >= 10 runs)")
+  per_device = args.per_device_batch or (1 if args.small else 2)
+  cfg = make_config("tiny", **(CPU_MODEL if args.small else GPU_MODEL),
+                    mixture="text", batch_size=per_device, steps=1000, warmup_steps=10,
+                    progress=False)
+  counts = [n for n in (1, 2, 4, 8, 16) if n <= jax.device_count()]
+  print(f"{jax.device_count()} x {bench_common.gpu_name()}; model {cfg.model_config()}")
+
+  results = {}
+  for mode in args.modes.split(","):
+    rows = []
+    for n in counts:
+      batch_size = per_device * n if mode == "data" else per_device
+      rows.append(time_steps(cfg, f"{mode}={n}", n, batch_size, args.iters))
+      rows[-1]["efficiency"] = (rows[-1]["tokens_per_s_per_device"]
+                                / rows[0]["tokens_per_s_per_device"])
+      print(f"{mode}={n}: {rows[-1]['step_ms']:.1f} ms/step, "
+            f"{rows[-1]['tokens_per_s']:,.0f} tok/s, efficiency {100 * rows[-1]['efficiency']:.1f} %",
+            flush=True)
+    results[mode] = rows
+  bench_common.print_table(
+      ["mode", "devices", "batch", "step ms", "tok/s", "tok/s/dev", "efficiency", "compile s"],
+      [[m, r["devices"], r["batch"], r["step_ms"], r["tokens_per_s"],
+        r["tokens_per_s_per_device"], r["efficiency"], r["compile_s"]]
+       for m, rows in results.items() for r in rows])
+  os.makedirs(args.out, exist_ok=True)
+  bench_common.write_json(os.path.join(args.out, "scaling.json"), {"results": results},
+                          config=dict(model=cfg.model_config(), per_device_batch=per_device,
+                                      iters=args.iters))
+  plot(os.path.join(args.out, "scaling.png"), results)
+
+
+if __name__ == "__main__":
+  main()

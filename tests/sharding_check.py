@@ -1,0 +1,173 @@
+"""Sharded-training checks on 8 CPU devices; run by tests/test_sharding.py in a subprocess.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_check.py OUT_DIR
+
+(the flag must be set before jax starts, hence the subprocess). Prints one JSON
+object of measured differences and facts; the test asserts on them.
+"""
+import json
+import pathlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nsa_jax import sharding
+from nsa_jax.config import NSAConfig
+from nsa_jax.model import ModelConfig, Transformer
+from nsa_jax.ops.nsa import nsa
+from nsa_jax.train_lib import make_config, make_optimizer, make_steps, restore_checkpoint
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+B, T = 8, 80          # T = 80 is no parameter's dimension, so it marks activations in the HLO
+NSA = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=3, window=16)
+MODEL = ModelConfig(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_hidden=64,
+                    nsa=NSA, impl="xla")
+TRAIN = make_config("tiny", steps=4, warmup_steps=1, lr=1e-2)
+TC = NSA.num_compressed(T)
+
+
+def build(mesh=None, seed=0):
+  model = Transformer(MODEL, rngs=nnx.Rngs(seed))
+  optimizer = make_optimizer(model, TRAIN)
+  if mesh is not None:
+    sharding.shard_model_and_optimizer(model, optimizer, mesh)
+  return model, optimizer
+
+
+def batch(mesh=None):
+  rng = np.random.default_rng(0)
+  b = {"inputs": rng.integers(0, 256, (B, T), dtype=np.int32),
+       "targets": rng.integers(0, 256, (B, T), dtype=np.int32),
+       "weights": (rng.random((B, T)) < 0.9).astype(np.float32)}
+  return b if mesh is None else sharding.shard_batch(b, mesh)
+
+
+def grads(model, b):
+  def loss(model):
+    logits = model(b["inputs"])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0]
+    return jnp.sum(nll * b["weights"]) / jnp.sum(b["weights"])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  fn = jax.jit(lambda p: jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p, rest)))(p))
+  return fn(params)
+
+
+def max_rel_diff(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             / max(float(np.max(np.abs(np.asarray(y)))), 1e-30) for x, y in zip(la, lb))
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def activation_all_gathers(hlo: str) -> list[list[int]]:
+  """Result shapes of the all-gathers with a time dimension (T or Tc): gathered activations."""
+  found = []
+  for line in hlo.splitlines():
+    match = re.search(r"= \w+\[([\d,]*)\]\S* all-gather(-start)?\(", line)
+    if match:
+      dims = [int(d) for d in match.group(1).split(",") if d]
+      if T in dims or TC in dims:
+        found.append(dims)
+  return found
+
+
+def main(out: pathlib.Path):
+  res = {"devices": jax.device_count()}
+
+  # 1. Gradients and one optimizer step: unsharded vs data=2,fsdp=2,heads=2.
+  mesh = sharding.make_mesh("data=2,fsdp=2,heads=2")
+  ref_model, ref_opt = build()
+  sh_model, sh_opt = build(mesh)
+  (ref_loss, ref_g), (sh_loss, sh_g) = grads(ref_model, batch()), grads(sh_model, batch(mesh))
+  res["loss"] = [float(ref_loss), float(sh_loss)]
+  res["grad_rel_diff"] = max_rel_diff(sh_g, ref_g)
+  res["q_proj_spec"] = str(sh_model.blocks[0].attn.q_proj.kernel[...].sharding.spec)
+  res["mu_spec"] = [str(x.sharding.spec) for path, x in
+                    jax.tree_util.tree_flatten_with_path(nnx.state(sh_opt))[0]
+                    if re.search(r"mu/blocks/0/attn/o_proj/kernel", jax.tree_util.keystr(
+                        path, simple=True, separator="/"))]
+
+  graphdef, state = nnx.split((sh_model, sh_opt))
+  train_step = make_steps(graphdef)[0].lower(state, batch(mesh)).compile()
+  new_state, metrics = train_step(state, batch(mesh))
+  hlo = train_step.as_text()
+  res["step_loss"] = float(metrics["loss"])
+  res["step_keeps_shardings"] = all(
+      x.sharding.is_equivalent_to(y.sharding, x.ndim)
+      for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)))
+  res["activation_all_gathers"] = activation_all_gathers(hlo)
+  # The op's per-shard q, [B / (data*fsdp), T, HQ / heads, Dk], is in the program.
+  res["nsa_shard_map_local_shapes"] = bool(
+      re.search(rf"f32\[{B // 4},{T},{MODEL.num_heads // 2},{MODEL.head_size}\]", hlo))
+  # 2. Checkpoint saved on data=4,heads=2 restores onto data=2,heads=2 (4 devices) and data=8.
+  src = sharding.make_mesh("data=4,heads=2")
+  model, opt = build(src, seed=1)       # other values than the seed-0 targets below
+  nnx.update(opt, new_state[1])         # Adam moments after one step, re-placed below
+  sharding.shard_model_and_optimizer(model, opt, src)
+  manager = ocp.CheckpointManager(out / "ckpt", options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(1, args=ocp.args.Composite(
+      model=ocp.args.StandardSave(nnx.state(model)),
+      optimizer=ocp.args.StandardSave(nnx.state(opt)),
+      meta=ocp.args.JsonSave({"step": 1})))
+  manager.wait_until_finished()
+  saved = jax.tree.map(np.asarray, nnx.state((model, opt)))
+  res["restore"] = {}
+  for spec, devices in (("data=2,heads=2", jax.devices()[:4]), ("data=8", None)):
+    dst = sharding.make_mesh(spec, devices)
+    model2, opt2 = build(dst)                      # fresh init, placed on the new mesh
+    before = max_abs_diff(nnx.state((model2, opt2)), saved)
+    restore_checkpoint(manager, 1, model2, opt2)    # train_lib's restore, sharded target
+    state2 = nnx.state((model2, opt2))
+    want = sharding.state_shardings(state2, dst)
+    res["restore"][spec] = {
+        "max_abs_diff_before": before,
+        "max_abs_diff": max_abs_diff(state2, saved),
+        "on_target_mesh": all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
+                              zip(jax.tree.leaves(state2), jax.tree.leaves(want)))}
+    # The same through sharding.abstract_state (no model needed).
+    raw = ocp.StandardCheckpointer().restore(
+        (out / "ckpt" / "1" / "model").absolute(),
+        sharding.abstract_state(nnx.state(model2), dst))
+    res["restore"][spec]["abstract_state_ok"] = all(
+        x.sharding.mesh.shape == dst.shape and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(raw), jax.tree.leaves(nnx.state(model2))))
+  manager.close()
+
+  # 3. The Pallas kernels (interpret mode) and their VJPs under shard_map vs the reference.
+  mesh = sharding.make_mesh("data=4,heads=2")
+  keys = jax.random.split(jax.random.key(1), 8)
+  b, t, hq, hkv, d = 4, 40, 4, 2, 16
+  tc = NSA.num_compressed(t)
+  shapes = [(b, t, hq, d), (b, tc, hkv, d), (b, tc, hkv, d)] + [(b, t, hkv, d)] * 4 + [(b, t, hq, 3)]
+  args = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+  args[-1] = jax.nn.sigmoid(args[-1])
+  cot = jax.random.normal(jax.random.key(2), (b, t, hq, d), jnp.float32)
+  op = sharding.sharded_nsa(mesh)
+
+  def out_and_grads(f, **kw):
+    def fn(args, cot):
+      o, vjp = jax.vjp(lambda *a: f(*a, config=NSA, **kw), *args)
+      return o, vjp(cot)
+    return jax.jit(fn)(args, cot)
+
+  o_sh, g_sh = out_and_grads(op, impl="pallas", interpret=True)
+  o_ref, g_ref = out_and_grads(nsa, impl="xla")
+  res["pallas_out_rel_diff"] = max_rel_diff(o_sh, o_ref)
+  res["pallas_grad_rel_diff"] = max_rel_diff(g_sh, g_ref)
+  res["pallas_out_spec"] = str(o_sh.sharding.spec)
+  print(json.dumps(res))
+
+
+if __name__ == "__main__":
+  main(pathlib.Path(sys.argv[1]))
