@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from nsa_jax import data
+from nsa_jax import data, sharding
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import ModelConfig, Transformer, count_params
 
@@ -87,6 +87,7 @@ class TrainConfig:
   sample_tokens: int = 200
   sample_prompt: str = "def "
   progress: bool = True
+  mesh: str = ""                 # device mesh, e.g. "data=2,heads=2" (nsa_jax.sharding); "" = one device
 
   def __post_init__(self):
     for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches",
@@ -404,12 +405,15 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   out.mkdir(parents=True, exist_ok=True)
   model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
   optimizer = make_optimizer(model, cfg)
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
+  place = (lambda b: sharding.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)
+  if mesh is not None:   # before the restore, which then targets these shardings
+    sharding.shard_model_and_optimizer(model, optimizer, mesh)
   loader = data.Loader(cfg.mixture, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                        seed=cfg.seed, val_percent=cfg.val_percent)
-  val_sets = {task: data.validation_batches(task, seq_len=cfg.seq_len,
-                                            batch_size=cfg.batch_size,
-                                            num_batches=cfg.eval_batches, seed=cfg.seed,
-                                            val_percent=cfg.val_percent)
+  val_sets = {task: [place(b) for b in data.validation_batches(
+                  task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                  num_batches=cfg.eval_batches, seed=cfg.seed, val_percent=cfg.val_percent)]
               for task in loader.mixture}
   manager = checkpoint_manager(out, cfg.keep_checkpoints)
   start, train_s = 0, 0.0
@@ -432,7 +436,7 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
              dynamic_ncols=True)
   for step in range(start + 1, cfg.steps + 1):
-    batch = next(loader)
+    batch = place(next(loader))
     t0 = time.perf_counter()
     state, metrics = train_step(state, batch)
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -480,6 +484,7 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
 
 
 def main(argv=None) -> None:
+  sharding.setup_distributed()
   cfg = parse_args(argv)
   try:
     train(cfg)

@@ -14,9 +14,11 @@ import jax.numpy as jnp
 from nsa_jax.config import NSAConfig
 from pallas_kernels import _flash
 
-# H100 tiles, Config A. The dk/dv loop of an early key block runs over nearly
-# all T queries, so it is split over query chunks to balance the programs.
-TILES = _flash.Tiles(dkv_splits=8)
+# Config A. The dk/dv loop of an early key block runs over nearly all T
+# queries, so it is split over query chunks to balance the programs: 16
+# chunks, fwd+bwd 89.4 ms against 91.3 ms with 8 (H200, T=64k,
+# experiments/results/check_flash_h200.json).
+TILES = _flash.Tiles(dkv_splits=16)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float,

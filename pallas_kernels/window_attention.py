@@ -12,9 +12,11 @@ import jax.numpy as jnp
 from nsa_jax.config import NSAConfig
 from pallas_kernels import _flash
 
-# H100 tiles, Config A (G=16: 8 tokens x 16 heads per forward query tile);
-# float32 inputs get `TILES.for_float32()`.
-TILES = _flash.Tiles()
+# Config A (G=16: 8 tokens x 16 heads per forward query tile); float32 inputs
+# get `TILES.for_float32()`. Backward tiles of 32 rows, 4 warps: fwd+bwd
+# 20.8 ms against 27.7 ms with the 64-row, 8-warp defaults (H200, T=64k,
+# experiments/results/check_flash_h200.json).
+TILES = _flash.Tiles(bwd_block_m=32, bwd_num_warps=4)
 
 
 def window_attention(q, k, v, *, config: NSAConfig, scale: float,

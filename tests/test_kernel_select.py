@@ -151,6 +151,47 @@ def test_public_op_dispatches_to_kernel(monkeypatch):
   assert_same_selection(got, q, k_cmp, SMALL_N5, _common.resolve_scale(None, q))
 
 
+def test_given_lse_skips_pass_1():
+  """lse from the compressed branch (xla) selects like the kernel's own pass 1.
+
+  G = 3 (lse padded to 4 heads), several query tiles and chunks, and rows
+  t < l - 1 whose lse is -inf.
+  """
+  config = SMALL
+  q, k_cmp = random_inputs(1, 2, 70, 6, 2, 32, config)
+  v_cmp = jnp.zeros(k_cmp.shape, k_cmp.dtype)
+  scale = _common.resolve_scale(None, q)
+  _, lse = nsa_jax.compressed_attention(q, k_cmp, v_cmp, config=config,
+                                        scale=scale, impl="xla")
+  assert np.all(np.isneginf(np.asarray(lse)[:, :config.compress_block - 1]))
+  tiles = Tiles(block_q=16, block_k=16)
+  without = select_blocks(q, k_cmp, config=config, scale=scale, interpret=True,
+                          tiles=tiles)
+  given = select_blocks(q, k_cmp, config=config, scale=scale, interpret=True,
+                        tiles=tiles, lse=lse)
+  differing = assert_same_selection(given, q, k_cmp, config, scale)
+  assert differing <= 0.01 * given.size / config.num_selected
+  as_sets = lambda idx: np.sort(np.asarray(idx), axis=-1)
+  assert np.mean(np.all(as_sets(given) == as_sets(without), axis=-1)) >= 0.99
+
+
+def test_reference_given_lse():
+  """select_blocks_xla with the compressed branch's lse equals without it.
+
+  float64, so that exp(s - lse) and the softmax agree far below any score gap;
+  T = 300 spans two query chunks of the reference. A misshapen lse is refused.
+  """
+  config = SMALL
+  q, k_cmp = random_inputs(2, 2, 300, 4, 2, 16, config, jnp.float64)
+  v_cmp = jnp.zeros(k_cmp.shape, k_cmp.dtype)
+  _, lse = nsa_jax.compressed_attention(q, k_cmp, v_cmp, config=config, impl="xla")
+  got = nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse)
+  want = nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla")
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="lse.shape"):
+    nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse[:, 1:])
+
+
 @pytest.mark.parametrize("field, value", [("block_q", 8), ("block_k", 48),
                                           ("num_warps", 3), ("num_stages", 0)])
 def test_tiles_reject_bad_values(field, value):

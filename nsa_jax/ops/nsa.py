@@ -41,8 +41,8 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
     raise ValueError(f"gates.shape={gates.shape} must be [B, T, HQ, 3]={(B, T, HQ, 3)}")
   _common.check_float("gates", gates, q.dtype)
   kw = dict(config=config, scale=scale, impl=impl, interpret=interpret)
-  o_cmp, _ = compressed_attention(q, k_cmp, v_cmp, **kw)
-  block_idx = select_blocks(q, k_cmp, **kw)
+  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw)
+  block_idx = select_blocks(q, k_cmp, lse=lse, **kw)
   o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw)
   o_win = window_attention(q, k_win, v_win, **kw)
   g = gates[..., None]

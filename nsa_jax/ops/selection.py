@@ -23,11 +23,13 @@ QUERY_CHUNK = 256
 
 
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
-                  impl: str = "auto", interpret: bool | None = None):
+                  impl: str = "auto", interpret: bool | None = None, lse=None):
   """Indices of the selection blocks each query's KV group attends to.
 
   Args:
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
+    lse: optional [B, T, HQ] log-sum-exp of the compressed branch (from
+      compressed_attention) to skip recomputing it.
 
   Returns:
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
@@ -36,13 +38,19 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
   _common.check_config(config)
   _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
                                  seq_len=config.num_compressed(q.shape[1]))
+  if lse is not None:
+    if getattr(lse, "shape", None) != q.shape[:3]:
+      raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
+                       f"[B, T, HQ]={q.shape[:3]}")
+    lse = lax.stop_gradient(lse)
   scale = _common.resolve_scale(scale, q)
   q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
   if _common.use_pallas(impl):
     from pallas_kernels import select_blocks as kernel
     return kernel.select_blocks(q, k_cmp, config=config, scale=scale,
-                                interpret=_common.resolve_interpret(interpret))
-  return select_blocks_xla(q, k_cmp, config=config, scale=scale)
+                                interpret=_common.resolve_interpret(interpret),
+                                lse=lse)
+  return select_blocks_xla(q, k_cmp, config=config, scale=scale, lse=lse)
 
 
 def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
@@ -85,21 +93,38 @@ def rank_blocks(scores, t, config: NSAConfig):
   return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
 
-def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float,
+def compressed_probabilities(s, mask, lse=None):
+  """p_cmp (Eq. 8) from scores s [B, HKV, G, C, Tc] and visibility mask [C, Tc].
+
+  With lse [B, C, HKV*G] given (the compressed branch's), p = exp(s - lse) on
+  visible entries; otherwise the masked softmax of s.
+  """
+  if lse is None:
+    return _common.masked_softmax(s, mask)[0]
+  B, HKV, G, C, _ = s.shape
+  lse = jnp.moveaxis(lse.reshape(B, C, HKV, G), 1, 3)[..., None].astype(s.dtype)
+  return jnp.exp(jnp.where(mask, s - lse, -jnp.inf))
+
+
+def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
                       query_chunk: int = QUERY_CHUNK):
-  """Pure-JAX reference: [T, Tc] scores exist one query chunk at a time."""
+  """Pure-JAX reference: [T, Tc] scores exist one query chunk at a time.
+
+  lse: optional [B, T, HQ] lse of the compressed branch (see `select_blocks`).
+  """
   T = q.shape[1]
   Ts = config.num_select_blocks(T)
 
-  def chunk_fn(start, qc):
+  def chunk_fn(start, qc, *lse_c):
     C = qc.shape[1]
     t = start + jnp.arange(C)
     if k_cmp.shape[1] == 0:
       scores = jnp.zeros((qc.shape[0], k_cmp.shape[2], C, Ts), jnp.float32)
     else:
       s, mask = compressed_scores(qc, start, k_cmp, config, scale)
-      p, _ = _common.masked_softmax(s, mask)          # [B, HKV, G, C, Tc]
+      p = compressed_probabilities(s, mask, *lse_c)    # [B, HKV, G, C, Tc]
       scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
     return jnp.moveaxis(rank_blocks(scores, t, config), 1, 2)   # [B, C, HKV, n]
 
-  return _common.map_query_chunks(chunk_fn, (q,), query_chunk)
+  xs = (q,) if lse is None else (q, lse)
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk)
