@@ -384,22 +384,15 @@ def init_model_cache(model, batch: int, max_len: int) -> list:
 
 
 def _forward(model, tokens, caches, attend):
-  """`Transformer.__call__` with block i's attention call replaced.
+  """`Transformer.__call__` with each block's attention call replaced by
+  attend(layer, x, cache_i) -> (y, cache_i). Returns (logits, new caches)."""
+  new_caches = list(caches)
 
-  attend(layer, x, cache_i) -> (y, cache_i).
+  def per_layer(i, layer, h):
+    y, new_caches[i] = attend(layer, h, caches[i])
+    return y
 
-  Mirrors nsa_jax.model.Transformer / Block (pre-norm residual blocks).
-  """
-  x = model.embed(tokens)
-  new_caches = []
-  for block, cache in zip(model.blocks, caches):
-    y, cache = attend(block.attn, block.attn_norm(x), cache)
-    new_caches.append(cache)
-    x = x + y
-    x = x + block.mlp(block.mlp_norm(x))
-  x = model.norm(x)
-  logits = model.embed.attend(x) if model.lm_head is None else model.lm_head(x)
-  return logits.astype(jnp.float32), new_caches
+  return model(tokens, attend=per_layer), new_caches
 
 
 def model_prefill(model, tokens, lengths, caches):

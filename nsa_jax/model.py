@@ -14,6 +14,7 @@ Logits are returned in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -173,8 +174,10 @@ class Block(nnx.Module):
                                 dtype=dtype, rngs=rngs)
     self.mlp = SwiGLU(c.d_model, c.mlp_size, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attn(self.attn_norm(x))
+  def __call__(self, x, attend=None):
+    """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding)."""
+    h = self.attn_norm(x)
+    x = x + (self.attn(h) if attend is None else attend(self.attn, h))
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -192,10 +195,12 @@ class Transformer(nnx.Module):
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
         kernel_init=EMBED_INIT, rngs=rngs)
 
-  def __call__(self, tokens):
+  def __call__(self, tokens, attend=None):
+    """`attend(i, attn, h) -> y`, if given, replaces block i's attention call
+    (nsa_jax.decoding threads its KV caches through it)."""
     x = self.embed(tokens)
-    for block in self.blocks:
-      x = block(x)
+    for i, block in enumerate(self.blocks):
+      x = block(x, None if attend is None else functools.partial(attend, i))
     x = self.norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)

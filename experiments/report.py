@@ -1,0 +1,141 @@
+"""Writes the README's results section from the committed JSON in experiments/results/.
+
+    python experiments/report.py            # rewrite README.md between the markers
+    python experiments/report.py --check    # exit 1 if README.md is out of date
+
+Every figure in that section comes from a results file; none is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+BEGIN, END = "<!-- BEGIN RESULTS (experiments/report.py) -->", "<!-- END RESULTS -->"
+
+
+def _load(pattern):
+  paths = sorted(glob.glob(str(RESULTS / pattern)))
+  return [(pathlib.Path(p), json.loads(pathlib.Path(p).read_text())) for p in paths]
+
+
+def _ms(x):
+  return "–" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _x(a, b):
+  return "–" if not a or not b else f"{a / b:.2f}x"
+
+
+def _table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def kernels_section(path, d):
+  recs = {}
+  for r in d["records"]:
+    if "median_ms" in r:
+      recs[(r["config"], r["T"], r["G"], r["op"], r["pass"])] = r
+  shapes = sorted({k[:3] for k in recs}, key=lambda k: (k[0][0] == "G", k[0], k[1]))
+  get = lambda s, op, p, f="median_ms": recs.get((*s, op, p), {}).get(f)
+  rows = []
+  for s in shapes:
+    nf, nb, df, db = (get(s, "nsa", "fwd"), get(s, "nsa", "fwd+bwd"),
+                      get(s, "dense", "fwd"), get(s, "dense", "fwd+bwd"))
+    rows.append([s[0], f"{s[1] // 1024}k", s[2], _ms(nf), _ms(df), _x(df, nf), _ms(nb), _ms(db),
+                 _x(db, nb), _x(nf, get(s, "nsa", "fwd", "floor_ms"))])
+  out = [f"Kernels: `experiments/bench_kernels.py` on one {d['meta']['gpu']} (jax "
+         f"{d['meta']['jax_version']}, bf16, B=1, HQ=64, paper block sizes; bf16 matmul measured at "
+         f"{d['matmul_tflops']:.0f} TFLOP/s in the same run). Config A: Dk=Dv=128, HKV=4; "
+         f"Config B: Dk=192, Dv=128; rows G*: HQ=64, HKV=64/G. Dense is "
+         f"`jax.nn.dot_product_attention(implementation=\"cudnn\")`, causal. Times in ms, "
+         f"median of {d['records'][0].get('n_iter', 10)} runs on random inputs.",
+         "",
+         _table(["cfg", "T", "G", "NSA fwd", "cuDNN fwd", "speedup", "NSA fwd+bwd",
+                 "cuDNN fwd+bwd", "speedup", "NSA fwd / FLOP floor"], rows), "",
+         f"![kernel benchmark]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+  T = max(k[1] for k in recs if k[0] == "A" and k[3] == "selected_attention")
+  branch = []
+  for op in ("compressed_attention", "select_blocks", "selected_attention", "window_attention"):
+    f, b = recs.get(("A", T, 16, op, "fwd"), {}), recs.get(("A", T, 16, op, "fwd+bwd"), {})
+    branch.append([op, _ms(f.get("median_ms")), _x(f.get("median_ms"), f.get("floor_ms")),
+                   _ms(b.get("median_ms")), _x(b.get("median_ms"), b.get("floor_ms"))])
+  out += [f"Where the time goes, Config A at T={T // 1024}k (each branch alone; the whole op "
+          f"passes the compressed branch's lse to the selection kernel):", "",
+          _table(["branch", "fwd ms", "x FLOP floor", "fwd+bwd ms", "x FLOP floor"], branch), ""]
+  return out
+
+
+def training_section(path, d):
+  rows = []
+  for name, r in d["runs"].items():
+    val = {t: v["loss"][-1] for t, v in r["val"].items()}
+    acc = r.get("retrieval", {}).get("accuracy")
+    mean_acc = sum(map(sum, acc)) / sum(map(len, acc)) if acc else None
+    rows.append([name, r["steps"], f"{r['tokens']:,}", f"{r['tokens_per_s_median']:,.0f}",
+                 *(f"{val[t]:.4f}" for t in sorted(val)),
+                 "–" if mean_acc is None else f"{mean_acc:.0%}"])
+  tasks = sorted(next(iter(d["runs"].values()))["val"])
+  return [f"Training: `experiments/compare_attention.py` (preset `{d['preset']}`, seq len "
+          f"{d['seq_len']}, batch {d['batch_size']}) on one {d['device']}, the same data and "
+          f"steps for both attentions:", "",
+          _table(["attention", "steps", "tokens", "train tokens/s", *(f"final {t}" for t in tasks),
+                  "passkey accuracy"], rows), "",
+          f"![validation loss]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+
+
+def decode_section(path, d):
+  rows = []
+  for r in d["results"]:
+    best = min(v for k, v in r.items() if k.startswith("dense_") and isinstance(v, float))
+    rows.append([f"{r['T'] // 1024}k", r["B"], f"{1e6 * r['nsa_pallas']:.0f}",
+                 f"{1e6 * best:.0f}", _x(best, r["nsa_pallas"]),
+                 _x(r["nsa_pallas"], r["nsa_bytes"] / d["meta"]["copy_bandwidth_Bps"])])
+  return [f"Decoding: `experiments/bench_decode.py` on one {d['meta']['device']}: one attention "
+          f"decode step (HQ=64, HKV=4, D=128, bf16), NSA's Pallas kernel against the faster of "
+          f"cuDNN and XLA dense attention over the same cache:", "",
+          _table(["context", "batch", "NSA µs", "dense µs", "speedup", "NSA / byte time"], rows), "",
+          f"![decode benchmark]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+
+
+def scaling_section(path, d):
+  rows = [[r["mesh"], r["devices"], r["batch"], f"{r['step_ms']:.1f}",
+           f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.1%}"]
+          for mode in d["results"].values() for r in mode]
+  return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s (training step of a "
+          f"2-layer NSA model, T=8192):", "",
+          _table(["mesh", "GPUs", "global batch", "step ms", "tokens/s", "efficiency"], rows), ""]
+
+
+def render() -> str:
+  parts = []
+  for pattern, fn in [("bench_kernels_*.json", kernels_section),
+                      ("compare_attention_*.json", training_section),
+                      ("bench_decode_*.json", decode_section),
+                      ("scaling_*.json", scaling_section)]:
+    for path, d in _load(pattern):
+      parts += fn(path, d)
+  return "\n".join([BEGIN, *parts, END])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--check", action="store_true")
+  args = parser.parse_args(argv)
+  readme = ROOT / "README.md"
+  text = readme.read_text()
+  start, stop = text.index(BEGIN), text.index(END) + len(END)
+  new = text[:start] + render() + text[stop:]
+  if args.check:
+    sys.exit(0 if new == text else "README.md results are stale: run python experiments/report.py")
+  readme.write_text(new)
+
+
+if __name__ == "__main__":
+  main()
