@@ -124,6 +124,19 @@ def time_fn(fn: Callable, make_inputs: Callable, n_iter: int = 10, warmup: int =
           "max_ms": max(times), "n_iter": n_iter, "compile_s": compile_s}
 
 
+def median_ms(f: Callable, *args, runs: int) -> float:
+  """Median wall time in ms of `f(*args)` on fixed inputs, after a compiling
+  call and one warm-up call (for the per-kernel check scripts)."""
+  jax.block_until_ready(f(*args))   # compile
+  jax.block_until_ready(f(*args))   # warm up
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
 def try_time_fn(fn: Callable, make_inputs: Callable, **kw) -> dict:
   """`time_fn`, but an error (out of memory, a kernel that fails to compile)
   is returned as {"error": ...} so that one bad point does not end a run."""

@@ -26,14 +26,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import median_ms
 from nsa_jax import NSAConfig
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
@@ -115,17 +114,6 @@ def check(op, T, dtype, config, interpret, key, B, HKV, G, D):
   ok = all(e <= TOLERANCE[jnp.dtype(dtype).name] for e in errors.values())
   return {"op": op, "T": T, "dtype": jnp.dtype(dtype).name, "errors": errors,
           "ok": ok}
-
-
-def median_ms(f, *args, runs):
-  jax.block_until_ready(f(*args))   # compile
-  jax.block_until_ready(f(*args))   # warm up
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def visible_pairs(op, T, config):

@@ -28,14 +28,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import nsa_jax
+from bench_common import median_ms
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
 from pallas_kernels.selected_attention import Tiles, selected_attention
@@ -92,17 +91,6 @@ def check(T, dtype, config, interpret, tiles, key, B, HKV, G, D):
   ok = all(e <= TOLERANCE[jnp.dtype(dtype).name] for e in errors.values())
   return {"T": T, "dtype": jnp.dtype(dtype).name, "tiles": repr(tiles),
           "errors": errors, "ok": ok}
-
-
-def median_ms(f, *args, runs):
-  jax.block_until_ready(f(*args))          # compile and warm up
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def smooth_block_idx(q, key, config, HKV, width=256):

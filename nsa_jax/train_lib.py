@@ -233,7 +233,7 @@ def make_steps(graphdef):
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return nnx.state((model, optimizer)), metrics
 
   def eval_step(state, batch):

@@ -29,14 +29,14 @@ def test_full_attention_matches_naive_gqa_with_rope():
                        rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (B, T, d_model), jnp.float32)
   pos = jnp.arange(T)
-  q = apply_rope((x @ attn.q_proj.kernel.value).reshape(B, T, H, D), pos)
-  kv = (x @ attn.kv_proj.kernel.value).reshape(B, T, 2, HKV, D)
+  q = apply_rope((x @ attn.q_proj.kernel[...]).reshape(B, T, H, D), pos)
+  kv = (x @ attn.kv_proj.kernel[...]).reshape(B, T, 2, HKV, D)
   k = jnp.repeat(apply_rope(kv[:, :, 0], pos), H // HKV, axis=2)
   v = jnp.repeat(kv[:, :, 1], H // HKV, axis=2)
   s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
   s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
   o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(B, T, H * D)
-  np.testing.assert_allclose(attn(x), o @ attn.o_proj.kernel.value, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(attn(x), o @ attn.o_proj.kernel[...], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["nsa", "full"])

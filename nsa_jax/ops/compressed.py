@@ -6,7 +6,6 @@ and lse = -inf. The Pallas kernel is `pallas_kernels/compressed_attention.py`.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig

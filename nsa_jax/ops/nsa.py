@@ -7,7 +7,6 @@ same queries (paper Eq. 8-11). Each branch may have its own keys and values.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common

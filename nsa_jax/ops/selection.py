@@ -11,7 +11,6 @@ The Pallas kernel is `pallas_kernels/select_blocks.py`.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
