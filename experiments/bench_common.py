@@ -34,6 +34,10 @@ def small_config():
                    num_selected=4, window=32)
 
 
+# Config A's group of 16 query heads per KV head, at tiny sizes (--small modes).
+SMALL_SHAPE = dict(B=1, HKV=1, G=16, D=16)
+
+
 def random_nsa_inputs(B: int, T: int, HQ: int, HKV: int, Dk: int, Dv: int, config,
                       dtype, key) -> dict:
   """Random normal (never zero) inputs of `nsa`, gates through a sigmoid, plus

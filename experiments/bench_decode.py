@@ -28,12 +28,11 @@ import argparse
 import gc
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from bench_common import median_ms
 from nsa_jax import NSAConfig
 from nsa_jax import decoding
 
@@ -55,14 +54,7 @@ def parse_args():
 
 def timed(fn, *args, reps: int) -> float:
   """Median seconds per step of fn (which runs STEPS steps)."""
-  jax.block_until_ready(fn(*args))      # compile
-  jax.block_until_ready(fn(*args))      # warm up
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) / STEPS
+  return median_ms(fn, *args, runs=reps) / 1e3 / STEPS
 
 
 def steps_loop(attend):
@@ -78,14 +70,7 @@ def steps_loop(attend):
 def copy_bandwidth(reps: int) -> float:
   """Bytes/s of x + 1 over a 1 GiB bf16 array (read + write)."""
   x = jnp.ones((1 << 29,), jnp.bfloat16)
-  f = jax.jit(lambda x: x + 1)
-  jax.block_until_ready(f(x))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(x))
-    times.append(time.perf_counter() - t0)
-  return 2 * x.nbytes / statistics.median(times)
+  return 2 * x.nbytes / (median_ms(jax.jit(lambda x: x + 1), x, runs=reps) / 1e3)
 
 
 def nsa_bytes(config: NSAConfig, T: int, B: int, HKV: int, Dk: int, Dv: int, itemsize: int) -> int:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import median_ms
+from bench_common import SMALL_SHAPE, median_ms, small_config
 from nsa_jax import NSAConfig
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
@@ -172,10 +172,8 @@ def main():
   args = parser.parse_args()
 
   if args.small:
-    config = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
-                       num_selected=4, window=16)
+    config, shape = small_config(), SMALL_SHAPE
     check_ts, bench_ts, runs, interpret = [45], [64], 2, True
-    shape = dict(B=1, HKV=1, G=16, D=16)
   else:
     config = NSAConfig()
     check_ts, runs, interpret = [8192, 16384], max(args.runs, 10), False

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nsa_jax
-from bench_common import median_ms
+from bench_common import SMALL_SHAPE, median_ms, small_config
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
 from pallas_kernels.selected_attention import Tiles, selected_attention
@@ -168,10 +168,8 @@ def main():
   args = parser.parse_args()
 
   if args.small:
-    config = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
-                       num_selected=4, window=16)
+    config, shape = small_config(), SMALL_SHAPE
     check_ts, bench_ts, runs, interpret = [48], [64], 2, True
-    shape = dict(B=1, HKV=1, G=16, D=16)
   else:
     config = NSAConfig()
     check_ts, runs, interpret = [8192, 16384], args.runs, False
