@@ -1,22 +1,28 @@
-"""Training throughput on 1 .. N devices: data parallel and head parallel (nsa_jax.sharding).
+"""Training throughput on 1 .. N devices: data, FSDP and head parallel (nsa_jax.sharding).
 
-For each mode and device count n (1, 2, 4, ... up to the devices present), one
-train step of `nsa_jax.train_lib` (AdamW, NSA model) is jit-compiled over the
-mesh and timed (median of --iters steps after 2 warm-up steps):
+The GPU run trains the `gpu-small` preset of `nsa_jax.train_lib` (6-layer NSA
+model, T = 8192, bf16, AdamW). For each mode and device count n (1, 2, 4, ...
+up to the devices present), its train step is jit-compiled over the mesh and
+timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens.
 
-* data parallel (mesh data=n): weak scaling, --per_device_batch sequences per
-  device, so the global batch grows with n;
-* head parallel (mesh heads=n): strong scaling, one fixed global batch of
-  --per_device_batch sequences, attention heads (and the NSA kernels, shard_mapped)
-  split over n devices; the MLP and embeddings are replicated over "heads".
+* data (mesh data=n): weak scaling, --per_device_batch sequences per device
+  (default: the preset's batch_size, 8), so the global batch grows with n;
+* fsdp (mesh fsdp=n): the same batches, parameters and Adam moments split
+  over the n devices (weights all-gathered before use, gradients reduce-scattered);
+* heads (mesh heads=n): strong scaling, one global batch of --per_device_batch
+  sequences, attention heads (and the NSA kernels, shard_mapped) split over n
+  devices; the MLP and embeddings are replicated over "heads". The heads axis
+  splits KV heads, so this mode overrides gpu-small's num_kv_heads=2 with 4
+  (G = 2; recorded in the JSON) and runs only n dividing 4.
 
 Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
-Target: >= 90 % for data parallel from 1 to 4 GPUs. Head parallel also
-replicates the non-attention work, so it is expected to scale worse.
-Writes scaling.json and scaling.png to --out (default $OUT, else experiments/results).
+Target (the issue): >= 90 % for data parallel from 1 to 4 GPUs on gpu-small.
+Head parallel also replicates the non-attention work, so it is expected to
+scale worse. Writes scaling.json and scaling.png to --out (default $OUT, else
+experiments/results).
 
-GPU (2 or 4 GPUs, ~2 minutes):  PYTHONPATH=. python experiments/bench_scaling.py
-CPU smoke run (8 host devices, tiny model):
+GPU (2 or 4 GPUs, ~4 minutes):  PYTHONPATH=. python experiments/bench_scaling.py
+CPU smoke run (8 host devices, the tiny preset shrunk to 64 tokens and 8 KV heads):
                                 PYTHONPATH=. python experiments/bench_scaling.py --small
 """
 from __future__ import annotations
@@ -33,6 +39,7 @@ if "--small" in sys.argv:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -43,16 +50,19 @@ from flax import nnx  # noqa: E402
 import bench_common  # noqa: E402  (puts the repo root on sys.path)
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.model import Transformer  # noqa: E402
-from nsa_jax.train_lib import make_config, make_optimizer, make_steps  # noqa: E402
+from nsa_jax.train_lib import PRESETS, make_config, make_optimizer, make_steps  # noqa: E402
 
-# Model and NSA sizes of the GPU run: paper block sizes at 8k tokens, HKV = 4 so
-# that heads split 4 ways. The CPU smoke run uses the "tiny" preset's sizes.
-GPU_MODEL = dict(d_model=512, num_layers=2, num_heads=16, num_kv_heads=4, head_dim=64,
-                 dtype="bfloat16", impl="auto", compress_block=32, compress_stride=16,
-                 select_block=64, num_selected=16, window=512, seq_len=8192)
-CPU_MODEL = dict(d_model=32, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=8,
-                 impl="xla", compress_block=8, compress_stride=4, select_block=16,
-                 num_selected=3, window=16, seq_len=64)
+MODES = {"data": "weak", "fsdp": "weak", "heads": "strong"}   # mode -> scaling
+# Per run: (preset, overrides for every mode, further overrides for heads mode).
+# The GPU run is gpu-small as is, but for heads mode: the heads axis splits KV
+# heads, so 4 (G = 2) instead of 2, split 1, 2 or 4 ways. The CPU smoke run is
+# the tiny preset at 64 tokens with 8 KV heads.
+RUNS = {
+    "gpu": ("gpu-small", {}, dict(num_kv_heads=4)),
+    "small": ("tiny", dict(d_model=32, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=8,
+                           impl="xla", compress_block=8, compress_stride=4, select_block=16,
+                           num_selected=3, window=16, seq_len=64, mixture="text"), {}),
+}
 
 
 def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict:
@@ -90,7 +100,7 @@ def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict
           "loss": float(metrics["loss"]), "compile_s": compile_s}
 
 
-def plot(path: str, results: dict) -> None:
+def plot(path: str, results: dict, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -107,7 +117,7 @@ def plot(path: str, results: dict) -> None:
   ax.set_xticks(ns, [str(n) for n in ns])
   ax.set_xlabel("devices")
   ax.set_ylabel("efficiency (%): tokens/s per device / 1 device")
-  ax.set_title(f"NSA training scaling on {bench_common.gpu_name()}")
+  ax.set_title(f"NSA training ({title}) scaling on {bench_common.gpu_name()}")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -120,25 +130,35 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="CPU smoke run, 8 host devices")
   parser.add_argument("--per_device_batch", type=int, default=None,
-                      help="sequences per device (data) / in all (heads); default 2 (GPU), 1 (CPU)")
+                      help="sequences per device (data, fsdp) / in all (heads); "
+                           "default: the preset's batch_size")
+  parser.add_argument("--max_devices", type=int, default=None, help="default: all devices")
   parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--modes", default="data,heads")
+  parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--out", default=bench_common.default_out_dir())
   args = parser.parse_args()
   if args.iters < 10:
     parser.error(f"--iters={args.iters} must be >= 10 (SPEC §5: median of >= 10 runs)")
-  per_device = args.per_device_batch or (1 if args.small else 2)
-  cfg = make_config("tiny", **(CPU_MODEL if args.small else GPU_MODEL),
-                    mixture="text", batch_size=per_device, steps=1000, warmup_steps=10,
-                    progress=False)
-  counts = [n for n in (1, 2, 4, 8, 16) if n <= jax.device_count()]
-  print(f"{jax.device_count()} x {bench_common.gpu_name()}; model {cfg.model_config()}")
+  modes = args.modes.split(",")
+  if set(modes) - set(MODES):
+    parser.error(f"--modes={args.modes}: modes are {','.join(MODES)}")
+  preset, overrides, heads_overrides = RUNS["small" if args.small else "gpu"]
+  batch = args.per_device_batch or PRESETS[preset]["batch_size"]
+  devices = min(args.max_devices or jax.device_count(), jax.device_count())
+  base = make_config(preset, **overrides, batch_size=batch, progress=False)
+  configs = {mode: dataclasses.replace(base, **heads_overrides) if mode == "heads" else base
+             for mode in modes}
+  print(f"{devices} x {bench_common.gpu_name()}; {preset} preset, "
+        f"{batch} sequences per device (data, fsdp) / in all (heads)")
 
   results = {}
-  for mode in args.modes.split(","):
+  for mode, cfg in configs.items():
+    heads = cfg.model_config().num_kv_heads
     rows = []
-    for n in counts:
-      batch_size = per_device * n if mode == "data" else per_device
+    for n in (1, 2, 4, 8, 16):
+      if n > devices or (mode == "heads" and heads % n):
+        continue
+      batch_size = batch * n if MODES[mode] == "weak" else batch
       rows.append(time_steps(cfg, f"{mode}={n}", n, batch_size, args.iters))
       rows[-1]["efficiency"] = (rows[-1]["tokens_per_s_per_device"]
                                 / rows[0]["tokens_per_s_per_device"])
@@ -152,10 +172,12 @@ def main() -> None:
         r["tokens_per_s_per_device"], r["efficiency"], r["compile_s"]]
        for m, rows in results.items() for r in rows])
   os.makedirs(args.out, exist_ok=True)
-  bench_common.write_json(os.path.join(args.out, "scaling.json"), {"results": results},
-                          config=dict(model=cfg.model_config(), per_device_batch=per_device,
-                                      iters=args.iters))
-  plot(os.path.join(args.out, "scaling.png"), results)
+  bench_common.write_json(
+      os.path.join(args.out, "scaling.json"), {"results": results},
+      config=dict(preset=preset, overrides=overrides, model=base.model_config(),
+                  seq_len=base.seq_len, heads_overrides=heads_overrides,
+                  per_device_batch=batch, heads_global_batch=batch, iters=args.iters))
+  plot(os.path.join(args.out, "scaling.png"), results, f"{preset} preset")
 
 
 if __name__ == "__main__":

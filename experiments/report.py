@@ -11,6 +11,7 @@ import argparse
 import glob
 import json
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -108,8 +109,9 @@ def scaling_section(path, d):
   rows = [[r["mesh"], r["devices"], r["batch"], f"{r['step_ms']:.1f}",
            f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.1%}"]
           for mode in d["results"].values() for r in mode]
+  layers = re.search(r"num_layers=(\d+)", d["meta"]["config"]["model"]).group(1)
   return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s (training step of a "
-          f"2-layer NSA model, T=8192):", "",
+          f"{layers}-layer NSA model, T=8192):", "",
           _table(["mesh", "GPUs", "global batch", "step ms", "tokens/s", "efficiency"], rows), ""]
 
 

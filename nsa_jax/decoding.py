@@ -40,7 +40,7 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import FullAttention
-from nsa_jax.module import BRANCHES, NativeSparseAttention
+from nsa_jax.module import NativeSparseAttention
 from nsa_jax.ops import _common
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.ops.selection import overlap_to_select_blocks, rank_blocks
@@ -238,17 +238,6 @@ def init_cache(layer: NativeSparseAttention, batch: int, max_len: int, dtype=Non
                   k_raw=z(c.compress_block, Dk), v_raw=z(c.compress_block, Dv))
 
 
-def _raw_cmp_kv(layer: NativeSparseAttention, x):
-  """Un-rotated keys/values of the compression branch, [B, T, HKV, Dk/Dv].
-
-  The same projection as in `layer.branch_inputs` (XLA merges the two under jit).
-  """
-  B, T, _ = x.shape
-  kv = layer.kv_proj(x).reshape(B, T, layer.kv_branches, layer.num_kv_heads, layer.dk + layer.dv)
-  kv = kv[:, :, BRANCHES.index("cmp") if layer.kv_branches > 1 else 0]
-  return kv[..., :layer.dk], kv[..., layer.dk:]
-
-
 def prefill(layer: NativeSparseAttention, x, lengths, cache: NSACache):
   """Runs the layer over right-padded prompts and fills an empty cache.
 
@@ -274,7 +263,7 @@ def prefill(layer: NativeSparseAttention, x, lengths, cache: NSACache):
   slots = jnp.arange(l, dtype=jnp.int32)[None, :]
   last = lengths[:, None] - 1 - (lengths[:, None] - 1 - slots) % l
   ring = lambda raw: raw[jnp.arange(B)[:, None], jnp.clip(last, 0, T - 1)]
-  k_raw, v_raw = _raw_cmp_kv(layer, x)
+  k_raw, v_raw = layer.branch_kv(x)["cmp"]   # un-rotated; XLA merges it with branch_inputs'
   cache = NSACache(lengths=lengths,
                    k_slc=put(cache.k_slc, inputs["k_slc"]), v_slc=put(cache.v_slc, inputs["v_slc"]),
                    k_win=put(cache.k_win, inputs["k_win"]), v_win=put(cache.v_win, inputs["v_win"]),
@@ -304,7 +293,7 @@ def decode_step(layer: NativeSparseAttention, x, cache: NSACache, *, impl: str |
   put = lambda buf, new, rows: None if buf is None else buf.at[b, rows].set(
       new[:, 0].astype(buf.dtype), mode="drop")
 
-  k_new, v_new = _raw_cmp_kv(layer, x)
+  k_new, v_new = layer.branch_kv(x)["cmp"]
   k_raw, v_raw = put(cache.k_raw, k_new, t % l), put(cache.v_raw, v_new, t % l)
   # Block i = (t + 1 - l) / d ends at t when that is a whole number >= 0.
   complete = (t + 1 >= l) & ((t + 1 - l) % d == 0)
@@ -346,8 +335,8 @@ def _dense_qkv(layer: FullAttention, x, positions):
   B, T, _ = x.shape
   H, HKV, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
   q = apply_rope(layer.q_proj(x).reshape(B, T, H, D), positions, layer.rope_theta)
-  kv = layer.kv_proj(x).reshape(B, T, 2, HKV, D)
-  return q, apply_rope(kv[:, :, 0], positions, layer.rope_theta), kv[:, :, 1]
+  kv = layer.kv_proj(x).reshape(B, T, HKV, 2, D)      # head-major, as in FullAttention
+  return q, apply_rope(kv[:, :, :, 0], positions, layer.rope_theta), kv[:, :, :, 1]
 
 
 def _dense_prefill(layer: FullAttention, x, lengths, cache: DenseCache):

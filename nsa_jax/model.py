@@ -136,9 +136,9 @@ class FullAttention(nnx.Module):
     H, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
     pos = jnp.arange(T)
     q = apply_rope(self.q_proj(x).reshape(B, T, H, D), pos, self.rope_theta)
-    kv = self.kv_proj(x).reshape(B, T, 2, HKV, D)
-    k = apply_rope(kv[:, :, 0], pos, self.rope_theta)
-    o = jax.nn.dot_product_attention(q, k, kv[:, :, 1], is_causal=True,
+    kv = self.kv_proj(x).reshape(B, T, HKV, 2, D)   # head-major: splits by head on a mesh
+    k = apply_rope(kv[:, :, :, 0], pos, self.rope_theta)
+    o = jax.nn.dot_product_attention(q, k, kv[:, :, :, 1], is_causal=True,
                                      implementation=dense_implementation(q.dtype))
     return self.o_proj(o.reshape(B, T, H * D))
 

@@ -109,30 +109,40 @@ class NativeSparseAttention(nnx.Module):
     self.phi_k = CompressionMLP(config.compress_block, Dk, **mlp_kw)
     self.phi_v = CompressionMLP(config.compress_block, Dv, **mlp_kw)
 
+  def branch_kv(self, x):
+    """Un-rotated keys and values of each branch: {"cmp": (k, v), "slc": .., "win": ..}.
+
+    k, v are [B, T, HKV, Dk] / [B, T, HKV, Dv] (the same arrays for every branch
+    with shared_kv). kv_proj's output columns are head-major, [HKV, branches,
+    Dk + Dv], so splitting them over the mesh axis "heads" splits whole KV heads.
+    """
+    B, T, _ = x.shape
+    kv = self.kv_proj(x).reshape(B, T, self.num_kv_heads, self.kv_branches, self.dk + self.dv)
+    def branch(c):
+      i = 0 if self.kv_branches == 1 else BRANCHES.index(c)
+      return kv[:, :, :, i, :self.dk], kv[:, :, :, i, self.dk:]
+    return {c: branch(c) for c in BRANCHES}
+
   def branch_inputs(self, x, positions=None):
     """Projects x [B, T, d_model] to the inputs of `nsa_jax.nsa`.
 
     Returns a dict with q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.
     """
     B, T, _ = x.shape
-    HQ, HKV, Dk, Dv = self.num_heads, self.num_kv_heads, self.dk, self.dv
+    HQ, Dk = self.num_heads, self.dk
     pos = jnp.arange(T) if positions is None else positions
     q = apply_rope(self.q_proj(x).reshape(B, T, HQ, Dk), pos, self.rope_theta)
-    kv = self.kv_proj(x).reshape(B, T, self.kv_branches, HKV, Dk + Dv)
-    ks, vs = kv[..., :Dk], kv[..., Dk:]
-    pick = (lambda a, c: a[:, :, 0]) if self.kv_branches == 1 else (
-        lambda a, c: a[:, :, BRANCHES.index(c)])
-    k_cmp_raw, v_cmp_raw = pick(ks, "cmp"), pick(vs, "cmp")
-    k_cmp = self.phi_k(compression_blocks(k_cmp_raw, self.config))
-    v_cmp = self.phi_v(compression_blocks(v_cmp_raw, self.config))
+    kv = self.branch_kv(x)
+    k_cmp = self.phi_k(compression_blocks(kv["cmp"][0], self.config))
+    v_cmp = self.phi_v(compression_blocks(kv["cmp"][1], self.config))
     k_cmp = apply_rope(k_cmp, compressed_positions(k_cmp.shape[1], self.config),
                        self.rope_theta)
     rope = lambda k: apply_rope(k, pos, self.rope_theta)
     gates = jax.nn.sigmoid(self.gate(x).reshape(B, T, HQ, len(BRANCHES)))
     dt = q.dtype
     return dict(q=q, k_cmp=k_cmp.astype(dt), v_cmp=v_cmp.astype(dt),
-                k_slc=rope(pick(ks, "slc")), v_slc=pick(vs, "slc"),
-                k_win=rope(pick(ks, "win")), v_win=pick(vs, "win"),
+                k_slc=rope(kv["slc"][0]), v_slc=kv["slc"][1],
+                k_win=rope(kv["win"][0]), v_win=kv["win"][1],
                 gates=gates.astype(dt))
 
   def __call__(self, x):

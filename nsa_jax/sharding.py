@@ -41,13 +41,14 @@ BATCH_AXES = ("data", "fsdp")
 # First matching rule wins. The pattern is searched in the parameter's path
 # ("blocks/0/attn/q_proj/kernel"; optimizer moments have a prefix such as
 # "opt_state/0/mu/"); the spec names a mesh axis (or None) per dimension.
-# q_proj and the gate are head-major in their output columns (reshaped to
-# [.., HQ, Dk] / [.., HQ, 3]), o_proj in its input rows, so splitting those
-# dimensions over "heads" splits whole heads. kv_proj's columns are
-# branch-major ([.., branches, HKV, Dk + Dv]) and the SwiGLU's are [gate | up],
-# so splitting them would not split whole heads: they only take "fsdp".
+# q_proj, kv_proj and the gate are head-major in their output columns
+# (reshaped to [.., HQ, Dk], [.., HKV, branches, Dk + Dv] (FullAttention:
+# [.., HKV, 2, D]) and [.., HQ, 3]), o_proj in its input rows, so splitting
+# those dimensions over "heads" splits whole heads and the NSA op's inputs are
+# computed where `sharded_nsa` needs them. The SwiGLU's columns are
+# [gate | up], not heads: it only takes "fsdp".
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"attn/(q_proj|gate)/kernel$", ("fsdp", "heads")),
+    (r"attn/(q_proj|kv_proj|gate)/kernel$", ("fsdp", "heads")),
     (r"attn/gate/bias$", ("heads",)),
     (r"attn/o_proj/kernel$", ("heads", "fsdp")),
     (r"(kernel|embedding)$", ("fsdp", None)),

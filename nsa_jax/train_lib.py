@@ -11,8 +11,12 @@
 * saves model, optimizer, loader position and step with an Orbax
   `CheckpointManager` (keep-last-N) and resumes from the latest one so that
   the continued run is bit-for-bit the uninterrupted one,
-* writes `metrics.csv`, TensorBoard events (`tb/`) and `loss.png` under `out`,
-  and prints a sample at the end.
+* writes `config.json`, `metrics.csv`, TensorBoard events (`tb/`) and
+  `loss.png` under `out`, and prints a sample at the end.
+
+On several hosts (`--mesh`, `nsa_jax.sharding.setup_distributed`) only process
+0 writes those files and prints (`is_process_0`); every process takes part in
+checkpointing, which Orbax coordinates across hosts.
 """
 from __future__ import annotations
 
@@ -303,17 +307,31 @@ def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConf
 
 
 # ----------------------------------------------------------------------------
-# Metrics: CSV, TensorBoard, PNG.
+# Output: config, CSV, TensorBoard, PNG, messages.
+
+
+def is_process_0() -> bool:
+  """Whether this process writes the run's files and prints: the only process, or
+  process 0 of a multi-host run. (Checkpoints are every process's business.)"""
+  return jax.process_index() == 0
 
 
 class MetricsLog:
-  """Rows of metrics per step -> metrics.csv, TensorBoard events and loss.png under `out_dir`.
+  """A run's output under `out_dir`: config.json, then rows of metrics per step ->
+  metrics.csv, TensorBoard events and loss.png; and its messages on stdout.
 
-  On resume, rows after the restored step (written before a crash) are dropped.
+  Only process 0 writes or prints: on the other processes of a multi-host run
+  every method does nothing. On resume, rows after the restored step (written
+  before a crash) are dropped.
   """
 
-  def __init__(self, out_dir: pathlib.Path, columns: list[str], resume_step: int):
+  def __init__(self, out_dir: pathlib.Path, columns: list[str], resume_step: int,
+               config: dict):
+    self.enabled = is_process_0()
+    if not self.enabled:
+      return
     from tensorboardX import SummaryWriter
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     self.out_dir, self.columns = out_dir, columns
     self.csv_path, self.png_path = out_dir / "metrics.csv", out_dir / "loss.png"
     self.rows = []
@@ -326,7 +344,13 @@ class MetricsLog:
       writer.writerows(self.rows)
     self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
 
+  def say(self, text: str) -> None:
+    if self.enabled:
+      tqdm.write(text)   # above a progress bar, if one is running
+
   def log(self, row: dict) -> None:
+    if not self.enabled:
+      return
     self.rows.append(row)
     with open(self.csv_path, "a", newline="") as f:
       csv.DictWriter(f, self.columns, restval="").writerow(row)
@@ -334,7 +358,9 @@ class MetricsLog:
       if key != "step":
         self.tb.add_scalar(key, value, row["step"])
 
-  def plot(self) -> pathlib.Path:
+  def plot(self) -> pathlib.Path | None:
+    if not self.enabled:
+      return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,7 +380,8 @@ class MetricsLog:
     return self.png_path
 
   def close(self) -> None:
-    self.tb.close()
+    if self.enabled:
+      self.tb.close()
 
 
 # ----------------------------------------------------------------------------
@@ -420,21 +447,21 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   if cfg.resume and manager.latest_step() is not None:
     meta = restore_checkpoint(manager, manager.latest_step(), model, optimizer, loader)
     start, train_s = meta["step"], meta["train_s"]
-    print(f"resumed from step {start} of {manager.directory}")
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   columns = ["step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "train_s",
              *[f"val_{t}" for t in loader.mixture]]
-  log = MetricsLog(out, columns, start)
-  print(f"{cfg.attention} model: {count_params(model):,} parameters; "
-        f"{cfg.batch_size} x {cfg.seq_len} tokens per step; output in {out}")
+  log = MetricsLog(out, columns, start, dataclasses.asdict(cfg))
+  if start:
+    log.say(f"resumed from step {start} of {manager.directory}")
+  log.say(f"{cfg.attention} model: {count_params(model):,} parameters; "
+          f"{cfg.batch_size} x {cfg.seq_len} tokens per step; output in {out}")
 
   graphdef, state = nnx.split((model, optimizer))
   train_step, eval_step = make_steps(graphdef)
   schedule = lr_schedule(cfg)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   rows = []
-  bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
-             dynamic_ncols=True)
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and log.enabled),
+             unit="step", dynamic_ncols=True)
   for step in range(start + 1, cfg.steps + 1):
     batch = place(next(loader))
     t0 = time.perf_counter()
@@ -462,7 +489,7 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
     last = step == cfg.steps or (cfg.time_limit_s > 0 and train_s > cfg.time_limit_s)
     if step % cfg.eval_every == 0 or last:
       row.update(evaluate(eval_step, state, val_sets))
-      bar.write(f"step {step}: " + ", ".join(
+      log.say(f"step {step}: " + ", ".join(
           f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
     log.log(row)
     rows.append(row)
@@ -473,7 +500,7 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
       log.plot()
     if last:
       if step < cfg.steps:
-        bar.write(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}")
+        log.say(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}")
       break
   bar.close()
   manager.wait_until_finished()
@@ -490,7 +517,9 @@ def main(argv=None) -> None:
     train(cfg)
   except NonFiniteError as err:
     sys.exit(f"error: {err}")
-  model, cfg, step = load_model(cfg.out_dir)
+  model, cfg, step = load_model(cfg.out_dir)   # on every process: Orbax syncs them
+  if not is_process_0():
+    return
   text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, context=cfg.seq_len,
                 seed=cfg.seed)
   print(f"--- sample from the step-{step} checkpoint ---")

@@ -29,7 +29,6 @@ NSA = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_select
 MODEL = ModelConfig(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_hidden=64,
                     nsa=NSA, impl="xla")
 TRAIN = make_config("tiny", steps=4, warmup_steps=1, lr=1e-2)
-TC = NSA.num_compressed(T)
 
 
 def build(mesh=None, seed=0):
@@ -70,16 +69,32 @@ def max_abs_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def activation_all_gathers(hlo: str) -> list[list[int]]:
-  """Result shapes of the all-gathers with a time dimension (T or Tc): gathered activations."""
+def all_gathers(hlo: str) -> list[list[int]]:
+  """Result shapes of the all-gathers in a compiled program's HLO text."""
   found = []
   for line in hlo.splitlines():
     match = re.search(r"= \w+\[([\d,]*)\]\S* all-gather(-start)?\(", line)
     if match:
-      dims = [int(d) for d in match.group(1).split(",") if d]
-      if T in dims or TC in dims:
-        found.append(dims)
+      found.append([int(d) for d in match.group(1).split(",") if d])
   return found
+
+
+def fsdp_gathered_shapes(state, mesh) -> set[tuple[int, ...]]:
+  """What FSDP may gather: each array with its "fsdp" dimensions whole and its "heads"
+  dimensions still split; dimensions sorted, as XLA may gather a transposed weight."""
+  shapes = set()
+  for x in jax.tree.leaves(state):
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    shapes.add(tuple(sorted(d // mesh.shape["heads"] if axis == "heads" else d
+                            for d, axis in zip(x.shape, spec))))
+  return shapes
+
+
+def train_step_hlo(mesh, state) -> tuple:
+  """train_lib's train step compiled for `mesh`, and its HLO text."""
+  graphdef, state = nnx.split(state)
+  step = make_steps(graphdef)[0].lower(state, batch(mesh)).compile()
+  return step, state, step.as_text()
 
 
 def main(out: pathlib.Path):
@@ -98,15 +113,21 @@ def main(out: pathlib.Path):
                     if re.search(r"mu/blocks/0/attn/o_proj/kernel", jax.tree_util.keystr(
                         path, simple=True, separator="/"))]
 
-  graphdef, state = nnx.split((sh_model, sh_opt))
-  train_step = make_steps(graphdef)[0].lower(state, batch(mesh)).compile()
+  train_step, state, hlo = train_step_hlo(mesh, (sh_model, sh_opt))
   new_state, metrics = train_step(state, batch(mesh))
-  hlo = train_step.as_text()
   res["step_loss"] = float(metrics["loss"])
   res["step_keeps_shardings"] = all(
       x.sharding.is_equivalent_to(y.sharding, x.ndim)
       for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)))
-  res["activation_all_gathers"] = activation_all_gathers(hlo)
+  gathers = all_gathers(hlo)
+  weights = fsdp_gathered_shapes(state, mesh)
+  res["weight_all_gathers"] = sum(tuple(sorted(dims)) in weights for dims in gathers)
+  # Anything else gathered: an activation or its cotangent (they have a T or Tc
+  # dimension, which no parameter has), or a weight gathered over "heads".
+  res["other_all_gathers"] = [dims for dims in gathers if tuple(sorted(dims)) not in weights]
+  # Without fsdp the step gathers nothing at all.
+  data_heads = sharding.make_mesh("data=4,heads=2")
+  res["data_heads_all_gathers"] = all_gathers(train_step_hlo(data_heads, build(data_heads))[2])
   # The op's per-shard q, [B / (data*fsdp), T, HQ / heads, Dk], is in the program.
   res["nsa_shard_map_local_shapes"] = bool(
       re.search(rf"f32\[{B // 4},{T},{MODEL.num_heads // 2},{MODEL.head_size}\]", hlo))

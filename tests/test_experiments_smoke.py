@@ -55,3 +55,20 @@ def test_gpu_check_small(tmp_path):
   quantities = {(r["op"], r["quantity"]) for r in data["rows"] if r["status"] == "PASS"}
   assert {("window_attention", q) for q in ("o", "dq", "dk", "dv")} <= quantities
   assert {("select_blocks", "block_idx"), ("select_blocks", "block_idx[xla]")} <= quantities
+
+
+def test_bench_scaling_small(tmp_path):
+  # 2 of the 8 host devices: every mode on 1 and 2 devices (a few compiles).
+  run_script("bench_scaling.py", ["--max_devices", "2"], tmp_path)
+  with open(tmp_path / "scaling.json") as f:
+    data = json.load(f)
+  assert data["meta"]["config"]["preset"] == "tiny"
+  assert (tmp_path / "scaling.png").stat().st_size > 0
+  batch = data["meta"]["config"]["per_device_batch"]
+  for mode, scaling in (("data", "weak"), ("fsdp", "weak"), ("heads", "strong")):
+    rows = data["results"][mode]
+    assert [(r["mesh"], r["devices"]) for r in rows] == [(f"{mode}={n}", n) for n in (1, 2)]
+    assert [r["batch"] for r in rows] == ([batch, 2 * batch] if scaling == "weak" else [batch] * 2)
+    assert rows[0]["efficiency"] == 1.0
+    for r in rows:
+      assert r["step_ms"] > 0 and 4.0 < r["loss"] < 7.0, r   # ~ln(256) on random tokens

@@ -30,9 +30,9 @@ def test_full_attention_matches_naive_gqa_with_rope():
   x = jax.random.normal(jax.random.key(1), (B, T, d_model), jnp.float32)
   pos = jnp.arange(T)
   q = apply_rope((x @ attn.q_proj.kernel[...]).reshape(B, T, H, D), pos)
-  kv = (x @ attn.kv_proj.kernel[...]).reshape(B, T, 2, HKV, D)
-  k = jnp.repeat(apply_rope(kv[:, :, 0], pos), H // HKV, axis=2)
-  v = jnp.repeat(kv[:, :, 1], H // HKV, axis=2)
+  kv = (x @ attn.kv_proj.kernel[...]).reshape(B, T, HKV, 2, D)   # head-major columns
+  k = jnp.repeat(apply_rope(kv[:, :, :, 0], pos), H // HKV, axis=2)
+  v = jnp.repeat(kv[:, :, :, 1], H // HKV, axis=2)
   s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
   s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
   o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(B, T, H * D)

@@ -1,4 +1,5 @@
-"""Training: bit-for-bit resume after a crash, checkpoints, NaN guard, outputs, config errors."""
+"""Training: bit-for-bit resume after a crash, checkpoints, NaN guard, outputs (process 0
+only), config errors."""
 import csv
 import re
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nsa_jax import train_lib
 from nsa_jax.train_lib import (NonFiniteError, checkpoint_manager, load_model, make_config,
                                parse_args, sample, train)
 
@@ -48,6 +50,18 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
   model, cfg, _ = load_model(run)
   text = sample(model, b"def ", 6, context=cfg.seq_len)
   assert len(text) == 10 and text.startswith(b"def ")
+
+
+def test_other_processes_write_nothing_but_checkpoints(tmp_path, monkeypatch, capsys):
+  """As process 1 of a multi-host run: the run and its checkpoints as usual, no files or prints."""
+  monkeypatch.setattr(train_lib, "is_process_0", lambda: False)
+  cfg = tiny(tmp_path, "process1")      # the first test's configuration: its compiled steps
+  flags = ("steps", "ckpt_every", "eval_every", "keep_checkpoints")
+  train_lib.main(["--preset", "tiny", "--out", cfg.out, "--progress", "false",
+                  *[f"--{k}={getattr(cfg, k)}" for k in flags]])
+  assert checkpoint_manager(cfg.out_dir).all_steps() == [4, 8]
+  assert sorted(p.name for p in cfg.out_dir.iterdir()) == ["checkpoints"]
+  assert capsys.readouterr().out == ""
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
