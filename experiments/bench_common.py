@@ -141,6 +141,45 @@ def median_ms(f: Callable, *args, runs: int) -> float:
   return statistics.median(times)
 
 
+def device_op_times(f: Callable, *args, runs: int = 5) -> list[tuple[str, float, int]]:
+  """Where the device time of `f(*args)` goes: ("timeline: op", us per call, events per call).
+
+  Runs `f` `runs` times under `jax.profiler.trace` and sums the durations of
+  the events on the accelerator's timelines (process "/device:GPU:*" in the
+  Perfetto trace) by name, largest first. Empty when no device timeline was
+  recorded (CPU runs), so callers can print it unconditionally.
+  """
+  import collections
+  import glob
+  import gzip
+  import json
+  import tempfile
+
+  jax.block_until_ready(f(*args))   # compile outside the trace
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for _ in range(runs):
+        jax.block_until_ready(f(*args))
+    paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+      return []
+    with gzip.open(paths[0]) as fh:
+      trace = json.load(fh)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and e["args"]["name"].startswith("/device:")}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device_pids:
+      # A device has several timelines (streams, "XLA Ops", "XLA Modules"): keep them apart.
+      name = f"{threads.get((e['pid'], e.get('tid')), '?')}: {e['name']}"
+      total[name] += e.get("dur", 0.0)
+      count[name] += 1
+  return [(name, us / runs, count[name] // runs) for name, us in total.most_common()]
+
+
 def try_time_fn(fn: Callable, make_inputs: Callable, **kw) -> dict:
   """`time_fn`, but an error (out of memory, a kernel that fails to compile)
   is returned as {"error": ...} so that one bad point does not end a run."""

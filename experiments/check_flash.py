@@ -16,7 +16,8 @@
 3. Floor: matmul FLOPs over visible (query, key) pairs -- forward
    2 matmuls x 2 FLOP x pairs x HQ x D, backward 2.5x that -- over a bf16
    matmul rate measured in this run (KERNELS.md targets: forward within 2x).
-4. Tile sweep (skip with --no-sweep): a few `Tiles` variants at the largest T.
+4. Tile sweep (skip with --no-sweep): changes to each op's default `Tiles` at
+   the largest T. Options --skip-check, --ops, --ts narrow the run.
 
 Prints tables; writes everything as JSON to $OUT/check_flash.json when $OUT is set.
 """
@@ -38,21 +39,24 @@ from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import compressed_attention as cmp_kernel
 from pallas_kernels import window_attention as win_kernel
-from pallas_kernels._flash import Tiles
 
 # max|diff| / max|ref|: float32 differs in summation order only; bf16 rounds
 # q, k, v, p and the outputs to 8 mantissa bits.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 OPS = ("window", "compressed")
+# Tile sweep: changes to each op's default tiles (pallas_kernels/*_attention.TILES).
 SWEEP = {
-    "m64-w4-s3": Tiles(block_m=64, num_warps=4, num_stages=3),
-    "m128-k128-s2": Tiles(block_k=128, num_stages=2),
-    "m128-s2": Tiles(num_stages=2),
-    "bwd-m32-w4": Tiles(bwd_block_m=32, bwd_num_warps=4),
-    "bwd-k32": Tiles(bwd_block_k=32),
-    "bwd-m128-k32": Tiles(bwd_block_m=128, bwd_block_k=32),
-    "dkv-splits16": Tiles(dkv_splits=16),
+    "bwd-k128": dict(bwd_block_k=128),
+    "bwd-m32-k128-w4": dict(bwd_block_m=32, bwd_block_k=128, bwd_num_warps=4),
+    "bwd-m128-w8": dict(bwd_block_m=128, bwd_num_warps=8),
+    "bwd-w4": dict(bwd_num_warps=4),
+    "bwd-s1": dict(bwd_num_stages=1),
+    "bwd-s3": dict(bwd_num_stages=3),
+    "splits8": dict(dkv_splits=8),
+    "splits32": dict(dkv_splits=32),
+    "fwd-m64-w4": dict(block_m=64, num_warps=4),
 }
+DEFAULT_TILES = {"window": win_kernel.TILES, "compressed": cmp_kernel.TILES}
 
 
 def op_fn(op, config, scale, interpret, tiles=None):
@@ -169,6 +173,10 @@ def main():
   parser.add_argument("--max-t", type=int, default=65536)
   parser.add_argument("--no-sweep", action="store_true",
                       help="skip the tile sweep at the largest T")
+  parser.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
+  parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
+  parser.add_argument("--ts", type=int, nargs="+", default=None,
+                      help="sequence lengths to time (default 8k .. --max-t)")
   args = parser.parse_args()
 
   if args.small:
@@ -177,7 +185,7 @@ def main():
   else:
     config = NSAConfig()
     check_ts, runs, interpret = [8192, 16384], max(args.runs, 10), False
-    bench_ts = [T for T in (8192, 16384, 32768, 65536) if T <= args.max_t]
+    bench_ts = args.ts or [T for T in (8192, 16384, 32768, 65536) if T <= args.max_t]
     shape = dict(B=1, HKV=4, G=16, D=128)   # Config A
   key = jax.random.key(0)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -187,9 +195,10 @@ def main():
             "checks": [], "bench": [], "sweep": []}
   print(f"device: {result['device']}, jax {result['jax']}, shape {shape}")
 
+  ops = args.ops.split(",")
   print("\n== correctness vs XLA reference (max|diff| / max|ref|)")
-  for op in OPS:
-    for T in check_ts:
+  for op in ops:
+    for T in [] if args.skip_check else check_ts:
       for dtype in (jnp.float32, jnp.bfloat16):
         key, sub = jax.random.split(key)
         r = check(op, T, dtype, config, interpret, sub, **shape)
@@ -205,7 +214,7 @@ def main():
   print(f"{'op':10s} {'T':>6s} {'fwd ms':>8s} {'floor':>7s} {'x floor':>7s}"
         f" {'fwd+bwd':>8s} {'floor':>7s} {'x floor':>7s} {'cuDNN win fwd':>13s}")
   for T in bench_ts:
-    for op in OPS:
+    for op in ops:
       key, sub = jax.random.split(key)
       r = bench(op, T, config, interpret, runs, sub, **shape, with_cudnn=True)
       r["fwd_floor_ms"] = r["fwd_tflop"] / rate * 1e3
@@ -221,8 +230,9 @@ def main():
   if not args.no_sweep:
     T = bench_ts[-1]
     print(f"\n== tile sweep at T={T} (ms; defaults above)")
-    for name, tiles in SWEEP.items():
-      for op in OPS:
+    for name, change in SWEEP.items():
+      for op in ops:
+        tiles = dataclasses.replace(DEFAULT_TILES[op], **change)
         key, sub = jax.random.split(key)
         try:
           r = bench(op, T, config, interpret, runs, sub, **shape, tiles=tiles)

@@ -11,7 +11,7 @@
    block sizes), forward and forward+backward, median of >= 10 runs after a
    warm-up, for the default tiles and the deterministic dK/dV variant
    (`Tiles(dkv_tiles=None)`); the XLA reference forward where it is cheap;
-   the default tiles again with block_idx from smoothed queries (random
+   the default tiles (and 64-row tiles) again with block_idx from smoothed queries (random
    queries make neighbouring tokens select unrelated blocks, the worst case
    for the kernel's per-tile block union; real queries are correlated); and
    tuning candidates (tile rows, stages, dK/dV chunk) at the largest T.
@@ -20,7 +20,7 @@
 
 Prints a table; writes the numbers as JSON to $OUT/check_selected.json when
 $OUT is set, after each stage, so a run cut short keeps what it measured.
-Options: --ts, --skip-check, --no-extras, --runs.
+Options: --ts, --skip-check, --no-extras, --runs, --groups (G sweep of the tile rows).
 """
 from __future__ import annotations
 
@@ -144,10 +144,12 @@ def bench(T, config, interpret, variants, runs, key, B, HKV, G, D,
   # default tiles again with block_idx from a 256-token moving average of q.
   b_smooth = smooth_block_idx(q, key, config, HKV)
   row["mean_union_smooth"] = mean_union_sizes(b_smooth, (1, 2, 4, 8))
-  fn = kernel_fn(config, scale, interpret, variants["default"])
-  row["ms"]["default fwd, smooth q"] = median_ms(jax.jit(fn), q, k, v, b_smooth, runs=runs)
-  row["ms"]["default fwd+bwd, smooth q"] = median_ms(
-      fwd_bwd(fn), q, k, v, b_smooth, ct, runs=runs)
+  for name in ("default", "rows16", "rows64"):
+    if name in variants:
+      fn = kernel_fn(config, scale, interpret, variants[name])
+      row["ms"][f"{name} fwd, smooth q"] = median_ms(jax.jit(fn), q, k, v, b_smooth, runs=runs)
+      row["ms"][f"{name} fwd+bwd, smooth q"] = median_ms(
+          fwd_bwd(fn), q, k, v, b_smooth, ct, runs=runs)
   if T <= xla_up_to:
     ref = jax.jit(reference_fn(config, scale))
     row["ms"]["xla-ref fwd"] = median_ms(ref, q, k, v, b, runs=runs)
@@ -165,6 +167,9 @@ def main():
   parser.add_argument("--skip-check", action="store_true")
   parser.add_argument("--no-extras", action="store_true",
                       help="skip the tuning candidates at the largest T")
+  parser.add_argument("--groups", type=int, nargs="*", default=[],
+                      help="GQA group sizes G to sweep at the largest T (HQ = 64, HKV = 64 / G), "
+                           "each with the default tiles and fixed 16 / 64 rows")
   args = parser.parse_args()
 
   if args.small:
@@ -177,10 +182,11 @@ def main():
     shape = dict(B=1, HKV=4, G=16, D=128)   # Config A
   variants = {"default": Tiles(), "deterministic": Tiles(dkv_tiles=None)}
   # Tuning candidates, timed at the largest T only.
-  extras = {} if args.no_extras else {"rows16": Tiles(rows=16), "rows32": Tiles(rows=32),
-            "rows128-w8": Tiles(rows=128, num_warps=8),
-            "stages3": Tiles(num_stages=3),
-            "dkv16": Tiles(dkv_tiles=16), "dkv256": Tiles(dkv_tiles=256)}
+  fixed = lambda rows, **kw: Tiles(rows=rows, wide_rows=None, **kw)   # one tiling, no cond
+  extras = {} if args.no_extras else {
+      "rows16": fixed(16), "rows32": fixed(32), "rows64": fixed(64),
+      "warps2": Tiles(num_warps=2), "stages3": Tiles(num_stages=3),
+      "dkv256": Tiles(dkv_tiles=256), "warps2-dkv256": Tiles(num_warps=2, dkv_tiles=256)}
   key = jax.random.key(0)
   device = jax.devices()[0].device_kind
   result = {"device": device, "jax": jax.__version__,
@@ -213,6 +219,16 @@ def main():
     tflops = r["fwd_tflop"] / (r["ms"]["default fwd"] * 1e-3)
     print(f"bench T={T:6d} (default fwd {tflops:.0f} TFLOP/s; mean blocks per "
           f"tile of Bq tokens {r['mean_union']})", flush=True)
+    for name, ms in r["ms"].items():
+      print(f"    {name:28s} {ms:9.3f} ms", flush=True)
+  for G in args.groups:
+    shape_g = dict(shape, HKV=shape["HKV"] * shape["G"] // G, G=G)
+    rows = {"default": Tiles(), **{f"rows{r}": Tiles(rows=r, wide_rows=None) for r in (16, 64)}}
+    r = bench(bench_ts[-1], config, interpret, rows, runs, key, **shape_g)
+    result.setdefault("g_sweep", []).append({"G": G, **r})
+    save()
+    print(f"G={G} T={bench_ts[-1]} (HKV={shape_g['HKV']}; mean blocks per tile of Bq tokens "
+          f"{r['mean_union']}, smooth q {r['mean_union_smooth']})", flush=True)
     for name, ms in r["ms"].items():
       print(f"    {name:28s} {ms:9.3f} ms", flush=True)
   print("all checks OK" if result["all_ok"] else "SOME CHECKS FAILED")

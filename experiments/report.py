@@ -97,10 +97,12 @@ def decode_section(path, d):
     best = min(v for k, v in r.items() if k.startswith("dense_") and isinstance(v, float))
     rows.append([f"{r['T'] // 1024}k", r["B"], f"{1e6 * r['nsa_pallas']:.0f}",
                  f"{1e6 * best:.0f}", _x(best, r["nsa_pallas"]),
-                 _x(r["nsa_pallas"], r["nsa_bytes"] / d["meta"]["copy_bandwidth_Bps"])])
+                 _x(r["nsa_pallas"], r["nsa_byte_time"])])
   return [f"Decoding: `experiments/bench_decode.py` on one {d['meta']['device']}: one attention "
           f"decode step (HQ=64, HKV=4, D=128, bf16), NSA's Pallas kernel against the faster of "
-          f"cuDNN and XLA dense attention over the same cache:", "",
+          f"cuDNN and XLA dense attention over the same cache; byte time = the K/V bytes NSA "
+          f"must read at {d['meta']['read_bandwidth_Bps'] / 1e12:.1f} TB/s, the best read rate "
+          f"measured in the run:", "",
           _table(["context", "batch", "NSA µs", "dense µs", "speedup", "NSA / byte time"], rows), "",
           f"![decode benchmark]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
@@ -110,8 +112,11 @@ def scaling_section(path, d):
            f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.1%}"]
           for mode in d["results"].values() for r in mode]
   layers = re.search(r"num_layers=(\d+)", d["meta"]["config"]["model"]).group(1)
-  return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s (training step of a "
-          f"{layers}-layer NSA model, T=8192):", "",
+  cfg = d["meta"]["config"]
+  heads = cfg.get("heads_overrides")
+  return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s (training step of the "
+          f"{layers}-layer NSA model of preset `{cfg.get('preset', '?')}`, T=8192"
+          + (f"; heads rows with {heads}" if heads else "") + "):", "",
           _table(["mesh", "GPUs", "global batch", "step ms", "tokens/s", "efficiency"], rows), ""]
 
 

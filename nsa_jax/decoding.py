@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import FullAttention
@@ -62,20 +63,21 @@ def num_visible_compressed(t, config: NSAConfig):
   return jnp.maximum((t + 1 - config.compress_block) // config.compress_stride + 1, 0)
 
 
-def decode_selection(p_cmp, t, config: NSAConfig, seq_len: int):
+def decode_selection(p_cmp, t, config: NSAConfig, seq_len: int, top_k=lax.top_k):
   """Top-n selection blocks of one query per sequence (paper Eq. 9-11).
 
   Args:
     p_cmp: [B, HKV, G, Sc] compressed-branch probabilities (0 where not visible).
     t: [B] query positions.
     seq_len: cache rows; scores cover its `num_select_blocks(seq_len)` blocks.
+    top_k: `lax.top_k` or a kernel with its semantics (`pallas_kernels.top_n`).
   Returns:
     block_idx [B, HKV, n] int32, -1 in unused slots.
   """
   # Compressed blocks past num_compressed(seq_len) cannot exist (alignment padding).
   p = p_cmp[..., :config.num_compressed(seq_len)].sum(axis=2)
   scores = overlap_to_select_blocks(p, config, config.num_select_blocks(seq_len))
-  rank_one = lambda s, tb: rank_blocks(s[:, None, :], tb[None], config)[:, 0]
+  rank_one = lambda s, tb: rank_blocks(s[:, None, :], tb[None], config, top_k)[:, 0]
   return jax.vmap(rank_one)(scores, t)
 
 

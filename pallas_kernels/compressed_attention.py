@@ -16,9 +16,10 @@ from pallas_kernels import _flash
 
 # Config A. The dk/dv loop of an early key block runs over nearly all T
 # queries, so it is split over query chunks to balance the programs: 16
-# chunks, fwd+bwd 89.4 ms against 91.3 ms with 8 (H200, T=64k,
-# experiments/results/check_flash_h200.json).
-TILES = _flash.Tiles(dkv_splits=16)
+# chunks, fwd+bwd 89.4 ms against 91.3 ms with 8. Backward kernels on 4 warps
+# instead of 8: fwd+bwd 49.4 ms against 88.7 ms (H200, T=64k,
+# experiments/results/check_flash_sweep_h200.json).
+TILES = _flash.Tiles(dkv_splits=16, bwd_num_warps=4)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float,

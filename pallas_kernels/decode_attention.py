@@ -9,8 +9,8 @@ merges the partials of each branch (split-K, as in flash-decoding). One kernel,
 three launches:
   1. compressed keys: segments of BLOCK_K rows over the visible blocks; the
      kernel also writes the scaled scores, so the block scores of the selection
-     (Eq. 8-11, `nsa_jax.decoding.decode_selection` in XLA) need no second pass
-     over k_cmp;
+     (Eq. 8-10, `nsa_jax.decoding.decode_selection` in XLA) need no second pass
+     over k_cmp; their top-n (Eq. 11) is `pallas_kernels/top_n.py`;
   2. selected blocks: segment j is selection block block_idx[j], rows
      [j*l', (j+1)*l') cut at the query (causal);
   3. window: BLOCK_K-aligned segments covering t-w+1 .. t.
@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.decoding import decode_selection, num_visible_compressed
+from pallas_kernels.top_n import top_n
 
 BLOCK_K = 64            # cache rows per tile
 TARGET_PROGRAMS = 1024  # splits per branch aim at ~8 programs per SM of an H100/H200
@@ -180,7 +181,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   visible = (ar(Sc)[None, :] < ntc[:, None])[:, None, None, :]
   s = jnp.where(visible, s[:, :, :G, :Sc], 0.0)
   p = jnp.where(visible, jnp.exp(s - lse[:, :, :G, None]), 0.0)   # p_cmp of Eq. 8
-  block_idx = decode_selection(p, t, config, S)
+  block_idx = decode_selection(p, t, config, S,
+                               top_k=functools.partial(top_n, interpret=interpret))
 
   chosen = block_idx >= 0
   start = jnp.where(chosen, block_idx * lp, 0)

@@ -180,3 +180,20 @@ def test_errors_name_values():
   with pytest.raises(ValueError, match="gates.shape"):
     decoding.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 2), jnp.float32),
                         jnp.array([3]), config=CFG)
+
+
+def test_top_n_kernel_is_lax_top_k():
+  """pallas_kernels.top_n == lax.top_k: descending values, ties to the lower index, +-inf,
+  rows not a multiple of the program's 8, row length not a power of 2."""
+  from pallas_kernels.top_n import top_n
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 5, (3, 7, 37)).astype(np.float32)   # many ties
+  x[..., 3] = np.inf
+  x[0, 0, :] = -np.inf                                    # a row with no candidate
+  x.reshape(-1)[::5] = -np.inf
+  values, index = top_n(jnp.asarray(x), 16, interpret=True)
+  want_values, want_index = jax.lax.top_k(jnp.asarray(x), 16)
+  np.testing.assert_array_equal(values, want_values)
+  finite = np.asarray(want_values) > -np.inf              # -inf slots' indices are unspecified
+  np.testing.assert_array_equal(np.where(finite, index, 0), np.where(finite, want_index, 0))
+  assert finite.sum() > 200 and (~finite).sum() >= 16     # both kinds of slot were exercised

@@ -13,7 +13,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
-from pallas_kernels.selected_attention import Tiles, selected_attention
+from pallas_kernels.selected_attention import Tiles, _Geometry, prefer_wide, selected_attention
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -81,17 +81,17 @@ def test_random_indices_odd_length_chunked_dkv():
   q, k, v, ct, kc = _inputs(jax.random.key(0), B, T, HKV, G, 32, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
   block_idx = block_idx.at[:, 40:43].set(-1)       # these rows see nothing
-  o = _check(_kernel(SMALL, Tiles(rows=16, dkv_tiles=2)), q, k, v, block_idx, ct, SMALL)
+  o = _check(_kernel(SMALL, Tiles(rows=16, wide_rows=None, dkv_tiles=2)), q, k, v, block_idx, ct, SMALL)
   assert bool(jnp.all(o[:, 40:43] == 0))
 
 
 def test_selected_indices_group16_deterministic_dkv():
   """T=130, G=16 (4 tokens per 64-row tile), block_idx from select_blocks,
-  default tiles with one dK/dV program per block."""
+  one dK/dV program per block."""
   B, T, HKV, G = 1, 130, 2, 16
   q, k, v, ct, kc = _inputs(jax.random.key(1), B, T, HKV, G, 16, 16)
   block_idx = _selected_block_idx(kc, q, HKV, SMALL)
-  _check(_kernel(SMALL, Tiles(dkv_tiles=None)), q, k, v, block_idx, ct, SMALL)
+  _check(_kernel(SMALL, Tiles(rows=64, wide_rows=None, dkv_tiles=None)), q, k, v, block_idx, ct, SMALL)
 
 
 def test_small_blocks_odd_group_and_dims():
@@ -100,8 +100,24 @@ def test_small_blocks_odd_group_and_dims():
   B, T, HKV, G = 1, 45, 1, 3
   q, k, v, ct, kc = _inputs(jax.random.key(2), B, T, HKV, G, 24, 40)
   block_idx = _random_block_idx(kc, B, T, HKV, TINY_BLOCKS, empty_frac=0.1)
-  _check(_kernel(TINY_BLOCKS, Tiles(rows=16, dkv_tiles=3)), q, k, v, block_idx, ct,
+  _check(_kernel(TINY_BLOCKS, Tiles(rows=16, wide_rows=None, dkv_tiles=3)), q, k, v, block_idx, ct,
          TINY_BLOCKS)
+
+
+def test_tile_width_follows_how_alike_neighbours_choose():
+  """Default tiles: a narrow (1 token at G = 16) and a wide (4 tokens) tiling are
+  both compiled; random choices take the narrow one, choices shared by
+  neighbouring tokens the wide one; both agree with the reference. T = 300."""
+  B, T, HKV, G = 1, 300, 1, 16
+  q, k, v, ct, kc = _inputs(jax.random.key(4), B, T, HKV, G, 16, 16)
+  random = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.0)
+  alike = _selected_block_idx(kc, jnp.broadcast_to(q[:, :1], q.shape), HKV, SMALL)
+  geo = lambda rows, b: _Geometry.make(q, v, b, SMALL, 0.25, True,
+                                       Tiles(rows=rows, wide_rows=None))
+  assert not bool(prefer_wide(random, geo(16, random), geo(64, random)))
+  assert bool(prefer_wide(alike, geo(16, alike), geo(64, alike)))
+  for block_idx in (random, alike):
+    _check(_kernel(SMALL, Tiles()), q, k, v, block_idx, ct, SMALL)
 
 
 def test_public_op_shorter_than_a_block():
@@ -120,3 +136,5 @@ def test_tiles_validation():
     Tiles(rows=24)
   with pytest.raises(ValueError, match="dkv_tiles=0"):
     Tiles(dkv_tiles=0)
+  with pytest.raises(ValueError, match="wide_rows=16"):
+    Tiles(wide_rows=16)
