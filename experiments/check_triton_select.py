@@ -66,10 +66,10 @@ CHECKS = [
 # so the sort's share of the work grows as G shrinks.
 SMALL_G = {"G=1": dict(B=1, HQ=4, HKV=4, Dk=128), "G=4": dict(B=1, HQ=16, HKV=4, Dk=128)}
 SMALL_G_T = 16384
-VARIANTS = {"default": triton_select.Tiles(),
-            "w4": triton_select.Tiles(num_warps=4),
-            "bk128": triton_select.Tiles(block_k=128),
-            "stages3": triton_select.Tiles(num_stages=3)}
+VARIANTS = {"default": triton_select.DEFAULT_TILES,
+            **{name: dataclasses.replace(triton_select.DEFAULT_TILES, **change) for name, change in
+               {"w4": dict(num_warps=4), "bk128": dict(block_k=128),
+                "stages3": dict(num_stages=3)}.items()}}
 
 
 def inputs_with_lse(key, T, shape, dtype, config, impl):

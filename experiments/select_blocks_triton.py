@@ -22,7 +22,7 @@ Design (one program per (query tile of Bq tokens, KV group, batch)):
   +inf, so p = 0). The [Bq*G, Dk] query tile is loaded once; each compressed
   key tile is loaded once per program and serves all G heads in one matmul
   (the Pallas kernel loops over heads, re-reading q and k per head). Bq =
-  rows // G, at least 16: Bq = 16 at G = 16 (256 rows), 256 at G = 1.
+  Tiles.block_q // G, at least 16: Bq = 16 at G = 16 (256 rows), 256 at G = 1.
 * The selection blocks are walked in chunks of `Sc` blocks, whose compressed
   blocks fit one key tile of `block_k` rows (Sc = 15 at the paper's sizes and
   block_k = 64, as in the Pallas kernel). Per chunk: s = scale * q k^T
@@ -49,46 +49,23 @@ No custom_vjp: the output is integer and the inputs carry no gradient.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
+from pallas_kernels import select_blocks as pallas_select
 
 LOW_WORD = 2**31 - 1         # key low word = LOW_WORD - block index
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-  """Tile sizes and launch parameters.
-
-  Attributes:
-    rows: QK matmul rows per program, tokens x padded heads; the tile takes
-      max(16, rows // G) tokens (shrunk for short sequences). A power of 2.
-    block_k: compressed keys per tile; fixes the chunk of selection blocks
-      scored per step, (block_k - l/d + 1) // (l'/d): 15 for the paper's
-      sizes. A power of 2 >= 16.
-    num_warps, num_stages: Triton launch parameters.
-  """
-
-  rows: int = 256
-  block_k: int = 64
-  num_warps: int = 8
-  num_stages: int = 2
-
-  def __post_init__(self):
-    for name in ("rows", "block_k"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"Tiles.{name}={value!r} must be a power of 2 >= 16")
-    if not isinstance(self.num_warps, int) or self.num_warps < 1 or (
-        self.num_warps & (self.num_warps - 1)):
-      raise ValueError(f"Tiles.num_warps={self.num_warps!r} must be a power of 2")
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f"Tiles.num_stages={self.num_stages!r} must be an int >= 1")
+# Tile sizes and launch parameters: the Pallas kernel's `Tiles`, with block_q
+# counting QK matmul rows per program (tokens x padded heads): the tile takes
+# max(16, block_q // G) tokens (shrunk for short sequences).
+Tiles = pallas_select.Tiles
+DEFAULT_TILES = Tiles(block_q=256, block_k=64, num_warps=8, num_stages=2)
 
 
 def _next_pow2(x: int, at_least: int = 1) -> int:
@@ -198,7 +175,7 @@ def launch_plan(q_shape, k_shape, dtype, *, config: NSAConfig, scale: float,
   front = l // d - 1
   per_select = config.select_block // d
   group = _next_pow2(G)
-  block_q = min(max(16, tiles.rows // group), _next_pow2(T, 16))
+  block_q = min(max(16, tiles.block_q // group), _next_pow2(T, 16))
   num_blocks = config.num_select_blocks(T)
   chunk = max(1, min((tiles.block_k - front) // per_select, num_blocks))
   block_k = _next_pow2(chunk * per_select + front, 16)
@@ -242,7 +219,7 @@ def pad_inputs(q, k_cmp, lse, plan: dict):
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "tiles"))
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float, lse,
-                  tiles: Tiles = Tiles()):
+                  tiles: Tiles = DEFAULT_TILES):
   """Top-n selection blocks per query and KV group, as `select_blocks_xla(..., lse=lse)`.
 
   Args:
