@@ -84,7 +84,9 @@ class Tiles:
       one when the blocks it reads per token, times WIDE_TILE_COST, are fewer
       than the narrow one's (see `prefer_wide`). Measured (H200, T = 64k,
       G = 16, bf16 fwd): random queries 18.5 ms at 16 rows vs 27.3 ms at 64;
-      time-smoothed queries 18.4 ms vs 11.3 ms.
+      time-smoothed queries 18.4 ms vs 11.3 ms. Cost: both tilings compile,
+      and under `jax.vjp` the cond keeps each branch's output and lse as
+      residuals (one extra output-sized buffer); None = narrow tiles only.
     dkv_tiles: query tiles per dK/dV program at most; None = one program per
       KV block (bitwise deterministic dK/dV, see the module docstring). 256:
       fwd+bwd 88.6 ms vs 91.1 ms at 64 (H200, T = 64k, G = 16, 16-row tiles).
