@@ -77,7 +77,7 @@ class Tiles:
       Bq = max(1, rows // G).
     wide_rows: rows of the alternative wide tile, or None. A tile reads the
       union of its tokens' blocks: when neighbouring tokens select alike (as
-      in trained models), a wide tile shares each load among more tokens and
+      expected of trained models; not yet measured here), a wide tile shares each load among more tokens and
       runs larger matmuls; when they do not (random inputs), the union grows
       nearly Bq-fold and the wide tile wastes that much work. So both tilings
       are compiled and `lax.cond` picks one per call from block_idx: the wide
