@@ -38,6 +38,23 @@ def small_config():
 SMALL_SHAPE = dict(B=1, HKV=1, G=16, D=16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One benchmark or check shape: a label ("A", "G4", "T8191-G2", ...) and sizes."""
+  config: str
+  B: int
+  T: int
+  HQ: int
+  HKV: int
+  Dk: int
+  Dv: int
+  dtypes: tuple[str, ...] = ("bfloat16",)
+
+  @property
+  def G(self) -> int:
+    return self.HQ // self.HKV
+
+
 def random_nsa_inputs(B: int, T: int, HQ: int, HKV: int, Dk: int, Dv: int, config,
                       dtype, key) -> dict:
   """Random normal (never zero) inputs of `nsa`, gates through a sigmoid, plus

@@ -48,19 +48,7 @@ import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  config: str   # "A", "B" or "G<g>" (G sweep)
-  B: int
-  T: int
-  HQ: int
-  HKV: int
-  Dk: int
-  Dv: int
-
-  @property
-  def G(self) -> int:
-    return self.HQ // self.HKV
+Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 
 
 # ----------------------------------------------------------------------------

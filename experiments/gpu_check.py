@@ -56,16 +56,7 @@ OPS = ("compressed_attention", "select_blocks", "selected_attention",
 NSA_ARGS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  name: str
-  B: int
-  T: int
-  HQ: int
-  HKV: int
-  Dk: int
-  Dv: int
-  dtypes: tuple[str, ...] = ("bfloat16", "float32")
+Case = bc.Shape   # config: the case's name; dtypes: those it is checked in
 
 
 # Priority order: a spent time budget skips the last ones. Small odd shapes
@@ -76,8 +67,8 @@ CASES = (
     Case("T300-B2-G3", 2, 300, 6, 2, 64, 64, ("float32",)),   # G not a power of 2, T < w
     Case("T8191-G1", 1, 8191, 8, 8, 128, 128, ("float32",)),
     Case("T8191-G2", 1, 8191, 8, 4, 128, 128, ("bfloat16",)),
-    Case("A-8k", 1, 8192, 64, 4, 128, 128),
-    Case("T8191-G16-Dk192", 1, 8191, 32, 2, 192, 128),
+    Case("A-8k", 1, 8192, 64, 4, 128, 128, ("bfloat16", "float32")),
+    Case("T8191-G16-Dk192", 1, 8191, 32, 2, 192, 128, ("bfloat16", "float32")),
     Case("A-16k", 1, 16384, 64, 4, 128, 128, ("bfloat16",)),
 )
 SMALL_CASES = (
@@ -179,12 +170,12 @@ class Checker:
 
   def add(self, case, dtype, op, quantity, err, tol, ok, note=""):
     status = "PASS" if ok and err <= tol else "FAIL"
-    self.rows.append({"case": case.name, "dtype": dtype, "op": op, "quantity": quantity,
+    self.rows.append({"case": case.config, "dtype": dtype, "op": op, "quantity": quantity,
                       "err": float(err), "tol": tol, "finite_ok": bool(ok),
                       "status": status, "note": note})
 
   def add_error(self, case, dtype, op, status, message):
-    self.rows.append({"case": case.name, "dtype": dtype, "op": op, "quantity": "-",
+    self.rows.append({"case": case.config, "dtype": dtype, "op": op, "quantity": "-",
                       "err": None, "tol": None, "finite_ok": False, "status": status,
                       "note": message})
 
@@ -254,7 +245,7 @@ class Checker:
         steps[op]()
       except Exception as err:   # a crash is a failure of that op, the others still run
         self.add_error(case, dtype, op, "ERROR", bc.describe_error(err))
-      print(f"  {case.name} {dtype} {op}: {time.perf_counter() - start:.1f} s", flush=True)
+      print(f"  {case.config} {dtype} {op}: {time.perf_counter() - start:.1f} s", flush=True)
 
   def selection(self, q, k_cmp, impl):
     """block_idx of `impl`; the float32 reference at full precision."""
@@ -302,7 +293,7 @@ def main(argv=None):
   config = bc.small_config() if args.small else NSAConfig()
   cases = SMALL_CASES if args.small else CASES
   if args.cases:
-    cases = [c for c in cases if c.name in args.cases.split(",")]
+    cases = [c for c in cases if c.config in args.cases.split(",")]
   impls = bc.kernel_impls(args.impl)
   print(f"device {bc.gpu_name()}, jax {jax.__version__}, impls {impls}", flush=True)
 
