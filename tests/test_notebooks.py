@@ -77,10 +77,15 @@ def test_runs_top_to_bottom(path):
     assert "dense weights vs nsa(...)" in text and images >= 5, (images, text[-2000:])
   if name.startswith("03"):
     committed = glob.glob(os.path.join(REPO, "experiments", "results", "bench_kernels_*.json"))
+    decode = glob.glob(os.path.join(REPO, "experiments", "results", "bench_decode_*.json"))
     if committed:
       assert images >= 3 and "No benchmark results" not in text, (images, text[-2000:])
     else:
       assert "No benchmark results" in text and images == 0
+    if decode:   # one decode figure (latency, breakdown) per results file
+      assert "No decode results" not in text and images >= 3 * bool(committed) + len(decode)
+    else:
+      assert "No decode results" in text
 
 
 def test_performance_plots_a_real_results_file(tmp_path):
