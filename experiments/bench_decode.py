@@ -123,9 +123,8 @@ def main():
   device = jax.devices()[0]
   mem_limit = (device.memory_stats() or {}).get("bytes_limit") if on_gpu else None
   probe_bw, copy_bw = bandwidths(args.reps) if on_gpu else (float("nan"), float("nan"))
-  bw = probe_bw
-  print(f"device: {device.device_kind}; jax {jax.__version__}; read probe {bw / 1e9:.0f} GB/s,"
-        f" copy {copy_bw / 1e9:.0f} GB/s")
+  print(f"device: {device.device_kind}; jax {jax.__version__}; "
+        f"read probe {probe_bw / 1e9:.0f} GB/s, copy {copy_bw / 1e9:.0f} GB/s")
 
   known = {"nsa_pallas": "pallas", "nsa_xla": "xla", "dense_cudnn": "cudnn", "dense_xla": "xla"}
   methods = {m: known[m] for m in args.methods.split(",")
@@ -160,12 +159,12 @@ def main():
               q[:, None], k, v, key_value_seq_lengths=n, implementation=impl)[:, 0]
           operands = (q, k_slc, v_slc, lengths)
         try:
-          row[name] = timed(steps_loop(attend, args.unroll), *operands, reps=args.reps)
+          loop = steps_loop(attend, args.unroll)
+          row[name] = timed(loop, *operands, reps=args.reps)
           if name == "nsa_pallas" and T == args.breakdown:
             # us per step by kernel (and XLA fusion), from a profiler trace of the same loop
-            row["nsa_pallas_breakdown"] = [
-                (op, us / STEPS, n // STEPS)
-                for op, us, n in device_op_times(steps_loop(attend, args.unroll), *operands)[:16]]
+            row["nsa_pallas_breakdown"] = [(op, us / STEPS, n // STEPS)
+                                           for op, us, n in device_op_times(loop, *operands)[:16]]
         except Exception as e:  # cuDNN may refuse a shape: record why, keep going
           row[name] = None
           row[name + "_error"] = f"{type(e).__name__}: {str(e)[:400]}"
@@ -195,7 +194,7 @@ def main():
   # effective rate (cuDNN streams the whole cache; it beats the probe).
   dense_rates = [r["dense_bytes"] / r[m] for r in results
                  for m in ("dense_cudnn", "dense_xla") if r.get(m)]
-  bw = max([bw] + dense_rates) if on_gpu else bw
+  bw = max([probe_bw] + dense_rates) if on_gpu else probe_bw
   for r in results:
     if r.get("nsa_pallas") and on_gpu:
       r["nsa_byte_time"] = r["nsa_bytes"] / bw

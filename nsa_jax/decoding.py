@@ -332,24 +332,15 @@ class DenseCache:
   v: jax.Array
 
 
-def _dense_qkv(layer: FullAttention, x, positions):
-  """q, k (rotated) and v of FullAttention, as in its __call__."""
-  B, T, _ = x.shape
-  H, HKV, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
-  q = apply_rope(layer.q_proj(x).reshape(B, T, H, D), positions, layer.rope_theta)
-  kv = layer.kv_proj(x).reshape(B, T, HKV, 2, D)      # head-major, as in FullAttention
-  return q, apply_rope(kv[:, :, :, 0], positions, layer.rope_theta), kv[:, :, :, 1]
-
-
 def _dense_prefill(layer: FullAttention, x, lengths, cache: DenseCache):
-  _, k, v = _dense_qkv(layer, x, jnp.arange(x.shape[1]))
+  _, k, v = layer.qkv(x, jnp.arange(x.shape[1]))
   put = lambda buf, new: buf.at[:, :new.shape[1]].set(new.astype(buf.dtype))
   return layer(x), DenseCache(lengths=lengths, k=put(cache.k, k), v=put(cache.v, v))
 
 
 def _dense_decode_step(layer: FullAttention, x, cache: DenseCache):
   B, t = x.shape[0], cache.lengths
-  q, k, v = _dense_qkv(layer, x, t[:, None])
+  q, k, v = layer.qkv(x, t[:, None])
   b = jnp.arange(B)
   put = lambda buf, new: buf.at[b, t].set(new[:, 0].astype(buf.dtype), mode="drop")
   cache = DenseCache(lengths=t + 1, k=put(cache.k, k), v=put(cache.v, v))

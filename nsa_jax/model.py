@@ -131,16 +131,20 @@ class FullAttention(nnx.Module):
     self.kv_proj = nnx.Linear(d_model, 2 * num_kv_heads * head_dim, **kw)
     self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **kw)
 
-  def __call__(self, x):
+  def qkv(self, x, positions):
+    """q [B, T, H, D], k, v [B, T, HKV, D] of x at `positions` (RoPE on q and k)."""
     B, T, _ = x.shape
     H, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
-    pos = jnp.arange(T)
-    q = apply_rope(self.q_proj(x).reshape(B, T, H, D), pos, self.rope_theta)
+    q = apply_rope(self.q_proj(x).reshape(B, T, H, D), positions, self.rope_theta)
     kv = self.kv_proj(x).reshape(B, T, HKV, 2, D)   # head-major: splits by head on a mesh
-    k = apply_rope(kv[:, :, :, 0], pos, self.rope_theta)
-    o = jax.nn.dot_product_attention(q, k, kv[:, :, :, 1], is_causal=True,
+    return q, apply_rope(kv[:, :, :, 0], positions, self.rope_theta), kv[:, :, :, 1]
+
+  def __call__(self, x):
+    B, T, _ = x.shape
+    q, k, v = self.qkv(x, jnp.arange(T))
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                      implementation=dense_implementation(q.dtype))
-    return self.o_proj(o.reshape(B, T, H * D))
+    return self.o_proj(o.reshape(B, T, -1))
 
 
 class SwiGLU(nnx.Module):

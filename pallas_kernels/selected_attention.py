@@ -77,9 +77,10 @@ class Tiles:
       Bq = max(1, rows // G).
     wide_rows: rows of the alternative wide tile, or None. A tile reads the
       union of its tokens' blocks: when neighbouring tokens select alike (as
-      expected of trained models; not yet measured here), a wide tile shares each load among more tokens and
-      runs larger matmuls; when they do not (random inputs), the union grows
-      nearly Bq-fold and the wide tile wastes that much work. So both tilings
+      expected of trained models; not yet measured here), a wide tile shares
+      each load among more tokens and runs larger matmuls; when they do not
+      (random inputs), the union grows nearly Bq-fold and the wide tile
+      wastes that much work. So both tilings
       are compiled and `lax.cond` picks one per call from block_idx: the wide
       one when the blocks it reads per token, times WIDE_TILE_COST, are fewer
       than the narrow one's (see `prefer_wide`). Measured (H200, T = 64k,
@@ -448,14 +449,16 @@ def _backward_dkv(q5, k, v, blk, do5, lse, delta, tiles, items, geo: _Geometry):
 # ------------------------------------------------------------- custom_vjp
 
 
-def _prepare(q, k, v, block_idx, geo: _Geometry):
+def _plan(block_idx, geo: _Geometry):
+  """block_idx padded to whole tiles, and each tile's block union and its size."""
+  blk = _pad(block_idx, (geo.B, geo.Tq, geo.HKV, geo.n_pad), value=-1)
+  return (blk, *_tile_unions(blk, geo))
+
+
+def _pad_qkv(q, k, v, geo: _Geometry):
   B, T, HKV = geo.B, geo.T, geo.HKV
   q5 = _pad(q.reshape(B, T, HKV, geo.G, geo.Dk), (B, geo.Tq, HKV, geo.Gp, geo.Dkp))
-  kp = _pad(k, (B, geo.Tk, HKV, geo.Dkp))
-  vp = _pad(v, (B, geo.Tk, HKV, geo.Dvp))
-  blk = _pad(block_idx, (B, geo.Tq, HKV, geo.n_pad), value=-1)
-  union, count = _tile_unions(blk, geo)
-  return q5, kp, vp, blk, union, count
+  return q5, _pad(k, (B, geo.Tk, HKV, geo.Dkp)), _pad(v, (B, geo.Tk, HKV, geo.Dvp))
 
 
 def _unpad(x5, geo: _Geometry, D: int):
@@ -464,8 +467,8 @@ def _unpad(x5, geo: _Geometry, D: int):
   return x.reshape(geo.B, geo.T, geo.HKV * geo.G, D)
 
 
-def _fwd(q, k, v, block_idx, geo: _Geometry):
-  q5, kp, vp, blk, union, count = _prepare(q, k, v, block_idx, geo)
+def _fwd(q, k, v, blk, union, count, geo: _Geometry):
+  q5, kp, vp = _pad_qkv(q, k, v, geo)
   o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
   return _unpad(o5, geo, geo.Dv), (q5, kp, vp, blk, union, count, o5, lse)
 
@@ -480,12 +483,13 @@ def _bwd(geo: _Geometry, res, do):
   dk, dv = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, tiles, items, geo)
   dk = dk[:, :T, :, :geo.Dk].astype(kp.dtype)
   dv = dv[:, :T, :, :geo.Dv].astype(vp.dtype)
-  return _unpad(dq5, geo, geo.Dk), dk, dv, None
+  return _unpad(dq5, geo, geo.Dk), dk, dv, None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _selected(q, k, v, block_idx, geo: _Geometry):
-  return _fwd(q, k, v, block_idx, geo)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _selected(q, k, v, blk, union, count, geo: _Geometry):
+  """Selected attention of q, k, v over the tiles planned by `_plan(block_idx, geo)`."""
+  return _fwd(q, k, v, blk, union, count, geo)[0]
 
 
 _selected.defvjp(_fwd, _bwd)
@@ -497,13 +501,12 @@ _selected.defvjp(_fwd, _bwd)
 WIDE_TILE_COST = 2.0
 
 
-def prefer_wide(block_idx, narrow: _Geometry, wide: _Geometry):
-  """Whether the wide tiling is cheaper for this block_idx (a traced bool):
-  WIDE_TILE_COST x (blocks read per token, wide) < (blocks read per token, narrow)."""
-  def blocks_per_token(geo):
-    blk = _pad(block_idx, (geo.B, geo.Tq, geo.HKV, geo.n_pad), value=-1)
-    return jnp.sum(_tile_unions(blk, geo)[1], dtype=jnp.float32) / geo.Tq
-  return WIDE_TILE_COST * blocks_per_token(wide) < blocks_per_token(narrow)
+def prefer_wide(narrow_count, wide_count, narrow: _Geometry, wide: _Geometry):
+  """Whether the wide tiling is cheaper (a traced bool), from the union sizes
+  `_plan` gives for each tiling: WIDE_TILE_COST x (blocks read per token, wide)
+  < (blocks read per token, narrow)."""
+  per_token = lambda count, geo: jnp.sum(count, dtype=jnp.float32) / geo.Tq
+  return WIDE_TILE_COST * per_token(wide_count, wide) < per_token(narrow_count, narrow)
 
 
 def default_tiles(q, k) -> Tiles:
@@ -534,12 +537,15 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
   tiles = default_tiles(q, v) if tiles is None else tiles
   block_idx = block_idx.astype(jnp.int32)
   narrow = _Geometry.make(q, v, block_idx, config, scale, interpret, tiles)
-  if tiles.wide_rows is None:
-    return _selected(q, k, v, block_idx, narrow)
-  wide = _Geometry.make(q, v, block_idx, config, scale, interpret,
-                        dataclasses.replace(tiles, rows=tiles.wide_rows, wide_rows=None))
-  if wide.Bq == narrow.Bq:      # G fills both tiles with one token
-    return _selected(q, k, v, block_idx, narrow)
-  return lax.cond(prefer_wide(block_idx, narrow, wide),
-                  lambda *a: _selected(*a, wide), lambda *a: _selected(*a, narrow),
-                  q, k, v, block_idx)
+  narrow_plan = _plan(block_idx, narrow)
+  wide = None if tiles.wide_rows is None else _Geometry.make(
+      q, v, block_idx, config, scale, interpret,
+      dataclasses.replace(tiles, rows=tiles.wide_rows, wide_rows=None))
+  if wide is None or wide.Bq == narrow.Bq:      # no wide tile, or G fills both with one token
+    return _selected(q, k, v, *narrow_plan, narrow)
+  wide_plan = _plan(block_idx, wide)
+  # Each branch gets its tiling's plan, computed once here for the choice too.
+  return lax.cond(prefer_wide(narrow_plan[2], wide_plan[2], narrow, wide),
+                  lambda q, k, v, w, _: _selected(q, k, v, *w, wide),
+                  lambda q, k, v, _, n: _selected(q, k, v, *n, narrow),
+                  q, k, v, wide_plan, narrow_plan)

@@ -3,11 +3,13 @@
 Paper §3.3.2, Eq. 11: each KV group keeps the n selection blocks of highest
 importance. In a decode step (`pallas_kernels/decode_attention.py`) the block
 scores are one row of Ts = T / l' values per (sequence, KV group), and XLA's
-`lax.top_k` on such rows costs more than the attention itself (H200, T = 64k:
-38 us at batch 1, 62 us at batch 32; the three attention kernels take 10 us /
-118 us). Here one program takes `ROWS` rows whole (Ts padded to a power of 2)
-and runs n passes of "row max, lowest index holding it, knock it out": 2n
-reductions over registers, no sort.
+`lax.top_k` on such rows was a large share of the step (H200, T = 64k: 38 us
+at batch 1, 62 us at batch 32, against 10 us / 118 us for the three attention
+kernels). Here one program takes one row whole (Ts padded to a power of 2) on
+one warp and runs n passes of "row max, lowest index holding it, knock it
+out": 2n warp-shuffle reductions, no sort, no shared memory or barrier (H200:
+5.6 us for n = 16, Ts = 1024; 8 rows on 4 warps per program took 12.8 us,
+latency-bound on cross-warp reductions).
 
 Semantics are `lax.top_k`'s as `nsa_jax.ops.selection.rank_blocks` uses them:
 values in descending order, ties to the lower index; only the index paired
@@ -27,15 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# One row per program, one warp: each of the n passes is then two warp-shuffle
-# reductions, no shared memory or barrier (H200: 8 rows x 4 warps took 12.8 us
-# for n = 16 at Ts = 1024, latency-bound on 32 cross-warp reductions).
-ROWS = 1
-NUM_WARPS = 1
-
-
 def _kernel(x_ref, values_ref, index_ref, *, n: int):
-  live = x_ref[...]                                        # [ROWS, C] float32
+  live = x_ref[...]                                        # [1, C] float32
   col = lax.broadcasted_iota(jnp.int32, live.shape, 1)
   slot = lax.broadcasted_iota(jnp.int32, values_ref.shape, 1)
 
@@ -63,20 +58,19 @@ def top_n(x, n: int, *, interpret: bool = False):
     raise ValueError(f"top_n: n={n} must be <= the row length C={C}")
   R = math.prod(lead)
   Cp, npad = pl.next_power_of_2(C), pl.next_power_of_2(n)
-  Rp = -(-R // ROWS) * ROWS
-  # Padded columns sit at -inf past every real column, so they are only taken
-  # after all real ones, which n <= C rules out; padded rows are dropped.
-  xp = jnp.pad(x.reshape(R, C).astype(jnp.float32), [(0, Rp - R), (0, Cp - C)],
+  # Padded columns sit at -inf past every real column: taken only once all
+  # real ones are, which n <= C rules out (or at -inf, where indices are free).
+  xp = jnp.pad(x.reshape(R, C).astype(jnp.float32), [(0, 0), (0, Cp - C)],
                constant_values=-jnp.inf)
   values, index = pl.pallas_call(
       functools.partial(_kernel, n=n),
-      grid=(Rp // ROWS,),
-      in_specs=[pl.BlockSpec((ROWS, Cp), lambda r: (r, 0))],
-      out_specs=[pl.BlockSpec((ROWS, npad), lambda r: (r, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((Rp, npad), jnp.float32),
-                 jax.ShapeDtypeStruct((Rp, npad), jnp.int32)],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      grid=(R,),
+      in_specs=[pl.BlockSpec((1, Cp), lambda r: (r, 0))],
+      out_specs=[pl.BlockSpec((1, npad), lambda r: (r, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct((R, npad), jnp.float32),
+                 jax.ShapeDtypeStruct((R, npad), jnp.int32)],
+      compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
       interpret=interpret, name="nsa_top_n",
   )(xp)
-  return (values[:R, :n].astype(x.dtype).reshape(*lead, n),
-          index[:R, :n].reshape(*lead, n))
+  return (values[:, :n].astype(x.dtype).reshape(*lead, n),
+          index[:, :n].reshape(*lead, n))

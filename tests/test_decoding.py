@@ -184,7 +184,7 @@ def test_errors_name_values():
 
 def test_top_n_kernel_is_lax_top_k():
   """pallas_kernels.top_n == lax.top_k: descending values, ties to the lower index, +-inf,
-  rows not a multiple of the program's 8, row length not a power of 2."""
+  a row with no finite value, row length not a power of 2."""
   from pallas_kernels.top_n import top_n
   rng = np.random.default_rng(0)
   x = rng.integers(0, 5, (3, 7, 37)).astype(np.float32)   # many ties

@@ -13,7 +13,8 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
-from pallas_kernels.selected_attention import Tiles, _Geometry, prefer_wide, selected_attention
+from pallas_kernels.selected_attention import (Tiles, _Geometry, _plan, prefer_wide,
+                                                selected_attention)
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -112,10 +113,13 @@ def test_tile_width_follows_how_alike_neighbours_choose():
   q, k, v, ct, kc = _inputs(jax.random.key(4), B, T, HKV, G, 16, 16)
   random = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.0)
   alike = _selected_block_idx(kc, jnp.broadcast_to(q[:, :1], q.shape), HKV, SMALL)
-  geo = lambda rows, b: _Geometry.make(q, v, b, SMALL, 0.25, True,
-                                       Tiles(rows=rows, wide_rows=None))
-  assert not bool(prefer_wide(random, geo(16, random), geo(64, random)))
-  assert bool(prefer_wide(alike, geo(16, alike), geo(64, alike)))
+  def wide_wins(block_idx):
+    narrow, wide = (_Geometry.make(q, v, block_idx, SMALL, 0.25, True,
+                                   Tiles(rows=rows, wide_rows=None)) for rows in (16, 64))
+    return bool(prefer_wide(_plan(block_idx, narrow)[2], _plan(block_idx, wide)[2],
+                            narrow, wide))
+  assert not wide_wins(random)
+  assert wide_wins(alike)
   for block_idx in (random, alike):
     _check(_kernel(SMALL, Tiles()), q, k, v, block_idx, ct, SMALL)
 
