@@ -14,7 +14,7 @@
    the default tiles (and 64-row tiles) again with block_idx from smoothed queries (random
    queries make neighbouring tokens select unrelated blocks, the worst case
    for the kernel's per-tile block union; real queries are correlated); and
-   tuning candidates (tile rows, stages, dK/dV chunk) at the largest T.
+   tuning candidates (tile rows, dK/dV rows per step and chunk) at the largest T.
    Each row also reports the mean number of distinct blocks per tile of Bq
    tokens (the blocks the forward reads per tile).
 
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_common
 import nsa_jax
 from bench_common import SMALL_SHAPE, median_ms, small_config
 from nsa_jax import NSAConfig
@@ -150,6 +151,9 @@ def bench(T, config, interpret, variants, runs, key, B, HKV, G, D,
       row["ms"][f"{name} fwd, smooth q"] = median_ms(jax.jit(fn), q, k, v, b_smooth, runs=runs)
       row["ms"][f"{name} fwd+bwd, smooth q"] = median_ms(
           fwd_bwd(fn), q, k, v, b_smooth, ct, runs=runs)
+  # Where the time goes, per kernel (profiler).
+  row["breakdown_us"] = {} if interpret else {"default": bench_common.device_op_times(
+      fwd_bwd(kernel_fn(config, scale, interpret, variants["default"])), q, k, v, b, ct)}
   if T <= xla_up_to:
     ref = jax.jit(reference_fn(config, scale))
     row["ms"]["xla-ref fwd"] = median_ms(ref, q, k, v, b, runs=runs)
@@ -185,8 +189,9 @@ def main():
   fixed = lambda rows, **kw: Tiles(rows=rows, wide_rows=None, **kw)   # one tiling, no cond
   extras = {} if args.no_extras else {
       "rows16": fixed(16), "rows32": fixed(32), "rows64": fixed(64),
-      "warps2": Tiles(num_warps=2), "stages3": Tiles(num_stages=3),
-      "dkv256": Tiles(dkv_tiles=256), "warps2-dkv256": Tiles(num_warps=2, dkv_tiles=256)}
+      **{f"dkv-rows{r}": Tiles(dkv_rows=r) for r in (16, 64, 256)},
+      "dkv-rows256-warps4": Tiles(dkv_rows=256, dkv_num_warps=4),
+      "dkv-tiles512": Tiles(dkv_tiles=512)}
   key = jax.random.key(0)
   device = jax.devices()[0].device_kind
   result = {"device": device, "jax": jax.__version__,
@@ -221,6 +226,9 @@ def main():
           f"tile of Bq tokens {r['mean_union']})", flush=True)
     for name, ms in r["ms"].items():
       print(f"    {name:28s} {ms:9.3f} ms", flush=True)
+    for name, ops in r["breakdown_us"].items():
+      print(f"    {name} fwd+bwd by kernel: "
+            + ", ".join(f"{op.split(': ')[-1]} {us / 1e3:.2f} ms" for op, us, _ in ops[:6]), flush=True)
   for G in args.groups:
     shape_g = dict(shape, HKV=shape["HKV"] * shape["G"] // G, G=G)
     rows = {"default": Tiles(), **{f"rows{r}": Tiles(rows=r, wide_rows=None) for r in (16, 64)}}

@@ -77,7 +77,9 @@ def _kernel(config, tiles):
 
 def test_random_indices_odd_length_chunked_dkv():
   """T=77 (no multiple of a tile or block), G=2, Dk != Dv, B=2, -1 slots,
-  some tokens with no block at all; dK/dV split into chunks of 2 tiles."""
+  some tokens with no block at all; dK/dV split into chunks of 2 tiles, each
+  step gathering up to 8 tiles (dkv_rows = 128 of 16-row tiles): steps only
+  partly filled."""
   B, T, HKV, G = 2, 77, 2, 2
   q, k, v, ct, kc = _inputs(jax.random.key(0), B, T, HKV, G, 32, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
@@ -142,3 +144,5 @@ def test_tiles_validation():
     Tiles(dkv_tiles=0)
   with pytest.raises(ValueError, match="wide_rows=16"):
     Tiles(wide_rows=16)
+  with pytest.raises(ValueError, match="dkv_rows=48"):
+    Tiles(dkv_rows=48)
