@@ -535,12 +535,13 @@ def prefer_wide(narrow_count, wide_count, narrow: _Geometry, wide: _Geometry):
 
 
 def default_tiles(q, k) -> Tiles:
-  """`Tiles()`, but single-stage loads for 4-byte inputs with a head dim over
-  128: two stages of [64, 256] float32 K and V blocks need 256 KB of shared
-  memory, over the 227 KB of an H100/H200 (seen at Dk = 192, float32)."""
-  if q.dtype.itemsize >= 4 and max(q.shape[-1], k.shape[-1]) > 128:
-    return Tiles(num_stages=1)
-  return Tiles()
+  """`Tiles()`, but for 4-byte inputs 64 dK/dV rows per step and, with a head
+  dim over 128, single-stage loads: two stages of [64, 256] float32 K and V
+  blocks need 256 KB of shared memory, over the 227 KB of an H100/H200 (seen
+  at Dk = 192, float32), and float32 gathers of 128 rows did not fit either."""
+  if q.dtype.itemsize < 4:
+    return Tiles()
+  return Tiles(dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
 
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
