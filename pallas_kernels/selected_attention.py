@@ -538,7 +538,8 @@ def default_tiles(q, k) -> Tiles:
   """`Tiles()`, but for 4-byte inputs 64 dK/dV rows per step and, with a head
   dim over 128, single-stage loads: two stages of [64, 256] float32 K and V
   blocks need 256 KB of shared memory, over the 227 KB of an H100/H200 (seen
-  at Dk = 192, float32), and float32 gathers of 128 rows did not fit either."""
+  at Dk = 192, float32); float32 dK/dV steps of 128 rows (twice the bytes of
+  bf16 ones) were not tried on a GPU, 64 were."""
   if q.dtype.itemsize < 4:
     return Tiles()
   return Tiles(dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
