@@ -67,6 +67,31 @@ def test_nsa_decode_is_last_row_of_nsa(impl):
         assert got == set(np.asarray(want_idx[i, L - 1, h]).tolist())
 
 
+def test_nsa_decode_kernel_paper_block_sizes():
+  """Paper sizes (l=32, d=16, l'=64, n=16, w=512), where the decode kernel's
+  64-block tiles of compressed keys each straddle 17 selection blocks: the
+  kernel's block scores pick the reference's blocks and give its output."""
+  cfg = NSAConfig()
+  B, T, HKV, G, D = 2, 1100, 1, 2, 16
+  ks = jax.random.split(jax.random.key(3), 8)
+  q = _normal(ks[0], (B, T, HKV * G, D))
+  Tc = cfg.num_compressed(T)
+  k_cmp, v_cmp = _normal(ks[1], (B, Tc, HKV, D)), _normal(ks[2], (B, Tc, HKV, D))
+  k_slc, k_win, v_slc, v_win = (_normal(k, (B, T, HKV, D)) for k in ks[3:7])
+  gates = jax.nn.sigmoid(_normal(ks[7], (B, T, HKV * G, 3)))
+  want, want_idx = jax.jit(functools.partial(nsa, config=cfg, impl="xla", return_block_idx=True))(
+      q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+  caches = [_pad_rows(x, 128) for x in (k_cmp, v_cmp)] + [
+      _pad_rows(x, 1152) for x in (k_slc, v_slc, k_win, v_win)]
+  lengths = jnp.array([1100, 700], jnp.int32)
+  b = jnp.arange(B)
+  o, idx = decoding.nsa_decode(q[b, lengths - 1], *caches, gates[b, lengths - 1], lengths,
+                               config=cfg, impl="pallas", interpret=True, return_block_idx=True)
+  for i, L in enumerate((1100, 700)):
+    np.testing.assert_allclose(o[i], want[i, L - 1], **TOL)
+    assert set(np.asarray(idx[i, 0]).tolist()) == set(np.asarray(want_idx[i, L - 1, 0]).tolist())
+
+
 def _layer(shared_kv, impl):
   return NativeSparseAttention(32, 4, 2, head_dim=16, config=CFG, shared_kv=shared_kv,
                                impl=impl, rngs=nnx.Rngs(0))
