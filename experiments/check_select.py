@@ -3,6 +3,7 @@
     PYTHONPATH=. python experiments/check_select.py           # on a GPU
     PYTHONPATH=. python experiments/check_select.py --sweep   # + tile variants at the largest T
     PYTHONPATH=. python experiments/check_select.py --small   # CPU, interpret mode
+    --with-lse: time the kernel as `nsa` runs it, given the compressed branch's lse
 
 1. Agreement with `select_blocks_xla` at Config A of SPEC §5 (B=1, HQ=64,
    HKV=4, Dk=128, paper block sizes), bf16 and float32, T = 8k and 16k: the
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_common
+import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops import _common
 from nsa_jax.ops.selection import overlap_to_select_blocks, select_blocks_xla
@@ -122,14 +124,21 @@ def visible_keys(T, config):
                        0, config.num_compressed(T)).sum())
 
 
-def bench(T, config, shape, interpret, variants, runs, xla_up_to):
+def bench(T, config, shape, interpret, variants, runs, xla_up_to, with_lse=False):
   scale = shape["Dk"] ** -0.5
   make = lambda key: make_inputs(key, T=T, config=config, dtype=jnp.bfloat16, **shape)
-  qk_flop = 2 * 2 * shape["B"] * shape["HQ"] * shape["Dk"] * visible_keys(T, config)
-  row = {"T": T, "qk_tflop": qk_flop / 1e12, "ms": {}, "qk_tflops": {}}
+  if with_lse:   # as inside `nsa`: the compressed branch's lse is given, pass 1 skipped
+    lse_of = jax.jit(lambda q, k: nsa_jax.compressed_attention(
+        q, k, k, config=config, scale=scale, impl="xla")[1])
+    def make(key, make_qk=make):
+      q, k = make_qk(key)
+      return q, k, lse_of(q, k)
+  qk_flop = (1 if with_lse else 2) * 2 * shape["B"] * shape["HQ"] * shape["Dk"] * visible_keys(
+      T, config)
+  row = {"T": T, "with_lse": with_lse, "qk_tflop": qk_flop / 1e12, "ms": {}, "qk_tflops": {}}
   for name, tiles in variants.items():
-    fn = lambda q, k, tiles=tiles: select_blocks(
-        q, k, config=config, scale=scale, interpret=interpret, tiles=tiles)
+    fn = lambda q, k, lse=None, tiles=tiles: select_blocks(
+        q, k, config=config, scale=scale, interpret=interpret, tiles=tiles, lse=lse)
     res = bench_common.try_time_fn(fn, make, n_iter=runs)
     row["ms"][name] = res.get("median_ms")
     row["qk_tflops"][name] = (qk_flop / (res["median_ms"] * 1e-3) / 1e12
@@ -138,7 +147,7 @@ def bench(T, config, shape, interpret, variants, runs, xla_up_to):
       row.setdefault("errors", {})[name] = res["error"]
   if T <= xla_up_to:
     res = bench_common.try_time_fn(
-        lambda q, k: select_blocks_xla(q, k, config=config, scale=scale), make,
+        lambda q, k, lse=None: select_blocks_xla(q, k, config=config, scale=scale), make,
         n_iter=runs)
     row["ms"]["xla-ref"] = res.get("median_ms")
   return row
@@ -152,6 +161,8 @@ def main():
                       help="also time tile variants at the largest T")
   parser.add_argument("--runs", type=int, default=10)
   parser.add_argument("--max-t", type=int, default=65536)
+  parser.add_argument("--with-lse", action="store_true",
+                      help="time the kernel given the compressed branch's lse (as in nsa)")
   args = parser.parse_args()
 
   if args.small:
@@ -165,10 +176,10 @@ def main():
     check_ts, interpret, xla_up_to = [8192, 16384], False, 16384
     bench_ts = [T for T in (8192, 16384, 32768, 65536) if T <= args.max_t]
   variants = {"default": Tiles()}
-  extras = {"bq32": Tiles(block_q=32), "bq32-w4": Tiles(block_q=32, num_warps=4),
-            "bq128": Tiles(block_q=128),
+  extras = {"bq32": Tiles(block_q=32), "bq128": Tiles(block_q=128),
             "bk32": Tiles(block_k=32), "bk128": Tiles(block_k=128),
-            "w4": Tiles(num_warps=4), "stages3": Tiles(num_stages=3)}
+            "w2": Tiles(num_warps=2), "w8": Tiles(num_warps=8),
+            "stages1": Tiles(num_stages=1), "stages3": Tiles(num_stages=3)}
   result = {"shape": shape, "tiles": {k: dataclasses.asdict(t)
                                       for k, t in {**variants, **extras}.items()},
             "checks": [], "bench": []}
@@ -189,7 +200,7 @@ def main():
   print("\ntiming, bf16 (ms; qk TFLOP/s in brackets)")
   for T in bench_ts:
     timed = {**variants, **extras} if args.sweep and T == bench_ts[-1] else variants
-    r = bench(T, config, shape, interpret, timed, args.runs, xla_up_to)
+    r = bench(T, config, shape, interpret, timed, args.runs, xla_up_to, args.with_lse)
     result["bench"].append(r)
     for name, ms in r["ms"].items():
       tf = r["qk_tflops"].get(name)

@@ -190,8 +190,8 @@ def main():
   extras = {} if args.no_extras else {
       "rows16": fixed(16), "rows32": fixed(32), "rows64": fixed(64),
       **{f"dkv-rows{r}": Tiles(dkv_rows=r) for r in (16, 64, 256)},
-      "dkv-rows256-warps4": Tiles(dkv_rows=256, dkv_num_warps=4),
-      "dkv-tiles512": Tiles(dkv_tiles=512)}
+      "dkv-tiles512": Tiles(dkv_tiles=512), "warps2": Tiles(num_warps=2),
+      "warps8": Tiles(num_warps=8)}
   key = jax.random.key(0)
   device = jax.devices()[0].device_kind
   result = {"device": device, "jax": jax.__version__,
