@@ -87,7 +87,8 @@ class Tiles:
       2 >= 16 (shrunk to the next power of 2 >= T for short sequences).
     block_k: compressed keys per tile; a power of 2 >= 16. Fixes the chunk of
       selection blocks scored per step, (block_k - l/d + 1) // (l'/d): 15 for
-      the paper's sizes.
+      the paper's sizes at 64, 31 at 128. 64 is best when the kernel
+      computes its own lse, 128 when it is given (`WITH_LSE`).
     num_warps, num_stages: Triton launch parameters. num_warps = 4 measured
       best (H200, T=64k: 21.6 ms vs 35.6 ms at 8 warps; Config A, bf16).
   """
@@ -107,6 +108,12 @@ class Tiles:
       raise ValueError(f"Tiles.num_warps={self.num_warps!r} must be a power of 2")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"Tiles.num_stages={self.num_stages!r} must be an int >= 1")
+
+
+# Tiles when the caller passes the compressed branch's lse (as `nsa` does): no
+# lse pass, so longer chunks pay (H200, Config A, bf16: 8k 0.48 -> 0.38 ms,
+# 16k 1.07 -> 0.97, 64k 12.9 -> 9.7 ms; experiments/results/check_select_h200_lse.json).
+WITH_LSE = Tiles(block_k=128)
 
 
 def _next_pow2(x: int, at_least: int = 1) -> int:
@@ -323,20 +330,23 @@ def _chunk_size(config: NSAConfig, num_blocks: int, block_k: int) -> int:
 @functools.partial(jax.jit, static_argnames=("config", "scale", "interpret",
                                              "tiles"))
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float,
-                  interpret: bool, tiles: Tiles = Tiles(), lse=None):
+                  interpret: bool, tiles: Tiles | None = None, lse=None):
   """Top-n selection blocks per query and KV group; see the module docstring.
 
   Args:
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
     config, scale: as in `nsa_jax.select_blocks` (scale a python float).
     interpret: run the kernel in Pallas interpret mode (CPU).
-    tiles: tile sizes and launch parameters.
+    tiles: tile sizes and launch parameters (default: `Tiles()`, or
+      `WITH_LSE` when lse is given).
     lse: optional [B, T, HQ] natural-log lse of the compressed branch (-inf
       where nothing is visible); when given, pass 1 is skipped.
 
   Returns:
     block_idx [B, T, HKV, n] int32, -1 in unused slots, order free.
   """
+  if tiles is None:
+    tiles = Tiles() if lse is None else WITH_LSE
   B, T, HQ, Dk = q.shape
   Tc, HKV = k_cmp.shape[1], k_cmp.shape[2]
   G = HQ // HKV

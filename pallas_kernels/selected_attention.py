@@ -95,7 +95,9 @@ class Tiles:
       KV block (bitwise deterministic dK/dV, see the module docstring). 256:
       fwd+bwd 88.6 ms vs 91.1 ms at 64 (H200, T = 64k, G = 16, 16-row tiles).
     num_warps, num_stages: Triton launch parameters of the forward and dQ
-      kernels (H100: 4 warps, 2 stages).
+      kernels (H200, 64k, G = 16, random q, 16-row tiles, fwd / fwd+bwd:
+      2 warps 17.6 / 54.0 ms, 4 warps 18.8 / 57.0, 8 warps 27.0 / 72.1).
+    wide_num_warps: num_warps of the wide tiling (64 rows; 4 was measured).
     dkv_rows: query rows per step of the dK/dV kernel: it gathers
       max(1, dkv_rows // rows) of the block's query tiles per step (a power
       of 2 >= 16). H200, T = 64k, G = 16, random q, fwd+bwd: 16 rows (one
@@ -109,7 +111,8 @@ class Tiles:
   wide_rows: int | None = 64
   dkv_tiles: int | None = 256
   dkv_rows: int = 128
-  num_warps: int = 4
+  num_warps: int = 2
+  wide_num_warps: int = 4
   num_stages: int = 2
   dkv_num_warps: int = 8
 
@@ -126,7 +129,7 @@ class Tiles:
       raise ValueError(f"Tiles.dkv_tiles={self.dkv_tiles!r} must be None or an int >= 1")
     if not isinstance(self.dkv_rows, int) or self.dkv_rows < 16 or not _is_pow2(self.dkv_rows):
       raise ValueError(f"Tiles.dkv_rows={self.dkv_rows!r} must be a power of 2 >= 16")
-    for name in ("num_warps", "dkv_num_warps"):
+    for name in ("num_warps", "wide_num_warps", "dkv_num_warps"):
       value = getattr(self, name)
       if not isinstance(value, int) or not _is_pow2(value):
         raise ValueError(f"Tiles.{name}={value!r} must be a power of 2")
@@ -567,7 +570,8 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
   narrow_plan = _plan(block_idx, narrow)
   wide = None if tiles.wide_rows is None else _Geometry.make(
       q, v, block_idx, config, scale, interpret,
-      dataclasses.replace(tiles, rows=tiles.wide_rows, wide_rows=None))
+      dataclasses.replace(tiles, rows=tiles.wide_rows, wide_rows=None,
+                          num_warps=tiles.wide_num_warps))
   if wide is None or wide.Bq == narrow.Bq:      # no wide tile, or G fills both with one token
     return _selected(q, k, v, *narrow_plan, narrow)
   wide_plan = _plan(block_idx, wide)

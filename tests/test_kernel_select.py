@@ -175,6 +175,18 @@ def test_given_lse_skips_pass_1():
   assert np.mean(np.all(as_sets(given) == as_sets(without), axis=-1)) >= 0.99
 
 
+def test_given_lse_default_tiles_paper_sizes():
+  """With lse given, the default tiles are WITH_LSE (128-key tiles: chunks of
+  31 selection blocks); paper block sizes, T = 2200 (two chunks), G = 2."""
+  config = NSAConfig()
+  q, k_cmp = random_inputs(2, 1, 2200, 4, 2, 32, config)
+  scale = _common.resolve_scale(None, q)
+  _, lse = nsa_jax.compressed_attention(q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype),
+                                        config=config, scale=scale, impl="xla")
+  given = select_blocks(q, k_cmp, config=config, scale=scale, interpret=True, lse=lse)
+  assert_same_selection(given, q, k_cmp, config, scale)
+
+
 def test_reference_given_lse():
   """select_blocks_xla with the compressed branch's lse equals without it.
 
