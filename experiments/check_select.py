@@ -38,7 +38,7 @@ import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops import _common
 from nsa_jax.ops.selection import overlap_to_select_blocks, select_blocks_xla
-from pallas_kernels.select_blocks import Tiles, select_blocks
+from pallas_kernels.select_blocks import WITH_LSE, Tiles, select_blocks
 
 MAX_DIFFERING_ROWS = 0.01
 MAX_GAP = {"bfloat16": 1e-4, "float32": 1e-2}
@@ -175,7 +175,7 @@ def main():
     shape = dict(B=1, HQ=64, HKV=4, Dk=128)        # Config A
     check_ts, interpret, xla_up_to = [8192, 16384], False, 16384
     bench_ts = [T for T in (8192, 16384, 32768, 65536) if T <= args.max_t]
-  variants = {"default": Tiles()}
+  variants = {"default": WITH_LSE if args.with_lse else Tiles()}   # select_blocks' defaults
   extras = {"bq32": Tiles(block_q=32), "bq128": Tiles(block_q=128),
             "bk32": Tiles(block_k=32), "bk128": Tiles(block_k=128),
             "w2": Tiles(num_warps=2), "w8": Tiles(num_warps=8),

@@ -190,7 +190,7 @@ def main():
   extras = {} if args.no_extras else {
       "rows16": fixed(16), "rows32": fixed(32), "rows64": fixed(64),
       **{f"dkv-rows{r}": Tiles(dkv_rows=r) for r in (16, 64, 256)},
-      "dkv-tiles512": Tiles(dkv_tiles=512), "warps2": Tiles(num_warps=2),
+      "dkv-tiles512": Tiles(dkv_tiles=512), "warps4": Tiles(num_warps=4),
       "warps8": Tiles(num_warps=8)}
   key = jax.random.key(0)
   device = jax.devices()[0].device_kind

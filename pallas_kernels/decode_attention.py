@@ -113,13 +113,15 @@ def _partials_kernel(q_ref, k_ref, v_ref, start_ref, lo_ref, hi_ref,
       s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale   # [G, block_k]
       s = jnp.where(visible, s, NEG)
       tile_max = s.max(axis=1)
+      m_new = jnp.maximum(m, tile_max)
       if blocks:   # compressed blocks row0.. overlap selection blocks row0*d/l'..
         weights = _overlap_matrix(row0, block_k, row0 // block_k * per_tile, cols, cols,
                                   config, jnp.float32)
         p_tile = jnp.where(visible, jnp.exp(s - tile_max[:, None]), 0.0)
         blocks = [_exact_dot(p_tile, weights), tile_max]
-      m_new = jnp.maximum(m, tile_max)
-      p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+        p = p_tile * jnp.exp(tile_max - m_new)[:, None]   # exp(s - m_new), one exp per key
+      else:
+        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
       corr = jnp.exp(m - m_new)
       v = v_ref[pl.ds(row0, block_k), :]
       acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)

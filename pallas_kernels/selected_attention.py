@@ -450,8 +450,8 @@ def _backward_dkv(q5, k, v, blk, do5, lse, delta, tiles, items, geo: _Geometry):
     return pl.BlockSpec((None, shape[0], None, *shape[1:]),
                         lambda w, z: (z // HKV, 0, z % HKV) + (0,) * (len(shape) - 1))
 
-  zeros = [jnp.zeros((geo.B, geo.Tk, HKV, geo.Dkp), jnp.float32),
-           jnp.zeros((geo.B, geo.Tk, HKV, geo.Dvp), jnp.float32)]
+  dk0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dkp), jnp.float32)
+  dv0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dvp), jnp.float32)
   out_specs = [whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp)]
   return pl.pallas_call(
       functools.partial(_dkv_kernel, geo=geo),
@@ -467,11 +467,12 @@ def _backward_dkv(q5, k, v, blk, do5, lse, delta, tiles, items, geo: _Geometry):
                        lambda w, z: (z // HKV, z % HKV, w, 0)),
       ] + out_specs,
       out_specs=out_specs,
-      out_shape=[jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros],
+      out_shape=[jax.ShapeDtypeStruct(dk0.shape, dk0.dtype),
+                 jax.ShapeDtypeStruct(dv0.shape, dv0.dtype)],
       input_output_aliases={9: 0, 10: 1},
       compiler_params=geo.params(geo.tiles.dkv_num_warps), interpret=geo.interpret,
       name="nsa_selected_dkv",
-  )(q5, k, v, blk, do5, lse, delta, tiles, items, *zeros)
+  )(q5, k, v, blk, do5, lse, delta, tiles, items, dk0, dv0)
 
 
 # ------------------------------------------------------------- custom_vjp
