@@ -12,6 +12,9 @@ Timing: `STEPS` dependent steps in one jit-compiled `lax.fori_loop` (the next
 query depends on the last output, so nothing is hoisted and no Python dispatch
 is timed), median of `--reps` runs, divided by STEPS.
 
+On a GPU the Pallas step is first checked against the XLA one on odd shapes
+(`CHECKS`: G = 1, 2, 3, 16, Dk != Dv, small blocks, float32 and bfloat16,
+random lengths); any mismatch stops the run before timing.
 NSA also gets a bandwidth check: bytes of K/V one step must read (visible
 compressed + n*l' selected + w window keys and values per KV group) over the
 device's read rate measured in the same run: the best of a sum over 1 GiB and
@@ -91,6 +94,44 @@ def check_kernel(config, *operands) -> dict:
               finite=bool(jnp.isfinite(o).all()))
 
 
+# Odd shapes the kernel must get right before anything is timed (name, T, B,
+# HKV, G, Dk, Dv, dtype, config); lengths are drawn in 1 .. T.
+CHECKS = [("G3 Dk!=Dv", 300, 3, 2, 3, 64, 32, "float32", NSAConfig()),
+          ("G2 Dk!=Dv", 2100, 2, 2, 2, 32, 64, "float32", NSAConfig()),
+          ("G1", 5000, 2, 4, 1, 128, 128, "bfloat16", NSAConfig()),
+          ("small blocks", 130, 2, 1, 16, 16, 16, "float32",
+           NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
+                     window=24)),
+          ("Config A", 16384, 4, 4, 16, 128, 128, "float32", NSAConfig()),
+          ("Config A", 16384, 4, 4, 16, 128, 128, "bfloat16", NSAConfig())]
+# max |pallas - xla| / max |xla|: the kernel's float32 dots are single TF32.
+CHECK_TOL = {"float32": 2e-3, "bfloat16": 2e-2}
+
+
+def odd_shape_checks() -> list[dict]:
+  """The Pallas step against the XLA one on CHECKS (random lengths)."""
+  rows = []
+  for i, (name, T, B, HKV, G, Dk, Dv, dtype, config) in enumerate(CHECKS):
+    S, Sc = decoding.cache_rows(config, T)
+    ks = jax.random.split(jax.random.key(100 + i), 9)
+    rnd = lambda k, shape: jax.random.normal(k, shape, dtype)
+    operands = (rnd(ks[0], (B, HKV * G, Dk)), rnd(ks[1], (B, Sc, HKV, Dk)),
+                rnd(ks[2], (B, Sc, HKV, Dv)), rnd(ks[3], (B, S, HKV, Dk)),
+                rnd(ks[4], (B, S, HKV, Dv)), rnd(ks[5], (B, S, HKV, Dk)),
+                rnd(ks[6], (B, S, HKV, Dv)), jax.nn.sigmoid(rnd(ks[7], (B, HKV * G, 3))),
+                jax.random.randint(ks[8], (B,), 1, T + 1).at[0].set(T))
+    row = dict(name=name, T=T, B=B, HKV=HKV, G=G, Dk=Dk, Dv=Dv, dtype=dtype,
+               **check_kernel(config, *operands))
+    row["ok"] = bool(row["finite"] and row["selection_agreement"] == 1.0
+                     and row["o_rel_err"] <= CHECK_TOL[dtype])
+    print(f"check {name:>13} T={T:>5} B={B} HKV={HKV} G={G:>2} Dk={Dk:>3} Dv={Dv:>3} {dtype:>8}: "
+          f"error {row['o_rel_err']:.1e} (tol {CHECK_TOL[dtype]:.0e}), selections agree "
+          f"{100 * row['selection_agreement']:.0f} %  {'ok' if row['ok'] else 'FAILED'}",
+          flush=True)
+    rows.append(row)
+  return rows
+
+
 def bandwidths(reps: int) -> tuple[float, float]:
   """(read, copy) bytes/s over a 1 GiB bf16 array: a sum (reads only, as a
   decode step does) and x + 1 (read + write)."""
@@ -122,6 +163,10 @@ def main():
   itemsize = jnp.dtype(dtype).itemsize
   device = jax.devices()[0]
   mem_limit = (device.memory_stats() or {}).get("bytes_limit") if on_gpu else None
+  checks = odd_shape_checks() if on_gpu else []
+  failed = [f"{c['name']} {c['dtype']}" for c in checks if not c["ok"]]
+  if failed:
+    raise SystemExit(f"decode kernel checks failed, nothing timed: {failed}")
   probe_bw, copy_bw = bandwidths(args.reps) if on_gpu else (float("nan"), float("nan"))
   print(f"device: {device.device_kind}; jax {jax.__version__}; "
         f"read probe {probe_bw / 1e9:.0f} GB/s, copy {copy_bw / 1e9:.0f} GB/s")
@@ -210,7 +255,7 @@ def main():
               HQ=HQ, HKV=HKV, Dk=D, Dv=D, dtype=jnp.dtype(dtype).name, steps_per_timing=STEPS,
               reps=args.reps, config=config.__dict__, small=args.small, unroll=args.unroll)
   with open(os.path.join(args.out, "decode_bench.json"), "w") as f:
-    json.dump(dict(meta=meta, results=results), f, indent=1)
+    json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
   plot(results, list(methods), batches, os.path.join(args.out, "decode_bench.png"), meta)
   print(f"wrote {args.out}/decode_bench.json and decode_bench.png")
   for r in results:

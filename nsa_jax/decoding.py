@@ -37,7 +37,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import FullAttention
@@ -75,17 +74,16 @@ def decode_block_scores(p_cmp, config: NSAConfig, seq_len: int):
   return overlap_to_select_blocks(p, config, config.num_select_blocks(seq_len))
 
 
-def decode_selection(scores, t, config: NSAConfig, top_k=lax.top_k):
+def decode_selection(scores, t, config: NSAConfig):
   """Top-n selection blocks of one query per sequence (paper Eq. 11).
 
   Args:
     scores: [B, HKV, Ts] block importance (`decode_block_scores`).
     t: [B] query positions.
-    top_k: `lax.top_k` or a kernel with its semantics (`pallas_kernels.top_n`).
   Returns:
     block_idx [B, HKV, n] int32, -1 in unused slots.
   """
-  rank_one = lambda s, tb: rank_blocks(s[:, None, :], tb[None], config, top_k)[:, 0]
+  rank_one = lambda s, tb: rank_blocks(s[:, None, :], tb[None], config)[:, 0]
   return jax.vmap(rank_one)(scores, t)
 
 

@@ -1,29 +1,37 @@
 """Split-K decode attention for NSA: one query token per sequence (paper §5.2, Table 4).
 
 At batch 1 a decode step has only HKV groups of work, so each branch's keys
-are cut into *segments* (runs of cache rows) spread over a (batch, KV head,
-split) grid: every program takes the G query heads of its group (padded to a
-16-row tile), walks its segments in BLOCK_K-row tiles with an online softmax,
-and writes a partial result (unnormalised output, running max, sum). XLA then
-merges the partials of each branch (split-K, as in flash-decoding). One kernel,
-three launches:
-  1. compressed keys: segments of BLOCK_K rows over the visible blocks. The
-     kernel also starts the selection's block scores (Eq. 8-10), so that they
-     need no second pass over k_cmp and the [Sc] scores never reach HBM: per
-     tile and head it writes the tile's max score m and the tile's
-     probabilities relative to it, exp(s - m), already summed into the
-     selection blocks the tile overlaps (the overlap-weights matmul of
-     `pallas_kernels/select_blocks.py`, at float32 accuracy). XLA rescales them
-     by exp(m - lse) once lse is known, sums heads and tiles, and ranks
-     (`nsa_jax.decoding.decode_selection`; top-n by `pallas_kernels/top_n.py`);
-  2. selected blocks: segment j is selection block block_idx[j], rows
-     [j*l', (j+1)*l') cut at the query (causal);
-  3. window: BLOCK_K-aligned segments covering t-w+1 .. t.
-Each program reads only rows that some query can see, rounded to whole tiles.
-Reference: `nsa_jax.decoding.nsa_decode_xla`.
+are cut into BLOCK_K-row *tiles* spread over a (batch, KV head, split) grid:
+every program takes the G query heads of its group (padded to a 16-row tile),
+walks its tiles with an online softmax and writes a partial result
+(unnormalised output, running max, sum), as in flash-decoding. A step is five
+launches and no XLA work between them (the step is launch-bound at batch 1:
+H200, 64k, ~26 us of kernels; `experiments/check_decode.py` times variants):
+
+  1. `_compressed_kernel`: the visible compressed keys (Eq. 7-8). It also starts
+     the selection's block scores (Eq. 9-10) so that no second pass reads
+     k_cmp and no [Sc] score row reaches HBM: per tile and head it writes the
+     tile's max score and its probabilities relative to it, exp(s - max),
+     summed into the selection blocks the tile overlaps (the overlap-weights
+     matmul of `pallas_kernels/select_blocks.py`, at float32 accuracy), in
+     *strips*: strip 0 holds the tile's own blocks, strip 1 the block after
+     them that its last compressed keys reach into;
+  2. `_scores_kernel`: merges the compressed partials into each head's lse,
+     rescales the tile sums by exp(max - lse) and adds heads and strips into
+     the block scores, all heads at once, a few score rows per program;
+  3. `_top_n_kernel`, one warp per (sequence, group): the top n blocks (Eq. 11;
+     forced initial and local blocks first), `nsa_jax.ops.selection`'s ranking
+     by n passes of "max, lowest index holding it, knock it out";
+  4. `_local_kernel`: the selected blocks (causally cut at the query) and the
+     window t-w+1 .. t, each program on one of the two;
+  5. `_combine_kernel`: merges each branch's partials and applies the gates.
+
+The cache rows a program reads are those some query can see, rounded to whole
+tiles. Reference: `nsa_jax.decoding.nsa_decode_xla`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,12 +41,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.decoding import decode_selection, num_visible_compressed
+from nsa_jax.decoding import num_visible_compressed
 from pallas_kernels.select_blocks import _exact_dot, _overlap_matrix
-from pallas_kernels.top_n import top_n
 
 BLOCK_K = 64            # cache rows per tile
-TARGET_PROGRAMS = 1024  # splits per branch aim at ~8 programs per SM of an H100/H200
+TARGET_PROGRAMS = 1024  # programs per branch: ~8 per SM of an H100/H200 ...
+MAX_SPLITS = 64         # ... and at most this many per (sequence, group)
+COMPRESSED = dict(num_warps=2, num_stages=2)   # launch parameters of each kernel
+LOCAL = dict(num_warps=4, num_stages=2)
+SCORES = dict(num_warps=4, num_stages=1)
+TOP_N = dict(num_warps=1, num_stages=1)
+COMBINE = dict(num_warps=8, num_stages=1)
+TILE_ELEMENTS = 4096    # float32 values a 4-warp program holds in one tensor ...
+COMBINE_ELEMENTS = 8192 # ... and the 8-warp combine kernel
+DV_CHUNK = 32           # output columns per combine program
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -50,15 +66,15 @@ def _next_pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def _block_k(config: NSAConfig) -> int:
-  return min(BLOCK_K, config.select_block)
+def _cdiv(a, b):
+  return (a + b - 1) // b
 
 
 def unsupported(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
                 config: NSAConfig) -> str | None:
   """Why the kernel cannot take these (already validated) inputs, or None."""
   Dk, Dv, lp = q.shape[-1], v_slc.shape[-1], config.select_block
-  bk = _block_k(config)
+  bk = min(BLOCK_K, lp)
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} is not float32/bfloat16/float16"
   if not (_pow2(Dk) and _pow2(Dv) and Dk >= 16 and Dv >= 16):
@@ -74,158 +90,259 @@ def unsupported(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   return None
 
 
-def _tile_blocks(config: NSAConfig, bk: int) -> tuple[int, int]:
-  """(selection blocks starting in a tile of bk compressed blocks, columns per
-  tile: those it overlaps, padded to a power of 2 >= 16)."""
-  d, l, lp = config.compress_stride, config.compress_block, config.select_block
-  overlapped = ((bk - 1) * d + l - 1) // lp + 1
-  return bk * d // lp, max(16, _next_pow2(overlapped))
+def _split(tiles: int, programs_per_group: int) -> tuple[int, int]:
+  """(tiles per program, programs), both powers of 2, for `tiles` tiles."""
+  per = _next_pow2(_cdiv(tiles, programs_per_group))
+  return per, _next_pow2(_cdiv(tiles, per))
 
 
-def _partials_kernel(q_ref, k_ref, v_ref, start_ref, lo_ref, hi_ref,
-                     o_ref, m_ref, l_ref, *block_refs, scale, seg_len, block_k,
-                     config):
-  """One program: its segments' partial softmax for the G heads of one KV group.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static geometry of one decode call (names as in the module docstring)."""
+  G: int            # query heads per group
+  Gp: int           # ... padded to a dot's 16 rows
+  HQ: int
+  bk: int           # rows per tile
+  per_tile: int     # selection blocks starting in a tile of compressed keys
+  strips: int       # selection-block strips a compressed tile reaches (<= 2)
+  strip_cols: int   # columns stored per strip: per_tile padded to a dot's 16
+  score_rows: int   # block scores are [score_rows, per_tile], block r*per_tile + u ...
+  rows_per_program: int   # ... scored rows_per_program rows per program
+  n_pad: int        # selected-block slots, n padded to a power of 2
+  cmp: tuple[int, int]   # (tiles per program, programs) of each branch
+  slc: tuple[int, int]
+  win: tuple[int, int]
 
-  Segment j covers rows start[j] .. start[j] + seg_len - 1, of which rows in
-  [lo[j], hi[j]) are visible; only tiles holding visible rows are read.
-  With block_refs (compressed keys, one tile per segment, seg_len = block_k):
-  also the tile's selection-block sums (see the module docstring), into
-  blk_ref [per, G, cols] and tile_max_ref [per, G].
+  @classmethod
+  def make(cls, B, HQ, HKV, S, Sc, config: NSAConfig):
+    lp, d, l = config.select_block, config.compress_stride, config.compress_block
+    bk = min(BLOCK_K, lp)
+    per_tile = bk * d // lp
+    # Tile c covers tokens [c*bk*d, (c+1)*bk*d + l - d): its own per_tile
+    # blocks and, as l - d < l', at most one more.
+    reach = _cdiv((bk - 1) * d + l, lp)
+    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (B * HKV)))
+    blocks = max(config.num_select_blocks(S), config.num_selected)
+    win_tiles = min(_cdiv(config.window, bk) + 1, S // bk)   # w rows from an aligned start
+    G = HQ // HKV
+    Gp = max(16, _next_pow2(G))
+    score_rows = _next_pow2(_cdiv(blocks, per_tile))
+    return cls(G=G, Gp=Gp, HQ=HQ, bk=bk, per_tile=per_tile,
+               strips=_cdiv(reach, per_tile), strip_cols=max(16, per_tile),
+               score_rows=score_rows,
+               rows_per_program=min(score_rows, max(1, TILE_ELEMENTS // (Gp * per_tile))),
+               n_pad=_next_pow2(config.num_selected),
+               cmp=_split(Sc // bk, splits),
+               slc=_split(config.num_selected * (lp // bk), splits),
+               win=_split(win_tiles, splits))
+
+
+# ------------------------------------------------------------------ kernels
+
+
+def _attend(q, k_ref, v_ref, count, tile_rows, *, bk: int, scale: float, probs=None):
+  """Online softmax of q [Gp, Dk] over `count` tiles of bk rows.
+
+  tile_rows(i) -> (row0, lo, hi): tile i holds rows row0 .. row0 + bk - 1, of
+  which those in [lo, hi) are visible. probs(i, row0, s, visible, tile_max,
+  m_new), if given, returns the tile's exp(s - m_new) (default: computed here).
+  Returns the partial (acc [Gp, Dv], m [Gp], l [Gp]) in float32.
   """
+  def body(i, carry):
+    acc, m, l = carry
+    row0, lo, hi = tile_rows(i)
+    rows = row0 + jnp.arange(bk, dtype=jnp.int32)
+    visible = ((rows >= lo) & (rows < hi))[None, :]
+    k = k_ref[pl.ds(row0, bk), :]
+    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale   # [Gp, bk]
+    s = jnp.where(visible, s, NEG)
+    tile_max = s.max(axis=1)
+    m_new = jnp.maximum(m, tile_max)
+    if probs is None:
+      p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    else:
+      p = probs(i, row0, s, visible, tile_max, m_new)
+    corr = jnp.exp(m - m_new)
+    v = v_ref[pl.ds(row0, bk), :]
+    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+    return acc, m_new, l * corr + p.sum(axis=1)
+
+  Gp, Dv = q.shape[0], v_ref.shape[-1]
+  init = (jnp.zeros((Gp, Dv), jnp.float32), jnp.full((Gp,), NEG, jnp.float32),
+          jnp.zeros((Gp,), jnp.float32))
+  return lax.fori_loop(0, count, body, init)
+
+
+def _store(o_ref, m_ref, l_ref, partial):
+  o_ref[...], m_ref[...], l_ref[...] = partial
+
+
+def _compressed_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, blk_ref,
+                       tile_max_ref, *, plan: _Plan, scale: float, config: NSAConfig):
+  """Program (b, h, p): tiles p*per .. of the visible compressed keys, and
+  their selection-block sums: blk_ref [strips, per, Gp, strip_cols] (strip k
+  of local tile i: blocks (tile + k)*per_tile + u) and tile_max_ref [per, Gp]."""
+  per, bk = plan.cmp[0], plan.bk
+  first = pl.program_id(2) * per
+  visible = num_visible_compressed(len_ref[0] - 1, config)
+  count = jnp.clip(_cdiv(visible, bk) - first, 0, per)
+  # Overlaps of a tile's keys with strip k's blocks; the same for every tile
+  # (tile c starts at stride c*bk, block (c+k)*per_tile at stride c*bk + k*l').
+  weights = [_overlap_matrix(0, bk, k * plan.per_tile, plan.strip_cols, plan.per_tile,
+                             config, jnp.float32) for k in range(plan.strips)]
+
+  def probs(i, row0, s, seen, tile_max, m_new):
+    p_tile = jnp.where(seen, jnp.exp(s - tile_max[:, None]), 0.0)
+    for k in range(plan.strips):
+      blk_ref[k, i] = _exact_dot(p_tile, weights[k])
+    tile_max_ref[i] = tile_max
+    return p_tile * jnp.exp(tile_max - m_new)[:, None]   # exp(s - m_new), one exp per key
+
+  _store(o_ref, m_ref, l_ref, _attend(
+      q_ref[...], k_ref, v_ref, count, lambda i: ((first + i) * bk, 0, visible),
+      bk=bk, scale=scale, probs=probs))
+
+
+def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, tile_max_ref, scores_ref, *,
+                   plan: _Plan, config: NSAConfig):
+  """Program (b, h, r): block scores (Eq. 9-10) of score rows r*rows .., all
+  heads at once: each head's lse from the compressed partials, the tile sums
+  rescaled by exp(tile max - lse), summed over heads and strips."""
+  m, l = m_ref[...], l_ref[...]                    # [P, Gp] compressed partials
+  top = m.max(axis=0)
+  total = (l * jnp.exp(m - top[None, :])).sum(axis=0)
+  lse = top + jnp.log(jnp.maximum(total, 1e-30))
+  head_ok = (total > 0) & (jnp.arange(plan.Gp, dtype=jnp.int32) < plan.G)
+  tiles = _cdiv(num_visible_compressed(len_ref[0] - 1, config), plan.bk)   # tiles written
+  nt = tile_max_ref.shape[0]
+  rows = plan.rows_per_program
+  scores = jnp.zeros((rows, plan.per_tile), jnp.float32)
+  for k in range(plan.strips):                     # row r holds tile r - k's strip k
+    c = pl.program_id(2) * rows + jnp.arange(rows, dtype=jnp.int32) - k
+    ok = ((c >= 0) & (c < tiles))[:, None] & head_ok[None, :]           # [rows, Gp]
+    c = jnp.clip(c, 0, nt - 1)
+    rescale = jnp.where(ok, jnp.exp(tile_max_ref[c] - lse[None, :]), 0.0)
+    sums = jnp.where(ok[:, :, None], blk_ref[k, c, :, pl.ds(0, plan.per_tile)], 0.0)
+    scores += (rescale[:, :, None] * sums).sum(axis=1)
+  scores_ref[...] = scores
+
+
+def _top_n(live, index, n: int, n_pad: int):
+  """Indices [n_pad] of the n largest entries of live (any shape; index holds
+  each entry's index, distinct), in descending order, ties to the lower index
+  (`lax.top_k`); -1 in slots whose value is -inf and past n.
+
+  n passes of "max, lowest index holding it, knock it out": 2n reductions, no
+  sort (Triton has none in Pallas).
+  """
+  slot = jnp.arange(n_pad, dtype=jnp.int32)
+  big = jnp.iinfo(jnp.int32).max
+
+  def pick(i, carry):
+    live, out = carry
+    best = live.max()
+    at = jnp.where(live == best, index, big).min()
+    out = jnp.where(slot == i, jnp.where(best == -jnp.inf, -1, at), out)
+    return jnp.where(index == at, -jnp.inf, live), out
+
+  return lax.fori_loop(0, n, pick, (live, jnp.full((n_pad,), -1, jnp.int32)))[1]
+
+
+def _top_n_kernel(len_ref, scores_ref, idx_ref, *, plan: _Plan, config: NSAConfig):
+  """Program (b, h): the top n blocks (Eq. 11), forced initial and local
+  blocks first, of scores_ref [score_rows * per_tile] into idx_ref [n_pad]
+  (a flat row: one warp reduces it with shuffles alone)."""
+  j = jnp.arange(plan.score_rows * plan.per_tile, dtype=jnp.int32)
+  cur = (len_ref[0] - 1) // config.select_block
+  candidate = j <= cur
+  forced = candidate & ((j < config.num_initial) | (j > cur - config.num_local))
+  live = jnp.where(forced, jnp.inf, jnp.where(candidate, scores_ref[...], -jnp.inf))
+  idx_ref[...] = _top_n(live, j, config.num_selected, plan.n_pad)
+
+
+def _local_kernel(len_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_win_ref, v_win_ref,
+                  o_ref, m_ref, l_ref, *, plan: _Plan, scale: float, config: NSAConfig):
+  """Programs p < P_slc: selected tiles p*per ..; the rest: window tiles."""
+  t = len_ref[0] - 1
+  p = pl.program_id(2)
   q = q_ref[...]
-  G, Dv = q.shape[0], o_ref.shape[-1]
-  if block_refs:
-    blk_ref, tile_max_ref = block_refs
-    per_tile, cols = _tile_blocks(config, block_k)
+  bk, lp = plan.bk, config.select_block
+  attend = functools.partial(_attend, q, bk=bk, scale=scale)
+  (per_s, P_s), (per_w, _) = plan.slc, plan.win
 
-  def segment(j, carry):
-    start, lo, hi = start_ref[j], lo_ref[j], hi_ref[j]
-    first = jnp.maximum(lo - start, 0) // block_k
-    stop = (jnp.clip(hi - start, 0, seg_len) + block_k - 1) // block_k
+  @pl.when(p < P_s)
+  def _():
+    first = p * per_s
+    tiles_per_block = lp // bk
 
-    def tile(i, carry):
-      acc, m, l, *blocks = carry
-      row0 = start + i * block_k
-      rows = row0 + jnp.arange(block_k)
-      visible = ((rows >= lo) & (rows < hi))[None, :]
-      k = k_ref[pl.ds(row0, block_k), :]
-      s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale   # [G, block_k]
-      s = jnp.where(visible, s, NEG)
-      tile_max = s.max(axis=1)
-      m_new = jnp.maximum(m, tile_max)
-      if blocks:   # compressed blocks row0.. overlap selection blocks row0*d/l'..
-        weights = _overlap_matrix(row0, block_k, row0 // block_k * per_tile, cols, cols,
-                                  config, jnp.float32)
-        p_tile = jnp.where(visible, jnp.exp(s - tile_max[:, None]), 0.0)
-        blocks = [_exact_dot(p_tile, weights), tile_max]
-        p = p_tile * jnp.exp(tile_max - m_new)[:, None]   # exp(s - m_new), one exp per key
-      else:
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-      corr = jnp.exp(m - m_new)
-      v = v_ref[pl.ds(row0, block_k), :]
-      acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
-      return acc, m_new, l * corr + p.sum(axis=1), *blocks
+    def tile_rows(i):   # slot (first + i) // tiles_per_block, cut at the query
+      u = first + i
+      blk = idx_ref[u // tiles_per_block]
+      start = jnp.maximum(blk, 0) * lp
+      hi = jnp.where(blk >= 0, jnp.minimum(start + lp, t + 1), 0)
+      return start + u % tiles_per_block * bk, start, hi
 
-    if not block_refs:
-      return lax.fori_loop(first, stop, tile, carry)
-    # A tile not read (nothing visible) gets zero sums and max NEG.
-    unread = (jnp.zeros((G, cols), jnp.float32), jnp.full((G,), NEG, jnp.float32))
-    acc, m, l, blk, tile_max = lax.fori_loop(first, stop, tile, (*carry, *unread))
-    blk_ref[j] = blk
-    tile_max_ref[j] = tile_max
-    return acc, m, l
+    count = jnp.clip(config.num_selected * tiles_per_block - first, 0, per_s)
+    _store(o_ref, m_ref, l_ref, attend(k_slc_ref, v_slc_ref, count, tile_rows))
 
-  init = (jnp.zeros((G, Dv), jnp.float32), jnp.full((G,), NEG, jnp.float32),
-          jnp.zeros((G,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, start_ref.shape[0], segment, init)
-  o_ref[...] = acc
-  m_ref[...] = m
-  l_ref[...] = l
+  @pl.when(p >= P_s)
+  def _():
+    first = (p - P_s) * per_w
+    lo = jnp.maximum(t - config.window + 1, 0)
+    base = lo // bk * bk
+    count = jnp.clip(_cdiv(t + 1 - base, bk) - first, 0, per_w)
+    _store(o_ref, m_ref, l_ref, attend(
+        k_win_ref, v_win_ref, count, lambda i: (base + (first + i) * bk, lo, t + 1)))
 
 
-def _split_k(qg, k, v, start, lo, hi, *, seg_len: int, block_k: int, scale: float,
-             interpret: bool, config: NSAConfig, block_sums: bool = False):
-  """Attention of qg [B, HKV, Gp, Dk] over the segments of k/v [B, N, HKV, D].
+def _merged(o_ref, m_ref, l_ref, start: int, parts: int):
+  """Normalised output [Gp, DV_CHUNK] of partials start .. start + parts - 1,
+  as many at a time as fit a COMBINE_ELEMENTS tensor."""
+  Gp, Dv = o_ref.shape[-2:]
+  chunk = min(parts, max(1, COMBINE_ELEMENTS // (Gp * Dv)))
 
-  start [B, HKV, nseg] and lo, hi (broadcastable to it) give the segments.
+  def body(c, carry):
+    acc, M, L = carry
+    at = pl.ds(start + c * chunk, chunk)
+    m, l, o = m_ref[at], l_ref[at], o_ref[at]     # [chunk, Gp], [chunk, Gp, Dv]
+    M_new = jnp.maximum(M, m.max(axis=0))
+    w = jnp.exp(m - M_new[None, :])
+    corr = jnp.exp(M - M_new)
+    acc = acc * corr[:, None] + (w[:, :, None] * o).sum(axis=0)
+    return acc, M_new, L * corr + (w * l).sum(axis=0)
 
-  Returns (o [B, HKV, Gp, Dv] f32, lse [B, HKV, Gp]) and, with `block_sums`
-  (one tile per segment), the selection-block sums [B, HKV, >= nseg, Gp, cols]
-  and tile maxima [B, HKV, >= nseg, Gp] of each segment (see the module
-  docstring; segments past nseg are empty: zero sums, max NEG).
-  """
-  B, HKV, Gp, Dk = qg.shape
-  N, Dv = k.shape[1], v.shape[-1]
-  nseg = start.shape[-1]
-  per = _next_pow2(-(-nseg // max(1, TARGET_PROGRAMS // (B * HKV))))
-  P = -(-nseg // per)
-  segs = [jnp.pad(jnp.broadcast_to(a, start.shape).astype(jnp.int32),
-                  [(0, 0), (0, 0), (0, P * per - nseg)]).reshape(B, HKV, P, per)
-          for a in (start, lo, hi)]          # padding segments are empty (lo = hi = 0)
-  seg_spec = pl.BlockSpec((None, None, None, per), lambda b, h, p: (b, h, p, 0))
-  out_shape = [jax.ShapeDtypeStruct((B, HKV, P, Gp, Dv), jnp.float32),
-               jax.ShapeDtypeStruct((B, HKV, P, Gp), jnp.float32),
-               jax.ShapeDtypeStruct((B, HKV, P, Gp), jnp.float32)]
-  stat_spec = pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0))
-  out_specs = [pl.BlockSpec((None, None, None, Gp, Dv), lambda b, h, p: (b, h, p, 0, 0)),
-               stat_spec, stat_spec]
-  if block_sums:
-    cols = _tile_blocks(config, block_k)[1]
-    out_shape += [jax.ShapeDtypeStruct((B, HKV, P * per, Gp, cols), jnp.float32),
-                  jax.ShapeDtypeStruct((B, HKV, P * per, Gp), jnp.float32)]
-    out_specs += [pl.BlockSpec((None, None, per, Gp, cols), lambda b, h, p: (b, h, p, 0, 0)),
-                  pl.BlockSpec((None, None, per, Gp), lambda b, h, p: (b, h, p, 0))]
-  kernel = functools.partial(_partials_kernel, scale=scale, seg_len=seg_len, block_k=block_k,
-                             config=config)
-  out = pl.pallas_call(
-      kernel, grid=(B, HKV, P),
-      in_specs=[pl.BlockSpec((None, None, Gp, Dk), lambda b, h, p: (b, h, 0, 0)),
-                pl.BlockSpec((None, N, None, Dk), lambda b, h, p: (b, 0, h, 0)),
-                pl.BlockSpec((None, N, None, Dv), lambda b, h, p: (b, 0, h, 0)),
-                seg_spec, seg_spec, seg_spec],
-      out_specs=out_specs, out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret, name="nsa_decode_partials",
-  )(qg, k, v, *segs)
-  o, lse = _merge(*out[:3])
-  return (o, lse, *out[3:]) if block_sums else (o, lse)
+  acc, _, L = lax.fori_loop(0, parts // chunk, body,
+                            (jnp.zeros((Gp, Dv), jnp.float32),
+                             jnp.full((Gp,), NEG, jnp.float32), jnp.zeros((Gp,), jnp.float32)))
+  return acc / jnp.where(L > 0, L, 1.0)[:, None]
 
 
-def _merge(o, m, l):
-  """Combines split partials [B, HKV, P, ...] into (o [B, HKV, Gp, Dv], lse [B, HKV, Gp])."""
-  top = m.max(axis=2, keepdims=True)
-  w = jnp.exp(m - top)
-  total = (w * l).sum(axis=2)
-  seen = total > 0
-  total = jnp.where(seen, total, 1.0)
-  out = (w[..., None] * o).sum(axis=2) / total[..., None]
-  return out, jnp.where(seen, top[:, :, 0] + jnp.log(total), -jnp.inf)
+def _combine_kernel(gates_ref, o_cmp_ref, m_cmp_ref, l_cmp_ref, o_loc_ref, m_loc_ref,
+                    l_loc_ref, out_ref, *, plan: _Plan):
+  """Program (b, h, c): g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (Eq. 5),
+  output columns c*DV_CHUNK .."""
+  b, h = pl.program_id(0), pl.program_id(1)
+  heads = h * plan.G + jnp.minimum(jnp.arange(plan.Gp, dtype=jnp.int32), plan.G - 1)
+  gate = lambda c: gates_ref[(b * plan.HQ + heads) * 3 + c].astype(jnp.float32)[:, None]
+  P_s, P_w = plan.slc[1], plan.win[1]
+  out = (gate(0) * _merged(o_cmp_ref, m_cmp_ref, l_cmp_ref, 0, plan.cmp[1])
+         + gate(1) * _merged(o_loc_ref, m_loc_ref, l_loc_ref, 0, P_s)
+         + gate(2) * _merged(o_loc_ref, m_loc_ref, l_loc_ref, P_s, P_w))
+  out_ref[...] = out.astype(out_ref.dtype)
 
 
-def _block_scores(blk, tile_max, lse, G: int, config: NSAConfig, seq_len: int):
-  """Block importance [B, HKV, Ts] (Eq. 9-10) from the compressed kernel's tiles.
+# ------------------------------------------------------------- pallas calls
 
-  blk [B, HKV, nt, Gp, cols] are tile c's probabilities relative to its max
-  tile_max [B, HKV, nt, Gp], summed into the selection blocks c*per_tile + u
-  (column u); lse [B, HKV, Gp] is the branch's. Heads >= G are padding.
-  """
-  B, HKV, nt, Gp, cols = blk.shape
-  per_tile = _tile_blocks(config, _block_k(config))[0]
-  seen = (jnp.arange(Gp) < G)[None, None, :] & (lse > -jnp.inf)          # [B, HKV, Gp]
-  rescale = jnp.exp(tile_max - jnp.where(seen, lse, 0.0)[:, :, None, :])
-  rescale = jnp.where(seen[:, :, None, :], rescale, 0.0)                   # [B, HKV, nt, Gp]
-  tiles = jnp.sum(rescale[..., None] * blk, axis=3)                        # [B, HKV, nt, cols]
-  # Column u of tile c is block c*per_tile + u: add the columns in strips of
-  # per_tile, strip k shifted k tiles to the right.
-  strips = -(-cols // per_tile)
-  tiles = jnp.pad(tiles, [(0, 0), (0, 0), (0, 0), (0, strips * per_tile - cols)])
-  length = (nt + strips) * per_tile
-  total = sum(jnp.pad(tiles[..., k * per_tile:(k + 1) * per_tile].reshape(B, HKV, nt * per_tile),
-                      [(0, 0), (0, 0), (k * per_tile, length - (nt + k) * per_tile)])
-              for k in range(strips))
-  Ts = config.num_select_blocks(seq_len)
-  return jnp.pad(total, [(0, 0), (0, 0), (0, max(0, Ts - length))])[..., :Ts]
+
+def _partials_shapes(B, HKV, P, Gp, Dv):
+  return [jax.ShapeDtypeStruct((B, HKV, P, Gp, Dv), jnp.float32),
+          jax.ShapeDtypeStruct((B, HKV, P, Gp), jnp.float32),
+          jax.ShapeDtypeStruct((B, HKV, P, Gp), jnp.float32)]
+
+
+def _group_block(shape):
+  """BlockSpec of group (b, h)'s whole slice [b, h, ...] of an array, any grid."""
+  return pl.BlockSpec((None, None, *shape), lambda b, h, *_: (b, h) + (0,) * len(shape))
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
@@ -233,34 +350,70 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   """Kernel path of `nsa_jax.decoding.nsa_decode`: (o [B, HQ, Dv], block_idx [B, HKV, n])."""
   B, HQ, Dk = q.shape
   Sc, HKV = k_cmp.shape[1], k_cmp.shape[2]
-  S, lp, w = k_slc.shape[1], config.select_block, config.window
-  G = HQ // HKV
-  bk = _block_k(config)
-  qg = jnp.pad(q.reshape(B, HKV, G, Dk), [(0, 0), (0, 0), (0, max(16, _next_pow2(G)) - G), (0, 0)])
-  run = functools.partial(_split_k, qg, block_k=bk, scale=scale, interpret=interpret,
-                          config=config)
-  t = lengths - 1
-  per_head = lambda x: jnp.broadcast_to(x, (B, HKV, x.shape[-1]))
-  ar = lambda n: jnp.arange(n, dtype=jnp.int32)
+  S, Dv = k_slc.shape[1], v_slc.shape[-1]
+  plan = _Plan.make(B, HQ, HKV, S, Sc, config)
+  G, Gp = plan.G, plan.Gp
+  qg = jnp.pad(q.reshape(B, HKV, G, Dk), [(0, 0), (0, 0), (0, Gp - G), (0, 0)])
+  lens = lengths.reshape(B, 1)
+  call = lambda kernel, params, name, **kw: pl.pallas_call(
+      kernel, compiler_params=plgpu.CompilerParams(**params), interpret=interpret,
+      name=name, **kw)
+  len_spec = pl.BlockSpec((None, 1), lambda b, *_: (b, 0))
+  kv_spec = lambda rows, D: pl.BlockSpec((None, rows, None, D), lambda b, h, p: (b, 0, h, 0))
+  partial_specs = [pl.BlockSpec((None, None, None, Gp, Dv), lambda b, h, p: (b, h, p, 0, 0))] + [
+      pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0))] * 2
+  common = dict(plan=plan, config=config)
 
-  ntc = num_visible_compressed(t, config)
-  start = per_head(ar(Sc // bk)[None, None, :] * bk)
-  o_cmp, lse, blk, tile_max = run(k_cmp, v_cmp, start, 0, ntc[:, None, None], seg_len=bk,
-                                  block_sums=True)
-  block_idx = decode_selection(_block_scores(blk, tile_max, lse, G, config, S), t, config,
-                               top_k=functools.partial(top_n, interpret=interpret))
+  per_c, P_c = plan.cmp
+  nt, cols = per_c * P_c, plan.strip_cols
+  o_c, m_c, l_c, blk, tile_max = call(
+      functools.partial(_compressed_kernel, scale=scale, **common), COMPRESSED,
+      "nsa_decode_compressed", grid=(B, HKV, P_c),
+      in_specs=[len_spec, _group_block((Gp, Dk)), kv_spec(Sc, Dk), kv_spec(Sc, Dv)],
+      out_specs=partial_specs + [
+          pl.BlockSpec((None, None, plan.strips, per_c, Gp, cols),
+                       lambda b, h, p: (b, h, 0, p, 0, 0)),
+          pl.BlockSpec((None, None, per_c, Gp), lambda b, h, p: (b, h, p, 0))],
+      out_shape=_partials_shapes(B, HKV, P_c, Gp, Dv) + [
+          jax.ShapeDtypeStruct((B, HKV, plan.strips, nt, Gp, cols), jnp.float32),
+          jax.ShapeDtypeStruct((B, HKV, nt, Gp), jnp.float32)],
+  )(lens, qg, k_cmp, v_cmp)
 
-  chosen = block_idx >= 0
-  start = jnp.where(chosen, block_idx * lp, 0)
-  hi = jnp.where(chosen, jnp.minimum(start + lp, t[:, None, None] + 1), 0)
-  o_slc, _ = run(k_slc, v_slc, start, start, hi, seg_len=lp)
+  R, rows = plan.score_rows, plan.rows_per_program
+  scores = call(
+      functools.partial(_scores_kernel, **common), SCORES, "nsa_decode_scores",
+      grid=(B, HKV, R // rows),
+      in_specs=[len_spec, _group_block((P_c, Gp)), _group_block((P_c, Gp)),
+                _group_block((plan.strips, nt, Gp, cols)), _group_block((nt, Gp))],
+      out_specs=pl.BlockSpec((None, None, rows, plan.per_tile), lambda b, h, r: (b, h, r, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, HKV, R, plan.per_tile), jnp.float32),
+  )(lens, m_c, l_c, blk, tile_max)
 
-  lo = jnp.maximum(t - w + 1, 0)
-  tiles = min(-(-w // bk) + 1, S // bk)   # w rows from an aligned start: <= w/bk + 1 tiles
-  start = per_head((lo // bk * bk)[:, None, None] + ar(tiles)[None, None, :] * bk)
-  o_win, _ = run(k_win, v_win, start, lo[:, None, None], t[:, None, None] + 1, seg_len=bk)
+  block_idx = call(
+      functools.partial(_top_n_kernel, **common), TOP_N, "nsa_decode_top_n", grid=(B, HKV),
+      in_specs=[len_spec, _group_block((R * plan.per_tile,))],
+      out_specs=_group_block((plan.n_pad,)),
+      out_shape=jax.ShapeDtypeStruct((B, HKV, plan.n_pad), jnp.int32),
+  )(lens, scores.reshape(B, HKV, R * plan.per_tile))
 
-  g = gates.reshape(B, HKV, G, 3, 1).astype(jnp.float32)
-  o = (g[..., 0, :] * o_cmp[:, :, :G] + g[..., 1, :] * o_slc[:, :, :G]
-       + g[..., 2, :] * o_win[:, :, :G])
-  return o.reshape(B, HQ, -1).astype(q.dtype), block_idx
+  P_l = plan.slc[1] + plan.win[1]
+  o_l, m_l, l_l = call(
+      functools.partial(_local_kernel, scale=scale, **common), LOCAL, "nsa_decode_local",
+      grid=(B, HKV, P_l),
+      in_specs=[len_spec, _group_block((plan.n_pad,)), _group_block((Gp, Dk)),
+                kv_spec(S, Dk), kv_spec(S, Dv), kv_spec(S, Dk), kv_spec(S, Dv)],
+      out_specs=partial_specs, out_shape=_partials_shapes(B, HKV, P_l, Gp, Dv),
+  )(lens, block_idx, qg, k_slc, v_slc, k_win, v_win)
+
+  dv = min(DV_CHUNK, Dv)
+  columns = lambda P: [
+      pl.BlockSpec((None, None, P, Gp, dv), lambda b, h, c: (b, h, 0, 0, c)),
+      _group_block((P, Gp)), _group_block((P, Gp))]
+  o = call(
+      functools.partial(_combine_kernel, plan=plan), COMBINE, "nsa_decode_combine",
+      grid=(B, HKV, Dv // dv),
+      in_specs=[pl.BlockSpec((B * HQ * 3,), lambda *_: (0,))] + columns(P_c) + columns(P_l),
+      out_specs=pl.BlockSpec((None, None, Gp, dv), lambda b, h, c: (b, h, 0, c)),
+      out_shape=jax.ShapeDtypeStruct((B, HKV, Gp, Dv), q.dtype),
+  )(gates.reshape(-1), o_c, m_c, l_c, o_l, m_l, l_l)
+  return o[:, :, :G].reshape(B, HQ, Dv), block_idx[..., :config.num_selected]

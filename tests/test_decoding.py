@@ -67,10 +67,15 @@ def test_nsa_decode_is_last_row_of_nsa(impl):
         assert got == set(np.asarray(want_idx[i, L - 1, h]).tolist())
 
 
-def test_nsa_decode_kernel_paper_block_sizes():
+@pytest.mark.parametrize("target_programs", [1024, 2])
+def test_nsa_decode_kernel_paper_block_sizes(target_programs, monkeypatch):
   """Paper sizes (l=32, d=16, l'=64, n=16, w=512), where the decode kernel's
   64-block tiles of compressed keys each straddle 17 selection blocks: the
-  kernel's block scores pick the reference's blocks and give its output."""
+  kernel's block scores pick the reference's blocks and give its output.
+  With 2 target programs each branch is one program walking all its tiles
+  (as at large batch); with 1024, one tile per program (as at batch 1)."""
+  from pallas_kernels import decode_attention
+  monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", target_programs)
   cfg = NSAConfig()
   B, T, HKV, G, D = 2, 1100, 1, 2, 16
   ks = jax.random.split(jax.random.key(3), 8)
@@ -207,18 +212,30 @@ def test_errors_name_values():
                         jnp.array([3]), config=CFG)
 
 
-def test_top_n_kernel_is_lax_top_k():
-  """pallas_kernels.top_n == lax.top_k: descending values, ties to the lower index, +-inf,
-  a row with no finite value, row length not a power of 2."""
-  from pallas_kernels.top_n import top_n
+def test_decode_top_n_is_lax_top_k():
+  """The decode kernel's ranking (`decode_attention._top_n`, in a kernel over a
+  2D score tile) == lax.top_k: descending, ties to the lower index, +-inf, a
+  row with no finite value; -1 where the value is -inf and in padding slots."""
+  from jax.experimental import pallas as pl
+  from pallas_kernels.decode_attention import _top_n
   rng = np.random.default_rng(0)
-  x = rng.integers(0, 5, (3, 7, 37)).astype(np.float32)   # many ties
+  x = rng.integers(0, 5, (6, 8, 16)).astype(np.float32)   # many ties
   x[..., 3] = np.inf
-  x[0, 0, :] = -np.inf                                    # a row with no candidate
+  x[0] = -np.inf                                        # a row with no candidate
   x.reshape(-1)[::5] = -np.inf
-  values, index = top_n(jnp.asarray(x), 16, interpret=True)
-  want_values, want_index = jax.lax.top_k(jnp.asarray(x), 16)
-  np.testing.assert_array_equal(values, want_values)
-  finite = np.asarray(want_values) > -np.inf              # -inf slots' indices are unspecified
-  np.testing.assert_array_equal(np.where(finite, index, 0), np.where(finite, want_index, 0))
-  assert finite.sum() > 200 and (~finite).sum() >= 16     # both kinds of slot were exercised
+  n, n_pad = 12, 16
+
+  def kernel(x_ref, out_ref):
+    index = (jnp.arange(8, dtype=jnp.int32)[:, None] * 16
+             + jnp.arange(16, dtype=jnp.int32)[None, :])
+    out_ref[...] = _top_n(x_ref[...], index, n, n_pad)
+
+  got = pl.pallas_call(kernel, grid=(6,), in_specs=[pl.BlockSpec((None, 8, 16), lambda r: (r, 0, 0))],
+                       out_specs=pl.BlockSpec((None, n_pad), lambda r: (r, 0)),
+                       out_shape=jax.ShapeDtypeStruct((6, n_pad), jnp.int32),
+                       interpret=True)(jnp.asarray(x))
+  values, index = jax.lax.top_k(jnp.asarray(x.reshape(6, -1)), n)
+  want = np.where(np.asarray(values) > -np.inf, index, -1)
+  np.testing.assert_array_equal(got[:, :n], want)
+  np.testing.assert_array_equal(got[:, n:], -1)
+  assert (want >= 0).sum() > 40 and (want == -1).sum() >= n   # both kinds of slot

@@ -72,3 +72,12 @@ def test_bench_scaling_small(tmp_path):
     assert rows[0]["efficiency"] == 1.0
     for r in rows:
       assert r["step_ms"] > 0 and 4.0 < r["loss"] < 7.0, r   # ~ln(256) on random tokens
+
+
+def test_check_decode_small(tmp_path):
+  run_script("check_decode.py", ["--variants", "default,splits <= 16"], tmp_path)
+  with open(tmp_path / "check_decode.json") as f:
+    rows = json.load(f)["rows"]
+  assert [r["variant"] for r in rows] == ["default", "splits <= 16"]
+  for r in rows:   # every variant's step agrees with the XLA one
+    assert r["us"] > 0 and r["selection_agreement"] == 1.0 and r["o_rel_err"] < 1e-5, r

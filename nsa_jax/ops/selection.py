@@ -72,13 +72,11 @@ def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
   return strides.reshape(*strides.shape[:-1], num_blocks, per_select).sum(-1)
 
 
-def rank_blocks(scores, t, config: NSAConfig, top_k=lax.top_k):
+def rank_blocks(scores, t, config: NSAConfig):
   """Top-n of [..., C, Ts] block scores for queries at positions t [C].
 
   Non-candidates (j*l' > t) score -inf, forced blocks +inf; ties go to the
   lower index (lax.top_k keeps the lower index first). Returns int32 [..., C, n].
-  `top_k(x, n) -> (values, indices)` may be swapped for a kernel with the same
-  semantics (decoding uses `pallas_kernels.top_n`).
   """
   n, lp = config.num_selected, config.select_block
   Ts = scores.shape[-1]
@@ -90,7 +88,7 @@ def rank_blocks(scores, t, config: NSAConfig, top_k=lax.top_k):
   if Ts < n:
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n - Ts)],
                 constant_values=-jnp.inf)
-  vals, idx = top_k(s, n)
+  vals, idx = lax.top_k(s, n)
   return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
 
