@@ -52,7 +52,7 @@ LOCAL = dict(num_warps=4, num_stages=2)
 SCORES = dict(num_warps=4, num_stages=1)
 TOP_N = dict(num_warps=1, num_stages=1)
 COMBINE = dict(num_warps=8, num_stages=1)
-TILE_ELEMENTS = 4096    # float32 values a 4-warp program holds in one tensor ...
+SCORES_ELEMENTS = 4096  # float32 values per tensor of the 4-warp scores kernel ...
 COMBINE_ELEMENTS = 8192 # ... and the 8-warp combine kernel
 DV_CHUNK = 32           # output columns per combine program
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -130,7 +130,7 @@ class _Plan:
     return cls(G=G, Gp=Gp, HQ=HQ, bk=bk, per_tile=per_tile,
                strips=_cdiv(reach, per_tile), strip_cols=max(16, per_tile),
                score_rows=score_rows,
-               rows_per_program=min(score_rows, max(1, TILE_ELEMENTS // (Gp * per_tile))),
+               rows_per_program=min(score_rows, max(1, SCORES_ELEMENTS // (Gp * per_tile))),
                n_pad=_next_pow2(config.num_selected),
                cmp=_split(Sc // bk, splits),
                slc=_split(config.num_selected * (lp // bk), splits),
