@@ -13,11 +13,11 @@ H200, 64k, ~26 us of kernels; `experiments/check_decode.py` times variants):
      k_cmp and no [Sc] score row reaches HBM: per tile and head it writes the
      tile's max score and its probabilities relative to it, exp(s - max),
      summed into the selection blocks the tile overlaps (the overlap-weights
-     matmul of `pallas_kernels/select_blocks.py`, at float32 accuracy), in
-     *strips*: strip 0 holds the tile's own blocks, strip 1 the block after
-     them that its last compressed keys reach into;
+     matmul of `pallas_kernels/select_blocks.py`, at float32 accuracy), and
+     apart the *spill*: the part of the next tile's first block that its
+     last compressed keys reach into (a masked row sum);
   2. `_scores_kernel`: merges the compressed partials into each head's lse,
-     rescales the tile sums by exp(max - lse) and adds heads and strips into
+     rescales the tile sums and spills by exp(max - lse) and adds heads into
      the block scores, all heads at once, a few score rows per program;
   3. `_top_n_kernel`, one warp per (sequence, group): the top n blocks (Eq. 11;
      forced initial and local blocks first), `nsa_jax.ops.selection`'s ranking
@@ -104,8 +104,7 @@ class _Plan:
   HQ: int
   bk: int           # rows per tile
   per_tile: int     # selection blocks starting in a tile of compressed keys
-  strips: int       # selection-block strips a compressed tile reaches (<= 2)
-  strip_cols: int   # columns stored per strip: per_tile padded to a dot's 16
+  cols: int         # block sums stored per tile: per_tile padded to a dot's 16
   score_rows: int   # block scores are [score_rows, per_tile], block r*per_tile + u ...
   rows_per_program: int   # ... scored rows_per_program rows per program
   n_pad: int        # selected-block slots, n padded to a power of 2
@@ -115,12 +114,9 @@ class _Plan:
 
   @classmethod
   def make(cls, B, HQ, HKV, S, Sc, config: NSAConfig):
-    lp, d, l = config.select_block, config.compress_stride, config.compress_block
+    lp, d = config.select_block, config.compress_stride
     bk = min(BLOCK_K, lp)
     per_tile = bk * d // lp
-    # Tile c covers tokens [c*bk*d, (c+1)*bk*d + l - d): its own per_tile
-    # blocks and, as l - d < l', at most one more.
-    reach = _cdiv((bk - 1) * d + l, lp)
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (B * HKV)))
     blocks = max(config.num_select_blocks(S), config.num_selected)
     win_tiles = min(_cdiv(config.window, bk) + 1, S // bk)   # w rows from an aligned start
@@ -128,7 +124,7 @@ class _Plan:
     Gp = max(16, _next_pow2(G))
     score_rows = _next_pow2(_cdiv(blocks, per_tile))
     return cls(G=G, Gp=Gp, HQ=HQ, bk=bk, per_tile=per_tile,
-               strips=_cdiv(reach, per_tile), strip_cols=max(16, per_tile),
+               cols=max(16, per_tile),
                score_rows=score_rows,
                rows_per_program=min(score_rows, max(1, SCORES_ELEMENTS // (Gp * per_tile))),
                n_pad=_next_pow2(config.num_selected),
@@ -178,23 +174,26 @@ def _store(o_ref, m_ref, l_ref, partial):
 
 
 def _compressed_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, blk_ref,
-                       tile_max_ref, *, plan: _Plan, scale: float, config: NSAConfig):
+                       spill_ref, tile_max_ref, *, plan: _Plan, scale: float,
+                       config: NSAConfig):
   """Program (b, h, p): tiles p*per .. of the visible compressed keys, and
-  their selection-block sums: blk_ref [strips, per, Gp, strip_cols] (strip k
-  of local tile i: blocks (tile + k)*per_tile + u) and tile_max_ref [per, Gp]."""
+  their selection-block sums relative to the tile max: blk_ref [per, Gp, cols]
+  (local tile i, column u: block (tile)*per_tile + u), spill_ref [per, Gp]
+  (block (tile + 1)*per_tile) and the max, tile_max_ref [per, Gp]."""
   per, bk = plan.cmp[0], plan.bk
   first = pl.program_id(2) * per
   visible = num_visible_compressed(len_ref[0] - 1, config)
   count = jnp.clip(_cdiv(visible, bk) - first, 0, per)
-  # Overlaps of a tile's keys with strip k's blocks; the same for every tile
-  # (tile c starts at stride c*bk, block (c+k)*per_tile at stride c*bk + k*l').
-  weights = [_overlap_matrix(0, bk, k * plan.per_tile, plan.strip_cols, plan.per_tile,
-                             config, jnp.float32) for k in range(plan.strips)]
+  # Tile c covers tokens [c*bk*d, (c+1)*bk*d + l - d): its own per_tile blocks
+  # and, as l - d < l', at most the next one. The overlaps are the same for
+  # every tile (tile c starts at stride c*bk, its blocks at c*bk + u*l'/d).
+  weights = _overlap_matrix(0, bk, 0, plan.cols, plan.per_tile, config, jnp.float32)
+  spill_weights = _overlap_matrix(0, bk, plan.per_tile, 16, 1, config, jnp.float32).sum(axis=1)
 
   def probs(i, row0, s, seen, tile_max, m_new):
     p_tile = jnp.where(seen, jnp.exp(s - tile_max[:, None]), 0.0)
-    for k in range(plan.strips):
-      blk_ref[k, i] = _exact_dot(p_tile, weights[k])
+    blk_ref[i] = _exact_dot(p_tile, weights)
+    spill_ref[i] = (p_tile * spill_weights[None, :]).sum(axis=1)
     tile_max_ref[i] = tile_max
     return p_tile * jnp.exp(tile_max - m_new)[:, None]   # exp(s - m_new), one exp per key
 
@@ -203,11 +202,12 @@ def _compressed_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, blk_re
       bk=bk, scale=scale, probs=probs))
 
 
-def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, tile_max_ref, scores_ref, *,
+def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, spill_ref, tile_max_ref, scores_ref, *,
                    plan: _Plan, config: NSAConfig):
   """Program (b, h, r): block scores (Eq. 9-10) of score rows r*rows .., all
   heads at once: each head's lse from the compressed partials, the tile sums
-  rescaled by exp(tile max - lse), summed over heads and strips."""
+  (row c: tile c) and spills (row c: tile c - 1) rescaled by exp(tile max -
+  lse), summed over heads."""
   m, l = m_ref[...], l_ref[...]                    # [P, Gp] compressed partials
   top = m.max(axis=0)
   total = (l * jnp.exp(m - top[None, :])).sum(axis=0)
@@ -216,15 +216,22 @@ def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, tile_max_ref, scores_ref, *,
   tiles = _cdiv(num_visible_compressed(len_ref[0] - 1, config), plan.bk)   # tiles written
   nt = tile_max_ref.shape[0]
   rows = plan.rows_per_program
-  scores = jnp.zeros((rows, plan.per_tile), jnp.float32)
-  for k in range(plan.strips):                     # row r holds tile r - k's strip k
-    c = pl.program_id(2) * rows + jnp.arange(rows, dtype=jnp.int32) - k
-    ok = ((c >= 0) & (c < tiles))[:, None] & head_ok[None, :]           # [rows, Gp]
+
+  def tile_rows(shift):
+    """Tiles r - shift of this program's rows r: (clipped index, [rows, Gp]
+    mask, exp(tile max - lse) where the mask holds)."""
+    c = pl.program_id(2) * rows + jnp.arange(rows, dtype=jnp.int32) - shift
+    ok = ((c >= 0) & (c < tiles))[:, None] & head_ok[None, :]
     c = jnp.clip(c, 0, nt - 1)
-    rescale = jnp.where(ok, jnp.exp(tile_max_ref[c] - lse[None, :]), 0.0)
-    sums = jnp.where(ok[:, :, None], blk_ref[k, c, :, pl.ds(0, plan.per_tile)], 0.0)
-    scores += (rescale[:, :, None] * sums).sum(axis=1)
-  scores_ref[...] = scores
+    return c, ok, jnp.where(ok, jnp.exp(tile_max_ref[c] - lse[None, :]), 0.0)
+
+  c, ok, rescale = tile_rows(0)
+  sums = jnp.where(ok[:, :, None], blk_ref[c, :, pl.ds(0, plan.per_tile)], 0.0)
+  scores = (rescale[:, :, None] * sums).sum(axis=1)               # [rows, per_tile]
+  c, ok, rescale = tile_rows(1)
+  spill = (rescale * jnp.where(ok, spill_ref[c], 0.0)).sum(axis=1)   # [rows]
+  first_col = jnp.arange(plan.per_tile, dtype=jnp.int32)[None, :] == 0
+  scores_ref[...] = scores + jnp.where(first_col, spill[:, None], 0.0)
 
 
 def _top_n(live, index, n: int, n_pad: int):
@@ -365,18 +372,18 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   common = dict(plan=plan, config=config)
 
   per_c, P_c = plan.cmp
-  nt, cols = per_c * P_c, plan.strip_cols
-  o_c, m_c, l_c, blk, tile_max = call(
+  nt, cols = per_c * P_c, plan.cols
+  per_tile_spec = pl.BlockSpec((None, None, per_c, Gp), lambda b, h, p: (b, h, p, 0))
+  o_c, m_c, l_c, blk, spill, tile_max = call(
       functools.partial(_compressed_kernel, scale=scale, **common), COMPRESSED,
       "nsa_decode_compressed", grid=(B, HKV, P_c),
       in_specs=[len_spec, _group_block((Gp, Dk)), kv_spec(Sc, Dk), kv_spec(Sc, Dv)],
       out_specs=partial_specs + [
-          pl.BlockSpec((None, None, plan.strips, per_c, Gp, cols),
-                       lambda b, h, p: (b, h, 0, p, 0, 0)),
-          pl.BlockSpec((None, None, per_c, Gp), lambda b, h, p: (b, h, p, 0))],
+          pl.BlockSpec((None, None, per_c, Gp, cols), lambda b, h, p: (b, h, p, 0, 0)),
+          per_tile_spec, per_tile_spec],
       out_shape=_partials_shapes(B, HKV, P_c, Gp, Dv) + [
-          jax.ShapeDtypeStruct((B, HKV, plan.strips, nt, Gp, cols), jnp.float32),
-          jax.ShapeDtypeStruct((B, HKV, nt, Gp), jnp.float32)],
+          jax.ShapeDtypeStruct((B, HKV, nt, Gp, cols), jnp.float32)]
+      + [jax.ShapeDtypeStruct((B, HKV, nt, Gp), jnp.float32)] * 2,
   )(lens, qg, k_cmp, v_cmp)
 
   R, rows = plan.score_rows, plan.rows_per_program
@@ -384,10 +391,10 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
       functools.partial(_scores_kernel, **common), SCORES, "nsa_decode_scores",
       grid=(B, HKV, R // rows),
       in_specs=[len_spec, _group_block((P_c, Gp)), _group_block((P_c, Gp)),
-                _group_block((plan.strips, nt, Gp, cols)), _group_block((nt, Gp))],
+                _group_block((nt, Gp, cols)), _group_block((nt, Gp)), _group_block((nt, Gp))],
       out_specs=pl.BlockSpec((None, None, rows, plan.per_tile), lambda b, h, r: (b, h, r, 0)),
       out_shape=jax.ShapeDtypeStruct((B, HKV, R, plan.per_tile), jnp.float32),
-  )(lens, m_c, l_c, blk, tile_max)
+  )(lens, m_c, l_c, blk, spill, tile_max)
 
   block_idx = call(
       functools.partial(_top_n_kernel, **common), TOP_N, "nsa_decode_top_n", grid=(B, HKV),
