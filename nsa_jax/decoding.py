@@ -104,6 +104,13 @@ def _check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, len
   if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be an integer array of shape [B]=({B},), got "
                      f"shape {lengths.shape} dtype {lengths.dtype}")
+  try:   # concrete lengths are checked here; traced ones are clamped by nsa_decode
+    lo, hi = int(jnp.min(lengths)), int(jnp.max(lengths))
+  except jax.errors.ConcretizationTypeError:
+    return
+  S = k_slc.shape[1]
+  if lo < 1 or hi > S:
+    raise ValueError(f"lengths must be in 1 .. S={S} (the cache rows), got min {lo}, max {hi}")
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
@@ -119,7 +126,9 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
       visible ones are ignored).
     k_slc, v_slc, k_win, v_win: [B, S, HKV, Dk/Dv] raw keys/values, token p at row p.
     gates: [B, HQ, 3] gates (cmp, slc, win), already through a sigmoid.
-    lengths: [B] int, tokens in each sequence, the query's own included (>= 1).
+    lengths: [B] int, tokens in each sequence, the query's own included,
+      1 <= lengths <= S. Out of range: a ValueError when lengths is concrete;
+      under jit, clamped to 1 .. S (the kernel never reads past the cache).
     impl: "xla", "pallas" or "auto" (the kernel on GPU where it supports the shapes).
     return_block_idx: also return the [B, HKV, n] selection.
 
@@ -130,7 +139,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   _check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths)
   scale = _common.resolve_scale(scale, q)
   args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths.astype(jnp.int32))
-  if _common.use_pallas(impl):
+  if _common.use_pallas(impl):   # the kernel clamps lengths itself
     from pallas_kernels import decode_attention as kernel
     why_not = kernel.unsupported(*args, config=config)
     if why_not is None:
@@ -139,7 +148,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
       return (o, block_idx) if return_block_idx else o
     if impl == "pallas":
       raise ValueError(f"impl='pallas': the decode kernel does not support this call: {why_not}")
-  o, block_idx = nsa_decode_xla(*args, config=config, scale=scale)
+  o, block_idx = nsa_decode_xla(*args[:-1], jnp.clip(args[-1], 1, k_slc.shape[1]),
+                                config=config, scale=scale)
   return (o, block_idx) if return_block_idx else o
 
 

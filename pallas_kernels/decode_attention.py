@@ -102,6 +102,7 @@ class _Plan:
   G: int            # query heads per group
   Gp: int           # ... padded to a dot's 16 rows
   HQ: int
+  S: int            # cache rows
   bk: int           # rows per tile
   per_tile: int     # selection blocks starting in a tile of compressed keys
   cols: int         # block sums stored per tile: per_tile padded to a dot's 16
@@ -123,7 +124,7 @@ class _Plan:
     G = HQ // HKV
     Gp = max(16, _next_pow2(G))
     score_rows = _next_pow2(_cdiv(blocks, per_tile))
-    return cls(G=G, Gp=Gp, HQ=HQ, bk=bk, per_tile=per_tile,
+    return cls(G=G, Gp=Gp, HQ=HQ, S=S, bk=bk, per_tile=per_tile,
                cols=max(16, per_tile),
                score_rows=score_rows,
                rows_per_program=min(score_rows, max(1, SCORES_ELEMENTS // (Gp * per_tile))),
@@ -169,6 +170,12 @@ def _attend(q, k_ref, v_ref, count, tile_rows, *, bk: int, scale: float, probs=N
   return lax.fori_loop(0, count, body, init)
 
 
+def _position(len_ref, plan: _Plan):
+  """The query's position t: its sequence's length - 1, clamped to the cache
+  (`nsa_jax.decoding.nsa_decode` clamps lengths to 1 .. S alike)."""
+  return jnp.clip(len_ref[0], 1, plan.S) - 1
+
+
 def _store(o_ref, m_ref, l_ref, partial):
   o_ref[...], m_ref[...], l_ref[...] = partial
 
@@ -182,7 +189,7 @@ def _compressed_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, blk_re
   (block (tile + 1)*per_tile) and the max, tile_max_ref [per, Gp]."""
   per, bk = plan.cmp[0], plan.bk
   first = pl.program_id(2) * per
-  visible = num_visible_compressed(len_ref[0] - 1, config)
+  visible = num_visible_compressed(_position(len_ref, plan), config)
   count = jnp.clip(_cdiv(visible, bk) - first, 0, per)
   # Tile c covers tokens [c*bk*d, (c+1)*bk*d + l - d): its own per_tile blocks
   # and, as l - d < l', at most the next one. The overlaps are the same for
@@ -213,7 +220,7 @@ def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, spill_ref, tile_max_ref, scor
   total = (l * jnp.exp(m - top[None, :])).sum(axis=0)
   lse = top + jnp.log(jnp.maximum(total, 1e-30))
   head_ok = (total > 0) & (jnp.arange(plan.Gp, dtype=jnp.int32) < plan.G)
-  tiles = _cdiv(num_visible_compressed(len_ref[0] - 1, config), plan.bk)   # tiles written
+  tiles = _cdiv(num_visible_compressed(_position(len_ref, plan), config), plan.bk)   # written
   nt = tile_max_ref.shape[0]
   rows = plan.rows_per_program
 
@@ -260,7 +267,7 @@ def _top_n_kernel(len_ref, scores_ref, idx_ref, *, plan: _Plan, config: NSAConfi
   blocks first, of scores_ref [score_rows * per_tile] into idx_ref [n_pad]
   (a flat row: one warp reduces it with shuffles alone)."""
   j = jnp.arange(plan.score_rows * plan.per_tile, dtype=jnp.int32)
-  cur = (len_ref[0] - 1) // config.select_block
+  cur = _position(len_ref, plan) // config.select_block
   candidate = j <= cur
   forced = candidate & ((j < config.num_initial) | (j > cur - config.num_local))
   live = jnp.where(forced, jnp.inf, jnp.where(candidate, scores_ref[...], -jnp.inf))
@@ -270,7 +277,7 @@ def _top_n_kernel(len_ref, scores_ref, idx_ref, *, plan: _Plan, config: NSAConfi
 def _local_kernel(len_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_win_ref, v_win_ref,
                   o_ref, m_ref, l_ref, *, plan: _Plan, scale: float, config: NSAConfig):
   """Programs p < P_slc: selected tiles p*per ..; the rest: window tiles."""
-  t = len_ref[0] - 1
+  t = _position(len_ref, plan)
   p = pl.program_id(2)
   q = q_ref[...]
   bk, lp = plan.bk, config.select_block

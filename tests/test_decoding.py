@@ -211,6 +211,26 @@ def test_errors_name_values():
   with pytest.raises(ValueError, match="gates.shape"):
     decoding.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 2), jnp.float32),
                         jnp.array([3]), config=CFG)
+  q2, kv2 = jnp.zeros((2, 4, 24), jnp.float32), jnp.zeros((2, 64, 2, 24), jnp.float32)
+  with pytest.raises(ValueError, match=r"1 \.\. S=64 \(the cache rows\), got min 0, max 65"):
+    decoding.nsa_decode(q2, kv2, kv2, kv2, kv2, kv2, kv2, jnp.zeros((2, 4, 3), jnp.float32),
+                        jnp.array([0, 65]), config=CFG)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_traced_lengths_past_the_cache_are_clamped(impl):
+  """Under jit, lengths past the cache rows act as the cache's length (the
+  kernel never reads past the cache); a concrete out-of-range value raises."""
+  B, S, HKV, G, D = 2, 64, 1, 2, 16
+  ks = jax.random.split(jax.random.key(5), 8)
+  cache = [_normal(k, (B, n, HKV, D)) for k, n in zip(ks[1:7], (32, 32, S, S, S, S))]
+  q, gates = _normal(ks[0], (B, G, D)), jax.nn.sigmoid(_normal(ks[7], (B, G, 3)))
+  step = jax.jit(lambda n: decoding.nsa_decode(q, *cache, gates, n, config=CFG, impl=impl,
+                                               interpret=True))
+  np.testing.assert_allclose(step(jnp.array([S + 7, 3])), step(jnp.array([S, 3])), **TOL)
+  with pytest.raises(ValueError, match=f"got min 3, max {S + 7}"):
+    decoding.nsa_decode(q, *cache, gates, jnp.array([S + 7, 3]), config=CFG, impl=impl,
+                        interpret=True)
 
 
 def test_decode_top_n_is_lax_top_k():
