@@ -62,27 +62,19 @@ def num_visible_compressed(t, config: NSAConfig):
   return jnp.maximum((t + 1 - config.compress_block) // config.compress_stride + 1, 0)
 
 
-def decode_block_scores(p_cmp, config: NSAConfig, seq_len: int):
-  """Block importance of one query per sequence (paper Eq. 9-10): [B, HKV, Ts].
-
-  p_cmp [B, HKV, G, Sc] are the compressed-branch probabilities (0 where not
-  visible), summed over the G heads of each group and spread over the
-  `num_select_blocks(seq_len)` selection blocks by overlap.
-  """
-  # Compressed blocks past num_compressed(seq_len) cannot exist (alignment padding).
-  p = p_cmp[..., :config.num_compressed(seq_len)].sum(axis=2)
-  return overlap_to_select_blocks(p, config, config.num_select_blocks(seq_len))
-
-
-def decode_selection(scores, t, config: NSAConfig):
-  """Top-n selection blocks of one query per sequence (paper Eq. 11).
+def decode_selection(p_cmp, t, config: NSAConfig, seq_len: int):
+  """Top-n selection blocks of one query per sequence (paper Eq. 9-11).
 
   Args:
-    scores: [B, HKV, Ts] block importance (`decode_block_scores`).
+    p_cmp: [B, HKV, G, Sc] compressed-branch probabilities (0 where not visible).
     t: [B] query positions.
+    seq_len: cache rows; scores cover its `num_select_blocks(seq_len)` blocks.
   Returns:
     block_idx [B, HKV, n] int32, -1 in unused slots.
   """
+  # Compressed blocks past num_compressed(seq_len) cannot exist (alignment padding).
+  p = p_cmp[..., :config.num_compressed(seq_len)].sum(axis=2)
+  scores = overlap_to_select_blocks(p, config, config.num_select_blocks(seq_len))
   rank_one = lambda s, tb: rank_blocks(s[:, None, :], tb[None], config)[:, 0]
   return jax.vmap(rank_one)(scores, t)
 
@@ -187,7 +179,7 @@ def nsa_decode_xla(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, 
   cmp_visible = (ar(Sc)[None, :] < num_visible_compressed(t, config)[:, None])[..., None]
   o_cmp, p_cmp = _attend(qg, k_cmp, v_cmp, cmp_visible, scale)
 
-  block_idx = decode_selection(decode_block_scores(p_cmp, config, S), t, config)   # [B, HKV, n]
+  block_idx = decode_selection(p_cmp, t, config, S)                # [B, HKV, n]
   pos = (block_idx[..., None] * lp + ar(lp)[None, None, None, :]).reshape(B, HKV, -1)  # n*l' rows
   slc_visible = (jnp.repeat(block_idx, lp, axis=-1) >= 0) & (pos <= t[:, None, None])
   pos, slc_visible = jnp.swapaxes(pos, 1, 2), jnp.swapaxes(slc_visible, 1, 2)

@@ -70,11 +70,16 @@ def _cdiv(a, b):
   return (a + b - 1) // b
 
 
+def _block_k(config: NSAConfig) -> int:
+  """Cache rows per tile: BLOCK_K, or l' when smaller (a tile stays in one block)."""
+  return min(BLOCK_K, config.select_block)
+
+
 def unsupported(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
                 config: NSAConfig) -> str | None:
   """Why the kernel cannot take these (already validated) inputs, or None."""
   Dk, Dv, lp = q.shape[-1], v_slc.shape[-1], config.select_block
-  bk = min(BLOCK_K, lp)
+  bk = _block_k(config)
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} is not float32/bfloat16/float16"
   if not (_pow2(Dk) and _pow2(Dv) and Dk >= 16 and Dv >= 16):
@@ -116,7 +121,7 @@ class _Plan:
   @classmethod
   def make(cls, B, HQ, HKV, S, Sc, config: NSAConfig):
     lp, d = config.select_block, config.compress_stride
-    bk = min(BLOCK_K, lp)
+    bk = _block_k(config)
     per_tile = bk * d // lp
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (B * HKV)))
     blocks = max(config.num_select_blocks(S), config.num_selected)
