@@ -7,7 +7,9 @@ float inputs):
     attention, gating; paper §3.2-3.3, Eq. 5);
   - each branch alone (Config A only): compressed_attention, select_blocks
     (forward only: it has no gradient), selected_attention with block_idx
-    precomputed, window_attention;
+    precomputed, window_attention (on cuDNN where `nsa` runs it there, see
+    `nsa_jax.ops.window.cudnn_runs`; the Pallas window kernel alone is timed
+    by check_flash.py);
   - cuDNN flash attention, causal, on the selected branch's q/k/v;
   - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
     its compression is mean pooling with l = l'), timed with triton's do_bench;
@@ -47,6 +49,7 @@ import numpy as np
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
+from nsa_jax.ops import window
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 
@@ -116,7 +119,10 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
   nsa_fn = lambda *a: nsa(*a, **kw("nsa"))
   cmp_fn = lambda q, k, v: compressed_attention(q, k, v, **kw("compressed_attention"))[0]
   slc_fn = lambda q, k, v, idx: selected_attention(q, k, v, idx, **kw("selected_attention"))
-  win_fn = lambda q, k, v: window_attention(q, k, v, **kw("window_attention"))
+  # The window branch alone runs as inside nsa: on cuDNN where cuDNN takes it.
+  impl = dict(impls, window_attention=nsa_window_impl(shape, impls["nsa"], dtype))
+  win_fn = lambda q, k, v: window_attention(q, k, v, config=config,
+                                            impl=impl["window_attention"])
 
   cases = [("nsa", nsa_fn, inputs_of(*names), len(names))]
   if branches:
@@ -125,9 +131,16 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
               ("selected_attention", slc_fn, inputs_of("q", "k_slc", "v_slc", block_idx=True), 3),
               ("window_attention", win_fn, inputs_of("q", "k_win", "v_win"), 3)]
   for op, fn, make, num_diff in cases:
-    yield op, "fwd", fn, drop_cotangent(make)
+    yield op, impl[op], "fwd", fn, drop_cotangent(make)
     if num_diff:
-      yield op, "fwd+bwd", bc.forward_backward(fn, num_diff), make
+      yield op, impl[op], "fwd+bwd", bc.forward_backward(fn, num_diff), make
+
+
+def nsa_window_impl(shape: Shape, impl: str, dtype) -> str:
+  """What `nsa(impl=impl)` runs its window branch on for this shape."""
+  q = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HQ, shape.Dk), dtype)
+  v = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HKV, shape.Dv), dtype)
+  return "cudnn" if impl != "xla" and window.cudnn_runs(q, v) else impl
 
 
 def dense_candidates(shape: Shape, impl: str):
@@ -251,8 +264,11 @@ class Bench:
   def run_shape(self, shape: Shape, branches: bool, peer: bool):
     flops = flop_counts(shape, self.config)
     dtype = self.args.dtype
-    for op, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
-      self.record(shape, op, pass_, self.impls[op], self.timed(fn, make), flops.get((op, pass_)))
+    for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
+      result = self.timed(fn, make)
+      if op == "nsa":
+        result["window_impl"] = nsa_window_impl(shape, impl, dtype)
+      self.record(shape, op, pass_, impl, result, flops.get((op, pass_)))
     self.run_dense(shape, flops)
     if peer:
       result = time_fla_peer(shape, self.config) if not self.out_of_time() else {

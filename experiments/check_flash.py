@@ -14,10 +14,13 @@
    block_until_ready, median of >= 10 runs, fresh random inputs per T), with
    cuDNN's sliding-window attention as a yardstick for the window branch.
 3. Floor: matmul FLOPs over visible (query, key) pairs -- forward
-   2 matmuls x 2 FLOP x pairs x HQ x D, backward 2.5x that -- over a bf16
+   2 FLOP x pairs x HQ x (Dk + Dv), backward 2.5x that -- over a bf16
    matmul rate measured in this run (KERNELS.md targets: forward within 2x).
-4. Tile sweep (skip with --no-sweep): changes to each op's default `Tiles` at
-   the largest T. Options --skip-check, --ops, --ts narrow the run.
+4. Tile sweep (skip with --no-sweep, pick with --variants): changes to each
+   op's default `Tiles`, timed at the largest T and checked in bf16 at the
+   largest check T (a fast variant must also be right: 2-stage backward loops
+   miscompiled, see `_flash.Tiles.bwd_num_stages`). Options --skip-check,
+   --ops, --ts narrow the run; --config-b checks and times Dk=192, Dv=128.
 
 Prints tables; writes everything as JSON to $OUT/check_flash.json when $OUT is set.
 """
@@ -33,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import SMALL_SHAPE, median_ms, small_config
+from bench_common import median_ms, small_config
 from nsa_jax import NSAConfig
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
@@ -41,26 +44,42 @@ from pallas_kernels import compressed_attention as cmp_kernel
 from pallas_kernels import window_attention as win_kernel
 
 # max|diff| / max|ref|: float32 differs in summation order only; bf16 rounds
-# q, k, v, p and the outputs to 8 mantissa bits.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+# q, k, v, p and the outputs to 8 mantissa bits: correct kernels land at
+# <= 5e-3 here (cuDNN's window attention too), while a miscompiled 2-stage
+# dk/dv loop gave 1.6e-2 .. 3.4e-2 (see _flash.Tiles.bwd_num_stages).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
 OPS = ("window", "compressed")
-# Tile sweep: changes to each op's default tiles (pallas_kernels/*_attention.TILES).
+# The same window attention run by cuDNN (GPU only): a yardstick for the window
+# kernel, checked and timed like the ops above with `--ops window-cudnn`.
+CUDNN_WINDOW = "window-cudnn"
+# Tile sweep: changes to each op's default tiles for the heads run (`default_tiles`).
+# No backward stage variants: 2 stages miscompile the dk/dv loop (_flash.Tiles).
 SWEEP = {
     "bwd-k128": dict(bwd_block_k=128),
     "bwd-m32-k128-w4": dict(bwd_block_m=32, bwd_block_k=128, bwd_num_warps=4),
     "bwd-m128-w8": dict(bwd_block_m=128, bwd_num_warps=8),
     "bwd-w4": dict(bwd_num_warps=4),
-    "bwd-s1": dict(bwd_num_stages=1),
-    "bwd-s3": dict(bwd_num_stages=3),
+    "bwd-w8": dict(bwd_num_warps=8),
+    "bwd-m32": dict(bwd_block_m=32),
     "splits8": dict(dkv_splits=8),
     "splits32": dict(dkv_splits=32),
     "fwd-m64-w4": dict(block_m=64, num_warps=4),
 }
-DEFAULT_TILES = {"window": win_kernel.TILES, "compressed": cmp_kernel.TILES}
+
+
+def default_tiles(op, shape):
+  """The op's default tiles for bf16 inputs with these heads (what the sweep changes)."""
+  if op == "compressed":
+    return cmp_kernel.default_tiles(jax.ShapeDtypeStruct((1, 1, 1, shape["Dk"]), jnp.bfloat16))
+  return win_kernel.TILES
 
 
 def op_fn(op, config, scale, interpret, tiles=None):
   """(q, k, v) -> tuple of outputs: (o,) for window, (o, lse) for compressed."""
+  if op == CUDNN_WINDOW:
+    return lambda q, k, v: (jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True,
+        local_window_size=(config.window - 1, 0), implementation="cudnn"),)
   if op == "window":   # tiles=None: the op's defaults for the dtype
     return lambda q, k, v: (win_kernel.window_attention(
         q, k, v, config=config, scale=scale, interpret=interpret, tiles=tiles),)
@@ -71,21 +90,21 @@ def op_fn(op, config, scale, interpret, tiles=None):
 def reference_fn(op, config, scale):
   def f(q, k, v):
     with jax.default_matmul_precision("highest"):
-      if op == "window":
+      if op != "compressed":
         return (window_attention_xla(q, k, v, config=config, scale=scale),)
       return compressed_attention_xla(q, k, v, config=config, scale=scale)
   return f
 
 
-def make_inputs(key, op, T, B, HKV, G, D, config, dtype):
+def make_inputs(key, op, T, B, HKV, G, Dk, Dv, config, dtype):
   """q, k, v and cotangents for every output (never zero)."""
-  S = T if op == "window" else config.num_compressed(T)
+  S = config.num_compressed(T) if op == "compressed" else T
   ks = jax.random.split(key, 5)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
-  q = normal(ks[0], (B, T, HKV * G, D))
-  k = normal(ks[1], (B, S, HKV, D))
-  v = normal(ks[2], (B, S, HKV, D))
-  cts = (normal(ks[3], (B, T, HKV * G, D)),)
+  q = normal(ks[0], (B, T, HKV * G, Dk))
+  k = normal(ks[1], (B, S, HKV, Dk))
+  v = normal(ks[2], (B, S, HKV, Dv))
+  cts = (normal(ks[3], (B, T, HKV * G, Dv)),)
   if op == "compressed":
     cts += (jax.random.normal(ks[4], (B, T, HKV * G), jnp.float32),)
   return q, k, v, cts
@@ -99,10 +118,10 @@ def fwd_bwd(fn):
   return jax.jit(run)
 
 
-def check(op, T, dtype, config, interpret, key, B, HKV, G, D):
-  scale = D ** -0.5
-  q, k, v, cts = make_inputs(key, op, T, B, HKV, G, D, config, dtype)
-  got = fwd_bwd(op_fn(op, config, scale, interpret))(q, k, v, cts)
+def check(op, T, dtype, config, interpret, key, B, HKV, G, Dk, Dv, tiles=None):
+  scale = Dk ** -0.5
+  q, k, v, cts = make_inputs(key, op, T, B, HKV, G, Dk, Dv, config, dtype)
+  got = fwd_bwd(op_fn(op, config, scale, interpret, tiles))(q, k, v, cts)
   f32 = lambda x: x.astype(jnp.float32)
   want = fwd_bwd(reference_fn(op, config, scale))(
       f32(q), f32(k), f32(v), jax.tree.map(f32, cts))
@@ -123,7 +142,7 @@ def check(op, T, dtype, config, interpret, key, B, HKV, G, D):
 def visible_pairs(op, T, config):
   """Number of (query, key) pairs the op attends to, summed over t."""
   t = np.arange(T, dtype=np.int64)
-  if op == "window":
+  if op != "compressed":
     return int(np.minimum(t + 1, config.window).sum())
   l, d = config.compress_block, config.compress_stride
   n = np.clip((t - l + 1) // d + 1, 0, config.num_compressed(T))
@@ -151,12 +170,12 @@ def cudnn_window_ms(q, k, v, config, scale, runs):
     return None
 
 
-def bench(op, T, config, interpret, runs, key, B, HKV, G, D, tiles=None,
+def bench(op, T, config, interpret, runs, key, B, HKV, G, Dk, Dv, tiles=None,
           with_cudnn=False):
-  scale = D ** -0.5
-  q, k, v, cts = make_inputs(key, op, T, B, HKV, G, D, config, jnp.bfloat16)
+  scale = Dk ** -0.5
+  q, k, v, cts = make_inputs(key, op, T, B, HKV, G, Dk, Dv, config, jnp.bfloat16)
   fn = op_fn(op, config, scale, interpret, tiles)
-  flop = 2 * 2 * visible_pairs(op, T, config) * B * HKV * G * D
+  flop = 2 * (Dk + Dv) * visible_pairs(op, T, config) * B * HKV * G
   row = {"op": op, "T": T, "fwd_tflop": flop / 1e12,
          "fwd_ms": median_ms(jax.jit(fn), q, k, v, runs=runs),
          "fwd_bwd_ms": median_ms(fwd_bwd(fn), q, k, v, cts, runs=runs)}
@@ -174,24 +193,29 @@ def main():
   parser.add_argument("--no-sweep", action="store_true",
                       help="skip the tile sweep at the largest T")
   parser.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
-  parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
+  parser.add_argument("--ops", default=",".join(OPS),
+                      help=f"subset of {','.join(OPS + (CUDNN_WINDOW,))}")
   parser.add_argument("--ts", type=int, nargs="+", default=None,
                       help="sequence lengths to time (default 8k .. --max-t)")
+  parser.add_argument("--variants", default=",".join(SWEEP),
+                      help="comma-separated subset of the tile sweep")
+  parser.add_argument("--config-b", action="store_true",
+                      help="Config B heads: Dk=192, Dv=128 (default Config A: 128, 128)")
   args = parser.parse_args()
 
   if args.small:
-    config, shape = small_config(), SMALL_SHAPE
+    config = small_config()
+    shape = dict(B=1, HKV=1, G=16, Dk=24 if args.config_b else 16, Dv=16)
     check_ts, bench_ts, runs, interpret = [45], [64], 2, True
   else:
     config = NSAConfig()
     check_ts, runs, interpret = [8192, 16384], max(args.runs, 10), False
     bench_ts = args.ts or [T for T in (8192, 16384, 32768, 65536) if T <= args.max_t]
-    shape = dict(B=1, HKV=4, G=16, D=128)   # Config A
+    shape = dict(B=1, HKV=4, G=16, Dk=192 if args.config_b else 128, Dv=128)
   key = jax.random.key(0)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "config": dataclasses.asdict(config), "shape": shape,
-            "tiles": {"window": repr(win_kernel.TILES),
-                      "compressed": repr(cmp_kernel.TILES)},
+            "tiles": {op: repr(default_tiles(op, shape)) for op in OPS},
             "checks": [], "bench": [], "sweep": []}
   print(f"device: {result['device']}, jax {result['jax']}, shape {shape}")
 
@@ -199,7 +223,8 @@ def main():
   print("\n== correctness vs XLA reference (max|diff| / max|ref|)")
   for op in ops:
     for T in [] if args.skip_check else check_ts:
-      for dtype in (jnp.float32, jnp.bfloat16):
+      # cuDNN's fused attention takes 16-bit inputs only.
+      for dtype in (jnp.bfloat16,) if op == CUDNN_WINDOW else (jnp.float32, jnp.bfloat16):
         key, sub = jax.random.split(key)
         r = check(op, T, dtype, config, interpret, sub, **shape)
         result["checks"].append(r)
@@ -209,7 +234,7 @@ def main():
 
   rate = matmul_tflops(runs, interpret)
   result["matmul_tflops"] = rate
-  print(f"\n== timing, Config A bf16 (bf16 matmul rate here: {rate:.0f} TFLOP/s;"
+  print(f"\n== timing, {shape} bf16 (bf16 matmul rate here: {rate:.0f} TFLOP/s;"
         " floor = matmul FLOPs / that rate, backward = 2.5x forward)")
   print(f"{'op':10s} {'T':>6s} {'fwd ms':>8s} {'floor':>7s} {'x floor':>7s}"
         f" {'fwd+bwd':>8s} {'floor':>7s} {'x floor':>7s} {'cuDNN win fwd':>13s}")
@@ -230,18 +255,25 @@ def main():
   if not args.no_sweep:
     T = bench_ts[-1]
     print(f"\n== tile sweep at T={T} (ms; defaults above)")
-    for name, change in SWEEP.items():
+    for name in args.variants.split(","):
       for op in ops:
-        tiles = dataclasses.replace(DEFAULT_TILES[op], **change)
+        tiles = dataclasses.replace(default_tiles(op, shape), **SWEEP[name])
         key, sub = jax.random.split(key)
         try:
           r = bench(op, T, config, interpret, runs, sub, **shape, tiles=tiles)
+          if not args.skip_check:
+            c = check(op, check_ts[-1], jnp.bfloat16, config, interpret, sub, **shape,
+                      tiles=tiles)
+            r.update(check_T=c["T"], errors=c["errors"], ok=c["ok"])
         except Exception as e:   # a variant Triton cannot compile
           r = {"op": op, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         r.update(variant=name, tiles=repr(tiles))
         result["sweep"].append(r)
         timing = (f"fwd {r['fwd_ms']:7.2f}  fwd+bwd {r['fwd_bwd_ms']:7.2f}"
                   if "error" not in r else r["error"])
+        if "errors" in r:
+          timing += (f"  bf16 T={r['check_T']} max err {max(r['errors'].values()):.1e} "
+                     f"{'ok' if r['ok'] else 'WRONG'}")
         print(f"{name:14s} {op:10s} {timing}")
 
   out = os.environ.get("OUT")

@@ -12,8 +12,10 @@ For each case (shape) and dtype it compares, on fresh random inputs:
   - selected_attention (on the reference's block_idx) and window_attention:
     o and the gradients of q, k, v;
   - nsa: o and the gradients of all eight float inputs, against the gated sum
-    of the reference branches run on the Pallas selection, so that near-tie
-    selection differences (checked above) do not count as errors.
+    of the reference branches run on the selection nsa made (with the
+    compressed branch's lse), so that near-tie selection differences (checked
+    above) do not count as errors. On a GPU, nsa's window branch is cuDNN's
+    for the 16-bit inputs cuDNN takes (`nsa_jax.ops.window.cudnn_runs`).
 Error: ||a - b|| / ||b|| over finite reference entries, plus a NaN / inf check.
 Thresholds: float32 1e-3 (Triton runs float32 dots in TF32, ~3e-4 relative
 error, while the reference runs at "highest" precision); bfloat16 2e-2 (the
@@ -230,8 +232,8 @@ class Checker:
             case, dtype, "nsa", ["o"] + ["d" + n for n in NSA_ARGS],
             lambda *a: nsa(*a[:-1], config=cfg, impl=impls["nsa"]),   # selects itself
             gated_reference(cfg),
-            tuple(x[n] for n in NSA_ARGS) + (self.selection(q, kc, impls["select_blocks"]),
-                                             x["cotangent"]), len(NSA_ARGS)),
+            tuple(x[n] for n in NSA_ARGS) + (self.nsa_selection(x), x["cotangent"]),
+            len(NSA_ARGS)),
     }
     for op in self.args.ops:
       if time.perf_counter() > self.deadline:
@@ -252,6 +254,13 @@ class Checker:
     precision = reference_precision(str(q.dtype)) if impl == "xla" else contextlib.nullcontext()
     with precision:
       return jax.jit(lambda q, k: select_blocks(q, k, config=self.config, impl=impl))(q, k_cmp)
+
+  def nsa_selection(self, x):
+    """The block_idx `nsa` selects for itself: with the compressed branch's lse,
+    which may break near-ties unlike `select_blocks` computing its own."""
+    f = lambda *a: nsa(*a, config=self.config, impl=self.impls["nsa"],
+                       return_block_idx=True)[1]
+    return jax.jit(f)(*(x[n] for n in NSA_ARGS))
 
   def check_selection(self, case, dtype, q, k_cmp):
     got = self.selection(q, k_cmp, self.impls["select_blocks"])

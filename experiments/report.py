@@ -65,7 +65,8 @@ def kernels_section(path, d):
   branch = []
   for op in ("compressed_attention", "select_blocks", "selected_attention", "window_attention"):
     f, b = recs.get(("A", T, 16, op, "fwd"), {}), recs.get(("A", T, 16, op, "fwd+bwd"), {})
-    branch.append([op, _ms(f.get("median_ms")), _x(f.get("median_ms"), f.get("floor_ms")),
+    name = op if f.get("impl", "pallas") == "pallas" else f"{op} ({f['impl']})"
+    branch.append([name, _ms(f.get("median_ms")), _x(f.get("median_ms"), f.get("floor_ms")),
                    _ms(b.get("median_ms")), _x(b.get("median_ms"), b.get("floor_ms"))])
   out += [f"Where the time goes, Config A at T={T // 1024}k (each branch alone; the whole op "
           f"passes the compressed branch's lse to the selection kernel):", "",

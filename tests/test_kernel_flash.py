@@ -86,6 +86,8 @@ COMPRESSED_CASES = [
     (1, 130, 1, 16, 16, 16, SMALL, SMALL_TILES),
     # G = 3 (padded to 4), default tiles: one query tile, T < w.
     (1, 61, 2, 3, 16, 32, WIDE, _flash.Tiles(dkv_splits=2)),
+    # Dk > 128 (padded to 256) with the default tiles for such heads.
+    (1, 40, 1, 2, 160, 32, SMALL, None),
 ]
 
 
@@ -113,6 +115,15 @@ def test_compressed_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
   for name, g, g_ref in zip("qkv", grads, grads_ref):
     _assert_close(g, g_ref, f"d{name}")
   assert not np.asarray(grads[0])[:, blind].any(), "blind rows get no dq"
+
+
+def test_compressed_default_tiles_follow_dtype_and_head_width():
+  from pallas_kernels import compressed_attention as kernel
+  q = lambda Dk, dtype=jnp.bfloat16: jnp.zeros((1, 8, 2, Dk), dtype)
+  assert kernel.default_tiles(q(128)) == kernel.TILES
+  assert kernel.default_tiles(q(192)).bwd_block_m == kernel.WIDE_HEAD_BWD_BLOCK_M
+  assert kernel.default_tiles(q(192)).block_m == kernel.TILES.block_m   # forward unchanged
+  assert kernel.default_tiles(q(128, jnp.float32)) == kernel.TILES.for_float32()
 
 
 def test_compressed_without_blocks():

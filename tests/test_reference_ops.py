@@ -201,8 +201,57 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     nsa_jax.window_attention(q, k, v, config=SMALL, impl="cuda")
   with pytest.raises(ValueError, match="gates.shape"):
     nsa_jax.nsa(q, kc, vc, k, v, k, v, x["gates"][..., :2], **kw)
+  with pytest.raises(ValueError, match="impl='cudnn' needs a GPU backend"):
+    nsa_jax.window_attention(q, k, v, config=SMALL, impl="cudnn")
+  with pytest.raises(ValueError, match="impl='cudnn' must be one of"):
+    nsa_jax.nsa(q, kc, vc, k, v, k, v, x["gates"], config=SMALL, impl="cudnn")
   with pytest.raises(ValueError, match="config must be an NSAConfig"):
     nsa_jax.window_attention(q, k, v, config={"window": 4})
+
+
+def test_window_branch_goes_to_cudnn_only_where_cudnn_runs_it(monkeypatch):
+  """The dispatch rule of `window.cudnn_runs`, with a GPU backend faked (no
+  kernel runs here: the rule reads shapes, dtypes and the device only)."""
+  from nsa_jax.ops import window
+
+  class Device:
+    compute_capability = "8.0"
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [Device()])
+  q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
+  wide = jnp.zeros((1, 8, 4, 192), jnp.bfloat16)
+  assert window.cudnn_runs(q, q)
+  assert window.cudnn_runs(q.astype(jnp.float16), q.astype(jnp.float16))
+  assert window.cudnn_runs(q, q[..., :64])                                  # Dv < Dk: v padded
+  assert not window.cudnn_runs(q[..., :64], q)                              # Dv > Dk
+  assert not window.cudnn_runs(q[..., :60], q[..., :60])                    # Dk % 8 != 0
+  assert not window.cudnn_runs(q, q, interpret=True)
+  assert not window.cudnn_runs(q.astype(jnp.float32), q.astype(jnp.float32))
+  assert not window.cudnn_runs(wide, q)                                     # Dk > 128 before Hopper
+  Device.compute_capability = "9.0"
+  assert window.cudnn_runs(wide, q)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert not window.cudnn_runs(q, q)
+
+
+@pytest.mark.parametrize("T,Dk,Dv", [(45, 16, 16), (38, 24, 16)])
+def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
+  """The cuDNN path's band (`local_window_size`), odd-T padding and v padding,
+  run through jax's XLA implementation of the same call (no cuDNN on a CPU)."""
+  from nsa_jax.ops import window
+  dpa = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, implementation, **kw: dpa(*a, implementation="xla", **kw))
+  x = make_inputs(jax.random.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
+  args = (x["q"], x["k_win"], x["v_win"])
+  f = lambda *a: window._window_attention_cudnn(*a, config=SMALL, scale=0.3)
+  ref = lambda *a: window.window_attention_xla(*a, config=SMALL, scale=0.3)
+  ct = jax.random.normal(jax.random.key(5), (2, T, 4, Dv), jnp.float32)
+  (o, vjp), (o_ref, vjp_ref) = jax.vjp(f, *args), jax.vjp(ref, *args)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+  for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -78,9 +78,16 @@ def check_block_idx(block_idx, q, k, config: NSAConfig) -> None:
     raise ValueError(f"block_idx.dtype={block_idx.dtype} must be an integer type")
 
 
-def check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+  if impl not in allowed:
+    raise ValueError(f"impl={impl!r} must be one of {allowed}")
+
+
+def cudnn_takes(dtype) -> bool:
+  """Whether cuDNN's fused attention runs on this backend for this dtype:
+  a GPU and 16-bit inputs."""
+  return (jax.default_backend() == "gpu"
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 
 def use_pallas(impl: str) -> bool:

@@ -7,13 +7,11 @@ same queries (paper Eq. 8-11). Each branch may have its own keys and values.
 """
 from __future__ import annotations
 
-
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, window
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
 from nsa_jax.ops.selection import select_blocks
-from nsa_jax.ops.window import window_attention
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
@@ -27,6 +25,9 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
     k_slc, v_slc: [B, T, HKV, Dk/Dv] keys/values for the selected branch.
     k_win, v_win: [B, T, HKV, Dk/Dv] keys/values for the sliding window.
     gates: [B, T, HQ, 3] gate values (cmp, slc, win), already through a sigmoid.
+    impl: "xla" (reference), "pallas" (kernels) or "auto" (kernels on a GPU).
+      With "pallas" and "auto" the window branch runs on cuDNN wherever
+      `window.cudnn_runs` (it is faster there than the Pallas kernel).
     return_block_idx: also return the [B, T, HKV, n] selection.
 
   Returns:
@@ -43,7 +44,10 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw)
   block_idx = select_blocks(q, k_cmp, lse=lse, **kw)
   o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw)
-  o_win = window_attention(q, k_win, v_win, **kw)
+  # The window branch runs on cuDNN where that is faster (window.cudnn_runs).
+  win_impl = ("cudnn" if impl != "xla" and window.cudnn_runs(q, v_win, interpret)
+              else impl)
+  o_win = window.window_attention(q, k_win, v_win, **dict(kw, impl=win_impl))
   g = gates[..., None]
   o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
   return (o, block_idx) if return_block_idx else o
