@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_common import median_ms, small_config
-from nsa_jax import NSAConfig
+from nsa_jax import NSAConfig, window_attention
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import compressed_attention as cmp_kernel
@@ -76,10 +76,9 @@ def default_tiles(op, shape):
 
 def op_fn(op, config, scale, interpret, tiles=None):
   """(q, k, v) -> tuple of outputs: (o,) for window, (o, lse) for compressed."""
-  if op == CUDNN_WINDOW:
-    return lambda q, k, v: (jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True,
-        local_window_size=(config.window - 1, 0), implementation="cudnn"),)
+  if op == CUDNN_WINDOW:   # the path `nsa` takes on a GPU
+    return lambda q, k, v: (window_attention(q, k, v, config=config, scale=scale,
+                                             impl="cudnn"),)
   if op == "window":   # tiles=None: the op's defaults for the dtype
     return lambda q, k, v: (win_kernel.window_attention(
         q, k, v, config=config, scale=scale, interpret=interpret, tiles=tiles),)
@@ -161,10 +160,7 @@ def matmul_tflops(runs, interpret):
 def cudnn_window_ms(q, k, v, config, scale, runs):
   """cuDNN sliding-window attention forward, or None where unavailable."""
   try:
-    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True,
-        local_window_size=(config.window - 1, 0), implementation="cudnn"))
-    return median_ms(f, q, k, v, runs=runs)
+    return median_ms(jax.jit(op_fn(CUDNN_WINDOW, config, scale, False)), q, k, v, runs=runs)
   except Exception as e:   # no cuDNN, or a shape it rejects
     print(f"  (cuDNN window attention unavailable: {type(e).__name__}: {str(e)[:120]})")
     return None
