@@ -140,7 +140,7 @@ def nsa_window_impl(shape: Shape, impl: str, dtype) -> str:
   """What `nsa(impl=impl)` runs its window branch on for this shape."""
   q = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HQ, shape.Dk), dtype)
   v = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HKV, shape.Dv), dtype)
-  return "cudnn" if impl != "xla" and window.cudnn_runs(q, v) else impl
+  return window.branch_impl(impl, q, v)
 
 
 def dense_candidates(shape: Shape, impl: str):

@@ -231,6 +231,9 @@ def test_window_branch_goes_to_cudnn_only_where_cudnn_runs_it(monkeypatch):
   assert not window.cudnn_runs(wide, q)                                     # Dk > 128 before Hopper
   Device.compute_capability = "9.0"
   assert window.cudnn_runs(wide, q)
+  # nsa's window branch: cuDNN for "pallas" and "auto", the reference stays.
+  assert [window.branch_impl(i, q, q) for i in ("auto", "pallas", "xla")] == ["cudnn", "cudnn", "xla"]
+  assert window.branch_impl("pallas", q, q, interpret=True) == "pallas"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not window.cudnn_runs(q, q)
 

@@ -27,7 +27,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
     gates: [B, T, HQ, 3] gate values (cmp, slc, win), already through a sigmoid.
     impl: "xla" (reference), "pallas" (kernels) or "auto" (kernels on a GPU).
       With "pallas" and "auto" the window branch runs on cuDNN wherever
-      `window.cudnn_runs` (it is faster there than the Pallas kernel).
+      `window.cudnn_runs` (faster there than the Pallas kernel; `window.branch_impl`).
     return_block_idx: also return the [B, T, HKV, n] selection.
 
   Returns:
@@ -44,10 +44,8 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw)
   block_idx = select_blocks(q, k_cmp, lse=lse, **kw)
   o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw)
-  # The window branch runs on cuDNN where that is faster (window.cudnn_runs).
-  win_impl = ("cudnn" if impl != "xla" and window.cudnn_runs(q, v_win, interpret)
-              else impl)
-  o_win = window.window_attention(q, k_win, v_win, **dict(kw, impl=win_impl))
+  o_win = window.window_attention(   # on cuDNN where that is faster
+      q, k_win, v_win, **dict(kw, impl=window.branch_impl(impl, q, v_win, interpret)))
   g = gates[..., None]
   o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
   return (o, block_idx) if return_block_idx else o

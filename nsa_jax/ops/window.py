@@ -37,6 +37,12 @@ def cudnn_runs(q, v, interpret: bool | None = None) -> bool:
   return Dk % 8 == 0 and Dv <= Dk <= (256 if hopper else 128)
 
 
+def branch_impl(impl: str, q, v, interpret: bool | None = None) -> str:
+  """The impl the window branch of `nsa(impl=impl)` runs: "cudnn" wherever
+  `cudnn_runs`, unless the reference ("xla") is asked for; `impl` otherwise."""
+  return "cudnn" if impl != "xla" and cudnn_runs(q, v, interpret) else impl
+
+
 def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
                      impl: str = "auto", interpret: bool | None = None):
   """Causal attention over the last `config.window` keys of each query.
