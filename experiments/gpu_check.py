@@ -97,7 +97,8 @@ def compare(a, b):
   diff = jnp.where(finite, a - b, 0.0)
   ref = jnp.where(finite, b, 0.0)
   err = jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
-  max_rel = jnp.max(jnp.abs(diff)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)
+  max_rel = (jnp.max(jnp.abs(diff), initial=0.0)        # initial: empty arrays (T < l: Tc = 0)
+             / jnp.maximum(jnp.max(jnp.abs(ref), initial=0.0), 1e-30))
   same_pattern = jnp.all(jnp.isfinite(a) == finite) & jnp.all(jnp.where(finite, True, a == b))
   return err, max_rel, same_pattern & ~jnp.any(jnp.isnan(a))
 

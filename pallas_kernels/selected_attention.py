@@ -39,6 +39,26 @@ Backward (recomputes p from the saved log-sum-exp):
   order: float32 rounding may differ from run to run. This is the default,
   for load balance; pass `Tiles(dkv_tiles=None)` for reproducible gradients.
 
+Block-major kernels (`Tiles.block_fwd_rows`, `Tiles.block_bwd`; the default
+for G <= BLOCK_MAJOR_MAX_GROUP). A query tile loads each of its tokens' n
+blocks, i.e. n * l' * (Dk + Dv) elements per token and group, to serve G
+heads: with small G, or tokens that select unlike blocks, K/V traffic (from
+L2) bounds it. The block-major kernels turn the loop around: one program per
+KV block (or a chunk of its list) loads the block once and walks the
+*entries* (token, slot) whose slot selected it (an inverted index sorted in
+XLA, `_entry_index`), gathering C = rows // G entries' G query rows a step:
+- forward: each entry's attention over its one block, normalised, and its
+  log-sum-exp, stored per entry; XLA merges the n entries of a token
+  (`_merge`). Memory: n times the output (q.dtype) and its lse, transient.
+- backward: the dK/dV kernel over entries instead of query tiles, which also
+  stores each entry's dQ term (float32, n times dQ, transient); XLA sums them.
+  No dQ kernel, and no atomics for dQ: every entry's slot is written once.
+  dK/dV are added per chunk of `Tiles.block_entries` entries, in any order
+  (not bitwise reproducible; the query-tile path with dkv_tiles=None is).
+Traffic per entry: G query rows in, G output rows out, instead of a block of
+l' keys and values in: a win when G is small (H200, 64k, random q, fwd+bwd:
+G = 1 510 -> 125 ms), a loss at G = 16 (55.6 -> 71.5 ms).
+
 Inputs are padded in XLA where the kernels need powers of two: the group size
 G, the head dims (>= 16), n, and T (to whole tiles and blocks). The padding is
 a no-op for the paper's shapes with T a multiple of 64 and Dk = Dv = 128.
@@ -105,6 +125,13 @@ class Tiles:
     dkv_num_warps: warps of the dK/dV kernel, which holds two [l', D] float32
       accumulators and the block's K and V (8 warps: no register spills at
       l' = 64, D = 128).
+    block_fwd_rows: None, or run the *block-major* forward (see the module
+      docstring) with this many query rows per step (a power of 2 >= 16:
+      block_fwd_rows // G (token, block) entries of G heads each).
+    block_bwd: run the block-major backward (see the module docstring).
+    block_entries: (token, block) entries per block-major program at most
+      (the forced initial block is chosen by all T tokens: chunks balance it).
+    block_fwd_num_warps: warps of the block-major forward.
   """
 
   rows: int = 16
@@ -115,9 +142,14 @@ class Tiles:
   wide_num_warps: int = 4
   num_stages: int = 2
   dkv_num_warps: int = 8
+  block_fwd_rows: int | None = None
+  block_bwd: bool = False
+  block_entries: int = 256
+  block_fwd_num_warps: int = 4
 
   def __post_init__(self):
-    if not isinstance(self.rows, int) or self.rows < 16 or not _is_pow2(self.rows):
+    rows_ok = lambda x: isinstance(x, int) and x >= 16 and _is_pow2(x)
+    if not rows_ok(self.rows):
       raise ValueError(f"Tiles.rows={self.rows!r} must be a power of 2 >= 16")
     if self.wide_rows is not None and (not isinstance(self.wide_rows, int)
                                        or self.wide_rows <= self.rows
@@ -127,9 +159,16 @@ class Tiles:
     if self.dkv_tiles is not None and (
         not isinstance(self.dkv_tiles, int) or self.dkv_tiles < 1):
       raise ValueError(f"Tiles.dkv_tiles={self.dkv_tiles!r} must be None or an int >= 1")
-    if not isinstance(self.dkv_rows, int) or self.dkv_rows < 16 or not _is_pow2(self.dkv_rows):
+    if not rows_ok(self.dkv_rows):
       raise ValueError(f"Tiles.dkv_rows={self.dkv_rows!r} must be a power of 2 >= 16")
-    for name in ("num_warps", "wide_num_warps", "dkv_num_warps"):
+    if self.block_fwd_rows is not None and not rows_ok(self.block_fwd_rows):
+      raise ValueError(f"Tiles.block_fwd_rows={self.block_fwd_rows!r} must be None or a "
+                       "power of 2 >= 16")
+    if not isinstance(self.block_bwd, bool):
+      raise ValueError(f"Tiles.block_bwd={self.block_bwd!r} must be a bool")
+    if not isinstance(self.block_entries, int) or self.block_entries < 1:
+      raise ValueError(f"Tiles.block_entries={self.block_entries!r} must be an int >= 1")
+    for name in ("num_warps", "wide_num_warps", "dkv_num_warps", "block_fwd_num_warps"):
       value = getattr(self, name)
       if not isinstance(value, int) or not _is_pow2(value):
         raise ValueError(f"Tiles.{name}={value!r} must be a power of 2")
@@ -170,6 +209,14 @@ class _Geometry:
     return max(1, self.tiles.dkv_rows // self.M)
 
   @property
+  def C(self) -> int:     # (token, block) entries per block-major forward step
+    return max(1, self.tiles.block_fwd_rows // self.Gp)
+
+  @property
+  def C_bwd(self) -> int:  # (token, block) entries per block-major dK/dV step
+    return max(1, self.tiles.dkv_rows // self.Gp)
+
+  @property
   def Tq(self) -> int:    # padded query length
     return self.nT * self.Bq
 
@@ -190,9 +237,9 @@ class _Geometry:
                Bq=Bq, nT=nT, nb=nb, U=min(Bq * n_pad, nb), scale=float(scale),
                interpret=bool(interpret), tiles=tiles)
 
-  def params(self, num_warps=None):
+  def params(self, num_warps=None, num_stages=None):
     return plgpu.CompilerParams(num_warps=num_warps or self.tiles.num_warps,
-                                num_stages=self.tiles.num_stages)
+                                num_stages=num_stages or self.tiles.num_stages)
 
 
 def _pad(x, shape, value=0):
@@ -224,23 +271,17 @@ def _tile_unions(blk, geo: _Geometry):
   return union, count
 
 
-def _inverted_index(union, count, geo: _Geometry):
-  """For each KV block, the query tiles that selected it, cut into work items.
+def _work_items(j, ids, nb: int, chunk: int):
+  """Groups work by KV block: the inverted index shared by the block-major kernels.
 
-  Returns tiles [B, HKV, nT*U]: tile ids sorted by block (ascending tile id
-  within a block), and items [B, HKV, W, 4]: (block j, lo, hi, 0) meaning
-  "block j, tiles[lo:hi]", at most `chunk` tiles each; unused items have
-  lo = hi = 0.
+  j [Z, E]: the block each of E work pieces (per head z) needs, nb = none;
+  ids [Z, E]: what the kernel reads for each piece. Returns ids sorted by
+  block, stably ([Z, E]), and items [Z, W, 4]: (block, lo, hi, 0) meaning
+  "block, ids[lo:hi]", at most `chunk` ids each; unused items have lo = hi = 0.
   """
-  B, HKV, nT, U, nb = geo.B, geo.HKV, geo.nT, geo.U, geo.nb
-  chunk = geo.tiles.dkv_tiles or nT
-  E = nT * U
+  Z, E = j.shape
   W = nb + -(-E // chunk)    # sum_j ceil(len_j / chunk) <= E / chunk + nb
-  valid = jnp.arange(U, dtype=jnp.int32).reshape(1, 1, 1, U) < count
-  j = jnp.where(valid, union, nb).reshape(B * HKV, E)
-  i = jnp.broadcast_to(jnp.arange(nT, dtype=jnp.int32)[:, None], (nT, U))
-  i = jnp.broadcast_to(i.reshape(1, E), (B * HKV, E))
-  j, tiles = lax.sort((j, i), dimension=1, num_keys=1, is_stable=True)
+  j, ids = lax.sort((j, ids), dimension=1, num_keys=1, is_stable=True)
 
   def items_of(js):
     starts = jnp.searchsorted(js, jnp.arange(nb + 1, dtype=jnp.int32)).astype(jnp.int32)
@@ -256,8 +297,78 @@ def _inverted_index(union, count, geo: _Geometry):
     return jnp.stack([jnp.where(used, jw, zero), jnp.where(used, lo, zero),
                       jnp.where(used, hi, zero), zero], axis=-1)
 
-  items = jax.vmap(items_of)(j)
-  return tiles.reshape(B, HKV, E), items.reshape(B, HKV, W, 4)
+  return ids, jax.vmap(items_of)(j)
+
+
+def _inverted_index(union, count, geo: _Geometry):
+  """For each KV block, the query tiles whose union holds it (dK/dV work items).
+
+  Returns tiles [B, HKV, nT*U] (tile ids sorted by block) and items
+  [B, HKV, W, 4] (`_work_items`, chunks of `Tiles.dkv_tiles` tiles).
+  """
+  B, HKV, nT, U, nb = geo.B, geo.HKV, geo.nT, geo.U, geo.nb
+  valid = jnp.arange(U, dtype=jnp.int32).reshape(1, 1, 1, U) < count
+  j = jnp.where(valid, union, nb).reshape(B * HKV, nT * U)
+  i = jnp.broadcast_to(jnp.arange(nT, dtype=jnp.int32)[:, None], (nT, U))
+  i = jnp.broadcast_to(i.reshape(1, nT * U), (B * HKV, nT * U))
+  tiles, items = _work_items(j, i, nb, geo.tiles.dkv_tiles or nT)
+  return tiles.reshape(B, HKV, -1), items.reshape(B, HKV, -1, 4)
+
+
+def _listed(blk, geo: _Geometry):
+  """[B, Tq, HKV, n_pad] bool: the (token, slot) entries the block-major
+  forward computes: a block in range that is not after its token (the
+  reference sees no key in the others)."""
+  t = jnp.arange(geo.Tq, dtype=jnp.int32).reshape(1, geo.Tq, 1, 1)
+  return (blk >= 0) & (blk * geo.lp <= t)
+
+
+def _entry_index(blk, geo: _Geometry):
+  """For each KV block, the (token, slot) entries that selected it.
+
+  Returns entries [B, HKV, Tq*n_pad] (entry e = token * n_pad + slot, sorted
+  by block) and items [B, HKV, W, 4] (`_work_items`, chunks of
+  `Tiles.block_entries` entries).
+  """
+  B, HKV, E = geo.B, geo.HKV, geo.Tq * geo.n_pad
+  j = jnp.where(_listed(blk, geo), blk, geo.nb)
+  j = jnp.transpose(j, (0, 2, 1, 3)).reshape(B * HKV, E)
+  e = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[None, :], (B * HKV, E))
+  entries, items = _work_items(j, e, geo.nb, geo.tiles.block_entries)
+  return entries.reshape(B, HKV, E), items.reshape(B, HKV, -1, 4)
+
+
+def _slots(part, blk, geo: _Geometry):
+  """[B, Tq*n_pad, HKV, Gp, ...] per-entry results -> [B, Tq, n_pad, HKV, Gp, ...],
+  zero in the slots not listed (never written by the kernels)."""
+  x = part.reshape(geo.B, geo.Tq, geo.n_pad, *part.shape[2:])
+  listed = _slot_mask(blk, geo)
+  return jnp.where(listed.reshape(listed.shape + (1,) * (x.ndim - listed.ndim)), x, 0)
+
+
+def _slot_mask(blk, geo: _Geometry):
+  """[B, Tq, n_pad, HKV, 1]: `_listed` in the layout of `_slots`."""
+  return jnp.transpose(_listed(blk, geo), (0, 1, 3, 2))[..., None]
+
+
+def _merge(o_part, lse_part, blk, geo: _Geometry):
+  """Combines the block-major forward's per-entry results into o and lse.
+
+  o_part [B, Tq*n_pad, HKV, Gp, Dvp], lse_part [B, Tq*n_pad, HKV, Gp]: each
+  listed entry's attention over its one block (normalised) and base-2
+  log-sum-exp. o = sum_k 2^(lse_k - lse) o_k with lse = log2 sum_k 2^lse_k
+  (Eq. 10 over the union of the blocks). Rows that see nothing get o = 0 and
+  lse = 0, as in the query-tile forward.
+  """
+  listed = _slot_mask(blk, geo)
+  lse_k = jnp.where(listed, _slots(lse_part, blk, geo), NEG)     # [B, Tq, n, HKV, Gp]
+  m = jnp.max(lse_k, axis=2)
+  w = jnp.where(listed, jnp.exp2(lse_k - m[:, :, None]), 0.0)
+  l = jnp.sum(w, axis=2)                                         # [B, Tq, HKV, Gp]
+  o = jnp.sum(w[..., None] * _slots(o_part, blk, geo).astype(jnp.float32), axis=2)
+  seen = l > 0
+  o = o / jnp.where(seen, l, 1.0)[..., None]
+  return o.astype(o_part.dtype), jnp.where(seen, m + jnp.log2(l), 0.0)
 
 
 # ------------------------------------------------------------- kernel side
@@ -286,13 +397,18 @@ def _scores(q, k, j, tok, sel, geo: _Geometry):
   A key is visible to a row when the row's token selected block j, the key
   lies in block j (the load holds Lb >= l' keys) and is not after the token.
   """
-  s = plgpu.dot(q, k.T) * (geo.scale * LOG2E)
-  col = jnp.arange(geo.Lb, dtype=jnp.int32)
-  pos = j * geo.lp + col
   chosen = jnp.max(jnp.where(sel == j, 1, 0), axis=1) > 0
-  mask = (chosen[:, None] & (pos[None, :] <= tok[:, None])
-          & (col < geo.lp)[None, :])
-  return s, mask
+  return _logits(q, k, geo), chosen[:, None] & _visible(j, tok, geo)
+
+
+def _logits(q, k, geo: _Geometry):
+  return plgpu.dot(q, k.T) * (geo.scale * LOG2E)
+
+
+def _visible(j, tok, geo: _Geometry):
+  """[M, Lb]: the keys of block j's load that lie in block j, not after each row's token."""
+  col = jnp.arange(geo.Lb, dtype=jnp.int32)
+  return ((j * geo.lp + col)[None, :] <= tok[:, None]) & (col < geo.lp)[None, :]
 
 
 def _block(ref, j, geo: _Geometry):
@@ -325,6 +441,32 @@ def _fwd_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
   lse_ref[...] = jnp.where(seen, m + jnp.log2(l), 0.0).reshape(geo.Bq, geo.Gp)
 
 
+def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, *,
+                      geo: _Geometry):
+  j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
+  k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
+  C = geo.C                               # entries per step, G rows each
+
+  def body(step, carry):
+    # Past hi, repeat the last entry: its rows compute the same values again
+    # and store them to the same place (no masked stores needed).
+    e = entry_ref[jnp.minimum(lo + step * C + jnp.arange(C, dtype=jnp.int32), hi - 1)]
+    tok = e // geo.n_pad
+    q = q_ref[tok].reshape(C * geo.Gp, geo.Dkp)
+    tok_rows = jnp.broadcast_to(tok[:, None], (C, geo.Gp)).reshape(C * geo.Gp)
+    s, mask = _logits(q, k, geo), _visible(j, tok_rows, geo)
+    # Every listed entry sees key j * l' (`_listed`), so l >= 1.
+    m = jnp.max(jnp.where(mask, s, NEG), axis=1)
+    p = jnp.where(mask, jnp.exp2(s - m[:, None]), 0.0)
+    l = jnp.sum(p, axis=1)
+    o = plgpu.dot(p.astype(v.dtype), v) / l[:, None]
+    o_ref[e] = o.reshape(C, geo.Gp, geo.Dvp).astype(o_ref.dtype)
+    lse_ref[e] = (m + jnp.log2(l)).reshape(C, geo.Gp)
+    return carry
+
+  lax.fori_loop(0, (hi - lo + C - 1) // C, body, 0)
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, geo: _Geometry):
   q = q_ref[...].reshape(geo.M, geo.Dkp)
@@ -347,31 +489,42 @@ def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
-                tiles_ref, item_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *,
+                ids_ref, item_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *dq_ref,
                 geo: _Geometry):
+  """dK and dV of one work item (block j, ids[lo:hi]); block-major, it also
+  stores each (token, block) entry's term of dQ to dq_ref."""
   del dk_in_ref, dv_in_ref   # aliased with dk_ref, dv_ref (zeros)
   j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
   k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
-  R, N = geo.R, geo.R * geo.Bq          # tiles and tokens gathered per step
-  rows = R * geo.M
+  block_major = bool(dq_ref)
+  R = geo.C_bwd if block_major else geo.R     # entries or query tiles per step
+  tokens_per_id = 1 if block_major else geo.Bq
+  rows = R * tokens_per_id * geo.Gp
 
   def body(step, carry):
     dk, dv = carry
     u = lo + step * R + jnp.arange(R, dtype=jnp.int32)
-    live = u < hi                        # the last step may hold fewer tiles
-    i = tiles_ref[jnp.minimum(u, hi - 1)]                        # [R] tile ids
-    tok = (i[:, None] * geo.Bq
-           + jnp.arange(geo.Bq, dtype=jnp.int32)[None, :]).reshape(N)   # [N] tokens
+    live = u < hi             # the last step may hold fewer: repeat the last id
+    ids = ids_ref[jnp.minimum(u, hi - 1)]
+    if block_major:
+      tok = ids // geo.n_pad                   # entry e = token * n_pad + slot
+    else:
+      tok = (ids[:, None] * geo.Bq
+             + jnp.arange(geo.Bq, dtype=jnp.int32)[None, :]).reshape(R * geo.Bq)
     q = q_ref[tok].reshape(rows, geo.Dkp)
     do = do_ref[tok].reshape(rows, geo.Dvp)
     lse = lse_ref[tok].reshape(rows)
     delta = delta_ref[tok].reshape(rows)
     tok_rows, sel = _rows(blk_ref[tok], tok, geo)
     s, mask = _scores(q, k, j, tok_rows, sel, geo)
-    live = jnp.broadcast_to(live[:, None], (R, geo.M)).reshape(rows)
-    p = jnp.where(mask & live[:, None], jnp.exp2(s - lse[:, None]), 0.0)
-    dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+    if block_major:   # repeated entries store the same values to the same place
+      dq = plgpu.dot(ds.astype(k.dtype), k) * geo.scale
+      dq_ref[0][ids] = dq.reshape(R, geo.Gp, geo.Dkp)
+    live = jnp.broadcast_to(live[:, None], (R, rows // R)).reshape(rows)[:, None]
+    p, ds = jnp.where(live, p, 0.0), jnp.where(live, ds, 0.0)
+    dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
     return dk + plgpu.dot(ds.astype(q.dtype).T, q), dv
 
   dk, dv = lax.fori_loop(0, (hi - lo + R - 1) // R, body,
@@ -429,6 +582,26 @@ def _forward(q5, k, v, blk, union, count, geo: _Geometry):
   )(q5, k, v, blk, union, count)
 
 
+def _block_forward(q5, k, v, blk, geo: _Geometry):
+  """The block-major forward: per-entry results (`_block_fwd_kernel`), merged."""
+  entries, items = _entry_index(blk, geo)
+  HKV, E, whole = geo.HKV, geo.Tq * geo.n_pad, _whole_spec(geo)
+  o_part, lse_part = pl.pallas_call(
+      functools.partial(_block_fwd_kernel, geo=geo),
+      grid=(items.shape[2], geo.B * HKV),
+      in_specs=[
+          whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp),
+          pl.BlockSpec((None, None, E), lambda w, z: (z // HKV, z % HKV, 0)),
+          pl.BlockSpec((None, None, None, 4), lambda w, z: (z // HKV, z % HKV, w, 0))],
+      out_specs=[whole(E, geo.Gp, geo.Dvp), whole(E, geo.Gp)],
+      out_shape=[jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp, geo.Dvp), q5.dtype),
+                 jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp), jnp.float32)],
+      compiler_params=geo.params(geo.tiles.block_fwd_num_warps),
+      interpret=geo.interpret, name="nsa_selected_block_fwd",
+  )(q5, k, v, entries, items)
+  return _merge(o_part, lse_part, blk, geo)
+
+
 def _backward_dq(q5, k, v, blk, union, count, do5, lse, delta, geo: _Geometry):
   per_tile, in_specs = _tile_specs(geo)
   return pl.pallas_call(
@@ -443,16 +616,32 @@ def _backward_dq(q5, k, v, blk, union, count, do5, lse, delta, geo: _Geometry):
   )(q5, k, v, blk, union, count, do5, lse, delta)
 
 
-def _backward_dkv(q5, k, v, blk, do5, lse, delta, tiles, items, geo: _Geometry):
+def _whole_spec(geo: _Geometry):
+  """BlockSpec maker of the block-major kernels, grid (W, B*HKV): the whole
+  sequence axis of head (b, h) of a [B, L, HKV, *tail] array."""
   HKV = geo.HKV
 
-  def whole(*shape):   # the whole sequence of head (b, h); grid (W, B*HKV)
+  def whole(*shape):
     return pl.BlockSpec((None, shape[0], None, *shape[1:]),
                         lambda w, z: (z // HKV, 0, z % HKV) + (0,) * (len(shape) - 1))
+  return whole
 
+
+def _backward_dkv(q5, k, v, blk, do5, lse, delta, ids, items, geo: _Geometry,
+                  block_major: bool):
+  """dK, dV (float32, [B, Tk, HKV, D]) over work items of query tiles, or,
+  block-major, of (token, block) entries, and then also the entries' dQ terms
+  [B, Tq*n_pad, HKV, Gp, Dkp] (float32)."""
+  HKV, whole = geo.HKV, _whole_spec(geo)
   dk0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dkp), jnp.float32)
   dv0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dvp), jnp.float32)
   out_specs = [whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp)]
+  out_shape = [jax.ShapeDtypeStruct(dk0.shape, dk0.dtype),
+               jax.ShapeDtypeStruct(dv0.shape, dv0.dtype)]
+  if block_major:
+    E = geo.Tq * geo.n_pad
+    out_specs.append(whole(E, geo.Gp, geo.Dkp))
+    out_shape.append(jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp, geo.Dkp), jnp.float32))
   return pl.pallas_call(
       functools.partial(_dkv_kernel, geo=geo),
       grid=(items.shape[2], geo.B * HKV),
@@ -461,26 +650,33 @@ def _backward_dkv(q5, k, v, blk, do5, lse, delta, tiles, items, geo: _Geometry):
           whole(geo.Tk, geo.Dvp), whole(geo.Tq, geo.n_pad),
           whole(geo.Tq, geo.Gp, geo.Dvp), whole(geo.Tq, geo.Gp),
           whole(geo.Tq, geo.Gp),
-          pl.BlockSpec((None, None, tiles.shape[2]),
+          pl.BlockSpec((None, None, ids.shape[2]),
                        lambda w, z: (z // HKV, z % HKV, 0)),
           pl.BlockSpec((None, None, None, 4),
                        lambda w, z: (z // HKV, z % HKV, w, 0)),
-      ] + out_specs,
+      ] + out_specs[:2],
       out_specs=out_specs,
-      out_shape=[jax.ShapeDtypeStruct(dk0.shape, dk0.dtype),
-                 jax.ShapeDtypeStruct(dv0.shape, dv0.dtype)],
+      out_shape=out_shape,
       input_output_aliases={9: 0, 10: 1},
-      compiler_params=geo.params(geo.tiles.dkv_num_warps), interpret=geo.interpret,
-      name="nsa_selected_dkv",
-  )(q5, k, v, blk, do5, lse, delta, tiles, items, dk0, dv0)
+      # Block-major float32 steps hold one more [l', D] operand (K, for dQ):
+      # two stages asked for 263 KB of shared memory on an H200 (227 KB there).
+      compiler_params=geo.params(geo.tiles.dkv_num_warps,
+                                 1 if block_major and q5.dtype.itemsize == 4 else None),
+      interpret=geo.interpret, name="nsa_selected_dkv",
+  )(q5, k, v, blk, do5, lse, delta, ids, items, dk0, dv0)
 
 
 # ------------------------------------------------------------- custom_vjp
 
 
+def _pad_blk(block_idx, geo: _Geometry):
+  """block_idx padded to whole tiles (-1 = empty)."""
+  return _pad(block_idx, (geo.B, geo.Tq, geo.HKV, geo.n_pad), value=-1)
+
+
 def _plan(block_idx, geo: _Geometry):
   """block_idx padded to whole tiles, and each tile's block union and its size."""
-  blk = _pad(block_idx, (geo.B, geo.Tq, geo.HKV, geo.n_pad), value=-1)
+  blk = _pad_blk(block_idx, geo)
   return (blk, *_tile_unions(blk, geo))
 
 
@@ -498,7 +694,10 @@ def _unpad(x5, geo: _Geometry, D: int):
 
 def _fwd(q, k, v, blk, union, count, geo: _Geometry):
   q5, kp, vp = _pad_qkv(q, k, v, geo)
-  o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
+  if geo.tiles.block_fwd_rows is None:
+    o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
+  else:
+    o5, lse = _block_forward(q5, kp, vp, blk, geo)
   return _unpad(o5, geo, geo.Dv), (q5, kp, vp, blk, union, count, o5, lse)
 
 
@@ -507,9 +706,16 @@ def _bwd(geo: _Geometry, res, do):
   B, T, HKV = geo.B, geo.T, geo.HKV
   do5 = _pad(do.reshape(B, T, HKV, geo.G, geo.Dv), o5.shape)
   delta = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)
-  dq5 = _backward_dq(q5, kp, vp, blk, union, count, do5, lse, delta, geo)
-  tiles, items = _inverted_index(union, count, geo)
-  dk, dv = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, tiles, items, geo)
+  if geo.tiles.block_bwd:
+    entries, items = _entry_index(blk, geo)
+    dk, dv, dq_part = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, entries, items,
+                                    geo, block_major=True)
+    dq5 = jnp.sum(_slots(dq_part, blk, geo), axis=2).astype(q5.dtype)
+  else:
+    dq5 = _backward_dq(q5, kp, vp, blk, union, count, do5, lse, delta, geo)
+    tiles, items = _inverted_index(union, count, geo)
+    dk, dv = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, tiles, items, geo,
+                           block_major=False)
   dk = dk[:, :T, :, :geo.Dk].astype(kp.dtype)
   dv = dv[:, :T, :, :geo.Dv].astype(vp.dtype)
   return _unpad(dq5, geo, geo.Dk), dk, dv, None, None, None
@@ -517,7 +723,8 @@ def _bwd(geo: _Geometry, res, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _selected(q, k, v, blk, union, count, geo: _Geometry):
-  """Selected attention of q, k, v over the tiles planned by `_plan(block_idx, geo)`."""
+  """Selected attention of q, k, v over the tiles planned by `_plan(block_idx, geo)`
+  (union and count are None when the forward and backward are block-major)."""
   return _fwd(q, k, v, blk, union, count, geo)[0]
 
 
@@ -538,15 +745,26 @@ def prefer_wide(narrow_count, wide_count, narrow: _Geometry, wide: _Geometry):
   return WIDE_TILE_COST * per_token(wide_count, wide) < per_token(narrow_count, narrow)
 
 
+# Largest GQA group size that runs the block-major kernels by default (H200,
+# T = 64k, random q, fwd+bwd, query-tile vs block-major: G = 16 55.6 vs 71.5 ms,
+# G = 8 99.1 vs 82.4, G = 4 178 vs 93, G = 2 308 vs 101, G = 1 510 vs 125;
+# `results/check_selected_h200_v7_block_major.json`).
+BLOCK_MAJOR_MAX_GROUP = 8
+
+
 def default_tiles(q, k) -> Tiles:
-  """`Tiles()`, but for 4-byte inputs 64 dK/dV rows per step and, with a head
-  dim over 128, single-stage loads: two stages of [64, 256] float32 K and V
-  blocks need 256 KB of shared memory, over the 227 KB of an H100/H200 (seen
-  at Dk = 192, float32); float32 dK/dV steps of 128 rows (twice the bytes of
-  bf16 ones) were not tried on a GPU, 64 were."""
+  """`Tiles()`, block-major (forward and backward) for G <= BLOCK_MAJOR_MAX_GROUP;
+  for 4-byte inputs 64 dK/dV rows per step and, with a head dim over 128,
+  single-stage loads: two stages of [64, 256] float32 K and V blocks need
+  256 KB of shared memory, over the 227 KB of an H100/H200 (seen at Dk = 192,
+  float32); float32 dK/dV steps of 128 rows (twice the bytes of bf16 ones)
+  were not tried on a GPU, 64 were."""
+  block_major = q.shape[2] // k.shape[2] <= BLOCK_MAJOR_MAX_GROUP
+  tiles = Tiles(block_fwd_rows=64 if block_major else None, block_bwd=block_major)
   if q.dtype.itemsize < 4:
-    return Tiles()
-  return Tiles(dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
+    return tiles
+  return dataclasses.replace(
+      tiles, dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
 
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
@@ -568,6 +786,8 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
   tiles = default_tiles(q, v) if tiles is None else tiles
   block_idx = block_idx.astype(jnp.int32)
   narrow = _Geometry.make(q, v, block_idx, config, scale, interpret, tiles)
+  if tiles.block_fwd_rows is not None and tiles.block_bwd:    # no query tiles
+    return _selected(q, k, v, _pad_blk(block_idx, narrow), None, None, narrow)
   narrow_plan = _plan(block_idx, narrow)
   wide = None if tiles.wide_rows is None else _Geometry.make(
       q, v, block_idx, config, scale, interpret,

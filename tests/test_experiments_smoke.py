@@ -81,3 +81,17 @@ def test_check_decode_small(tmp_path):
   assert [r["variant"] for r in rows] == ["default", "splits <= 16"]
   for r in rows:   # every variant's step agrees with the XLA one
     assert r["us"] > 0 and r["selection_agreement"] == 1.0 and r["o_rel_err"] < 1e-5, r
+
+
+def test_gpu_check_compare_empty_output():
+  """T < l gives a zero-size compressed branch (Tc = 0): gpu_check's error
+  measures must still be defined (its max-relative error once raised here)."""
+  import importlib
+  import jax.numpy as jnp
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  try:
+    gpu_check = importlib.import_module("gpu_check")
+  finally:
+    sys.path.pop(0)
+  err, max_rel, ok = gpu_check.compare(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 0, 2, 16)))
+  assert float(err) == 0.0 and float(max_rel) == 0.0 and bool(ok)

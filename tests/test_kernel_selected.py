@@ -13,8 +13,8 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
-from pallas_kernels.selected_attention import (Tiles, _Geometry, _plan, prefer_wide,
-                                                selected_attention)
+from pallas_kernels.selected_attention import (BLOCK_MAJOR_MAX_GROUP, Tiles, _Geometry, _plan,
+                                                default_tiles, prefer_wide, selected_attention)
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -126,8 +126,47 @@ def test_tile_width_follows_how_alike_neighbours_choose():
     _check(_kernel(SMALL, Tiles()), q, k, v, block_idx, ct, SMALL)
 
 
+@pytest.mark.parametrize("B,T,HKV,G,Dk,Dv,config,tiles", [
+    # block_entries=3 and 16-row steps: chunks and steps end part-filled.
+    pytest.param(2, 77, 2, 2, 32, 16, SMALL,
+                 Tiles(block_fwd_rows=16, block_bwd=True, block_entries=3, dkv_rows=16),
+                 id="T77-G2-DkneDv"),
+    pytest.param(1, 45, 1, 3, 24, 40, TINY_BLOCKS,
+                 Tiles(block_fwd_rows=32, block_bwd=True, block_entries=5),
+                 id="lp8-G3-Dk24-Dv40"),
+    pytest.param(1, 130, 2, 16, 16, 16, SMALL, Tiles(block_fwd_rows=64, block_bwd=True),
+                 id="T130-G16"),
+    # One block-major pass with the query-tile other: each pass stands alone.
+    pytest.param(1, 61, 2, 1, 16, 32, SMALL, Tiles(block_fwd_rows=16, block_entries=4),
+                 id="G1-fwd-only"),
+    pytest.param(1, 61, 2, 1, 16, 32, SMALL, Tiles(block_bwd=True, block_entries=4),
+                 id="G1-bwd-only"),
+])
+def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
+  """The block-major forward (per-entry results merged in XLA) and backward
+  (dK/dV over entries, dQ terms summed in XLA) against the reference: odd T,
+  G in {1, 2, 3, 16}, Dk != Dv, l' = 8, -1 slots, rows that see nothing."""
+  q, k, v, ct, kc = _inputs(jax.random.key(5), B, T, HKV, G, Dk, Dv)
+  block_idx = _random_block_idx(kc, B, T, HKV, config, empty_frac=0.25)
+  block_idx = block_idx.at[:, 3:5].set(-1)       # these rows see nothing
+  o = _check(_kernel(config, tiles), q, k, v, block_idx, ct, config)
+  assert bool(jnp.all(o[:, 3:5] == 0))
+
+
+def test_default_tiles_block_major_for_small_groups():
+  """Block-major for G <= BLOCK_MAJOR_MAX_GROUP, query tiles above; float32
+  takes 64-row dK/dV steps either way."""
+  for G, dtype in [(1, jnp.bfloat16), (BLOCK_MAJOR_MAX_GROUP, jnp.float32), (16, jnp.bfloat16)]:
+    q = jnp.zeros((1, 8, 2 * G, 128), dtype)
+    tiles = default_tiles(q, jnp.zeros((1, 8, 2, 128), dtype))
+    block_major = G <= BLOCK_MAJOR_MAX_GROUP
+    assert (tiles.block_fwd_rows is not None, tiles.block_bwd) == (block_major, block_major), G
+    assert tiles.dkv_rows == (64 if dtype == jnp.float32 else 128)
+
+
 def test_public_op_shorter_than_a_block():
-  """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")."""
+  """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")
+  (default tiles: block-major at G = 1)."""
   B, T, HKV, G = 2, 5, 2, 1
   q, k, v, ct, kc = _inputs(jax.random.key(3), B, T, HKV, G, 16, 32)
   block_idx = _selected_block_idx(kc, q, HKV, SMALL)
@@ -146,3 +185,9 @@ def test_tiles_validation():
     Tiles(wide_rows=16)
   with pytest.raises(ValueError, match="dkv_rows=48"):
     Tiles(dkv_rows=48)
+  with pytest.raises(ValueError, match="block_fwd_rows=24"):
+    Tiles(block_fwd_rows=24)
+  with pytest.raises(ValueError, match="block_entries=0"):
+    Tiles(block_entries=0)
+  with pytest.raises(ValueError, match="block_bwd=1"):
+    Tiles(block_bwd=1)
