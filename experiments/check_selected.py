@@ -10,8 +10,7 @@
 2. Timing: Config A of SPEC §5 (B=1, HQ=64, HKV=4, Dk=Dv=128, bf16, paper
    block sizes), forward and forward+backward, median of >= 10 runs after a
    warm-up, for the default tiles, the deterministic dK/dV variant
-   (`dkv_tiles=None`) and the block-major kernels (`block_fwd_rows=64`,
-   `block_bwd=True`), each
+   (`dkv_tiles=None`) and the block-major kernels (`block_major=True`), each
    `default_tiles` with those fields changed; the XLA reference forward where it is cheap;
    the default tiles (and 64-row tiles) again with block_idx from smoothed queries (random
    queries make neighbouring tokens select unrelated blocks, the worst case
@@ -23,7 +22,8 @@
 Prints a table; writes the numbers as JSON to $OUT/check_selected.json when
 $OUT is set, after each stage, so a run cut short keeps what it measured.
 Options: --ts, --check-ts, --skip-check, --no-extras, --extras (name prefixes),
---runs, --groups (G sweep: default tiles vs the block-major forward).
+--runs, --groups (G sweep: default (chosen per call), query tiles, block-major;
+random and smoothed queries).
 """
 from __future__ import annotations
 
@@ -154,15 +154,15 @@ def bench(T, config, interpret, variants, runs, key, B, HKV, G, D,
   # default tiles again with block_idx from a 256-token moving average of q.
   b_smooth = smooth_block_idx(q, key, config, HKV)
   row["mean_union_smooth"] = mean_union_sizes(b_smooth, (1, 2, 4, 8))
-  for name in ("default", "rows16", "rows64"):
+  for name in ("default", "rows16", "rows64", "query-tiles", "block-major"):
     if name in variants:
       fn = kernel_fn(config, scale, interpret, variants[name])
       row["ms"][f"{name} fwd, smooth q"] = median_ms(jax.jit(fn), q, k, v, b_smooth, runs=runs)
       row["ms"][f"{name} fwd+bwd, smooth q"] = median_ms(
           fwd_bwd(fn), q, k, v, b_smooth, ct, runs=runs)
   # Where the time goes, per kernel (profiler).
-  row["breakdown_us"] = {} if interpret else {"default": bench_common.device_op_times(
-      fwd_bwd(kernel_fn(config, scale, interpret, variants["default"])), q, k, v, b, ct)}
+  row["breakdown_us"] = {} if interpret else {next(iter(variants)): bench_common.device_op_times(
+      fwd_bwd(kernel_fn(config, scale, interpret, next(iter(variants.values())))), q, k, v, b, ct)}
   if T <= xla_up_to:
     ref = jax.jit(reference_fn(config, scale))
     row["ms"]["xla-ref fwd"] = median_ms(ref, q, k, v, b, runs=runs)
@@ -186,7 +186,7 @@ def main():
                       help="time only the tuning candidates whose names start with these")
   parser.add_argument("--groups", type=int, nargs="*", default=[],
                       help="GQA group sizes G to sweep at the largest T (HQ = 64, HKV = 64 / G), "
-                           "each with the default tiles and the block-major forward")
+                           "each by default, query tiles and block-major kernels")
   args = parser.parse_args()
 
   if args.small:
@@ -199,7 +199,7 @@ def main():
     shape = dict(B=1, HKV=4, G=16, D=128)   # Config A
   # Each variant updates `default_tiles` by these fields.
   variants = {"default": {}, "deterministic": dict(dkv_tiles=None),
-              "block-major": dict(block_fwd_rows=64, block_bwd=True)}
+              "block-major": dict(block_major=True)}
   # Tuning candidates, timed at the largest T only.
   fixed = lambda rows, **kw: dict(rows=rows, wide_rows=None, **kw)   # one tiling, no cond
   extras = {
@@ -207,10 +207,10 @@ def main():
       **{f"dkv-rows{r}": dict(dkv_rows=r) for r in (16, 64, 256)},
       "dkv-tiles512": dict(dkv_tiles=512), "warps4": dict(num_warps=4),
       "warps8": dict(num_warps=8),
-      "block-fwd-only": dict(block_fwd_rows=64), "block-bwd-only": dict(block_bwd=True),
-      **{f"block-dkv-rows{r}": dict(block_fwd_rows=64, block_bwd=True, dkv_rows=r)
+      **{f"block-rows{r}": dict(block_major=True, block_rows=r) for r in (32, 128)},
+      **{f"block-dkv-rows{r}": dict(block_major=True, dkv_rows=r)
          for r in (32, 64)},
-      **{f"block-entries{e}": dict(block_fwd_rows=64, block_bwd=True, block_entries=e)
+      **{f"block-entries{e}": dict(block_major=True, block_entries=e)
          for e in (128, 1024)}}
   extras = {} if args.no_extras else {
       name: tiles for name, tiles in extras.items()
@@ -254,7 +254,8 @@ def main():
             + ", ".join(f"{op.split(': ')[-1]} {us / 1e3:.2f} ms" for op, us, _ in ops[:6]), flush=True)
   for G in args.groups:
     shape_g = dict(shape, HKV=shape["HKV"] * shape["G"] // G, G=G)
-    rows = {name: variants[name] for name in ("default", "block-major")}
+    rows = {"default": {}, "query-tiles": dict(block_major=False),
+            "block-major": variants["block-major"]}
     r = bench(bench_ts[-1], config, interpret, rows, runs, key, **shape_g)
     result.setdefault("g_sweep", []).append({"G": G, **r})
     save()

@@ -17,7 +17,7 @@ Tile width: a narrow tile (16 rows: one token when G = 16) reads no block
 its token did not choose; a wide one (64 rows) shares each load among more
 tokens but reads the union of their choices. Which wins depends on how alike
 neighbouring tokens choose, so both are compiled and one is picked per call
-from block_idx (`Tiles.wide_rows`, `prefer_wide`).
+from block_idx (`Tiles.wide_rows`, `tilings`).
 
 Backward (recomputes p from the saved log-sum-exp):
 - dQ: the forward's access pattern, per query tile.
@@ -39,14 +39,15 @@ Backward (recomputes p from the saved log-sum-exp):
   order: float32 rounding may differ from run to run. This is the default,
   for load balance; pass `Tiles(dkv_tiles=None)` for reproducible gradients.
 
-Block-major kernels (`Tiles.block_fwd_rows`, `Tiles.block_bwd`; the default
-for G <= BLOCK_MAJOR_MAX_GROUP). A query tile loads each of its tokens' n
-blocks, i.e. n * l' * (Dk + Dv) elements per token and group, to serve G
-heads: with small G, or tokens that select unlike blocks, K/V traffic (from
-L2) bounds it. The block-major kernels turn the loop around: one program per
-KV block (or a chunk of its list) loads the block once and walks the
-*entries* (token, slot) whose slot selected it (an inverted index sorted in
-XLA, `_entry_index`), gathering C = rows // G entries' G query rows a step:
+Block-major kernels (`Tiles.block_major`; by default chosen per call among
+them and the two query tilings by estimated cost, `tilings`). A query tile
+loads each of its tokens' n blocks, i.e. n * l' * (Dk + Dv) elements per
+token and group, to serve G heads: with small G, or tokens that select
+unlike blocks, K/V traffic (from L2) bounds it. The block-major kernels turn
+the loop around: one program per KV block (or a chunk of its list) loads the
+block once and walks the *entries* (token, slot) whose slot selected it (an
+inverted index sorted in XLA, `_entry_index`), gathering C = rows // G
+entries' G query rows a step:
 - forward: each entry's attention over its one block, normalised, and its
   log-sum-exp, stored per entry; XLA merges the n entries of a token
   (`_merge`). Memory: n times the output (q.dtype) and its lse, transient.
@@ -56,8 +57,10 @@ XLA, `_entry_index`), gathering C = rows // G entries' G query rows a step:
   dK/dV are added per chunk of `Tiles.block_entries` entries, in any order
   (not bitwise reproducible; the query-tile path with dkv_tiles=None is).
 Traffic per entry: G query rows in, G output rows out, instead of a block of
-l' keys and values in: a win when G is small (H200, 64k, random q, fwd+bwd:
-G = 1 510 -> 125 ms), a loss at G = 16 (55.6 -> 71.5 ms).
+l' keys and values in: a win when G is small and neighbouring tokens choose
+unlike blocks (H200, 64k, random q, fwd+bwd: G = 1 510 -> 113 ms, G = 4
+178 -> 84), a loss at G = 16 (56 -> 69 ms) or when neighbours choose alike
+(time-smoothed q, G = 4: 67 -> 84 ms), where wide query tiles share loads.
 
 Inputs are padded in XLA where the kernels need powers of two: the group size
 G, the head dims (>= 16), n, and T (to whole tiles and blocks). The padding is
@@ -68,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,14 +107,13 @@ class Tiles:
       expected of trained models; not yet measured here), a wide tile shares
       each load among more tokens and runs larger matmuls; when they do not
       (random inputs), the union grows nearly Bq-fold and the wide tile
-      wastes that much work. So both tilings
-      are compiled and `lax.cond` picks one per call from block_idx: the wide
-      one when the blocks it reads per token, times WIDE_TILE_COST, are fewer
-      than the narrow one's (see `prefer_wide`). Measured (H200, T = 64k,
+      wastes that much work. So both tilings (and the block-major kernels,
+      see block_major) are compiled and `lax.switch` picks one per call from
+      block_idx by estimated cost (`tilings`). Measured (H200, T = 64k,
       G = 16, bf16 fwd): random queries 18.5 ms at 16 rows vs 27.3 ms at 64;
-      time-smoothed queries 18.4 ms vs 11.3 ms. Cost: both tilings compile,
-      and under `jax.vjp` the cond keeps each branch's output and lse as
-      residuals (one extra output-sized buffer); None = narrow tiles only.
+      time-smoothed queries 18.4 ms vs 11.3 ms. Cost: every tiling compiles,
+      and under `jax.vjp` the switch keeps each branch's output and lse as
+      residuals (an extra output-sized buffer each); None = narrow tiles only.
     dkv_tiles: query tiles per dK/dV program at most; None = one program per
       KV block (bitwise deterministic dK/dV, see the module docstring). 256:
       fwd+bwd 88.6 ms vs 91.1 ms at 64 (H200, T = 64k, G = 16, 16-row tiles).
@@ -125,10 +128,13 @@ class Tiles:
     dkv_num_warps: warps of the dK/dV kernel, which holds two [l', D] float32
       accumulators and the block's K and V (8 warps: no register spills at
       l' = 64, D = 128).
-    block_fwd_rows: None, or run the *block-major* forward (see the module
-      docstring) with this many query rows per step (a power of 2 >= 16:
-      block_fwd_rows // G (token, block) entries of G heads each).
-    block_bwd: run the block-major backward (see the module docstring).
+    block_major: run the *block-major* kernels (see the module docstring):
+      None = where they are expected to be faster, chosen per call among the
+      narrow, wide and block-major tilings (`tilings`); True = always; False =
+      never (query tiles only).
+    block_rows: query rows per step of the block-major forward (a power of
+      2 >= 16: block_rows // G (token, block) entries of G heads each; its
+      backward steps take dkv_rows rows).
     block_entries: (token, block) entries per block-major program at most
       (the forced initial block is chosen by all T tokens: chunks balance it).
     block_fwd_num_warps: warps of the block-major forward.
@@ -142,8 +148,8 @@ class Tiles:
   wide_num_warps: int = 4
   num_stages: int = 2
   dkv_num_warps: int = 8
-  block_fwd_rows: int | None = None
-  block_bwd: bool = False
+  block_major: bool | None = None
+  block_rows: int = 64
   block_entries: int = 256
   block_fwd_num_warps: int = 4
 
@@ -161,11 +167,10 @@ class Tiles:
       raise ValueError(f"Tiles.dkv_tiles={self.dkv_tiles!r} must be None or an int >= 1")
     if not rows_ok(self.dkv_rows):
       raise ValueError(f"Tiles.dkv_rows={self.dkv_rows!r} must be a power of 2 >= 16")
-    if self.block_fwd_rows is not None and not rows_ok(self.block_fwd_rows):
-      raise ValueError(f"Tiles.block_fwd_rows={self.block_fwd_rows!r} must be None or a "
-                       "power of 2 >= 16")
-    if not isinstance(self.block_bwd, bool):
-      raise ValueError(f"Tiles.block_bwd={self.block_bwd!r} must be a bool")
+    if not rows_ok(self.block_rows):
+      raise ValueError(f"Tiles.block_rows={self.block_rows!r} must be a power of 2 >= 16")
+    if self.block_major not in (None, True, False):
+      raise ValueError(f"Tiles.block_major={self.block_major!r} must be None, True or False")
     if not isinstance(self.block_entries, int) or self.block_entries < 1:
       raise ValueError(f"Tiles.block_entries={self.block_entries!r} must be an int >= 1")
     for name in ("num_warps", "wide_num_warps", "dkv_num_warps", "block_fwd_num_warps"):
@@ -210,7 +215,7 @@ class _Geometry:
 
   @property
   def C(self) -> int:     # (token, block) entries per block-major forward step
-    return max(1, self.tiles.block_fwd_rows // self.Gp)
+    return max(1, self.tiles.block_rows // self.Gp)
 
   @property
   def C_bwd(self) -> int:  # (token, block) entries per block-major dK/dV step
@@ -272,7 +277,8 @@ def _tile_unions(blk, geo: _Geometry):
 
 
 def _work_items(j, ids, nb: int, chunk: int):
-  """Groups work by KV block: the inverted index shared by the block-major kernels.
+  """Groups work by KV block: the inverted index of the kernels that run one
+  program per KV block (dK/dV, block-major forward).
 
   j [Z, E]: the block each of E work pieces (per head z) needs, nb = none;
   ids [Z, E]: what the kernel reads for each piece. Returns ids sorted by
@@ -694,10 +700,10 @@ def _unpad(x5, geo: _Geometry, D: int):
 
 def _fwd(q, k, v, blk, union, count, geo: _Geometry):
   q5, kp, vp = _pad_qkv(q, k, v, geo)
-  if geo.tiles.block_fwd_rows is None:
-    o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
-  else:
+  if geo.tiles.block_major:
     o5, lse = _block_forward(q5, kp, vp, blk, geo)
+  else:
+    o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
   return _unpad(o5, geo, geo.Dv), (q5, kp, vp, blk, union, count, o5, lse)
 
 
@@ -706,7 +712,7 @@ def _bwd(geo: _Geometry, res, do):
   B, T, HKV = geo.B, geo.T, geo.HKV
   do5 = _pad(do.reshape(B, T, HKV, geo.G, geo.Dv), o5.shape)
   delta = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)
-  if geo.tiles.block_bwd:
+  if geo.tiles.block_major:
     entries, items = _entry_index(blk, geo)
     dk, dv, dq_part = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, entries, items,
                                     geo, block_major=True)
@@ -724,47 +730,79 @@ def _bwd(geo: _Geometry, res, do):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _selected(q, k, v, blk, union, count, geo: _Geometry):
   """Selected attention of q, k, v over the tiles planned by `_plan(block_idx, geo)`
-  (union and count are None when the forward and backward are block-major)."""
+  (union and count are None for the block-major kernels)."""
   return _fwd(q, k, v, blk, union, count, geo)[0]
 
 
 _selected.defvjp(_fwd, _bwd)
 
 
-# A wide tile's program costs about this many narrow ones per block it reads
-# (H200, G = 16: 64 rows 0.57 ms per block of mean union per 4 tokens at 64k,
-# 16 rows 1.16 ms per block per token, i.e. 2.28 / 1.16).
+# Estimated cost of each tiling, in narrow-tile block loads per token (summed
+# over batch and KV heads: both scale alike), from block_idx:
+# - narrow: the blocks its tiles read per token;
+# - wide: WIDE_TILE_COST x the blocks its tiles read per token. A wide tile's
+#   program costs about this many narrow ones per block it reads (H200,
+#   G = 16: 64 rows 0.57 ms per block of mean union per 4 tokens at 64k,
+#   16 rows 1.16 ms per block per token, i.e. 2.28 / 1.16);
+# - block-major: BLOCK_MAJOR_COST x G x the (token, block) entries per token:
+#   its work is G query rows per entry, whatever neighbours choose. H200, 64k,
+#   forward: a query tile costs ~0.27 ms per block load per token and KV
+#   head (G = 4 .. 16; 0.20 at G = 1), block-major ~0.027 ms per entry and
+#   query head, so 0.1. It predicts the measured winner at G = 16, 8, 4, 1 on
+#   random and time-smoothed queries but one (G = 1 smoothed: query tiles
+#   34.0 ms, block-major 30.0; `results/check_selected_h200_v8_smooth_groups.json`).
 WIDE_TILE_COST = 2.0
+BLOCK_MAJOR_COST = 0.1
 
 
-def prefer_wide(narrow_count, wide_count, narrow: _Geometry, wide: _Geometry):
-  """Whether the wide tiling is cheaper (a traced bool), from the union sizes
-  `_plan` gives for each tiling: WIDE_TILE_COST x (blocks read per token, wide)
-  < (blocks read per token, narrow)."""
+class Tiling(NamedTuple):
+  """One way to run the kernels: `_selected(q, k, v, *plan, geo)` costs ~cost."""
+  name: str               # "narrow", "wide" or "block-major"
+  geo: _Geometry
+  plan: tuple             # blk, union, count
+  cost: jax.Array         # float32 scalar, see WIDE_TILE_COST
+
+
+def tilings(q, v, block_idx, config: NSAConfig, scale, interpret, tiles: Tiles) -> list[Tiling]:
+  """The tilings `tiles` allows for this call, with their estimated costs.
+
+  Block-major is offered only when it can win: its cost per entry,
+  BLOCK_MAJOR_COST x G, must be below the narrow tile's at most one block load
+  per entry (G <= 8), so G = 16 compiles no block-major kernels.
+  """
+  make = lambda **kw: _Geometry.make(q, v, block_idx, config, scale, interpret,
+                                     dataclasses.replace(tiles, **kw))
   per_token = lambda count, geo: jnp.sum(count, dtype=jnp.float32) / geo.Tq
-  return WIDE_TILE_COST * per_token(wide_count, wide) < per_token(narrow_count, narrow)
-
-
-# Largest GQA group size that runs the block-major kernels by default (H200,
-# T = 64k, random q, fwd+bwd, query-tile vs block-major: G = 16 55.6 vs 71.5 ms,
-# G = 8 99.1 vs 82.4, G = 4 178 vs 93, G = 2 308 vs 101, G = 1 510 vs 125;
-# `results/check_selected_h200_v7_block_major.json`).
-BLOCK_MAJOR_MAX_GROUP = 8
+  if tiles.block_major:
+    geo = make(block_major=True)
+    return [Tiling("block-major", geo, (_pad_blk(block_idx, geo), None, None),
+                   jnp.zeros((), jnp.float32))]
+  narrow = make(block_major=False)
+  plan = _plan(block_idx, narrow)
+  options = [Tiling("narrow", narrow, plan, per_token(plan[2], narrow))]
+  if tiles.wide_rows is not None:
+    wide = make(block_major=False, rows=tiles.wide_rows, wide_rows=None,
+                num_warps=tiles.wide_num_warps)
+    if wide.Bq > narrow.Bq:                # else G fills both with one token
+      wide_plan = _plan(block_idx, wide)
+      options.append(Tiling("wide", wide, wide_plan,
+                            WIDE_TILE_COST * per_token(wide_plan[2], wide)))
+  if tiles.block_major is None and BLOCK_MAJOR_COST * narrow.Gp < 1:
+    geo = make(block_major=True)
+    options.append(Tiling("block-major", geo, (plan[0], None, None),
+                          BLOCK_MAJOR_COST * geo.Gp * per_token(_listed(plan[0], geo), geo)))
+  return options
 
 
 def default_tiles(q, k) -> Tiles:
-  """`Tiles()`, block-major (forward and backward) for G <= BLOCK_MAJOR_MAX_GROUP;
-  for 4-byte inputs 64 dK/dV rows per step and, with a head dim over 128,
-  single-stage loads: two stages of [64, 256] float32 K and V blocks need
-  256 KB of shared memory, over the 227 KB of an H100/H200 (seen at Dk = 192,
-  float32); float32 dK/dV steps of 128 rows (twice the bytes of bf16 ones)
-  were not tried on a GPU, 64 were."""
-  block_major = q.shape[2] // k.shape[2] <= BLOCK_MAJOR_MAX_GROUP
-  tiles = Tiles(block_fwd_rows=64 if block_major else None, block_bwd=block_major)
+  """`Tiles()`, but for 4-byte inputs 64 dK/dV rows per step and, with a head
+  dim over 128, single-stage loads: two stages of [64, 256] float32 K and V
+  blocks need 256 KB of shared memory, over the 227 KB of an H100/H200 (seen
+  at Dk = 192, float32); float32 dK/dV steps of 128 rows (twice the bytes of
+  bf16 ones) were not tried on a GPU, 64 were."""
   if q.dtype.itemsize < 4:
-    return tiles
-  return dataclasses.replace(
-      tiles, dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
+    return Tiles()
+  return Tiles(dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
 
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
@@ -784,20 +822,11 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
     in q, k, v (custom VJP); block_idx gets no gradient.
   """
   tiles = default_tiles(q, v) if tiles is None else tiles
-  block_idx = block_idx.astype(jnp.int32)
-  narrow = _Geometry.make(q, v, block_idx, config, scale, interpret, tiles)
-  if tiles.block_fwd_rows is not None and tiles.block_bwd:    # no query tiles
-    return _selected(q, k, v, _pad_blk(block_idx, narrow), None, None, narrow)
-  narrow_plan = _plan(block_idx, narrow)
-  wide = None if tiles.wide_rows is None else _Geometry.make(
-      q, v, block_idx, config, scale, interpret,
-      dataclasses.replace(tiles, rows=tiles.wide_rows, wide_rows=None,
-                          num_warps=tiles.wide_num_warps))
-  if wide is None or wide.Bq == narrow.Bq:      # no wide tile, or G fills both with one token
-    return _selected(q, k, v, *narrow_plan, narrow)
-  wide_plan = _plan(block_idx, wide)
-  # Each branch gets its tiling's plan, computed once here for the choice too.
-  return lax.cond(prefer_wide(narrow_plan[2], wide_plan[2], narrow, wide),
-                  lambda q, k, v, w, _: _selected(q, k, v, *w, wide),
-                  lambda q, k, v, _, n: _selected(q, k, v, *n, narrow),
-                  q, k, v, wide_plan, narrow_plan)
+  options = tilings(q, v, block_idx.astype(jnp.int32), config, scale, interpret, tiles)
+  if len(options) == 1:
+    return _selected(q, k, v, *options[0].plan, options[0].geo)
+  # Each branch gets its tiling's plan, computed once in `tilings` for the choice too.
+  branches = [functools.partial(lambda q, k, v, plans, i, geo: _selected(q, k, v, *plans[i], geo),
+                                i=i, geo=t.geo) for i, t in enumerate(options)]
+  choice = jnp.argmin(jnp.stack([t.cost for t in options]))
+  return lax.switch(choice, branches, q, k, v, [t.plan for t in options])

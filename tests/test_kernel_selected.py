@@ -13,8 +13,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
-from pallas_kernels.selected_attention import (BLOCK_MAJOR_MAX_GROUP, Tiles, _Geometry, _plan,
-                                                default_tiles, prefer_wide, selected_attention)
+from pallas_kernels.selected_attention import Tiles, selected_attention, tilings
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -107,40 +106,40 @@ def test_small_blocks_odd_group_and_dims():
          TINY_BLOCKS)
 
 
-def test_tile_width_follows_how_alike_neighbours_choose():
-  """Default tiles: a narrow (1 token at G = 16) and a wide (4 tokens) tiling are
-  both compiled; random choices take the narrow one, choices shared by
-  neighbouring tokens the wide one; both agree with the reference. T = 300."""
-  B, T, HKV, G = 1, 300, 1, 16
+@pytest.mark.parametrize("G,random_pick,alike_pick", [(16, "narrow", "wide"),
+                                                     (4, "block-major", "wide")])
+def test_tiling_follows_how_alike_neighbours_choose(G, random_pick, alike_pick):
+  """Default tiles: the narrow and wide query tilings (and, for G <= 8, the
+  block-major kernels) are all compiled and the cheapest by `tilings`' estimate
+  runs: random choices (every token its own blocks) take the narrow tile at
+  G = 16 and block-major at G = 4, choices shared by neighbouring tokens the
+  wide tile; the kernels agree with the reference through the switch. T = 300."""
+  B, T, HKV = 1, 300, 1
   q, k, v, ct, kc = _inputs(jax.random.key(4), B, T, HKV, G, 16, 16)
   random = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.0)
   alike = _selected_block_idx(kc, jnp.broadcast_to(q[:, :1], q.shape), HKV, SMALL)
-  def wide_wins(block_idx):
-    narrow, wide = (_Geometry.make(q, v, block_idx, SMALL, 0.25, True,
-                                   Tiles(rows=rows, wide_rows=None)) for rows in (16, 64))
-    return bool(prefer_wide(_plan(block_idx, narrow)[2], _plan(block_idx, wide)[2],
-                            narrow, wide))
-  assert not wide_wins(random)
-  assert wide_wins(alike)
-  for block_idx in (random, alike):
+  def pick(block_idx):
+    options = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles())
+    assert [t.name for t in options] == ["narrow", "wide"] + ["block-major"] * (G <= 8)
+    return options[int(jnp.argmin(jnp.stack([t.cost for t in options])))].name
+  assert (pick(random), pick(alike)) == (random_pick, alike_pick)
+  # Interpret-mode compiles of every branch dominate: run both inputs where the
+  # picks are query tilings, only the block-major pick at G = 4.
+  for block_idx in (random, alike) if G == 16 else (random,):
     _check(_kernel(SMALL, Tiles()), q, k, v, block_idx, ct, SMALL)
 
 
 @pytest.mark.parametrize("B,T,HKV,G,Dk,Dv,config,tiles", [
     # block_entries=3 and 16-row steps: chunks and steps end part-filled.
     pytest.param(2, 77, 2, 2, 32, 16, SMALL,
-                 Tiles(block_fwd_rows=16, block_bwd=True, block_entries=3, dkv_rows=16),
+                 Tiles(block_major=True, block_rows=16, block_entries=3, dkv_rows=16),
                  id="T77-G2-DkneDv"),
     pytest.param(1, 45, 1, 3, 24, 40, TINY_BLOCKS,
-                 Tiles(block_fwd_rows=32, block_bwd=True, block_entries=5),
+                 Tiles(block_major=True, block_rows=32, block_entries=5),
                  id="lp8-G3-Dk24-Dv40"),
-    pytest.param(1, 130, 2, 16, 16, 16, SMALL, Tiles(block_fwd_rows=64, block_bwd=True),
-                 id="T130-G16"),
-    # One block-major pass with the query-tile other: each pass stands alone.
-    pytest.param(1, 61, 2, 1, 16, 32, SMALL, Tiles(block_fwd_rows=16, block_entries=4),
-                 id="G1-fwd-only"),
-    pytest.param(1, 61, 2, 1, 16, 32, SMALL, Tiles(block_bwd=True, block_entries=4),
-                 id="G1-bwd-only"),
+    pytest.param(1, 130, 2, 16, 16, 16, SMALL, Tiles(block_major=True), id="T130-G16"),
+    pytest.param(1, 61, 2, 1, 16, 32, SMALL, Tiles(block_major=True, block_entries=4),
+                 id="T61-G1"),
 ])
 def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
   """The block-major forward (per-entry results merged in XLA) and backward
@@ -153,20 +152,9 @@ def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
   assert bool(jnp.all(o[:, 3:5] == 0))
 
 
-def test_default_tiles_block_major_for_small_groups():
-  """Block-major for G <= BLOCK_MAJOR_MAX_GROUP, query tiles above; float32
-  takes 64-row dK/dV steps either way."""
-  for G, dtype in [(1, jnp.bfloat16), (BLOCK_MAJOR_MAX_GROUP, jnp.float32), (16, jnp.bfloat16)]:
-    q = jnp.zeros((1, 8, 2 * G, 128), dtype)
-    tiles = default_tiles(q, jnp.zeros((1, 8, 2, 128), dtype))
-    block_major = G <= BLOCK_MAJOR_MAX_GROUP
-    assert (tiles.block_fwd_rows is not None, tiles.block_bwd) == (block_major, block_major), G
-    assert tiles.dkv_rows == (64 if dtype == jnp.float32 else 128)
-
-
 def test_public_op_shorter_than_a_block():
   """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")
-  (default tiles: block-major at G = 1)."""
+  (default tiles: narrow, wide and block-major compiled at G = 1)."""
   B, T, HKV, G = 2, 5, 2, 1
   q, k, v, ct, kc = _inputs(jax.random.key(3), B, T, HKV, G, 16, 32)
   block_idx = _selected_block_idx(kc, q, HKV, SMALL)
@@ -185,9 +173,9 @@ def test_tiles_validation():
     Tiles(wide_rows=16)
   with pytest.raises(ValueError, match="dkv_rows=48"):
     Tiles(dkv_rows=48)
-  with pytest.raises(ValueError, match="block_fwd_rows=24"):
-    Tiles(block_fwd_rows=24)
+  with pytest.raises(ValueError, match="block_rows=24"):
+    Tiles(block_rows=24)
   with pytest.raises(ValueError, match="block_entries=0"):
     Tiles(block_entries=0)
-  with pytest.raises(ValueError, match="block_bwd=1"):
-    Tiles(block_bwd=1)
+  with pytest.raises(ValueError, match="block_major='yes'"):
+    Tiles(block_major="yes")
