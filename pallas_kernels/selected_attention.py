@@ -54,8 +54,9 @@ entries' G query rows a step:
 - backward: the dK/dV kernel over entries instead of query tiles, which also
   stores each entry's dQ term (float32, n times dQ, transient); XLA sums them.
   No dQ kernel, and no atomics for dQ: every entry's slot is written once.
-  dK/dV are added per chunk of `Tiles.block_entries` entries, in any order
-  (not bitwise reproducible; the query-tile path with dkv_tiles=None is).
+  dK/dV are added per chunk of `Tiles.block_entries` entries, in any order;
+  with dkv_tiles=None each block is one program, and dK/dV (and dQ, whose
+  terms are plain stores summed in XLA) are bitwise reproducible, as above.
 Traffic per entry: G query rows in, G output rows out, instead of a block of
 l' keys and values in: a win when G is small and neighbouring tokens choose
 unlike blocks (H200, 64k, random q, fwd+bwd: G = 1 510 -> 113 ms, G = 4
@@ -115,8 +116,10 @@ class Tiles:
       and under `jax.vjp` the switch keeps each branch's output and lse as
       residuals (an extra output-sized buffer each); None = narrow tiles only.
     dkv_tiles: query tiles per dK/dV program at most; None = one program per
-      KV block (bitwise deterministic dK/dV, see the module docstring). 256:
-      fwd+bwd 88.6 ms vs 91.1 ms at 64 (H200, T = 64k, G = 16, 16-row tiles).
+      KV block (bitwise deterministic dK/dV, see the module docstring), in
+      the block-major backward too (whose chunks are otherwise block_entries).
+      256: fwd+bwd 88.6 ms vs 91.1 ms at 64 (H200, T = 64k, G = 16, 16-row
+      tiles).
     num_warps, num_stages: Triton launch parameters of the forward and dQ
       kernels (H200, 64k, G = 16, random q, 16-row tiles, fwd / fwd+bwd:
       2 warps 17.6 / 54.0 ms, 4 warps 18.8 / 57.0, 8 warps 27.0 / 72.1).
@@ -329,18 +332,18 @@ def _listed(blk, geo: _Geometry):
   return (blk >= 0) & (blk * geo.lp <= t)
 
 
-def _entry_index(blk, geo: _Geometry):
+def _entry_index(blk, geo: _Geometry, chunk: int | None):
   """For each KV block, the (token, slot) entries that selected it.
 
   Returns entries [B, HKV, Tq*n_pad] (entry e = token * n_pad + slot, sorted
-  by block) and items [B, HKV, W, 4] (`_work_items`, chunks of
-  `Tiles.block_entries` entries).
+  by block) and items [B, HKV, W, 4] (`_work_items`, chunks of `chunk`
+  entries; None = one item per block).
   """
   B, HKV, E = geo.B, geo.HKV, geo.Tq * geo.n_pad
   j = jnp.where(_listed(blk, geo), blk, geo.nb)
   j = jnp.transpose(j, (0, 2, 1, 3)).reshape(B * HKV, E)
   e = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[None, :], (B * HKV, E))
-  entries, items = _work_items(j, e, geo.nb, geo.tiles.block_entries)
+  entries, items = _work_items(j, e, geo.nb, chunk or E)
   return entries.reshape(B, HKV, E), items.reshape(B, HKV, -1, 4)
 
 
@@ -590,7 +593,7 @@ def _forward(q5, k, v, blk, union, count, geo: _Geometry):
 
 def _block_forward(q5, k, v, blk, geo: _Geometry):
   """The block-major forward: per-entry results (`_block_fwd_kernel`), merged."""
-  entries, items = _entry_index(blk, geo)
+  entries, items = _entry_index(blk, geo, geo.tiles.block_entries)
   HKV, E, whole = geo.HKV, geo.Tq * geo.n_pad, _whole_spec(geo)
   o_part, lse_part = pl.pallas_call(
       functools.partial(_block_fwd_kernel, geo=geo),
@@ -713,7 +716,8 @@ def _bwd(geo: _Geometry, res, do):
   do5 = _pad(do.reshape(B, T, HKV, geo.G, geo.Dv), o5.shape)
   delta = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)
   if geo.tiles.block_major:
-    entries, items = _entry_index(blk, geo)
+    # dkv_tiles=None: one program per block, as in the query-tile dK/dV.
+    entries, items = _entry_index(blk, geo, geo.tiles.dkv_tiles and geo.tiles.block_entries)
     dk, dv, dq_part = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, entries, items,
                                     geo, block_major=True)
     dq5 = jnp.sum(_slots(dq_part, blk, geo), axis=2).astype(q5.dtype)

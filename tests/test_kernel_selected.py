@@ -13,7 +13,8 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
-from pallas_kernels.selected_attention import Tiles, selected_attention, tilings
+from pallas_kernels.selected_attention import (Tiles, _entry_index, _listed, _pad_blk,
+                                                selected_attention, tilings)
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -137,7 +138,9 @@ def test_tiling_follows_how_alike_neighbours_choose(G, random_pick, alike_pick):
     pytest.param(1, 45, 1, 3, 24, 40, TINY_BLOCKS,
                  Tiles(block_major=True, block_rows=32, block_entries=5),
                  id="lp8-G3-Dk24-Dv40"),
-    pytest.param(1, 130, 2, 16, 16, 16, SMALL, Tiles(block_major=True), id="T130-G16"),
+    # dkv_tiles=None: one dK/dV program per block (the deterministic mode).
+    pytest.param(1, 130, 2, 16, 16, 16, SMALL, Tiles(block_major=True, dkv_tiles=None),
+                 id="T130-G16-one-program-per-block"),
     pytest.param(1, 61, 2, 1, 16, 32, SMALL, Tiles(block_major=True, block_entries=4),
                  id="T61-G1"),
 ])
@@ -150,6 +153,31 @@ def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
   block_idx = block_idx.at[:, 3:5].set(-1)       # these rows see nothing
   o = _check(_kernel(config, tiles), q, k, v, block_idx, ct, config)
   assert bool(jnp.all(o[:, 3:5] == 0))
+
+
+def test_block_major_deterministic_mode_runs_one_program_per_block():
+  """With dkv_tiles=None the block-major backward gets one work item per KV
+  block (each dK/dV element then receives a single atomic add: bitwise
+  reproducible on the GPU); by default, chunks of at most block_entries."""
+  B, T, HKV, G = 1, 300, 2, 4
+  q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 16, 16)
+  block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
+  geo = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles(block_major=True))[0].geo
+  blk = _pad_blk(block_idx, geo)
+  for chunk in (None, 7):
+    entries, items = _entry_index(blk, geo, chunk)
+    lengths = items[..., 2] - items[..., 1]
+    for h in range(HKV):
+      listed = np.asarray(_listed(blk, geo)[0, :, h])
+      per_block = np.bincount(np.asarray(blk[0, :, h])[listed], minlength=geo.nb)
+      used = np.asarray(lengths[0, h]) > 0
+      got = np.bincount(np.asarray(items[0, h, :, 0])[used],
+                        weights=np.asarray(lengths[0, h])[used], minlength=geo.nb)
+      np.testing.assert_array_equal(got, per_block)          # every entry, once
+      if chunk is None:
+        assert used.sum() == (per_block > 0).sum()           # one item per block
+      else:
+        assert np.asarray(lengths).max() <= chunk and used.sum() > (per_block > 0).sum()
 
 
 def test_public_op_shorter_than_a_block():
