@@ -11,11 +11,13 @@
    block sizes), forward and forward+backward, median of >= 10 runs after a
    warm-up, for the default tiles, the deterministic dK/dV variant
    (`dkv_tiles=None`) and the block-major kernels (`block_major=True`), each
-   `default_tiles` with those fields changed; the XLA reference forward where it is cheap;
-   the default tiles (and 64-row tiles) again with block_idx from smoothed queries (random
+   `default_tiles` with those fields changed; the XLA reference forward where
+   it is cheap; the default tiles, 16/64-row tiles, query tiles and
+   block-major again with block_idx from smoothed queries, where timed (random
    queries make neighbouring tokens select unrelated blocks, the worst case
    for the kernel's per-tile block union; real queries are correlated); and
-   tuning candidates (tile rows, dK/dV rows per step and chunk) at the largest T.
+   tuning candidates (tile rows, dK/dV rows per step and chunk, block-major
+   rows and chunks) at the largest T.
    Each row also reports the mean number of distinct blocks per tile of Bq
    tokens (the blocks the forward reads per tile).
 

@@ -347,12 +347,12 @@ def _entry_index(blk, geo: _Geometry, chunk: int | None):
   return entries.reshape(B, HKV, E), items.reshape(B, HKV, -1, 4)
 
 
-def _slots(part, blk, geo: _Geometry):
+def _slots(part, blk, geo: _Geometry, fill=0.0):
   """[B, Tq*n_pad, HKV, Gp, ...] per-entry results -> [B, Tq, n_pad, HKV, Gp, ...],
-  zero in the slots not listed (never written by the kernels)."""
+  `fill` in the slots not listed (never written by the kernels)."""
   x = part.reshape(geo.B, geo.Tq, geo.n_pad, *part.shape[2:])
   listed = _slot_mask(blk, geo)
-  return jnp.where(listed.reshape(listed.shape + (1,) * (x.ndim - listed.ndim)), x, 0)
+  return jnp.where(listed.reshape(listed.shape + (1,) * (x.ndim - listed.ndim)), x, fill)
 
 
 def _slot_mask(blk, geo: _Geometry):
@@ -370,7 +370,7 @@ def _merge(o_part, lse_part, blk, geo: _Geometry):
   lse = 0, as in the query-tile forward.
   """
   listed = _slot_mask(blk, geo)
-  lse_k = jnp.where(listed, _slots(lse_part, blk, geo), NEG)     # [B, Tq, n, HKV, Gp]
+  lse_k = _slots(lse_part, blk, geo, NEG)                        # [B, Tq, n, HKV, Gp]
   m = jnp.max(lse_k, axis=2)
   w = jnp.where(listed, jnp.exp2(lse_k - m[:, :, None]), 0.0)
   l = jnp.sum(w, axis=2)                                         # [B, Tq, HKV, Gp]
