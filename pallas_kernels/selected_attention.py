@@ -112,9 +112,9 @@ class Tiles:
       see block_major) are compiled and `lax.switch` picks one per call from
       block_idx by estimated cost (`tilings`). Measured (H200, T = 64k,
       G = 16, bf16 fwd): random queries 18.5 ms at 16 rows vs 27.3 ms at 64;
-      time-smoothed queries 18.4 ms vs 11.3 ms. Cost: every tiling compiles,
-      and under `jax.vjp` the switch keeps each branch's output and lse as
-      residuals (an extra output-sized buffer each); None = narrow tiles only.
+      time-smoothed queries 18.4 ms vs 11.3 ms. Cost: every tiling compiles
+      (the choice costs a sort of a sample of tiles per tiling, and only the
+      chosen tiling plans all its tiles); None = narrow tiles only.
     dkv_tiles: query tiles per dK/dV program at most; None = one program per
       KV block (bitwise deterministic dK/dV, see the module docstring), in
       the block-major backward too (whose chunks are otherwise block_entries).
@@ -261,22 +261,42 @@ def _pad(x, shape, value=0):
 # ----------------------------------------------------------------- XLA side
 
 
-def _tile_unions(blk, geo: _Geometry):
-  """Sorted union of each query tile's selected blocks.
+def _distinct(blk, geo: _Geometry):
+  """Each query tile's selected blocks, sorted, and which of them count.
 
-  blk [B, Tq, HKV, n_pad] (-1 = empty) -> union [B, HKV, nT, U] int32 (valid
-  entries first, ascending) and count [B, HKV, nT, 1]. Out-of-range indices
-  (>= nb) are dropped: the reference ignores them too (no visible key).
+  blk [B, Bq * k, HKV, n_pad] (-1 = empty; k tiles) -> x [B, HKV, k, Bq * n_pad]
+  and keep (bool, same shape): a block in range (< nb; the reference ignores
+  the others too: no visible key), not a repeat of the one before.
   """
-  x = blk.reshape(geo.B, geo.nT, geo.Bq, geo.HKV, geo.n_pad)
-  x = jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(geo.B, geo.HKV, geo.nT, -1)
+  x = blk.reshape(geo.B, -1, geo.Bq, geo.HKV, geo.n_pad)
+  x = jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(geo.B, geo.HKV, x.shape[1], -1)
   x = jnp.sort(x, axis=-1)
   repeat = jnp.concatenate(
       [jnp.zeros_like(x[..., :1], dtype=bool), x[..., 1:] == x[..., :-1]], -1)
-  keep = (x >= 0) & (x < geo.nb) & ~repeat
+  return x, (x >= 0) & (x < geo.nb) & ~repeat
+
+
+def _tile_unions(blk, geo: _Geometry):
+  """Sorted union of each query tile's selected blocks.
+
+  blk [B, Tq, HKV, n_pad] -> union [B, HKV, nT, U] int32 (valid entries
+  first, ascending) and count [B, HKV, nT, 1].
+  """
+  x, keep = _distinct(blk, geo)
   union = jnp.sort(jnp.where(keep, x, INT32_MAX), axis=-1)[..., :geo.U]
   count = jnp.sum(keep, axis=-1, dtype=jnp.int32)[..., None]
   return union, count
+
+
+def _blocks_per_token(blk, geo: _Geometry):
+  """Estimated blocks a query tiling reads per token and KV head: the mean
+  union of SAMPLED_TILES evenly spaced tiles per (sequence, head), over Bq.
+  (A sample, as the unions of all tiles cost sorts of Bq * n indices per tile:
+  ~10 ms for two tilings at 64k, G = 1, when only one runs.)"""
+  stride = max(1, geo.nT // SAMPLED_TILES)
+  tiles = blk.reshape(geo.B, geo.nT, geo.Bq, geo.HKV, geo.n_pad)[:, ::stride]
+  _, keep = _distinct(tiles.reshape(geo.B, -1, geo.HKV, geo.n_pad), geo)
+  return jnp.mean(jnp.sum(keep, axis=-1, dtype=jnp.float32)) / geo.Bq
 
 
 def _work_items(j, ids, nb: int, chunk: int):
@@ -450,18 +470,50 @@ def _fwd_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
   lse_ref[...] = jnp.where(seen, m + jnp.log2(l), 0.0).reshape(geo.Bq, geo.Gp)
 
 
+def _steps(n, index_at, gather, step, init, prefetch: bool):
+  """lax.fori_loop over steps 0 .. n-1 of `step(i, index, data, carry)`, where
+  index = index_at(i) (loaded ids) and data = gather(index) (rows gathered by
+  them); index_at must stay in bounds for every i.
+
+  With `prefetch`, step i + 1's data and step i + 2's ids are loaded before
+  step i computes, so that the dependent loads (ids, then the rows they point
+  to) overlap the math instead of preceding it. H200, 64k, random q: the
+  block-major forward kernel 14.5 -> 10.8 ms at G = 16, 18.4 -> 16.4 at G = 1.
+  The dK/dV kernel, which gathers q and dO and holds two float32
+  accumulators, got slower with it (G = 4: 40 -> 51 ms; ids only: 43 ms).
+  """
+  if not prefetch:
+    return lax.fori_loop(
+        0, n, lambda i, c: step(i, index_at(i), gather(index_at(i)), c), init)
+
+  def body(i, loop):
+    carry, index, data, index_next = loop
+    data_next, index_after = gather(index_next), index_at(i + 2)
+    return step(i, index, data, carry), index_next, data_next, index_after
+
+  first = index_at(0)
+  return lax.fori_loop(0, n, body, (init, first, gather(first), index_at(1)))[0]
+
+
+def _clamped(lo, hi, count: int, start):
+  """Positions start .. start + count - 1 of the list slice [lo, hi), past its
+  end repeating the last one (0 for an empty slice)."""
+  return jnp.maximum(jnp.minimum(start + jnp.arange(count, dtype=jnp.int32), hi - 1), 0)
+
+
 def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, *,
                       geo: _Geometry):
   j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
   k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
   C = geo.C                               # entries per step, G rows each
 
-  def body(step, carry):
-    # Past hi, repeat the last entry: its rows compute the same values again
-    # and store them to the same place (no masked stores needed).
-    e = entry_ref[jnp.minimum(lo + step * C + jnp.arange(C, dtype=jnp.int32), hi - 1)]
+  # Past hi, repeat the last entry: its rows compute the same values again
+  # and store them to the same place (no masked stores needed).
+  index_at = lambda step: entry_ref[_clamped(lo, hi, C, lo + step * C)]
+  gather = lambda e: q_ref[e // geo.n_pad].reshape(C * geo.Gp, geo.Dkp)
+
+  def step(_, e, q, carry):
     tok = e // geo.n_pad
-    q = q_ref[tok].reshape(C * geo.Gp, geo.Dkp)
     tok_rows = jnp.broadcast_to(tok[:, None], (C, geo.Gp)).reshape(C * geo.Gp)
     s, mask = _logits(q, k, geo), _visible(j, tok_rows, geo)
     # Every listed entry sees key j * l' (`_listed`), so l >= 1.
@@ -473,7 +525,7 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, 
     lse_ref[e] = (m + jnp.log2(l)).reshape(C, geo.Gp)
     return carry
 
-  lax.fori_loop(0, (hi - lo + C - 1) // C, body, 0)
+  _steps((hi - lo + C - 1) // C, index_at, gather, step, 0, prefetch=True)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
@@ -510,22 +562,32 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
   tokens_per_id = 1 if block_major else geo.Bq
   rows = R * tokens_per_id * geo.Gp
 
-  def body(step, carry):
-    dk, dv = carry
-    u = lo + step * R + jnp.arange(R, dtype=jnp.int32)
-    live = u < hi             # the last step may hold fewer: repeat the last id
-    ids = ids_ref[jnp.minimum(u, hi - 1)]
+  def index_at(step):   # the last step may hold fewer: repeat the last id
+    first = lo + step * R
+    live = first + jnp.arange(R, dtype=jnp.int32) < hi
+    return live, ids_ref[_clamped(lo, hi, R, first)]
+
+  def gather(index):
+    _, ids = index
     if block_major:
       tok = ids // geo.n_pad                   # entry e = token * n_pad + slot
     else:
       tok = (ids[:, None] * geo.Bq
              + jnp.arange(geo.Bq, dtype=jnp.int32)[None, :]).reshape(R * geo.Bq)
-    q = q_ref[tok].reshape(rows, geo.Dkp)
-    do = do_ref[tok].reshape(rows, geo.Dvp)
-    lse = lse_ref[tok].reshape(rows)
-    delta = delta_ref[tok].reshape(rows)
-    tok_rows, sel = _rows(blk_ref[tok], tok, geo)
-    s, mask = _scores(q, k, j, tok_rows, sel, geo)
+    # An entry's token chose block j by construction; a tile's tokens may not.
+    return (tok, q_ref[tok].reshape(rows, geo.Dkp), do_ref[tok].reshape(rows, geo.Dvp),
+            lse_ref[tok].reshape(rows), delta_ref[tok].reshape(rows),
+            None if block_major else blk_ref[tok])
+
+  def step(_, index, data, carry):
+    dk, dv = carry
+    live, ids = index
+    tok, q, do, lse, delta, blk = data
+    if block_major:
+      tok_rows = jnp.broadcast_to(tok[:, None], (R, geo.Gp)).reshape(rows)
+      s, mask = _logits(q, k, geo), _visible(j, tok_rows, geo)
+    else:
+      s, mask = _scores(q, k, j, *_rows(blk, tok, geo), geo)
     p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     if block_major:   # repeated entries store the same values to the same place
@@ -536,9 +598,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
     dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
     return dk + plgpu.dot(ds.astype(q.dtype).T, q), dv
 
-  dk, dv = lax.fori_loop(0, (hi - lo + R - 1) // R, body,
-                         (jnp.zeros((geo.Lb, geo.Dkp), jnp.float32),
-                          jnp.zeros((geo.Lb, geo.Dvp), jnp.float32)))
+  dk, dv = _steps((hi - lo + R - 1) // R, index_at, gather, step,
+                  (jnp.zeros((geo.Lb, geo.Dkp), jnp.float32),
+                   jnp.zeros((geo.Lb, geo.Dvp), jnp.float32)), prefetch=False)
   # Rows past l' belong to block j+1: add exact zeros there (no masked
   # atomics: interpret mode lacks them).
   in_block = (jnp.arange(geo.Lb) < geo.lp)[:, None]
@@ -684,9 +746,10 @@ def _pad_blk(block_idx, geo: _Geometry):
 
 
 def _plan(block_idx, geo: _Geometry):
-  """block_idx padded to whole tiles, and each tile's block union and its size."""
+  """block_idx padded to whole tiles and, for query tiles, each tile's block
+  union and its size (None, None for the block-major kernels)."""
   blk = _pad_blk(block_idx, geo)
-  return (blk, *_tile_unions(blk, geo))
+  return (blk, None, None) if geo.tiles.block_major else (blk, *_tile_unions(blk, geo))
 
 
 def _pad_qkv(q, k, v, geo: _Geometry):
@@ -701,20 +764,26 @@ def _unpad(x5, geo: _Geometry, D: int):
   return x.reshape(geo.B, geo.T, geo.HKV * geo.G, D)
 
 
-def _fwd(q, k, v, blk, union, count, geo: _Geometry):
+def _forward_pass(q, k, v, block_idx, geo: _Geometry):
+  """o [B, T, HQ, Dv] and its base-2 lse [B, T, HKV, Gp] by the tiling `geo`."""
+  blk, union, count = _plan(block_idx, geo)
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   if geo.tiles.block_major:
     o5, lse = _block_forward(q5, kp, vp, blk, geo)
   else:
     o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
-  return _unpad(o5, geo, geo.Dv), (q5, kp, vp, blk, union, count, o5, lse)
+  return _unpad(o5, geo, geo.Dv), lse[:, :geo.T]
 
 
-def _bwd(geo: _Geometry, res, do):
-  q5, kp, vp, blk, union, count, o5, lse = res
-  B, T, HKV = geo.B, geo.T, geo.HKV
-  do5 = _pad(do.reshape(B, T, HKV, geo.G, geo.Dv), o5.shape)
-  delta = jnp.sum(o5.astype(jnp.float32) * do5.astype(jnp.float32), axis=-1)
+def _backward_pass(q, k, v, block_idx, o, lse, do, geo: _Geometry):
+  """dq, dk, dv by the tiling `geo`, p recomputed from the forward's lse."""
+  blk, union, count = _plan(block_idx, geo)
+  q5, kp, vp = _pad_qkv(q, k, v, geo)
+  B, T, HKV, G = geo.B, geo.T, geo.HKV, geo.G
+  rows = (B, geo.Tq, HKV, geo.Gp)
+  do5 = _pad(do.reshape(B, T, HKV, G, geo.Dv), rows + (geo.Dvp,))
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  delta, lse = _pad(delta.reshape(B, T, HKV, G), rows), _pad(lse, rows)
   if geo.tiles.block_major:
     # dkv_tiles=None: one program per block, as in the query-tile dK/dV.
     entries, items = _entry_index(blk, geo, geo.tiles.dkv_tiles and geo.tiles.block_entries)
@@ -728,73 +797,89 @@ def _bwd(geo: _Geometry, res, do):
                            block_major=False)
   dk = dk[:, :T, :, :geo.Dk].astype(kp.dtype)
   dv = dv[:, :T, :, :geo.Dv].astype(vp.dtype)
-  return _unpad(dq5, geo, geo.Dk), dk, dv, None, None, None
+  return _unpad(dq5, geo, geo.Dk), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _selected(q, k, v, blk, union, count, geo: _Geometry):
-  """Selected attention of q, k, v over the tiles planned by `_plan(block_idx, geo)`
-  (union and count are None for the block-major kernels)."""
-  return _fwd(q, k, v, blk, union, count, geo)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _selected(q, k, v, block_idx, choice, geos: tuple[_Geometry, ...]):
+  """Selected attention by the tiling geos[choice] (`tilings`), forward and
+  backward. The choice is made inside the custom VJP, so that the residuals
+  are the same for every tiling (q, k, v, o, lse): a switch over whole
+  custom-VJP functions keeps every branch's residuals (zeros but the chosen
+  one's), ~8 ms at 64k, G = 4."""
+  return _selected_fwd(q, k, v, block_idx, choice, geos)[0]
 
 
-_selected.defvjp(_fwd, _bwd)
+def _selected_fwd(q, k, v, block_idx, choice, geos):
+  o, lse = lax.switch(choice, [functools.partial(_forward_pass, geo=g) for g in geos],
+                      q, k, v, block_idx)
+  return o, (q, k, v, block_idx, choice, o, lse)
 
 
-# Estimated cost of each tiling, in narrow-tile block loads per token (summed
-# over batch and KV heads: both scale alike), from block_idx:
-# - narrow: the blocks its tiles read per token;
+def _selected_bwd(geos, res, do):
+  q, k, v, block_idx, choice, o, lse = res
+  dq, dk, dv = lax.switch(choice, [functools.partial(_backward_pass, geo=g) for g in geos],
+                          q, k, v, block_idx, o, lse, do)
+  return dq, dk, dv, None, None
+
+
+_selected.defvjp(_selected_fwd, _selected_bwd)
+
+
+# Estimated cost of each tiling, in narrow-tile block loads per token and KV
+# head, from block_idx:
+# - narrow: the blocks its tiles read per token (`_blocks_per_token`);
 # - wide: WIDE_TILE_COST x the blocks its tiles read per token. A wide tile's
 #   program costs about this many narrow ones per block it reads (H200,
 #   G = 16: 64 rows 0.57 ms per block of mean union per 4 tokens at 64k,
 #   16 rows 1.16 ms per block per token, i.e. 2.28 / 1.16);
-# - block-major: BLOCK_MAJOR_COST x G x the (token, block) entries per token:
-#   its work is G query rows per entry, whatever neighbours choose. H200, 64k,
-#   forward: a query tile costs ~0.27 ms per block load per token and KV
-#   head (G = 4 .. 16; 0.20 at G = 1), block-major ~0.027 ms per entry and
-#   query head, so 0.1. It predicts the measured winner at G = 16, 8, 4, 1 on
-#   random and time-smoothed queries but one (G = 1 smoothed: query tiles
-#   34.0 ms, block-major 30.0; `results/check_selected_h200_v8_smooth_groups.json`).
+# - block-major: (BLOCK_MAJOR_ENTRY_COST + BLOCK_MAJOR_ROW_COST x G) x the
+#   (token, block) entries per token: its work is G query rows per entry,
+#   whatever neighbours choose. H200, 64k, random q, fwd+bwd: a narrow tile
+#   costs 0.88 ms per block load per token and KV head (G = 4, 8, 16),
+#   block-major 1.11 / 0.62 / 0.34 / 0.12 of that per entry at G = 16 / 8 /
+#   4 / 1 (`results/check_selected_h200_v9_prefetch.json`). The rule picks
+#   the measured winner at G = 16, 8, 4, 1 on random and time-smoothed
+#   queries but one: G = 1 smoothed, wide tiles 115.0 ms fwd+bwd against
+#   block-major 110.4.
 WIDE_TILE_COST = 2.0
-BLOCK_MAJOR_COST = 0.1
+BLOCK_MAJOR_ENTRY_COST = 0.06
+BLOCK_MAJOR_ROW_COST = 0.065
+SAMPLED_TILES = 64
 
 
 class Tiling(NamedTuple):
-  """One way to run the kernels: `_selected(q, k, v, *plan, geo)` costs ~cost."""
+  """One way to run the kernels (`_forward_pass`, `_backward_pass`), at ~cost."""
   name: str               # "narrow", "wide" or "block-major"
   geo: _Geometry
-  plan: tuple             # blk, union, count
   cost: jax.Array         # float32 scalar, see WIDE_TILE_COST
 
 
 def tilings(q, v, block_idx, config: NSAConfig, scale, interpret, tiles: Tiles) -> list[Tiling]:
   """The tilings `tiles` allows for this call, with their estimated costs.
 
-  Block-major is offered only when it can win: its cost per entry,
-  BLOCK_MAJOR_COST x G, must be below the narrow tile's at most one block load
-  per entry (G <= 8), so G = 16 compiles no block-major kernels.
+  Block-major is offered only when it can win: its cost per entry must be
+  below the narrow tile's at most one block load per entry (G <= 8), so
+  G = 16 compiles no block-major kernels.
   """
   make = lambda **kw: _Geometry.make(q, v, block_idx, config, scale, interpret,
                                      dataclasses.replace(tiles, **kw))
-  per_token = lambda count, geo: jnp.sum(count, dtype=jnp.float32) / geo.Tq
   if tiles.block_major:
-    geo = make(block_major=True)
-    return [Tiling("block-major", geo, (_pad_blk(block_idx, geo), None, None),
-                   jnp.zeros((), jnp.float32))]
+    return [Tiling("block-major", make(block_major=True), jnp.zeros((), jnp.float32))]
   narrow = make(block_major=False)
-  plan = _plan(block_idx, narrow)
-  options = [Tiling("narrow", narrow, plan, per_token(plan[2], narrow))]
+  per_token = lambda geo: _blocks_per_token(_pad_blk(block_idx, geo), geo)
+  options = [Tiling("narrow", narrow, per_token(narrow))]
   if tiles.wide_rows is not None:
     wide = make(block_major=False, rows=tiles.wide_rows, wide_rows=None,
                 num_warps=tiles.wide_num_warps)
     if wide.Bq > narrow.Bq:                # else G fills both with one token
-      wide_plan = _plan(block_idx, wide)
-      options.append(Tiling("wide", wide, wide_plan,
-                            WIDE_TILE_COST * per_token(wide_plan[2], wide)))
-  if tiles.block_major is None and BLOCK_MAJOR_COST * narrow.Gp < 1:
+      options.append(Tiling("wide", wide, WIDE_TILE_COST * per_token(wide)))
+  per_entry = BLOCK_MAJOR_ENTRY_COST + BLOCK_MAJOR_ROW_COST * narrow.Gp
+  if tiles.block_major is None and per_entry < 1:
     geo = make(block_major=True)
-    options.append(Tiling("block-major", geo, (plan[0], None, None),
-                          BLOCK_MAJOR_COST * geo.Gp * per_token(_listed(plan[0], geo), geo)))
+    listed = _listed(_pad_blk(block_idx, geo), geo)
+    options.append(Tiling("block-major", geo, per_entry * jnp.mean(
+        jnp.sum(listed, axis=-1, dtype=jnp.float32))))
   return options
 
 
@@ -826,11 +911,7 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,
     in q, k, v (custom VJP); block_idx gets no gradient.
   """
   tiles = default_tiles(q, v) if tiles is None else tiles
-  options = tilings(q, v, block_idx.astype(jnp.int32), config, scale, interpret, tiles)
-  if len(options) == 1:
-    return _selected(q, k, v, *options[0].plan, options[0].geo)
-  # Each branch gets its tiling's plan, computed once in `tilings` for the choice too.
-  branches = [functools.partial(lambda q, k, v, plans, i, geo: _selected(q, k, v, *plans[i], geo),
-                                i=i, geo=t.geo) for i, t in enumerate(options)]
+  block_idx = block_idx.astype(jnp.int32)
+  options = tilings(q, v, block_idx, config, scale, interpret, tiles)
   choice = jnp.argmin(jnp.stack([t.cost for t in options]))
-  return lax.switch(choice, branches, q, k, v, [t.plan for t in options])
+  return _selected(q, k, v, block_idx, choice, tuple(t.geo for t in options))

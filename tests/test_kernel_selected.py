@@ -13,6 +13,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
+from pallas_kernels import selected_attention as kernel_module
 from pallas_kernels.selected_attention import (Tiles, _entry_index, _listed, _pad_blk,
                                                 selected_attention, tilings)
 
@@ -155,13 +156,23 @@ def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
   assert bool(jnp.all(o[:, 3:5] == 0))
 
 
-def test_block_major_deterministic_mode_runs_one_program_per_block():
-  """With dkv_tiles=None the block-major backward gets one work item per KV
-  block (each dK/dV element then receives a single atomic add: bitwise
-  reproducible on the GPU); by default, chunks of at most block_entries."""
+def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
+  """With dkv_tiles=None the block-major backward asks for, and gets, one work
+  item per KV block (each dK/dV element then receives a single atomic add:
+  bitwise reproducible on the GPU); by default, chunks of at most
+  block_entries, in the forward always."""
   B, T, HKV, G = 1, 300, 2, 4
   q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
+  chunks = []
+  index = kernel_module._entry_index
+  monkeypatch.setattr(kernel_module, "_entry_index",
+                      lambda blk, geo, chunk: chunks.append(chunk) or index(blk, geo, chunk))
+  for dkv_tiles in (None, 256):
+    loss = lambda q: jnp.sum(_kernel(SMALL, Tiles(block_major=True, block_entries=9,
+                                                  dkv_tiles=dkv_tiles))(q, k, v, block_idx, 0.25))
+    jax.make_jaxpr(jax.grad(loss))(q)      # traced only: forward, then backward
+  assert chunks == [9, None, 9, 9]
   geo = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles(block_major=True))[0].geo
   blk = _pad_blk(block_idx, geo)
   for chunk in (None, 7):
