@@ -653,9 +653,8 @@ def _forward(q5, k, v, blk, union, count, geo: _Geometry):
   )(q5, k, v, blk, union, count)
 
 
-def _block_forward(q5, k, v, blk, geo: _Geometry):
+def _block_forward(q5, k, v, blk, entries, items, geo: _Geometry):
   """The block-major forward: per-entry results (`_block_fwd_kernel`), merged."""
-  entries, items = _entry_index(blk, geo, geo.tiles.block_entries)
   HKV, E, whole = geo.HKV, geo.Tq * geo.n_pad, _whole_spec(geo)
   o_part, lse_part = pl.pallas_call(
       functools.partial(_block_fwd_kernel, geo=geo),
@@ -746,10 +745,13 @@ def _pad_blk(block_idx, geo: _Geometry):
 
 
 def _plan(block_idx, geo: _Geometry):
-  """block_idx padded to whole tiles and, for query tiles, each tile's block
-  union and its size (None, None for the block-major kernels)."""
+  """block_idx padded to whole tiles (blk) and the index the kernels walk:
+  for query tiles each tile's block union and its size (`_tile_unions`),
+  block-major the entries of each block (`_entry_index`, forward chunks)."""
   blk = _pad_blk(block_idx, geo)
-  return (blk, None, None) if geo.tiles.block_major else (blk, *_tile_unions(blk, geo))
+  if geo.tiles.block_major:
+    return blk, _entry_index(blk, geo, geo.tiles.block_entries)
+  return blk, _tile_unions(blk, geo)
 
 
 def _pad_qkv(q, k, v, geo: _Geometry):
@@ -765,19 +767,20 @@ def _unpad(x5, geo: _Geometry, D: int):
 
 
 def _forward_pass(q, k, v, block_idx, geo: _Geometry):
-  """o [B, T, HQ, Dv] and its base-2 lse [B, T, HKV, Gp] by the tiling `geo`."""
-  blk, union, count = _plan(block_idx, geo)
+  """o [B, T, HQ, Dv], its base-2 lse [B, T, HKV, Gp] and the index (`_plan`)
+  by the tiling `geo`."""
+  blk, index = _plan(block_idx, geo)
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   if geo.tiles.block_major:
-    o5, lse = _block_forward(q5, kp, vp, blk, geo)
+    o5, lse = _block_forward(q5, kp, vp, blk, *index, geo)
   else:
-    o5, lse = _forward(q5, kp, vp, blk, union, count, geo)
-  return _unpad(o5, geo, geo.Dv), lse[:, :geo.T]
+    o5, lse = _forward(q5, kp, vp, blk, *index, geo)
+  return _unpad(o5, geo, geo.Dv), lse[:, :geo.T], index
 
 
-def _backward_pass(q, k, v, block_idx, o, lse, do, geo: _Geometry):
+def _backward_pass(q, k, v, block_idx, index, o, lse, do, geo: _Geometry):
   """dq, dk, dv by the tiling `geo`, p recomputed from the forward's lse."""
-  blk, union, count = _plan(block_idx, geo)
+  blk = _pad_blk(block_idx, geo)
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   B, T, HKV, G = geo.B, geo.T, geo.HKV, geo.G
   rows = (B, geo.Tq, HKV, geo.Gp)
@@ -786,13 +789,13 @@ def _backward_pass(q, k, v, block_idx, o, lse, do, geo: _Geometry):
   delta, lse = _pad(delta.reshape(B, T, HKV, G), rows), _pad(lse, rows)
   if geo.tiles.block_major:
     # dkv_tiles=None: one program per block, as in the query-tile dK/dV.
-    entries, items = _entry_index(blk, geo, geo.tiles.dkv_tiles and geo.tiles.block_entries)
+    entries, items = index if geo.tiles.dkv_tiles else _entry_index(blk, geo, None)
     dk, dv, dq_part = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, entries, items,
                                     geo, block_major=True)
     dq5 = jnp.sum(_slots(dq_part, blk, geo), axis=2).astype(q5.dtype)
   else:
-    dq5 = _backward_dq(q5, kp, vp, blk, union, count, do5, lse, delta, geo)
-    tiles, items = _inverted_index(union, count, geo)
+    dq5 = _backward_dq(q5, kp, vp, blk, *index, do5, lse, delta, geo)
+    tiles, items = _inverted_index(*index, geo)
     dk, dv = _backward_dkv(q5, kp, vp, blk, do5, lse, delta, tiles, items, geo,
                            block_major=False)
   dk = dk[:, :T, :, :geo.Dk].astype(kp.dtype)
@@ -803,23 +806,38 @@ def _backward_pass(q, k, v, block_idx, o, lse, do, geo: _Geometry):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _selected(q, k, v, block_idx, choice, geos: tuple[_Geometry, ...]):
   """Selected attention by the tiling geos[choice] (`tilings`), forward and
-  backward. The choice is made inside the custom VJP, so that the residuals
-  are the same for every tiling (q, k, v, o, lse): a switch over whole
-  custom-VJP functions keeps every branch's residuals (zeros but the chosen
-  one's), ~8 ms at 64k, G = 4."""
+  backward.
+
+  The choice is made inside the custom VJP, so that the float residuals are
+  the same for every tiling (q, k, v, o, lse); a switch over whole custom-VJP
+  functions keeps every branch's (zeros but the chosen one's). The chosen
+  tiling's index (`_plan`: sorts of block_idx) is kept for the backward,
+  the others' are zeros: recomputing it there cost ~8 ms at 64k, G = 1.
+  """
   return _selected_fwd(q, k, v, block_idx, choice, geos)[0]
 
 
 def _selected_fwd(q, k, v, block_idx, choice, geos):
-  o, lse = lax.switch(choice, [functools.partial(_forward_pass, geo=g) for g in geos],
-                      q, k, v, block_idx)
-  return o, (q, k, v, block_idx, choice, o, lse)
+  def zeros(geo):    # the shape of geo's index, zero-filled
+    shapes = jax.eval_shape(lambda b: _plan(b, geo)[1], block_idx)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def branch(i):
+    def run(q, k, v, block_idx):
+      o, lse, index = _forward_pass(q, k, v, block_idx, geos[i])
+      return o, lse, [index if j == i else zeros(g) for j, g in enumerate(geos)]
+    return run
+
+  o, lse, indexes = lax.switch(choice, [branch(i) for i in range(len(geos))],
+                               q, k, v, block_idx)
+  return o, (q, k, v, block_idx, choice, indexes, o, lse)
 
 
 def _selected_bwd(geos, res, do):
-  q, k, v, block_idx, choice, o, lse = res
-  dq, dk, dv = lax.switch(choice, [functools.partial(_backward_pass, geo=g) for g in geos],
-                          q, k, v, block_idx, o, lse, do)
+  q, k, v, block_idx, choice, indexes, o, lse = res
+  branches = [lambda *args, i=i: _backward_pass(*args[:4], args[4][i], *args[5:], geo=geos[i])
+              for i in range(len(geos))]
+  dq, dk, dv = lax.switch(choice, branches, q, k, v, block_idx, indexes, o, lse, do)
   return dq, dk, dv, None, None
 
 

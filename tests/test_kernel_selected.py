@@ -159,8 +159,8 @@ def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
 def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
   """With dkv_tiles=None the block-major backward asks for, and gets, one work
   item per KV block (each dK/dV element then receives a single atomic add:
-  bitwise reproducible on the GPU); by default, chunks of at most
-  block_entries, in the forward always."""
+  bitwise reproducible on the GPU); by default it reuses the forward's index,
+  chunks of at most block_entries."""
   B, T, HKV, G = 1, 300, 2, 4
   q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
@@ -172,7 +172,7 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
     loss = lambda q: jnp.sum(_kernel(SMALL, Tiles(block_major=True, block_entries=9,
                                                   dkv_tiles=dkv_tiles))(q, k, v, block_idx, 0.25))
     jax.make_jaxpr(jax.grad(loss))(q)      # traced only: forward, then backward
-  assert chunks == [9, None, 9, 9]
+  assert chunks == [9, None, 9]
   geo = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles(block_major=True))[0].geo
   blk = _pad_blk(block_idx, geo)
   for chunk in (None, 7):
