@@ -132,9 +132,10 @@ class Tiles:
       accumulators and the block's K and V (8 warps: no register spills at
       l' = 64, D = 128).
     block_major: run the *block-major* kernels (see the module docstring):
-      None = where they are expected to be faster, chosen per call among the
-      narrow, wide and block-major tilings (`tilings`); True = always; False =
-      never (query tiles only).
+      None = where they are expected to be faster and their transient buffers
+      fit a quarter of the device's memory, chosen per call among the narrow,
+      wide and block-major tilings (`tilings`); True = always; False = never
+      (query tiles only).
     block_rows: query rows per step of the block-major forward (a power of
       2 >= 16: block_rows // G (token, block) entries of G heads each; its
       backward steps take dkv_rows rows).
@@ -864,6 +865,22 @@ WIDE_TILE_COST = 2.0
 BLOCK_MAJOR_ENTRY_COST = 0.06
 BLOCK_MAJOR_ROW_COST = 0.065
 SAMPLED_TILES = 64
+# Block-major is offered only when its transient buffers take at most this
+# share of the device's memory: every compiled branch's buffers count towards
+# a program's peak memory, chosen or not.
+BLOCK_MAJOR_MEMORY_SHARE = 0.25
+
+
+def _block_major_bytes(geo: _Geometry, itemsize: int) -> int:
+  """Transient bytes of the block-major kernels: n x the output (q.dtype) and
+  its float32 lse in the forward, n x dQ (float32) in the backward."""
+  entries = geo.B * geo.Tq * geo.n_pad * geo.HKV * geo.Gp
+  return entries * max(geo.Dvp * itemsize + 4, geo.Dkp * 4)
+
+
+def _device_memory() -> int | None:
+  """Bytes the default device may allocate (None where unknown, as on the CPU)."""
+  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
 class Tiling(NamedTuple):
@@ -878,7 +895,10 @@ def tilings(q, v, block_idx, config: NSAConfig, scale, interpret, tiles: Tiles) 
 
   Block-major is offered only when it can win: its cost per entry must be
   below the narrow tile's at most one block load per entry (G <= 8), so
-  G = 16 compiles no block-major kernels.
+  G = 16 compiles no block-major kernels; and only when its transient
+  buffers fit BLOCK_MAJOR_MEMORY_SHARE of the device's memory (at G = 1,
+  HQ = 64, T = 64k, bf16: 34 GB per sequence; `Tiles(block_major=True)`
+  runs it regardless).
   """
   make = lambda **kw: _Geometry.make(q, v, block_idx, config, scale, interpret,
                                      dataclasses.replace(tiles, **kw))
@@ -893,8 +913,10 @@ def tilings(q, v, block_idx, config: NSAConfig, scale, interpret, tiles: Tiles) 
     if wide.Bq > narrow.Bq:                # else G fills both with one token
       options.append(Tiling("wide", wide, WIDE_TILE_COST * per_token(wide)))
   per_entry = BLOCK_MAJOR_ENTRY_COST + BLOCK_MAJOR_ROW_COST * narrow.Gp
-  if tiles.block_major is None and per_entry < 1:
-    geo = make(block_major=True)
+  geo = make(block_major=True)
+  memory = _device_memory()
+  if tiles.block_major is None and per_entry < 1 and (
+      memory is None or _block_major_bytes(geo, q.dtype.itemsize) <= BLOCK_MAJOR_MEMORY_SHARE * memory):
     listed = _listed(_pad_blk(block_idx, geo), geo)
     options.append(Tiling("block-major", geo, per_entry * jnp.mean(
         jnp.sum(listed, axis=-1, dtype=jnp.float32))))

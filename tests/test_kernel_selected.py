@@ -191,6 +191,24 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
         assert np.asarray(lengths).max() <= chunk and used.sum() > (per_block > 0).sum()
 
 
+def test_block_major_is_offered_only_where_its_buffers_fit(monkeypatch):
+  """The per-call choice leaves block-major out when its transient buffers
+  (n x the output, n x dQ in float32) exceed a quarter of the device's
+  memory: compiled, its buffers would count towards the program's peak
+  memory even when another tiling runs."""
+  B, T, HKV, G = 2, 300, 1, 4
+  q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 16, 16)
+  block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
+  geo = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles(block_major=True))[0].geo
+  need = kernel_module._block_major_bytes(geo, q.dtype.itemsize)
+  # Per (entry, head) row: the forward's float32 output and lse (the dQ term is smaller).
+  assert need == B * geo.Tq * geo.n_pad * HKV * geo.Gp * (16 * 4 + 4)
+  for memory, offered in ((None, True), (4 * need, True), (4 * need - 1, False)):
+    monkeypatch.setattr(kernel_module, "_device_memory", lambda: memory)
+    names = [t.name for t in tilings(q, v, block_idx, SMALL, 0.25, True, Tiles())]
+    assert names == ["narrow", "wide"] + ["block-major"] * offered
+
+
 def test_public_op_shorter_than_a_block():
   """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")
   (default tiles: narrow, wide and block-major compiled at G = 1)."""
