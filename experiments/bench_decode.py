@@ -21,6 +21,8 @@ device's read rate measured in the same run: the best of a sum over 1 GiB and
 dense decoding's own bytes / time (it streams the whole cache), printed as
 "x the byte time". At --breakdown's context the NSA step
 is also traced with the profiler and its device time split by kernel / fusion.
+The loop's own floor is timed too: steps of 0, 1, 3 and 5 trivial kernels and
+no attention (`launch_floor`), the least a step of that many launches takes.
 Writes decode_bench.json and decode_bench.png to --out
 (default $OUT, else experiments/results; a temporary folder with --small).
 
@@ -79,6 +81,33 @@ def steps_loop(attend, unroll: bool = False):
       return q + (1e-3 * o.mean(axis=-1, keepdims=True)).astype(q.dtype)
     return jax.lax.fori_loop(0, STEPS, body, q, unroll=unroll)
   return jax.jit(run)
+
+
+def launch_floor(reps: int, kernels=(0, 1, 3, 5), interpret: bool = False) -> dict[str, float]:
+  """Seconds per step of the timing loop itself, without attention: each step
+  runs k trivial dependent Pallas kernels (on a [16, 128] tile) and the loop's
+  query update, for each k in `kernels`, in the while loop and unrolled. No
+  decode step of k launches can take less here (PERF_NOTES: the batch-1
+  target against it)."""
+  from jax.experimental import pallas as pl
+
+  def tiny(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 0.5 + 1.0
+
+  call = pl.pallas_call(tiny, out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
+                        interpret=interpret)
+
+  def chain(k):
+    def attend(x):
+      for _ in range(k):
+        x = call(x)
+      return x
+    return attend
+
+  x = jnp.ones((16, 128), jnp.float32)
+  name = lambda k, unroll: f"{k} kernel{'s' * (k != 1)}{', unrolled' if unroll else ''}"
+  return {name(k, unroll): timed(steps_loop(chain(k), unroll), x, reps=reps)
+          for unroll in (False, True) for k in kernels}
 
 
 def check_kernel(config, *operands) -> dict:
@@ -170,6 +199,10 @@ def main():
   probe_bw, copy_bw = bandwidths(args.reps) if on_gpu else (float("nan"), float("nan"))
   print(f"device: {device.device_kind}; jax {jax.__version__}; "
         f"read probe {probe_bw / 1e9:.0f} GB/s, copy {copy_bw / 1e9:.0f} GB/s")
+  floor = launch_floor(args.reps) if on_gpu else launch_floor(
+      args.reps, kernels=(0, 1), interpret=True) if args.small else {}
+  print("loop floor per step (no attention): " + ", ".join(
+      f"{name} {sec * 1e6:.1f} us" for name, sec in floor.items()), flush=True)
 
   known = {"nsa_pallas": "pallas", "nsa_xla": "xla", "dense_cudnn": "cudnn", "dense_xla": "xla"}
   methods = {m: known[m] for m in args.methods.split(",")
@@ -251,7 +284,7 @@ def main():
     args.out = tempfile.mkdtemp(prefix="bench_decode_") if args.small else default_out_dir()
   os.makedirs(args.out, exist_ok=True)
   meta = dict(device=device.device_kind, jax=jax.__version__, read_bandwidth_Bps=bw,
-              probe_bandwidth_Bps=probe_bw, copy_bandwidth_Bps=copy_bw,
+              probe_bandwidth_Bps=probe_bw, copy_bandwidth_Bps=copy_bw, launch_floor_s=floor,
               HQ=HQ, HKV=HKV, Dk=D, Dv=D, dtype=jnp.dtype(dtype).name, steps_per_timing=STEPS,
               reps=args.reps, config=config.__dict__, small=args.small, unroll=args.unroll)
   with open(os.path.join(args.out, "decode_bench.json"), "w") as f:

@@ -915,8 +915,9 @@ def tilings(q, v, block_idx, config: NSAConfig, scale, interpret, tiles: Tiles) 
   per_entry = BLOCK_MAJOR_ENTRY_COST + BLOCK_MAJOR_ROW_COST * narrow.Gp
   geo = make(block_major=True)
   memory = _device_memory()
-  if tiles.block_major is None and per_entry < 1 and (
-      memory is None or _block_major_bytes(geo, q.dtype.itemsize) <= BLOCK_MAJOR_MEMORY_SHARE * memory):
+  fits = memory is None or (_block_major_bytes(geo, q.dtype.itemsize)
+                            <= BLOCK_MAJOR_MEMORY_SHARE * memory)
+  if tiles.block_major is None and per_entry < 1 and fits:
     listed = _listed(_pad_blk(block_idx, geo), geo)
     options.append(Tiling("block-major", geo, per_entry * jnp.mean(
         jnp.sum(listed, axis=-1, dtype=jnp.float32))))
