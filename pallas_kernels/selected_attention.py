@@ -59,9 +59,9 @@ entries' G query rows a step:
   terms are plain stores summed in XLA) are bitwise reproducible, as above.
 Traffic per entry: G query rows in, G output rows out, instead of a block of
 l' keys and values in: a win when G is small and neighbouring tokens choose
-unlike blocks (H200, 64k, random q, fwd+bwd: G = 1 510 -> 113 ms, G = 4
-178 -> 84), a loss at G = 16 (56 -> 69 ms) or when neighbours choose alike
-(time-smoothed q, G = 4: 67 -> 84 ms), where wide query tiles share loads.
+unlike blocks (H200, 64k, random q, fwd+bwd: G = 1 505 -> 111 ms, G = 4
+177 -> 75), a loss at G = 16 (55 -> 62 ms) or when neighbours choose alike
+(time-smoothed q, G = 4: 65 -> 75 ms), where wide query tiles share loads.
 
 Inputs are padded in XLA where the kernels need powers of two: the group size
 G, the head dims (>= 16), n, and T (to whole tiles and blocks). The padding is
@@ -496,9 +496,9 @@ def _steps(n, index_at, gather, step, init, prefetch: bool):
   return lax.fori_loop(0, n, body, (init, first, gather(first), index_at(1)))[0]
 
 
-def _clamped(lo, hi, count: int, start):
-  """Positions start .. start + count - 1 of the list slice [lo, hi), past its
-  end repeating the last one (0 for an empty slice)."""
+def _clamped(hi, count: int, start):
+  """Positions start .. start + count - 1 of a list slice ending at hi, past
+  its end repeating the last one (0 for an empty slice, whose start is 0)."""
   return jnp.maximum(jnp.minimum(start + jnp.arange(count, dtype=jnp.int32), hi - 1), 0)
 
 
@@ -510,7 +510,7 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, 
 
   # Past hi, repeat the last entry: its rows compute the same values again
   # and store them to the same place (no masked stores needed).
-  index_at = lambda step: entry_ref[_clamped(lo, hi, C, lo + step * C)]
+  index_at = lambda step: entry_ref[_clamped(hi, C, lo + step * C)]
   gather = lambda e: q_ref[e // geo.n_pad].reshape(C * geo.Gp, geo.Dkp)
 
   def step(_, e, q, carry):
@@ -566,7 +566,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
   def index_at(step):   # the last step may hold fewer: repeat the last id
     first = lo + step * R
     live = first + jnp.arange(R, dtype=jnp.int32) < hi
-    return live, ids_ref[_clamped(lo, hi, R, first)]
+    return live, ids_ref[_clamped(hi, R, first)]
 
   def gather(index):
     _, ids = index
@@ -813,7 +813,8 @@ def _selected(q, k, v, block_idx, choice, geos: tuple[_Geometry, ...]):
   the same for every tiling (q, k, v, o, lse); a switch over whole custom-VJP
   functions keeps every branch's (zeros but the chosen one's). The chosen
   tiling's index (`_plan`: sorts of block_idx) is kept for the backward,
-  the others' are zeros: recomputing it there cost ~8 ms at 64k, G = 1.
+  the others' are zeros: sorting again there was most of an ~8 ms
+  fwd+bwd overhead at 64k, G = 1.
   """
   return _selected_fwd(q, k, v, block_idx, choice, geos)[0]
 
