@@ -416,9 +416,13 @@ def _rows(blk, tok, geo: _Geometry):
   tok[r // Gp], head r % Gp (the tokens' [N, Gp] heads flattened).
   """
   N = tok.shape[0]
-  rows = jnp.broadcast_to(tok[:, None], (N, geo.Gp)).reshape(N * geo.Gp)
   sel = jnp.broadcast_to(blk[:, None, :], (N, geo.Gp, geo.n_pad))
-  return rows, sel.reshape(N * geo.Gp, geo.n_pad)
+  return _token_rows(tok, geo), sel.reshape(N * geo.Gp, geo.n_pad)
+
+
+def _token_rows(tok, geo: _Geometry):
+  """Token position [N*Gp] of the rows of N tokens tok [N] (row r: tok[r // Gp])."""
+  return jnp.broadcast_to(tok[:, None], (tok.shape[0], geo.Gp)).reshape(-1)
 
 
 def _scores(q, k, j, tok, sel, geo: _Geometry):
@@ -426,9 +430,12 @@ def _scores(q, k, j, tok, sel, geo: _Geometry):
 
   A key is visible to a row when the row's token selected block j, the key
   lies in block j (the load holds Lb >= l' keys) and is not after the token.
+  sel None: every row's token selected block j (block-major entries).
   """
-  chosen = jnp.max(jnp.where(sel == j, 1, 0), axis=1) > 0
-  return _logits(q, k, geo), chosen[:, None] & _visible(j, tok, geo)
+  visible = _visible(j, tok, geo)
+  if sel is not None:
+    visible &= (jnp.max(jnp.where(sel == j, 1, 0), axis=1) > 0)[:, None]
+  return _logits(q, k, geo), visible
 
 
 def _logits(q, k, geo: _Geometry):
@@ -515,8 +522,7 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, 
 
   def step(_, e, q, carry):
     tok = e // geo.n_pad
-    tok_rows = jnp.broadcast_to(tok[:, None], (C, geo.Gp)).reshape(C * geo.Gp)
-    s, mask = _logits(q, k, geo), _visible(j, tok_rows, geo)
+    s, mask = _scores(q, k, j, _token_rows(tok, geo), None, geo)
     # Every listed entry sees key j * l' (`_listed`), so l >= 1.
     m = jnp.max(jnp.where(mask, s, NEG), axis=1)
     p = jnp.where(mask, jnp.exp2(s - m[:, None]), 0.0)
@@ -584,11 +590,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
     dk, dv = carry
     live, ids = index
     tok, q, do, lse, delta, blk = data
-    if block_major:
-      tok_rows = jnp.broadcast_to(tok[:, None], (R, geo.Gp)).reshape(rows)
-      s, mask = _logits(q, k, geo), _visible(j, tok_rows, geo)
-    else:
-      s, mask = _scores(q, k, j, *_rows(blk, tok, geo), geo)
+    rows_tok, sel = (_token_rows(tok, geo), None) if block_major else _rows(blk, tok, geo)
+    s, mask = _scores(q, k, j, rows_tok, sel, geo)
     p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     if block_major:   # repeated entries store the same values to the same place
