@@ -7,9 +7,9 @@ float inputs):
     attention, gating; paper §3.2-3.3, Eq. 5);
   - each branch alone (Config A only): compressed_attention, select_blocks
     (forward only: it has no gradient), selected_attention with block_idx
-    precomputed, window_attention (on cuDNN where `nsa` runs it there, see
-    `nsa_jax.ops.window.cudnn_runs`; the Pallas window kernel alone is timed
-    by check_flash.py);
+    precomputed, window_attention (compressed and window on cuDNN where `nsa`
+    runs them there, see `nsa_jax.ops._common.cudnn_runs`; their Pallas
+    kernels alone are timed by check_flash.py);
   - cuDNN flash attention, causal, on the selected branch's q/k/v;
   - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
     its compression is mean pooling with l = l'), timed with triton's do_bench;
@@ -32,10 +32,16 @@ Run on the device machine (about 6 minutes on an H100):
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
-# Before jax starts: let torch (the peer) share the GPU with jax.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Before jax starts: where the torch peer is installed, let it share the GPU.
+# Otherwise jax keeps its preallocated pool: grown on demand instead, it
+# failed to find one 44 GiB block for the G = 1 fwd+bwd at 64k (fragmented
+# by the runs before it) although the program fits (60 GB peak alone);
+# experiments/results/bench_kernels_g1_g2_preallocated_nvidia-h200.json.
+if importlib.util.find_spec("fla") is not None:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
 import dataclasses
@@ -49,7 +55,7 @@ import numpy as np
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import window
+from nsa_jax.ops import _common
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 
@@ -117,10 +123,13 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
     return lambda key: make(key)[:-1]
 
   nsa_fn = lambda *a: nsa(*a, **kw("nsa"))
-  cmp_fn = lambda q, k, v: compressed_attention(q, k, v, **kw("compressed_attention"))[0]
+  # The compressed and window branches alone run as inside nsa: on cuDNN where
+  # cuDNN takes them.
+  on_cudnn = nsa_cudnn_impl(shape, impls["nsa"], dtype)
+  impl = dict(impls, compressed_attention=on_cudnn, window_attention=on_cudnn)
+  cmp_fn = lambda q, k, v: compressed_attention(
+      q, k, v, config=config, impl=impl["compressed_attention"])[0]
   slc_fn = lambda q, k, v, idx: selected_attention(q, k, v, idx, **kw("selected_attention"))
-  # The window branch alone runs as inside nsa: on cuDNN where cuDNN takes it.
-  impl = dict(impls, window_attention=nsa_window_impl(shape, impls["nsa"], dtype))
   win_fn = lambda q, k, v: window_attention(q, k, v, config=config,
                                             impl=impl["window_attention"])
 
@@ -136,11 +145,11 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
       yield op, impl[op], "fwd+bwd", bc.forward_backward(fn, num_diff), make
 
 
-def nsa_window_impl(shape: Shape, impl: str, dtype) -> str:
-  """What `nsa(impl=impl)` runs its window branch on for this shape."""
+def nsa_cudnn_impl(shape: Shape, impl: str, dtype) -> str:
+  """What `nsa(impl=impl)` runs its compressed and window branches on here."""
   q = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HQ, shape.Dk), dtype)
   v = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HKV, shape.Dv), dtype)
-  return window.branch_impl(impl, q, v)
+  return _common.cudnn_branch_impl(impl, q, v)
 
 
 def dense_candidates(shape: Shape, impl: str):
@@ -267,7 +276,8 @@ class Bench:
     for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
       result = self.timed(fn, make)
       if op == "nsa":
-        result["window_impl"] = nsa_window_impl(shape, impl, dtype)
+        result["window_impl"] = result["compressed_impl"] = nsa_cudnn_impl(
+            shape, impl, dtype)
       self.record(shape, op, pass_, impl, result, flops.get((op, pass_)))
     self.run_dense(shape, flops)
     if peer:

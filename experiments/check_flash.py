@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_common import median_ms, small_config
-from nsa_jax import NSAConfig, window_attention
+from nsa_jax import NSAConfig, compressed_attention, window_attention
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import compressed_attention as cmp_kernel
@@ -49,9 +49,13 @@ from pallas_kernels import window_attention as win_kernel
 # dk/dv loop gave 1.6e-2 .. 3.4e-2 (see _flash.Tiles.bwd_num_stages).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
 OPS = ("window", "compressed")
-# The same window attention run by cuDNN (GPU only): a yardstick for the window
-# kernel, checked and timed like the ops above with `--ops window-cudnn`.
-CUDNN_WINDOW = "window-cudnn"
+# The same ops run by cuDNN (GPU only, the paths `nsa` takes there), checked
+# and timed like the kernels with `--ops window-cudnn,compressed-cudnn`. The
+# compressed one folds the stride residues into the batch
+# (`compressed_attention_folded`); its lse carries no gradient, so its check
+# puts a zero cotangent on lse.
+CUDNN_WINDOW, CUDNN_COMPRESSED = "window-cudnn", "compressed-cudnn"
+CUDNN_OPS = (CUDNN_WINDOW, CUDNN_COMPRESSED)
 # Tile sweep: changes to each op's default tiles for the heads run (`default_tiles`).
 # No backward stage variants: 2 stages miscompile the dk/dv loop (_flash.Tiles).
 SWEEP = {
@@ -76,9 +80,12 @@ def default_tiles(op, shape):
 
 def op_fn(op, config, scale, interpret, tiles=None):
   """(q, k, v) -> tuple of outputs: (o,) for window, (o, lse) for compressed."""
-  if op == CUDNN_WINDOW:   # the path `nsa` takes on a GPU
+  if op == CUDNN_WINDOW:
     return lambda q, k, v: (window_attention(q, k, v, config=config, scale=scale,
                                              impl="cudnn"),)
+  if op == CUDNN_COMPRESSED:
+    return lambda q, k, v: compressed_attention(q, k, v, config=config, scale=scale,
+                                                impl="cudnn")
   if op == "window":   # tiles=None: the op's defaults for the dtype
     return lambda q, k, v: (win_kernel.window_attention(
         q, k, v, config=config, scale=scale, interpret=interpret, tiles=tiles),)
@@ -89,7 +96,7 @@ def op_fn(op, config, scale, interpret, tiles=None):
 def reference_fn(op, config, scale):
   def f(q, k, v):
     with jax.default_matmul_precision("highest"):
-      if op != "compressed":
+      if not op.startswith("compressed"):
         return (window_attention_xla(q, k, v, config=config, scale=scale),)
       return compressed_attention_xla(q, k, v, config=config, scale=scale)
   return f
@@ -97,15 +104,16 @@ def reference_fn(op, config, scale):
 
 def make_inputs(key, op, T, B, HKV, G, Dk, Dv, config, dtype):
   """q, k, v and cotangents for every output (never zero)."""
-  S = config.num_compressed(T) if op == "compressed" else T
+  S = config.num_compressed(T) if op.startswith("compressed") else T
   ks = jax.random.split(key, 5)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
   q = normal(ks[0], (B, T, HKV * G, Dk))
   k = normal(ks[1], (B, S, HKV, Dk))
   v = normal(ks[2], (B, S, HKV, Dv))
   cts = (normal(ks[3], (B, T, HKV * G, Dv)),)
-  if op == "compressed":
-    cts += (jax.random.normal(ks[4], (B, T, HKV * G), jnp.float32),)
+  if op.startswith("compressed"):
+    cts += (jax.random.normal(ks[4], (B, T, HKV * G), jnp.float32)
+            * (op != CUDNN_COMPRESSED),)
   return q, k, v, cts
 
 
@@ -124,7 +132,7 @@ def check(op, T, dtype, config, interpret, key, B, HKV, G, Dk, Dv, tiles=None):
   f32 = lambda x: x.astype(jnp.float32)
   want = fwd_bwd(reference_fn(op, config, scale))(
       f32(q), f32(k), f32(v), jax.tree.map(f32, cts))
-  names = ("o",) + (("lse",) if op == "compressed" else ()) + ("dq", "dk", "dv")
+  names = ("o",) + (("lse",) if op.startswith("compressed") else ()) + ("dq", "dk", "dv")
   errors = {}
   for name, g, w in zip(names, got, want):
     g, w = np.asarray(f32(g)), np.asarray(w)
@@ -141,7 +149,7 @@ def check(op, T, dtype, config, interpret, key, B, HKV, G, Dk, Dv, tiles=None):
 def visible_pairs(op, T, config):
   """Number of (query, key) pairs the op attends to, summed over t."""
   t = np.arange(T, dtype=np.int64)
-  if op != "compressed":
+  if not op.startswith("compressed"):
     return int(np.minimum(t + 1, config.window).sum())
   l, d = config.compress_block, config.compress_stride
   n = np.clip((t - l + 1) // d + 1, 0, config.num_compressed(T))
@@ -190,7 +198,7 @@ def main():
                       help="skip the tile sweep at the largest T")
   parser.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
   parser.add_argument("--ops", default=",".join(OPS),
-                      help=f"subset of {','.join(OPS + (CUDNN_WINDOW,))}")
+                      help=f"subset of {','.join(OPS + CUDNN_OPS)}")
   parser.add_argument("--ts", type=int, nargs="+", default=None,
                       help="sequence lengths to time (default 8k .. --max-t)")
   parser.add_argument("--variants", default=",".join(SWEEP),
@@ -220,7 +228,7 @@ def main():
   for op in ops:
     for T in [] if args.skip_check else check_ts:
       # cuDNN's fused attention takes 16-bit inputs only.
-      for dtype in (jnp.bfloat16,) if op == CUDNN_WINDOW else (jnp.float32, jnp.bfloat16):
+      for dtype in (jnp.bfloat16,) if op in CUDNN_OPS else (jnp.float32, jnp.bfloat16):
         key, sub = jax.random.split(key)
         r = check(op, T, dtype, config, interpret, sub, **shape)
         result["checks"].append(r)

@@ -143,7 +143,7 @@ def bench(T, config, interpret, variants, runs, key, B, HKV, G, D,
   # Forward FLOPs actually attended (QK^T and PV over visible keys).
   t = jnp.arange(T)[None, :, None, None]
   visible = jnp.clip(t - b * config.select_block + 1, 0, config.select_block)
-  keys = float(jnp.sum(jnp.where(b >= 0, visible, 0)))
+  keys = float(jnp.sum(jnp.where(b >= 0, visible, 0), dtype=jnp.float32))   # > 2^31 at G = 1
   flops = 2.0 * keys * G * (D + D)
   row = {"T": T, "fwd_tflop": flops / 1e12, "ms": {},
          "mean_union": mean_union_sizes(b, (1, 2, 4, 8))}

@@ -15,7 +15,7 @@ For each case (shape) and dtype it compares, on fresh random inputs:
     of the reference branches run on the selection nsa made (with the
     compressed branch's lse), so that near-tie selection differences (checked
     above) do not count as errors. On a GPU, nsa's window branch is cuDNN's
-    for the 16-bit inputs cuDNN takes (`nsa_jax.ops.window.cudnn_runs`).
+    for the 16-bit inputs cuDNN takes (`nsa_jax.ops._common.cudnn_runs`).
 Error: ||a - b|| / ||b|| over finite reference entries, plus a NaN / inf check;
 max |a - b| / max |b| is reported beside it ("max rel"), not judged: a 2-stage
 backward miscompile that raised one gradient's max error 5x moved its norm

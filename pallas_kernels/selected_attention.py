@@ -132,10 +132,10 @@ class Tiles:
       accumulators and the block's K and V (8 warps: no register spills at
       l' = 64, D = 128).
     block_major: run the *block-major* kernels (see the module docstring):
-      None = where they are expected to be faster and their transient buffers
-      fit a quarter of the device's memory, chosen per call among the narrow,
-      wide and block-major tilings (`tilings`); True = always; False = never
-      (query tiles only).
+      None = where they are expected to be faster and their transient
+      buffers fit BLOCK_MAJOR_MEMORY_SHARE of the device's memory, chosen
+      per call among the narrow, wide and block-major tilings (`tilings`);
+      True = always; False = never (query tiles only).
     block_rows: query rows per step of the block-major forward (a power of
       2 >= 16: block_rows // G (token, block) entries of G heads each; its
       backward steps take dkv_rows rows).
@@ -871,8 +871,11 @@ BLOCK_MAJOR_ROW_COST = 0.065
 SAMPLED_TILES = 64
 # Block-major is offered only when its transient buffers take at most this
 # share of the device's memory: every compiled branch's buffers count towards
-# a program's peak memory, chosen or not.
-BLOCK_MAJOR_MEMORY_SHARE = 0.25
+# a program's peak memory, chosen or not. A quarter shut it out of T = 64k,
+# batch 1 at every G <= 8 (34 GB against the 112.6 GB an H200 gives jax):
+# G = 1 fwd+bwd 214 -> 600 ms. Half keeps one 64k sequence (which ran with
+# block-major compiled in, v7 bench) and leaves out two.
+BLOCK_MAJOR_MEMORY_SHARE = 0.5
 
 
 def _block_major_bytes(geo: _Geometry, itemsize: int) -> int:

@@ -17,7 +17,7 @@ from pallas_kernels import _flash
 # 20.8 ms against 27.7 ms with the 64-row, 8-warp defaults (H200, T=64k,
 # experiments/results/check_flash_h200.json; both at 2 backward stages, 24.1 ms
 # at the 1 stage that computes dk right). On a GPU, cuDNN runs the 16-bit
-# windows it takes instead (nsa_jax.ops.window.cudnn_runs).
+# windows it takes instead (nsa_jax.ops._common.cudnn_runs).
 TILES = _flash.Tiles(bwd_block_m=32, bwd_num_warps=4)
 
 

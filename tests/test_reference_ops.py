@@ -209,52 +209,91 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     nsa_jax.window_attention(q, k, v, config={"window": 4})
 
 
-def test_window_branch_goes_to_cudnn_only_where_cudnn_runs_it(monkeypatch):
-  """The dispatch rule of `window.cudnn_runs`, with a GPU backend faked (no
+def test_branches_go_to_cudnn_only_where_cudnn_runs_them(monkeypatch):
+  """The dispatch rule of `_common.cudnn_runs`, with a GPU backend faked (no
   kernel runs here: the rule reads shapes, dtypes and the device only)."""
-  from nsa_jax.ops import window
+  from nsa_jax.ops import _common
 
   class Device:
     compute_capability = "8.0"
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda: [Device()])
+  runs = _common.cudnn_runs
   q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
   wide = jnp.zeros((1, 8, 4, 192), jnp.bfloat16)
-  assert window.cudnn_runs(q, q)
-  assert window.cudnn_runs(q.astype(jnp.float16), q.astype(jnp.float16))
-  assert window.cudnn_runs(q, q[..., :64])                                  # Dv < Dk: v padded
-  assert not window.cudnn_runs(q[..., :64], q)                              # Dv > Dk
-  assert not window.cudnn_runs(q[..., :60], q[..., :60])                    # Dk % 8 != 0
-  assert not window.cudnn_runs(q, q, interpret=True)
-  assert not window.cudnn_runs(q.astype(jnp.float32), q.astype(jnp.float32))
-  assert not window.cudnn_runs(wide, q)                                     # Dk > 128 before Hopper
+  assert runs(q, q)
+  assert runs(q.astype(jnp.float16), q.astype(jnp.float16))
+  assert runs(q, q[..., :64])                                  # Dv < Dk: v padded
+  assert not runs(q[..., :64], q)                              # Dv > Dk
+  assert not runs(q[..., :60], q[..., :60])                    # Dk % 8 != 0
+  assert not runs(q, q, interpret=True)
+  assert not runs(q.astype(jnp.float32), q.astype(jnp.float32))
+  assert not runs(wide, q)                                     # Dk > 128 before Hopper
   Device.compute_capability = "9.0"
-  assert window.cudnn_runs(wide, q)
-  # nsa's window branch: cuDNN for "pallas" and "auto", the reference stays.
-  assert [window.branch_impl(i, q, q) for i in ("auto", "pallas", "xla")] == ["cudnn", "cudnn", "xla"]
-  assert window.branch_impl("pallas", q, q, interpret=True) == "pallas"
+  assert runs(wide, q)
+  # nsa's window and compressed branches: cuDNN for "pallas" and "auto", the reference stays.
+  impls = [_common.cudnn_branch_impl(i, q, q) for i in ("auto", "pallas", "xla")]
+  assert impls == ["cudnn", "cudnn", "xla"]
+  assert _common.cudnn_branch_impl("pallas", q, q, interpret=True) == "pallas"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert not window.cudnn_runs(q, q)
+  assert not runs(q, q)
+
+
+def _cudnn_call_on_xla(monkeypatch):
+  """Sends jax's cuDNN attention call to its XLA implementation (no cuDNN on a CPU)."""
+  dpa = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, implementation, **kw: dpa(*a, implementation="xla", **kw))
 
 
 @pytest.mark.parametrize("T,Dk,Dv", [(45, 16, 16), (38, 24, 16)])
 def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
   """The cuDNN path's band (`local_window_size`), odd-T padding and v padding,
-  run through jax's XLA implementation of the same call (no cuDNN on a CPU)."""
-  from nsa_jax.ops import window
-  dpa = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, "dot_product_attention",
-                      lambda *a, implementation, **kw: dpa(*a, implementation="xla", **kw))
+  run through jax's XLA implementation of the same call."""
+  from nsa_jax.ops import _common, window
+  _cudnn_call_on_xla(monkeypatch)
   x = make_inputs(jax.random.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
   args = (x["q"], x["k_win"], x["v_win"])
-  f = lambda *a: window._window_attention_cudnn(*a, config=SMALL, scale=0.3)
+  f = lambda *a: _common.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
   ref = lambda *a: window.window_attention_xla(*a, config=SMALL, scale=0.3)
   ct = jax.random.normal(jax.random.key(5), (2, T, 4, Dv), jnp.float32)
   (o, vjp), (o_ref, vjp_ref) = jax.vjp(f, *args), jax.vjp(ref, *args)
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
   for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+# T: a multiple of d, T not a multiple of d (odd), T < l (no block), T = l
+# (one block, two early residues), ceil(T/d) odd; G in {1, 2, 16}; Dv < Dk
+# (cuDNN takes Dv <= Dk only).
+@pytest.mark.parametrize("shape", [
+    (2, 64, 4, 2, 16, 16, SMALL), (1, 77, 4, 2, 16, 8, SMALL),
+    (1, 7, 2, 1, 8, 8, SMALL), (1, 8, 2, 2, 8, 8, SMALL),
+    (1, 61, 16, 1, 16, 8, ODD), (1, 100, 4, 4, 16, 16, ODD)], ids=str)
+def test_compressed_folded_by_residue_matches_the_reference(monkeypatch, shape):
+  """`compressed_attention_folded` (the cuDNN path: one causal attention per
+  stride residue) against the reference, values, lse and gradients of o, with
+  the attention call run through jax's XLA implementation."""
+  from nsa_jax.ops import compressed
+  _cudnn_call_on_xla(monkeypatch)
+  *dims, cfg = shape
+  x = make_inputs(jax.random.key(6), *dims, cfg)
+  args = (x["q"], x["k_cmp"], x["v_cmp"])
+  f = lambda *a: compressed.compressed_attention_folded(*a, config=cfg, scale=0.3)
+  ref = lambda *a: compressed.compressed_attention_xla(*a, config=cfg, scale=0.3)
+  (o, vjp, lse), (o_ref, vjp_ref, lse_ref) = (
+      jax.vjp(lambda *a: fn(*a), *args, has_aux=True) for fn in (f, ref))
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(lse_ref))
+  fin = np.isfinite(np.asarray(lse_ref))
+  np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(lse_ref)[fin], rtol=1e-5, atol=1e-6)
+  ct = jax.random.normal(jax.random.key(7), o.shape, jnp.float32)
+  for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+    # jax's XLA attention rounds logits to float32 even for float64 inputs, so
+    # this runs in float32: dk, dv sum up to T terms, hence a tolerance scaled
+    # by the largest gradient (a wrong index map is off by O(1) of it).
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * np.abs(g_ref).max(initial=0))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -26,8 +26,9 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
     k_win, v_win: [B, T, HKV, Dk/Dv] keys/values for the sliding window.
     gates: [B, T, HQ, 3] gate values (cmp, slc, win), already through a sigmoid.
     impl: "xla" (reference), "pallas" (kernels) or "auto" (kernels on a GPU).
-      With "pallas" and "auto" the window branch runs on cuDNN wherever
-      `window.cudnn_runs` (faster there than the Pallas kernel; `window.branch_impl`).
+      With "pallas" and "auto" the window and compressed branches run on
+      cuDNN wherever `_common.cudnn_runs` (faster there than the Pallas
+      kernels; `_common.cudnn_branch_impl`).
     return_block_idx: also return the [B, T, HKV, n] selection.
 
   Returns:
@@ -40,12 +41,13 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   if gates.shape != (B, T, HQ, 3):
     raise ValueError(f"gates.shape={gates.shape} must be [B, T, HQ, 3]={(B, T, HQ, 3)}")
   _common.check_float("gates", gates, q.dtype)
+  _common.check_impl(impl)
   kw = dict(config=config, scale=scale, impl=impl, interpret=interpret)
-  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw)
+  on_cudnn = lambda v: dict(kw, impl=_common.cudnn_branch_impl(impl, q, v, interpret))
+  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **on_cudnn(v_cmp))
   block_idx = select_blocks(q, k_cmp, lse=lse, **kw)
   o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw)
-  o_win = window.window_attention(   # on cuDNN where that is faster
-      q, k_win, v_win, **dict(kw, impl=window.branch_impl(impl, q, v_win, interpret)))
+  o_win = window.window_attention(q, k_win, v_win, **on_cudnn(v_win))
   g = gates[..., None]
   o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
   return (o, block_idx) if return_block_idx else o
