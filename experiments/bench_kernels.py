@@ -105,7 +105,11 @@ def flop_counts(shape: Shape, config: NSAConfig) -> dict[tuple[str, str], int]:
 # ----------------------------------------------------------------------------
 def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: bool):
   """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches."""
-  kw = lambda op: dict(config=config, impl=impls[op])
+  # The compressed and window branches alone run as inside nsa: on cuDNN where
+  # cuDNN takes them.
+  on_cudnn = nsa_cudnn_impl(shape, impls["nsa"], dtype)
+  impl = dict(impls, compressed_attention=on_cudnn, window_attention=on_cudnn)
+  kw = lambda op: dict(config=config, impl=impl[op])
   names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
   select = jax.jit(lambda q, k: select_blocks(q, k, **kw("select_blocks")))
 
@@ -123,15 +127,9 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
     return lambda key: make(key)[:-1]
 
   nsa_fn = lambda *a: nsa(*a, **kw("nsa"))
-  # The compressed and window branches alone run as inside nsa: on cuDNN where
-  # cuDNN takes them.
-  on_cudnn = nsa_cudnn_impl(shape, impls["nsa"], dtype)
-  impl = dict(impls, compressed_attention=on_cudnn, window_attention=on_cudnn)
-  cmp_fn = lambda q, k, v: compressed_attention(
-      q, k, v, config=config, impl=impl["compressed_attention"])[0]
+  cmp_fn = lambda q, k, v: compressed_attention(q, k, v, **kw("compressed_attention"))[0]
   slc_fn = lambda q, k, v, idx: selected_attention(q, k, v, idx, **kw("selected_attention"))
-  win_fn = lambda q, k, v: window_attention(q, k, v, config=config,
-                                            impl=impl["window_attention"])
+  win_fn = lambda q, k, v: window_attention(q, k, v, **kw("window_attention"))
 
   cases = [("nsa", nsa_fn, inputs_of(*names), len(names))]
   if branches:

@@ -50,6 +50,7 @@ def kernels_section(path, d):
             if (r["config"], r["T"], r["G"]) in failed and "median_ms" in r]
   for _, r in reruns:
     recs[(r["config"], r["T"], r["G"], r["op"], r["pass"])] = r
+  rerun_files = {p for p, _ in reruns}
   rerun_shapes = {(r["config"], r["T"], r["G"]) for _, r in reruns}
   shapes = sorted({k[:3] for k in recs}, key=lambda k: (k[0][0] == "G", k[0], k[1]))
   get = lambda s, op, p, f="median_ms": recs.get((*s, op, p), {}).get(f)
@@ -68,12 +69,11 @@ def kernels_section(path, d):
          f"median of {d['records'][0].get('n_iter', 10)} runs on random inputs.",
          "",
          _table(["cfg", "T", "G", "NSA fwd", "cuDNN fwd", "speedup", "NSA fwd+bwd",
-                 "cuDNN fwd+bwd", "speedup", "NSA fwd / FLOP floor"], rows), "",
-         f"![kernel benchmark]({path.relative_to(ROOT).with_suffix('.png')})", ""]
-  out[-2:-2] = [f"† From `{p.relative_to(ROOT)}` (the same GPU and session, a separate "
-                f"process): {rd['note'].strip()}" for p, rd in _load("bench_rerun_*.json")
-                if any(r["config"] == s[0] and r["T"] == s[1] and r["G"] == s[2]
-                       for r in rd["records"] for s in rerun_shapes)] + ([""] if reruns else [])
+                 "cuDNN fwd+bwd", "speedup", "NSA fwd / FLOP floor"], rows), ""]
+  out += [line for p, rd in _load("bench_rerun_*.json") if p in rerun_files
+          for line in (f"† From `{p.relative_to(ROOT)}` (the same GPU and session, a separate "
+                       f"process): {rd['note'].strip()}", "")]
+  out += [f"![kernel benchmark]({path.relative_to(ROOT).with_suffix('.png')})", ""]
   T = max(k[1] for k in recs if k[0] == "A" and k[3] == "selected_attention")
   branch = []
   for op in ("compressed_attention", "select_blocks", "selected_attention", "window_attention"):

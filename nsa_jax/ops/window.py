@@ -38,8 +38,9 @@ def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
   _common.check_attention_inputs(q, k, v)
   _common.check_impl(impl, IMPLS)
   scale = _common.resolve_scale(scale, q)
-  if impl == "cudnn" or (impl == "auto" and _common.cudnn_runs(q, v, interpret)):
+  if impl == "cudnn":
     _common.check_cudnn_runs(q, v, interpret)
+  if impl == "cudnn" or (impl == "auto" and _common.cudnn_runs(q, v, interpret)):
     return _common.cudnn_causal_attention(
         q, k, v, scale=scale, window=config.window)[0]
   if _common.use_pallas(impl):
