@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 train: setup
 	$(PY) -m experiments.train --preset demo
 
+# Test files run in parallel, one file per worker (pytest-xdist): module
+# fixtures such as the sharding tests' setup run once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -39,7 +39,7 @@ import os
 # Otherwise jax keeps its preallocated pool: grown on demand instead, it
 # failed to find one 44 GiB block for the G = 1 fwd+bwd at 64k (fragmented
 # by the runs before it) although the program fits (60 GB peak alone);
-# experiments/results/bench_rerun_g1_g2_nvidia-h200.json.
+# experiments/results/history/bench_rerun_g1_g2_v8_nvidia-h200.json.
 if importlib.util.find_spec("fla") is not None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 

@@ -207,7 +207,7 @@ def main():
   extras = {
       "rows16": fixed(16), "rows32": fixed(32), "rows64": fixed(64),
       **{f"dkv-rows{r}": dict(dkv_rows=r) for r in (16, 64, 256)},
-      "dkv-tiles512": dict(dkv_tiles=512), "warps4": dict(num_warps=4),
+      "dkv-tiles512": dict(dkv_tiles=512), "warps2": dict(num_warps=2), "warps4": dict(num_warps=4),
       "warps8": dict(num_warps=8),
       **{f"block-rows{r}": dict(block_major=True, block_rows=r) for r in (32, 128)},
       **{f"block-dkv-rows{r}": dict(block_major=True, dkv_rows=r)

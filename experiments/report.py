@@ -128,16 +128,40 @@ def scaling_section(path, d):
   layers = re.search(r"num_layers=(\d+)", d["meta"]["config"]["model"]).group(1)
   cfg = d["meta"]["config"]
   heads = cfg.get("heads_overrides")
-  return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s (training step of the "
+  return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s, "
+          f"`{path.relative_to(ROOT)}` (training step of the "
           f"{layers}-layer NSA model of preset `{cfg.get('preset', '?')}`, T=8192"
           + (f"; heads rows with {heads}" if heads else "") + "):", "",
           _table(["mesh", "GPUs", "global batch", "step ms", "tokens/s", "efficiency"], rows), ""]
+
+
+def trained_selections_section(path, d):
+  rows = []
+  for r in d["rows"]:
+    trained = lambda bq: [layer[str(bq)] for layer in r["trained"]]
+    spread = lambda bq: f"{min(trained(bq)):.1f} - {max(trained(bq)):.1f}"
+    k = r.get("kernel", {})
+    kernel = lambda name: (f"{_ms(k[name]['fwd_ms'])} / {_ms(k[name]['fwd_bwd_ms'])} "
+                           f"({k[name]['chosen']})" if name in k else "–")
+    rows.append([f"{r['T'] // 1024}k" + (" (extrapolated)" if r["extrapolated"] else ""),
+                 *(f"{spread(bq)} vs {r['random'][str(bq)]:.1f}" for bq in (2, 4, 8)),
+                 kernel("trained"), kernel("random")])
+  return [f"Trained selections: `experiments/trained_selections.py` on one {d['device']}: "
+          f"block_idx of a model trained {d['step']} steps at T={d['train_seq_len']} "
+          f"({d['run']}) on a validation text sequence, against random q; distinct blocks a "
+          f"query tile of Bq tokens reads per token (trained, over the layers, vs random), and "
+          f"the Config A selected kernel (ms fwd / fwd+bwd, the tiling it chose) with either "
+          f"block_idx:", "",
+          _table(["T", "Bq = 2", "Bq = 4", "Bq = 8", "selected, trained block_idx",
+                  "selected, random block_idx"], rows), "",
+          f"![trained selections]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
 
 def render() -> str:
   parts = []
   for pattern, fn in [("bench_kernels_*.json", kernels_section),
                       ("compare_attention_*.json", training_section),
+                      ("trained_selections_*.json", trained_selections_section),
                       ("bench_decode_*.json", decode_section),
                       ("scaling_*.json", scaling_section)]:
     for path, d in _load(pattern):

@@ -11,8 +11,9 @@
 * saves model, optimizer, loader position and step with an Orbax
   `CheckpointManager` (keep-last-N) and resumes from the latest one so that
   the continued run is bit-for-bit the uninterrupted one,
-* writes `config.json`, `metrics.csv`, TensorBoard events (`tb/`) and
-  `loss.png` under `out`, and prints a sample at the end.
+* writes `config.json`, `metrics.csv`, TensorBoard events (`tb/`, where
+  tensorboardX is installed) and `loss.png` under `out`, and prints a sample
+  at the end.
 
 On several hosts (`--mesh`, `nsa_jax.sharding.setup_distributed`) only process
 0 writes those files and prints (`is_process_0`); every process takes part in
@@ -319,6 +320,8 @@ def is_process_0() -> bool:
 class MetricsLog:
   """A run's output under `out_dir`: config.json, then rows of metrics per step ->
   metrics.csv, TensorBoard events and loss.png; and its messages on stdout.
+  Without tensorboardX (the GPU image has none) there are no events, and a
+  message says so.
 
   Only process 0 writes or prints: on the other processes of a multi-host run
   every method does nothing. On resume, rows after the restored step (written
@@ -330,7 +333,6 @@ class MetricsLog:
     self.enabled = is_process_0()
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     self.out_dir, self.columns = out_dir, columns
     self.csv_path, self.png_path = out_dir / "metrics.csv", out_dir / "loss.png"
@@ -342,7 +344,13 @@ class MetricsLog:
       writer = csv.DictWriter(f, columns, restval="")
       writer.writeheader()
       writer.writerows(self.rows)
-    self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
+    except ImportError:
+      self.tb = None
+      self.say("tensorboardX is not installed: no TensorBoard events "
+               "(metrics.csv and loss.png are written)")
 
   def say(self, text: str) -> None:
     if self.enabled:
@@ -355,7 +363,7 @@ class MetricsLog:
     with open(self.csv_path, "a", newline="") as f:
       csv.DictWriter(f, self.columns, restval="").writerow(row)
     for key, value in row.items():
-      if key != "step":
+      if key != "step" and self.tb is not None:
         self.tb.add_scalar(key, value, row["step"])
 
   def plot(self) -> pathlib.Path | None:
@@ -380,7 +388,7 @@ class MetricsLog:
     return self.png_path
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and self.tb is not None:
       self.tb.close()
 
 

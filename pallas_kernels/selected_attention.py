@@ -122,7 +122,10 @@ class Tiles:
       tiles).
     num_warps, num_stages: Triton launch parameters of the forward and dQ
       kernels (H200, 64k, G = 16, random q, 16-row tiles, fwd / fwd+bwd:
-      2 warps 17.6 / 54.0 ms, 4 warps 18.8 / 57.0, 8 warps 27.0 / 72.1).
+      1 warp 16.7 / 53.5 ms, 2 warps 18.0 / 55.0; an earlier run: 2 warps
+      17.6 / 54.0, 4 warps 18.8 / 57.0, 8 warps 27.0 / 72.1). The forward
+      is bound by loading each token's blocks: a kernel that only loads them
+      takes 14.9 ms at its best (8 warps), 17.3 ms at 2 warps.
     wide_num_warps: num_warps of the wide tiling (64 rows; 4 was measured).
     dkv_rows: query rows per step of the dK/dV kernel: it gathers
       max(1, dkv_rows // rows) of the block's query tiles per step (a power
@@ -148,7 +151,7 @@ class Tiles:
   wide_rows: int | None = 64
   dkv_tiles: int | None = 256
   dkv_rows: int = 128
-  num_warps: int = 2
+  num_warps: int = 1
   wide_num_warps: int = 4
   num_stages: int = 2
   dkv_num_warps: int = 8
@@ -854,8 +857,15 @@ _selected.defvjp(_selected_fwd, _selected_bwd)
 # - narrow: the blocks its tiles read per token (`_blocks_per_token`);
 # - wide: WIDE_TILE_COST x the blocks its tiles read per token. A wide tile's
 #   program costs about this many narrow ones per block it reads (H200,
-#   G = 16: 64 rows 0.57 ms per block of mean union per 4 tokens at 64k,
-#   16 rows 1.16 ms per block per token, i.e. 2.28 / 1.16);
+#   G = 16, forward, ms per block read per token: narrow 1.05 at 64k, 0.144
+#   at 8k; wide 2.34 at 64k, 0.44 at 8k (time-smoothed q), 0.36 at 8k
+#   (block_idx of a trained model), i.e. 2.2 - 3.1x;
+#   `results/check_selected_h200_v12_one_warp.json`,
+#   `results/history/trained_selections_wide_cost_2_nvidia-h200.json`).
+#   2.0, the 64k ratio before the narrow tile ran on one warp, picked the
+#   wide tile for the trained model's choices at 8k: 2.59 / 8.44 ms fwd /
+#   fwd+bwd against 2.53 / 7.30 for the narrow tile that 2.5 picks
+#   (`results/trained_selections_nvidia-h200.json`);
 # - block-major: (BLOCK_MAJOR_ENTRY_COST + BLOCK_MAJOR_ROW_COST x G) x the
 #   (token, block) entries per token: its work is G query rows per entry,
 #   whatever neighbours choose. H200, 64k, random q, fwd+bwd: a narrow tile
@@ -865,7 +875,7 @@ _selected.defvjp(_selected_fwd, _selected_bwd)
 #   the measured winner at G = 16, 8, 4, 1 on random and time-smoothed
 #   queries but one: G = 1 smoothed, wide tiles 115.0 ms fwd+bwd against
 #   block-major 110.4.
-WIDE_TILE_COST = 2.0
+WIDE_TILE_COST = 2.5
 BLOCK_MAJOR_ENTRY_COST = 0.06
 BLOCK_MAJOR_ROW_COST = 0.065
 SAMPLED_TILES = 64

@@ -95,3 +95,18 @@ def test_gpu_check_compare_empty_output():
     sys.path.pop(0)
   err, max_rel, ok = gpu_check.compare(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 0, 2, 16)))
   assert float(err) == 0.0 and float(max_rel) == 0.0 and bool(ok)
+
+
+def test_trained_selections_small(tmp_path):
+  stdout = run_script("trained_selections.py", [], tmp_path)
+  with open(tmp_path / "trained_selections.json") as f:
+    data = json.load(f)
+  assert (tmp_path / "trained_selections.png").stat().st_size > 0
+  assert [r["T"] for r in data["rows"]] == [160, 320] and data["rows"][1]["extrapolated"]
+  for row in data["rows"]:
+    for per_token in [*row["trained"], row["random"]]:
+      # A tile of Bq tokens reads at most Bq x n blocks and at least n: per token
+      # the count falls as the tile grows.
+      counts = [per_token[str(bq)] for bq in (1, 2, 4, 8)]
+      assert counts == sorted(counts, reverse=True) and counts[0] > 0, row
+  assert "random q" in stdout

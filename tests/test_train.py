@@ -2,6 +2,7 @@
 only), config errors."""
 import csv
 import re
+import sys
 
 import jax
 import numpy as np
@@ -62,6 +63,20 @@ def test_other_processes_write_nothing_but_checkpoints(tmp_path, monkeypatch, ca
   assert checkpoint_manager(cfg.out_dir).all_steps() == [4, 8]
   assert sorted(p.name for p in cfg.out_dir.iterdir()) == ["checkpoints"]
   assert capsys.readouterr().out == ""
+
+
+def test_metrics_without_tensorboardx(tmp_path, monkeypatch, capsys):
+  """The GPU image has no tensorboardX: the log writes its CSV and plot, no events, and says so."""
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)   # makes the import fail
+  log = train_lib.MetricsLog(tmp_path, ["step", "loss"], 0, {"preset": "tiny"})
+  log.log({"step": 1, "loss": 5.5})
+  log.log({"step": 2, "loss": 5.0})
+  assert log.plot().stat().st_size > 0
+  log.close()
+  with open(tmp_path / "metrics.csv") as f:
+    assert [float(r["loss"]) for r in csv.DictReader(f)] == [5.5, 5.0]
+  assert not (tmp_path / "tb").exists()
+  assert "tensorboardX is not installed" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
