@@ -69,14 +69,12 @@ def layer_selections(model: Transformer, tokens) -> np.ndarray:
   return np.asarray(run(state, tokens))
 
 
-def random_selection(cfg, T: int, seed: int = 0) -> np.ndarray:
-  """block_idx [1, T, HKV, n] of random normal q and compressed keys of the model's shapes."""
-  mc = cfg.model_config()
-  kq, kk = jax.random.split(jax.random.key(seed))
-  q = jax.random.normal(kq, (1, T, mc.num_heads, mc.head_size), jnp.float32)
-  k_cmp = jax.random.normal(kk, (1, mc.nsa.num_compressed(T), mc.num_kv_heads, mc.head_size),
-                            jnp.float32)
-  return np.asarray(jax.jit(lambda q, k: nsa_jax.select_blocks(q, k, config=mc.nsa))(q, k_cmp))
+def random_block_idx(T: int, HQ: int, HKV: int, D: int, config, dtype) -> np.ndarray:
+  """block_idx [1, T, HKV, n] of random normal q and compressed keys."""
+  kq, kk = jax.random.split(jax.random.key(T))
+  q = jax.random.normal(kq, (1, T, HQ, D), dtype)
+  k_cmp = jax.random.normal(kk, (1, config.num_compressed(T), HKV, D), dtype)
+  return np.asarray(jax.jit(lambda q, k: nsa_jax.select_blocks(q, k, config=config))(q, k_cmp))
 
 
 def blocks_per_token(block_idx: np.ndarray) -> dict[int, float]:
@@ -161,22 +159,22 @@ def main():
   if cfg.attention != "nsa":
     raise SystemExit(f"{run} trained attention={cfg.attention!r}; this needs an NSA model")
   on_gpu = jax.devices()[0].platform == "gpu"
+  mc = cfg.model_config()
   val = data.stdlib_corpus(cfg.val_percent)["val"]
   result = {"run": f"{cfg.preset} preset, {run}", "step": step, "device": bench_common.gpu_name(),
             "jax": jax.__version__, "train_seq_len": cfg.seq_len, "rows": []}
   for T in lengths:
     tokens = data.text_example(np.random.default_rng(T), val, T).tokens[None].astype(np.int32)
     layers = layer_selections(model, jnp.asarray(tokens))
+    random = random_block_idx(T, mc.num_heads, mc.num_kv_heads, mc.head_size, mc.nsa,
+                              jnp.float32)
     row = {"T": T, "extrapolated": T > cfg.seq_len,
            "trained": [{str(k): v for k, v in blocks_per_token(x).items()} for x in layers],
-           "random": {str(k): v for k, v in blocks_per_token(random_selection(cfg, T)).items()}}
-    if on_gpu and cfg.model_config().nsa == nsa_jax.NSAConfig():   # Config A's block sizes
-      random_a = np.asarray(nsa_jax.select_blocks(
-          *(jax.random.normal(jax.random.key(i), s, jnp.bfloat16) for i, s in enumerate(
-              [(1, T, CONFIG_A["HQ"], CONFIG_A["D"]),
-               (1, cfg.model_config().nsa.num_compressed(T), CONFIG_A["HKV"], CONFIG_A["D"])])),
-          config=cfg.model_config().nsa))
-      row["kernel"] = {name: time_kernel(b, cfg.model_config().nsa, args.runs)
+           "random": {str(k): v for k, v in blocks_per_token(random).items()}}
+    if on_gpu and mc.nsa == nsa_jax.NSAConfig():   # Config A's block sizes
+      random_a = random_block_idx(T, CONFIG_A["HQ"], CONFIG_A["HKV"], CONFIG_A["D"], mc.nsa,
+                                  jnp.bfloat16)
+      row["kernel"] = {name: time_kernel(b, mc.nsa, args.runs)
                        for name, b in (("trained", config_a_block_idx(layers)),
                                        ("random", random_a))}
     result["rows"].append(row)
