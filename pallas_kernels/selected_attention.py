@@ -125,7 +125,8 @@ class Tiles:
       1 warp 16.7 / 53.5 ms, 2 warps 18.0 / 55.0; an earlier run: 2 warps
       17.6 / 54.0, 4 warps 18.8 / 57.0, 8 warps 27.0 / 72.1). The forward
       is bound by loading each token's blocks: a kernel that only loads them
-      takes 14.9 ms at its best (8 warps), 17.3 ms at 2 warps.
+      takes 14.9 ms at its best (8 warps), 17.3 ms at 2 warps. `default_tiles`
+      keeps 2 warps for wider heads and float32 inputs.
     wide_num_warps: num_warps of the wide tiling (64 rows; 4 was measured).
     dkv_rows: query rows per step of the dK/dV kernel: it gathers
       max(1, dkv_rows // rows) of the block's query tiles per step (a power
@@ -942,14 +943,21 @@ def tilings(q, v, block_idx, config: NSAConfig, scale, interpret, tiles: Tiles) 
 
 
 def default_tiles(q, k) -> Tiles:
-  """`Tiles()`, but for 4-byte inputs 64 dK/dV rows per step and, with a head
-  dim over 128, single-stage loads: two stages of [64, 256] float32 K and V
-  blocks need 256 KB of shared memory, over the 227 KB of an H100/H200 (seen
-  at Dk = 192, float32); float32 dK/dV steps of 128 rows (twice the bytes of
-  bf16 ones) were not tried on a GPU, 64 were."""
+  """`Tiles()` where it was measured (16-bit inputs, head dims <= 128), else
+  the narrow tile on 2 warps, and for 4-byte inputs 64 dK/dV rows per step.
+
+  One warp was measured faster for 16-bit, 128-wide heads only. Config B
+  (Dk = 192, padded to 256 in the kernels) on one warp: whole NSA fwd+bwd at
+  64k 202.7 -> 220.5 ms (H200, v8 -> v9 sweeps), as the [16, 256] tiles of a
+  single warp hold twice the registers. With a head dim over 128, float32
+  inputs also load in a single stage: two stages of [64, 256] float32 K and
+  V blocks need 256 KB of shared memory, over the 227 KB of an H100/H200
+  (seen at Dk = 192, float32); float32 dK/dV steps of 128 rows (twice the
+  bytes of bf16 ones) were not tried on a GPU, 64 were."""
+  wide_heads = max(q.shape[-1], k.shape[-1]) > 128
   if q.dtype.itemsize < 4:
-    return Tiles()
-  return Tiles(dkv_rows=64, num_stages=1 if max(q.shape[-1], k.shape[-1]) > 128 else 2)
+    return Tiles(num_warps=2) if wide_heads else Tiles()
+  return Tiles(dkv_rows=64, num_warps=2, num_stages=1 if wide_heads else 2)
 
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float,

@@ -16,7 +16,7 @@ from nsa_jax.ops.selected import selected_attention_xla
 from pallas_kernels import selected_attention as kernel_module
 from pallas_kernels.selected_attention import (SAMPLED_TILES, Tiles, _blocks_per_token,
                                                 _entry_index, _listed, _pad_blk, _tile_unions,
-                                                selected_attention, tilings)
+                                                default_tiles, selected_attention, tilings)
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -266,3 +266,15 @@ def test_tiles_validation():
     Tiles(block_entries=0)
   with pytest.raises(ValueError, match="block_major='yes'"):
     Tiles(block_major="yes")
+
+
+def test_default_tiles_one_warp_only_where_measured():
+  """One warp for the narrow tile only with 16-bit inputs and heads <= 128 wide
+  (faster there on an H200; Config B's 192-wide heads were slower on it), and
+  float32's smaller dK/dV steps and single-stage wide-head loads."""
+  x = lambda D, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, 64, 4, D), dtype)
+  assert default_tiles(x(128), x(128)) == Tiles() and Tiles().num_warps == 1
+  assert default_tiles(x(192), x(128)) == Tiles(num_warps=2)
+  assert default_tiles(x(128, jnp.float32), x(128, jnp.float32)) == Tiles(
+      dkv_rows=64, num_warps=2, num_stages=2)
+  assert default_tiles(x(64, jnp.float32), x(192, jnp.float32)).num_stages == 1
