@@ -39,11 +39,11 @@ from flax import nnx
 
 import bench_common
 import nsa_jax
-from check_selected import fwd_bwd, mean_union_sizes
+from check_selected import fwd_bwd, kernel_fn, mean_union_sizes
 from nsa_jax import data
 from nsa_jax.train_lib import load_model, make_config
 from nsa_jax.model import Transformer
-from pallas_kernels.selected_attention import default_tiles, selected_attention, tilings
+from pallas_kernels.selected_attention import default_tiles, tilings
 
 TILE_TOKENS = (1, 2, 4, 8)
 CONFIG_A = dict(HQ=64, HKV=4, D=128)
@@ -101,9 +101,8 @@ def time_kernel(block_idx: np.ndarray, config, runs: int) -> dict:
   ct = jax.random.normal(ks[3], (1, T, HQ, D), jnp.bfloat16)
   b = jnp.asarray(block_idx, jnp.int32)
   scale = D ** -0.5
-  fn = lambda q, k, v, b: selected_attention(q, k, v, b, config=config, scale=scale,
-                                             interpret=False)
-  options = tilings(q, v, b, config, scale, False, default_tiles(q, k))
+  fn = kernel_fn(config, scale, False, {})   # the default tiles, chosen per call
+  options = tilings(q, v, b, config, scale, False, default_tiles(q, v))
   chosen = options[int(jnp.argmin(jnp.stack([t.cost for t in options])))].name
   return {"chosen": chosen,
           "fwd_ms": bench_common.median_ms(jax.jit(fn), q, k, v, b, runs=runs),
