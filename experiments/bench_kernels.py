@@ -8,7 +8,7 @@ float inputs):
   - each branch alone (Config A only): compressed_attention, select_blocks
     (forward only: it has no gradient), selected_attention with block_idx
     precomputed, window_attention (compressed and window on cuDNN where `nsa`
-    runs them there, see `nsa_jax.ops._common.cudnn_runs`; their Pallas
+    runs them there, see `nsa_jax.ops.cudnn.cudnn_runs`; their Pallas
     kernels alone are timed by check_flash.py);
   - cuDNN flash attention, causal, on the selected branch's q/k/v;
   - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
@@ -55,7 +55,7 @@ import numpy as np
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import _common
+from nsa_jax.ops import cudnn
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 
@@ -147,7 +147,7 @@ def nsa_cudnn_impl(shape: Shape, impl: str, dtype) -> str:
   """What `nsa(impl=impl)` runs its compressed and window branches on here."""
   q = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HQ, shape.Dk), dtype)
   v = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HKV, shape.Dv), dtype)
-  return _common.cudnn_branch_impl(impl, q, v)
+  return cudnn.cudnn_branch_impl(impl, q, v)
 
 
 def dense_candidates(shape: Shape, impl: str):

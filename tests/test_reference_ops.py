@@ -210,16 +210,16 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 def test_branches_go_to_cudnn_only_where_cudnn_runs_them(monkeypatch):
-  """The dispatch rule of `_common.cudnn_runs`, with a GPU backend faked (no
+  """The dispatch rule of `cudnn.cudnn_runs`, with a GPU backend faked (no
   kernel runs here: the rule reads shapes, dtypes and the device only)."""
-  from nsa_jax.ops import _common
+  from nsa_jax.ops import cudnn
 
   class Device:
     compute_capability = "8.0"
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda: [Device()])
-  runs = _common.cudnn_runs
+  runs = cudnn.cudnn_runs
   q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
   wide = jnp.zeros((1, 8, 4, 192), jnp.bfloat16)
   assert runs(q, q)
@@ -233,29 +233,21 @@ def test_branches_go_to_cudnn_only_where_cudnn_runs_them(monkeypatch):
   Device.compute_capability = "9.0"
   assert runs(wide, q)
   # nsa's window and compressed branches: cuDNN for "pallas" and "auto", the reference stays.
-  impls = [_common.cudnn_branch_impl(i, q, q) for i in ("auto", "pallas", "xla")]
+  impls = [cudnn.cudnn_branch_impl(i, q, q) for i in ("auto", "pallas", "xla")]
   assert impls == ["cudnn", "cudnn", "xla"]
-  assert _common.cudnn_branch_impl("pallas", q, q, interpret=True) == "pallas"
+  assert cudnn.cudnn_branch_impl("pallas", q, q, interpret=True) == "pallas"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not runs(q, q)
 
 
-def _cudnn_call_on_xla(monkeypatch):
-  """Sends jax's cuDNN attention call to its XLA implementation (no cuDNN on a CPU)."""
-  dpa = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, "dot_product_attention",
-                      lambda *a, implementation, **kw: dpa(*a, implementation="xla", **kw))
-
-
 @pytest.mark.parametrize("T,Dk,Dv", [(45, 16, 16), (38, 24, 16)])
-def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
+def test_cudnn_window_call_matches_the_reference(cudnn_calls, T, Dk, Dv):
   """The cuDNN path's band (`local_window_size`), odd-T padding and v padding,
   run through jax's XLA implementation of the same call."""
-  from nsa_jax.ops import _common, window
-  _cudnn_call_on_xla(monkeypatch)
+  from nsa_jax.ops import cudnn, window
   x = make_inputs(jax.random.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
   args = (x["q"], x["k_win"], x["v_win"])
-  f = lambda *a: _common.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
+  f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
   ref = lambda *a: window.window_attention_xla(*a, config=SMALL, scale=0.3)
   ct = jax.random.normal(jax.random.key(5), (2, T, 4, Dv), jnp.float32)
   (o, vjp), (o_ref, vjp_ref) = jax.vjp(f, *args), jax.vjp(ref, *args)
@@ -271,12 +263,11 @@ def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
     (2, 64, 4, 2, 16, 16, SMALL), (1, 77, 4, 2, 16, 8, SMALL),
     (1, 7, 2, 1, 8, 8, SMALL), (1, 8, 2, 2, 8, 8, SMALL),
     (1, 61, 16, 1, 16, 8, ODD), (1, 100, 4, 4, 16, 16, ODD)], ids=str)
-def test_compressed_folded_by_residue_matches_the_reference(monkeypatch, shape):
+def test_compressed_folded_by_residue_matches_the_reference(cudnn_calls, shape):
   """`compressed_attention_folded` (the cuDNN path: one causal attention per
   stride residue) against the reference, values, lse and gradients of o, with
   the attention call run through jax's XLA implementation."""
   from nsa_jax.ops import compressed
-  _cudnn_call_on_xla(monkeypatch)
   *dims, cfg = shape
   x = make_inputs(jax.random.key(6), *dims, cfg)
   args = (x["q"], x["k_cmp"], x["v_cmp"])

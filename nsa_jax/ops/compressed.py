@@ -4,17 +4,18 @@ Query t attends to compressed block i iff the block lies wholly in its past,
 `i*d + l - 1 <= t`. Queries that see no block (t < l - 1) get a zero output
 and lse = -inf. The Pallas kernel is `pallas_kernels/compressed_attention.py`;
 on a GPU, `nsa` runs the branch on cuDNN's causal attention instead
-(`compressed_attention_folded`) wherever `_common.cudnn_runs`: H200, Config A,
+(`compressed_attention_folded`) wherever cuDNN runs its call (`branch_impl`): H200, Config A,
 T = 64k, forward 9.17 vs 12.38 ms, forward+backward 35.3 vs 52.7 ms; 16k 1.21
 vs 1.35 and 3.93 vs 4.92; 8k 0.64 vs 0.54 and 1.83 vs 1.85 (one rule for every
 T); experiments/results/check_flash_cudnn_compressed_h200.json.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, cudnn
 
 QUERY_CHUNK = 512
 IMPLS = _common.IMPLS + ("cudnn",)
@@ -45,7 +46,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
   _common.check_impl(impl, IMPLS)
   scale = _common.resolve_scale(scale, q)
   if impl == "cudnn":
-    _common.check_cudnn_runs(q, v_cmp, interpret)
+    cudnn.check_cudnn_runs(folded_query(q, config), v_cmp, interpret)
     return compressed_attention_folded(q, k_cmp, v_cmp, config=config, scale=scale)
   if _common.use_pallas(impl):
     from pallas_kernels import compressed_attention as kernel
@@ -53,6 +54,19 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
         q, k_cmp, v_cmp, config=config, scale=scale,
         interpret=_common.resolve_interpret(interpret))
   return compressed_attention_xla(q, k_cmp, v_cmp, config=config, scale=scale)
+
+
+def folded_query(q, config: NSAConfig) -> jax.ShapeDtypeStruct:
+  """The query of the cuDNN call of `compressed_attention_folded`: [B*d, ceil(T/d), HQ, Dk]."""
+  B, T, HQ, Dk = q.shape
+  d = config.compress_stride
+  return jax.ShapeDtypeStruct((B * d, -(-T // d), HQ, Dk), q.dtype)
+
+
+def branch_impl(impl: str, q, v_cmp, config: NSAConfig, interpret: bool | None = None) -> str:
+  """The impl `nsa(impl=impl)` runs this branch on: "cudnn" where cuDNN runs the
+  folded call (`cudnn.cudnn_branch_impl`), `impl` otherwise."""
+  return cudnn.cudnn_branch_impl(impl, folded_query(q, config), v_cmp, interpret)
 
 
 def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float):
@@ -106,7 +120,7 @@ def compressed_attention_folded(q, k_cmp, v_cmp, *, config: NSAConfig, scale: fl
   -inf. Blocks at positions >= Tc are zero padding that only padding queries
   see. The moves are pads, slices and transposes (no gathers, whose
   transposes would be scatters); lse carries no gradient
-  (`_common.cudnn_causal_attention`).
+  (`cudnn.cudnn_causal_attention`).
   """
   B, T, HQ, Dk = q.shape
   Tc, HKV, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
@@ -125,7 +139,7 @@ def compressed_attention_folded(q, k_cmp, v_cmp, *, config: NSAConfig, scale: fl
     return jnp.broadcast_to(x[:, None], (B, d) + x.shape[1:]).reshape(
         B * d, M, HKV, x.shape[-1]).astype(q.dtype)
 
-  o, lse = _common.cudnn_causal_attention(qf, fold(k_cmp), fold(v_cmp), scale=scale)
+  o, lse = cudnn.cudnn_causal_attention(qf, fold(k_cmp), fold(v_cmp), scale=scale)
 
   def unfold(x, empty):   # [B*d, M, ...] -> [B, T, ...], rows j < s_r filled with `empty`
     x = jnp.moveaxis(x.reshape(B, d, M, *x.shape[2:]), 1, 2)

@@ -8,6 +8,16 @@ their overlap, counted in strides (the corrected Eq. 9):
 summed over the G heads of each KV group (Eq. 10), and the n best candidate
 blocks (`j*l' <= t`) are kept, the initial and local blocks forced in (Eq. 11).
 The Pallas kernel is `pallas_kernels/select_blocks.py`.
+
+One selection (SPEC §3): p_cmp is the compressed branch's own probabilities,
+exp(s - lse) with the lse of the compressed branch as `nsa` runs it. Both `nsa`
+and `select_blocks` take that lse from `selection_lse`, so that they select the
+same blocks bit for bit on the same inputs (same device, same impl): rounding
+differences between two lse computations (cuDNN's against the selection
+kernel's own, say) would flip near-ties. `nsa` passes the lse its compressed
+branch already computed; `select_blocks` alone runs that branch for it.
+Decoding (`nsa_jax.decoding.decode_selection`) takes the same p_cmp from its
+own compressed branch (a single query: another kernel, so equal up to rounding).
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common
+from nsa_jax.ops import compressed
 from nsa_jax.ops.compressed import compressed_scores
 
 QUERY_CHUNK = 256
@@ -27,8 +38,10 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
 
   Args:
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
-    lse: optional [B, T, HQ] log-sum-exp of the compressed branch (from
-      compressed_attention) to skip recomputing it.
+    lse: optional [B, T, HQ] lse of the compressed branch as `selection_lse`
+      gives it for these q and k_cmp (`nsa` passes its own); computed here by
+      `selection_lse` otherwise, which runs the compressed branch (its output
+      is not needed, its cost is).
 
   Returns:
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
@@ -41,15 +54,40 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
                        f"[B, T, HQ]={q.shape[:3]}")
-    lse = lax.stop_gradient(lse)
   scale = _common.resolve_scale(scale, q)
   q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
+  if lse is None:
+    lse = selection_lse(q, k_cmp, config=config, scale=scale, impl=impl, interpret=interpret)
+  lse = lax.stop_gradient(lse)
   if _common.use_pallas(impl):
     from pallas_kernels import select_blocks as kernel
     return kernel.select_blocks(q, k_cmp, config=config, scale=scale,
                                 interpret=_common.resolve_interpret(interpret),
                                 lse=lse)
   return select_blocks_xla(q, k_cmp, config=config, scale=scale, lse=lse)
+
+
+def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
+                  interpret: bool | None = None, branch=None):
+  """The [B, T, HQ] lse the selection of `nsa(impl=impl)` is computed from
+  (module doc): that of the compressed branch on the impl `nsa` runs it on
+  (`compressed.branch_impl`, judged with values as wide as the keys).
+
+  branch: optional (impl, lse) of the compressed branch `nsa` already ran on
+  these q and k_cmp; its lse is the answer when it ran on that impl, which is
+  always the case except for 16-bit inputs with Dv > Dk on a GPU (its branch
+  then runs on Pallas, cuDNN taking only Dv <= Dk): then the lse is computed
+  here as `select_blocks` computes it, at the cost of a second compressed pass.
+  Without `branch`, the branch runs on (q, k_cmp, k_cmp): the lse does not
+  depend on the values, to the bit where the call does not (cuDNN's pads them
+  to Dk either way; the Pallas kernel's forward tiles depend on the dtype and Dk
+  only, which tests/test_one_selection.py checks with Dv != Dk).
+  """
+  lse_impl = compressed.branch_impl(impl, q, k_cmp, config, interpret)
+  if branch is not None and branch[0] == lse_impl:
+    return branch[1]
+  return compressed.compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale,
+                                         impl=lse_impl, interpret=interpret)[1]
 
 
 def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
