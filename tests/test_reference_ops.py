@@ -306,6 +306,34 @@ def test_config_counts():
   assert cfg.num_select_blocks(65) == 2
 
 
+def test_references_on_a_query_slice_give_those_rows():
+  """`first`: the references on queries t0..t1-1 with all keys equal those rows
+  of the whole, values and the key gradients of a cotangent on those rows only
+  (gpu_check.py --matrix checks a 256k-token sequence's last rows this way)."""
+  from nsa_jax.ops import compressed, selected, window
+  B, T, HQ, HKV, Dk, Dv = 1, 77, 4, 2, 16, 8
+  t0, t1 = 37, 77   # t0 inside a query chunk; t1 = T, not a multiple of the chunk
+  x = make_inputs(jax.random.key(10), B, T, HQ, HKV, Dk, Dv, SMALL)
+  idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=SMALL, impl="xla")
+  ct = jax.random.normal(jax.random.key(11), (B, T, HQ, Dv), jnp.float32)
+  on_rows = (jnp.arange(T) >= t0) & (jnp.arange(T) < t1)
+  kw = dict(config=SMALL, scale=0.3, query_chunk=8)
+  refs = [(lambda q, k, v, i, first: compressed.compressed_attention_xla(
+               q, k, v, **kw, first=first)[0], ("k_cmp", "v_cmp")),
+          (lambda q, k, v, i, first: selected.selected_attention_xla(
+               q, k, v, i, **kw, first=first), ("k_slc", "v_slc")),
+          (lambda q, k, v, i, first: window.window_attention_xla(
+               q, k, v, **kw, first=first), ("k_win", "v_win"))]
+  for ref, keys in refs:
+    k, v = x[keys[0]], x[keys[1]]
+    whole, vjp = jax.vjp(lambda k, v: ref(x["q"], k, v, idx, 0), k, v)
+    part, vjp_part = jax.vjp(lambda k, v: ref(x["q"][:, t0:t1], k, v, idx[:, t0:t1], t0), k, v)
+    np.testing.assert_allclose(part, whole[:, t0:t1], rtol=1e-6, atol=1e-6)
+    grads = vjp(ct * on_rows[None, :, None, None])
+    for g_part, g in zip(vjp_part(ct[:, t0:t1]), grads):
+      np.testing.assert_allclose(g_part, g, rtol=1e-5, atol=1e-6)
+
+
 def _largest_intermediate(jaxpr):
   sizes = [0]
   for eqn in jaxpr.eqns:
