@@ -50,6 +50,7 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
   _common.check_config(config)
   _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
                                  seq_len=config.num_compressed(q.shape[1]))
+  _common.check_impl(impl)
   if lse is not None:
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
