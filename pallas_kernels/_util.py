@@ -20,6 +20,9 @@ SHARED_MEMORY = {(9, 0): 227 * KIB, (10, 0): 227 * KIB, (10, 3): 227 * KIB,
 DEFAULT_SHARED_MEMORY = 64 * KIB
 HOPPER_SHARED_MEMORY = SHARED_MEMORY[(9, 0)]
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Shared memory a kernel takes beyond its tiles (reductions, layout conversions), in the
+# kernels' estimates.
+SCRATCH_BYTES = 4096
 
 
 def cdiv(a, b: int):
@@ -65,6 +68,13 @@ def dot(a, b, *, interpret: bool, contract=(1, 0)):
     precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
                          precision=precision, preferred_element_type=jnp.float32)
+
+
+def kv_width(Dk: int, Dv: int, itemsize: int) -> int:
+  """Elements of one key's K and V rows as Triton stages them in shared memory for a
+  dot: Dk + Dv, but with float32 inputs (TF32 dots) both at the wider of the two
+  (measured: Triton's allocation of the kernels for sm90)."""
+  return 2 * max(Dk, Dv) if itemsize == 4 else Dk + Dv
 
 
 def dtype_unsupported(dtype) -> str | None:

@@ -79,7 +79,21 @@ def unsupported(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   if (bk * sizes.compress_stride) % lp:
     return (f"select_block={lp} must divide {bk} compressed blocks x stride "
             f"{sizes.compress_stride} (a tile's first selection block)")
+  need = shared_memory(q.shape[1] // k_slc.shape[2], Dk, Dv, bk, jnp.dtype(q.dtype).itemsize)
+  if need > _util.shared_memory_budget():
+    return (f"its tiles need {need} bytes of shared memory per program for Dk={Dk}, Dv={Dv}, "
+            f"{q.dtype}; the device has {_util.shared_memory_budget()}")
   return None
+
+
+def shared_memory(G: int, Dk: int, Dv: int, bk: int, itemsize: int) -> int:
+  """Estimated shared memory (bytes) of the compressed and local kernels' programs
+  (the others hold less), counted from `_attend` as Triton allocates it: the query
+  heads' tile, one copy of a step's K and V tiles (16-row dots: not multi-buffered),
+  the probabilities from registers, and the compressed kernel's `exact_dot` pieces."""
+  Gp = max(16, _util.next_pow2(G))
+  return (itemsize * (Gp * Dk + bk * (Dk + Dv) + Gp * bk)
+          + 2 * (Gp * bk + bk * 16) + _util.SCRATCH_BYTES)
 
 
 def _split(tiles: int, programs_per_group: int) -> tuple[int, int]:

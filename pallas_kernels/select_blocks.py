@@ -59,7 +59,7 @@ n-th place. Where the reference's n-th and (n+1)-th scores are apart, the
 selections are equal. tests/test_kernel_select.py checks exactly that. On a
 GPU, float32 inputs take the QK matmul in TF32 (Triton's default, like XLA's
 default precision), which moves scores by ~1e-3 relative: more swaps, still
-between near-equal blocks (experiments/check_select.py measures them).
+between near-equal blocks (`experiments/profile_kernels.py select` measures them).
 
 No custom_vjp: the output is integer and the inputs arrive stop_gradient'ed.
 """
@@ -111,7 +111,8 @@ class Tiles:
 
 
 # Tiles when the caller passes the compressed branch's lse (as `nsa` does): no
-# lse pass, so longer chunks pay (experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
+# lse pass, so longer chunks pay
+# (experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 WITH_LSE = Tiles(block_k=128)
 
 
@@ -280,9 +281,43 @@ def _chunk_size(sizes: Selection, num_blocks: int, block_k: int) -> int:
   return max(1, min(fit, num_blocks))
 
 
+def shared_memory(tiles: Tiles, sizes: Selection, Dk: int, itemsize: int) -> int:
+  """Estimated shared memory (bytes) of a program, counted from `_select_kernel` as
+  Triton allocates it: a head's query tile (two copies: the head loop is pipelined),
+  the compressed-key tile of a chunk, and `exact_dot`'s bf16 pieces of p and overlap
+  weights."""
+  chunk = _chunk_size(sizes, 1 << 30, tiles.block_k)
+  tile_k, chunk_pad = _kernel_block_k(sizes, chunk), _util.next_pow2(chunk, 16)
+  dk = _util.cdiv(Dk, 16) * 16
+  return (itemsize * (2 * tiles.block_q + tile_k) * dk
+          + 2 * (tiles.block_q * tile_k + tile_k * chunk_pad) + _util.SCRATCH_BYTES)
+
+
+def default_tiles(q, sizes: Selection, lse_given: bool) -> Tiles | None:
+  """`Tiles()`, or `WITH_LSE` when the lse is given, fitted to the device's shared
+  memory: key tiles, then query tiles halved (16 at least) until `shared_memory`
+  fits; unchanged where they fit, None where 16 x 16 tiles do not."""
+  tiles = WITH_LSE if lse_given else Tiles()
+  itemsize, budget = jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget()
+  while shared_memory(tiles, sizes, q.shape[-1], itemsize) > budget:
+    if tiles.block_k > 16:
+      tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
+    elif tiles.block_q > 16:
+      tiles = dataclasses.replace(tiles, block_q=tiles.block_q // 2)
+    else:
+      return None
+  return tiles
+
+
 def unsupported(q, k_cmp, *, sizes: Selection) -> str | None:
   """Why the kernel cannot take these (validated) inputs, or None."""
-  return _util.dtype_unsupported(q.dtype)
+  if why := _util.dtype_unsupported(q.dtype):
+    return why
+  if default_tiles(q, sizes, lse_given=True) is None or default_tiles(q, sizes, False) is None:
+    need = shared_memory(Tiles(block_q=16, block_k=16), sizes, q.shape[-1], q.dtype.itemsize)
+    return (f"even 16 x 16 tiles need {need} bytes of shared memory per program for "
+            f"Dk={q.shape[-1]}, {q.dtype}; the device has {_util.shared_memory_budget()}")
+  return None
 
 
 @functools.partial(jax.jit, static_argnames=("sizes", "scale", "interpret",
@@ -295,16 +330,14 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc compressed blocks of T tokens.
     sizes: the selection's block sizes; scale: logit scale (a python float).
     interpret: run the kernel in Pallas interpret mode (CPU).
-    tiles: tile sizes and launch parameters (default: `Tiles()`, or
-      `WITH_LSE` when lse is given).
+    tiles: tile sizes and launch parameters (default: `default_tiles`).
     lse: optional [B, T, HQ] natural-log lse of the compressed branch (-inf
       where nothing is visible); when given, pass 1 is skipped.
 
   Returns:
     block_idx [B, T, HKV, n] int32, -1 in unused slots, order free.
   """
-  if tiles is None:
-    tiles = Tiles() if lse is None else WITH_LSE
+  tiles = default_tiles(q, sizes, lse is not None) if tiles is None else tiles
   B, T, HQ, Dk = q.shape
   Tc, HKV = k_cmp.shape[1], k_cmp.shape[2]
   G = HQ // HKV

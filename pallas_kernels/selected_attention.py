@@ -6,7 +6,7 @@ blocks) and §3.4 "Kernel Design" (group-centric loading); SPEC §3 "Selected
 attention". Reference: `nsa_jax.ops.selected.selected_attention_xla`. The pieces:
 `selected_tiles.py` (tiles, geometry), `selected_plan.py` (index planning in XLA),
 `selected_kernels.py` (kernels, pallas_calls), `selected_choice.py` (which tiling
-runs); their measurements: experiments/PERF_NOTES.md, "Selected attention".
+runs); their measurements: experiments/PERF_NOTES.md, "Measurements behind the code's defaults".
 
 Forward. One program takes a *query tile*: `Bq` consecutive tokens of one KV
 group, with all G query heads of the group, i.e. M = Bq * G rows (paper §3.4:
@@ -73,6 +73,7 @@ a no-op for the paper's shapes with T a multiple of 64 and Dk = Dv = 128.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -80,9 +81,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _util
-from pallas_kernels.selected_choice import tilings
+from pallas_kernels.selected_choice import (QUERY_TILES, fit_tiles_for, shared_memory_reason,
+                                             tilings)
 from pallas_kernels.selected_kernels import backward_dkv, backward_dq, block_forward, forward
-from pallas_kernels.selected_plan import entry_index, inverted_index, merge, pad_blk, plan_index, slots
+from pallas_kernels.selected_plan import (entry_index, inverted_index, merge, pad_blk,
+                                          plan_index, slots)
 from pallas_kernels.selected_tiles import Geometry, Tiles, default_tiles
 
 
@@ -178,8 +181,14 @@ _selected.defvjp(_selected_fwd, _selected_bwd)
 
 
 def unsupported(q, k, v, *, block: int) -> str | None:
-  """Why the kernels cannot take these (validated) inputs, or None."""
-  return _util.dtype_unsupported(q.dtype)
+  """Why the kernels cannot take these (validated) inputs, or None: a dtype they do
+  not take, or heads too wide for even the smallest narrow tiles' shared memory."""
+  if why := _util.dtype_unsupported(q.dtype):
+    return why
+  narrow = dataclasses.replace(default_tiles(q, v), block_major=False)
+  if fit_tiles_for(q, v, block, narrow, QUERY_TILES) is None:
+    return shared_memory_reason(q, v, block)
+  return None
 
 
 def selected_attention(q, k, v, block_idx, *, block: int, scale: float,

@@ -1,17 +1,20 @@
 """Which selected-attention tiling runs a call: narrow or wide query tiles, or
 block-major, by a cost estimated from block_idx (`tilings`), and the constants
-of that estimate (their measurements: experiments/PERF_NOTES.md, "Selected attention").
+of that estimate (their measurements:
+experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.selected_plan import distinct, listed, pad_blk
-from pallas_kernels.selected_tiles import Geometry, Tiles
+from pallas_kernels import _util
+from pallas_kernels.selected_tiles import Geometry, Tiles, fit_tiles, shared_memory
 
 
 # Estimated cost of each tiling, in narrow-tile block loads per token and KV
@@ -67,6 +70,8 @@ class Tiling(NamedTuple):
 def tilings(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> list[Tiling]:
   """The tilings `tiles` allows for this call, with their estimated costs.
 
+  Each tiling's tiles are fitted to the device's shared memory (`fit_tiles`); a
+  tiling that does not fit is left out (the narrow one must fit: `unsupported`).
   Block-major is offered only when it can win: its cost per entry must be
   below the narrow tile's at most one block load per entry (G <= 8), so
   G = 16 compiles no block-major kernels; and only when its transient
@@ -74,25 +79,57 @@ def tilings(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> list
   HQ = 64, T = 64k, bf16: 34 GB per sequence; `Tiles(block_major=True)`
   runs it regardless).
   """
-  make = lambda **kw: Geometry.make(q, v, block_idx, block, scale, interpret,
-                                     dataclasses.replace(tiles, **kw))
+  fitted = functools.partial(fit_tiles_for, q, v, block)
+  make = lambda t: Geometry.make(q, v, block_idx, block, scale, interpret, t)
   if tiles.block_major:
-    return [Tiling("block-major", make(block_major=True), jnp.zeros((), jnp.float32))]
-  narrow = make(block_major=False)
+    return [Tiling("block-major", make(_must_fit(fitted(tiles, BLOCK_MAJOR), q, v, block)),
+                   jnp.zeros((), jnp.float32))]
+  narrow = make(_must_fit(fitted(dataclasses.replace(tiles, block_major=False), QUERY_TILES),
+                          q, v, block))
   per_token = lambda geo: blocks_per_token(pad_blk(block_idx, geo), geo)
   options = [Tiling("narrow", narrow, per_token(narrow))]
-  if tiles.wide_rows is not None:
-    wide = make(block_major=False, rows=tiles.wide_rows, wide_rows=None,
-                num_warps=tiles.wide_num_warps)
+  wide_tiles = tiles.wide_rows and fitted(dataclasses.replace(
+      tiles, block_major=False, rows=tiles.wide_rows, wide_rows=None,
+      num_warps=tiles.wide_num_warps), QUERY_TILES)
+  if wide_tiles and wide_tiles.rows > narrow.tiles.rows:
+    wide = make(wide_tiles)
     if wide.Bq > narrow.Bq:                # else G fills both with one token
       options.append(Tiling("wide", wide, WIDE_TILE_COST * per_token(wide)))
   per_entry = BLOCK_MAJOR_ENTRY_COST + BLOCK_MAJOR_ROW_COST * narrow.Gp
-  geo = make(block_major=True)
-  memory = device_memory()
-  fits = memory is None or (block_major_bytes(geo, q.dtype.itemsize)
-                            <= BLOCK_MAJOR_MEMORY_SHARE * memory)
-  if tiles.block_major is None and per_entry < 1 and fits:
-    entries = listed(pad_blk(block_idx, geo), geo)
-    options.append(Tiling("block-major", geo, per_entry * jnp.mean(
-        jnp.sum(entries, axis=-1, dtype=jnp.float32))))
+  block_tiles = fitted(dataclasses.replace(tiles, block_major=True), BLOCK_MAJOR)
+  if tiles.block_major is None and per_entry < 1 and block_tiles:
+    geo = make(block_tiles)
+    memory = device_memory()
+    if memory is None or (block_major_bytes(geo, q.dtype.itemsize)
+                          <= BLOCK_MAJOR_MEMORY_SHARE * memory):
+      entries = listed(pad_blk(block_idx, geo), geo)
+      options.append(Tiling("block-major", geo, per_entry * jnp.mean(
+          jnp.sum(entries, axis=-1, dtype=jnp.float32))))
   return options
+
+
+QUERY_TILES = ("fwd", "dq", "dkv")        # the kernels of each tiling (`shared_memory`)
+BLOCK_MAJOR = ("block_fwd", "block_dkv")
+
+
+def fit_tiles_for(q, v, block: int, tiles: Tiles, kernels: tuple[str, ...]) -> Tiles | None:
+  """`fit_tiles` for the kernels of one tiling over q [B, T, HQ, Dk], v [B, T, HKV, Dv]
+  on the default device."""
+  return fit_tiles(tiles, kernels, q.shape[2] // v.shape[2], q.shape[-1], v.shape[-1],
+                   block, jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget())
+
+
+def _must_fit(tiles: Tiles | None, q, v, block: int) -> Tiles:
+  if tiles is None:
+    raise ValueError(shared_memory_reason(q, v, block))
+  return tiles
+
+
+def shared_memory_reason(q, v, block: int) -> str:
+  """Why no tiles fit: the smallest tiles' need against the device's budget."""
+  least = Tiles(rows=16, dkv_rows=16, block_rows=16)
+  G, Dk, Dv = q.shape[2] // v.shape[2], q.shape[-1], v.shape[-1]
+  need = shared_memory(least, G, Dk, Dv, block, jnp.dtype(q.dtype).itemsize)
+  return (f"even 16-row tiles need {max(need[k] for k in QUERY_TILES)} bytes of shared "
+          f"memory per program for Dk={Dk}, Dv={Dv}, G={G}, select_block={block}, "
+          f"{jnp.dtype(q.dtype).name}; the device has {_util.shared_memory_budget()}")

@@ -2,7 +2,9 @@
 
 `Tiles` holds what a caller may tune, `Geometry` the sizes every kernel and index
 planner of a call reads (padded to the powers of two Triton needs), `default_tiles`
-the tiles measured best per dtype and head width. See `selected_attention.py`.
+the tiles measured best per dtype and head width, `shared_memory` what each kernel's
+tiles take of a GPU's shared memory and `fit_tiles` the tiles shrunk to fit it.
+See `selected_attention.py`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ NEG = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite "minus infinity"
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Tile sizes and launch parameters (the figures behind each default:
-  experiments/PERF_NOTES.md, "Selected attention").
+  experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 
   Attributes:
     rows: M, query rows per program (Bq tokens x G heads); a power of 2 >= 16.
@@ -158,7 +160,8 @@ class Geometry:
     Bq = max(1, tiles.rows // Gp)
     nT, nb = -(-T // Bq), -(-T // lp)
     return cls(B=B, T=T, HKV=HKV, G=G, Dk=Dk, Dv=Dv, lp=lp, Gp=Gp,
-               Dkp=_util.next_pow2(Dk, 16), Dvp=_util.next_pow2(Dv, 16), Lb=_util.next_pow2(lp, 16), n_pad=n_pad,
+               Dkp=_util.next_pow2(Dk, 16), Dvp=_util.next_pow2(Dv, 16),
+               Lb=_util.next_pow2(lp, 16), n_pad=n_pad,
                Bq=Bq, nT=nT, nb=nb, U=min(Bq * n_pad, nb), scale=float(scale),
                interpret=bool(interpret), tiles=tiles)
 
@@ -167,12 +170,63 @@ class Geometry:
                                 num_stages=num_stages or self.tiles.num_stages)
 
 
-def default_tiles(q, k) -> Tiles:
+def default_tiles(q, v) -> Tiles:
   """`Tiles()` where it was measured fastest (16-bit inputs, head dims <= 128), else
   the narrow tile on 2 warps (a single warp's [16, 256] tiles hold twice the
   registers), and for 4-byte inputs 64 dK/dV rows per step and, with a head dim over
-  128, a single stage (PERF_NOTES, "Selected attention")."""
-  wide_heads = max(q.shape[-1], k.shape[-1]) > 128
+  128, a single stage (experiments/PERF_NOTES.md, "Measurements behind the code's defaults")."""
+  wide_heads = max(q.shape[-1], v.shape[-1]) > 128
   if q.dtype.itemsize < 4:
     return Tiles(num_warps=2) if wide_heads else Tiles()
   return Tiles(dkv_rows=64, num_warps=2, num_stages=1 if wide_heads else 2)
+
+
+# Which Tiles field sets the rows of each kernel's tiles, shrunk by `fit_tiles`.
+ROWS_OF = {"fwd": "rows", "dq": "rows", "dkv": "dkv_rows",
+           "block_fwd": "block_rows", "block_dkv": "dkv_rows"}
+
+
+def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, block: int,
+                  itemsize: int) -> dict[str, int]:
+  """Estimated shared memory (bytes) of a program of each kernel, counted from
+  `selected_kernels` as Triton allocates them (checked against Triton's own
+  allocation for sm90 by experiments/shared_memory.py):
+
+  - fwd / dQ (query tiles of M rows): q (and dO) held, each block's K and V loaded per
+    step, the probabilities (or dS) a dot takes from registers. Triton keeps
+    num_stages copies of a step's K and V for dots of >= 64 rows (Hopper's
+    warpgroup MMA) and one for narrower ones;
+  - dK/dV over query tiles: the block's K and V held, R gathered q and dO rows a step
+    (one copy: Triton does not pipeline these gathers), p^T and dS^T from registers;
+  - block-major forward: K and V held, two copies of the gathered q rows (prefetch);
+  - block-major dK/dV: as over query tiles, but the gathers take max(num_stages, 2)
+    copies, and dS also feeds the dQ dot.
+  """
+  Gp, Lb = _util.next_pow2(G), _util.next_pow2(block, 16)
+  Dkp, Dvp = _util.next_pow2(Dk, 16), _util.next_pow2(Dv, 16)
+  D, stages = Dkp + Dvp, max(tiles.num_stages, 2)
+  m, r, rb = (max(x, Gp) for x in (tiles.rows, tiles.dkv_rows, tiles.block_rows))
+  kv = Lb * _util.kv_width(Dkp, Dvp, itemsize) * (tiles.num_stages if m >= 64 else 1)
+  return {name: itemsize * elements + _util.SCRATCH_BYTES for name, elements in {
+      "fwd": m * Dkp + kv + m * Lb,
+      "dq": m * D + kv + m * Lb,
+      "dkv": Lb * D + r * D + 2 * Lb * r,
+      "block_fwd": Lb * D + 2 * rb * Dkp + rb * Lb,
+      "block_dkv": Lb * D + stages * r * D + 2 * Lb * r,
+  }.items()}
+
+
+def fit_tiles(tiles: Tiles, kernels: tuple[str, ...], G: int, Dk: int, Dv: int,
+              block: int, itemsize: int, budget: int) -> Tiles | None:
+  """`tiles` with the rows of each of `kernels` over `budget` halved until its
+  `shared_memory` fits (16 rows at least; `ROWS_OF`); None where 16 rows do not fit.
+  Tiles that fit are returned unchanged."""
+  while True:
+    need = shared_memory(tiles, G, Dk, Dv, block, itemsize)
+    over = [name for name in kernels if need[name] > budget]
+    if not over:
+      return tiles
+    field = ROWS_OF[over[0]]
+    if getattr(tiles, field) <= 16:
+      return None
+    tiles = dataclasses.replace(tiles, **{field: getattr(tiles, field) // 2})

@@ -124,11 +124,13 @@ def test_compressed_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
 
 def test_compressed_default_tiles_follow_dtype_and_head_width():
   from pallas_kernels import compressed_attention as kernel
-  q = lambda Dk, dtype=jnp.bfloat16: jnp.zeros((1, 8, 2, Dk), dtype)
-  assert kernel.default_tiles(q(128)) == kernel.TILES
-  assert kernel.default_tiles(q(192)).bwd_block_m == kernel.WIDE_HEAD_BWD_BLOCK_M
-  assert kernel.default_tiles(q(192)).block_m == kernel.TILES.block_m   # forward unchanged
-  assert kernel.default_tiles(q(128, jnp.float32)) == kernel.TILES.for_float32()
+  x = lambda Dk, dtype=jnp.bfloat16, H=2: jax.ShapeDtypeStruct((1, 8, H, Dk), dtype)
+  tiles = lambda Dk, dtype=jnp.bfloat16: kernel.default_tiles(x(Dk, dtype), x(Dk, dtype, 1),
+                                                              x(Dk, dtype, 1))
+  assert tiles(128) == kernel.TILES
+  assert tiles(192).bwd_block_m == kernel.WIDE_HEAD_BWD_BLOCK_M
+  assert tiles(192).block_m == kernel.TILES.block_m   # forward unchanged
+  assert tiles(128, jnp.float32) == kernel.TILES.for_float32()
 
 
 def test_compressed_without_blocks():
