@@ -9,7 +9,7 @@ float inputs):
     (forward only: it has no gradient), selected_attention with block_idx
     precomputed, window_attention (compressed and window on cuDNN where `nsa`
     runs them there, see `nsa_jax.ops.dispatch`; their Pallas
-    kernels alone are timed by check_flash.py);
+    kernels alone are timed by profile_kernels.py);
   - cuDNN flash attention, causal, on the selected branch's q/k/v;
   - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
     its compression is mean pooling with l = l'), timed with triton's do_bench;
