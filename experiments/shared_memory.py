@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -180,13 +181,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--triton-python", default=None,
                       help="python with the `triton` wheel (omit: estimates only)")
+  parser.add_argument("--cache", default=None,
+                      help="JSON file of Triton's numbers by IR, read and extended (reruns)")
   parser.add_argument("--small", action="store_true", help="two shapes (smoke test)")
   parser.add_argument("--out", default=None, help="default: $OUT, else experiments/results")
   args = parser.parse_args()
   config, budget = NSAConfig(), _util.HOPPER_SHARED_MEMORY
   shapes = (list(itertools.product([(128, 128), (192, 128)], [4], ["bfloat16"])) if args.small
             else list(itertools.product(HEADS, GROUPS, DTYPES)))
-  rows, cache = [], {}
+  rows = []
+  cache = json.load(open(args.cache)) if args.cache and os.path.exists(args.cache) else {}
   for (Dk, Dv), G, dtype in shapes:
     for op, estimates, fn, fn_args in cases(Dk, Dv, G, dtype, config):
       kernels = lowered_kernels(fn, *fn_args) if args.triton_python else [None] * len(estimates)
@@ -198,6 +202,9 @@ def main():
           row.update(triton_kernel=triton_name, num_warps=warps, num_stages=stages,
                      triton=triton_shared(args.triton_python, ir, warps, stages, cache))
           row["under_estimated"] = row["triton"] > now
+          if args.cache:
+            with open(args.cache, "w") as f:
+              json.dump(cache, f)
         rows.append(row)
         flags = [f for f, bad in (("over budget before", before > budget),
                                   ("OVER BUDGET", now > budget),

@@ -178,19 +178,19 @@ def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, itemsize: int) -> dict
   kernels below as Triton allocates them: the tiles a program holds, the tiles a loop
   step loads times their buffers (num_stages, and at least 2: Triton double-buffers
   at one stage too), and the probabilities or dS tile each dot takes from registers.
-  All in the input dtype; K and V rows as `_util.kv_width`."""
+  All in the input dtype; rows of K and V, or of q and dO, as `_util.kv_width`."""
   Gp, Dkp, Dvp = _util.next_pow2(G), _util.next_pow2(Dk, 16), _util.next_pow2(Dv, 16)
   rows = lambda block_m: max(1, block_m // Gp) * Gp
   m, bk = rows(tiles.block_m), tiles.block_k
   mb, bkb = rows(tiles.bwd_block_m), tiles.bwd_block_k
   fwd_bufs, bwd_bufs = max(tiles.num_stages, 2), max(tiles.bwd_num_stages, 2)
-  kv = _util.kv_width(Dkp, Dvp, itemsize)   # one key's K and V rows
+  kv = _util.kv_width(Dkp, Dvp, itemsize)   # a K+V or q+dO row
   return {name: itemsize * elements + _util.SCRATCH_BYTES for name, elements in {
       # held + looped x buffers + register operands (the forward's p: none, Hopper's
       # warpgroup MMA takes it from registers)
       "fwd": m * Dkp + fwd_bufs * bk * kv,
-      "dq": mb * (Dkp + Dvp) + bwd_bufs * bkb * kv + mb * bkb,
-      "dkv": bkb * kv + bwd_bufs * mb * (Dkp + Dvp) + 2 * bkb * mb,
+      "dq": mb * kv + bwd_bufs * bkb * kv + mb * bkb,
+      "dkv": bkb * kv + bwd_bufs * mb * kv + 2 * bkb * mb,
   }.items()}
 
 

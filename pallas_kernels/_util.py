@@ -71,9 +71,10 @@ def dot(a, b, *, interpret: bool, contract=(1, 0)):
 
 
 def kv_width(Dk: int, Dv: int, itemsize: int) -> int:
-  """Elements of one key's K and V rows as Triton stages them in shared memory for a
-  dot: Dk + Dv, but with float32 inputs (TF32 dots) both at the wider of the two
-  (measured: Triton's allocation of the kernels for sm90)."""
+  """Elements of a row pair of widths Dk and Dv (K and V, q and dO) as Triton stages
+  them in shared memory for the dots: Dk + Dv, but with float32 inputs (TF32 dots)
+  both at the wider of the two (measured: Triton's allocation of the kernels for sm90,
+  experiments/shared_memory.py)."""
   return 2 * max(Dk, Dv) if itemsize == 4 else Dk + Dv
 
 

@@ -201,12 +201,13 @@ def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, block: int,
   - block-major forward: K and V held, two copies of the gathered q rows (prefetch);
   - block-major dK/dV: as over query tiles, but the gathers take max(num_stages, 2)
     copies, and dS also feeds the dQ dot.
+  Rows of K and V, or of q and dO, count `_util.kv_width` elements.
   """
   Gp, Lb = _util.next_pow2(G), _util.next_pow2(block, 16)
   Dkp, Dvp = _util.next_pow2(Dk, 16), _util.next_pow2(Dv, 16)
-  D, stages = Dkp + Dvp, max(tiles.num_stages, 2)
+  D, stages = _util.kv_width(Dkp, Dvp, itemsize), max(tiles.num_stages, 2)   # a K+V or q+dO row
   m, r, rb = (max(x, Gp) for x in (tiles.rows, tiles.dkv_rows, tiles.block_rows))
-  kv = Lb * _util.kv_width(Dkp, Dvp, itemsize) * (tiles.num_stages if m >= 64 else 1)
+  kv = Lb * D * (tiles.num_stages if m >= 64 else 1)
   return {name: itemsize * elements + _util.SCRATCH_BYTES for name, elements in {
       "fwd": m * Dkp + kv + m * Lb,
       "dq": m * D + kv + m * Lb,
