@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.selected_plan import distinct, listed, pad_blk
 from pallas_kernels import _util
-from pallas_kernels.selected_tiles import Geometry, Tiles, fit_tiles, shared_memory
+from pallas_kernels.selected_tiles import FEWEST_ROWS, Geometry, Tiles, fit_tiles, shared_memory
 
 
 # Estimated cost of each tiling, in narrow-tile block loads per token and KV
@@ -127,9 +127,10 @@ def _must_fit(tiles: Tiles | None, q, v, block: int) -> Tiles:
 
 def shared_memory_reason(q, v, block: int) -> str:
   """Why no tiles fit: the smallest tiles' need against the device's budget."""
-  least = Tiles(rows=16, dkv_rows=16, block_rows=16)
+  least = Tiles(**FEWEST_ROWS)
   G, Dk, Dv = q.shape[2] // v.shape[2], q.shape[-1], v.shape[-1]
   need = shared_memory(least, G, Dk, Dv, block, jnp.dtype(q.dtype).itemsize)
-  return (f"even 16-row tiles need {max(need[k] for k in QUERY_TILES)} bytes of shared "
-          f"memory per program for Dk={Dk}, Dv={Dv}, G={G}, select_block={block}, "
-          f"{jnp.dtype(q.dtype).name}; the device has {_util.shared_memory_budget()}")
+  return (f"even the smallest tiles ({FEWEST_ROWS}) need {max(need[k] for k in QUERY_TILES)} "
+          f"bytes of shared memory per program for Dk={Dk}, Dv={Dv}, G={G}, "
+          f"select_block={block}, {jnp.dtype(q.dtype).name}; the device has "
+          f"{_util.shared_memory_budget()}")

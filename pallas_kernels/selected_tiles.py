@@ -181,9 +181,13 @@ def default_tiles(q, v) -> Tiles:
   return Tiles(dkv_rows=64, num_warps=2, num_stages=1 if wide_heads else 2)
 
 
-# Which Tiles field sets the rows of each kernel's tiles, shrunk by `fit_tiles`.
+# Which Tiles field sets the rows of each kernel's tiles, shrunk by `fit_tiles`, and
+# the fewest rows it may take: Triton's allocation for dK/dV steps of 16 gathered rows
+# exceeds the estimate (float32, 256-wide heads: 245,760 bytes for 208,896;
+# experiments/shared_memory.py), so those steps keep 32 rows at least.
 ROWS_OF = {"fwd": "rows", "dq": "rows", "dkv": "dkv_rows",
            "block_fwd": "block_rows", "block_dkv": "dkv_rows"}
+FEWEST_ROWS = {"rows": 16, "dkv_rows": 32, "block_rows": 16}
 
 
 def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, block: int,
@@ -220,14 +224,14 @@ def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, block: int,
 def fit_tiles(tiles: Tiles, kernels: tuple[str, ...], G: int, Dk: int, Dv: int,
               block: int, itemsize: int, budget: int) -> Tiles | None:
   """`tiles` with the rows of each of `kernels` over `budget` halved until its
-  `shared_memory` fits (16 rows at least; `ROWS_OF`); None where 16 rows do not fit.
-  Tiles that fit are returned unchanged."""
+  `shared_memory` fits (`ROWS_OF`, down to `FEWEST_ROWS`); None where the fewest do
+  not fit. Tiles that fit are returned unchanged."""
   while True:
     need = shared_memory(tiles, G, Dk, Dv, block, itemsize)
     over = [name for name in kernels if need[name] > budget]
     if not over:
       return tiles
     field = ROWS_OF[over[0]]
-    if getattr(tiles, field) <= 16:
+    if getattr(tiles, field) // 2 < FEWEST_ROWS[field]:
       return None
     tiles = dataclasses.replace(tiles, **{field: getattr(tiles, field) // 2})

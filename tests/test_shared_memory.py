@@ -134,8 +134,8 @@ SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_sele
 @pytest.mark.parametrize("B,T,HKV,G,Dk,Dv", [(2, 45, 2, 4, 192, 128), (1, 37, 2, 1, 256, 256)],
                          ids=["Dk192-Dv128-G4", "Dk256-G1"])
 def test_selected_matches_the_reference_with_the_fitted_tiles(B, T, HKV, G, Dk, Dv):
-  """float32 (exact in interpret mode) at the heads whose tiles were shrunk: the
-  fitted narrow, wide and block-major tilings forced one by one, forward and
+  """The heads whose tiles are shrunk: the narrow, wide and block-major tilings fitted
+  for bf16 forced one by one, in float32 (exact in interpret mode), forward and
   gradients against the reference, T not a multiple of any tile or block."""
   from pallas_kernels.selected_attention import selected_attention
   from nsa_jax.ops.selected import selected_attention_xla
@@ -150,8 +150,10 @@ def test_selected_matches_the_reference_with_the_fitted_tiles(B, T, HKV, G, Dk, 
   ref = jax.vjp(lambda *a: selected_attention_xla(*a, block_idx, config=SMALL, scale=scale),
                 q, k, v)
   want = (ref[0], *ref[1](ct))
-  tilings = dict(_selected_tilings(q, k, v))
-  assert tilings["block-major"].tiles.dkv_rows < selected_tiles.default_tiles(q, v).dkv_rows
+  # The tiles fitted for bf16 (block-major kept, with shrunk dK/dV steps), run in float32.
+  bf16 = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v)]
+  tilings = dict(_selected_tilings(*bf16))
+  assert tilings["block-major"].tiles.dkv_rows < selected_tiles.default_tiles(*bf16[::2]).dkv_rows
   for geo in tilings.values():
     run = jax.jit(lambda q, k, v, tiles=geo.tiles: (lambda o, vjp: (o, *vjp(ct)))(*jax.vjp(
         lambda *a: selected_attention(*a, block_idx, block=SMALL.select_block, scale=scale,
