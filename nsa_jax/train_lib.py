@@ -4,7 +4,9 @@
 
 * builds `nsa_jax.model.Transformer` (float32 parameters, `dtype` compute),
 * optimizes with AdamW, linear warmup then cosine decay, global-norm clipping,
-* draws batches from `nsa_jax.data.Loader` (its position is checkpointed),
+* draws batches from `nsa_jax.data.Loader` (its position is checkpointed): rows
+  packed with whole documents aligned to `select_block`, with segment ids
+  (`pack`, the default; SPEC §6), or random windows,
 * jit-compiles one train step and one eval step (`jax.jit` over the split
   NNX state), stops with :class:`NonFiniteError` on a NaN/Inf loss or gradient
   before saving anything from that step,
@@ -71,6 +73,8 @@ class TrainConfig:
   window: int = 64
   # data (nsa_jax.data)
   mixture: str = "text"
+  pack: bool = True              # whole documents aligned to select_block; false: random windows
+  pack_tasks: bool = False       # several passkey/mqar examples a row (needs segment_ids in the model)
   seq_len: int = 256
   batch_size: int = 4
   seed: int = 0
@@ -102,11 +106,22 @@ class TrainConfig:
     if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
       raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
     data.parse_mixture(self.mixture, self.seq_len)
+    if self.pack:
+      data.check_alignment(self.select_block, self.seq_len)
+    elif self.pack_tasks:
+      raise ValueError("pack_tasks=True needs pack=True")
     self.model_config().check_seq_len(self.seq_len)
 
   @property
   def out_dir(self) -> pathlib.Path:
     return pathlib.Path(self.out or f"runs/{self.preset}")
+
+  def data_options(self) -> dict:
+    """Keyword arguments of `data.Loader` and `data.validation_batches` besides the task and split.
+    Both attentions pack to select_block, so that NSA and full attention see the same rows."""
+    return dict(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed,
+                val_percent=self.val_percent, align=self.select_block if self.pack else None,
+                pack_tasks=self.pack_tasks)
 
   def nsa_config(self) -> NSAConfig:
     return NSAConfig(compress_block=self.compress_block, compress_stride=self.compress_stride,
@@ -444,11 +459,9 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   place = (lambda b: sharding.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)
   if mesh is not None:   # before the restore, which then targets these shardings
     sharding.shard_model_and_optimizer(model, optimizer, mesh)
-  loader = data.Loader(cfg.mixture, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                       seed=cfg.seed, val_percent=cfg.val_percent)
+  loader = data.Loader(cfg.mixture, **cfg.data_options())
   val_sets = {task: [place(b) for b in data.validation_batches(
-                  task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                  num_batches=cfg.eval_batches, seed=cfg.seed, val_percent=cfg.val_percent)]
+                  task, num_batches=cfg.eval_batches, **cfg.data_options())]
               for task in loader.mixture}
   manager = checkpoint_manager(out, cfg.keep_checkpoints)
   start, train_s = 0, 0.0

@@ -96,10 +96,13 @@ def test_config_errors_and_cli():
     make_config("tiny", seq_len=64, mixture="text")
   with pytest.raises(ValueError, match="'mqar' needs seq_len >= 160"):
     make_config("tiny", seq_len=128)
+  with pytest.raises(ValueError, match=r"align=256 must be an int in 1..seq_len=160"):
+    make_config("tiny", attention="full", select_block=256)    # packing aligns to select_block
+  make_config("tiny", attention="full", select_block=256, pack=False)
   with pytest.raises(ValueError, match="preset='huge'"):
     make_config("huge")
   cfg = parse_args(["--preset", "tiny", "--head_dim", "none", "--tie_embeddings", "false",
-                    "--lr", "1e-3", "--attention", "full", "--steps", "20"])
-  assert (cfg.head_dim, cfg.tie_embeddings, cfg.lr, cfg.attention, cfg.steps) == (
-      None, False, 1e-3, "full", 20)
+                    "--lr", "1e-3", "--attention", "full", "--steps", "20", "--pack", "false"])
+  assert (cfg.head_dim, cfg.tie_embeddings, cfg.lr, cfg.attention, cfg.steps, cfg.pack) == (
+      None, False, 1e-3, "full", 20, False)
   assert cfg.seq_len == 160 and str(cfg.out_dir) == "runs/tiny"
