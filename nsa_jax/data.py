@@ -181,13 +181,19 @@ def passkey_example(rng: np.random.Generator, length: int,
     raise ValueError(f"passkey sequences need at least "
                      f"{length - filler_len} tokens, got length={length}")
   depth = float(rng.uniform()) if depth is None else depth
-  if not 0.0 <= depth <= 1.0:
-    raise ValueError(f"depth={depth} must be in [0, 1]")
-  cut = round(depth * filler_len)
+  cut = needle_span(length, depth)[0]
   offset = int(rng.integers(len(FILLER)))  # so the needle does not sit at a fixed phase
   filler = (FILLER * (filler_len // len(FILLER) + 2))[offset:offset + filler_len]
   return _concat([(filler[:cut], False), (needle, False), (filler[cut:], False),
                   (question, False), (key, True)])
+
+
+def needle_span(length: int, depth: float) -> tuple[int, int]:
+  """Where `passkey_example(rng, length, depth)` puts its needle sentence: [start, stop)."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth={depth} must be in [0, 1]")
+  start = round(depth * (length - min_length("passkey")))
+  return start, start + len(PASSKEY_NEEDLE.format(key="0" * PASSKEY_DIGITS))
 
 
 def mqar_example(rng: np.random.Generator, length: int) -> Example:
@@ -384,11 +390,16 @@ class Loader:
       the room left, instead of one the length of the row. Only useful with a
       model that reads segment_ids; otherwise its queries see the examples
       before theirs.
+    text_weight: the loss weight of every text token (the answer tokens of
+      passkey and mqar weigh 1). A passkey row has 5 answer tokens and a text
+      row hundreds: below 1 it keeps text from drowning the tasks' gradient.
+      A task's validation loss (weighted mean over its tokens) is the same
+      whatever the weight.
   """
 
   def __init__(self, mixture: str, *, seq_len: int, batch_size: int, seed: int = 0,
                split: str = "train", val_percent: int = 5, align: int | None = None,
-               pack_tasks: bool = False):
+               pack_tasks: bool = False, text_weight: float = 1.0):
     if split not in _SPLIT_IDS:
       raise ValueError(f"split={split!r} must be 'train' or 'val'")
     if seq_len < 1 or batch_size < 1:
@@ -397,10 +408,12 @@ class Loader:
       check_alignment(align, seq_len)
     elif pack_tasks:
       raise ValueError("pack_tasks=True needs packed rows (align=None was given)")
+    if not text_weight > 0:
+      raise ValueError(f"text_weight={text_weight} must be > 0")
     self.mixture = parse_mixture(mixture, seq_len)
     self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
     self.split, self.val_percent = split, val_percent
-    self.align, self.pack_tasks = align, pack_tasks
+    self.align, self.pack_tasks, self.text_weight = align, pack_tasks, text_weight
     self.position = 0
 
   def batch_at(self, position: int) -> dict[str, np.ndarray]:
@@ -409,10 +422,15 @@ class Loader:
     tasks = [names[t] for t in rng.choice(len(names), size=self.batch_size,
                                           p=list(self.mixture.values()))]
     if self.align is None:
-      return collate([make_example(task, rng, self.seq_len + 1, self.split, self.val_percent)
-                      for task in tasks])
-    return stack_rows([pack_row(self.row_documents(task, rng), self.seq_len, self.align)
-                       for task in tasks])
+      return collate([self.weighted(task, make_example(task, rng, self.seq_len + 1, self.split,
+                                                       self.val_percent)) for task in tasks])
+    return stack_rows([pack_row([self.weighted(task, doc) for doc in self.row_documents(task, rng)],
+                                self.seq_len, self.align) for task in tasks])
+
+  def weighted(self, task: str, example: Example) -> Example:
+    if task != "text" or self.text_weight == 1.0:
+      return example
+    return Example(example.tokens, example.weights * np.float32(self.text_weight))
 
   def row_documents(self, task: str, rng: np.random.Generator) -> list[Example]:
     """The documents of one packed row of `task`."""
@@ -451,8 +469,10 @@ class Loader:
 
 def validation_batches(task: str, *, seq_len: int, batch_size: int, num_batches: int,
                        seed: int = 0, val_percent: int = 5, align: int | None = None,
-                       pack_tasks: bool = False) -> list[dict[str, np.ndarray]]:
+                       pack_tasks: bool = False, text_weight: float = 1.0
+                       ) -> list[dict[str, np.ndarray]]:
   """A fixed list of validation batches of one task (text from the validation files)."""
   loader = Loader(task, seq_len=seq_len, batch_size=batch_size, seed=seed, split="val",
-                  val_percent=val_percent, align=align, pack_tasks=pack_tasks)
+                  val_percent=val_percent, align=align, pack_tasks=pack_tasks,
+                  text_weight=text_weight)
   return [next(loader) for _ in range(num_batches)]

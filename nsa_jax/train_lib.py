@@ -75,6 +75,7 @@ class TrainConfig:
   mixture: str = "text"
   pack: bool = True              # whole documents aligned to select_block; false: random windows
   pack_tasks: bool = False       # several passkey/mqar examples a row (needs segment_ids in the model)
+  text_weight: float = 1.0       # loss weight of text tokens (answer tokens of passkey/mqar: 1)
   seq_len: int = 256
   batch_size: int = 4
   seed: int = 0
@@ -121,7 +122,7 @@ class TrainConfig:
     Both attentions pack to select_block, so that NSA and full attention see the same rows."""
     return dict(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed,
                 val_percent=self.val_percent, align=self.select_block if self.pack else None,
-                pack_tasks=self.pack_tasks)
+                pack_tasks=self.pack_tasks, text_weight=self.text_weight)
 
   def nsa_config(self) -> NSAConfig:
     return NSAConfig(compress_block=self.compress_block, compress_stride=self.compress_stride,

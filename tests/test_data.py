@@ -32,6 +32,8 @@ def test_passkey_example(depth):
   needle = data.PASSKEY_NEEDLE.format(key=key.decode()).encode()
   filler_len = length - data.min_length("passkey")
   assert text.index(needle) == round(depth * filler_len)
+  start, stop = data.needle_span(length, depth)
+  assert text[start:stop] == needle
 
 
 def test_passkey_too_short_names_the_length():
@@ -155,6 +157,19 @@ def test_packed_task_rows_hold_whole_examples(pack_tasks):
     assert max(len(row) for row in rows) > 1 and min(lengths) < T // 2
   else:
     assert lengths == [T] * len(rows)
+
+
+@pytest.mark.parametrize("align", [None, 32], ids=["windows", "packed"])
+def test_text_weight_scales_the_text_tokens_only(align):
+  kw = dict(seq_len=224, batch_size=8, seed=1, align=align)
+  plain = data.Loader("text:1,passkey:1", **kw).batch_at(0)
+  scaled = data.Loader("text:1,passkey:1", text_weight=0.25, **kw).batch_at(0)
+  for key in ("inputs", "targets", "segment_ids"):
+    np.testing.assert_array_equal(scaled[key], plain[key])
+  text_rows = plain["weights"].sum(1) > data.PASSKEY_DIGITS
+  assert 0 < text_rows.sum() < len(text_rows)
+  np.testing.assert_array_equal(scaled["weights"],
+                                np.where(text_rows[:, None], 0.25, 1.0) * plain["weights"])
 
 
 def test_alignment_the_row_cannot_hold_is_an_error():
