@@ -54,7 +54,8 @@ from nsa_jax.train_lib import (checkpoint_manager, load_model, make_config,  # n
                                make_optimizer, save_checkpoint, train)
 
 ATTENTIONS = ("nsa", "full")
-GPU = dict(preset="gpu-compare", stages="512x64:1000,1024x32:400,2048x16:400,4096x8:800",
+GPU = dict(preset="gpu-compare",
+           stages="256x128:600,512x64:500,1024x32:400,2048x16:400,4096x8:700",
            lengths="1024,2048,4096,8192,16384", samples=16, budget_s=540.0)
 SMALL = dict(preset="tiny", stages="160x4:6,320x2:6", lengths="160,320,640", samples=2,
              budget_s=0.0)
