@@ -143,3 +143,14 @@ def test_retrieval_small(tmp_path):
   assert example["length"] == 320 and example["needle_text"].startswith("The pass key is")
   assert np.shape(example["block_idx"]) == (layers, groups, 5, 4)   # 5 answer queries, n = 4
   assert "passkey accuracy" in stdout and "T \\ depth" in stdout
+
+
+def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
+  import importlib
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  try:
+    eval_retrieval = importlib.import_module("eval_retrieval")
+  finally:
+    sys.path.pop(0)
+  assert "never saw a passkey" in eval_retrieval.passkey_note("text")
+  assert eval_retrieval.passkey_note("text:0.8,passkey:0.2") is None
