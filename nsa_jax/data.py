@@ -138,21 +138,25 @@ class TextPieces:
     return Example(self.stream[start:start + length], np.ones(length, np.float32))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
+def _files_stream(split: str, val_percent: int) -> tuple[np.ndarray, np.ndarray]:
+  """(the files of `split` concatenated, the size of each), shared by every row length."""
+  docs = stdlib_documents(val_percent)[split]
+  return np.frombuffer(b"".join(docs), np.uint8), np.array([len(d) for d in docs], np.int64)
+
+
+@functools.lru_cache(maxsize=16)
 def text_pieces(split: str, seq_len: int, val_percent: int = 5) -> TextPieces:
   """The files of `split` cut into pieces for rows of `seq_len` tokens (empty files give none)."""
-  docs = stdlib_documents(val_percent)[split]
-  sizes = np.array([len(d) for d in docs], np.int64)
-  file_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  stream, sizes = _files_stream(split, val_percent)
   starts, lengths = [], []
-  for file_start, size in zip(file_starts, sizes):
+  for file_start, size in zip(np.cumsum(sizes) - sizes, sizes):
     offsets = np.arange(0, size, seq_len)
     starts.append(file_start + offsets)
     lengths.append(np.minimum(seq_len, size - offsets))
   starts, lengths = np.concatenate(starts), np.concatenate(lengths)
   order = np.argsort(lengths, kind="stable")
-  return TextPieces(np.frombuffer(b"".join(docs), np.uint8), starts[order], lengths[order],
-                    np.cumsum(lengths[order]))
+  return TextPieces(stream, starts[order], lengths[order], np.cumsum(lengths[order]))
 
 
 # ----------------------------------------------------------------------------
