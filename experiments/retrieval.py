@@ -26,7 +26,8 @@ with one recorded example.
 Work is checkpointed under `--runs` (resumed on the next call): `--budget_s`
 caps one call's wall time; when it runs out the call stops cleanly (the run
 in progress evaluates its validation sets and checkpoints) and says so, and
-the same command continues. When both models are trained and evaluated it
+the same command continues. Every call copies the stages' metrics.csv to
+<out>/retrieval_metrics/. When both models are trained and evaluated it
 writes retrieval_<gpu>.json and retrieval_<gpu>.png (NSA's and full
 attention's accuracy and NSA's recall, paper Fig. 5 style) and
 retrieval_<gpu>_example.png to --out and prints the tables.
@@ -37,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -178,6 +180,17 @@ def summary(args, stages: list[Stage], attention: str, probe: dict) -> dict:
           "val": per_stage[-1]["val"], "stages": per_stage, **probe}
 
 
+def copy_metrics(args, stages: list[Stage]) -> None:
+  """Every stage's metrics.csv so far to <out>/retrieval_metrics/ (progress, even mid-way)."""
+  dest = pathlib.Path(args.out) / "retrieval_metrics"
+  for i in range(len(stages)):
+    for attention in ATTENTIONS:
+      csv = stage_config(args, attention, i, stages).out_dir / "metrics.csv"
+      if csv.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(csv, dest / f"{attention}_stage{i}-{stages[i].seq_len}.csv")
+
+
 def write_results(args, stages, results: dict) -> None:
   cfg = stage_config(args, "nsa", len(stages) - 1, stages)
   mc = cfg.model_config()
@@ -260,6 +273,7 @@ def main(argv=None) -> None:
         f"checkpoints under {args.runs}"
         + (f"; this call stops after {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
   done = train_stages(args, stages, left)
+  copy_metrics(args, stages)
   probes = {a: evaluate(args, stages, a, lengths, left) for a in ATTENTIONS} if done else {}
   if not done or any(p is None for p in probes.values()):
     print(f"time budget spent after {time.monotonic() - start:.0f} s: run the same command "

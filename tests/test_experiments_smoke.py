@@ -118,7 +118,7 @@ def test_retrieval_small(tmp_path):
   stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs")], tmp_path)
   with open(tmp_path / "retrieval.json") as f:
     data = json.load(f)
-  for name in ("retrieval.png", "retrieval_example.png"):
+  for name in ("retrieval.png", "retrieval_example.png", "retrieval_metrics/nsa_stage1-320.csv"):
     assert (tmp_path / name).stat().st_size > 0
   nsa, full = data["runs"]["nsa"], data["runs"]["full"]
   stages = data["stages"]
