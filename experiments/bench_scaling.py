@@ -39,7 +39,6 @@ if "--small" in sys.argv:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -50,7 +49,8 @@ from flax import nnx  # noqa: E402
 import bench_common  # noqa: E402  (puts the repo root on sys.path)
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.model import Transformer  # noqa: E402
-from nsa_jax.train_lib import PRESETS, make_config, make_optimizer, make_steps  # noqa: E402
+from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
+from nsa_jax.train_lib import make_optimizer, make_steps  # noqa: E402
 
 MODES = {"data": "weak", "fsdp": "weak", "heads": "strong"}   # mode -> scaling
 # Per run: (preset, overrides for every mode, further overrides for heads mode).
@@ -68,7 +68,7 @@ RUNS = {
 def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict:
   """Median train-step time of `cfg`'s model on the first n devices with mesh `mesh_spec`."""
   mesh = sharding.make_mesh(mesh_spec, jax.devices()[:n])
-  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(0))
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   optimizer = make_optimizer(model, cfg)
   sharding.shard_model_and_optimizer(model, optimizer, mesh)
   graphdef, state = nnx.split((model, optimizer))
@@ -144,17 +144,17 @@ def main() -> None:
   if set(modes) - set(MODES):
     parser.error(f"--modes={args.modes}: modes are {','.join(MODES)}")
   preset, overrides, heads_overrides = RUNS["small" if args.small else "gpu"]
-  batch = args.per_device_batch or PRESETS[preset]["batch_size"]
+  batch = args.per_device_batch or PRESETS[preset].config.batch_size
   devices = min(args.max_devices or jax.device_count(), jax.device_count())
   base = make_config(preset, **overrides, batch_size=batch, progress=False)
-  configs = {mode: dataclasses.replace(base, **heads_overrides) if mode == "heads" else base
+  configs = {mode: override(base, **heads_overrides) if mode == "heads" else base
              for mode in modes}
   print(f"{devices} x {bench_common.gpu_name()}; {preset} preset, "
         f"{batch} sequences per device (data, fsdp) / in all (heads)")
 
   results = {}
   for mode, cfg in configs.items():
-    heads = cfg.model_config().num_kv_heads
+    heads = cfg.model.num_kv_heads
     rows = []
     for n in (1, 2, 4, 8, 16):
       if n > devices or (mode == "heads" and heads % n):
@@ -175,7 +175,7 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   bench_common.write_json(
       os.path.join(args.out, "scaling.json"), {"results": results},
-      config=dict(preset=preset, overrides=overrides, model=base.model_config(),
+      config=dict(preset=preset, overrides=overrides, model=base.model,
                   seq_len=base.seq_len, heads_overrides=heads_overrides,
                   per_device_batch=batch, heads_global_batch=batch, iters=args.iters))
   plot(os.path.join(args.out, "scaling.png"), results, f"{preset} preset")
