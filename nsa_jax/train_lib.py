@@ -293,10 +293,10 @@ def end_message(cfg: TrainConfig, step: int, argv: list[str]) -> str:
            f"  checkpoints/  Orbax checkpoints, latest step {step}; the same command resumes "
            f"from the latest:",
            f"                  {again}",
-           f"                add --steps N to train on to step N (a finished run only samples)"]
+           "                add --steps N to train on to step N (a finished run only samples)"]
   if (out / "tb").exists():
     lines.append(f"  tb/           TensorBoard events: tensorboard --logdir {out / 'tb'}")
-  lines += [f"  loss.png, metrics.csv (per step), config.json",
+  lines += ["  loss.png, metrics.csv (per step), config.json",
             f"evaluate passkey retrieval: {python} experiments/eval_retrieval.py --run {out}",
             f"sample again: the command above with --sample_prompt TEXT --sample_tokens N, or "
             f"in Python nsa_jax.train_lib.load_model('{out}') and sample(model, prompt, N)"]
