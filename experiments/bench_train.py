@@ -17,7 +17,7 @@ near ln 256 (random bytes), else the row says so and the script exits 1.
 
     python experiments/bench_train.py                         # ~7 min on one H200
     python experiments/bench_train.py --presets research --seq-lens 8192,32768
-    python experiments/bench_train.py --breakdown --presets research --seq-lens 8192
+    python experiments/bench_train.py --breakdown --seq-lens 8192   # research preset
     python experiments/bench_train.py --small [--breakdown]   # CPU smoke test, tiny preset
 
 Writes bench_train_<gpu>.json (rows: preset, seq_len, batch_size, attention,
@@ -334,8 +334,10 @@ def breakdown_table(result: dict) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--presets", default="gpu-compare,research")
-  parser.add_argument("--seq-lens", default="8192,16384,32768,65536")
+  parser.add_argument("--presets", default="gpu-compare,research",
+                      help="--breakdown: default research")
+  parser.add_argument("--seq-lens", default="8192,16384,32768,65536",
+                      help="--breakdown: default 8192")
   parser.add_argument("--tokens", type=int, default=65536,
                       help="tokens per step: batch = tokens // T (at least 1)")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per case (>= 20)")
@@ -345,10 +347,15 @@ def main(argv=None):
                       help="start no new case after this many seconds")
   parser.add_argument("--breakdown", action="store_true", help="profile one step (see above)")
   parser.add_argument("--small", action="store_true",
-                      help="CPU smoke test: defaults preset tiny, T = 160, 320, 320 tokens a step")
+                      help="CPU smoke test: defaults preset tiny, T = 160, 320 (--breakdown: "
+                           "160), 320 tokens a step")
   parser.add_argument("--out", default=bc.default_out_dir())
-  if "--small" in (sys.argv[1:] if argv is None else argv):
-    parser.set_defaults(presets="tiny", seq_lens="160,320", tokens=320)
+  given = sys.argv[1:] if argv is None else argv
+  if "--breakdown" in given:
+    parser.set_defaults(presets="research", seq_lens="8192")
+  if "--small" in given:
+    parser.set_defaults(presets="tiny", tokens=320,
+                        seq_lens="160" if "--breakdown" in given else "160,320")
   args = parser.parse_args(argv)
   args.presets = args.presets.split(",")
   args.seq_lens = [int(t) for t in args.seq_lens.split(",")]

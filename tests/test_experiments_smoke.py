@@ -155,7 +155,7 @@ def test_bench_train_small(tmp_path):
     assert r["tokens_per_s"] == pytest.approx(320 / (r["step_ms"] / 1e3))
   assert "nsa/full" in stdout
 
-  run_script("bench_train.py", ["--breakdown", "--seq-lens", "160"], tmp_path, **cache)
+  run_script("bench_train.py", ["--breakdown"], tmp_path, **cache)
   with open(tmp_path / "train_breakdown_tiny_160_cpu.json") as f:
     data = json.load(f)
   parts = {(r["part"], r["attention"].split(" ")[0], r["pass"]) for r in data["records"]
