@@ -12,10 +12,11 @@ then the median of --steps (>= 20) steps, each ended by `block_until_ready`.
 Peak memory is the compiled program's (XLA's buffer assignment: parameters,
 optimizer state, batch, outputs and temporaries), not the allocator's.
 
-Checks first, on every case: the loss of the first and last steps is finite and
-near ln 256 (random bytes), else the row says so and the script exits 1.
+Checked on every case: the loss of the first and last steps is finite and near
+ln 256 (random bytes), else the row says so and the script exits 1. (The ops'
+kernels against their references: experiments/gpu_check.py.)
 
-    python experiments/bench_train.py                         # ~7 min on one H200
+    python experiments/bench_train.py                         # ~7-8 min on one H200
     python experiments/bench_train.py --presets research --seq-lens 8192,32768
     python experiments/bench_train.py --breakdown --seq-lens 8192   # research preset
     python experiments/bench_train.py --small [--breakdown]   # CPU smoke test, tiny preset
@@ -25,9 +26,10 @@ tokens_per_s, step_ms, compile_s, peak_gib, ...) and .png (tokens/s vs T) to
 --out (default $OUT, else experiments/results); `experiments/report.py` turns
 the JSON into the README's table.
 
---breakdown (issue #19's profile), for each preset and T given: forward+backward
-of the whole model, of one attention layer (NSA and full), of the `nsa` op
-alone and of cuDNN attention alone, of each branch op alone (as
+--breakdown (issue #19's profile), for each preset and T given (default:
+research at 8k): the whole training step (NSA and full), forward+backward of
+one attention layer (NSA and full), of the `nsa` op alone and of cuDNN
+attention alone, of each branch op alone (as
 `bench_kernels.nsa_cases` runs them: compressed, selection (forward only),
 selected, window), of the NSA layer's non-attention parts (q/kv projections,
 compression MLP phi, RoPE, gates, output projection), and the top device ops of
@@ -57,7 +59,7 @@ from nsa_jax.model import Transformer, count_params
 from nsa_jax.module import compressed_positions, compression_blocks
 from nsa_jax.rope import apply_rope
 from nsa_jax.train_config import TrainConfig, make_config
-from nsa_jax.train_lib import loss_sums, make_optimizer, make_steps
+from nsa_jax.train_lib import make_optimizer, make_steps
 
 ATTENTIONS = ("nsa", "full")
 LOSS_RANGE = (0.9 * math.log(256), 1.1 * math.log(256))   # random bytes: ~ln 256 per token
@@ -248,22 +250,6 @@ def layer_parts(layer, x, n_iter: int) -> list[tuple[str, dict]]:
   return out
 
 
-def model_fwd_bwd(cfg: TrainConfig, batch_size: int, n_iter: int) -> dict:
-  """Forward+backward of the whole model's loss w.r.t. its parameters (no optimizer update)."""
-  graphdef, params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
-
-  def grads(params, tokens):
-    def loss(params):
-      batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-               "weights": jnp.ones(tokens[:, 1:].shape, jnp.float32)}
-      total, count = loss_sums(nnx.merge(graphdef, params), batch)
-      return total / count
-    return jax.value_and_grad(loss)(params)
-
-  make = lambda key: (params, jax.random.randint(key, (batch_size, cfg.seq_len + 1), 0, 256))
-  return bc.try_time_fn(grads, make, n_iter=n_iter)
-
-
 def breakdown(args, preset: str, T: int) -> dict:
   """Times every part of one training step of `preset` at T; prints and returns the records."""
   batch = max(1, args.tokens // T)
@@ -282,7 +268,6 @@ def breakdown(args, preset: str, T: int) -> dict:
     record("train step", attention, "fwd+bwd+update",
            {"median_ms": step["step_ms"], "compile_s": step["compile_s"],
             "peak_gib": step["peak_gib"]})
-    record("model", attention, "fwd+bwd", model_fwd_bwd(cfg, batch, args.n_iter))
     one = dataclasses.replace(cfg.model, num_layers=1)
     layer = Transformer(one, rngs=nnx.Rngs(0)).blocks[0].attn
     x = jax.random.normal(jax.random.key(1), (batch, T, mc.d_model), mc.compute_dtype)
