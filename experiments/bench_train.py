@@ -331,7 +331,9 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=25, help="--breakdown: device ops listed")
   parser.add_argument("--budget-s", type=float, default=480.0,
                       help="start no new case after this many seconds")
-  parser.add_argument("--breakdown", action="store_true", help="profile one step (see above)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="where one step's time goes: the step, one attention layer, the "
+                           "op, its branches, the layer's other parts, the top device ops")
   parser.add_argument("--small", action="store_true",
                       help="CPU smoke test: defaults preset tiny, T = 160, 320 (--breakdown: "
                            "160), 320 tokens a step")
