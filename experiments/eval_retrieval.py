@@ -93,8 +93,8 @@ def evaluate_run(run_dir, lengths=None, depths=DEPTHS, *, samples: int = 8,
   out_dir.mkdir(parents=True, exist_ok=True)
   png = out_dir / "retrieval.png"
   plot_heatmap(acc, lengths, depths, png,
-               f"passkey retrieval, {cfg.attention} attention, step {step}")
-  result = {"attention": cfg.attention, "step": step, "lengths": list(lengths),
+               f"passkey retrieval, {cfg.model.attention} attention, step {step}")
+  result = {"attention": cfg.model.attention, "step": step, "lengths": list(lengths),
             "depths": list(depths), "samples": samples, "accuracy": acc.tolist(),
             "png": str(png)}
   (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
