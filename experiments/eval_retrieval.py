@@ -283,14 +283,14 @@ def evaluate_run(run_dir, lengths=None, depths=DEPTHS, *, samples: int = 8,
   if note:
     print(f"note: {note}")
   record = (cfg.seq_len, depths[len(depths) // 2]) if cfg.seq_len in lengths else None
-  result = {"attention": cfg.attention, "step": step, "train_len": cfg.seq_len,
+  result = {"attention": cfg.model.attention, "step": step, "train_len": cfg.seq_len,
             "mixture": cfg.mixture, **({"note": note} if note else {}),
             **passkey_probe(model, lengths, depths, samples=samples, seed=cfg.seed,
                             record=record)}
   out_dir = pathlib.Path(out_dir or run_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   result["png"] = str(out_dir / "retrieval.png")
-  plot_heatmaps(result["png"], retrieval_panels(result, cfg.attention), lengths, depths,
+  plot_heatmaps(result["png"], retrieval_panels(result, cfg.model.attention), lengths, depths,
                 f"{run_dir}, step {step}, trained at {cfg.seq_len} tokens"
                 + (" (no passkeys in training)" if note else ""))
   (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))

@@ -52,8 +52,9 @@ from compare_attention import read_metrics, summarize  # noqa: E402
 from eval_retrieval import (draw_example, passkey_probe, plot_heatmaps,  # noqa: E402
                             print_tables, retrieval_panels)
 from nsa_jax import data  # noqa: E402
-from nsa_jax.train_lib import (checkpoint_manager, load_model, make_config,  # noqa: E402
-                               make_optimizer, save_checkpoint, train)
+from nsa_jax.train_config import make_config  # noqa: E402
+from nsa_jax.train_lib import (checkpoint_manager, load_model, make_optimizer,  # noqa: E402
+                               save_checkpoint, train)
 
 ATTENTIONS = ("nsa", "full")
 GPU = dict(preset="gpu-compare",
@@ -193,7 +194,7 @@ def copy_metrics(args, stages: list[Stage]) -> None:
 
 def write_results(args, stages, results: dict) -> None:
   cfg = stage_config(args, "nsa", len(stages) - 1, stages)
-  mc = cfg.model_config()
+  mc = cfg.model
   name = "retrieval" + ("" if args.small else "_" + bench_common.slug(bench_common.gpu_name()))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +205,7 @@ def write_results(args, stages, results: dict) -> None:
       "dtype": mc.dtype,
       "stages": [dataclasses.asdict(s) for s in stages],
       "model": {k: getattr(mc, k) for k in ("d_model", "num_layers", "num_heads",
-                                            "num_kv_heads", "head_size")},
+                                            "num_kv_heads", "head_dim")},
       "nsa_config": dataclasses.asdict(mc.nsa), "runs": results}
   bench_common.write_json(str(out / f"{name}.json"), record)
   nsa_panels = retrieval_panels(nsa, "NSA")   # accuracy, recall

@@ -41,7 +41,8 @@ import bench_common
 import nsa_jax
 from check_selected import fwd_bwd, kernel_fn, mean_union_sizes
 from nsa_jax import data
-from nsa_jax.train_lib import load_model, make_config
+from nsa_jax.train_config import make_config
+from nsa_jax.train_lib import load_model
 from nsa_jax.model import Transformer
 from pallas_kernels.selected_attention import default_tiles, tilings
 
@@ -148,17 +149,17 @@ def main():
   args = parser.parse_args()
   if args.small:
     cfg, step, run = make_config("tiny"), 0, "untrained tiny preset"
-    model = Transformer(cfg.model_config(), rngs=nnx.Rngs(0))
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     lengths = [cfg.seq_len, 2 * cfg.seq_len]
   elif args.run:
     model, cfg, step = load_model(args.run)
     run, lengths = args.run, [int(x) for x in args.lengths.split(",")]
   else:
     parser.error("--run is required (or --small)")
-  if cfg.attention != "nsa":
-    raise SystemExit(f"{run} trained attention={cfg.attention!r}; this needs an NSA model")
+  if cfg.model.attention != "nsa":
+    raise SystemExit(f"{run} trained attention={cfg.model.attention!r}; this needs an NSA model")
   on_gpu = jax.devices()[0].platform == "gpu"
-  mc = cfg.model_config()
+  mc = cfg.model
   val = data.stdlib_corpus(cfg.val_percent)["val"]
   result = {"run": f"{cfg.preset} preset, {run}", "step": step, "device": bench_common.gpu_name(),
             "jax": jax.__version__, "train_seq_len": cfg.seq_len, "rows": []}
