@@ -169,6 +169,57 @@ def training_section(path, d):
           f"![validation loss]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
 
+def _holds_up_to(run):
+  """The longest evaluated length up to which every length's accuracy (mean over depths) is >= 90 %."""
+  longest = None
+  for n, row in zip(run["lengths"], run["accuracy"]):
+    if sum(row) / len(row) < 0.9:
+      break
+    longest = n
+  return "nowhere" if longest is None else f"{longest:,} tokens"
+
+
+def retrieval_section(path, d):
+  nsa, full = d["runs"]["nsa"], d["runs"]["full"]
+  rec = nsa["selection_recall"]
+  mean = lambda row: sum(row) / len(row)
+  pct = lambda row: f"{mean(row):.0%}"
+  rows = [[f"{n:,}" + (" (trained)" if n == nsa["train_len"] else ""), pct(a), pct(f),
+           f"{mean(r):.2f}", f"{mean(m):.2f}", f"{mean(c):.2f}"]
+          for n, a, f, r, m, c in zip(nsa["lengths"], nsa["accuracy"], full["accuracy"],
+                                      rec["mean"], rec["max"], rec["chance"])]
+  at = nsa["lengths"].index(nsa["train_len"]) if nsa["train_len"] in nsa["lengths"] else -1
+  groups = len(rec["per_layer_group"][0])
+  layers = [[f"layer {i}", *(f"{mean(g[at]):.2f}" for g in layer)]
+            for i, layer in enumerate(rec["per_layer_group"])]
+  tasks = sorted(nsa["val"])
+  val = [[name, *(f"{r['val'][t]:.4f}" for t in tasks)] for name, r in (("NSA", nsa),
+                                                                     ("full", full))]
+  stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
+  m = d["model"]
+  return [f"Retrieval: `experiments/retrieval.py` on one {d['device']}: NSA and full attention "
+          f"({model_config_text(m)}, {d['dtype']}) trained on the same {nsa['tokens']:,} "
+          f"tokens ({nsa['steps']} steps; stages seq_len x batch x steps: {stages}) of "
+          f"`{d['mixture']}` ({'several' if d['pack_tasks'] else 'one'} passkey or mqar "
+          f"example{'s' if d['pack_tasks'] else ''} per row); {nsa['samples']} passkeys per cell at depths "
+          + ", ".join(f"{100 * x:.0f}%" for x in nsa["depths"])
+          + ". Accuracy: all 5 digits right under greedy decoding, mean over the depths. "
+          "Recall: how often a block of the needle sentence is among the blocks an answer "
+          "query selects (mean over layers and KV groups, and the best layer/group), next to "
+          "a random choice of the free slots:", "",
+          _table(["context", "NSA accuracy", "full accuracy", "NSA recall", "best layer/group",
+                  "chance"], rows), "",
+          f"Accuracy stays >= 90 % at every length up to: NSA {_holds_up_to(nsa)}, full "
+          f"attention {_holds_up_to(full)} (trained up to {nsa['train_len']:,} tokens). "
+          f"NSA's recall per layer and KV group at {nsa['lengths'][at]:,} tokens (mean over "
+          f"depths), and the validation losses after the last stage:", "",
+          _table(["NSA layer", *(f"group {g}" for g in range(groups))], layers), "",
+          _table(["attention", *tasks], val), "",
+          f"![retrieval]({path.relative_to(ROOT).with_suffix('.png')})", "",
+          f"![a needle and the blocks selected for it]"
+          f"({path.relative_to(ROOT).with_suffix('')}_example.png)", ""]
+
+
 def decode_section(path, d):
   rows = []
   for r in d["results"]:
@@ -227,6 +278,11 @@ NOT_MEASURED = {
                            "`experiments/results/bench_train_<gpu>.json`: the training step of "
                            "the `gpu-compare` and `research` presets with NSA and with full "
                            "attention at T = 8k..64k.", ""],
+    "retrieval_*.json": ["Retrieval: not measured yet. On a GPU, `python experiments/retrieval.py "
+                         "--out experiments/results` (run it again until it says done) writes "
+                         "`experiments/results/retrieval_<gpu>.json`: NSA and full attention "
+                         "learning passkey retrieval on the same curriculum, passkey accuracy "
+                         "over length x depth and NSA's selection recall.", ""],
 }
 
 
@@ -236,6 +292,7 @@ def render() -> str:
                       ("research_kernels_*.json", research_kernels_section),
                       ("bench_train_*.json", train_step_section),
                       ("compare_attention_*.json", training_section),
+                      ("retrieval_*.json", retrieval_section),
                       ("trained_selections_*.json", trained_selections_section),
                       ("bench_decode_*.json", decode_section),
                       ("scaling_*.json", scaling_section)]:

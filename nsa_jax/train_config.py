@@ -45,6 +45,11 @@ class TrainConfig:
     out: output directory; "" means runs/<preset>.
     model: the language model and its NSA block sizes (flags of their own below).
     mixture: training tasks and weights, e.g. "text:0.8,passkey:0.2" (nsa_jax.data).
+    pack: rows of whole documents, each starting at a multiple of select_block, with segment ids
+      (SPEC §6); false: one random window per row.
+    pack_tasks: several passkey/mqar examples per packed row instead of one (only useful with a
+      model that reads segment_ids).
+    text_weight: loss weight of text tokens (the answer tokens of passkey/mqar weigh 1).
     seq_len: tokens per training sequence.
     batch_size: sequences per step.
     seed: seed of the parameters, the data order and the sample.
@@ -72,6 +77,9 @@ class TrainConfig:
   model: ModelConfig = DEMO_MODEL
   # data (nsa_jax.data)
   mixture: str = "text"
+  pack: bool = True
+  pack_tasks: bool = False
+  text_weight: float = 1.0
   seq_len: int = 256
   batch_size: int = 4
   seed: int = 0
@@ -108,11 +116,25 @@ class TrainConfig:
     if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
       raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
     data.parse_mixture(self.mixture, self.seq_len)
+    if self.pack:
+      data.check_alignment(self.model.nsa.select_block, self.seq_len)
+    elif self.pack_tasks:
+      raise ValueError("pack_tasks=True needs pack=True")
+    if not self.text_weight > 0:
+      raise ValueError(f"text_weight={self.text_weight} must be > 0")
     self.model.check_seq_len(self.seq_len)
 
   @property
   def out_dir(self) -> pathlib.Path:
     return pathlib.Path(self.out or f"runs/{self.preset}")
+
+  def data_options(self) -> dict:
+    """Keyword arguments of `data.Loader` and `data.validation_batches` besides the task and split.
+    Both attentions pack to select_block, so that NSA and full attention see the same rows."""
+    return dict(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed,
+                val_percent=self.val_percent,
+                align=self.model.nsa.select_block if self.pack else None,
+                pack_tasks=self.pack_tasks, text_weight=self.text_weight)
 
 
 # ----------------------------------------------------------------------------

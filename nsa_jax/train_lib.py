@@ -6,7 +6,9 @@ One run:
 
 * builds `nsa_jax.model.Transformer` (float32 parameters, `dtype` compute),
 * optimizes with AdamW, linear warmup then cosine decay, global-norm clipping,
-* draws batches from `nsa_jax.data.Loader` (its position is checkpointed),
+* draws batches from `nsa_jax.data.Loader` (its position is checkpointed): rows
+  packed with whole documents aligned to `select_block`, with segment ids
+  (`pack`, the default; SPEC §6), or random windows,
 * compiles one train step and one eval step (`jax.jit` over the split NNX
   state) before the first step, saying so, so that the progress bar's rate
   and the step times exclude compilation; stops with :class:`NonFiniteError`
@@ -330,11 +332,9 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   place = (lambda b: sharding.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)
   if mesh is not None:   # before the restore, which then targets these shardings
     sharding.shard_model_and_optimizer(model, optimizer, mesh)
-  loader = data.Loader(cfg.mixture, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                       seed=cfg.seed, val_percent=cfg.val_percent)
+  loader = data.Loader(cfg.mixture, **cfg.data_options())
   val_sets = {task: [place(b) for b in data.validation_batches(
-                  task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                  num_batches=cfg.eval_batches, seed=cfg.seed, val_percent=cfg.val_percent)]
+                  task, num_batches=cfg.eval_batches, **cfg.data_options())]
               for task in loader.mixture}
   manager = checkpoint_manager(out, cfg.keep_checkpoints)
   start, train_s = 0, 0.0

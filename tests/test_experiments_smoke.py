@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nsa_jax.train_config import make_config
@@ -135,6 +136,43 @@ def test_trained_selections_small(tmp_path):
       counts = [per_token[str(bq)] for bq in (1, 2, 4, 8)]
       assert counts == sorted(counts, reverse=True) and counts[0] > 0, row
   assert "random q" in stdout
+
+
+def test_retrieval_small(tmp_path):
+  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs")], tmp_path)
+  with open(tmp_path / "retrieval.json") as f:
+    data = json.load(f)
+  for name in ("retrieval.png", "retrieval_example.png", "retrieval_metrics/nsa_stage1-320.csv"):
+    assert (tmp_path / name).stat().st_size > 0
+  nsa, full = data["runs"]["nsa"], data["runs"]["full"]
+  stages = data["stages"]
+  assert [s["seq_len"] for s in stages] == [160, 320]
+  for run in (nsa, full):   # the same tokens and steps, every stage trained to its end
+    assert run["tokens"] == sum(s["seq_len"] * s["batch_size"] * s["steps"] for s in stages)
+    assert [s["steps"] for s in run["stages"]] == [s["steps"] for s in stages]
+    assert run["train_len"] == 320 and run["lengths"] == [160, 320, 640]
+    assert len(run["depths"]) >= 5 and len(run["accuracy"]) == 3
+    assert all(len(row) == len(run["depths"]) and 0 <= min(row) <= max(row) <= 1
+               for row in run["accuracy"])
+    assert set(run["val"]) == {"val_passkey", "val_mqar", "val_text"}
+  rec = nsa["selection_recall"]
+  assert "selection_recall" not in full
+  layers, groups = len(rec["per_layer_group"]), len(rec["per_layer_group"][0])
+  assert (layers, groups) == (1, 1)   # preset tiny
+  for mean, chance in zip(np.ravel(rec["mean"]), np.ravel(rec["chance"])):
+    assert 0 <= mean <= 1 and 0 < chance <= 1
+    if chance == 1:   # the needle lies in an always-selected block
+      assert mean == 1
+  example = nsa["example"]
+  assert example["length"] == 320 and example["needle_text"].startswith("The pass key is")
+  assert np.shape(example["block_idx"]) == (layers, groups, 5, 4)   # 5 answer queries, n = 4
+  assert "passkey accuracy" in stdout and "T \\ depth" in stdout
+
+
+def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
+  eval_retrieval = experiments_module("eval_retrieval")
+  assert "never saw a passkey" in eval_retrieval.passkey_note("text")
+  assert eval_retrieval.passkey_note("text:0.8,passkey:0.2") is None
 
 
 def test_bench_train_small(tmp_path):

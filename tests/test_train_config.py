@@ -60,14 +60,22 @@ def test_config_errors_and_cli():
     make_config("tiny", seq_len=128)
   with pytest.raises(ValueError, match="compress_block=64 must be <= select_block=32"):
     make_config("tiny", compress_block=64)
+  with pytest.raises(ValueError, match=r"align=256 must be an int in 1..seq_len=160"):
+    make_config("tiny", attention="full", select_block=256)    # packing aligns to select_block
+  make_config("tiny", attention="full", select_block=256, pack=False)
+  with pytest.raises(ValueError, match="pack_tasks=True needs pack=True"):
+    make_config("tiny", pack=False, pack_tasks=True)
+  with pytest.raises(ValueError, match="text_weight=0.0 must be > 0"):
+    make_config("tiny", text_weight=0.0)
   with pytest.raises(ValueError, match="preset='huge'"):
     make_config("huge")
   with pytest.raises(ValueError, match=r"unknown config field\(s\) d_modle=3"):
     make_config("tiny", d_modle=3)
   cfg = parse_args(["--preset", "tiny", "--head_dim", "none", "--tie_embeddings", "false",
-                    "--lr", "1e-3", "--attention", "full", "--steps", "20", "--window", "48"])
+                    "--lr", "1e-3", "--attention", "full", "--steps", "20", "--window", "48",
+                    "--pack", "false"])
   assert (cfg.model.head_dim, cfg.model.tie_embeddings, cfg.lr, cfg.model.attention, cfg.steps,
-          cfg.model.nsa.window) == (None, False, 1e-3, "full", 20, 48)
+          cfg.model.nsa.window, cfg.pack) == (None, False, 1e-3, "full", 20, 48, False)
   assert cfg.seq_len == 160 and str(cfg.out_dir) == "runs/tiny"
   assert parse_args(["--steps", "30", "--preset", "tiny"]).steps == 30   # --preset anywhere
   assert parse_args([]) == make_config("demo")
