@@ -35,10 +35,12 @@ class ModelConfig:
 
   Attributes:
     vocab_size: tokens (256 for bytes).
-    d_model, num_layers: width and depth.
-    num_heads, num_kv_heads: query heads and KV heads (GQA; num_heads % num_kv_heads == 0).
-    head_dim: per-head width (default d_model // num_heads).
-    mlp_hidden: SwiGLU hidden width (default 8/3 d_model rounded up to a multiple of 64).
+    d_model: model width.
+    num_layers: transformer blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (GQA; num_heads % num_kv_heads == 0).
+    head_dim: per-head width (None: d_model // num_heads).
+    mlp_hidden: SwiGLU hidden width (None: 8/3 d_model rounded up to a multiple of 64).
     attention: "nsa" or "full".
     nsa: NSA block sizes (used when attention == "nsa").
     shared_kv: NSA branches share one K/V projection (paper: separate).
