@@ -3,6 +3,7 @@ reference first, then timings of the default tiles and of variants of them.
 
     python experiments/profile_kernels.py OP                # on a GPU, Config A
     python experiments/profile_kernels.py OP --config-b     # Dk = 192, Dv = 128
+    python experiments/profile_kernels.py OP --heads 256,256 --group 1   # other heads
     python experiments/profile_kernels.py OP --small        # CPU, interpret mode
 
 OP is one of
@@ -266,6 +267,9 @@ def main():
   parser.add_argument("op", choices=sorted(VARIANTS))
   parser.add_argument("--small", action="store_true", help="tiny shapes, interpret mode (CPU)")
   parser.add_argument("--config-b", action="store_true", help="Dk = 192, Dv = 128")
+  parser.add_argument("--heads", default=None, help="Dk,Dv (default: Config A's or B's)")
+  parser.add_argument("--group", type=int, default=16,
+                      help="G query heads per KV head (HQ = 64: HKV = 64 / G; default 16)")
   parser.add_argument("--ts", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
   parser.add_argument("--check-ts", type=int, nargs="+", default=[8192, 16384])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decode only")
@@ -281,6 +285,11 @@ def main():
   config = bc.small_config() if small else NSAConfig()
   shape = (Shape(1, 1, 16, 24 if args.config_b else 16, 16) if small
            else Shape(1, 4, 16, 192 if args.config_b else 128, 128))
+  if args.heads:
+    Dk, Dv = (int(x) for x in args.heads.split(","))
+    shape = dataclasses.replace(shape, Dk=Dk, Dv=Dv)
+  if not small:
+    shape = dataclasses.replace(shape, HKV=64 // args.group, G=args.group)
   check_ts, ts = ([45 if op != "select" else 300], [64 if op != "select" else 512]) if small \
       else (args.check_ts, sorted(args.ts))
   interpret, runs = small, (2 if small else max(args.runs, 10))
