@@ -8,8 +8,8 @@ float inputs):
   - each branch alone (Config A only): compressed_attention, select_blocks
     (forward only: it has no gradient), selected_attention with block_idx
     precomputed, window_attention (compressed and window on cuDNN where `nsa`
-    runs them there, see `nsa_jax.ops._common.cudnn_runs`; their Pallas
-    kernels alone are timed by check_flash.py);
+    runs them there, see `nsa_jax.ops.dispatch`; their Pallas
+    kernels alone are timed by profile_kernels.py);
   - cuDNN flash attention, causal, on the selected branch's q/k/v;
   - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
     its compression is mean pooling with l = l'), timed with triton's do_bench;
@@ -62,7 +62,7 @@ import numpy as np
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import _common
+from nsa_jax.ops import dispatch
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 
@@ -114,7 +114,7 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
   """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches."""
   # The compressed and window branches alone run as inside nsa: on cuDNN where
   # cuDNN takes them.
-  on_cudnn = nsa_cudnn_impl(shape, impls["nsa"], dtype)
+  on_cudnn = nsa_cudnn_impl(shape, config, impls["nsa"], dtype)
   impl = dict(impls, compressed_attention=on_cudnn, window_attention=on_cudnn)
   kw = lambda op: dict(config=config, impl=impl[op])
   names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
@@ -150,11 +150,12 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
       yield op, impl[op], "fwd+bwd", bc.forward_backward(fn, num_diff), make
 
 
-def nsa_cudnn_impl(shape: Shape, impl: str, dtype) -> str:
-  """What `nsa(impl=impl)` runs its compressed and window branches on here."""
-  q = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HQ, shape.Dk), dtype)
-  v = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HKV, shape.Dv), dtype)
-  return _common.cudnn_branch_impl(impl, q, v)
+def nsa_cudnn_impl(shape: Shape, config: NSAConfig, impl: str, dtype) -> str:
+  """What `nsa(impl=impl)` runs its window (and so compressed) branch on here."""
+  x = lambda H, D: jax.ShapeDtypeStruct((shape.B, shape.T, H, D), dtype)
+  call = dispatch.Call(dict(q=x(shape.HQ, shape.Dk), k=x(shape.HKV, shape.Dk),
+                            v=x(shape.HKV, shape.Dv)), config, None)
+  return dispatch.nsa_branches(impl, {"window_attention": call})["window_attention"]
 
 
 def dense_candidates(shape: Shape, impl: str):
@@ -282,7 +283,7 @@ class Bench:
       result = self.timed(fn, make)
       if op == "nsa":
         result["window_impl"] = result["compressed_impl"] = nsa_cudnn_impl(
-            shape, impl, dtype)
+            shape, self.config, impl, dtype)
       self.record(shape, op, pass_, impl, result, flops.get((op, pass_)))
     self.run_dense(shape, flops)
     if peer:

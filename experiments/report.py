@@ -261,7 +261,8 @@ def trained_selections_section(path, d):
     rows.append([f"{r['T'] // 1024}k" + (" (extrapolated)" if r["extrapolated"] else ""),
                  *(f"{spread(bq)} vs {r['random'][str(bq)]:.1f}" for bq in (2, 4, 8)),
                  kernel("trained"), kernel("random")])
-  return [f"Trained selections: `experiments/trained_selections.py` on one {d['device']}: "
+  return [f"Trained selections (a one-off script, `experiments/trained_selections.py` in git "
+          f"history at cf085fe) on one {d['device']}: "
           f"block_idx of a model trained {d['step']} steps at T={d['train_seq_len']} "
           f"({d['run']}) on a validation text sequence, against random q; distinct blocks a "
           f"query tile of Bq tokens reads per token (trained, over the layers, vs random), and "

@@ -22,7 +22,7 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.module import NativeSparseAttention
-from nsa_jax.ops import _common
+from nsa_jax.ops import cudnn
 from nsa_jax.rope import apply_rope
 
 ATTENTIONS = ("nsa", "full")
@@ -117,7 +117,7 @@ class ModelConfig:
 
 def dense_implementation(dtype) -> str | None:
   """cuDNN flash attention on GPU for 16-bit inputs; jax's choice otherwise."""
-  return "cudnn" if _common.cudnn_takes(dtype) else None
+  return "cudnn" if cudnn.cudnn_takes(dtype) else None
 
 
 class FullAttention(nnx.Module):

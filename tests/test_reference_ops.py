@@ -201,7 +201,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     nsa_jax.window_attention(q, k, v, config=SMALL, impl="cuda")
   with pytest.raises(ValueError, match="gates.shape"):
     nsa_jax.nsa(q, kc, vc, k, v, k, v, x["gates"][..., :2], **kw)
-  with pytest.raises(ValueError, match="impl='cudnn' needs a GPU backend"):
+  with pytest.raises(ValueError, match="impl='cudnn'.* needs a GPU backend"):
     nsa_jax.window_attention(q, k, v, config=SMALL, impl="cudnn")
   with pytest.raises(ValueError, match="impl='cudnn' must be one of"):
     nsa_jax.nsa(q, kc, vc, k, v, k, v, x["gates"], config=SMALL, impl="cudnn")
@@ -209,17 +209,18 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     nsa_jax.window_attention(q, k, v, config={"window": 4})
 
 
-def test_branches_go_to_cudnn_only_where_cudnn_runs_them(monkeypatch):
-  """The dispatch rule of `_common.cudnn_runs`, with a GPU backend faked (no
-  kernel runs here: the rule reads shapes, dtypes and the device only)."""
-  from nsa_jax.ops import _common
+def test_cudnn_runs_only_what_it_takes(monkeypatch):
+  """The rule of `cudnn.cudnn_runs`, with a GPU backend faked (no kernel runs
+  here: the rule reads shapes, dtypes and the device only); which branch gets
+  it is `nsa_jax.ops.dispatch`'s (tests/test_dispatch.py)."""
+  from nsa_jax.ops import cudnn
 
   class Device:
     compute_capability = "8.0"
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda: [Device()])
-  runs = _common.cudnn_runs
+  runs = cudnn.cudnn_runs
   q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
   wide = jnp.zeros((1, 8, 4, 192), jnp.bfloat16)
   assert runs(q, q)
@@ -232,10 +233,6 @@ def test_branches_go_to_cudnn_only_where_cudnn_runs_them(monkeypatch):
   assert not runs(wide, q)                                     # Dk > 128 before Hopper
   Device.compute_capability = "9.0"
   assert runs(wide, q)
-  # nsa's window and compressed branches: cuDNN for "pallas" and "auto", the reference stays.
-  impls = [_common.cudnn_branch_impl(i, q, q) for i in ("auto", "pallas", "xla")]
-  assert impls == ["cudnn", "cudnn", "xla"]
-  assert _common.cudnn_branch_impl("pallas", q, q, interpret=True) == "pallas"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not runs(q, q)
 
@@ -251,11 +248,11 @@ def _cudnn_call_on_xla(monkeypatch):
 def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
   """The cuDNN path's band (`local_window_size`), odd-T padding and v padding,
   run through jax's XLA implementation of the same call."""
-  from nsa_jax.ops import _common, window
+  from nsa_jax.ops import cudnn, window
   _cudnn_call_on_xla(monkeypatch)
   x = make_inputs(jax.random.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
   args = (x["q"], x["k_win"], x["v_win"])
-  f = lambda *a: _common.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
+  f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
   ref = lambda *a: window.window_attention_xla(*a, config=SMALL, scale=0.3)
   ct = jax.random.normal(jax.random.key(5), (2, T, 4, Dv), jnp.float32)
   (o, vjp), (o_ref, vjp_ref) = jax.vjp(f, *args), jax.vjp(ref, *args)

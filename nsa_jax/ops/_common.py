@@ -1,4 +1,4 @@
-"""Pieces shared by the NSA ops: input checks, impl dispatch, chunking, softmax.
+"""Pieces shared by the NSA ops: input checks, chunking, softmax, the kernels' sizes.
 
 Every public op validates its inputs here *before* tracing any kernel, so a
 bad call fails with a `ValueError` that names the argument and its values.
@@ -13,8 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
+from pallas_kernels.scoring import Selection
 
-IMPLS = ("auto", "xla", "pallas")
+def selection_sizes(config: NSAConfig) -> Selection:
+  """The selection's block sizes as the Pallas kernels take them."""
+  return Selection(compress_block=config.compress_block,
+                   compress_stride=config.compress_stride, select_block=config.select_block,
+                   num_selected=config.num_selected, num_initial=config.num_initial,
+                   num_local=config.num_local)
 
 
 def check_config(config) -> None:
@@ -78,75 +84,9 @@ def check_block_idx(block_idx, q, k, config: NSAConfig) -> None:
     raise ValueError(f"block_idx.dtype={block_idx.dtype} must be an integer type")
 
 
-def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+def check_impl(impl: str, allowed: tuple[str, ...] = ("auto", "xla", "pallas")) -> None:
   if impl not in allowed:
     raise ValueError(f"impl={impl!r} must be one of {allowed}")
-
-
-def cudnn_takes(dtype) -> bool:
-  """Whether cuDNN's fused attention runs on this backend for this dtype:
-  a GPU and 16-bit inputs."""
-  return (jax.default_backend() == "gpu"
-          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
-
-
-def cudnn_runs(q, v, interpret: bool | None = None) -> bool:
-  """Whether cuDNN's fused attention runs a branch over q and v: a GPU, 16-bit
-  inputs, no interpret mode asked for, Dk a multiple of 8 up to 128 (256 from
-  Hopper on) and Dv <= Dk (v is zero-padded to Dk).
-
-  Where it runs, `nsa(impl="auto" | "pallas")` gives it the window and the
-  compressed branches (`cudnn_branch_impl`): it is faster than the Pallas
-  kernels there (see `window` and `compressed` for the measured times).
-  """
-  if resolve_interpret(interpret) or not cudnn_takes(q.dtype):
-    return False
-  Dk, Dv = q.shape[-1], v.shape[-1]
-  hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
-  return Dk % 8 == 0 and Dv <= Dk <= (256 if hopper else 128)
-
-
-def check_cudnn_runs(q, v, interpret: bool | None) -> None:
-  if not cudnn_runs(q, v, interpret):
-    raise ValueError(
-        f"impl='cudnn' needs a GPU backend (have {jax.default_backend()}), "
-        f"16-bit inputs (q.dtype={q.dtype}), Dv <= Dk <= 128 or 256 on Hopper, "
-        f"Dk a multiple of 8 (Dk={q.shape[-1]}, Dv={v.shape[-1]}) and "
-        f"interpret={interpret} not True")
-
-
-def cudnn_branch_impl(impl: str, q, v, interpret: bool | None = None) -> str:
-  """The impl a cuDNN-capable branch of `nsa(impl=impl)` runs: "cudnn" wherever
-  `cudnn_runs`, unless the reference ("xla") is asked for; `impl` otherwise."""
-  return "cudnn" if impl != "xla" and cudnn_runs(q, v, interpret) else impl
-
-
-def cudnn_causal_attention(q, k, v, *, scale: float, window: int | None = None):
-  """cuDNN's fused causal attention (q and k of the same length), optionally
-  banded to the last `window` keys; returns (o, lse [B, T, HQ] in the compute dtype).
-
-  Its training path takes only even sequence lengths and Dk == Dv: an odd T
-  gets one zero token appended, which no real query sees (causal mask), and
-  v with Dv < Dk zero columns; both are sliced off the output. The lse
-  carries no gradient: jax's cuDNN rule drops its cotangent, so it is cut
-  here explicitly.
-  """
-  T, Dk, Dv = q.shape[1], q.shape[-1], v.shape[-1]
-  pad = [(0, 0), (0, T % 2), (0, 0), (0, 0)]
-  o, lse = jax.nn.dot_product_attention(
-      jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad[:3] + [(0, Dk - Dv)]),
-      scale=scale, is_causal=True, implementation="cudnn",
-      local_window_size=None if window is None else (window - 1, 0),
-      return_residual=True)
-  return o[:, :T, :, :Dv], lax.stop_gradient(lse[:, :T].astype(compute_dtype(q.dtype)))
-
-
-def use_pallas(impl: str) -> bool:
-  """`auto` means the Pallas kernels on a GPU, the XLA reference elsewhere."""
-  check_impl(impl)
-  if impl == "auto":
-    return jax.default_backend() == "gpu"
-  return impl == "pallas"
 
 
 def resolve_interpret(interpret: bool | None) -> bool:

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, dispatch
 from nsa_jax.ops.compressed import compressed_scores
+from pallas_kernels import select_blocks as kernel
 
 QUERY_CHUNK = 256
 
@@ -29,6 +30,8 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
     lse: optional [B, T, HQ] log-sum-exp of the compressed branch (from
       compressed_attention) to skip recomputing it.
+    impl: "xla" (reference), "pallas" (kernel) or "auto" (the kernel on a GPU
+      where it takes the inputs, else the reference; `nsa_jax.ops.dispatch`).
 
   Returns:
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
@@ -42,11 +45,12 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
                        f"[B, T, HQ]={q.shape[:3]}")
     lse = lax.stop_gradient(lse)
+  backend = dispatch.choose("select_blocks", impl,
+                            dispatch.Call(dict(q=q, k_cmp=k_cmp), config, interpret))
   scale = _common.resolve_scale(scale, q)
   q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
-  if _common.use_pallas(impl):
-    from pallas_kernels import select_blocks as kernel
-    return kernel.select_blocks(q, k_cmp, config=config, scale=scale,
+  if backend == "pallas":
+    return kernel.select_blocks(q, k_cmp, sizes=_common.selection_sizes(config), scale=scale,
                                 interpret=_common.resolve_interpret(interpret),
                                 lse=lse)
   return select_blocks_xla(q, k_cmp, config=config, scale=scale, lse=lse)
