@@ -1,9 +1,11 @@
-# The two commands of the README: `make train` (main job) and `make test`.
+# The two commands of the README: `make train` (main job) and `make test`; then
+# `make notebooks`.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NOTEBOOKS_STAMP := $(VENV)/.notebooks
 
-.PHONY: setup train test clean
+.PHONY: setup train test notebooks clean
 
 setup: $(STAMP)
 
@@ -24,6 +26,15 @@ train: setup
 # fixtures such as the sharding tests' setup run once.
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
+# The `[notebooks]` extra (Jupyter Lab, nbclient) into .venv, then Jupyter Lab on
+# notebooks/ (they run on the CPU; committed without outputs).
+notebooks: $(NOTEBOOKS_STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+$(NOTEBOOKS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[notebooks]"
+	touch $(NOTEBOOKS_STAMP)
 
 clean:
 	rm -rf $(VENV) runs

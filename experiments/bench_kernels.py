@@ -8,8 +8,8 @@ float inputs):
   - each branch alone (Config A only): compressed_attention, select_blocks
     (forward only: it has no gradient), selected_attention with block_idx
     precomputed, window_attention (compressed and window on cuDNN where `nsa`
-    runs them there, see `nsa_jax.ops.cudnn.cudnn_runs`; their Pallas
-    kernels alone are timed by check_flash.py);
+    runs them there, see `nsa_jax.ops.dispatch`; their Pallas
+    kernels alone are timed by profile_kernels.py);
   - cuDNN flash attention, causal, on the selected branch's q/k/v;
   - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
     its compression is mean pooling with l = l'), timed with triton's do_bench;
@@ -25,9 +25,16 @@ Inputs are random normal (never zero); selections from random q/k are less
 coherent between neighbouring tokens than a trained model's, which is the
 pessimistic case for kernels that share block loads across a query tile.
 
+Research shapes (--research, in place of A, B and the G sweep; issue #19): the
+attention of the training presets at 64k tokens per call (B = 65536 / T, as
+bench_train.py's steps): H8G4D64 (`gpu-compare`: HQ 8, G 4, head_dim 64) and
+H16G4D128 (`research`) at T = 8k..64k, then every HQ in {8, 16, 32} x G in
+{4, 8} x head_dim in {64, 128} at 8k (B = 8). The whole op and cuDNN only.
+
 Run on the device machine (about 6 minutes on an H100):
     python3 experiments/bench_kernels.py            # T = 8k..64k, 128k if time is left
     python3 experiments/bench_kernels.py --quick    # T = 8k, 64k
+    python3 experiments/bench_kernels.py --research [--quick]   # research_kernels_<gpu>.json
     python3 experiments/bench_kernels.py --small    # tiny shapes, CPU, for the smoke test
 """
 from __future__ import annotations
@@ -55,7 +62,7 @@ import numpy as np
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import cudnn
+from nsa_jax.ops import dispatch
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 
@@ -107,8 +114,7 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
   """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches."""
   # The compressed and window branches alone run as inside nsa: on cuDNN where
   # cuDNN takes them.
-  on_cudnn = nsa_cudnn_impl(shape, impls["nsa"], dtype)
-  impl = dict(impls, compressed_attention=on_cudnn, window_attention=on_cudnn)
+  impl = dict(impls, **nsa_cudnn_impls(shape, config, impls["nsa"], dtype))
   kw = lambda op: dict(config=config, impl=impl[op])
   names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
   select = jax.jit(lambda q, k: select_blocks(q, k, **kw("select_blocks")))
@@ -143,11 +149,17 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
       yield op, impl[op], "fwd+bwd", bc.forward_backward(fn, num_diff), make
 
 
-def nsa_cudnn_impl(shape: Shape, impl: str, dtype) -> str:
-  """What `nsa(impl=impl)` runs its compressed and window branches on here."""
-  q = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HQ, shape.Dk), dtype)
-  v = jax.ShapeDtypeStruct((shape.B, shape.T, shape.HKV, shape.Dv), dtype)
-  return cudnn.cudnn_branch_impl(impl, q, v)
+def nsa_cudnn_impls(shape: Shape, config: NSAConfig, impl: str, dtype) -> dict[str, str]:
+  """What `nsa(impl=impl)` runs its compressed and window branches on here:
+  {"compressed_attention": backend, "window_attention": backend}."""
+  x = lambda H, D, T=shape.T: jax.ShapeDtypeStruct((shape.B, T, H, D), dtype)
+  Tc = config.num_compressed(shape.T)
+  call = lambda **arrays: dispatch.Call(arrays, config, None)
+  return dispatch.nsa_branches(impl, {
+      "compressed_attention": call(q=x(shape.HQ, shape.Dk), k_cmp=x(shape.HKV, shape.Dk, Tc),
+                                   v_cmp=x(shape.HKV, shape.Dv, Tc)),
+      "window_attention": call(q=x(shape.HQ, shape.Dk), k=x(shape.HKV, shape.Dk),
+                               v=x(shape.HKV, shape.Dv))})
 
 
 def dense_candidates(shape: Shape, impl: str):
@@ -274,8 +286,9 @@ class Bench:
     for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
       result = self.timed(fn, make)
       if op == "nsa":
-        result["window_impl"] = result["compressed_impl"] = nsa_cudnn_impl(
-            shape, impl, dtype)
+        on = nsa_cudnn_impls(shape, self.config, impl, dtype)
+        result["compressed_impl"] = on["compressed_attention"]
+        result["window_impl"] = on["window_attention"]
       self.record(shape, op, pass_, impl, result, flops.get((op, pass_)))
     self.run_dense(shape, flops)
     if peer:
@@ -306,8 +319,29 @@ class Bench:
                 flops[("dense", "fwd+bwd")])
 
 
+RESEARCH_TOKENS = 65536   # tokens per call of the research shapes: B = RESEARCH_TOKENS // T
+
+
+def research_shapes(args) -> list[Shape]:
+  """The research shapes (module docstring) in priority order; --quick: the two presets'
+  shapes at 8k and 64k; --small: one tiny shape (CPU)."""
+  if args.small:
+    return [Shape("H4G2D16", B=2, T=200, HQ=4, HKV=2, Dk=16, Dv=16)]
+  shape = lambda HQ, G, D, T: Shape(f"H{HQ}G{G}D{D}", B=RESEARCH_TOKENS // T, T=T, HQ=HQ,
+                                    HKV=HQ // G, Dk=D, Dv=D)
+  presets = [(16, 4, 128), (8, 4, 64)]          # research, gpu-compare
+  Ts = [8192, 65536] if args.quick else [8192, 32768, 65536, 16384]
+  out = [shape(*p, T) for p in presets for T in Ts]
+  if not args.quick:
+    out += [shape(HQ, G, D, 8192) for HQ in (8, 16, 32) for G in (4, 8) for D in (64, 128)
+            if (HQ, G, D) not in presets]
+  return [s for s in out if not args.max_t or s.T <= args.max_t]
+
+
 def shapes_to_run(args):
   """[(shape, branches, peer)] in priority order: what matters most runs first."""
+  if args.research:
+    return [(shape, False, False) for shape in research_shapes(args)]
   if args.small:   # T = 200: not a multiple of any block size; --quick: Config A only
     a = dict(B=1, HQ=8, HKV=2, Dk=32, Dv=32)
     T_a, T_big = [200], []
@@ -382,10 +416,48 @@ def plot(records, path):
     bc.plot_loglog(path, panels)
 
 
+def plot_research(records, path):
+  """Research shapes: NSA's speedup over cuDNN (fwd, fwd+bwd) per shape, one panel per T."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = summary_rows(records)   # [config, T, G, nsa fwd, nsa f+b, dense fwd, dense f+b, fwd x, f+b x]
+  batch = {(r["config"], r["T"]): r["shape"]["B"] for r in records}
+  Ts = sorted({r[1] for r in rows})
+  if not Ts:
+    return
+  counts = [sum(r[1] == T for r in rows) for T in Ts]   # panel widths follow their bars
+  fig, axes = plt.subplots(1, len(Ts), figsize=(max(6.0, 2 + 0.75 * sum(counts)), 4.5),
+                           squeeze=False, gridspec_kw={"width_ratios": counts})
+  for ax, T in zip(axes[0], Ts):
+    here = sorted((r for r in rows if r[1] == T), key=lambda r: r[0])
+    for k, (col, label) in enumerate(((7, "fwd"), (8, "fwd+bwd"))):
+      xs = [i + 0.4 * k - 0.2 for i in range(len(here))]
+      ys = [r[col] or 0 for r in here]
+      ax.bar(xs, ys, width=0.4, label=label)
+      for x, y in zip(xs, ys):
+        ax.annotate(f"{y:.2g}x", (x, y), ha="center", va="bottom", fontsize=7)
+    ax.axhline(1, color="gray", lw=1)
+    ax.set_xticks(range(len(here)), [r[0] for r in here], rotation=45, ha="right", fontsize=8)
+    Bs = sorted({batch[(r[0], T)] for r in here})
+    length = f"{T // 1024}k" if T >= 1024 else str(T)
+    ax.set_title(f"T = {length}, B = {', '.join(map(str, Bs))}")
+    ax.set_ylabel("cuDNN time / NSA time")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle("NSA op vs cuDNN at research shapes (H query heads, G group, D head dim)",
+               fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"))
   parser.add_argument("--quick", action="store_true", help="T = 8k and 64k only")
+  parser.add_argument("--research", action="store_true",
+                      help="research shapes instead of configs A, B and the G sweep")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--max-t", type=int, default=0, help="drop sequence lengths above this")
   parser.add_argument("--n-iter", type=int, default=10)
@@ -407,7 +479,7 @@ def main(argv=None):
   for shape, branches, peer in shapes_to_run(args):
     bench.run_shape(shape, branches, peer)
 
-  name = f"bench_kernels_{bc.slug(bc.gpu_name())}"
+  name = f"{'research_kernels' if args.research else 'bench_kernels'}_{bc.slug(bc.gpu_name())}"
   bc.write_json(os.path.join(args.out, name + ".json"), {
       "impls": impls, "matmul_tflops": rate, "dtype": "bfloat16",
       "flop_model": "fwd 2*(Dk+Dv) per visible (query, key) pair and head; bwd "
@@ -415,7 +487,7 @@ def main(argv=None):
                     "window (top-n scoring fused with compressed)",
       "g_sweep": "HQ=64, HKV=64/G, Dk=Dv=128 at the largest T (G=16 is Config A)",
       "wall_s": time.perf_counter() - start, "records": bench.records}, config=config)
-  plot(bench.records, os.path.join(args.out, name + ".png"))
+  (plot_research if args.research else plot)(bench.records, os.path.join(args.out, name + ".png"))
 
   print("\nbranches (ms; floor = matmul FLOPs / measured rate)")
   bc.print_table(["cfg", "T", "op", "pass", "impl", "ms", "floor", "x floor", "note"],

@@ -3,7 +3,8 @@
 The GPU run trains the `gpu-small` preset of `nsa_jax.train_lib` (6-layer NSA
 model, T = 8192, bf16, AdamW). For each mode and device count n (1, 2, 4, ...
 up to the devices present), its train step is jit-compiled over the mesh and
-timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens.
+timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens
+(`bench_train.time_train_step`; compile_s is the ahead-of-time compilation).
 
 * data (mesh data=n): weak scaling, --per_device_batch sequences per device
   (default: the preset's batch_size, 8), so the global batch grows with n;
@@ -39,18 +40,13 @@ if "--small" in sys.argv:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import bench_common  # noqa: E402  (puts the repo root on sys.path)
+from bench_train import time_train_step  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
-from nsa_jax.model import Transformer  # noqa: E402
-from nsa_jax.train_lib import PRESETS, make_config, make_optimizer, make_steps  # noqa: E402
+from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
 
 MODES = {"data": "weak", "fsdp": "weak", "heads": "strong"}   # mode -> scaling
 # Per run: (preset, overrides for every mode, further overrides for heads mode).
@@ -68,36 +64,10 @@ RUNS = {
 def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict:
   """Median train-step time of `cfg`'s model on the first n devices with mesh `mesh_spec`."""
   mesh = sharding.make_mesh(mesh_spec, jax.devices()[:n])
-  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(0))
-  optimizer = make_optimizer(model, cfg)
-  sharding.shard_model_and_optimizer(model, optimizer, mesh)
-  graphdef, state = nnx.split((model, optimizer))
-  train_step = make_steps(graphdef)[0]
-  rng = np.random.default_rng(0)
-
-  def batch():
-    tokens = rng.integers(0, 256, (batch_size, cfg.seq_len + 1), dtype=np.int32)
-    return sharding.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                 "weights": np.ones((batch_size, cfg.seq_len), np.float32)},
-                                mesh)
-
-  start = time.perf_counter()
-  state, metrics = train_step(state, batch())
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  batches = [batch() for _ in range(3)]
-  times = []
-  for i in range(iters + 2):
-    start = time.perf_counter()
-    state, metrics = train_step(state, batches[i % 3])
-    jax.block_until_ready((state, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
-  tokens_per_s = batch_size * cfg.seq_len / step_s
-  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "step_ms": 1e3 * step_s,
-          "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n,
-          "loss": float(metrics["loss"]), "compile_s": compile_s}
+  r = time_train_step(cfg, batch_size, steps=iters, mesh=mesh)
+  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "step_ms": r["step_ms"],
+          "tokens_per_s": r["tokens_per_s"], "tokens_per_s_per_device": r["tokens_per_s"] / n,
+          "loss": r["loss_last"], "compile_s": r["compile_s"]}
 
 
 def plot(path: str, results: dict, title: str) -> None:
@@ -144,17 +114,17 @@ def main() -> None:
   if set(modes) - set(MODES):
     parser.error(f"--modes={args.modes}: modes are {','.join(MODES)}")
   preset, overrides, heads_overrides = RUNS["small" if args.small else "gpu"]
-  batch = args.per_device_batch or PRESETS[preset]["batch_size"]
+  batch = args.per_device_batch or PRESETS[preset].config.batch_size
   devices = min(args.max_devices or jax.device_count(), jax.device_count())
   base = make_config(preset, **overrides, batch_size=batch, progress=False)
-  configs = {mode: dataclasses.replace(base, **heads_overrides) if mode == "heads" else base
+  configs = {mode: override(base, **heads_overrides) if mode == "heads" else base
              for mode in modes}
   print(f"{devices} x {bench_common.gpu_name()}; {preset} preset, "
         f"{batch} sequences per device (data, fsdp) / in all (heads)")
 
   results = {}
   for mode, cfg in configs.items():
-    heads = cfg.model_config().num_kv_heads
+    heads = cfg.model.num_kv_heads
     rows = []
     for n in (1, 2, 4, 8, 16):
       if n > devices or (mode == "heads" and heads % n):
@@ -175,7 +145,7 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   bench_common.write_json(
       os.path.join(args.out, "scaling.json"), {"results": results},
-      config=dict(preset=preset, overrides=overrides, model=base.model_config(),
+      config=dict(preset=preset, overrides=overrides, model=base.model,
                   seq_len=base.seq_len, heads_overrides=heads_overrides,
                   per_device_batch=batch, heads_global_batch=batch, iters=args.iters))
   plot(os.path.join(args.out, "scaling.png"), results, f"{preset} preset")

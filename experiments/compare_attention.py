@@ -25,7 +25,8 @@ import sys
 import jax
 import numpy as np
 
-from nsa_jax.train_lib import make_config, train
+from nsa_jax.train_config import make_config
+from nsa_jax.train_lib import train
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the sibling script, however run
 from eval_retrieval import evaluate_run  # noqa: E402
@@ -46,7 +47,7 @@ def summarize(rows: list[dict]) -> dict:
   return {
       "steps": int(rows[-1]["step"]),
       "train_s": rows[-1]["train_s"],
-      "first_step_s": rows[0]["step_s"],   # includes jit compilation
+      "first_step_s": rows[0]["step_s"] + rows[0].get("compile_s", 0.0),   # with compilation
       "tokens_per_s_median": float(np.median(steady)),
       "final_train_loss": rows[-1]["loss"],
       "val": {k: {"step": [int(r["step"]) for r in evals],

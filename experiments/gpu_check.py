@@ -17,7 +17,7 @@ What a case checks, on fresh random inputs (`bench_common.random_nsa_inputs`):
     of the reference branches run on the selection nsa made, so that near-tie
     selection differences (checked above) do not count as errors. On a GPU,
     nsa's window and compressed branches are cuDNN's for the 16-bit inputs
-    cuDNN takes (`nsa_jax.ops.cudnn.cudnn_runs`);
+    cuDNN takes (`nsa_jax.ops.dispatch`, under `nsa_jax.ops.cudnn.cudnn_runs`);
   - nsa_vs_select_blocks: the share of (query, KV head) rows where nsa's
     selection differs from `select_blocks`' on the same inputs with the same
     impl (SPEC §3 defines one selection; both take it from one lse,

@@ -87,6 +87,70 @@ def kernels_section(path, d):
   return out
 
 
+def research_kernels_section(path, d):
+  recs = {(r["config"], r["T"], r["op"], r["pass"]): r for r in d["records"] if "median_ms" in r}
+  shapes = sorted({(r["config"], r["T"], r["shape"]["B"]) for r in d["records"]},
+                  key=lambda s: (s[1], s[0]))
+  get = lambda s, op, p: recs.get((s[0], s[1], op, p), {}).get("median_ms")
+  rows = [[s[0], _len(s[1]), s[2], _ms(get(s, "nsa", "fwd")), _ms(get(s, "dense", "fwd")),
+           _x(get(s, "dense", "fwd"), get(s, "nsa", "fwd")), _ms(get(s, "nsa", "fwd+bwd")),
+           _ms(get(s, "dense", "fwd+bwd")), _x(get(s, "dense", "fwd+bwd"), get(s, "nsa", "fwd+bwd"))]
+          for s in shapes]
+  return [f"Kernels at research shapes: `experiments/bench_kernels.py --research` on one "
+          f"{d['meta']['gpu']} (jax {d['meta']['jax_version']}, bf16, paper block sizes): the whole "
+          f"`nsa` op against cuDNN at the attention shapes of the training presets, B x T = "
+          f"{max(s[1] * s[2] for s in shapes):,} tokens a call. Shape HxGyDz: x query heads, "
+          f"G = y query heads per KV head, head dim z (H8G4D64 is `gpu-compare`'s, H16G4D128 "
+          f"`research`'s). Times in ms.", "",
+          _table(["shape", "T", "B", "NSA fwd", "cuDNN fwd", "speedup", "NSA fwd+bwd",
+                  "cuDNN fwd+bwd", "speedup"], rows), "",
+          f"![research shapes]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+
+
+def model_config_text(m):
+  return (f"{m['num_layers']} layers, width {m['d_model']}, HQ {m['num_heads']}, "
+          f"HKV {m['num_kv_heads']}, head_dim {m['head_dim'] or m['d_model'] // m['num_heads']}")
+
+
+def train_step_section(path, d):
+  by = {(r["preset"], r["seq_len"], r["attention"]): r for r in d["rows"]}
+  value = lambda r, k, f: f(r[k]) if k in r else r.get("error", r.get("skipped", "–"))[:40]
+  rows = []
+  for preset, T in dict.fromkeys((r["preset"], r["seq_len"]) for r in d["rows"]):
+    n, f = by.get((preset, T, "nsa"), {}), by.get((preset, T, "full"), {})
+    rows.append([preset, _len(T), n.get("batch_size", f.get("batch_size")),
+                 value(n, "tokens_per_s", "{:,.0f}".format),
+                 value(f, "tokens_per_s", "{:,.0f}".format),
+                 f"**{_x(n.get('tokens_per_s'), f.get('tokens_per_s'))}**",
+                 value(n, "compile_s", "{:.1f}".format), value(f, "compile_s", "{:.1f}".format),
+                 f"{_gib(n.get('peak_gib'))} / {_gib(f.get('peak_gib'))}"])
+  params = {(r["preset"], r["attention"]): r["params"] for r in d["rows"] if "params" in r}
+  presets = "; ".join(
+      f"`{name}`: {model_config_text(m)}, {_count(params.get((name, 'nsa')))} parameters "
+      f"with NSA, {_count(params.get((name, 'full')))} with full attention"
+      for name, m in d["models"].items())
+  return [f"Model level: `experiments/bench_train.py` on one {d['meta']['gpu']} (jax "
+          f"{d['meta']['jax_version']}): the training step (forward, backward, AdamW update) of "
+          f"the same model with NSA and with full attention (cuDNN), "
+          f"{d['tokens_per_step']:,} tokens a step of random bytes, median of {d['steps']} steps "
+          f"after compilation; peak = the compiled step's memory. Presets: {presets}.", "",
+          _table(["preset", "T", "batch", "NSA tokens/s", "full tokens/s", "NSA / full",
+                  "NSA compile s", "full compile s", "peak GiB NSA / full"], rows), "",
+          f"![training step throughput]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+
+
+def _gib(x):
+  return "–" if x is None else f"{x:.1f}"
+
+
+def _len(T):
+  return f"{T // 1024}k" if T >= 1024 else str(T)
+
+
+def _count(n):
+  return "?" if n is None else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}"
+
+
 def training_section(path, d):
   rows = []
   for name, r in d["runs"].items():
@@ -103,6 +167,57 @@ def training_section(path, d):
           _table(["attention", "steps", "tokens", "train tokens/s", *(f"final {t}" for t in tasks),
                   "passkey accuracy"], rows), "",
           f"![validation loss]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+
+
+def _holds_up_to(run):
+  """The longest evaluated length up to which every length's accuracy (mean over depths) is >= 90 %."""
+  longest = None
+  for n, row in zip(run["lengths"], run["accuracy"]):
+    if sum(row) / len(row) < 0.9:
+      break
+    longest = n
+  return "nowhere" if longest is None else f"{longest:,} tokens"
+
+
+def retrieval_section(path, d):
+  nsa, full = d["runs"]["nsa"], d["runs"]["full"]
+  rec = nsa["selection_recall"]
+  mean = lambda row: sum(row) / len(row)
+  pct = lambda row: f"{mean(row):.0%}"
+  rows = [[f"{n:,}" + (" (trained)" if n == nsa["train_len"] else ""), pct(a), pct(f),
+           f"{mean(r):.2f}", f"{mean(m):.2f}", f"{mean(c):.2f}"]
+          for n, a, f, r, m, c in zip(nsa["lengths"], nsa["accuracy"], full["accuracy"],
+                                      rec["mean"], rec["max"], rec["chance"])]
+  at = nsa["lengths"].index(nsa["train_len"]) if nsa["train_len"] in nsa["lengths"] else -1
+  groups = len(rec["per_layer_group"][0])
+  layers = [[f"layer {i}", *(f"{mean(g[at]):.2f}" for g in layer)]
+            for i, layer in enumerate(rec["per_layer_group"])]
+  tasks = sorted(nsa["val"])
+  val = [[name, *(f"{r['val'][t]:.4f}" for t in tasks)] for name, r in (("NSA", nsa),
+                                                                     ("full", full))]
+  stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
+  m = d["model"]
+  return [f"Retrieval: `experiments/retrieval.py` on one {d['device']}: NSA and full attention "
+          f"({model_config_text(m)}, {d['dtype']}) trained on the same {nsa['tokens']:,} "
+          f"tokens ({nsa['steps']} steps; stages seq_len x batch x steps: {stages}) of "
+          f"`{d['mixture']}` ({'several' if d['pack_tasks'] else 'one'} passkey or mqar "
+          f"example{'s' if d['pack_tasks'] else ''} per row); {nsa['samples']} passkeys per cell at depths "
+          + ", ".join(f"{100 * x:.0f}%" for x in nsa["depths"])
+          + ". Accuracy: all 5 digits right under greedy decoding, mean over the depths. "
+          "Recall: how often a block of the needle sentence is among the blocks an answer "
+          "query selects (mean over layers and KV groups, and the best layer/group), next to "
+          "a random choice of the free slots:", "",
+          _table(["context", "NSA accuracy", "full accuracy", "NSA recall", "best layer/group",
+                  "chance"], rows), "",
+          f"Accuracy stays >= 90 % at every length up to: NSA {_holds_up_to(nsa)}, full "
+          f"attention {_holds_up_to(full)} (trained up to {nsa['train_len']:,} tokens). "
+          f"NSA's recall per layer and KV group at {nsa['lengths'][at]:,} tokens (mean over "
+          f"depths), and the validation losses after the last stage:", "",
+          _table(["NSA layer", *(f"group {g}" for g in range(groups))], layers), "",
+          _table(["attention", *tasks], val), "",
+          f"![retrieval]({path.relative_to(ROOT).with_suffix('.png')})", "",
+          f"![a needle and the blocks selected for it]"
+          f"({path.relative_to(ROOT).with_suffix('')}_example.png)", ""]
 
 
 def decode_section(path, d):
@@ -146,7 +261,8 @@ def trained_selections_section(path, d):
     rows.append([f"{r['T'] // 1024}k" + (" (extrapolated)" if r["extrapolated"] else ""),
                  *(f"{spread(bq)} vs {r['random'][str(bq)]:.1f}" for bq in (2, 4, 8)),
                  kernel("trained"), kernel("random")])
-  return [f"Trained selections: `experiments/trained_selections.py` on one {d['device']}: "
+  return [f"Trained selections (a one-off script, `experiments/trained_selections.py` in git "
+          f"history at cf085fe) on one {d['device']}: "
           f"block_idx of a model trained {d['step']} steps at T={d['train_seq_len']} "
           f"({d['run']}) on a validation text sequence, against random q; distinct blocks a "
           f"query tile of Bq tokens reads per token (trained, over the layers, vs random), and "
@@ -157,15 +273,35 @@ def trained_selections_section(path, d):
           f"![trained selections]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
 
+NOT_MEASURED = {
+    "bench_train_*.json": ["Model level (SPEC §5): not measured yet. On a GPU, "
+                           "`python experiments/bench_train.py` writes "
+                           "`experiments/results/bench_train_<gpu>.json`: the training step of "
+                           "the `gpu-compare` and `research` presets with NSA and with full "
+                           "attention at T = 8k..64k.", ""],
+    "retrieval_*.json": ["Retrieval: not measured yet. On a GPU, `python experiments/retrieval.py "
+                         "--out experiments/results` (run it again until it says done) writes "
+                         "`experiments/results/retrieval_<gpu>.json`: NSA and full attention "
+                         "learning passkey retrieval on the same curriculum, passkey accuracy "
+                         "over length x depth and NSA's selection recall.", ""],
+}
+
+
 def render() -> str:
   parts = []
   for pattern, fn in [("bench_kernels_*.json", kernels_section),
+                      ("research_kernels_*.json", research_kernels_section),
+                      ("bench_train_*.json", train_step_section),
                       ("compare_attention_*.json", training_section),
+                      ("retrieval_*.json", retrieval_section),
                       ("trained_selections_*.json", trained_selections_section),
                       ("bench_decode_*.json", decode_section),
                       ("scaling_*.json", scaling_section)]:
-    for path, d in _load(pattern):
+    files = _load(pattern)
+    for path, d in files:
       parts += fn(path, d)
+    if not files:
+      parts += NOT_MEASURED.get(pattern, [])
   return "\n".join([BEGIN, *parts, END])
 
 

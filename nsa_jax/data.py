@@ -9,11 +9,27 @@
 * ``mqar``: multi-query associative recall: many ``key=value`` pairs, then
   several keys asked again; only the recalled values carry loss.
 
-A batch is ``{"inputs", "targets", "weights"}``, each ``[batch, seq_len]``:
-``targets`` are ``inputs`` shifted by one and ``weights`` say which targets
-count in the loss. The :class:`Loader` draws batch ``k`` from an RNG seeded by
-``(seed, k)``, so its whole state is the count ``k``: saving that count in the
-checkpoint makes a resumed run read exactly the batches it would have read.
+A batch is ``{"inputs", "targets", "weights", "segment_ids"}``, each
+``[batch, seq_len]``: ``targets`` are the next tokens, ``weights`` say which
+targets count in the loss and ``segment_ids`` number the documents of a row
+(SPEC §6). Rows come in two kinds:
+
+* **packed** (``align=A``, what training uses): whole documents, each starting
+  at a multiple of ``A`` (the model's ``select_block``) and padded up to the
+  next one with `PAD` tokens of its own segment id and zero loss weight; a
+  document longer than a row is cut into row-sized pieces, each a document of
+  its own. A document's last token predicts nothing (weight 0), so no loss
+  crosses a boundary. Text rows are filled with files of the corpus; a
+  passkey or mqar row holds one example the length of the row, or, with
+  ``pack_tasks``, several of random lengths. :func:`pack_documents` packs
+  your own documents the same way.
+* **windows** (``align=None``): one random window of the concatenated corpus
+  (or one example) per row, ``targets`` the inputs shifted by one, one
+  segment per row.
+
+The :class:`Loader` draws batch ``k`` from an RNG seeded by ``(seed, k)``, so
+its whole state is the count ``k``: saving that count in the checkpoint makes
+a resumed run read exactly the batches it would have read.
 """
 from __future__ import annotations
 
@@ -22,11 +38,13 @@ import functools
 import pathlib
 import sysconfig
 import zlib
+from typing import Iterable, Sequence
 
 import numpy as np
 
 VOCAB_SIZE = 256  # bytes
 TASKS = ("text", "passkey", "mqar")
+PAD = 0           # token after a document's end, up to the next aligned start (weight 0)
 
 FILLER = (b"The grass is green. The sky is blue. The sun is yellow. "
           b"Here we go. There and back again. ")
@@ -40,9 +58,13 @@ MQAR_QUERIES = 8
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One sequence of ``seq_len + 1`` tokens and the loss weight of each token."""
-  tokens: np.ndarray   # uint8 [seq_len + 1]
-  weights: np.ndarray  # float32 [seq_len + 1]; weight of predicting tokens[i]
+  """A document: its tokens and the loss weight of predicting each from the ones before it.
+
+  ``weights[i]`` weighs the prediction of ``tokens[i]``; ``weights[0]`` is never
+  used (nothing predicts a document's first token).
+  """
+  tokens: np.ndarray   # [n] integer tokens (uint8 bytes here)
+  weights: np.ndarray  # float32 [n]
 
 
 # ----------------------------------------------------------------------------
@@ -63,18 +85,24 @@ def is_validation_file(path: pathlib.Path, val_percent: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def stdlib_corpus(val_percent: int = 5) -> dict[str, np.ndarray]:
-  """{"train": uint8 array, "val": uint8 array}: the files of each split, concatenated."""
+def stdlib_documents(val_percent: int = 5) -> dict[str, list[bytes]]:
+  """{"train": [...], "val": [...]}: the bytes of every file of each split, in path order."""
   if not 0 < val_percent < 100:
     raise ValueError(f"val_percent={val_percent} must be in 1..99")
-  parts = {"train": [], "val": []}
+  docs = {"train": [], "val": []}
   for path in stdlib_files():
-    split = "val" if is_validation_file(path, val_percent) else "train"
-    parts[split].append(path.read_bytes() + b"\n\n")
-  if not parts["train"] or not parts["val"]:
+    docs["val" if is_validation_file(path, val_percent) else "train"].append(path.read_bytes())
+  if not docs["train"] or not docs["val"]:
     raise RuntimeError(f"no standard-library sources found under "
                        f"{sysconfig.get_paths()['stdlib']}")
-  return {k: np.frombuffer(b"".join(v), np.uint8) for k, v in parts.items()}
+  return docs
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_corpus(val_percent: int = 5) -> dict[str, np.ndarray]:
+  """{"train": uint8 array, "val": uint8 array}: the files of each split, each + b"\\n\\n", concatenated."""
+  return {k: np.frombuffer(b"".join(d + b"\n\n" for d in v), np.uint8)
+          for k, v in stdlib_documents(val_percent).items()}
 
 
 def text_example(rng: np.random.Generator, stream: np.ndarray, length: int) -> Example:
@@ -84,6 +112,51 @@ def text_example(rng: np.random.Generator, stream: np.ndarray, length: int) -> E
                      f"sequences of {length} tokens")
   start = int(rng.integers(0, len(stream) - length))
   return Example(stream[start:start + length].copy(), np.ones(length, np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPieces:
+  """The files of one split cut into pieces of at most `seq_len` bytes, shortest first.
+
+  Piece ``i`` is ``stream[starts[i]:starts[i] + lengths[i]]``; a file of ``L``
+  bytes gives the pieces at offsets ``0, seq_len, 2 seq_len, ..`` of it.
+  """
+  stream: np.ndarray    # uint8: the split's files concatenated
+  starts: np.ndarray    # int64 [P]
+  lengths: np.ndarray   # int64 [P], ascending
+  cumulative: np.ndarray  # int64 [P]: running sum of `lengths` (length-weighted draws)
+
+  def draw(self, rng: np.random.Generator, max_length: int) -> Example | None:
+    """A piece of at most `max_length` bytes, drawn with probability proportional to its
+    length among those; None if none is that short."""
+    fitting = int(np.searchsorted(self.lengths, max_length, side="right"))
+    if fitting == 0:
+      return None
+    i = int(np.searchsorted(self.cumulative, rng.integers(self.cumulative[fitting - 1]),
+                            side="right"))
+    start, length = self.starts[i], self.lengths[i]
+    return Example(self.stream[start:start + length], np.ones(length, np.float32))
+
+
+@functools.lru_cache(maxsize=4)
+def _files_stream(split: str, val_percent: int) -> tuple[np.ndarray, np.ndarray]:
+  """(the files of `split` concatenated, the size of each), shared by every row length."""
+  docs = stdlib_documents(val_percent)[split]
+  return np.frombuffer(b"".join(docs), np.uint8), np.array([len(d) for d in docs], np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def text_pieces(split: str, seq_len: int, val_percent: int = 5) -> TextPieces:
+  """The files of `split` cut into pieces for rows of `seq_len` tokens (empty files give none)."""
+  stream, sizes = _files_stream(split, val_percent)
+  starts, lengths = [], []
+  for file_start, size in zip(np.cumsum(sizes) - sizes, sizes):
+    offsets = np.arange(0, size, seq_len)
+    starts.append(file_start + offsets)
+    lengths.append(np.minimum(seq_len, size - offsets))
+  starts, lengths = np.concatenate(starts), np.concatenate(lengths)
+  order = np.argsort(lengths, kind="stable")
+  return TextPieces(stream, starts[order], lengths[order], np.cumsum(lengths[order]))
 
 
 # ----------------------------------------------------------------------------
@@ -110,38 +183,137 @@ def passkey_example(rng: np.random.Generator, length: int,
   filler_len = length - len(needle) - len(question) - len(key)
   if filler_len < 0:
     raise ValueError(f"passkey sequences need at least "
-                     f"{length - filler_len} tokens, got seq_len + 1 = {length}")
+                     f"{length - filler_len} tokens, got length={length}")
   depth = float(rng.uniform()) if depth is None else depth
-  if not 0.0 <= depth <= 1.0:
-    raise ValueError(f"depth={depth} must be in [0, 1]")
-  cut = round(depth * filler_len)
+  cut = needle_span(length, depth)[0]
   offset = int(rng.integers(len(FILLER)))  # so the needle does not sit at a fixed phase
   filler = (FILLER * (filler_len // len(FILLER) + 2))[offset:offset + filler_len]
   return _concat([(filler[:cut], False), (needle, False), (filler[cut:], False),
                   (question, False), (key, True)])
 
 
+def needle_span(length: int, depth: float) -> tuple[int, int]:
+  """Where `passkey_example(rng, length, depth)` puts its needle sentence: [start, stop)."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth={depth} must be in [0, 1]")
+  start = round(depth * (length - min_length("passkey")))
+  return start, start + len(PASSKEY_NEEDLE.format(key="0" * PASSKEY_DIGITS))
+
+
 def mqar_example(rng: np.random.Generator, length: int) -> Example:
   """Multi-query associative recall: ``abcd=1234`` pairs, then ``?`` and some keys asked again.
 
   Each asked key is followed by its value; only those value digits carry loss.
+  The example ends with the last asked value.
   """
   pair_len = MQAR_KEY_LETTERS + 1 + MQAR_VALUE_DIGITS + 1
-  num_pairs = (length - 1 - MQAR_QUERIES * pair_len) // pair_len
+  num_pairs = (length - MQAR_QUERIES * pair_len) // pair_len
   if num_pairs < MQAR_QUERIES:
     raise ValueError(f"mqar sequences need at least {min_length('mqar')} "
-                     f"tokens, got seq_len + 1 = {length}")
+                     f"tokens, got length={length}")
   codes = rng.choice(26 ** MQAR_KEY_LETTERS, size=num_pairs, replace=False)
   keys = [bytes(97 + (c // 26 ** i) % 26 for i in range(MQAR_KEY_LETTERS)) for c in codes]
   values = [str(v).zfill(MQAR_VALUE_DIGITS).encode()
             for v in rng.integers(0, 10 ** MQAR_VALUE_DIGITS, size=num_pairs)]
-  pad = length - 1 - (num_pairs + MQAR_QUERIES) * pair_len
+  pad = length - (num_pairs + MQAR_QUERIES) * pair_len   # "?" takes the last query's space
   pieces = [(b" " * pad, False)]
   pieces += [(k + b"=" + v + b" ", False) for k, v in zip(keys, values)]
   pieces.append((b"?", False))
-  for i in rng.choice(num_pairs, size=MQAR_QUERIES, replace=False):
-    pieces += [(keys[i] + b"=", False), (values[i], True), (b" ", False)]
+  for n, i in enumerate(rng.choice(num_pairs, size=MQAR_QUERIES, replace=False)):
+    pieces += [(b" " if n else b"", False), (keys[i] + b"=", False), (values[i], True)]
   return _concat(pieces)
+
+
+# ----------------------------------------------------------------------------
+# Packing documents into rows (SPEC §6).
+
+
+def check_alignment(align: int, seq_len: int) -> None:
+  """Raises a ValueError unless a row of `seq_len` tokens can hold documents aligned to `align`."""
+  if not isinstance(align, int) or not 1 <= align <= seq_len:
+    raise ValueError(f"align={align!r} must be an int in 1..seq_len={seq_len}: documents start "
+                     f"at multiples of align, and a row of seq_len={seq_len} tokens must "
+                     f"hold at least one")
+
+
+def aligned(length: int, align: int) -> int:
+  """`length` rounded up to a multiple of `align`: the room a document takes in a row."""
+  return -(-length // align) * align
+
+
+def as_example(document) -> Example:
+  """An Example of a byte string or token array (every token counts); Examples pass through."""
+  if isinstance(document, Example):
+    return document
+  tokens = (np.frombuffer(document, np.uint8) if isinstance(document, (bytes, bytearray))
+            else np.asarray(document))
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"a document must be bytes or a 1-d integer array, got "
+                     f"{tokens.dtype} of shape {tokens.shape}")
+  return Example(tokens, np.ones(len(tokens), np.float32))
+
+
+def pieces(document: Example, seq_len: int) -> list[Example]:
+  """`document` cut into pieces of at most `seq_len` tokens (each a document of its own)."""
+  return [Example(document.tokens[i:i + seq_len], document.weights[i:i + seq_len])
+          for i in range(0, len(document.tokens), seq_len)]
+
+
+def pack_row(documents: Sequence[Example], seq_len: int, align: int) -> dict[str, np.ndarray]:
+  """One row of `seq_len` positions holding `documents` in order (SPEC §6).
+
+  Document ``i`` starts at the first multiple of `align` after document
+  ``i - 1`` and has segment id ``i``; `PAD` tokens of its id and weight 0 fill
+  the room up to the next document (or the row's end). Its last token's target
+  has weight 0: no loss crosses a boundary.
+  """
+  row = {"inputs": np.full(seq_len, PAD, np.int32), "targets": np.full(seq_len, PAD, np.int32),
+         "weights": np.zeros(seq_len, np.float32), "segment_ids": np.zeros(seq_len, np.int32)}
+  start = 0
+  for i, doc in enumerate(documents):
+    n = len(doc.tokens)
+    if n == 0 or start + n > seq_len:
+      raise ValueError(f"document {i} of {n} tokens does not fit at position {start} of a "
+                       f"row of seq_len={seq_len} (align={align})")
+    row["inputs"][start:start + n] = doc.tokens
+    row["targets"][start:start + n - 1] = doc.tokens[1:]
+    row["weights"][start:start + n - 1] = doc.weights[1:]
+    row["segment_ids"][start:] = i
+    start += aligned(n, align)
+  return row
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def pack_documents(documents: Iterable, *, seq_len: int, align: int) -> dict[str, np.ndarray]:
+  """Packs your own documents into rows: {"inputs", "targets", "weights", "segment_ids"} [R, seq_len].
+
+  `documents` are byte strings, 1-d integer token arrays (every token counts)
+  or `Example`s (their own loss weights). Each document, or each `seq_len`-token
+  piece of a longer one, goes into the first row with room for it (first fit,
+  in the given order), starting at a multiple of `align` (use the model's
+  `select_block`). Empty documents are skipped.
+  """
+  check_alignment(align, seq_len)
+  rows: list[list[Example]] = []
+  ends = np.zeros(0, np.int64)   # where the next document of each row would start
+  for document in documents:
+    for piece in pieces(as_example(document), seq_len):
+      n = len(piece.tokens)
+      room = np.flatnonzero(ends + n <= seq_len)
+      if len(room):
+        r = int(room[0])
+      else:
+        r = len(rows)
+        rows.append([])
+        ends = np.append(ends, 0)
+      rows[r].append(piece)
+      ends[r] += aligned(n, align)
+  if not rows:
+    raise ValueError("pack_documents got no non-empty document")
+  return stack_rows([pack_row(docs, seq_len, align) for docs in rows])
 
 
 # ----------------------------------------------------------------------------
@@ -151,7 +323,7 @@ def mqar_example(rng: np.random.Generator, length: int) -> Example:
 def parse_mixture(spec: str, seq_len: int | None = None) -> dict[str, float]:
   """``"text:0.9,passkey:0.1"`` -> {"text": 0.9, "passkey": 0.1} (weights normalized).
 
-  With `seq_len`, also checks that every task fits in sequences of that length.
+  With `seq_len`, also checks that every task fits in rows of that length.
   """
   mixture = {}
   for item in spec.split(","):
@@ -165,26 +337,26 @@ def parse_mixture(spec: str, seq_len: int | None = None) -> dict[str, float]:
                        f"is not a number") from None
     if mixture[name] <= 0:
       raise ValueError(f"weight of {name!r} in mixture={spec!r} must be > 0")
-    if seq_len is not None and seq_len + 1 < min_length(name):
-      raise ValueError(f"task {name!r} needs seq_len >= {min_length(name) - 1}, "
+    if seq_len is not None and seq_len < min_length(name):
+      raise ValueError(f"task {name!r} needs seq_len >= {min_length(name)}, "
                        f"got seq_len={seq_len}")
   total = sum(mixture.values())
   return {k: v / total for k, v in mixture.items()}
 
 
 def min_length(task: str) -> int:
-  """The fewest tokens (seq_len + 1) an example of `task` can have."""
+  """The fewest tokens an example of `task` can have."""
   if task == "passkey":
     needle = PASSKEY_NEEDLE.format(key="0" * PASSKEY_DIGITS)
     return len(needle) + len(PASSKEY_QUESTION) + PASSKEY_DIGITS
   if task == "mqar":
-    return 2 * MQAR_QUERIES * (MQAR_KEY_LETTERS + MQAR_VALUE_DIGITS + 2) + 1
+    return 2 * MQAR_QUERIES * (MQAR_KEY_LETTERS + MQAR_VALUE_DIGITS + 2)
   return 2
 
 
 def make_example(task: str, rng: np.random.Generator, length: int, split: str,
                  val_percent: int = 5) -> Example:
-  """One example of `task` with `length` tokens (inputs and the last target)."""
+  """One example of `task` with `length` tokens (a random text window for "text")."""
   if task == "text":
     return text_example(rng, stdlib_corpus(val_percent)[split], length)
   if task == "passkey":
@@ -195,9 +367,11 @@ def make_example(task: str, rng: np.random.Generator, length: int, split: str,
 
 
 def collate(examples: list[Example]) -> dict[str, np.ndarray]:
+  """Rows of `seq_len + 1`-token examples -> a batch of `seq_len`, one segment per row."""
   tokens = np.stack([e.tokens for e in examples]).astype(np.int32)
   weights = np.stack([e.weights for e in examples])
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:]}
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:],
+          "segment_ids": np.zeros_like(tokens[:, 1:])}
 
 
 _SPLIT_IDS = {"train": 0, "val": 1}
@@ -207,26 +381,77 @@ class Loader:
   """Endless, deterministic batches of a task mixture; resumable from `state_dict()`.
 
   Batch ``k`` depends only on ``(seed, split, k)``: each row draws its task
-  from `mixture`, then its example.
+  from `mixture`, then its contents.
+
+  Args:
+    align: None for random windows (one segment per row); an int ``A`` for
+      packed rows: documents start at multiples of ``A`` (module docstring).
+      Text rows are filled with pieces of the split's files, each drawn with
+      probability proportional to its length among those that fit the room
+      left, until none fits.
+    pack_tasks: (packed rows only) a passkey or mqar row holds several
+      examples, each of a length drawn uniformly between the task's minimum and
+      the room left, instead of one the length of the row. Only useful with a
+      model that reads segment_ids; otherwise its queries see the examples
+      before theirs.
+    text_weight: the loss weight of every text token (the answer tokens of
+      passkey and mqar weigh 1). A passkey row has 5 answer tokens and a text
+      row hundreds: below 1 it keeps text from drowning the tasks' gradient.
+      A task's validation loss (weighted mean over its tokens) is the same
+      whatever the weight.
   """
 
   def __init__(self, mixture: str, *, seq_len: int, batch_size: int, seed: int = 0,
-               split: str = "train", val_percent: int = 5):
+               split: str = "train", val_percent: int = 5, align: int | None = None,
+               pack_tasks: bool = False, text_weight: float = 1.0):
     if split not in _SPLIT_IDS:
       raise ValueError(f"split={split!r} must be 'train' or 'val'")
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+    if align is not None:
+      check_alignment(align, seq_len)
+    elif pack_tasks:
+      raise ValueError("pack_tasks=True needs packed rows (align=None was given)")
+    if not text_weight > 0:
+      raise ValueError(f"text_weight={text_weight} must be > 0")
     self.mixture = parse_mixture(mixture, seq_len)
     self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
     self.split, self.val_percent = split, val_percent
+    self.align, self.pack_tasks, self.text_weight = align, pack_tasks, text_weight
     self.position = 0
 
   def batch_at(self, position: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], position])
     names = list(self.mixture)
-    tasks = rng.choice(len(names), size=self.batch_size, p=list(self.mixture.values()))
-    return collate([make_example(names[t], rng, self.seq_len + 1, self.split,
-                                 self.val_percent) for t in tasks])
+    tasks = [names[t] for t in rng.choice(len(names), size=self.batch_size,
+                                          p=list(self.mixture.values()))]
+    if self.align is None:
+      return collate([self.weighted(task, make_example(task, rng, self.seq_len + 1, self.split,
+                                                       self.val_percent)) for task in tasks])
+    return stack_rows([pack_row([self.weighted(task, doc) for doc in self.row_documents(task, rng)],
+                                self.seq_len, self.align) for task in tasks])
+
+  def weighted(self, task: str, example: Example) -> Example:
+    if task != "text" or self.text_weight == 1.0:
+      return example
+    return Example(example.tokens, example.weights * np.float32(self.text_weight))
+
+  def row_documents(self, task: str, rng: np.random.Generator) -> list[Example]:
+    """The documents of one packed row of `task`."""
+    docs, room = [], self.seq_len
+    if task == "text":
+      pool = text_pieces(self.split, self.seq_len, self.val_percent)
+      while room > 0 and (doc := pool.draw(rng, room)) is not None:
+        docs.append(doc)
+        room -= aligned(len(doc.tokens), self.align)
+      return docs
+    if not self.pack_tasks:
+      return [make_example(task, rng, self.seq_len, self.split, self.val_percent)]
+    while room >= min_length(task):
+      docs.append(make_example(task, rng, int(rng.integers(min_length(task), room + 1)),
+                               self.split, self.val_percent))
+      room -= aligned(len(docs[-1].tokens), self.align)
+    return docs
 
   def __iter__(self):
     return self
@@ -247,8 +472,11 @@ class Loader:
 
 
 def validation_batches(task: str, *, seq_len: int, batch_size: int, num_batches: int,
-                       seed: int = 0, val_percent: int = 5) -> list[dict[str, np.ndarray]]:
+                       seed: int = 0, val_percent: int = 5, align: int | None = None,
+                       pack_tasks: bool = False, text_weight: float = 1.0
+                       ) -> list[dict[str, np.ndarray]]:
   """A fixed list of validation batches of one task (text from the validation files)."""
-  loader = Loader(task, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                  split="val", val_percent=val_percent)
+  loader = Loader(task, seq_len=seq_len, batch_size=batch_size, seed=seed, split="val",
+                  val_percent=val_percent, align=align, pack_tasks=pack_tasks,
+                  text_weight=text_weight)
   return [next(loader) for _ in range(num_batches)]

@@ -41,10 +41,11 @@ from flax import nnx
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import FullAttention
 from nsa_jax.module import NativeSparseAttention
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, dispatch
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.ops.selection import overlap_to_select_blocks, rank_blocks
 from nsa_jax.rope import apply_rope
+from pallas_kernels import decode_attention as kernel
 
 CACHE_ALIGN = 64
 
@@ -131,15 +132,14 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   _check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths)
   scale = _common.resolve_scale(scale, q)
   args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths.astype(jnp.int32))
-  if _common.use_pallas(impl):   # the kernel clamps lengths itself
-    from pallas_kernels import decode_attention as kernel
-    why_not = kernel.unsupported(*args, config=config)
-    if why_not is None:
-      o, block_idx = kernel.nsa_decode(*args, config=config, scale=scale,
-                                       interpret=_common.resolve_interpret(interpret))
-      return (o, block_idx) if return_block_idx else o
-    if impl == "pallas":
-      raise ValueError(f"impl='pallas': the decode kernel does not support this call: {why_not}")
+  names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates", "lengths")
+  backend = dispatch.choose("nsa_decode", impl,
+                            dispatch.Call(dict(zip(names, args)), config, interpret))
+  if backend == "pallas":   # the kernel clamps lengths itself
+    o, block_idx = kernel.nsa_decode(*args, sizes=_common.selection_sizes(config),
+                                     window=config.window, scale=scale,
+                                     interpret=_common.resolve_interpret(interpret))
+    return (o, block_idx) if return_block_idx else o
   o, block_idx = nsa_decode_xla(*args[:-1], jnp.clip(args[-1], 1, k_slc.shape[1]),
                                 config=config, scale=scale)
   return (o, block_idx) if return_block_idx else o

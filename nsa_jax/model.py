@@ -36,10 +36,12 @@ class ModelConfig:
 
   Attributes:
     vocab_size: tokens (256 for bytes).
-    d_model, num_layers: width and depth.
-    num_heads, num_kv_heads: query heads and KV heads (GQA; num_heads % num_kv_heads == 0).
-    head_dim: per-head width (default d_model // num_heads).
-    mlp_hidden: SwiGLU hidden width (default 8/3 d_model rounded up to a multiple of 64).
+    d_model: model width.
+    num_layers: transformer blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (GQA; num_heads % num_kv_heads == 0).
+    head_dim: per-head width (None: d_model // num_heads).
+    mlp_hidden: SwiGLU hidden width (None: 8/3 d_model rounded up to a multiple of 64).
     attention: "nsa" or "full".
     nsa: NSA block sizes (used when attention == "nsa").
     shared_kv: NSA branches share one K/V projection (paper: separate).
@@ -116,7 +118,7 @@ class ModelConfig:
 
 def dense_attention(q, k, v):
   """Causal GQA attention, scale 1/sqrt(D): `cudnn.cudnn_causal_attention` where
-  `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's choice otherwise."""
+  `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise."""
   if cudnn.cudnn_runs(q, v):
     return cudnn.cudnn_causal_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))[0]
   return jax.nn.dot_product_attention(q, k, v, is_causal=True)

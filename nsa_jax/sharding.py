@@ -188,9 +188,8 @@ def shard_model_and_optimizer(model: nnx.Module, optimizer: nnx.Optimizer | None
   Call it right after building them and before restoring a checkpoint: the
   restore then targets these shardings (the abstract state keeps them).
   """
-  from nsa_jax.module import NativeSparseAttention  # module.py imports this file
   for _, module in nnx.iter_modules(model):
-    if isinstance(module, NativeSparseAttention):
+    if hasattr(module, "mesh"):   # layers that run their op per shard: NativeSparseAttention
       module.mesh = mesh
   target = model if optimizer is None else (model, optimizer)
   state = nnx.state(target)

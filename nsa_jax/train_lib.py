@@ -1,19 +1,24 @@
-"""Training a byte-level LM with NSA or full attention: config, steps, checkpoints, loop.
+"""Training a byte-level LM with NSA or full attention: steps, checkpoints, the loop.
 
-`experiments/train.py` is the command line around :func:`main`. One run:
+`experiments/train.py` is the command line around :func:`main`; the
+configuration (`TrainConfig`, its presets and flags) is `nsa_jax.train_config`.
+One run:
 
 * builds `nsa_jax.model.Transformer` (float32 parameters, `dtype` compute),
 * optimizes with AdamW, linear warmup then cosine decay, global-norm clipping,
-* draws batches from `nsa_jax.data.Loader` (its position is checkpointed),
-* jit-compiles one train step and one eval step (`jax.jit` over the split
-  NNX state), stops with :class:`NonFiniteError` on a NaN/Inf loss or gradient
-  before saving anything from that step,
+* draws batches from `nsa_jax.data.Loader` (its position is checkpointed): rows
+  packed with whole documents aligned to `select_block`, with segment ids
+  (`pack`, the default; SPEC §6), or random windows,
+* compiles one train step and one eval step (`jax.jit` over the split NNX
+  state) before the first step, saying so, so that the progress bar's rate
+  and the step times exclude compilation; stops with :class:`NonFiniteError`
+  on a NaN/Inf loss or gradient before saving anything from that step,
 * saves model, optimizer, loader position and step with an Orbax
   `CheckpointManager` (keep-last-N) and resumes from the latest one so that
   the continued run is bit-for-bit the uninterrupted one,
 * writes `config.json`, `metrics.csv`, TensorBoard events (`tb/`, where
   tensorboardX is installed) and `loss.png` under `out`, and prints a sample
-  at the end.
+  (`nsa_jax.decoding.generate`) and where everything is at the end.
 
 On several hosts (`--mesh`, `nsa_jax.sharding.setup_distributed`) only process
 0 writes those files and prints (`is_process_0`); every process takes part in
@@ -21,13 +26,12 @@ checkpointing, which Orbax coordinates across hosts.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import functools
 import json
 import math
 import pathlib
+import shlex
 import sys
 import time
 
@@ -39,142 +43,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from nsa_jax import data, sharding
-from nsa_jax.config import NSAConfig
-from nsa_jax.model import ModelConfig, Transformer, count_params
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything a run depends on; every field is a command-line flag (`--field value`)."""
-  preset: str = "demo"
-  out: str = ""                  # output directory; "" means runs/<preset>
-  # model (nsa_jax.model.ModelConfig)
-  attention: str = "nsa"
-  d_model: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int | None = None
-  mlp_hidden: int | None = None
-  tie_embeddings: bool = True
-  shared_kv: bool = False
-  dtype: str = "float32"
-  impl: str = "auto"
-  # NSA block sizes (nsa_jax.config.NSAConfig)
-  compress_block: int = 16
-  compress_stride: int = 8
-  select_block: int = 32
-  num_selected: int = 4
-  num_initial: int = 1
-  num_local: int = 2
-  window: int = 64
-  # data (nsa_jax.data)
-  mixture: str = "text"
-  seq_len: int = 256
-  batch_size: int = 4
-  seed: int = 0
-  val_percent: int = 5
-  # optimization
-  steps: int = 200
-  lr: float = 3e-3
-  min_lr_ratio: float = 0.1
-  warmup_steps: int = 20
-  weight_decay: float = 0.1
-  grad_clip: float = 1.0
-  # evaluation, checkpoints, output
-  eval_every: int = 50
-  eval_batches: int = 2
-  ckpt_every: int = 100
-  keep_checkpoints: int = 3
-  resume: bool = True            # continue from the latest checkpoint in out, if any
-  time_limit_s: float = 0.0      # > 0: stop (eval, checkpoint) after this much training time
-  sample_tokens: int = 200
-  sample_prompt: str = "def "
-  progress: bool = True
-  mesh: str = ""                 # device mesh, e.g. "data=2,heads=2" (nsa_jax.sharding); "" = one device
-
-  def __post_init__(self):
-    for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches",
-                 "ckpt_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-    if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
-      raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
-    data.parse_mixture(self.mixture, self.seq_len)
-    self.model_config().check_seq_len(self.seq_len)
-
-  @property
-  def out_dir(self) -> pathlib.Path:
-    return pathlib.Path(self.out or f"runs/{self.preset}")
-
-  def nsa_config(self) -> NSAConfig:
-    return NSAConfig(compress_block=self.compress_block, compress_stride=self.compress_stride,
-                     select_block=self.select_block, num_selected=self.num_selected,
-                     num_initial=self.num_initial, num_local=self.num_local,
-                     window=self.window)
-
-  def model_config(self) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=data.VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        mlp_hidden=self.mlp_hidden, attention=self.attention, nsa=self.nsa_config(),
-        shared_kv=self.shared_kv, tie_embeddings=self.tie_embeddings, dtype=self.dtype,
-        impl=self.impl)
-
-
-# Presets: overrides of the TrainConfig defaults (which are the CPU `demo`).
-PRESETS: dict[str, dict] = {
-    # ~3 minutes on a 2-core CPU: byte-level stdlib text, tiny NSA.
-    "demo": {},
-    # Smoke test of the whole pipeline in seconds (tests, `--small` modes).
-    "tiny": dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, seq_len=160,
-                 batch_size=2, steps=8, warmup_steps=2, eval_every=4, eval_batches=1,
-                 ckpt_every=4, sample_tokens=16, mixture="text:0.6,passkey:0.2,mqar:0.2"),
-    # One GPU, 8k context, paper block sizes, text with passkey retrieval mixed in.
-    "gpu-small": dict(d_model=384, num_layers=6, num_heads=8, num_kv_heads=2, head_dim=64,
-                      dtype="bfloat16", compress_block=32, compress_stride=16,
-                      select_block=64, num_selected=16, window=512, seq_len=8192,
-                      batch_size=8, steps=1000, lr=1e-3, warmup_steps=50, eval_every=100,
-                      eval_batches=4, ckpt_every=250, mixture="text:0.8,passkey:0.2"),
-    # gpu-small shrunk so that an NSA run and a full-attention run fit ~8 GPU minutes.
-    "gpu-compare": dict(d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
-                        dtype="bfloat16", compress_block=32, compress_stride=16,
-                        select_block=64, num_selected=16, window=512, seq_len=8192,
-                        batch_size=4, steps=400, lr=2e-3, warmup_steps=40, eval_every=50,
-                        eval_batches=2, ckpt_every=400, time_limit_s=120.0,
-                        mixture="text:0.75,passkey:0.25"),
-}
-
-
-def make_config(preset: str = "demo", **overrides) -> TrainConfig:
-  if preset not in PRESETS:
-    raise ValueError(f"preset={preset!r} must be one of {sorted(PRESETS)}")
-  return TrainConfig(**{"preset": preset, **PRESETS[preset], **overrides})
-
-
-def _parse_value(text: str, annotation: str):
-  if text.lower() == "none" and "None" in annotation:
-    return None
-  if annotation.startswith("bool"):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-    return text.lower() in ("true", "1")
-  for kind in (int, float):
-    if annotation.startswith(kind.__name__):
-      return kind(text)
-  return text
-
-
-def parse_args(argv=None) -> TrainConfig:
-  """`--preset NAME` then `--field value` overrides for any TrainConfig field."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  for field in dataclasses.fields(TrainConfig):
-    parser.add_argument(f"--{field.name}", dest=field.name, default=None,
-                        type=lambda s, a=field.type: _parse_value(s, a),
-                        help=f"({field.type}) default from the preset")
-  args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-  return make_config(args.pop("preset", "demo"), **args)
+from nsa_jax import data, decoding, sharding
+from nsa_jax.model import Transformer, count_params
+from nsa_jax.train_config import TrainConfig, from_dict, parse_args, to_dict
 
 
 # ----------------------------------------------------------------------------
@@ -268,8 +139,7 @@ def save_checkpoint(manager, step: int, model, optimizer, loader: data.Loader,
       model=ocp.args.StandardSave(nnx.state(model)),
       optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
       loader=ocp.args.JsonSave(loader.state_dict()),
-      meta=ocp.args.JsonSave({"step": step, "train_s": train_s,
-                              "config": dataclasses.asdict(cfg)})))
+      meta=ocp.args.JsonSave({"step": step, "train_s": train_s, "config": to_dict(cfg)})))
 
 
 def _abstract(module) -> nnx.State:
@@ -294,14 +164,17 @@ def restore_checkpoint(manager, step: int, model, optimizer=None, loader=None) -
 
 
 def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConfig, int]:
-  """The model of a run's checkpoint (latest when `step` is None), for evaluation and sampling."""
+  """The model of a run's checkpoint (latest when `step` is None), for evaluation and sampling.
+
+  Checkpoints written before the nested config (flat TrainConfig) do not load: ValueError.
+  """
   manager = checkpoint_manager(pathlib.Path(out_dir))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {pathlib.Path(out_dir) / 'checkpoints'}")
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  cfg = TrainConfig(**meta["config"])
-  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+  cfg = from_dict(meta["config"])
+  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   restore_checkpoint(manager, step, model)
   manager.close()
   return model, cfg, step
@@ -393,28 +266,43 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------
-# Sampling.
+# Sampling and the end-of-run message.
 
 
-def sample(model: Transformer, prompt: bytes, num_tokens: int, *, context: int,
-           temperature: float = 0.8, seed: int = 0) -> bytes:
-  """Autoregressive sampling, re-running the model on the last `context` tokens each step."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def next_token(state, buf, last, key):
-    logits = nnx.merge(graphdef, state)(buf[None])[0, last]
-    return jax.random.categorical(key, logits / temperature)
-
+def sample(model: Transformer, prompt: bytes, num_tokens: int, *, seed: int = 0,
+           temperature: float = 0.8) -> bytes:
+  """`prompt` continued by `num_tokens` bytes through `nsa_jax.decoding.generate` (prefill, then
+  one decode step a token over the KV cache; the decode kernels on a GPU)."""
   tokens = list(prompt) or [ord("\n")]
-  key = jax.random.key(seed)
-  for _ in range(num_tokens):
-    window = tokens[-context:]
-    buf = np.zeros(context, np.int32)
-    buf[:len(window)] = window
-    key, sub = jax.random.split(key)
-    tokens.append(int(next_token(state, buf, len(window) - 1, sub)))
-  return bytes(tokens)
+  new = decoding.generate(model, jnp.asarray([tokens], jnp.int32), jax.random.key(seed),
+                          max_new_tokens=num_tokens,
+                          sampling=decoding.Sampling(temperature=temperature))
+  return bytes(tokens + np.asarray(new[0]).tolist())
+
+
+def _python() -> str:
+  """How to call this interpreter from the working directory (e.g. .venv/bin/python)."""
+  exe = pathlib.Path(sys.executable)
+  return str(exe.relative_to(pathlib.Path.cwd())) if exe.is_relative_to(pathlib.Path.cwd()) \
+      else "python"
+
+
+def end_message(cfg: TrainConfig, step: int, argv: list[str]) -> str:
+  """Where the run's files are and what to run next: resume, evaluate, sample, TensorBoard."""
+  out, python = cfg.out_dir, _python()
+  again = f"{python} -m experiments.train {shlex.join(argv)}".rstrip()
+  lines = [f"--- run directory {out}/",
+           f"  checkpoints/  Orbax checkpoints, latest step {step}; the same command resumes "
+           f"from the latest:",
+           f"                  {again}",
+           "                add --steps N to train on to step N (a finished run only samples)"]
+  if (out / "tb").exists():
+    lines.append(f"  tb/           TensorBoard events: tensorboard --logdir {out / 'tb'}")
+  lines += ["  loss.png, metrics.csv (per step), config.json",
+            f"evaluate passkey retrieval: {python} experiments/eval_retrieval.py --run {out}",
+            f"sample again: the command above with --sample_prompt TEXT --sample_tokens N, or "
+            f"in Python nsa_jax.train_lib.load_model('{out}') and sample(model, prompt, N)"]
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
@@ -438,17 +326,15 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   """
   out = cfg.out_dir
   out.mkdir(parents=True, exist_ok=True)
-  model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   optimizer = make_optimizer(model, cfg)
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
   place = (lambda b: sharding.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)
   if mesh is not None:   # before the restore, which then targets these shardings
     sharding.shard_model_and_optimizer(model, optimizer, mesh)
-  loader = data.Loader(cfg.mixture, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                       seed=cfg.seed, val_percent=cfg.val_percent)
+  loader = data.Loader(cfg.mixture, **cfg.data_options())
   val_sets = {task: [place(b) for b in data.validation_batches(
-                  task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                  num_batches=cfg.eval_batches, seed=cfg.seed, val_percent=cfg.val_percent)]
+                  task, num_batches=cfg.eval_batches, **cfg.data_options())]
               for task in loader.mixture}
   manager = checkpoint_manager(out, cfg.keep_checkpoints)
   start, train_s = 0, 0.0
@@ -456,15 +342,25 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
     meta = restore_checkpoint(manager, manager.latest_step(), model, optimizer, loader)
     start, train_s = meta["step"], meta["train_s"]
   columns = ["step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "train_s",
-             *[f"val_{t}" for t in loader.mixture]]
-  log = MetricsLog(out, columns, start, dataclasses.asdict(cfg))
+             "compile_s", *[f"val_{t}" for t in loader.mixture]]
+  log = MetricsLog(out, columns, start, to_dict(cfg))
   if start:
     log.say(f"resumed from step {start} of {manager.directory}")
-  log.say(f"{cfg.attention} model: {count_params(model):,} parameters; "
+  if start >= cfg.steps:
+    log.say(f"step {start} of {cfg.steps} reached already: nothing to train")
+    manager.close()
+    log.close()
+    return []
+  log.say(f"{cfg.model.attention} model: {count_params(model):,} parameters; "
           f"{cfg.batch_size} x {cfg.seq_len} tokens per step; output in {out}")
 
   graphdef, state = nnx.split((model, optimizer))
-  train_step, eval_step = make_steps(graphdef)
+  log.say("compiling the train and eval steps...")
+  t0 = time.perf_counter()
+  example = next(iter(val_sets.values()))[0]    # shaped and placed like a training batch
+  train_step, eval_step = (f.lower(state, example).compile() for f in make_steps(graphdef))
+  compile_s = time.perf_counter() - t0
+  log.say(f"compiled in {compile_s:.1f} s")
   schedule = lr_schedule(cfg)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   rows = []
@@ -487,6 +383,8 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
     row = {"step": step, "loss": loss, "grad_norm": grad_norm,
            "lr": float(schedule(step - 1)), "step_s": step_s,
            "tokens_per_s": tokens_per_step / step_s, "train_s": train_s}
+    if step == start + 1:
+      row["compile_s"] = compile_s
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
                     step_ms=f"{1e3 * step_s:.0f}")
@@ -520,16 +418,17 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
 
 def main(argv=None) -> None:
   sharding.setup_distributed()
+  argv = sys.argv[1:] if argv is None else list(argv)
   cfg = parse_args(argv)
   try:
     train(cfg)
   except NonFiniteError as err:
     sys.exit(f"error: {err}")
-  model, cfg, step = load_model(cfg.out_dir)   # on every process: Orbax syncs them
+  model, _, step = load_model(cfg.out_dir)   # on every process: Orbax syncs them
   if not is_process_0():
     return
-  text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, context=cfg.seq_len,
-                seed=cfg.seed)
-  print(f"--- sample from the step-{step} checkpoint ---")
+  print(f"--- sample from the step-{step} checkpoint (nsa_jax.decoding.generate, "
+        f"temperature 0.8) ---")
+  text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, seed=cfg.seed)
   print(text.decode("utf-8", errors="replace"))
-  print(f"--- loss curve: {cfg.out_dir / 'loss.png'}  metrics: {cfg.out_dir / 'metrics.csv'}")
+  print(end_message(cfg, step, argv))

@@ -46,28 +46,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _util
+
 _LOG2E = math.log2(math.e)
-
-
-def _pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
-def _div(a, b: int):
-  """a // b for a traced non-negative int32 `a` (lax.div: x64-safe, cheap in Triton)."""
-  a = jnp.asarray(a, jnp.int32)
-  return lax.div(a, jnp.int32(b))
-
-
-def _cdiv(a, b: int):
-  return _div(a + (b - 1), b)
-
-
-def check_dtype(q) -> None:
-  """The kernels compute in float32 and take float32 / bfloat16 / float16 inputs."""
-  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise ValueError(f"q.dtype={q.dtype}: the Pallas kernels take float32, "
-                     "bfloat16 or float16 inputs (use impl='xla' for others)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +78,12 @@ class Band:
   def key_range(self, t_first, t_last, num_keys: int):
     """[lo, hi): the keys that some query in t_first..t_last sees."""
     hi = jnp.minimum(
-        _div(jnp.maximum(t_last - self.offset + self.stride, 0), self.stride),
+        _util.div(jnp.maximum(t_last - self.offset + self.stride, 0), self.stride),
         num_keys)
     if self.window is None:
       return 0, hi
     first = jnp.maximum(t_first - self.window + 1 - self.offset, 0)
-    return _cdiv(first, self.stride), hi
+    return _util.div_up(first, self.stride), hi
 
   def query_range(self, j_first, j_last, num_queries: int):
     """[lo, hi): the queries that see some key in j_first..j_last."""
@@ -131,10 +112,10 @@ def _block_ranges(some, every, size: int):
   """(lo, full_lo, full_hi, hi): blocks of `size` in [lo, hi) overlap the index
   range `some` (seen by some query/key of the other side), those in
   [full_lo, full_hi) lie inside `every` (seen by all: no mask needed)."""
-  lo = _div(some[0], size)
-  hi = jnp.maximum(_cdiv(some[1], size), lo)
-  full_lo = jnp.clip(_cdiv(every[0], size), lo, hi)
-  full_hi = jnp.clip(_div(jnp.maximum(every[1], 0), size), full_lo, hi)
+  lo = _util.div(some[0], size)
+  hi = jnp.maximum(_util.div_up(some[1], size), lo)
+  full_lo = jnp.clip(_util.div_up(every[0], size), lo, hi)
+  full_hi = jnp.clip(_util.div(jnp.maximum(every[1], 0), size), full_lo, hi)
   return lo, full_lo, full_hi, hi
 
 
@@ -150,7 +131,7 @@ def _banded_loop(blocks, body, carry):
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """Tile sizes and Triton launch parameters (H100 defaults).
+  """Tile sizes and Triton launch parameters (defaults tuned on H100 / H200).
 
   Attributes:
     block_m: rows (tokens x padded group heads) per query tile; power of 2.
@@ -170,10 +151,9 @@ class Tiles:
   bwd_block_m: int = 64
   bwd_block_k: int = 64
   bwd_num_warps: int = 8
-  # One stage: with 2, Triton's pipelining of the dk/dv loop corrupts dk on an
-  # H200 (bf16, T = 16k, max error vs float32 1.9e-2 in both the window and
-  # the compressed branch instead of 4.8e-3 / 3.9e-3; dq, dv and the forward
-  # are unaffected). The fix costs 49.3 -> 52.6 ms compressed fwd+bwd at 64k.
+  # One stage: with 2, Triton's pipelining of the dk/dv loop corrupts dk (bf16;
+  # dq, dv and the forward are unaffected;
+  # experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
   bwd_num_stages: int = 1
   dkv_splits: int = 1
 
@@ -187,10 +167,67 @@ class Tiles:
   def __post_init__(self):
     for name in ("block_m", "block_k", "bwd_block_m", "bwd_block_k"):
       value = getattr(self, name)
-      if not _pow2(value) or value < 16:
+      if not _util.is_pow2(value) or value < 16:
         raise ValueError(f"Tiles.{name}={value} must be a power of 2 >= 16")
     if self.dkv_splits < 1:
       raise ValueError(f"Tiles.dkv_splits={self.dkv_splits} must be >= 1")
+
+
+def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, itemsize: int) -> dict[str, int]:
+  """Estimated shared memory (bytes) of a program of each kernel, counted from the
+  kernels below as Triton allocates them: the tiles a program holds, the tiles a loop
+  step loads times their buffers (num_stages, and at least 2: Triton double-buffers
+  at one stage too), and the probabilities or dS tile each dot takes from registers.
+  All in the input dtype; rows of K and V, or of q and dO, as `_util.kv_width`."""
+  Gp, Dkp, Dvp = _util.next_pow2(G), _util.next_pow2(Dk, 16), _util.next_pow2(Dv, 16)
+  rows = lambda block_m: max(1, block_m // Gp) * Gp
+  m, bk = rows(tiles.block_m), tiles.block_k
+  mb, bkb = rows(tiles.bwd_block_m), tiles.bwd_block_k
+  fwd_bufs, bwd_bufs = max(tiles.num_stages, 2), max(tiles.bwd_num_stages, 2)
+  kv = _util.kv_width(Dkp, Dvp, itemsize)   # a K+V or q+dO row
+  return {name: itemsize * elements + _util.SCRATCH_BYTES for name, elements in {
+      # held + looped x buffers + register operands (the forward's p: none, Hopper's
+      # warpgroup MMA takes it from registers)
+      "fwd": m * Dkp + fwd_bufs * bk * kv,
+      "dq": mb * kv + bwd_bufs * bkb * kv + mb * bkb,
+      "dkv": bkb * kv + bwd_bufs * mb * kv + 2 * bkb * mb,
+  }.items()}
+
+
+def fit_tiles(tiles: Tiles, G: int, Dk: int, Dv: int, itemsize: int,
+              budget: int) -> Tiles | None:
+  """`tiles`, shrunk until every kernel's `shared_memory` fits `budget`: the forward
+  first loses pipeline stages (down to 2), then key rows, then query rows; the
+  backward key rows, then query rows (16 at least). None when even that does not fit.
+  Tiles that fit are returned unchanged."""
+  knobs = {"fwd": ("num_stages", "block_k", "block_m"),
+           "dq": ("bwd_block_k", "bwd_block_m"), "dkv": ("bwd_block_k", "bwd_block_m")}
+  while True:
+    over = [k for k, b in shared_memory(tiles, G, Dk, Dv, itemsize).items() if b > budget]
+    if not over:
+      return tiles
+    for name in knobs[over[0]]:
+      value, least = getattr(tiles, name), 2 if name == "num_stages" else 16
+      if value > least:
+        smaller = value - 1 if name == "num_stages" else value // 2
+        tiles = dataclasses.replace(tiles, **{name: smaller})
+        break
+    else:
+      return None
+
+
+def unsupported(q, k, v, tiles: Tiles | None) -> str | None:
+  """Why the banded kernels cannot run q, k, v; `tiles` are their default tiles
+  after `fit_tiles` (None: none fit)."""
+  if why := _util.dtype_unsupported(q.dtype):
+    return why
+  if tiles is None:
+    G, Dk, Dv = q.shape[2] // k.shape[2], q.shape[-1], v.shape[-1]
+    least = Tiles(block_m=16, block_k=16, num_stages=2, bwd_block_m=16, bwd_block_k=16)
+    need = max(shared_memory(least, G, Dk, Dv, q.dtype.itemsize).values())
+    return (f"even 16-row tiles need {need} bytes of shared memory per program for "
+            f"Dk={Dk}, Dv={Dv}, G={G}, {q.dtype}; the device has {_util.shared_memory_budget()}")
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,30 +283,9 @@ class _Shapes:
     return self.num_k_tiles * self.block_k
 
 
-def _pad_to(x, shape):
-  if x.shape == tuple(shape):
-    return x
-  return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)])
-
-
-def _dot(a, b, sh: _Shapes, contract=(1, 0)):
-  """2-D matmul with float32 accumulation. Float32 inputs keep float32
-  accuracy: 3-pass TF32 on the GPU's tensor cores (plain float32 dots spill
-  registers badly in Triton), exact float32 in interpret mode."""
-  if a.dtype != jnp.float32:
-    precision = lax.Precision.DEFAULT
-  elif sh.interpret:
-    precision = lax.Precision.HIGHEST
-  else:
-    precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-  return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
-                         precision=precision,
-                         preferred_element_type=jnp.float32)
-
-
 def _row_positions(t_first, sh: _Shapes):
   """Query position of each of the M packed rows (token-major, heads minor)."""
-  return t_first + _div(lax.broadcasted_iota(jnp.int32, (sh.M,), 0), sh.Gp)
+  return t_first + _util.div(lax.broadcasted_iota(jnp.int32, (sh.M,), 0), sh.Gp)
 
 
 def _query_tile(i, sh: _Shapes, reverse: bool):
@@ -294,7 +310,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
     j0 = kb * bk
     k = k_ref[pl.ds(j0, bk), :]
     v = v_ref[pl.ds(j0, bk), :]
-    s = _dot(q, k, sh, (1, 1)) * c
+    s = _util.dot(q, k, interpret=sh.interpret, contract=(1, 1)) * c
     m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=1))
     if masked:
       j = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
@@ -304,7 +320,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
     alpha = jnp.exp2(m - m_safe)
     p = jnp.exp2(s - m_safe[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, sh)
+    acc = acc * alpha[:, None] + _util.dot(p.astype(v.dtype), v, interpret=sh.interpret)
     return acc, m_new, l
 
   acc, m, l = _banded_loop(
@@ -324,7 +340,7 @@ def _probs(a, b, lse2, c, masked, band, t, j, sh):
   """p = exp(s - lse) of one tile, s = scale * a b^T (a, b = q, k or k, q);
   lse2 in log2 units, t and j broadcast to s. Masked entries are 0, which also
   covers rows that see nothing (lse = -inf)."""
-  p = jnp.exp2(_dot(a, b, sh, (1, 1)) * c - lse2)
+  p = jnp.exp2(_util.dot(a, b, interpret=sh.interpret, contract=(1, 1)) * c - lse2)
   return jnp.where(band.visible(t, j, sh.S), p, 0.0) if masked else p
 
 
@@ -345,8 +361,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
     v = v_ref[pl.ds(j0, bk), :]
     j = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     p = _probs(q, k, lse2, c, masked, band, t, j, sh)
-    ds = p * (_dot(do, v, sh, (1, 1)) - delta)
-    return dq + _dot(ds.astype(k.dtype), k, sh)
+    ds = p * (_util.dot(do, v, interpret=sh.interpret, contract=(1, 1)) - delta)
+    return dq + _util.dot(ds.astype(k.dtype), k, interpret=sh.interpret)
 
   dq = _banded_loop(band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk), body,
                     jnp.zeros((sh.M, sh.Dkp), jnp.float32))
@@ -378,9 +394,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     delta = delta_ref[pl.ds(t0, bq)].reshape(1, sh.M)
     t = _row_positions(t0, sh)[None, :]
     p_t = _probs(k, q, lse2, c, masked, band, t, j, sh)
-    dv = dv + _dot(p_t.astype(do.dtype), do, sh)
-    ds_t = p_t * (_dot(v, do, sh, (1, 1)) - delta)
-    dk = dk + _dot(ds_t.astype(q.dtype), q, sh)
+    dv = dv + _util.dot(p_t.astype(do.dtype), do, interpret=sh.interpret)
+    ds_t = p_t * (_util.dot(v, do, interpret=sh.interpret, contract=(1, 1)) - delta)
+    dk = dk + _util.dot(ds_t.astype(q.dtype), q, interpret=sh.interpret)
     return dk, dv
 
   dk, dv = _banded_loop(tiles, body,
@@ -405,9 +421,9 @@ def _shapes(q, k, v, tiles: Tiles, backward: bool, interpret: bool) -> _Shapes:
 def _pad_inputs(q, k, v, sh: _Shapes):
   """q -> [B, Tp, HKV, Gp, Dkp]; k, v -> [B, Sp, HKV, Dkp / Dvp], zero padded."""
   qg = q.reshape(sh.B, sh.T, sh.HKV, sh.G, sh.Dk)
-  return (_pad_to(qg, (sh.B, sh.Tp, sh.HKV, sh.Gp, sh.Dkp)),
-          _pad_to(k, (sh.B, sh.Sp, sh.HKV, sh.Dkp)),
-          _pad_to(v, (sh.B, sh.Sp, sh.HKV, sh.Dvp)))
+  return (_util.pad_to(qg, (sh.B, sh.Tp, sh.HKV, sh.Gp, sh.Dkp)),
+          _util.pad_to(k, (sh.B, sh.Sp, sh.HKV, sh.Dkp)),
+          _util.pad_to(v, (sh.B, sh.Sp, sh.HKV, sh.Dvp)))
 
 
 def _row_spec(sh: _Shapes, *, dim: int | None, reverse: bool | None = None):
@@ -532,10 +548,10 @@ def _backward(band, scale, tiles, interpret, res, cts):
   qp, kp, vp = _pad_inputs(q, k, v, sh)
   rows = (sh.B, sh.T, sh.HKV, sh.G)
   padded_rows = (sh.B, sh.Tp, sh.HKV, sh.Gp)
-  dop = _pad_to(do.reshape(rows + (sh.Dv,)), padded_rows + (sh.Dvp,))
+  dop = _util.pad_to(do.reshape(rows + (sh.Dv,)), padded_rows + (sh.Dvp,))
   delta = (jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
            - dlse.astype(jnp.float32))
-  delta = _pad_to(delta.reshape(rows), padded_rows)
+  delta = _util.pad_to(delta.reshape(rows), padded_rows)
   # Padded rows get lse = +inf, hence p = 0.
   lse2 = jnp.pad(lse.reshape(rows) * _LOG2E,
                  [(0, n - m) for m, n in zip(rows, padded_rows)],

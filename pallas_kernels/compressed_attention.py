@@ -13,41 +13,43 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from nsa_jax.config import NSAConfig
-from pallas_kernels import _flash
+from pallas_kernels import _flash, _util
 
-# Config A. The dk/dv loop of an early key block runs over nearly all T
-# queries, so it is split over query chunks to balance the programs: 16
-# chunks, fwd+bwd 89.4 ms against 91.3 ms with 8. Backward kernels on 4 warps
-# instead of 8: fwd+bwd 49.4 ms against 88.7 ms (H200, T=64k,
-# experiments/results/check_flash_sweep_h200.json; 52.6 ms at the 1 backward
-# stage that computes dk right, see `_flash.Tiles.bwd_num_stages`).
+# Config A's tiles. The dk/dv loop of an early key block runs over nearly all T
+# queries, so it is split over 16 query chunks to balance the programs; the
+# backward kernels run on 4 warps (measured:
+# experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 TILES = _flash.Tiles(dkv_splits=16, bwd_num_warps=4)
 # Heads wider than 128 (Config B: Dk = 192, padded to 256 in the kernels) take
-# backward tiles of 32 rows: fwd+bwd 113 ms against 214 ms with 64 (8 warps:
-# 133 ms; H200, T=64k, experiments/results/check_flash_config_b_h200.json).
+# backward tiles of 32 rows.
 WIDE_HEAD_BWD_BLOCK_M = 32
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float,
+def unsupported(q, k_cmp, v_cmp) -> str | None:
+  """Why the kernel cannot take these (validated) inputs, or None."""
+  return _flash.unsupported(q, k_cmp, v_cmp, default_tiles(q, k_cmp, v_cmp))
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
                          interpret: bool, tiles: _flash.Tiles | None = None):
-  """q [B,T,HQ,Dk], k_cmp/v_cmp [B,Tc,HKV,Dk/Dv] -> (o [B,T,HQ,Dv], lse [B,T,HQ] f32)."""
-  _flash.check_dtype(q)
-  tiles = default_tiles(q) if tiles is None else tiles
+  """q [B,T,HQ,Dk], k_cmp/v_cmp [B,Tc,HKV,Dk/Dv] -> (o [B,T,HQ,Dv], lse [B,T,HQ] f32);
+  compressed block i (of `block` tokens, every `stride`) ends at token i*stride + block - 1."""
+  tiles = default_tiles(q, k_cmp, v_cmp) if tiles is None else tiles
   B, T, HQ, _ = q.shape
   if k_cmp.shape[1] == 0:   # T < l: no compressed block exists yet
     return (jnp.zeros((B, T, HQ, v_cmp.shape[-1]), q.dtype),
             jnp.full((B, T, HQ), -jnp.inf, jnp.float32))
-  band = _flash.Band(stride=config.compress_stride,
-                     offset=config.compress_block - 1, window=None)
+  band = _flash.Band(stride=stride, offset=block - 1, window=None)
   return _flash.banded_attention(q, k_cmp, v_cmp, band, scale, tiles, interpret)
 
 
-def default_tiles(q) -> _flash.Tiles:
+def default_tiles(q, k_cmp, v_cmp) -> _flash.Tiles | None:
   """`TILES` for q's dtype (`Tiles.for_float32`) and head width (Dk > 128:
-  `WIDE_HEAD_BWD_BLOCK_M` backward rows)."""
+  `WIDE_HEAD_BWD_BLOCK_M` backward rows), fitted to the device's shared memory
+  (`_flash.fit_tiles`: unchanged where they fit); None where no tiles fit."""
   tiles = TILES.for_float32() if q.dtype == jnp.float32 else TILES
   if q.shape[-1] > 128:
     tiles = dataclasses.replace(
         tiles, bwd_block_m=min(tiles.bwd_block_m, WIDE_HEAD_BWD_BLOCK_M))
-  return tiles
+  return _flash.fit_tiles(tiles, q.shape[2] // k_cmp.shape[2], q.shape[-1], v_cmp.shape[-1],
+                          jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget())

@@ -6,7 +6,7 @@ every program takes the G query heads of its group (padded to a 16-row tile),
 walks its tiles with an online softmax and writes a partial result
 (unnormalised output, running max, sum), as in flash-decoding. A step is five
 launches and no XLA work between them (the step is launch-bound at batch 1:
-H200, 64k, ~26 us of kernels; `experiments/check_decode.py` times variants):
+experiments/PERF_NOTES.md has the figures):
 
   1. `_compressed_kernel`: the visible compressed keys (Eq. 7-8). It also starts
      the selection's block scores (Eq. 9-10) so that no second pass reads
@@ -40,9 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from nsa_jax.config import NSAConfig
-from nsa_jax.decoding import num_visible_compressed
-from pallas_kernels.select_blocks import _exact_dot, _overlap_matrix
+from pallas_kernels import _util
+from pallas_kernels.scoring import Selection, exact_dot, overlap_matrix
 
 BLOCK_K = 64            # cache rows per tile
 TARGET_PROGRAMS = 1024  # programs per branch: ~8 per SM of an H100/H200 ...
@@ -58,47 +57,49 @@ DV_CHUNK = 32           # output columns per combine program
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def _pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a, b):
-  return (a + b - 1) // b
-
-
-def _block_k(config: NSAConfig) -> int:
+def _block_k(sizes: Selection) -> int:
   """Cache rows per tile: BLOCK_K, or l' when smaller (a tile stays in one block)."""
-  return min(BLOCK_K, config.select_block)
+  return min(BLOCK_K, sizes.select_block)
 
 
 def unsupported(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
-                config: NSAConfig) -> str | None:
+                sizes: Selection) -> str | None:
   """Why the kernel cannot take these (already validated) inputs, or None."""
-  Dk, Dv, lp = q.shape[-1], v_slc.shape[-1], config.select_block
-  bk = _block_k(config)
-  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    return f"dtype {q.dtype} is not float32/bfloat16/float16"
-  if not (_pow2(Dk) and _pow2(Dv) and Dk >= 16 and Dv >= 16):
+  Dk, Dv, lp = q.shape[-1], v_slc.shape[-1], sizes.select_block
+  bk = _block_k(sizes)
+  if why := _util.dtype_unsupported(q.dtype):
+    return why
+  if not (_util.is_pow2(Dk) and _util.is_pow2(Dv) and Dk >= 16 and Dv >= 16):
     return f"head dims Dk={Dk}, Dv={Dv} must be powers of 2 >= 16"
-  if not (_pow2(lp) and lp >= 16):
+  if not (_util.is_pow2(lp) and lp >= 16):
     return f"select_block={lp} must be a power of 2 >= 16"
   if k_slc.shape[1] % bk or k_cmp.shape[1] % bk:
     return (f"cache rows S={k_slc.shape[1]}, Sc={k_cmp.shape[1]} must be multiples of "
             f"{bk} (caches from nsa_jax.decoding.init_cache are)")
-  if (bk * config.compress_stride) % lp:
+  if (bk * sizes.compress_stride) % lp:
     return (f"select_block={lp} must divide {bk} compressed blocks x stride "
-            f"{config.compress_stride} (a tile's first selection block)")
+            f"{sizes.compress_stride} (a tile's first selection block)")
+  need = shared_memory(q.shape[1] // k_slc.shape[2], Dk, Dv, bk, jnp.dtype(q.dtype).itemsize)
+  if need > _util.shared_memory_budget():
+    return (f"its tiles need {need} bytes of shared memory per program for Dk={Dk}, Dv={Dv}, "
+            f"{q.dtype}; the device has {_util.shared_memory_budget()}")
   return None
+
+
+def shared_memory(G: int, Dk: int, Dv: int, bk: int, itemsize: int) -> int:
+  """Estimated shared memory (bytes) of the compressed and local kernels' programs
+  (the others hold less), counted from `_attend` as Triton allocates it: the query
+  heads' tile, one copy of a step's K and V tiles (16-row dots: not multi-buffered),
+  the probabilities from registers, and the compressed kernel's `exact_dot` pieces."""
+  Gp = max(16, _util.next_pow2(G))
+  return (itemsize * (Gp * Dk + bk * (Dk + Dv) + Gp * bk)
+          + 2 * (Gp * bk + bk * 16) + _util.SCRATCH_BYTES)
 
 
 def _split(tiles: int, programs_per_group: int) -> tuple[int, int]:
   """(tiles per program, programs), both powers of 2, for `tiles` tiles."""
-  per = _next_pow2(_cdiv(tiles, programs_per_group))
-  return per, _next_pow2(_cdiv(tiles, per))
+  per = _util.next_pow2(_util.cdiv(tiles, programs_per_group))
+  return per, _util.next_pow2(_util.cdiv(tiles, per))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,26 +118,27 @@ class _Plan:
   cmp: tuple[int, int]   # (tiles per program, programs) of each branch
   slc: tuple[int, int]
   win: tuple[int, int]
+  window: int       # w, the window's keys
 
   @classmethod
-  def make(cls, B, HQ, HKV, S, Sc, config: NSAConfig):
-    lp, d = config.select_block, config.compress_stride
-    bk = _block_k(config)
+  def make(cls, B, HQ, HKV, S, Sc, sizes: Selection, window: int):
+    lp, d = sizes.select_block, sizes.compress_stride
+    bk = _block_k(sizes)
     per_tile = bk * d // lp
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (B * HKV)))
-    blocks = max(config.num_select_blocks(S), config.num_selected)
-    win_tiles = min(_cdiv(config.window, bk) + 1, S // bk)   # w rows from an aligned start
+    blocks = max(sizes.num_select_blocks(S), sizes.num_selected)
+    win_tiles = min(_util.cdiv(window, bk) + 1, S // bk)   # w rows from an aligned start
     G = HQ // HKV
-    Gp = max(16, _next_pow2(G))
-    score_rows = _next_pow2(_cdiv(blocks, per_tile))
+    Gp = max(16, _util.next_pow2(G))
+    score_rows = _util.next_pow2(_util.cdiv(blocks, per_tile))
     return cls(G=G, Gp=Gp, HQ=HQ, S=S, bk=bk, per_tile=per_tile,
                cols=max(16, per_tile),
                score_rows=score_rows,
                rows_per_program=min(score_rows, max(1, SCORES_ELEMENTS // (Gp * per_tile))),
-               n_pad=_next_pow2(config.num_selected),
+               n_pad=_util.next_pow2(sizes.num_selected),
                cmp=_split(Sc // bk, splits),
-               slc=_split(config.num_selected * (lp // bk), splits),
-               win=_split(win_tiles, splits))
+               slc=_split(sizes.num_selected * (lp // bk), splits),
+               win=_split(win_tiles, splits), window=window)
 
 
 # ------------------------------------------------------------------ kernels
@@ -187,24 +189,24 @@ def _store(o_ref, m_ref, l_ref, partial):
 
 def _compressed_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, blk_ref,
                        spill_ref, tile_max_ref, *, plan: _Plan, scale: float,
-                       config: NSAConfig):
+                       sizes: Selection):
   """Program (b, h, p): tiles p*per .. of the visible compressed keys, and
   their selection-block sums relative to the tile max: blk_ref [per, Gp, cols]
   (local tile i, column u: block (tile)*per_tile + u), spill_ref [per, Gp]
   (block (tile + 1)*per_tile) and the max, tile_max_ref [per, Gp]."""
   per, bk = plan.cmp[0], plan.bk
   first = pl.program_id(2) * per
-  visible = num_visible_compressed(_position(len_ref, plan), config)
-  count = jnp.clip(_cdiv(visible, bk) - first, 0, per)
+  visible = sizes.num_visible(_position(len_ref, plan))
+  count = jnp.clip(_util.cdiv(visible, bk) - first, 0, per)
   # Tile c covers tokens [c*bk*d, (c+1)*bk*d + l - d): its own per_tile blocks
   # and, as l - d < l', at most the next one. The overlaps are the same for
   # every tile (tile c starts at stride c*bk, its blocks at c*bk + u*l'/d).
-  weights = _overlap_matrix(0, bk, 0, plan.cols, plan.per_tile, config, jnp.float32)
-  spill_weights = _overlap_matrix(0, bk, plan.per_tile, 16, 1, config, jnp.float32).sum(axis=1)
+  weights = overlap_matrix(0, bk, 0, plan.cols, plan.per_tile, sizes, jnp.float32)
+  spill_weights = overlap_matrix(0, bk, plan.per_tile, 16, 1, sizes, jnp.float32).sum(axis=1)
 
   def probs(i, row0, s, seen, tile_max, m_new):
     p_tile = jnp.where(seen, jnp.exp(s - tile_max[:, None]), 0.0)
-    blk_ref[i] = _exact_dot(p_tile, weights)
+    blk_ref[i] = exact_dot(p_tile, weights)
     spill_ref[i] = (p_tile * spill_weights[None, :]).sum(axis=1)
     tile_max_ref[i] = tile_max
     return p_tile * jnp.exp(tile_max - m_new)[:, None]   # exp(s - m_new), one exp per key
@@ -215,7 +217,7 @@ def _compressed_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, blk_re
 
 
 def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, spill_ref, tile_max_ref, scores_ref, *,
-                   plan: _Plan, config: NSAConfig):
+                   plan: _Plan, sizes: Selection):
   """Program (b, h, r): block scores (Eq. 9-10) of score rows r*rows .., all
   heads at once: each head's lse from the compressed partials, the tile sums
   (row c: tile c) and spills (row c: tile c - 1) rescaled by exp(tile max -
@@ -225,7 +227,7 @@ def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, spill_ref, tile_max_ref, scor
   total = (l * jnp.exp(m - top[None, :])).sum(axis=0)
   lse = top + jnp.log(jnp.maximum(total, 1e-30))
   head_ok = (total > 0) & (jnp.arange(plan.Gp, dtype=jnp.int32) < plan.G)
-  tiles = _cdiv(num_visible_compressed(_position(len_ref, plan), config), plan.bk)   # written
+  tiles = _util.cdiv(sizes.num_visible(_position(len_ref, plan)), plan.bk)   # written
   nt = tile_max_ref.shape[0]
   rows = plan.rows_per_program
 
@@ -267,25 +269,25 @@ def _top_n(live, index, n: int, n_pad: int):
   return lax.fori_loop(0, n, pick, (live, jnp.full((n_pad,), -1, jnp.int32)))[1]
 
 
-def _top_n_kernel(len_ref, scores_ref, idx_ref, *, plan: _Plan, config: NSAConfig):
+def _top_n_kernel(len_ref, scores_ref, idx_ref, *, plan: _Plan, sizes: Selection):
   """Program (b, h): the top n blocks (Eq. 11), forced initial and local
   blocks first, of scores_ref [score_rows * per_tile] into idx_ref [n_pad]
   (a flat row: one warp reduces it with shuffles alone)."""
   j = jnp.arange(plan.score_rows * plan.per_tile, dtype=jnp.int32)
-  cur = _position(len_ref, plan) // config.select_block
+  cur = _position(len_ref, plan) // sizes.select_block
   candidate = j <= cur
-  forced = candidate & ((j < config.num_initial) | (j > cur - config.num_local))
+  forced = candidate & ((j < sizes.num_initial) | (j > cur - sizes.num_local))
   live = jnp.where(forced, jnp.inf, jnp.where(candidate, scores_ref[...], -jnp.inf))
-  idx_ref[...] = _top_n(live, j, config.num_selected, plan.n_pad)
+  idx_ref[...] = _top_n(live, j, sizes.num_selected, plan.n_pad)
 
 
 def _local_kernel(len_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_win_ref, v_win_ref,
-                  o_ref, m_ref, l_ref, *, plan: _Plan, scale: float, config: NSAConfig):
+                  o_ref, m_ref, l_ref, *, plan: _Plan, scale: float, sizes: Selection):
   """Programs p < P_slc: selected tiles p*per ..; the rest: window tiles."""
   t = _position(len_ref, plan)
   p = pl.program_id(2)
   q = q_ref[...]
-  bk, lp = plan.bk, config.select_block
+  bk, lp = plan.bk, sizes.select_block
   attend = functools.partial(_attend, q, bk=bk, scale=scale)
   (per_s, P_s), (per_w, _) = plan.slc, plan.win
 
@@ -301,15 +303,15 @@ def _local_kernel(len_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_win_ref, v_wi
       hi = jnp.where(blk >= 0, jnp.minimum(start + lp, t + 1), 0)
       return start + u % tiles_per_block * bk, start, hi
 
-    count = jnp.clip(config.num_selected * tiles_per_block - first, 0, per_s)
+    count = jnp.clip(sizes.num_selected * tiles_per_block - first, 0, per_s)
     _store(o_ref, m_ref, l_ref, attend(k_slc_ref, v_slc_ref, count, tile_rows))
 
   @pl.when(p >= P_s)
   def _():
     first = (p - P_s) * per_w
-    lo = jnp.maximum(t - config.window + 1, 0)
+    lo = jnp.maximum(t - plan.window + 1, 0)
     base = lo // bk * bk
-    count = jnp.clip(_cdiv(t + 1 - base, bk) - first, 0, per_w)
+    count = jnp.clip(_util.cdiv(t + 1 - base, bk) - first, 0, per_w)
     _store(o_ref, m_ref, l_ref, attend(
         k_win_ref, v_win_ref, count, lambda i: (base + (first + i) * bk, lo, t + 1)))
 
@@ -365,12 +367,12 @@ def _group_block(shape):
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
-               config: NSAConfig, scale: float, interpret: bool):
+               sizes: Selection, window: int, scale: float, interpret: bool):
   """Kernel path of `nsa_jax.decoding.nsa_decode`: (o [B, HQ, Dv], block_idx [B, HKV, n])."""
   B, HQ, Dk = q.shape
   Sc, HKV = k_cmp.shape[1], k_cmp.shape[2]
   S, Dv = k_slc.shape[1], v_slc.shape[-1]
-  plan = _Plan.make(B, HQ, HKV, S, Sc, config)
+  plan = _Plan.make(B, HQ, HKV, S, Sc, sizes, window)
   G, Gp = plan.G, plan.Gp
   qg = jnp.pad(q.reshape(B, HKV, G, Dk), [(0, 0), (0, 0), (0, Gp - G), (0, 0)])
   lens = lengths.reshape(B, 1)
@@ -381,7 +383,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
   kv_spec = lambda rows, D: pl.BlockSpec((None, rows, None, D), lambda b, h, p: (b, 0, h, 0))
   partial_specs = [pl.BlockSpec((None, None, None, Gp, Dv), lambda b, h, p: (b, h, p, 0, 0))] + [
       pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0))] * 2
-  common = dict(plan=plan, config=config)
+  common = dict(plan=plan, sizes=sizes)
 
   per_c, P_c = plan.cmp
   nt, cols = per_c * P_c, plan.cols
@@ -435,4 +437,4 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
       out_specs=pl.BlockSpec((None, None, Gp, dv), lambda b, h, c: (b, h, 0, c)),
       out_shape=jax.ShapeDtypeStruct((B, HKV, Gp, Dv), q.dtype),
   )(gates.reshape(-1), o_c, m_c, l_c, o_l, m_l, l_l)
-  return o[:, :, :G].reshape(B, HQ, Dv), block_idx[..., :config.num_selected]
+  return o[:, :, :G].reshape(B, HQ, Dv), block_idx[..., :sizes.num_selected]

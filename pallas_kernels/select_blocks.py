@@ -34,7 +34,7 @@ Design (one program per (query tile of Bq tokens, KV group, batch)):
   matmul with the 0/1/2 overlap matrix (built from iota, exact in any float
   type) maps the [Bq, block_k] probabilities to [Bq, Sc] block scores. Small
   score differences decide the ranking, so that matmul keeps float32
-  accuracy: p is split into three bf16 pieces on the tensor cores (`_exact_dot`;
+  accuracy: p is split into three bf16 pieces on the tensor cores (`scoring.exact_dot`;
   ~l'/d times fewer FLOPs than the QK matmuls).
 * Running top-n (Triton has no sort): the n best (value, index) pairs so far
   live in registers as a [Bq, n] set. After each chunk, its entries are
@@ -59,7 +59,7 @@ n-th place. Where the reference's n-th and (n+1)-th scores are apart, the
 selections are equal. tests/test_kernel_select.py checks exactly that. On a
 GPU, float32 inputs take the QK matmul in TF32 (Triton's default, like XLA's
 default precision), which moves scores by ~1e-3 relative: more swaps, still
-between near-equal blocks (experiments/check_select.py measures them).
+between near-equal blocks (`experiments/profile_kernels.py select` measures them).
 
 No custom_vjp: the output is integer and the inputs arrive stop_gradient'ed.
 """
@@ -74,8 +74,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from pallas_kernels import _util
+from pallas_kernels.scoring import Selection, exact_dot, overlap_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,8 @@ class Tiles:
       selection blocks scored per step, (block_k - l/d + 1) // (l'/d): 15 for
       the paper's sizes at 64, 31 at 128. 64 is best when the kernel
       computes its own lse, 128 when it is given (`WITH_LSE`).
-    num_warps, num_stages: Triton launch parameters. num_warps = 4 measured
-      best (H200, T=64k: 21.6 ms vs 35.6 ms at 8 warps; Config A, bf16).
+    num_warps, num_stages: Triton launch parameters (4 warps measured best:
+      experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
   """
 
   block_q: int = 64
@@ -111,13 +111,9 @@ class Tiles:
 
 
 # Tiles when the caller passes the compressed branch's lse (as `nsa` does): no
-# lse pass, so longer chunks pay (H200, Config A, bf16: 8k 0.48 -> 0.38 ms,
-# 16k 1.07 -> 0.97, 64k 12.9 -> 9.7 ms; experiments/results/check_select_h200_lse.json).
+# lse pass, so longer chunks pay
+# (experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 WITH_LSE = Tiles(block_k=128)
-
-
-def _next_pow2(x: int, at_least: int = 1) -> int:
-  return max(at_least, pl.next_power_of_2(x))
 
 
 def _pow2_parts(size: int) -> list[tuple[int, int]]:
@@ -132,47 +128,6 @@ def _pow2_parts(size: int) -> list[tuple[int, int]]:
       parts.append((start, 1 << bit))
       start += 1 << bit
   return parts
-
-
-def _div(a, b: int):
-  """a // b for int32 a >= 0 and a python int b (Triton-friendly: no floor fix-up)."""
-  return lax.div(a, jnp.int32(b))
-
-
-def _overlap_matrix(i0, rows: int, j0, cols: int, num_cols: int,
-                    config: NSAConfig, dtype):
-  """[rows, cols] overlap in strides of compressed blocks i0.. with selection blocks j0...
-
-  Compressed block i covers strides [i, i + l/d), selection block j covers
-  [j*l'/d, (j+1)*l'/d). Columns >= num_cols are zero.
-  """
-  per_block = config.compress_block // config.compress_stride
-  per_select = config.select_block // config.compress_stride
-  i = i0 + jnp.arange(rows, dtype=jnp.int32)[:, None]
-  col = jnp.arange(cols, dtype=jnp.int32)[None, :]
-  j = j0 + col
-  overlap = (jnp.minimum(i + per_block, (j + 1) * per_select)
-             - jnp.maximum(i, j * per_select))
-  return jnp.where(col < num_cols, jnp.maximum(overlap, 0), 0).astype(dtype)
-
-
-def _exact_dot(p, weights):
-  """p @ weights at float32 accuracy on bf16 tensor cores (float64: one f64 dot).
-
-  The overlap weights are small integers, exact in bf16; p is split into three
-  bf16 pieces (8 + 8 + 8 bits of mantissa), each multiplied exactly and summed
-  in float32. An IEEE float32 dot would run on the FMA units in Triton and
-  hold whole rows of p per thread (register spills).
-  """
-  if p.dtype == jnp.float64:
-    return plgpu.dot(p, weights, allow_tf32=False)
-  w = weights.astype(jnp.bfloat16)
-  total = jnp.zeros((p.shape[0], w.shape[1]), jnp.float32)
-  for _ in range(3):
-    piece = p.astype(jnp.bfloat16)
-    total += plgpu.dot(piece, w)
-    p = p - piece.astype(jnp.float32)
-  return total
 
 
 def _merge_top_n(vals, idx, run_vals, run_idx):
@@ -212,7 +167,7 @@ def _merge_top_n(vals, idx, run_vals, run_idx):
   return run_vals, run_idx
 
 
-def _select_kernel(*refs, config: NSAConfig, scale: float, seq_len: int,
+def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
                    num_cmp: int, group: int, chunk: int, block_k: int,
                    num_tiles: int, dtype):
   """One (query tile, KV group, batch) program.
@@ -223,21 +178,21 @@ def _select_kernel(*refs, config: NSAConfig, scale: float, seq_len: int,
   then), o_ref [Bq, NP].
   """
   q_ref, k_ref, *lse_ref, o_ref = refs
-  l, d, lp = config.compress_block, config.compress_stride, config.select_block
+  l, d, lp = sizes.compress_block, sizes.compress_stride, sizes.select_block
   front = l // d - 1                       # zero rows in front of k_ref
   per_select = lp // d
   block_q = q_ref.shape[0]
-  chunk_pad = _next_pow2(chunk, 16)
-  n = config.num_selected
+  chunk_pad = _util.next_pow2(chunk, 16)
+  n = sizes.num_selected
   n_pad = o_ref.shape[1]
-  group_pad = _next_pow2(group)
+  group_pad = _util.next_pow2(group)
 
   tile = num_tiles - 1 - pl.program_id(0)   # longest tiles first
   t = tile * block_q + jnp.arange(block_q, dtype=jnp.int32)        # [Bq]
   t_last = jnp.minimum(tile * block_q + block_q - 1, seq_len - 1)
   # Compressed blocks visible to the tile's last query: i*d + l - 1 <= t_last.
   num_visible = jnp.minimum(
-      _div(jnp.maximum(t_last - l + 1 + d, 0), d), num_cmp)
+      _util.div(jnp.maximum(t_last - l + 1 + d, 0), d), num_cmp)
 
   def scores(h, row0, i):
     """scale * q_h . k over k_ref rows row0.. (compressed blocks i), and visibility."""
@@ -265,7 +220,7 @@ def _select_kernel(*refs, config: NSAConfig, scale: float, seq_len: int,
       return m_new, total
 
     init = (jnp.full((block_q,), -jnp.inf, dtype), jnp.zeros((block_q,), dtype))
-    m, total = lax.fori_loop(0, _div(num_visible + block_k - 1, block_k), body, init)
+    m, total = lax.fori_loop(0, _util.div(num_visible + block_k - 1, block_k), body, init)
     return jnp.where(head_col == h, (m + jnp.log(total))[:, None], lse)
 
   if lse_ref:
@@ -275,8 +230,8 @@ def _select_kernel(*refs, config: NSAConfig, scale: float, seq_len: int,
                         jnp.zeros((block_q, group_pad), dtype))
 
   # Pass 2: block scores chunk by chunk, merged into a running top-n.
-  current = _div(t, lp)[:, None]                                # [Bq, 1]
-  num_chunks = _div(_div(t_last, lp) + chunk, chunk)
+  current = _util.div(t, lp)[:, None]                                # [Bq, 1]
+  num_chunks = _util.div(_util.div(t_last, lp) + chunk, chunk)
 
   def chunk_body(c, carry):
     run_vals, run_idx = carry
@@ -291,15 +246,14 @@ def _select_kernel(*refs, config: NSAConfig, scale: float, seq_len: int,
 
     p_sum = lax.fori_loop(0, group, add_head,
                           jnp.zeros((block_q, block_k), dtype))
-    weights = _overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk,
-                              config, dtype)
-    block_scores = _exact_dot(p_sum, weights)
+    weights = overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk, sizes, dtype)
+    block_scores = exact_dot(p_sum, weights)
 
     col = jnp.arange(chunk_pad, dtype=jnp.int32)[None, :]
     j = c * chunk + col                                            # [1, Sc]
     candidate = (j <= current) & (col < chunk)
-    forced = candidate & ((j < config.num_initial)
-                          | (j > current - config.num_local))
+    forced = candidate & ((j < sizes.num_initial)
+                          | (j > current - sizes.num_local))
     vals = jnp.where(forced, jnp.inf,
                      jnp.where(candidate, block_scores, -jnp.inf))
     return _merge_top_n(vals, jnp.broadcast_to(j, vals.shape),
@@ -312,58 +266,95 @@ def _select_kernel(*refs, config: NSAConfig, scale: float, seq_len: int,
   o_ref[...] = jnp.where((run_vals == -jnp.inf) | (slot >= n), -1, run_idx)
 
 
-def _kernel_block_k(config: NSAConfig, chunk: int) -> int:
+def _kernel_block_k(sizes: Selection, chunk: int) -> int:
   """Smallest power-of-2 key tile (>= 16) holding the blocks of `chunk` selection blocks."""
-  front = config.compress_block // config.compress_stride - 1
-  per_select = config.select_block // config.compress_stride
-  return _next_pow2(chunk * per_select + front, 16)
+  front = sizes.strides_per_block - 1
+  per_select = sizes.strides_per_select
+  return _util.next_pow2(chunk * per_select + front, 16)
 
 
-def _chunk_size(config: NSAConfig, num_blocks: int, block_k: int) -> int:
+def _chunk_size(sizes: Selection, num_blocks: int, block_k: int) -> int:
   """Selection blocks per chunk: as many as one `block_k` key tile covers."""
-  front = config.compress_block // config.compress_stride - 1
-  per_select = config.select_block // config.compress_stride
+  front = sizes.strides_per_block - 1
+  per_select = sizes.strides_per_select
   fit = (block_k - front) // per_select
   return max(1, min(fit, num_blocks))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "interpret",
+def shared_memory(tiles: Tiles, sizes: Selection, Dk: int, itemsize: int) -> int:
+  """Estimated shared memory (bytes) of a program, counted from `_select_kernel` as
+  Triton allocates it: a head's query tile (two copies: the head loop is pipelined),
+  the compressed-key tile of a chunk, and `exact_dot`'s bf16 pieces of p and overlap
+  weights."""
+  chunk = _chunk_size(sizes, 1 << 30, tiles.block_k)
+  tile_k, chunk_pad = _kernel_block_k(sizes, chunk), _util.next_pow2(chunk, 16)
+  dk = _util.cdiv(Dk, 16) * 16
+  return (itemsize * (2 * tiles.block_q + tile_k) * dk
+          + 2 * (tiles.block_q * tile_k + tile_k * chunk_pad) + _util.SCRATCH_BYTES)
+
+
+def default_tiles(q, sizes: Selection, lse_given: bool) -> Tiles | None:
+  """`Tiles()`, or `WITH_LSE` when the lse is given, fitted to the device's shared
+  memory: key tiles, then query tiles halved (16 at least) until `shared_memory`
+  fits; unchanged where they fit, None where 16 x 16 tiles do not."""
+  tiles = WITH_LSE if lse_given else Tiles()
+  itemsize, budget = jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget()
+  while shared_memory(tiles, sizes, q.shape[-1], itemsize) > budget:
+    if tiles.block_k > 16:
+      tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
+    elif tiles.block_q > 16:
+      tiles = dataclasses.replace(tiles, block_q=tiles.block_q // 2)
+    else:
+      return None
+  return tiles
+
+
+def unsupported(q, k_cmp, *, sizes: Selection) -> str | None:
+  """Why the kernel cannot take these (validated) inputs, or None."""
+  if why := _util.dtype_unsupported(q.dtype):
+    return why
+  if default_tiles(q, sizes, lse_given=True) is None or default_tiles(q, sizes, False) is None:
+    need = shared_memory(Tiles(block_q=16, block_k=16), sizes, q.shape[-1], q.dtype.itemsize)
+    return (f"even 16 x 16 tiles need {need} bytes of shared memory per program for "
+            f"Dk={q.shape[-1]}, {q.dtype}; the device has {_util.shared_memory_budget()}")
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("sizes", "scale", "interpret",
                                              "tiles"))
-def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float,
+def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
                   interpret: bool, tiles: Tiles | None = None, lse=None):
   """Top-n selection blocks per query and KV group; see the module docstring.
 
   Args:
-    q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
-    config, scale: as in `nsa_jax.select_blocks` (scale a python float).
+    q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc compressed blocks of T tokens.
+    sizes: the selection's block sizes; scale: logit scale (a python float).
     interpret: run the kernel in Pallas interpret mode (CPU).
-    tiles: tile sizes and launch parameters (default: `Tiles()`, or
-      `WITH_LSE` when lse is given).
+    tiles: tile sizes and launch parameters (default: `default_tiles`).
     lse: optional [B, T, HQ] natural-log lse of the compressed branch (-inf
       where nothing is visible); when given, pass 1 is skipped.
 
   Returns:
     block_idx [B, T, HKV, n] int32, -1 in unused slots, order free.
   """
-  if tiles is None:
-    tiles = Tiles() if lse is None else WITH_LSE
+  tiles = default_tiles(q, sizes, lse is not None) if tiles is None else tiles
   B, T, HQ, Dk = q.shape
   Tc, HKV = k_cmp.shape[1], k_cmp.shape[2]
   G = HQ // HKV
-  n = config.num_selected
-  dtype = _common.compute_dtype(q.dtype)
+  n = sizes.num_selected
+  dtype = jnp.promote_types(q.dtype, jnp.float32)
 
-  num_blocks = config.num_select_blocks(T)
-  chunk = _chunk_size(config, num_blocks, tiles.block_k)
-  tile_k = _kernel_block_k(config, chunk)
-  block_q = min(tiles.block_q, _next_pow2(T, 16))
+  num_blocks = sizes.num_select_blocks(T)
+  chunk = _chunk_size(sizes, num_blocks, tiles.block_k)
+  tile_k = _kernel_block_k(sizes, chunk)
+  block_q = min(tiles.block_q, _util.next_pow2(T, 16))
   num_tiles = pl.cdiv(T, block_q)
   dk_pad = pl.cdiv(Dk, 16) * 16
 
   # Rows read: pass 1 up to front + ceil(Tc / tile_k) * tile_k, pass 2 up to
   # the last chunk's start + tile_k.
-  front = config.compress_block // config.compress_stride - 1
-  per_select = config.select_block // config.compress_stride
+  front = sizes.strides_per_block - 1
+  per_select = sizes.strides_per_select
   rows = max(front + pl.cdiv(Tc, tile_k) * tile_k,
              (pl.cdiv(num_blocks, chunk) - 1) * chunk * per_select + tile_k)
   q = jnp.pad(q, [(0, 0), (0, num_tiles * block_q - T), (0, 0), (0, dk_pad - Dk)])
@@ -371,8 +362,8 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float,
   k_cmp = jnp.pad(k_cmp, [(0, 0), (front, rows - front - Tc), (0, 0),
                           (0, dk_pad - Dk)])
 
-  n_pad = _next_pow2(n)
-  group_pad = _next_pow2(G)
+  n_pad = _util.next_pow2(n)
+  group_pad = _util.next_pow2(G)
   inputs = [q, k_cmp]
   in_specs = [
       pl.BlockSpec((None, block_q, None, G, dk_pad),
@@ -387,7 +378,7 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float,
     in_specs.append(pl.BlockSpec((None, block_q, None, group_pad),
                                  lambda i, g, b: (b, num_tiles - 1 - i, g, 0)))
   kernel = functools.partial(
-      _select_kernel, config=config, scale=scale, seq_len=T, num_cmp=Tc,
+      _select_kernel, sizes=sizes, scale=scale, seq_len=T, num_cmp=Tc,
       group=G, chunk=chunk, block_k=tile_k, num_tiles=num_tiles, dtype=dtype)
   out = pl.pallas_call(
       kernel,

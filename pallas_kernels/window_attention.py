@@ -9,24 +9,33 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax.config import NSAConfig
-from pallas_kernels import _flash
+from pallas_kernels import _flash, _util
 
 # Config A (G=16: 8 tokens x 16 heads per forward query tile); float32 inputs
-# get `TILES.for_float32()`. Backward tiles of 32 rows, 4 warps: fwd+bwd
-# 20.8 ms against 27.7 ms with the 64-row, 8-warp defaults (H200, T=64k,
-# experiments/results/check_flash_h200.json; both at 2 backward stages, 24.1 ms
-# at the 1 stage that computes dk right). On a GPU, cuDNN runs the 16-bit
-# windows it takes instead (nsa_jax.ops._common.cudnn_runs).
+# get `TILES.for_float32()`. Backward tiles of 32 rows on 4 warps (measured:
+# experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
+# On a GPU, `nsa_jax.ops` runs the 16-bit windows cuDNN takes on cuDNN.
 TILES = _flash.Tiles(bwd_block_m=32, bwd_num_warps=4)
 
 
-def window_attention(q, k, v, *, config: NSAConfig, scale: float,
+def default_tiles(q, k, v) -> _flash.Tiles | None:
+  """`TILES` (float32: `Tiles.for_float32`) fitted to the device's shared memory
+  (`_flash.fit_tiles`: unchanged where they fit); None where no tiles fit."""
+  tiles = TILES.for_float32() if q.dtype == jnp.float32 else TILES
+  return _flash.fit_tiles(tiles, q.shape[2] // k.shape[2], q.shape[-1], v.shape[-1],
+                          jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget())
+
+
+def unsupported(q, k, v, *, window: int) -> str | None:
+  """Why the kernel cannot take these (validated) inputs, or None."""
+  return _flash.unsupported(q, k, v, default_tiles(q, k, v))
+
+
+def window_attention(q, k, v, *, window: int, scale: float,
                      interpret: bool, tiles: _flash.Tiles | None = None):
-  """q [B,T,HQ,Dk], k/v [B,T,HKV,Dk/Dv] -> o [B,T,HQ,Dv]; differentiable in q, k, v."""
-  _flash.check_dtype(q)
-  if tiles is None:
-    tiles = TILES.for_float32() if q.dtype == jnp.float32 else TILES
-  band = _flash.Band(stride=1, offset=0, window=config.window)
+  """q [B,T,HQ,Dk], k/v [B,T,HKV,Dk/Dv] -> o [B,T,HQ,Dv] over the last `window` keys of
+  each query; differentiable in q, k, v."""
+  tiles = default_tiles(q, k, v) if tiles is None else tiles
+  band = _flash.Band(stride=1, offset=0, window=window)
   o, _ = _flash.banded_attention(q, k, v, band, scale, tiles, interpret)
   return o

@@ -20,7 +20,8 @@ from nsa_jax import sharding
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.ops.nsa import nsa
-from nsa_jax.train_lib import make_config, make_optimizer, make_steps, restore_checkpoint
+from nsa_jax.train_config import make_config
+from nsa_jax.train_lib import make_optimizer, make_steps, restore_checkpoint
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

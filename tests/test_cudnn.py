@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nsa_jax import NSAConfig
-from nsa_jax.ops import compressed, cudnn
+from nsa_jax.ops import cudnn, dispatch
 
 LIMIT = 2 ** 31
 
@@ -60,25 +60,33 @@ def test_call_plan_fits_and_splits_no_more_than_needed(B, T, HQ, HKV, D):
 
 
 def test_branches_past_2_31_are_split_or_leave_cudnn(monkeypatch):
-  """With a Hopper GPU faked: the issue's batch stays on cuDNN (split); a 256k
-  row at HQ=64 leaves it for the window branch, not for the compressed branch
-  (folded by stride residue, its rows are d times shorter)."""
-  class Device:
+  """The dispatch table under the rule, with a Hopper GPU faked: the issue's
+  batch stays on cuDNN (split); a 256k row at HQ=64 leaves it for the window
+  branch, not for the compressed branch (folded by stride residue, its rows are
+  d times shorter); impl="cudnn" on the 256k window raises, naming the sizes."""
+  class Hopper:
+    platform = "gpu"
     compute_capability = "9.0"
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(jax, "devices", lambda: [Device()])
-  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+  monkeypatch.setattr(jax, "devices", lambda: [Hopper()])
   cfg = NSAConfig()
-  q, v = shape(9, 32768, 64, 128), shape(9, 32768, 4, 128)
-  assert cudnn.cudnn_branch_impl("auto", q, v) == "cudnn"
-  q, v = shape(1, 262144, 64, 128), shape(1, 262144, 4, 128)
-  assert cudnn.cudnn_branch_impl("auto", q, v) == "auto"
-  assert cudnn.cudnn_branch_impl("pallas", q, v) == "pallas"
-  v_cmp = shape(1, cfg.num_compressed(262144), 4, 128)
-  assert compressed.branch_impl("auto", q, v_cmp, cfg) == "cudnn"
-  with pytest.raises(ValueError, match="T=262144, G=16, D=128"):
-    cudnn.check_cudnn_runs(q, v, None)
+
+  def calls(B, T, HQ=64, HKV=4, D=128):
+    x = lambda T, H: jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+    Tc = cfg.num_compressed(T)
+    return {"compressed_attention": dispatch.Call(
+                dict(q=x(T, HQ), k_cmp=x(Tc, HKV), v_cmp=x(Tc, HKV)), cfg, None),
+            "window_attention": dispatch.Call(dict(q=x(T, HQ), k=x(T, HKV), v=x(T, HKV)),
+                                              cfg, None)}
+
+  on_cudnn = {"compressed_attention": "cudnn", "window_attention": "cudnn"}
+  for impl in ("auto", "pallas"):
+    assert dispatch.nsa_branches(impl, calls(9, 32768)) == on_cudnn
+    assert dispatch.nsa_branches(impl, calls(1, 262144)) == dict(
+        on_cudnn, window_attention="pallas")
+  with pytest.raises(ValueError, match=r"q \[1, 262144, 64, 128\] bfloat16.*under 2\^31"):
+    dispatch.choose("window_attention", "cudnn", calls(1, 262144)["window_attention"])
 
 
 @pytest.mark.parametrize("window", [None, 3])

@@ -11,11 +11,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from nsa_jax.train_config import make_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(name, args, out_dir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise")
+def run_script(name, args, out_dir, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise", **env_vars)
   env.pop("OUT", None)
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", name), "--small",
@@ -92,39 +97,135 @@ def test_bench_scaling_small(tmp_path):
       assert r["step_ms"] > 0 and 4.0 < r["loss"] < 7.0, r   # ~ln(256) on random tokens
 
 
-def test_check_decode_small(tmp_path):
-  run_script("check_decode.py", ["--variants", "default,splits <= 16"], tmp_path)
-  with open(tmp_path / "check_decode.json") as f:
-    rows = json.load(f)["rows"]
+def test_profile_kernels_small(tmp_path):
+  """One flash op and the decode step: checks against the reference, then the
+  default tiles and a variant timed (interpret mode); every check passes."""
+  run_script("profile_kernels.py", ["window", "--variants", "bwd-k128"], tmp_path)
+  with open(tmp_path / "profile_window.json") as f:
+    data = json.load(f)
+  assert [c["dtype"] for c in data["checks"]] == ["float32", "bfloat16"]
+  assert all(c["ok"] and set(c["errors"]) == {"o", "dq", "dk", "dv"} for c in data["checks"])
+  assert data["timings"][0]["fwd_bwd_ms"] > 0 and data["variants"][0]["ok"]
+  run_script("profile_kernels.py", ["decode", "--variants", "splits <= 16"], tmp_path)
+  with open(tmp_path / "profile_decode.json") as f:
+    rows = json.load(f)["timings"]
   assert [r["variant"] for r in rows] == ["default", "splits <= 16"]
   for r in rows:   # every variant's step agrees with the XLA one
-    assert r["us"] > 0 and r["selection_agreement"] == 1.0 and r["o_rel_err"] < 1e-5, r
+    assert r["us_per_step"] > 0 and r["selection_agreement"] == 1.0 and r["o_rel_err"] < 1e-5, r
+
+
+def test_shared_memory_small(tmp_path):
+  """The shared-memory table (estimates only: no Triton wheel here): Config B's
+  block-major dK/dV tiles were over Hopper's budget before fitting, none is after."""
+  run_script("shared_memory.py", [], tmp_path)
+  with open(tmp_path / "shared_memory.json") as f:
+    rows = json.load(f)["rows"]
+  over = [r for r in rows if r["estimate_before"] > r["budget"]]
+  assert [(r["kernel"], r["Dk"]) for r in over] == [("block_dkv block-major", 192)]
+  assert all(r["estimate"] <= r["budget"] for r in rows)
+
+
+def experiments_module(name):
+  import importlib
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_bench_kernels_research_shapes():
+  """--research covers HQ in {8, 16, 32} x G in {4, 8} x head_dim in {64, 128} at 8k with
+  B > 1, and the two training presets' shapes from 8k to 64k, all at the same tokens a call."""
+  import argparse
+  bench_kernels = experiments_module("bench_kernels")
+  args = argparse.Namespace(research=True, small=False, quick=False, max_t=0)
+  shapes = [s for s, _, _ in bench_kernels.shapes_to_run(args)]
+  assert {s.B * s.T for s in shapes} == {bench_kernels.RESEARCH_TOKENS}
+  at_8k = {(s.HQ, s.G, s.Dk) for s in shapes if s.T == 8192 and s.B > 1 and s.Dk == s.Dv}
+  assert at_8k == {(hq, g, d) for hq in (8, 16, 32) for g in (4, 8) for d in (64, 128)}
+  for preset in ("gpu-compare", "research"):
+    m = make_config(preset).model
+    Ts = {s.T for s in shapes if (s.HQ, s.HKV, s.Dk) == (m.num_heads, m.num_kv_heads, m.head_size)}
+    assert Ts == {8192, 16384, 32768, 65536}, preset
+  assert len({s.config for s in shapes}) == 12 and len(shapes) == len(set(shapes))
 
 
 def test_gpu_check_compare_empty_output():
   """T < l gives a zero-size compressed branch (Tc = 0): gpu_check's error
   measures must still be defined (its max-relative error once raised here)."""
-  import importlib
   import jax.numpy as jnp
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
-  try:
-    gpu_check = importlib.import_module("gpu_check")
-  finally:
-    sys.path.pop(0)
+  gpu_check = experiments_module("gpu_check")
   err, max_rel, ok = gpu_check.compare(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 0, 2, 16)))
   assert float(err) == 0.0 and float(max_rel) == 0.0 and bool(ok)
 
 
-def test_trained_selections_small(tmp_path):
-  stdout = run_script("trained_selections.py", [], tmp_path)
-  with open(tmp_path / "trained_selections.json") as f:
+def test_retrieval_small(tmp_path):
+  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs")], tmp_path)
+  with open(tmp_path / "retrieval.json") as f:
     data = json.load(f)
-  assert (tmp_path / "trained_selections.png").stat().st_size > 0
-  assert [r["T"] for r in data["rows"]] == [160, 320] and data["rows"][1]["extrapolated"]
-  for row in data["rows"]:
-    for per_token in [*row["trained"], row["random"]]:
-      # A tile of Bq tokens reads at most Bq x n blocks and at least n: per token
-      # the count falls as the tile grows.
-      counts = [per_token[str(bq)] for bq in (1, 2, 4, 8)]
-      assert counts == sorted(counts, reverse=True) and counts[0] > 0, row
-  assert "random q" in stdout
+  for name in ("retrieval.png", "retrieval_example.png", "retrieval_metrics/nsa_stage1-320.csv"):
+    assert (tmp_path / name).stat().st_size > 0
+  nsa, full = data["runs"]["nsa"], data["runs"]["full"]
+  stages = data["stages"]
+  assert [s["seq_len"] for s in stages] == [160, 320]
+  for run in (nsa, full):   # the same tokens and steps, every stage trained to its end
+    assert run["tokens"] == sum(s["seq_len"] * s["batch_size"] * s["steps"] for s in stages)
+    assert [s["steps"] for s in run["stages"]] == [s["steps"] for s in stages]
+    assert run["train_len"] == 320 and run["lengths"] == [160, 320, 640]
+    assert len(run["depths"]) >= 5 and len(run["accuracy"]) == 3
+    assert all(len(row) == len(run["depths"]) and 0 <= min(row) <= max(row) <= 1
+               for row in run["accuracy"])
+    assert set(run["val"]) == {"val_passkey", "val_mqar", "val_text"}
+  rec = nsa["selection_recall"]
+  assert "selection_recall" not in full
+  layers, groups = len(rec["per_layer_group"]), len(rec["per_layer_group"][0])
+  assert (layers, groups) == (1, 1)   # preset tiny
+  for mean, chance in zip(np.ravel(rec["mean"]), np.ravel(rec["chance"])):
+    assert 0 <= mean <= 1 and 0 < chance <= 1
+    if chance == 1:   # the needle lies in an always-selected block
+      assert mean == 1
+  example = nsa["example"]
+  assert example["length"] == 320 and example["needle_text"].startswith("The pass key is")
+  assert np.shape(example["block_idx"]) == (layers, groups, 5, 4)   # 5 answer queries, n = 4
+  assert "passkey accuracy" in stdout and "T \\ depth" in stdout
+
+
+def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
+  eval_retrieval = experiments_module("eval_retrieval")
+  assert "never saw a passkey" in eval_retrieval.passkey_note("text")
+  assert eval_retrieval.passkey_note("text:0.8,passkey:0.2") is None
+
+
+def test_bench_train_small(tmp_path):
+  """Both modes of the model-level benchmark: NSA and full training steps side by side, then
+  the breakdown of one step (the second run finds the first one's compiled steps in a shared
+  compilation cache)."""
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+  stdout = run_script("bench_train.py", ["--seq-lens", "160"], tmp_path, **cache)
+  with open(tmp_path / "bench_train_cpu.json") as f:
+    data = json.load(f)
+  assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"
+  assert (tmp_path / "bench_train_cpu.png").stat().st_size > 0
+  rows = data["rows"]
+  assert [(r["preset"], r["seq_len"], r["batch_size"], r["attention"]) for r in rows] == [
+      ("tiny", 160, 2, "nsa"), ("tiny", 160, 2, "full")]
+  for r in rows:
+    assert r["check"] == "ok" and r["step_ms"] > 0 and r["compile_s"] > 0 and r["peak_gib"] > 0
+    assert r["tokens_per_s"] == pytest.approx(320 / (r["step_ms"] / 1e3))
+  assert "nsa/full" in stdout
+
+  run_script("bench_train.py", ["--breakdown"], tmp_path, **cache)
+  with open(tmp_path / "train_breakdown_tiny_160_cpu.json") as f:
+    data = json.load(f)
+  parts = {(r["part"], r["attention"].split(" ")[0], r["pass"]) for r in data["records"]
+           if r.get("median_ms", 0) > 0}
+  for attention in ("nsa", "full"):
+    assert {("train step", attention, "fwd+bwd+update"),
+            ("attention layer", attention, "fwd+bwd")} <= parts
+  for part in ("q/kv projections", "compression MLP phi (k, v)", "RoPE (q, k_slc, k_win, k_cmp)",
+               "gates", "output projection", "op nsa", "op compressed_attention",
+               "op selected_attention", "op window_attention"):
+    assert (part, "nsa", "fwd+bwd") in parts, part
+  assert ("op select_blocks", "nsa", "fwd") in parts
+  assert ("op dense attention", "full", "fwd+bwd") in parts

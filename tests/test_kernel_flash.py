@@ -52,6 +52,11 @@ def _inputs(seed, B, T, S, HKV, G, Dk, Dv):
   return q, k, v, do, dlse
 
 
+def _sizes(config):
+  """The compressed kernel's sizes of a config."""
+  return dict(block=config.compress_block, stride=config.compress_stride)
+
+
 def _vjp(fn, q, k, v, ct):
   out, pullback = jax.vjp(fn, q, k, v)
   return out, pullback(ct)
@@ -70,7 +75,7 @@ def test_window_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
   q, k, v, do, _ = _inputs(T, B, T, T, HKV, G, Dk, Dv)
   scale = 0.7 / Dk ** 0.5
   kernel = jax.jit(lambda q, k, v, ct: _vjp(
-      lambda *a: window_attention(*a, config=config, scale=scale,
+      lambda *a: window_attention(*a, window=config.window, scale=scale,
                                   interpret=True, tiles=tiles), q, k, v, ct))
   ref = jax.jit(lambda q, k, v, ct: _vjp(
       lambda *a: window_attention_xla(*a, config=config, scale=scale),
@@ -97,7 +102,7 @@ def test_compressed_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
   q, k, v, do, dlse = _inputs(T, B, T, Tc, HKV, G, Dk, Dv)
   scale = 1.3 / Dk ** 0.5
   kernel = jax.jit(lambda q, k, v, ct: _vjp(
-      lambda *a: compressed_attention(*a, config=config, scale=scale,
+      lambda *a: compressed_attention(*a, **_sizes(config), scale=scale,
                                       interpret=True, tiles=tiles),
       q, k, v, ct))
   ref = jax.jit(lambda q, k, v, ct: _vjp(
@@ -119,18 +124,20 @@ def test_compressed_matches_reference(B, T, HKV, G, Dk, Dv, config, tiles):
 
 def test_compressed_default_tiles_follow_dtype_and_head_width():
   from pallas_kernels import compressed_attention as kernel
-  q = lambda Dk, dtype=jnp.bfloat16: jnp.zeros((1, 8, 2, Dk), dtype)
-  assert kernel.default_tiles(q(128)) == kernel.TILES
-  assert kernel.default_tiles(q(192)).bwd_block_m == kernel.WIDE_HEAD_BWD_BLOCK_M
-  assert kernel.default_tiles(q(192)).block_m == kernel.TILES.block_m   # forward unchanged
-  assert kernel.default_tiles(q(128, jnp.float32)) == kernel.TILES.for_float32()
+  x = lambda Dk, dtype=jnp.bfloat16, H=2: jax.ShapeDtypeStruct((1, 8, H, Dk), dtype)
+  tiles = lambda Dk, dtype=jnp.bfloat16: kernel.default_tiles(x(Dk, dtype), x(Dk, dtype, 1),
+                                                              x(Dk, dtype, 1))
+  assert tiles(128) == kernel.TILES
+  assert tiles(192).bwd_block_m == kernel.WIDE_HEAD_BWD_BLOCK_M
+  assert tiles(192).block_m == kernel.TILES.block_m   # forward unchanged
+  assert tiles(128, jnp.float32) == kernel.TILES.for_float32()
 
 
 def test_compressed_without_blocks():
   """T < l: Tc = 0, zero output, lse = -inf, zero gradient for q."""
   q, k, v, do, dlse = _inputs(0, 1, 5, 0, 2, 2, 16, 16)
   (o, lse), (dq, dk, dv) = _vjp(
-      lambda *a: compressed_attention(*a, config=SMALL, scale=0.25,
+      lambda *a: compressed_attention(*a, **_sizes(SMALL), scale=0.25,
                                       interpret=True), q, k, v, (do, dlse))
   assert not np.asarray(o).any() and np.isneginf(lse).all()
   assert not np.asarray(dq).any() and dk.shape == k.shape and dv.shape == v.shape

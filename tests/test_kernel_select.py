@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import nsa_jax
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common
+from nsa_jax.ops._common import selection_sizes
 from nsa_jax.ops.compressed import compressed_scores
 from nsa_jax.ops.selection import overlap_to_select_blocks, select_blocks_xla
 from pallas_kernels import select_blocks as select_blocks_module
@@ -108,7 +109,7 @@ def test_matches_reference(T, HQ, HKV, Dk, config, dtype, tiles):
   q, k_cmp = random_inputs(T, 2, T, HQ, HKV, Dk, config, dtype)
   scale = _common.resolve_scale(None, q)       # the public op's default
   tiles_arg = {} if tiles is None else {"tiles": tiles}
-  block_idx = select_blocks(q, k_cmp, config=config, scale=scale,
+  block_idx = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=scale,
                             interpret=True, **tiles_arg)
   differing = assert_same_selection(block_idx, q, k_cmp, config, scale)
   # Near-ties at ~1e-7 are rare: nearly every row must agree exactly.
@@ -132,7 +133,7 @@ def test_exact_ties_go_to_lower_index():
   Tc = config.num_compressed(T)
   k_cmp = jnp.zeros((B, Tc, HKV, Dk), jnp.float32).at[..., 0].set(-100.0)
   k_cmp = k_cmp.at[:, jnp.array([0, 9]), :, 0].set(100.0)
-  block_idx = select_blocks(q, k_cmp, config=config, scale=1.0, interpret=True,
+  block_idx = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=1.0, interpret=True,
                             tiles=Tiles(block_q=16, block_k=16))
   assert_same_selection(block_idx, q, k_cmp, config, 1.0, exact=True)
 
@@ -165,9 +166,9 @@ def test_given_lse_skips_pass_1():
                                         scale=scale, impl="xla")
   assert np.all(np.isneginf(np.asarray(lse)[:, :config.compress_block - 1]))
   tiles = Tiles(block_q=16, block_k=16)
-  without = select_blocks(q, k_cmp, config=config, scale=scale, interpret=True,
+  without = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=scale, interpret=True,
                           tiles=tiles)
-  given = select_blocks(q, k_cmp, config=config, scale=scale, interpret=True,
+  given = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=scale, interpret=True,
                         tiles=tiles, lse=lse)
   differing = assert_same_selection(given, q, k_cmp, config, scale)
   assert differing <= 0.01 * given.size / config.num_selected
@@ -183,7 +184,7 @@ def test_given_lse_default_tiles_paper_sizes():
   scale = _common.resolve_scale(None, q)
   _, lse = nsa_jax.compressed_attention(q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype),
                                         config=config, scale=scale, impl="xla")
-  given = select_blocks(q, k_cmp, config=config, scale=scale, interpret=True, lse=lse)
+  given = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=scale, interpret=True, lse=lse)
   assert_same_selection(given, q, k_cmp, config, scale)
 
 

@@ -1,4 +1,4 @@
-"""Selected-attention Pallas kernel (pallas_kernels/selected_attention.py) vs its reference.
+"""Selected-attention Pallas kernels (pallas_kernels/selected_*.py) vs their reference.
 
 Interpret mode on the CPU, float32: forward output and the q, k, v gradients
 (jax.vjp with a random cotangent) against `selected_attention_xla`. Each case
@@ -14,9 +14,11 @@ import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
 from pallas_kernels import selected_attention as kernel_module
-from pallas_kernels.selected_attention import (SAMPLED_TILES, Tiles, _blocks_per_token,
-                                                _entry_index, _listed, _pad_blk, _tile_unions,
-                                                default_tiles, selected_attention, tilings)
+from pallas_kernels import selected_choice, selected_plan
+from pallas_kernels.selected_attention import selected_attention
+from pallas_kernels.selected_choice import SAMPLED_TILES, blocks_per_token, tilings
+from pallas_kernels.selected_plan import entry_index, listed, pad_blk, tile_unions
+from pallas_kernels.selected_tiles import Geometry, Tiles, default_tiles
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -74,7 +76,7 @@ def _check(kernel_fn, q, k, v, block_idx, ct, config):
 
 def _kernel(config, tiles):
   return lambda q, k, v, b, scale: selected_attention(
-      q, k, v, b, config=config, scale=scale, interpret=True, tiles=tiles)
+      q, k, v, b, block=config.select_block, scale=scale, interpret=True, tiles=tiles)
 
 
 def test_random_indices_odd_length_chunked_dkv():
@@ -122,7 +124,7 @@ def test_tiling_follows_how_alike_neighbours_choose(G, random_pick, alike_pick):
   random = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.0)
   alike = _selected_block_idx(kc, jnp.broadcast_to(q[:, :1], q.shape), HKV, SMALL)
   def pick(block_idx):
-    options = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles())
+    options = tilings(q, v, block_idx, SMALL.select_block, 0.25, True, Tiles())
     assert [t.name for t in options] == ["narrow", "wide"] + ["block-major"] * (G <= 8)
     return options[int(jnp.argmin(jnp.stack([t.cost for t in options])))].name
   assert (pick(random), pick(alike)) == (random_pick, alike_pick)
@@ -166,22 +168,23 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
   q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
   chunks = []
-  index = kernel_module._entry_index
-  monkeypatch.setattr(kernel_module, "_entry_index",
-                      lambda blk, geo, chunk: chunks.append(chunk) or index(blk, geo, chunk))
+  index = selected_plan.entry_index
+  record = lambda blk, geo, chunk: chunks.append(chunk) or index(blk, geo, chunk)
+  for module in (selected_plan, kernel_module):    # the forward's plan, the backward
+    monkeypatch.setattr(module, "entry_index", record)
   for dkv_tiles in (None, 256):
     loss = lambda q: jnp.sum(_kernel(SMALL, Tiles(block_major=True, block_entries=9,
                                                   dkv_tiles=dkv_tiles))(q, k, v, block_idx, 0.25))
     jax.make_jaxpr(jax.grad(loss))(q)      # traced only: forward, then backward
   assert chunks == [9, None, 9]
-  geo = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles(block_major=True))[0].geo
-  blk = _pad_blk(block_idx, geo)
+  geo = tilings(q, v, block_idx, SMALL.select_block, 0.25, True, Tiles(block_major=True))[0].geo
+  blk = pad_blk(block_idx, geo)
   for chunk in (None, 7):
-    entries, items = _entry_index(blk, geo, chunk)
+    entries, items = entry_index(blk, geo, chunk)
     lengths = items[..., 2] - items[..., 1]
     for h in range(HKV):
-      listed = np.asarray(_listed(blk, geo)[0, :, h])
-      per_block = np.bincount(np.asarray(blk[0, :, h])[listed], minlength=geo.nb)
+      entries = np.asarray(listed(blk, geo)[0, :, h])
+      per_block = np.bincount(np.asarray(blk[0, :, h])[entries], minlength=geo.nb)
       used = np.asarray(lengths[0, h]) > 0
       got = np.bincount(np.asarray(items[0, h, :, 0])[used],
                         weights=np.asarray(lengths[0, h])[used], minlength=geo.nb)
@@ -193,18 +196,18 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
 
 
 @pytest.mark.parametrize("T,G", [(48, 4), (4096, 16)])
-def test_cost_estimate_samples_the_tile_unions(T, G):
+def test_cost_estimate_samples_thetile_unions(T, G):
   """The per-call choice estimates a query tiling's blocks per token from
   SAMPLED_TILES evenly spaced tiles per (sequence, head): exactly the mean of
   all tiles' unions when there are no more tiles than that, within 2 % of it
   on a longer sequence (random selections: 0.5 % seen)."""
   q, k, v, ct, kc = _inputs(jax.random.key(8), 1, T, 2, G, 16, 16)
   block_idx = _random_block_idx(kc, 1, T, 2, SMALL, empty_frac=0.1)
-  for tiling in tilings(q, v, block_idx, SMALL, 0.25, True, Tiles())[:2]:   # narrow, wide
+  for tiling in tilings(q, v, block_idx, SMALL.select_block, 0.25, True, Tiles())[:2]:   # narrow, wide
     geo = tiling.geo
-    blk = _pad_blk(block_idx, geo)
-    mean = float(jnp.mean(_tile_unions(blk, geo)[1].astype(jnp.float32))) / geo.Bq
-    estimate = float(_blocks_per_token(blk, geo))
+    blk = pad_blk(block_idx, geo)
+    mean = float(jnp.mean(tile_unions(blk, geo)[1].astype(jnp.float32))) / geo.Bq
+    estimate = float(blocks_per_token(blk, geo))
     if geo.nT <= SAMPLED_TILES:
       assert estimate == mean
     else:
@@ -219,24 +222,24 @@ def test_block_major_is_offered_only_where_its_buffers_fit(monkeypatch):
   B, T, HKV, G = 2, 300, 1, 4
   q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
-  geo = tilings(q, v, block_idx, SMALL, 0.25, True, Tiles(block_major=True))[0].geo
-  need = kernel_module._block_major_bytes(geo, q.dtype.itemsize)
+  geo = tilings(q, v, block_idx, SMALL.select_block, 0.25, True, Tiles(block_major=True))[0].geo
+  need = selected_choice.block_major_bytes(geo, q.dtype.itemsize)
   # Per (entry, head) row: the forward's float32 output and lse (the dQ term is smaller).
   assert need == B * geo.Tq * geo.n_pad * HKV * geo.Gp * (16 * 4 + 4)
-  share = kernel_module.BLOCK_MAJOR_MEMORY_SHARE
+  share = selected_choice.BLOCK_MAJOR_MEMORY_SHARE
   for memory, offered in ((None, True), (need / share, True), (need / share - 1, False)):
-    monkeypatch.setattr(kernel_module, "_device_memory", lambda: memory)
-    names = [t.name for t in tilings(q, v, block_idx, SMALL, 0.25, True, Tiles())]
+    monkeypatch.setattr(selected_choice, "device_memory", lambda: memory)
+    names = [t.name for t in tilings(q, v, block_idx, SMALL.select_block, 0.25, True, Tiles())]
     assert names == ["narrow", "wide"] + ["block-major"] * offered
   # The G sweep of SPEC §5 (one 64k sequence, HQ = 64, bf16) keeps block-major
   # on an H200 (112.6 GB for jax): a quarter shut it out, G = 1 fwd+bwd 214 -> 600 ms.
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   for G in (1, 2, 4, 8):
-    geo = kernel_module._Geometry.make(
+    geo = Geometry.make(
         shape(1, 65536, 64, 128), shape(1, 65536, 64 // G, 128),
-        jax.ShapeDtypeStruct((1, 65536, 64 // G, 16), jnp.int32), NSAConfig(),
+        jax.ShapeDtypeStruct((1, 65536, 64 // G, 16), jnp.int32), NSAConfig().select_block,
         0.1, False, Tiles(block_major=True))
-    assert kernel_module._block_major_bytes(geo, 2) <= share * 112.6e9
+    assert selected_choice.block_major_bytes(geo, 2) <= share * 112.6e9
 
 
 def test_public_op_shorter_than_a_block():

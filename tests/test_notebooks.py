@@ -5,13 +5,15 @@ whose command is "python" with the interpreter running these tests, so the kerne
 packages; the repository goes on its PYTHONPATH. A cell that raises fails the test.
 
 Committed notebooks carry no outputs (and no execution counts): outputs would go stale the moment
-the code changes, so a reader always gets what a run produces.
+the code changes, so a reader always gets what a run produces. Every cell has an id (nbformat 4.5),
+and a run prints no warning.
 
 `03_performance` reads the GPU benchmark's JSON; besides the run against whatever results are
 committed, it also runs against the output of `experiments/bench_kernels.py --small` on the CPU, so
 its plotting code is exercised against the script's real schema even before GPU results exist.
 """
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +59,8 @@ def test_the_three_notebooks_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_committed_without_outputs(path):
+  raw = json.load(open(path))          # as committed: nbformat.read would fill in missing ids
+  assert all("id" in cell for cell in raw["cells"]), f"{path}: cells without an id"
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
   assert nb.cells[0].cell_type == "markdown" and "How to run" in nb.cells[0].source
@@ -64,12 +68,17 @@ def test_committed_without_outputs(path):
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None, (
           f"{os.path.basename(path)} cell {i} carries outputs: strip them before committing "
-          f"(jupyter nbconvert --clear-output --inplace {os.path.relpath(path, REPO)})")
+          f"(after `make notebooks`: .venv/bin/jupyter nbconvert --clear-output --inplace "
+          f"{os.path.relpath(path, REPO)})")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_runs_top_to_bottom(path):
-  text, images = outputs(execute(path))
+  nb = execute(path)
+  warnings = [out["text"] for cell in nb.cells for out in cell.get("outputs", [])
+              if out.get("name") == "stderr" and "Warning" in out["text"]]
+  assert not warnings, warnings
+  text, images = outputs(nb)
   name = os.path.basename(path)
   if name.startswith("01"):
     assert "max |y_pallas - y_xla|" in text

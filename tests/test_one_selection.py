@@ -19,6 +19,7 @@ import pytest
 
 import nsa_jax
 from nsa_jax import NSAConfig
+from nsa_jax.ops import compressed, selection
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -48,3 +49,23 @@ def test_nsa_selects_what_select_blocks_selects(impl, dtype, shape):
       *(x[n] for n in NAMES))
   alone = jax.jit(lambda q, k: nsa_jax.select_blocks(q, k, **kw))(x["q"], x["k_cmp"])
   np.testing.assert_array_equal(np.sort(from_nsa, axis=-1), np.sort(alone, axis=-1))
+
+
+@pytest.mark.parametrize("Dv", [8, 512])
+def test_nsa_reuses_its_branch_lse_only_where_it_is_the_selections(Dv):
+  """The lse `nsa` selects from (`selection_lse` given its compressed branch's
+  lse) equals, to the bit, the one `select_blocks` selects from (computed over
+  values as wide as the keys). Dv = 512 narrows the Pallas forward's key tiles
+  in float32 (`_flash.fit_tiles`), which changes the lse's rounding: there the
+  branch's lse must not be reused."""
+  B, T, HQ, HKV, Dk = 1, 90, 2, 1, 32
+  ks = jax.random.split(jax.random.key(1), 3)
+  Tc = SMALL.num_compressed(T)
+  q = jax.random.normal(ks[0], (B, T, HQ, Dk), jnp.float32)
+  k_cmp = jax.random.normal(ks[1], (B, Tc, HKV, Dk), jnp.float32)
+  v_cmp = jax.random.normal(ks[2], (B, Tc, HKV, Dv), jnp.float32)
+  kw = dict(config=SMALL, scale=Dk ** -0.5, impl="pallas", interpret=True)
+  branch_lse = compressed.compressed_attention(q, k_cmp, v_cmp, **kw)[1]
+  from_nsa = selection.selection_lse(q, k_cmp, **kw, branch=(v_cmp, "pallas", branch_lse))
+  alone = selection.selection_lse(q, k_cmp, **kw)
+  np.testing.assert_array_equal(from_nsa, alone)

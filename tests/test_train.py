@@ -1,5 +1,5 @@
 """Training: bit-for-bit resume after a crash, checkpoints, NaN guard, outputs (process 0
-only), config errors."""
+only), the end-of-run sample and message. (The configuration: test_train_config.py.)"""
 import csv
 import re
 import sys
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nsa_jax import train_lib
-from nsa_jax.train_lib import (NonFiniteError, checkpoint_manager, load_model, make_config,
-                               parse_args, sample, train)
+from nsa_jax import decoding, train_lib
+from nsa_jax.train_config import make_config
+from nsa_jax.train_lib import NonFiniteError, checkpoint_manager, load_model, sample, train
 
 
 def tiny(tmp_path, name, **kw):
@@ -24,7 +24,7 @@ def params(run_dir):
   return step, jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
-def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
   straight = train(tiny(tmp_path, "straight"))
   crashed = train(tiny(tmp_path, "resumed"), crash_after_step=6)  # dies after step 6
   resumed = train(tiny(tmp_path, "resumed"))                      # restarts from step 4
@@ -48,18 +48,41 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
   assert (run / "loss.png").stat().st_size > 0
   assert list((run / "tb").glob("events.out.tfevents.*"))
 
-  model, cfg, _ = load_model(run)
-  text = sample(model, b"def ", 6, context=cfg.seq_len)
+  # Each call compiles before its first step, whose row alone says how long that took.
+  compiled = [r for r in straight + crashed + resumed if "compile_s" in r]
+  assert [r["step"] for r in compiled] == [1, 1, 5] and all(r["compile_s"] > 0 for r in compiled)
+
+  model, _, _ = load_model(run)
+  text = sample(model, b"def ", 6)
   assert len(text) == 10 and text.startswith(b"def ")
+
+  # The finished run again: nothing to train, a sample through decoding.generate, and where
+  # everything is.
+  calls = []
+  generate = decoding.generate
+  monkeypatch.setattr(decoding, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
+  capsys.readouterr()
+  train_lib.main(cli_args(tiny(tmp_path, "resumed"), "--sample_tokens", "6"))
+  out = capsys.readouterr().out
+  assert [c["max_new_tokens"] for c in calls] == [6]
+  assert "nothing to train" in out and "--- sample from the step-8 checkpoint" in out
+  for what in ("checkpoints/", "tb/", "tensorboard --logdir", "eval_retrieval.py --run",
+               f"-m experiments.train --preset tiny --out {run}", "--sample_prompt"):
+    assert what in out, (what, out)
+
+
+def cli_args(cfg, *more):
+  """The command line of `tiny(...)`'s configuration."""
+  flags = ("steps", "ckpt_every", "eval_every", "keep_checkpoints")
+  return ["--preset", "tiny", "--out", cfg.out, "--progress", "false",
+          *[f"--{k}={getattr(cfg, k)}" for k in flags], *more]
 
 
 def test_other_processes_write_nothing_but_checkpoints(tmp_path, monkeypatch, capsys):
   """As process 1 of a multi-host run: the run and its checkpoints as usual, no files or prints."""
   monkeypatch.setattr(train_lib, "is_process_0", lambda: False)
   cfg = tiny(tmp_path, "process1")      # the first test's configuration: its compiled steps
-  flags = ("steps", "ckpt_every", "eval_every", "keep_checkpoints")
-  train_lib.main(["--preset", "tiny", "--out", cfg.out, "--progress", "false",
-                  *[f"--{k}={getattr(cfg, k)}" for k in flags]])
+  train_lib.main(cli_args(cfg))
   assert checkpoint_manager(cfg.out_dir).all_steps() == [4, 8]
   assert sorted(p.name for p in cfg.out_dir.iterdir()) == ["checkpoints"]
   assert capsys.readouterr().out == ""
@@ -87,19 +110,3 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert 1 < bad <= 8
   assert f"Last good checkpoint: step {bad - 1}" in str(err.value)
   assert checkpoint_manager(cfg.out_dir).latest_step() == bad - 1
-
-
-def test_config_errors_and_cli():
-  with pytest.raises(ValueError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
-    make_config("tiny", num_heads=3, num_kv_heads=2)
-  with pytest.raises(ValueError, match="seq_len=64 holds only 2 selection blocks"):
-    make_config("tiny", seq_len=64, mixture="text")
-  with pytest.raises(ValueError, match="'mqar' needs seq_len >= 160"):
-    make_config("tiny", seq_len=128)
-  with pytest.raises(ValueError, match="preset='huge'"):
-    make_config("huge")
-  cfg = parse_args(["--preset", "tiny", "--head_dim", "none", "--tie_embeddings", "false",
-                    "--lr", "1e-3", "--attention", "full", "--steps", "20"])
-  assert (cfg.head_dim, cfg.tie_embeddings, cfg.lr, cfg.attention, cfg.steps) == (
-      None, False, 1e-3, "full", 20)
-  assert cfg.seq_len == 160 and str(cfg.out_dir) == "runs/tiny"

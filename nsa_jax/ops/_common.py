@@ -1,4 +1,4 @@
-"""Pieces shared by the NSA ops: input checks, impl dispatch, chunking, softmax.
+"""Pieces shared by the NSA ops: input checks, chunking, softmax, the kernels' sizes.
 
 Every public op validates its inputs here *before* tracing any kernel, so a
 bad call fails with a `ValueError` that names the argument and its values.
@@ -13,8 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
+from pallas_kernels.scoring import Selection
 
-IMPLS = ("auto", "xla", "pallas")
+def selection_sizes(config: NSAConfig) -> Selection:
+  """The selection's block sizes as the Pallas kernels take them."""
+  return Selection(compress_block=config.compress_block,
+                   compress_stride=config.compress_stride, select_block=config.select_block,
+                   num_selected=config.num_selected, num_initial=config.num_initial,
+                   num_local=config.num_local)
 
 
 def check_config(config) -> None:
@@ -78,17 +84,9 @@ def check_block_idx(block_idx, q, k, config: NSAConfig) -> None:
     raise ValueError(f"block_idx.dtype={block_idx.dtype} must be an integer type")
 
 
-def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+def check_impl(impl: str, allowed: tuple[str, ...] = ("auto", "xla", "pallas")) -> None:
   if impl not in allowed:
     raise ValueError(f"impl={impl!r} must be one of {allowed}")
-
-
-def use_pallas(impl: str) -> bool:
-  """`auto` means the Pallas kernels on a GPU, the XLA reference elsewhere."""
-  check_impl(impl)
-  if impl == "auto":
-    return jax.default_backend() == "gpu"
-  return impl == "pallas"
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -128,10 +126,11 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
 
   Each x in `xs` is [B, T, ...]; T is padded up to a multiple of `chunk` (the
   padded rows are computed and dropped). `start` is the chunk's first query
-  position, `first` that of xs' first row (a slice of the queries). `fn` returns a pytree of [B, chunk, ...] arrays; the result is
-  the same pytree with [B, T, ...] arrays. Keeps live memory at one chunk's
-  worth of scores instead of all T queries' worth, in the backward pass too:
-  each chunk is rematerialised (`jax.checkpoint`) rather than saved.
+  position, `first` that of xs' first row (for a slice of the queries). `fn`
+  returns a pytree of [B, chunk, ...] arrays; the result is the same pytree
+  with [B, T, ...] arrays. Keeps live memory at one chunk's worth of scores
+  instead of all T queries' worth, in the backward pass too: each chunk is
+  rematerialised (`jax.checkpoint`) rather than saved.
   """
   T = xs[0].shape[1]
   chunk = min(chunk, T)

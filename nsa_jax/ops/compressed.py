@@ -4,21 +4,18 @@ Query t attends to compressed block i iff the block lies wholly in its past,
 `i*d + l - 1 <= t`. Queries that see no block (t < l - 1) get a zero output
 and lse = -inf. The Pallas kernel is `pallas_kernels/compressed_attention.py`;
 on a GPU, `nsa` runs the branch on cuDNN's causal attention instead
-(`compressed_attention_folded`) wherever cuDNN runs its call (`branch_impl`): H200, Config A,
-T = 64k, forward 9.17 vs 12.38 ms, forward+backward 35.3 vs 52.7 ms; 16k 1.21
-vs 1.35 and 3.93 vs 4.92; 8k 0.64 vs 0.54 and 1.83 vs 1.85 (one rule for every
-T); experiments/results/check_flash_cudnn_compressed_h200.json.
+(`compressed_attention_folded`) wherever cuDNN takes the folded call, being
+faster (`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, cudnn
+from nsa_jax.ops import _common, cudnn, dispatch
+from pallas_kernels import compressed_attention as kernel
 
 QUERY_CHUNK = 512
-IMPLS = _common.IMPLS + ("cudnn",)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
@@ -31,9 +28,10 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
     k_cmp, v_cmp: [B, Tc, HKV, Dk], [B, Tc, HKV, Dv], Tc = config.num_compressed(T).
     config: block sizes.
     scale: softmax scale, default 1/sqrt(Dk).
-    impl: "xla" (reference), "pallas" (kernels), "auto" (pallas on GPU) or
-      "cudnn" (`compressed_attention_folded` on cuDNN; its lse carries no
-      gradient, which is all `nsa` needs of it: the selection is discrete).
+    impl: "xla" (reference), "pallas" (kernel), "auto" (the kernel on a GPU
+      where it takes the inputs, else the reference) or "cudnn"
+      (`compressed_attention_folded` on cuDNN; its lse carries no gradient,
+      which is all `nsa` needs of it: the selection is discrete).
     interpret: run Pallas kernels in interpret mode (default: when not on GPU).
 
   Returns:
@@ -43,30 +41,17 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
   _common.check_config(config)
   _common.check_attention_inputs(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
                                  seq_len=config.num_compressed(q.shape[1]))
-  _common.check_impl(impl, IMPLS)
+  backend = dispatch.choose("compressed_attention", impl, dispatch.Call(
+      dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret))
   scale = _common.resolve_scale(scale, q)
-  if impl == "cudnn":
-    cudnn.check_cudnn_runs(folded_query(q, config), v_cmp, interpret)
+  if backend == "cudnn":
     return compressed_attention_folded(q, k_cmp, v_cmp, config=config, scale=scale)
-  if _common.use_pallas(impl):
-    from pallas_kernels import compressed_attention as kernel
+  if backend == "pallas":
     return kernel.compressed_attention(
-        q, k_cmp, v_cmp, config=config, scale=scale,
+        q, k_cmp, v_cmp, block=config.compress_block, stride=config.compress_stride,
+        scale=scale,
         interpret=_common.resolve_interpret(interpret))
   return compressed_attention_xla(q, k_cmp, v_cmp, config=config, scale=scale)
-
-
-def folded_query(q, config: NSAConfig) -> jax.ShapeDtypeStruct:
-  """The query of the cuDNN call of `compressed_attention_folded`: [B*d, ceil(T/d), HQ, Dk]."""
-  B, T, HQ, Dk = q.shape
-  d = config.compress_stride
-  return jax.ShapeDtypeStruct((B * d, -(-T // d), HQ, Dk), q.dtype)
-
-
-def branch_impl(impl: str, q, v_cmp, config: NSAConfig, interpret: bool | None = None) -> str:
-  """The impl `nsa(impl=impl)` runs this branch on: "cudnn" where cuDNN runs the
-  folded call (`cudnn.cudnn_branch_impl`), `impl` otherwise."""
-  return cudnn.cudnn_branch_impl(impl, folded_query(q, config), v_cmp, interpret)
 
 
 def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float):

@@ -4,8 +4,8 @@
 `jax.nn.dot_product_attention(implementation="cudnn")`. Its users: the window
 branch (`window.window_attention`), the compressed branch folded by stride
 residue (`compressed.compressed_attention_folded`), and the dense baseline of
-the model (`nsa_jax.model.FullAttention`). `cudnn_runs` is the rule of where
-it runs; `cudnn_branch_impl` applies it to a branch of `nsa`.
+the model (`nsa_jax.model.dense_attention`). `cudnn_runs` is the rule of where
+it runs, which the dispatch table applies to every op (`nsa_jax.ops.dispatch`).
 
 **Tensors past 2^31 (issue #18).** On an H200 (jax 0.11.2), cuDNN's sliding-window
 attention over B=9, T=32768, HQ=64, HKV=4, D=128 in bf16 (q holds 1.125 x
@@ -20,7 +20,7 @@ smaller), the accumulator also in bytes (4 per element against 2 for 16-bit
 inputs). A call too large for that is split (`call_plan`): into chunks of batch
 rows, or, when one row alone is too large, into chunks of KV heads, each with
 the G query heads of its group. When one KV group of one row is too large,
-`cudnn_runs` says no and the branch runs on a Pallas kernel instead.
+`cudnn_runs` says no and the dispatch table runs the branch on a Pallas kernel.
 experiments/gpu_check.py --matrix checks the split calls on the issue's shapes.
 """
 from __future__ import annotations
@@ -88,8 +88,8 @@ def cudnn_runs(q, v, interpret: bool | None = None) -> bool:
   enough for `call_plan` (module doc).
 
   Where it runs, `nsa(impl="auto" | "pallas")` gives it the window and the
-  compressed branches (`cudnn_branch_impl`): it is faster than the Pallas
-  kernels there (see `window` and `compressed` for the measured times).
+  compressed branches (`nsa_jax.ops.dispatch`): it is faster than the Pallas
+  kernels there (experiments/PERF_NOTES.md).
   """
   if _common.resolve_interpret(interpret) or not cudnn_takes(q.dtype):
     return False
@@ -97,23 +97,6 @@ def cudnn_runs(q, v, interpret: bool | None = None) -> bool:
   hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
   return (Dk % 8 == 0 and Dv <= Dk <= (256 if hopper else 128)
           and call_plan(*_call_shapes(q, v), q.dtype) is not None)
-
-
-def check_cudnn_runs(q, v, interpret: bool | None) -> None:
-  if not cudnn_runs(q, v, interpret):
-    B, T, HQ, HKV, D = _call_shapes(q, v)
-    raise ValueError(
-        f"impl='cudnn' needs a GPU backend (have {jax.default_backend()}), "
-        f"16-bit inputs (q.dtype={q.dtype}), Dv <= Dk <= 128 or 256 on Hopper, "
-        f"Dk a multiple of 8 (Dk={q.shape[-1]}, Dv={v.shape[-1]}), "
-        f"interpret={interpret} not True, and one KV group of one row under 2^31 "
-        f"elements and bytes (T={T}, G={HQ // HKV}, D={D})")
-
-
-def cudnn_branch_impl(impl: str, q, v, interpret: bool | None = None) -> str:
-  """The impl a cuDNN-capable branch of `nsa(impl=impl)` runs: "cudnn" wherever
-  `cudnn_runs`, unless the reference ("xla") is asked for; `impl` otherwise."""
-  return "cudnn" if impl != "xla" and cudnn_runs(q, v, interpret) else impl
 
 
 def _part(x, axis: int, start: int, size: int):

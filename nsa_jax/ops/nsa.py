@@ -10,10 +10,11 @@ inputs). Each branch may have its own keys and values.
 from __future__ import annotations
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, compressed, cudnn, selection, window
+from nsa_jax.ops import _common, dispatch
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
-from nsa_jax.ops.selection import select_blocks
+from nsa_jax.ops.selection import select_blocks, selection_lse
+from nsa_jax.ops.window import window_attention
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
@@ -27,10 +28,11 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
     k_slc, v_slc: [B, T, HKV, Dk/Dv] keys/values for the selected branch.
     k_win, v_win: [B, T, HKV, Dk/Dv] keys/values for the sliding window.
     gates: [B, T, HQ, 3] gate values (cmp, slc, win), already through a sigmoid.
-    impl: "xla" (reference), "pallas" (kernels) or "auto" (kernels on a GPU).
-      With "pallas" and "auto" the window and compressed branches run on
-      cuDNN wherever `cudnn.cudnn_runs` (faster there than the Pallas
-      kernels; `cudnn.cudnn_branch_impl`, `compressed.branch_impl`).
+    impl: "xla" (reference), "pallas" (the GPU kernels) or "auto". With
+      "pallas" and "auto" the window and compressed branches run on cuDNN
+      wherever it takes the inputs (faster there than the Pallas kernels);
+      "pallas" raises a ValueError for inputs no kernel of a branch takes,
+      "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`).
     return_block_idx: also return the [B, T, HKV, n] selection.
 
   Returns:
@@ -39,20 +41,26 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   _common.check_config(config)
   _common.check_attention_inputs(q, k_slc, v_slc, names=("q", "k_slc", "v_slc"))
   _common.check_attention_inputs(q, k_win, v_win, names=("q", "k_win", "v_win"))
+  _common.check_attention_inputs(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
+                                 seq_len=config.num_compressed(q.shape[1]))
   B, T, HQ, _ = q.shape
   if gates.shape != (B, T, HQ, 3):
     raise ValueError(f"gates.shape={gates.shape} must be [B, T, HQ, 3]={(B, T, HQ, 3)}")
   _common.check_float("gates", gates, q.dtype)
-  _common.check_impl(impl)
-  kw = dict(config=config, scale=scale, impl=impl, interpret=interpret)
-  cmp_impl = compressed.branch_impl(impl, q, v_cmp, config, interpret)
-  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **dict(kw, impl=cmp_impl))
-  lse = selection.selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
-                                impl=impl, interpret=interpret, branch=(cmp_impl, lse))
-  block_idx = select_blocks(q, k_cmp, lse=lse, **kw)
-  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw)
-  o_win = window.window_attention(
-      q, k_win, v_win, **dict(kw, impl=cudnn.cudnn_branch_impl(impl, q, v_win, interpret)))
+  call = lambda **arrays: dispatch.Call(arrays, config, interpret)
+  impls = dispatch.nsa_branches(impl, {
+      "compressed_attention": call(q=q, k_cmp=k_cmp, v_cmp=v_cmp),
+      "select_blocks": call(q=q, k_cmp=k_cmp),
+      "selected_attention": call(q=q, k=k_slc, v=v_slc),
+      "window_attention": call(q=q, k=k_win, v=v_win)})
+  kw = lambda op: dict(config=config, scale=scale, impl=impls[op], interpret=interpret)
+  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw("compressed_attention"))
+  lse = selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
+                      impl=impl, interpret=interpret,
+                      branch=(v_cmp, impls["compressed_attention"], lse))
+  block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
+  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"))
+  o_win = window_attention(q, k_win, v_win, **kw("window_attention"))
   g = gates[..., None]
   o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
   return (o, block_idx) if return_block_idx else o

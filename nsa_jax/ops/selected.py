@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, dispatch
+from pallas_kernels import selected_attention as kernel
 
 QUERY_CHUNK = 128
 
@@ -22,6 +23,8 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
   Args:
     q: [B, T, HQ, Dk]; k, v: [B, T, HKV, Dk], [B, T, HKV, Dv].
     block_idx: [B, T, HKV, n] int, distinct block indices or -1.
+    impl: "xla" (reference), "pallas" (kernels) or "auto" (the kernels on a GPU
+      where they take the inputs, else the reference; `nsa_jax.ops.dispatch`).
 
   Returns:
     o [B, T, HQ, Dv]. Gradients flow to q, k, v.
@@ -29,12 +32,13 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
   _common.check_config(config)
   _common.check_attention_inputs(q, k, v)
   _common.check_block_idx(block_idx, q, k, config)
+  backend = dispatch.choose("selected_attention", impl,
+                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret))
   scale = _common.resolve_scale(scale, q)
   block_idx = block_idx.astype(jnp.int32)
-  if _common.use_pallas(impl):
-    from pallas_kernels import selected_attention as kernel
+  if backend == "pallas":
     return kernel.selected_attention(
-        q, k, v, block_idx, config=config, scale=scale,
+        q, k, v, block_idx, block=config.select_block, scale=scale,
         interpret=_common.resolve_interpret(interpret))
   return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
 

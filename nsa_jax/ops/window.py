@@ -3,11 +3,7 @@
 Query t attends to keys max(0, t-w+1) .. t: w keys, itself included. The
 Pallas kernel is `pallas_kernels/window_attention.py`; on a GPU, cuDNN's fused
 sliding-window attention runs the branch where it takes the inputs, being the
-faster of the two (`cudnn.cudnn_runs`: H200, Config A, T = 64k, forward
-3.21 vs 4.47 ms, forward+backward 14.3 vs 20.8 ms; 8k: 0.65 vs 0.73 and 2.17
-vs 2.93 ms; experiments/results/check_flash_window_cudnn_h200.json. Config B,
-Dk = 192 with v padded: 5.49 vs 7.30 and 26.3 vs 38.2 ms at 64k,
-experiments/results/history/dk_race_h200.log).
+faster of the two (`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
 """
 from __future__ import annotations
 
@@ -15,10 +11,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, cudnn
+from nsa_jax.ops import _common, cudnn, dispatch
+from pallas_kernels import window_attention as kernel
 
 QUERY_CHUNK = 256
-IMPLS = _common.IMPLS + ("cudnn",)
 
 
 def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
@@ -28,24 +24,22 @@ def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
   Args:
     q: [B, T, HQ, Dk]; k, v: [B, T, HKV, Dk], [B, T, HKV, Dv].
     impl: "xla" (reference), "pallas" (kernel), "cudnn" (cuDNN's fused
-      attention, see `cudnn.cudnn_runs`) or "auto": cuDNN where it runs the inputs,
-      else the Pallas kernel on a GPU and the reference elsewhere.
+      attention) or "auto": on a GPU cuDNN where it takes the inputs, else the
+      Pallas kernel where it does, else the reference; the reference elsewhere
+      (`nsa_jax.ops.dispatch`).
 
   Returns:
     o [B, T, HQ, Dv]. Gradients flow to q, k, v.
   """
   _common.check_config(config)
   _common.check_attention_inputs(q, k, v)
-  _common.check_impl(impl, IMPLS)
+  backend = dispatch.choose("window_attention", impl,
+                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret))
   scale = _common.resolve_scale(scale, q)
-  if impl == "cudnn":
-    cudnn.check_cudnn_runs(q, v, interpret)
-  if impl == "cudnn" or (impl == "auto" and cudnn.cudnn_runs(q, v, interpret)):
-    return cudnn.cudnn_causal_attention(
-        q, k, v, scale=scale, window=config.window)[0]
-  if _common.use_pallas(impl):
-    from pallas_kernels import window_attention as kernel
-    return kernel.window_attention(q, k, v, config=config, scale=scale,
+  if backend == "cudnn":
+    return cudnn.cudnn_causal_attention(q, k, v, scale=scale, window=config.window)[0]
+  if backend == "pallas":
+    return kernel.window_attention(q, k, v, window=config.window, scale=scale,
                                    interpret=_common.resolve_interpret(interpret))
   return window_attention_xla(q, k, v, config=config, scale=scale)
 

@@ -1,0 +1,293 @@
+"""Does NSA learn to retrieve? NSA against full attention on a passkey / mqar / text curriculum (issue #21).
+
+    PYTHONPATH=. python experiments/retrieval.py --out $OUT     # GPU; run it again until it says done
+    PYTHONPATH=. python experiments/retrieval.py --small --out /tmp/retrieval   # CPU smoke test
+
+Both models (preset `gpu-compare`: 4 layers, d_model 256, 8 query and 2 KV
+heads, bf16, the paper's block sizes) train on the same rows in the same
+order, stage by stage (`--stages`: seq_len x batch : steps, growing lengths).
+The mixture teaches retrieval: passkeys (only the 5 answer digits carry loss),
+multi-query associative recall (`mqar`: only the recalled values carry loss)
+and packed text, whose tokens weigh `--text_row_weight / seq_len` each so
+that a row of text does not drown a row's few answer digits in the batch's
+loss. Rows are packed (`nsa_jax.data`,
+aligned to `select_block` for both models); `--pack_tasks` puts several
+passkey / mqar examples of random lengths in a row, for a model that reads
+`segment_ids` (SPEC §6). A stage starts from the previous one's final
+parameters with a fresh AdamW: warmup to `--lr`, constant, and a cosine decay
+to 0.1x in the last stage.
+
+Then each model is evaluated (`eval_retrieval.passkey_probe`): passkey accuracy
+(all digits right under greedy decoding) over lengths from 1k up to 4x the
+last training length and 6 depths, and for NSA the selection recall per layer
+and KV group (is the needle's block among those the answer's queries select?)
+with one recorded example.
+
+Work is checkpointed under `--runs` (resumed on the next call): `--budget_s`
+caps one call's wall time; when it runs out the call stops cleanly (the run
+in progress evaluates its validation sets and checkpoints) and says so, and
+the same command continues. Every call copies the stages' metrics.csv to
+<out>/retrieval_metrics/. When both models are trained and evaluated it
+writes retrieval_<gpu>.json and retrieval_<gpu>.png (NSA's and full
+attention's accuracy and NSA's recall, paper Fig. 5 style) and
+retrieval_<gpu>_example.png to --out and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the sibling scripts, however run
+import bench_common  # noqa: E402
+from compare_attention import read_metrics, summarize  # noqa: E402
+from eval_retrieval import (draw_example, passkey_probe, plot_heatmaps,  # noqa: E402
+                            print_tables, retrieval_panels)
+from nsa_jax import data  # noqa: E402
+from nsa_jax.train_config import make_config  # noqa: E402
+from nsa_jax.train_lib import (checkpoint_manager, load_model, make_optimizer,  # noqa: E402
+                               save_checkpoint, train)
+
+ATTENTIONS = ("nsa", "full")
+GPU = dict(preset="gpu-compare",
+           stages="256x128:600,512x64:500,1024x32:400,2048x16:400,4096x8:700",
+           lengths="1024,2048,4096,8192,16384", samples=16, budget_s=540.0)
+SMALL = dict(preset="tiny", stages="160x4:6,320x2:6", lengths="160,320,640", samples=2,
+             budget_s=0.0)
+DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# train_s counts the training steps only; data, evaluation and checkpoints take the rest
+# of a call's wall time. A run segment gets this share of the time left.
+STEP_SHARE = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  seq_len: int
+  batch_size: int
+  steps: int
+
+
+def parse_stages(spec: str) -> list[Stage]:
+  """"512x64:600,4096x8:800" -> stages of (seq_len, batch_size, steps)."""
+  stages = []
+  for item in spec.split(","):
+    try:
+      shape, steps = item.split(":")
+      seq_len, batch = shape.split("x")
+      stages.append(Stage(int(seq_len), int(batch), int(steps)))
+    except ValueError:
+      raise ValueError(f"stage {item!r} of --stages={spec!r} is not SEQ_LENxBATCH:STEPS") from None
+  return stages
+
+
+def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s: float = 0.0):
+  """Stage i's TrainConfig: warmup to --lr, constant, decaying (cosine) only in the last stage."""
+  stage = stages[i]
+  return make_config(
+      args.preset, attention=attention, out=str(args.runs / attention / f"stage{i}-{stage.seq_len}"),
+      seq_len=stage.seq_len, batch_size=stage.batch_size, steps=stage.steps, lr=args.lr,
+      warmup_steps=min(args.warmup_steps, stage.steps - 1),
+      min_lr_ratio=0.1 if i == len(stages) - 1 else 1.0, mixture=args.mixture, pack=True,
+      pack_tasks=args.pack_tasks, text_weight=args.text_row_weight / stage.seq_len,
+      eval_every=stage.steps, eval_batches=2,
+      ckpt_every=max(1, min(100, stage.steps)), keep_checkpoints=2, time_limit_s=time_limit_s,
+      progress=sys.stderr.isatty() and not args.small)
+
+
+def progress(run_dir: pathlib.Path) -> tuple[int | None, float]:
+  """(latest checkpointed step or None, its cumulative training seconds)."""
+  manager = checkpoint_manager(run_dir)
+  step = manager.latest_step()
+  train_s = 0.0 if step is None else manager.restore(
+      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["train_s"]
+  manager.close()
+  return step, train_s
+
+
+def seed_from(previous_dir: pathlib.Path, cfg) -> None:
+  """Starts stage `cfg` from the final parameters of the stage before: a step-0 checkpoint
+  with those parameters, a fresh optimizer and the loader at its start."""
+  model, _, _ = load_model(previous_dir)
+  manager = checkpoint_manager(cfg.out_dir, cfg.keep_checkpoints)
+  save_checkpoint(manager, 0, model, make_optimizer(model, cfg),
+                  data.Loader(cfg.mixture, **cfg.data_options()), cfg, 0.0)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def train_stages(args, stages: list[Stage], left) -> bool:
+  """Trains what is left of every stage of both models, stage by stage; False when the
+  time ran out first."""
+  for i, stage in enumerate(stages):
+    for attention in ATTENTIONS:
+      cfg = stage_config(args, attention, i, stages)
+      step, train_s = progress(cfg.out_dir)
+      if step == stage.steps:
+        continue
+      if args.budget_s and left() < args.min_segment_s:
+        return False
+      if step is None and i > 0:
+        seed_from(stage_config(args, attention, i - 1, stages).out_dir, cfg)
+      limit = train_s + STEP_SHARE * (left() - args.stop_reserve_s) if args.budget_s else 0.0
+      print(f"{attention}, stage {i + 1}/{len(stages)} ({stage.seq_len} x {stage.batch_size}): "
+            f"from step {step or 0} of {stage.steps}", flush=True)
+      train(stage_config(args, attention, i, stages, limit))
+      if progress(cfg.out_dir)[0] < stage.steps:
+        return False
+  return True
+
+
+def evaluate(args, stages: list[Stage], attention: str, lengths, left) -> dict | None:
+  """The model's retrieval after the last stage (cached next to its run); None when the
+  time left is short of --eval_reserve_s."""
+  run_dir = stage_config(args, attention, len(stages) - 1, stages).out_dir
+  cache = run_dir / "retrieval_eval.json"
+  key = {"step": stages[-1].steps, "lengths": lengths, "depths": list(DEPTHS),
+         "samples": args.samples}
+  if cache.exists() and json.loads(cache.read_text())["key"] == key:
+    return json.loads(cache.read_text())["result"]
+  if args.budget_s and left() < args.eval_reserve_s:
+    return None
+  model, cfg, _ = load_model(run_dir)
+  result = passkey_probe(model, lengths, DEPTHS, samples=args.samples,
+                         batch_size=args.eval_batch, seed=cfg.seed,
+                         record=(cfg.seq_len, DEPTHS[len(DEPTHS) // 2]))
+  cache.write_text(json.dumps({"key": key, "result": result}))
+  return result
+
+
+def summary(args, stages: list[Stage], attention: str, probe: dict) -> dict:
+  """Everything the report needs of one model: tokens, steps, per-stage speed and validation."""
+  per_stage = []
+  for i, stage in enumerate(stages):
+    s = summarize(read_metrics(stage_config(args, attention, i, stages).out_dir))
+    per_stage.append({"seq_len": stage.seq_len, "batch_size": stage.batch_size,
+                      "steps": s["steps"], "train_s": s["train_s"],
+                      "first_step_s": s["first_step_s"],
+                      "tokens_per_s_median": s["tokens_per_s_median"],
+                      "val": {k: v["loss"][-1] for k, v in s["val"].items()}})
+  return {"train_len": stages[-1].seq_len,
+          "tokens": sum(s.steps * s.batch_size * s.seq_len for s in stages),
+          "steps": sum(s.steps for s in stages),
+          "train_s": sum(s["train_s"] for s in per_stage),
+          "val": per_stage[-1]["val"], "stages": per_stage, **probe}
+
+
+def copy_metrics(args, stages: list[Stage]) -> None:
+  """Every stage's metrics.csv so far to <out>/retrieval_metrics/ (progress, even mid-way)."""
+  dest = pathlib.Path(args.out) / "retrieval_metrics"
+  for i in range(len(stages)):
+    for attention in ATTENTIONS:
+      csv = stage_config(args, attention, i, stages).out_dir / "metrics.csv"
+      if csv.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(csv, dest / f"{attention}_stage{i}-{stages[i].seq_len}.csv")
+
+
+def write_results(args, stages, results: dict) -> None:
+  cfg = stage_config(args, "nsa", len(stages) - 1, stages)
+  mc = cfg.model
+  name = "retrieval" + ("" if args.small else "_" + bench_common.slug(bench_common.gpu_name()))
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  nsa, full = results["nsa"], results["full"]
+  record = {
+      "device": bench_common.gpu_name(), "preset": args.preset, "mixture": args.mixture,
+      "pack_tasks": args.pack_tasks, "text_row_weight": args.text_row_weight, "lr": args.lr,
+      "dtype": mc.dtype,
+      "stages": [dataclasses.asdict(s) for s in stages],
+      "model": {k: getattr(mc, k) for k in ("d_model", "num_layers", "num_heads",
+                                            "num_kv_heads", "head_dim")},
+      "nsa_config": dataclasses.asdict(mc.nsa), "runs": results}
+  bench_common.write_json(str(out / f"{name}.json"), record)
+  nsa_panels = retrieval_panels(nsa, "NSA")   # accuracy, recall
+  plot_heatmaps(out / f"{name}.png",
+                [nsa_panels[0], *retrieval_panels(full, "full attention"), *nsa_panels[1:]],
+                nsa["lengths"], nsa["depths"],
+                f"passkey retrieval after {nsa['tokens']:,} training tokens, trained up to "
+                f"{nsa['train_len']} tokens ({record['device']})")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(11, 4))
+  draw_example(ax, nsa["example"])
+  fig.tight_layout()
+  fig.savefig(out / f"{name}_example.png", dpi=120)
+  plt.close(fig)
+  print(f"wrote {out / name}.png and {out / name}_example.png")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=bench_common.default_out_dir(),
+                      help="where the JSON and PNGs go (default $OUT or experiments/results)")
+  parser.add_argument("--runs", default="runs/retrieval",
+                      help="checkpoints and metrics of both models, resumed by the next call")
+  parser.add_argument("--small", action="store_true",
+                      help="CPU smoke test: preset tiny, two short stages, a small grid")
+  parser.add_argument("--preset")
+  parser.add_argument("--stages", help=f"SEQ_LENxBATCH:STEPS,... (default {GPU['stages']})")
+  parser.add_argument("--mixture", default="passkey:0.6,mqar:0.2,text:0.2",
+                      help="share of the rows of each task")
+  parser.add_argument("--text_row_weight", type=float, default=8.0,
+                      help="loss weight of a whole text row, spread over its tokens (an answer "
+                      "token weighs 1: a passkey row 5, an mqar row 32)")
+  parser.add_argument("--lr", type=float, default=2e-3)
+  parser.add_argument("--pack_tasks", action="store_true",
+                      help="several passkey/mqar examples a row (for a model that reads "
+                      "segment_ids)")
+  parser.add_argument("--warmup_steps", type=int, default=30, help="per stage")
+  parser.add_argument("--lengths", help=f"evaluation lengths (default {GPU['lengths']})")
+  parser.add_argument("--samples", type=int, help="passkeys per (length, depth) cell")
+  parser.add_argument("--eval_batch", type=int, default=16)
+  parser.add_argument("--budget_s", type=float,
+                      help="wall seconds this call may take (0: no limit; default 540)")
+  parser.add_argument("--min_segment_s", type=float, default=60.0,
+                      help="start no training segment with less time left")
+  parser.add_argument("--stop_reserve_s", type=float, default=40.0,
+                      help="time kept for a segment's final evaluation and checkpoint")
+  parser.add_argument("--eval_reserve_s", type=float, default=100.0,
+                      help="start no model's retrieval evaluation with less time left")
+  args = parser.parse_args(argv)
+  start = time.monotonic()
+  for key, value in (SMALL if args.small else GPU).items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  args.runs = pathlib.Path(args.runs)
+  if not args.small:   # so that the next call does not compile the same steps again
+    jax.config.update("jax_compilation_cache_dir", str((args.runs / "jax_cache").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  stages = parse_stages(args.stages)
+  lengths = [int(n) for n in args.lengths.split(",")]
+  left = lambda: args.budget_s - (time.monotonic() - start)
+  tokens = sum(s.steps * s.batch_size * s.seq_len for s in stages)
+  print(f"{len(stages)} stages, {tokens:,} tokens per model "
+        f"({', '.join(f'{s.seq_len} x {s.batch_size} x {s.steps}' for s in stages)}); "
+        f"checkpoints under {args.runs}"
+        + (f"; this call stops after {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
+  done = train_stages(args, stages, left)
+  copy_metrics(args, stages)
+  probes = {a: evaluate(args, stages, a, lengths, left) for a in ATTENTIONS} if done else {}
+  if not done or any(p is None for p in probes.values()):
+    print(f"time budget spent after {time.monotonic() - start:.0f} s: run the same command "
+          f"again to continue from the checkpoints under {args.runs}")
+    return
+  results = {a: summary(args, stages, a, p) for a, p in probes.items()}
+  write_results(args, stages, results)
+  for attention, r in results.items():
+    print(f"\n{attention}: {r['steps']} steps, {r['tokens']:,} tokens, {r['train_s']:.0f} s "
+          f"training; final validation " + ", ".join(f"{k} {v:.3f}" for k, v in r["val"].items()))
+    print_tables(r)
+  print(f"done in {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

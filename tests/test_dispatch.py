@@ -1,0 +1,91 @@
+"""The dispatch table of nsa_jax.ops (nsa_jax/ops/dispatch.py): which backend runs a call.
+
+A GPU backend is faked where the rule needs one; nothing is compiled for it: the
+checks read shapes, dtypes, the config and the device only.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+import nsa_jax
+from nsa_jax import NSAConfig
+from nsa_jax.ops import dispatch
+
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                  num_selected=4, window=16)
+
+
+class Hopper:
+  platform = "gpu"
+  compute_capability = "9.0"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [Hopper()])
+
+
+def _branch_calls(dtype, Dk=128, Dv=128, interpret=None, T=64, HQ=4, HKV=2):
+  x = lambda H, D, S=T: jax.ShapeDtypeStruct((1, S, H, D), dtype)
+  Tc = SMALL.num_compressed(T)
+  call = lambda **arrays: dispatch.Call(arrays, SMALL, interpret)
+  return {"compressed_attention": call(q=x(HQ, Dk), k_cmp=x(HKV, Dk, Tc), v_cmp=x(HKV, Dv, Tc)),
+          "select_blocks": call(q=x(HQ, Dk), k_cmp=x(HKV, Dk, Tc)),
+          "selected_attention": call(q=x(HQ, Dk), k=x(HKV, Dk), v=x(HKV, Dv)),
+          "window_attention": call(q=x(HQ, Dk), k=x(HKV, Dk), v=x(HKV, Dv))}
+
+
+def test_nsa_branches_on_a_gpu(fake_gpu):
+  """nsa's window and compressed branches go to cuDNN where it takes the inputs
+  (16-bit, "auto" and "pallas"), the rest to the kernels; "xla" stays the reference;
+  interpret mode keeps cuDNN out."""
+  pallas = {"select_blocks": "pallas", "selected_attention": "pallas"}
+  on_cudnn = {"compressed_attention": "cudnn", "window_attention": "cudnn", **pallas}
+  for impl in ("auto", "pallas"):
+    assert dispatch.nsa_branches(impl, _branch_calls(jnp.bfloat16)) == on_cudnn
+  assert set(dispatch.nsa_branches("xla", _branch_calls(jnp.bfloat16)).values()) == {"xla"}
+  kernels = dispatch.nsa_branches("pallas", _branch_calls(jnp.bfloat16, interpret=True))
+  assert set(kernels.values()) == {"pallas"}
+  f32 = dispatch.nsa_branches("auto", _branch_calls(jnp.float32))
+  assert set(f32.values()) == {"pallas"}                      # cuDNN takes 16-bit only
+
+
+def test_auto_falls_back_and_explicit_impls_raise(fake_gpu):
+  """Inputs no kernel takes (float64): "auto" runs the reference, "pallas" raises a
+  ValueError that names the op, the sizes and why, before anything is traced."""
+  calls = _branch_calls(jnp.float64)
+  assert set(dispatch.nsa_branches("auto", calls).values()) == {"xla"}
+  with pytest.raises(ValueError, match=r"selected_attention\(impl='pallas'\) cannot run "
+                                       r"q \[1, 64, 4, 128\] float64.*float64 is not"):
+    dispatch.choose("selected_attention", "pallas", calls["selected_attention"])
+  with pytest.raises(ValueError, match="cudnn: cuDNN's fused attention needs"):
+    dispatch.nsa_branches("pallas", calls)
+
+
+def test_auto_is_the_reference_off_a_gpu():
+  """On the CPU "auto" runs the reference, also when interpret mode is asked for;
+  "pallas" runs the kernels in interpret mode unless interpret=False."""
+  calls = _branch_calls(jnp.float32, interpret=True)
+  assert set(dispatch.nsa_branches("auto", calls).values()) == {"xla"}
+  assert dispatch.choose("window_attention", "auto", calls["window_attention"]) == "xla"
+  assert dispatch.choose("window_attention", "pallas", calls["window_attention"]) == "pallas"
+  compiled = _branch_calls(jnp.float32, interpret=False)["window_attention"]
+  with pytest.raises(ValueError, match="need a GPU backend"):
+    dispatch.choose("window_attention", "pallas", compiled)
+
+
+def test_the_standalone_compressed_op_keeps_its_lse_gradient(fake_gpu):
+  """compressed_attention(impl="auto") never picks cuDNN, whose lse carries no
+  gradient; asked for explicitly, cuDNN runs it."""
+  call = _branch_calls(jnp.bfloat16)["compressed_attention"]
+  assert dispatch.choose("compressed_attention", "auto", call) == "pallas"
+  assert dispatch.choose("compressed_attention", "cudnn", call) == "cudnn"
+
+
+def test_ops_raise_for_unknown_impls():
+  q = jnp.zeros((1, 40, 4, 8), jnp.float32)
+  k = jnp.zeros((1, 40, 2, 8), jnp.float32)
+  with pytest.raises(ValueError, match=r"impl='cudnn' must be one of \('auto', 'pallas', 'xla'\)"):
+    nsa_jax.selected_attention(q, k, k, jnp.zeros((1, 40, 2, 4), jnp.int32), config=SMALL,
+                               impl="cudnn")
