@@ -1,0 +1,252 @@
+"""Packing is invisible (SPEC §6): every op, `nsa` and the model on packed rows equal
+each document run alone, as a sequence of its own from position 0.
+
+One property, tested as one. For each case a jitted function runs every op (outputs,
+the selection, and the gradients of every float input under random cotangents) on
+packed rows [B, T] with `segment_ids`, and the same function runs them on the
+documents alone without segment ids: each document a batch row of its own, padded at
+its end to the longest (the ops are causal: what follows a document changes none of
+its rows, and the cotangents are zero there). Every output, selection and gradient of
+a document's rows and keys must then equal its own alone: a document starting at s
+holds the compressed blocks s/d .. s/d + Tc(length) - 1 (those that start in it and
+end before its end) and the selection blocks from s/l'; compressed blocks straddling
+two documents, seen by no query, get zero gradient.
+
+Segment ids come from the data pipeline (`data.pack_documents`: documents aligned to
+select_block, padded with their own id, the last of a row running to its end):
+documents shorter than one compressed block, exactly one selection block, crossing
+many; G in {1, 2, 16}, Dk != Dv. The reference runs in float64 (equal to the last
+bits), the Pallas kernels in interpret mode in float32 (another summation order, so
+equal to float32 rounding). Selected attention runs on random block indices over the
+whole row, so that its mask of the blocks before a document is tested too.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nsa_jax
+from nsa_jax import NSAConfig, data, train_lib
+from nsa_jax.model import ModelConfig, Transformer
+
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                  num_selected=4, window=16)
+# l = l' and no initial block, window not a power of two.
+ODD = NSAConfig(compress_block=16, compress_stride=8, select_block=16,
+                num_selected=3, num_initial=0, num_local=1, window=24)
+NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
+BLOCK_INPUTS = ("k_cmp", "v_cmp")   # indexed by compressed block, the others by token
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """Documents of `lengths` packed into rows of T tokens; heads and config."""
+  lengths: tuple[int, ...]
+  T: int
+  HKV: int
+  G: int
+  Dk: int
+  Dv: int
+  config: NSAConfig
+
+  def segment_ids(self):
+    documents = [np.ones(n, np.int32) for n in self.lengths]
+    return data.pack_documents(documents, seq_len=self.T,
+                               align=self.config.select_block)["segment_ids"]
+
+
+CASES = [
+    # rows [5 | 16 | 60 | 5 (< l, to the end)] and [70 | 20 (to the end)]
+    Case((5, 16, 60, 5, 70, 20), T=101, HKV=2, G=1, Dk=16, Dv=8, config=SMALL),
+    # [13 (< l) | 64 | 13 (to the end)]
+    Case((13, 64, 13), T=93, HKV=2, G=2, Dk=16, Dv=24, config=ODD),
+    # [64 | 16 | 3 (< l, to the end)]
+    Case((64, 16, 3), T=83, HKV=1, G=16, Dk=8, Dv=16, config=SMALL),
+]
+
+
+def documents(segment_ids):
+  """[(row, start, end)] of every run of equal ids."""
+  out = []
+  for b, row in enumerate(np.asarray(segment_ids)):
+    starts = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
+    out += [(b, int(s), int(e)) for s, e in zip(starts, list(starts[1:]) + [len(row)])]
+  return out
+
+
+class Layout:
+  """Moves arrays between the packed rows and the documents alone (module doc)."""
+
+  def __init__(self, segment_ids, config: NSAConfig):
+    self.docs, self.config = documents(segment_ids), config
+    self.T = np.asarray(segment_ids).shape[1]
+    self.L = max(e - s for _, s, e in self.docs)
+
+  def span(self, s, e, by_block: bool):
+    """(first index, count) of a document's tokens or compressed blocks."""
+    if by_block:
+      return s // self.config.compress_stride, self.config.num_compressed(e - s)
+    return s, e - s
+
+  def alone(self, x, by_block: bool = False, fill=0):
+    """[B, N, ...] packed -> [D, N_alone, ...], each document's piece, padded with fill."""
+    size = self.config.num_compressed(self.L) if by_block else self.L
+    pieces = []
+    for b, s, e in self.docs:
+      lo, n = self.span(s, e, by_block)
+      piece = x[b, lo:lo + n]
+      pieces.append(jnp.pad(piece, [(0, size - n)] + [(0, 0)] * (piece.ndim - 1),
+                            constant_values=fill))
+    return jnp.stack(pieces)
+
+  def packed(self, y, like, by_block: bool = False):
+    """[D, N_alone, ...] results alone -> the packed layout of `like`, 0 elsewhere."""
+    out = np.zeros(like.shape, like.dtype)
+    for i, (b, s, e) in enumerate(self.docs):
+      lo, n = self.span(s, e, by_block)
+      out[b, lo:lo + n] = np.asarray(y)[i, :n]
+    return out
+
+  def alone_selection(self, idx):
+    """Packed block indices [B, T, HKV, n] -> each document's alone, shifted by s/l'
+    (blocks before the document: -1)."""
+    lp = self.config.select_block
+    shifted = [jnp.where(idx[b, s:e] * lp >= s, idx[b, s:e] - s // lp, -1)
+               for b, s, e in self.docs]
+    return jnp.stack([jnp.pad(x, [(0, self.L - len(x)), (0, 0), (0, 0)], constant_values=-1)
+                      for x in shifted])
+
+  def packed_selection(self, idx, like):
+    """Block indices of the documents alone -> the packed layout of `like`."""
+    out = np.full(like.shape, -1, np.int32)
+    for i, (b, s, e) in enumerate(self.docs):
+      x = np.asarray(idx)[i, :e - s]
+      out[b, s:e] = np.where(x >= 0, x + s // self.config.select_block, -1)
+    return out
+
+
+def every_op(x, block_idx, cts, segment_ids, *, impl, config):
+  """{name: array} of every op's outputs and input gradients (module doc)."""
+  kw = dict(config=config, impl=impl, interpret=True, segment_ids=segment_ids)
+  ct, ct_lse = cts
+  out = {}
+
+  def with_grads(name, f, names, cotangent, has_aux=False):
+    y, vjp, *aux = jax.vjp(f, *(x[n] for n in names), has_aux=has_aux)
+    out[name] = y
+    if aux:
+      out[f"{name} block_idx"] = aux[0]
+    out.update({f"{name} d{n}": g for n, g in zip(names, vjp(cotangent))})
+
+  def compressed(q, k, v):
+    o, lse = nsa_jax.compressed_attention(q, k, v, **kw)
+    return o, jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+  with_grads("compressed_attention", compressed, ("q", "k_cmp", "v_cmp"), (ct, ct_lse))
+  out["select_blocks"] = nsa_jax.select_blocks(x["q"], x["k_cmp"], **kw)
+  with_grads("selected_attention",
+             lambda q, k, v: nsa_jax.selected_attention(q, k, v, block_idx, **kw),
+             ("q", "k_slc", "v_slc"), ct)
+  with_grads("window_attention", lambda q, k, v: nsa_jax.window_attention(q, k, v, **kw),
+             ("q", "k_win", "v_win"), ct)
+  with_grads("nsa", lambda *a: nsa_jax.nsa(*a, **kw, return_block_idx=True), NAMES, ct,
+             has_aux=True)
+  return out
+
+
+def inputs(case: Case, dtype, B):
+  cfg, T, HQ = case.config, case.T, case.HKV * case.G
+  ks = jax.random.split(jax.random.key(case.T), 11)
+  n = lambda k, *shape: jax.random.normal(k, shape, dtype)
+  Tc = cfg.num_compressed(T)
+  x = dict(q=n(ks[0], B, T, HQ, case.Dk),
+           k_cmp=n(ks[1], B, Tc, case.HKV, case.Dk), v_cmp=n(ks[2], B, Tc, case.HKV, case.Dv),
+           k_slc=n(ks[3], B, T, case.HKV, case.Dk), v_slc=n(ks[4], B, T, case.HKV, case.Dv),
+           k_win=n(ks[5], B, T, case.HKV, case.Dk), v_win=n(ks[6], B, T, case.HKV, case.Dv),
+           gates=jax.nn.sigmoid(n(ks[7], B, T, HQ, 3)))
+  nb, slots = cfg.num_select_blocks(T), cfg.num_selected
+  order = jnp.argsort(jax.random.uniform(ks[8], (B, T, case.HKV, max(nb, slots))), axis=-1)
+  block_idx = jnp.where(order[..., :slots] < nb, order[..., :slots], -1).astype(jnp.int32)
+  return x, block_idx, (n(ks[9], B, T, HQ, case.Dv), n(ks[10], B, T, HQ))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c.G}-T{c.T}")
+def test_packing_is_invisible(case, impl):
+  dtype = jnp.float64 if impl == "xla" else jnp.float32
+  segment_ids = case.segment_ids()
+  layout = Layout(segment_ids, case.config)
+  x, block_idx, cts = inputs(case, dtype, B=segment_ids.shape[0])
+  run = jax.jit(lambda x, idx, cts, seg: every_op(x, idx, cts, seg, impl=impl,
+                                                  config=case.config))
+  packed = run(x, block_idx, cts, jnp.asarray(segment_ids))
+  alone = run({n: layout.alone(a, n in BLOCK_INPUTS) for n, a in x.items()},
+              layout.alone_selection(block_idx),
+              tuple(layout.alone(c) for c in cts), None)
+  for name, got in packed.items():
+    if "block_idx" in name or name == "select_blocks":   # as sets
+      want = layout.packed_selection(alone[name], got)
+      np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1), err_msg=name)
+      continue
+    for i, (g, a) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(alone[name]))):
+      want = layout.packed(a, g, by_block=name.endswith(BLOCK_INPUTS))
+      scale = np.abs(want).max(initial=1.0)
+      rtol = 1e-12 if impl == "xla" else 1e-5
+      np.testing.assert_allclose(g, want, rtol=rtol, atol=rtol * scale,
+                                 err_msg=f"{name} [{i}]")
+
+
+def test_segment_ids_are_checked_where_concrete():
+  """Documents that are not one contiguous run, or start off select_block, or ids of
+  the wrong shape or dtype: a ValueError naming the values, from every op."""
+  q = jnp.zeros((2, 64, 2, 8), jnp.float32)
+  k = jnp.zeros((2, 64, 1, 8), jnp.float32)
+  kw = dict(config=SMALL, impl="xla")
+  ok = np.zeros((2, 64), np.int32)
+  ok[:, 32:] = 1
+  split = ok.copy()
+  split[1, 48:] = 0
+  with pytest.raises(ValueError, match=r"segment_ids row 1: id 0 forms 2 separate runs "
+                                       r"\(starting at positions \[0, 48\]\)"):
+    nsa_jax.window_attention(q, k, k, **kw, segment_ids=split)
+  late = ok.copy()
+  late[0, 24:] = 1
+  with pytest.raises(ValueError, match="segment_ids row 0: the document of id 1 starts at "
+                                       "position 24, not a multiple of select_block=16"):
+    nsa_jax.select_blocks(q, k[:, :SMALL.num_compressed(64)], **kw, segment_ids=late)
+  with pytest.raises(ValueError, match=r"segment_ids.shape=\(2, 63\) must be \[B, T\]"):
+    nsa_jax.selected_attention(q, k, k, jnp.zeros((2, 64, 1, 4), jnp.int32), **kw,
+                               segment_ids=ok[:, 1:])
+  with pytest.raises(ValueError, match="segment_ids.dtype=float32"):
+    nsa_jax.compressed_attention(q, k[:, :15], k[:, :15], **kw,
+                                 segment_ids=ok.astype(np.float32))
+  x = {n: jnp.zeros(s, jnp.float32) for n, s in [
+      ("q", q.shape), ("k_cmp", (2, 15, 1, 8)), ("v_cmp", (2, 15, 1, 8)), ("k_slc", k.shape),
+      ("v_slc", k.shape), ("k_win", k.shape), ("v_win", k.shape), ("gates", (2, 64, 2, 3))]}
+  with pytest.raises(ValueError, match="starts at position 24"):
+    nsa_jax.nsa(**x, **kw, segment_ids=late)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_model_loss_on_packed_rows_is_the_sum_over_documents(attention):
+  """The model's loss sums (`train_lib.loss_sums`, which passes the batch's segment
+  ids) on rows packed by `data.pack_documents` equal those of its documents each run
+  alone, one per row (RoPE positions restart per document: SPEC §6)."""
+  config = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       nsa=SMALL, attention=attention, impl="xla")
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(1, 64, n).astype(np.int32) for n in (5, 16, 70, 30, 3)]
+  rows = data.pack_documents(docs, seq_len=96, align=SMALL.select_block)
+  assert len(set(rows["segment_ids"][0])) > 2            # several documents in a row
+  loss_sums = nnx.jit(train_lib.loss_sums)
+  packed = loss_sums(model, {k: jnp.asarray(v) for k, v in rows.items()})
+  longest = max(len(d) for d in docs)
+  alone = data.stack_rows([data.pack_row([data.Example(d, np.ones(len(d), np.float32))],
+                                         longest, SMALL.select_block) for d in docs])
+  alone.pop("segment_ids")
+  each = loss_sums(model, {k: jnp.asarray(v) for k, v in alone.items()})
+  np.testing.assert_allclose(packed, each, rtol=1e-5)
