@@ -29,7 +29,12 @@ Kinds of case: "reference" (the above on every row); "batch" (the last batch
 row against the same row computed alone by the same op: issue #18's batch past
 2^31 elements); "rows" (the last `rows` query rows against the reference
 evaluated on those rows only, with all keys, under a cotangent that is zero on
-the other rows: a 256k-token sequence). Probes are cases whose outcome informs
+the other rows: a 256k-token sequence); "packed" (`--packed`, SPEC §6, issue #20:
+packing is invisible: the ops on rows of several documents with segment_ids against
+the reference run on each document alone, a batch row of its own padded at its end
+(`nsa_jax.ops.segments.Alone`), the results mapped back: a document's compressed
+blocks shifted by s/d, its selection by s/l'; the selection judged against the
+scores of the documents alone, padded rows apart). Probes are cases whose outcome informs
 rather than judges (they are left out of the pass/fail counts): the issue's
 cuDNN call unsplit (it must fail, or the check could not see the bug), and the
 cuDNN calls under an element-only limit (whether counting bytes is needed).
@@ -60,7 +65,8 @@ failure or error outside the probes.
 Run on the device machine:
     python3 experiments/gpu_check.py                # SHAPES: a few minutes on an H200
     python3 experiments/gpu_check.py --matrix       # issue #18: <= 6 minutes (--budget-s 330)
-    python3 experiments/gpu_check.py --small [--matrix]   # tiny shapes, CPU (interpret mode)
+    python3 experiments/gpu_check.py --packed       # issue #20, packed rows: ~2 minutes
+    python3 experiments/gpu_check.py --small [--matrix | --packed]   # tiny, CPU (interpret mode)
 """
 from __future__ import annotations
 
@@ -79,11 +85,12 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import _common, compressed, cudnn, selected, window
+from nsa_jax.ops import _common, compressed, cudnn, segments, selected, window
 from nsa_jax.ops.compressed import compressed_scores
 from nsa_jax.ops.selection import overlap_to_select_blocks
 
@@ -99,6 +106,7 @@ OPS = ("compressed_attention", "select_blocks", "selected_attention",
        "window_attention", "nsa", "nsa_vs_select_blocks")
 NSA_ARGS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 QUERY_ARGS = ("q", "gates")   # inputs indexed by query position, the others by key
+BLOCK_ARGS = ("k_cmp", "v_cmp")   # inputs indexed by compressed block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +117,8 @@ class Case:
   rows: the query rows checked by a "rows" case (the last ones).
   limits: ((name, value), ...) of `nsa_jax.ops.cudnn` limits set while tracing.
   probe: what a probe case shows ("" for an ordinary case).
+  runs: a "packed" case's documents: the lengths of the runs of equal segment ids
+    of each batch row (each a multiple of select_block but a row's last).
   """
   shape: bc.Shape
   dtype: str
@@ -117,10 +127,15 @@ class Case:
   rows: int = 0
   limits: tuple[tuple[str, int], ...] = ()
   probe: str = ""
+  runs: tuple[tuple[int, ...], ...] = ()
 
   @property
   def name(self) -> str:
     return self.shape.config
+
+  def segment_ids(self) -> np.ndarray:
+    """[B, T] int32 of a "packed" case: run r of a row has id r."""
+    return np.stack([np.repeat(np.arange(len(r)), r) for r in self.runs]).astype(np.int32)
 
 
 def cases_of(shapes, ops) -> list[Case]:
@@ -143,6 +158,25 @@ SMALL_SHAPES = (
     bc.Shape("small-G2", 1, 100, 4, 2, 32, 32, ("float32",)),
     bc.Shape("small-B2-G3-Dk48", 2, 45, 3, 1, 48, 32, ("bfloat16",)),
 )
+
+
+
+def packed_cases(small: bool, ops) -> list[Case]:
+  """--packed (issue #20): documents shorter than one compressed block (a row's
+  last), exactly one selection block, crossing many; G 2, 16 (Config A at 8k with
+  documents of ~4k tokens) and Dk 192 != Dv; f32 and bf16. --small: tiny, CPU."""
+  if small:   # small_config(): l = 16, l' = 32
+    return [Case(bc.Shape("packed-small-G2", 2, 100, 4, 2, 32, 16), "float32", ops,
+                 kind="packed", runs=((32, 64, 4), (96, 4)))]
+  return [
+      Case(bc.Shape("packed-T990-G2", 2, 990, 8, 4, 128, 128), dtype, ops, kind="packed",
+           runs=((64, 448, 448, 30), (192, 768, 30)))
+      for dtype in ("float32", "bfloat16")] + [
+      Case(bc.Shape("packed-A-8k", 1, 8192, 64, 4, 128, 128), dtype, ops, kind="packed",
+           runs=((704, 64, 3328, 4096),)) for dtype in ("bfloat16", "float32")] + [
+      Case(bc.Shape("packed-T990-G16-Dk192", 1, 990, 32, 2, 192, 128), "bfloat16", ops,
+           kind="packed", runs=((128, 832, 30),))]
+
 
 # --matrix: issue #18's head sizes (Dk, Dv) and group sizes.
 MATRIX_HEADS = ((32, 32), (64, 64), (96, 96), (128, 128), (192, 128), (256, 256))
@@ -237,14 +271,14 @@ def reference_scores(q, k_cmp, *, config: NSAConfig):
   return _common.map_query_chunks(chunk_fn, (q,), 256)
 
 
-def selection_check(block_idx, scores, *, config: NSAConfig):
+def selection_check(block_idx, scores, *, config: NSAConfig, valid=None):
   """(rows breaking a hard rule, worst near-tie gap) of a selection [B, T, HKV, n].
 
   Hard rules (SPEC §3): entries in [-1, Ts), no duplicates, min(n, #candidates)
   blocks, all of them candidates (j*l' <= t), the forced blocks among them.
   The gap of a row is (best unselected candidate - worst selected non-forced
   block) / largest non-forced candidate score, clipped at 0: 0 for an exact
-  top-n, small for a near-tie swap.
+  top-n, small for a near-tie swap. valid: [B, T] bool, the rows judged (all).
   """
   B, T, HKV, n = block_idx.shape
   Ts = scores.shape[-1]
@@ -268,6 +302,8 @@ def selection_check(block_idx, scores, *, config: NSAConfig):
   top = jnp.max(jnp.where(free, jnp.abs(scores), 0.0), axis=-1)
   gap = jnp.where(jnp.isfinite(worst_in) & jnp.isfinite(best_out),
                   jnp.maximum(best_out - worst_in, 0.0) / jnp.maximum(top, 1e-30), 0.0)
+  if valid is not None:
+    bad, gap = bad & valid[..., None], jnp.where(valid[..., None], gap, 0.0)
   return jnp.sum(bad), jnp.max(gap)
 
 
@@ -302,28 +338,29 @@ def measure(a, b) -> dict:
 # ----------------------------------------------------------------------------
 # A case as one function of a random key
 # ----------------------------------------------------------------------------
-def differentiable(op: str, config: NSAConfig, impl: str, first: int):
-  """(arg names, op under test, reference on float32 queries from `first`, output
-  names) of an op with gradients; both take (*args, block_idx)."""
+def differentiable(op: str, config: NSAConfig, impl: str, first: int, segment_ids=None):
+  """(arg names, op under test (on packed rows where segment_ids), reference on float32
+  queries from `first`, output names) of an op with gradients; both take (*args,
+  block_idx)."""
   ref_kw = lambda q: dict(config=config, scale=_common.resolve_scale(None, q), first=first)
+  kw = dict(config=config, impl=impl, segment_ids=segment_ids)
   if op == "compressed_attention":
     return (("q", "k_cmp", "v_cmp"),
-            lambda q, k, v, _: compressed_attention(q, k, v, config=config, impl=impl),
+            lambda q, k, v, _: compressed_attention(q, k, v, **kw),
             lambda q, k, v, _: compressed.compressed_attention_xla(q, k, v, **ref_kw(q)),
             ("o", "lse"))
   if op == "selected_attention":
     return (("q", "k_slc", "v_slc"),
-            lambda q, k, v, idx: selected_attention(q, k, v, idx, config=config, impl=impl),
+            lambda q, k, v, idx: selected_attention(q, k, v, idx, **kw),
             lambda q, k, v, idx: selected.selected_attention_xla(q, k, v, idx, **ref_kw(q)),
             ("o",))
   if op == "window_attention":
     return (("q", "k_win", "v_win"),
-            lambda q, k, v, _: window_attention(q, k, v, config=config, impl=impl),
+            lambda q, k, v, _: window_attention(q, k, v, **kw),
             lambda q, k, v, _: window.window_attention_xla(q, k, v, **ref_kw(q)),
             ("o",))
   assert op == "nsa", op
-  return (NSA_ARGS, lambda *a: nsa(*a[:-1], config=config, impl=impl),
-          gated_reference(config, first), ("o",))
+  return (NSA_ARGS, lambda *a: nsa(*a[:-1], **kw), gated_reference(config, first), ("o",))
 
 
 def case_function(case: Case, config: NSAConfig):
@@ -331,9 +368,17 @@ def case_function(case: Case, config: NSAConfig):
   s, dtype = case.shape, case.dtype
   highest = lambda: reference_precision("float32")
 
+  packed = case.kind == "packed"
+  segment_ids = case.segment_ids() if packed else None
+  docs = segments.Alone(segment_ids, config) if packed else None
+  # The reference's view of an input: a "packed" case's documents alone.
+  view = (lambda name, a: docs.alone(a, blocks=name in BLOCK_ARGS)) if packed else (
+      lambda name, a: a)
+
   def f(key):
     x = bc.random_nsa_inputs(s.B, s.T, s.HQ, s.HKV, s.Dk, s.Dv, config, jnp.dtype(dtype), key)
     d_lse = jax.random.normal(jax.random.fold_in(key, 1), (s.B, s.T, s.HQ), jnp.float32)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
     memo = {}
 
     def once(name, fn):   # values several ops need, computed once
@@ -341,20 +386,24 @@ def case_function(case: Case, config: NSAConfig):
         memo[name] = fn()
       return memo[name]
 
-    def reference_selection():
+    def reference_selection():   # of the documents alone in a "packed" case
       with reference_precision(dtype):
-        return select_blocks(x["q"], x["k_cmp"], config=config, impl="xla")
+        return select_blocks(view("q", x["q"]), view("k_cmp", x["k_cmp"]), config=config,
+                             impl="xla")
 
     def nsa_selection(impl):
-      return nsa(*(x[n] for n in NSA_ARGS), config=config, impl=impl, return_block_idx=True)[1]
+      return nsa(*(x[n] for n in NSA_ARGS), config=config, impl=impl, return_block_idx=True,
+                 segment_ids=seg)[1]
 
     def gradients(op, impl):
       first = s.T - case.rows if case.kind == "rows" else 0
-      names, fn, ref_fn, outputs = differentiable(op, config, impl, first)
+      names, fn, ref_fn, outputs = differentiable(op, config, impl, first, seg)
       if op == "nsa" and case.kind != "batch":   # the reference runs on nsa's own selection
         idx = once(f"nsa|{impl}", lambda: nsa_selection(impl))
       elif op == "selected_attention":
         idx = once("xla", reference_selection)
+        if packed:
+          idx = docs.packed_selection(idx)
       else:
         idx = None
       ct = x["cotangent"]
@@ -380,6 +429,16 @@ def case_function(case: Case, config: NSAConfig):
           ref = fb(ref_fn, upcast(ref_args), rows(idx), upcast(rows(ct)))
         return {q: measure(rows(a) if per_row else a, b) for q, per_row, a, b in
                 zip(quantities, along, jax.tree.leaves(got), jax.tree.leaves(ref))}
+      if packed:   # against the reference on the documents alone, mapped back
+        got = fb(fn, args, idx, ct)
+        ref_args = [view(n, a) for n, a in zip(names, args)]
+        ref_idx = None if idx is None else docs.alone_selection(idx)
+        with highest():
+          ref = fb(ref_fn, upcast(ref_args), ref_idx, upcast(jax.tree.map(docs.alone, ct)))
+        blocks = [False] * len(outputs) + [n in BLOCK_ARGS for n in names]
+        return {q: measure(a, docs.packed(b, a.shape, blocks=by_block))
+                for q, by_block, a, b in
+                zip(quantities, blocks, jax.tree.leaves(got), jax.tree.leaves(ref))}
       got = fb(fn, args, idx, ct)
       with highest():
         ref = fb(ref_fn, upcast(args), idx, upcast(ct))
@@ -387,20 +446,23 @@ def case_function(case: Case, config: NSAConfig):
               zip(quantities, jax.tree.leaves(got), jax.tree.leaves(ref))}
 
     def selection(impl):
-      got = select_blocks(x["q"], x["k_cmp"], config=config, impl=impl)
+      got = select_blocks(x["q"], x["k_cmp"], config=config, impl=impl, segment_ids=seg)
       ref = once("xla", reference_selection)
       with reference_precision(dtype):
-        scores = reference_scores(x["q"], x["k_cmp"], config=config)
+        scores = reference_scores(view("q", x["q"]), view("k_cmp", x["k_cmp"]), config=config)
+      valid = docs.valid() if packed else None
       out = {}
-      for name, idx in [("block_idx", got), ("block_idx[xla]", ref)]:
-        bad, gap = selection_check(idx, scores, config=config)
+      for name, idx in [("block_idx", docs.alone_selection(got) if packed else got),
+                        ("block_idx[xla]", ref)]:
+        bad, gap = selection_check(idx, scores, config=config, valid=valid)
         out[name] = {"rel": gap, "max_rel": gap, "ok": bad == 0, "bad_rows": bad}
-      out["block_idx"]["rows_differing_from_xla"] = rows_differing(got, ref)
+      out["block_idx"]["rows_differing_from_xla"] = rows_differing(
+          got, docs.packed_selection(ref) if packed else ref)
       return out
 
     def agreement(impl):
       ours = once(f"nsa|{impl}", lambda: nsa_selection(impl))
-      alone = select_blocks(x["q"], x["k_cmp"], config=config, impl=impl)
+      alone = select_blocks(x["q"], x["k_cmp"], config=config, impl=impl, segment_ids=seg)
       differ = rows_differing(ours, alone)
       share = differ / ours[..., 0].size
       return {"block_idx": {"rel": share, "max_rel": share, "ok": True,
@@ -550,6 +612,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--matrix", action="store_true",
                       help="issue #18's shape matrix (gpu_matrix_<gpu>.json)")
+  parser.add_argument("--packed", action="store_true",
+                      help="issue #20: packed rows against their documents alone "
+                           "(gpu_packed_<gpu>.json)")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"),
                       help="the side under test without --matrix (xla: checks this script "
@@ -586,6 +651,8 @@ def main(argv=None):
   if args.matrix:
     cases = [dataclasses.replace(c, ops=tuple(o for o in c.ops if o[0] in ops))
              for c in matrix_cases(args.small)]
+  elif args.packed:
+    cases = packed_cases(args.small, tuple((op, args.impl) for op in ops))
   else:
     cases = cases_of(SMALL_SHAPES if args.small else SHAPES, tuple((op, args.impl) for op in ops))
   cases = [c for c in cases if c.ops and (not args.cases or c.name in args.cases.split(","))]
@@ -621,7 +688,7 @@ def main(argv=None):
   records.sort(key=lambda r: order[(r["case"], r["dtype"])])   # stable: ops keep their order
 
   summary = summarize(records)
-  name = "gpu_matrix" if args.matrix else "gpu_check"
+  name = "gpu_matrix" if args.matrix else "gpu_packed" if args.packed else "gpu_check"
   bc.write_json(os.path.join(args.out, f"{name}_{bc.slug(bc.gpu_name())}.json"), {
       "summary": summary, "wall_s": time.perf_counter() - start,
       "tolerances": {"rtol": RTOL, "select_blocks_tie_rtol": TIE_RTOL,
@@ -629,7 +696,8 @@ def main(argv=None):
                      "why": "module doc of experiments/gpu_check.py"},
       "cudnn_limits": {"MAX_ELEMENTS": cudnn.MAX_ELEMENTS, "MAX_BYTES": cudnn.MAX_BYTES},
       "cases": [dict(dataclasses.asdict(c.shape), dtype=c.dtype, kind=c.kind, rows=c.rows,
-                     limits=dict(c.limits), probe=c.probe or None) for c in cases],
+                     limits=dict(c.limits), probe=c.probe or None, runs=c.runs)
+                for c in cases],
       "records": records}, config=config)
   print_summary(records)
   print(f"\n{summary['pass']} passed, {summary['fail']} failed, {summary['error']} errors, "

@@ -5,12 +5,12 @@ One property, tested as one. For each case a jitted function runs every op (outp
 the selection, and the gradients of every float input under random cotangents) on
 packed rows [B, T] with `segment_ids`, and the same function runs them on the
 documents alone without segment ids: each document a batch row of its own, padded at
-its end to the longest (the ops are causal: what follows a document changes none of
-its rows, and the cotangents are zero there). Every output, selection and gradient of
-a document's rows and keys must then equal its own alone: a document starting at s
-holds the compressed blocks s/d .. s/d + Tc(length) - 1 (those that start in it and
-end before its end) and the selection blocks from s/l'; compressed blocks straddling
-two documents, seen by no query, get zero gradient.
+its end to the longest (`segments.Alone`: the ops are causal, what follows a document
+changes none of its rows, and the cotangents are zero there). Every output, selection
+and gradient of a document's rows and keys must then equal its own alone: a document
+starting at s holds the compressed blocks s/d .. s/d + Tc(length) - 1 (those that
+start in it and end before its end) and the selection blocks from s/l'; compressed
+blocks straddling two documents, seen by no query, get zero gradient.
 
 Segment ids come from the data pipeline (`data.pack_documents`: documents aligned to
 select_block, padded with their own id, the last of a row running to its end):
@@ -31,6 +31,7 @@ from flax import nnx
 import nsa_jax
 from nsa_jax import NSAConfig, data, train_lib
 from nsa_jax.model import ModelConfig, Transformer
+from nsa_jax.ops import segments
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -66,66 +67,6 @@ CASES = [
     # [64 | 16 | 3 (< l, to the end)]
     Case((64, 16, 3), T=83, HKV=1, G=16, Dk=8, Dv=16, config=SMALL),
 ]
-
-
-def documents(segment_ids):
-  """[(row, start, end)] of every run of equal ids."""
-  out = []
-  for b, row in enumerate(np.asarray(segment_ids)):
-    starts = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
-    out += [(b, int(s), int(e)) for s, e in zip(starts, list(starts[1:]) + [len(row)])]
-  return out
-
-
-class Layout:
-  """Moves arrays between the packed rows and the documents alone (module doc)."""
-
-  def __init__(self, segment_ids, config: NSAConfig):
-    self.docs, self.config = documents(segment_ids), config
-    self.T = np.asarray(segment_ids).shape[1]
-    self.L = max(e - s for _, s, e in self.docs)
-
-  def span(self, s, e, by_block: bool):
-    """(first index, count) of a document's tokens or compressed blocks."""
-    if by_block:
-      return s // self.config.compress_stride, self.config.num_compressed(e - s)
-    return s, e - s
-
-  def alone(self, x, by_block: bool = False, fill=0):
-    """[B, N, ...] packed -> [D, N_alone, ...], each document's piece, padded with fill."""
-    size = self.config.num_compressed(self.L) if by_block else self.L
-    pieces = []
-    for b, s, e in self.docs:
-      lo, n = self.span(s, e, by_block)
-      piece = x[b, lo:lo + n]
-      pieces.append(jnp.pad(piece, [(0, size - n)] + [(0, 0)] * (piece.ndim - 1),
-                            constant_values=fill))
-    return jnp.stack(pieces)
-
-  def packed(self, y, like, by_block: bool = False):
-    """[D, N_alone, ...] results alone -> the packed layout of `like`, 0 elsewhere."""
-    out = np.zeros(like.shape, like.dtype)
-    for i, (b, s, e) in enumerate(self.docs):
-      lo, n = self.span(s, e, by_block)
-      out[b, lo:lo + n] = np.asarray(y)[i, :n]
-    return out
-
-  def alone_selection(self, idx):
-    """Packed block indices [B, T, HKV, n] -> each document's alone, shifted by s/l'
-    (blocks before the document: -1)."""
-    lp = self.config.select_block
-    shifted = [jnp.where(idx[b, s:e] * lp >= s, idx[b, s:e] - s // lp, -1)
-               for b, s, e in self.docs]
-    return jnp.stack([jnp.pad(x, [(0, self.L - len(x)), (0, 0), (0, 0)], constant_values=-1)
-                      for x in shifted])
-
-  def packed_selection(self, idx, like):
-    """Block indices of the documents alone -> the packed layout of `like`."""
-    out = np.full(like.shape, -1, np.int32)
-    for i, (b, s, e) in enumerate(self.docs):
-      x = np.asarray(idx)[i, :e - s]
-      out[b, s:e] = np.where(x >= 0, x + s // self.config.select_block, -1)
-    return out
 
 
 def every_op(x, block_idx, cts, segment_ids, *, impl, config):
@@ -178,21 +119,20 @@ def inputs(case: Case, dtype, B):
 def test_packing_is_invisible(case, impl):
   dtype = jnp.float64 if impl == "xla" else jnp.float32
   segment_ids = case.segment_ids()
-  layout = Layout(segment_ids, case.config)
+  docs = segments.Alone(segment_ids, case.config)
   x, block_idx, cts = inputs(case, dtype, B=segment_ids.shape[0])
   run = jax.jit(lambda x, idx, cts, seg: every_op(x, idx, cts, seg, impl=impl,
                                                   config=case.config))
   packed = run(x, block_idx, cts, jnp.asarray(segment_ids))
-  alone = run({n: layout.alone(a, n in BLOCK_INPUTS) for n, a in x.items()},
-              layout.alone_selection(block_idx),
-              tuple(layout.alone(c) for c in cts), None)
+  alone = run({n: docs.alone(a, blocks=n in BLOCK_INPUTS) for n, a in x.items()},
+              docs.alone_selection(block_idx), tuple(docs.alone(c) for c in cts), None)
   for name, got in packed.items():
     if "block_idx" in name or name == "select_blocks":   # as sets
-      want = layout.packed_selection(alone[name], got)
+      want = docs.packed_selection(alone[name])
       np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1), err_msg=name)
       continue
     for i, (g, a) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(alone[name]))):
-      want = layout.packed(a, g, by_block=name.endswith(BLOCK_INPUTS))
+      want = np.asarray(docs.packed(a, g.shape, blocks=name.endswith(BLOCK_INPUTS)))
       scale = np.abs(want).max(initial=1.0)
       rtol = 1e-12 if impl == "xla" else 1e-5
       np.testing.assert_allclose(g, want, rtol=rtol, atol=rtol * scale,
