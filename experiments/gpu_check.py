@@ -34,7 +34,8 @@ packing is invisible: the ops on rows of several documents with segment_ids agai
 the reference run on each document alone, a batch row of its own padded at its end
 (`nsa_jax.ops.segments.Alone`), the results mapped back: a document's compressed
 blocks shifted by s/d, its selection by s/l'; the selection judged against the
-scores of the documents alone, padded rows apart). Probes are cases whose outcome informs
+scores of the documents alone, padded rows apart, and holding no block outside the
+query's document). Probes are cases whose outcome informs
 rather than judges (they are left out of the pass/fail counts): the issue's
 cuDNN call unsplit (it must fail, or the check could not see the bug), and the
 cuDNN calls under an element-only limit (whether counting bytes is needed).
@@ -456,6 +457,10 @@ def case_function(case: Case, config: NSAConfig):
                         ("block_idx[xla]", ref)]:
         bad, gap = selection_check(idx, scores, config=config, valid=valid)
         out[name] = {"rel": gap, "max_rel": gap, "ok": bad == 0, "bad_rows": bad}
+      if packed:   # blocks outside the query's document (dropped by alone_selection)
+        outside = rows_differing(got, docs.packed_selection(docs.alone_selection(got)))
+        out["block_idx"].update(ok=out["block_idx"]["ok"] & (outside == 0),
+                                rows_outside_document=outside)
       out["block_idx"]["rows_differing_from_xla"] = rows_differing(
           got, docs.packed_selection(ref) if packed else ref)
       return out
