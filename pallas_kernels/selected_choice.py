@@ -60,13 +60,12 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
   fitted = fit_tiles_for(q, v, block, dataclasses.replace(tiles, block_major=True), BLOCK_MAJOR)
   if tiles.block_major:
     return make(_must_fit(fitted, q, v, block))
-  if fitted is None or make(fitted).Gp > BLOCK_MAJOR_MAX_GROUP:
+  if fitted is None:
     return query()
   geo, memory = make(fitted), device_memory()
-  if memory is not None and (block_major_bytes(geo, q.dtype)
-                             > BLOCK_MAJOR_MEMORY_SHARE * memory):
-    return query()
-  return geo
+  too_big = memory is not None and (block_major_bytes(geo, q.dtype)
+                                    > BLOCK_MAJOR_MEMORY_SHARE * memory)
+  return query() if geo.Gp > BLOCK_MAJOR_MAX_GROUP or too_big else geo
 
 
 def fit_tiles_for(q, v, block: int, tiles: Tiles, kernels: tuple[str, ...]) -> Tiles | None:
