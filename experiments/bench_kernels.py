@@ -114,8 +114,7 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
   """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches."""
   # The compressed and window branches alone run as inside nsa: on cuDNN where
   # cuDNN takes them.
-  on_cudnn = nsa_cudnn_impl(shape, config, impls["nsa"], dtype)
-  impl = dict(impls, compressed_attention=on_cudnn, window_attention=on_cudnn)
+  impl = dict(impls, **nsa_cudnn_impls(shape, config, impls["nsa"], dtype))
   kw = lambda op: dict(config=config, impl=impl[op])
   names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
   select = jax.jit(lambda q, k: select_blocks(q, k, **kw("select_blocks")))
@@ -150,12 +149,17 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
       yield op, impl[op], "fwd+bwd", bc.forward_backward(fn, num_diff), make
 
 
-def nsa_cudnn_impl(shape: Shape, config: NSAConfig, impl: str, dtype) -> str:
-  """What `nsa(impl=impl)` runs its window (and so compressed) branch on here."""
-  x = lambda H, D: jax.ShapeDtypeStruct((shape.B, shape.T, H, D), dtype)
-  call = dispatch.Call(dict(q=x(shape.HQ, shape.Dk), k=x(shape.HKV, shape.Dk),
-                            v=x(shape.HKV, shape.Dv)), config, None)
-  return dispatch.nsa_branches(impl, {"window_attention": call})["window_attention"]
+def nsa_cudnn_impls(shape: Shape, config: NSAConfig, impl: str, dtype) -> dict[str, str]:
+  """What `nsa(impl=impl)` runs its compressed and window branches on here:
+  {"compressed_attention": backend, "window_attention": backend}."""
+  x = lambda H, D, T=shape.T: jax.ShapeDtypeStruct((shape.B, T, H, D), dtype)
+  Tc = config.num_compressed(shape.T)
+  call = lambda **arrays: dispatch.Call(arrays, config, None)
+  return dispatch.nsa_branches(impl, {
+      "compressed_attention": call(q=x(shape.HQ, shape.Dk), k_cmp=x(shape.HKV, shape.Dk, Tc),
+                                   v_cmp=x(shape.HKV, shape.Dv, Tc)),
+      "window_attention": call(q=x(shape.HQ, shape.Dk), k=x(shape.HKV, shape.Dk),
+                               v=x(shape.HKV, shape.Dv))})
 
 
 def dense_candidates(shape: Shape, impl: str):
@@ -282,8 +286,9 @@ class Bench:
     for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
       result = self.timed(fn, make)
       if op == "nsa":
-        result["window_impl"] = result["compressed_impl"] = nsa_cudnn_impl(
-            shape, self.config, impl, dtype)
+        on = nsa_cudnn_impls(shape, self.config, impl, dtype)
+        result["compressed_impl"] = on["compressed_attention"]
+        result["window_impl"] = on["window_attention"]
       self.record(shape, op, pass_, impl, result, flops.get((op, pass_)))
     self.run_dense(shape, flops)
     if peer:

@@ -3,10 +3,10 @@
 Pre-norm blocks (RMSNorm), RoPE, SwiGLU MLP, tied or untied embeddings, as in
 the NSA paper's backbone (§4.1: GQA + MoE; here a dense MLP). The attention is
 `"nsa"` (`nsa_jax.module.NativeSparseAttention`) or `"full"`: dense causal
-attention through `jax.nn.dot_product_attention` (cuDNN on GPU for 16-bit
-compute) with the same query/key/value/output projections and the same RoPE,
-so the two models differ only by NSA's own parameters (per-branch keys and
-values, the compression MLPs and the gates).
+attention (`dense_attention`: cuDNN on GPU under the rule of NSA's cuDNN
+branches, `nsa_jax.ops.cudnn`) with the same query/key/value/output
+projections and the same RoPE, so the two models differ only by NSA's own
+parameters (per-branch keys and values, the compression MLPs and the gates).
 
 Parameters are float32; `dtype` is the compute dtype (bf16 for mixed precision).
 Logits are returned in float32.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,12 @@ class ModelConfig:
                        f"use a longer seq_len or smaller blocks")
 
 
-def dense_implementation(dtype) -> str | None:
-  """cuDNN flash attention on GPU for 16-bit inputs; jax's choice otherwise."""
-  return "cudnn" if cudnn.cudnn_takes(dtype) else None
+def dense_attention(q, k, v):
+  """Causal GQA attention, scale 1/sqrt(D): `cudnn.cudnn_causal_attention` where
+  `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise."""
+  if cudnn.cudnn_runs(q, v):
+    return cudnn.cudnn_causal_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))[0]
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
 class FullAttention(nnx.Module):
@@ -143,8 +147,7 @@ class FullAttention(nnx.Module):
   def __call__(self, x):
     B, T, _ = x.shape
     q, k, v = self.qkv(x, jnp.arange(T))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                     implementation=dense_implementation(q.dtype))
+    o = dense_attention(q, k, v)
     return self.o_proj(o.reshape(B, T, -1))
 
 

@@ -55,11 +55,29 @@ def test_gpu_check_small(tmp_path):
                               "--ops", "select_blocks,window_attention"], tmp_path)
   with open(tmp_path / "gpu_check_cpu.json") as f:
     data = json.load(f)
-  assert data["impls"]["window_attention"] == "pallas"
-  assert data["failed"] == 0
-  quantities = {(r["op"], r["quantity"]) for r in data["rows"] if r["status"] == "PASS"}
-  assert {("window_attention", q) for q in ("o", "dq", "dk", "dv")} <= quantities
-  assert {("select_blocks", "block_idx"), ("select_blocks", "block_idx[xla]")} <= quantities
+  assert data["summary"] == {"pass": 2, "fail": 0, "error": 0, "skipped": 0}
+  checked = {(r["op"], r["impl"]): set(r["errors"]) for r in data["records"]}
+  assert checked[("window_attention", "pallas")] == {"o", "dq", "dk_win", "dv_win"}
+  assert checked[("select_blocks", "pallas")] == {"block_idx", "block_idx[xla]"}
+
+
+def test_gpu_matrix_small(tmp_path):
+  """The matrix's own kinds of case: the last batch row against that row alone,
+  and the last query rows against the reference evaluated on those rows only."""
+  run_script("gpu_check.py", ["--matrix", "--cases", "batch,rows",
+                              "--ops", "compressed_attention,window_attention"], tmp_path)
+  with open(tmp_path / "gpu_matrix_cpu.json") as f:
+    data = json.load(f)
+  assert data["meta"]["gpu"] == "cpu" and data["meta"]["jax_version"]
+  assert data["summary"] == {"pass": 3, "fail": 0, "error": 0, "skipped": 0}
+  got = {(r["case"], r["kind"], r["op"], r["impl"], r["dtype"], tuple(r["shape"]))
+         for r in data["records"]}
+  assert got == {("batch", "batch", "window_attention", "pallas", "bfloat16", (3, 40, 4, 2, 16, 16)),
+                 ("rows", "rows", "compressed_attention", "pallas", "float32", (1, 70, 4, 1, 16, 16)),
+                 ("rows", "rows", "window_attention", "pallas", "float32", (1, 70, 4, 1, 16, 16))}
+  for r in data["records"]:
+    assert r["status"] == "pass" and r["tol"] > 0, r
+    assert all(e["rel"] <= r["tol"] and e["max_rel"] >= 0 for e in r["errors"].values()), r
 
 
 def test_bench_scaling_small(tmp_path):

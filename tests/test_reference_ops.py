@@ -237,19 +237,11 @@ def test_cudnn_runs_only_what_it_takes(monkeypatch):
   assert not runs(q, q)
 
 
-def _cudnn_call_on_xla(monkeypatch):
-  """Sends jax's cuDNN attention call to its XLA implementation (no cuDNN on a CPU)."""
-  dpa = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, "dot_product_attention",
-                      lambda *a, implementation, **kw: dpa(*a, implementation="xla", **kw))
-
-
 @pytest.mark.parametrize("T,Dk,Dv", [(45, 16, 16), (38, 24, 16)])
-def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
+def test_cudnn_window_call_matches_the_reference(cudnn_calls, T, Dk, Dv):
   """The cuDNN path's band (`local_window_size`), odd-T padding and v padding,
   run through jax's XLA implementation of the same call."""
   from nsa_jax.ops import cudnn, window
-  _cudnn_call_on_xla(monkeypatch)
   x = make_inputs(jax.random.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
   args = (x["q"], x["k_win"], x["v_win"])
   f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
@@ -268,12 +260,11 @@ def test_cudnn_window_call_matches_the_reference(monkeypatch, T, Dk, Dv):
     (2, 64, 4, 2, 16, 16, SMALL), (1, 77, 4, 2, 16, 8, SMALL),
     (1, 7, 2, 1, 8, 8, SMALL), (1, 8, 2, 2, 8, 8, SMALL),
     (1, 61, 16, 1, 16, 8, ODD), (1, 100, 4, 4, 16, 16, ODD)], ids=str)
-def test_compressed_folded_by_residue_matches_the_reference(monkeypatch, shape):
+def test_compressed_folded_by_residue_matches_the_reference(cudnn_calls, shape):
   """`compressed_attention_folded` (the cuDNN path: one causal attention per
   stride residue) against the reference, values, lse and gradients of o, with
   the attention call run through jax's XLA implementation."""
   from nsa_jax.ops import compressed
-  _cudnn_call_on_xla(monkeypatch)
   *dims, cfg = shape
   x = make_inputs(jax.random.key(6), *dims, cfg)
   args = (x["q"], x["k_cmp"], x["v_cmp"])
@@ -310,6 +301,34 @@ def test_config_counts():
   assert cfg.num_compressed(31) == 0 and cfg.num_compressed(32) == 1
   assert cfg.num_compressed(65536) == 4095
   assert cfg.num_select_blocks(65) == 2
+
+
+def test_references_on_a_query_slice_give_those_rows():
+  """`first`: the references on queries t0..t1-1 with all keys equal those rows
+  of the whole, values and the key gradients of a cotangent on those rows only
+  (gpu_check.py --matrix checks a 256k-token sequence's last rows this way)."""
+  from nsa_jax.ops import compressed, selected, window
+  B, T, HQ, HKV, Dk, Dv = 1, 77, 4, 2, 16, 8
+  t0, t1 = 37, 77   # t0 inside a query chunk; t1 = T, not a multiple of the chunk
+  x = make_inputs(jax.random.key(10), B, T, HQ, HKV, Dk, Dv, SMALL)
+  idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=SMALL, impl="xla")
+  ct = jax.random.normal(jax.random.key(11), (B, T, HQ, Dv), jnp.float32)
+  on_rows = (jnp.arange(T) >= t0) & (jnp.arange(T) < t1)
+  kw = dict(config=SMALL, scale=0.3, query_chunk=8)
+  refs = [(lambda q, k, v, i, first: compressed.compressed_attention_xla(
+               q, k, v, **kw, first=first)[0], ("k_cmp", "v_cmp")),
+          (lambda q, k, v, i, first: selected.selected_attention_xla(
+               q, k, v, i, **kw, first=first), ("k_slc", "v_slc")),
+          (lambda q, k, v, i, first: window.window_attention_xla(
+               q, k, v, **kw, first=first), ("k_win", "v_win"))]
+  for ref, keys in refs:
+    k, v = x[keys[0]], x[keys[1]]
+    whole, vjp = jax.vjp(lambda k, v: ref(x["q"], k, v, idx, 0), k, v)
+    part, vjp_part = jax.vjp(lambda k, v: ref(x["q"][:, t0:t1], k, v, idx[:, t0:t1], t0), k, v)
+    np.testing.assert_allclose(part, whole[:, t0:t1], rtol=1e-6, atol=1e-6)
+    grads = vjp(ct * on_rows[None, :, None, None])
+    for g_part, g in zip(vjp_part(ct[:, t0:t1]), grads):
+      np.testing.assert_allclose(g_part, g, rtol=1e-5, atol=1e-6)
 
 
 def _largest_intermediate(jaxpr):

@@ -121,15 +121,16 @@ def masked_softmax(s, mask):
   return p, lse[..., 0]
 
 
-def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int):
+def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: int = 0):
   """Applies `fn(start, *x_chunks)` to query chunks along axis 1 with `lax.map`.
 
   Each x in `xs` is [B, T, ...]; T is padded up to a multiple of `chunk` (the
   padded rows are computed and dropped). `start` is the chunk's first query
-  position. `fn` returns a pytree of [B, chunk, ...] arrays; the result is
-  the same pytree with [B, T, ...] arrays. Keeps live memory at one chunk's
-  worth of scores instead of all T queries' worth, in the backward pass too:
-  each chunk is rematerialised (`jax.checkpoint`) rather than saved.
+  position, `first` that of xs' first row (for a slice of the queries). `fn`
+  returns a pytree of [B, chunk, ...] arrays; the result is the same pytree
+  with [B, T, ...] arrays. Keeps live memory at one chunk's worth of scores
+  instead of all T queries' worth, in the backward pass too: each chunk is
+  rematerialised (`jax.checkpoint`) rather than saved.
   """
   T = xs[0].shape[1]
   chunk = min(chunk, T)
@@ -145,7 +146,7 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int):
     y = jnp.moveaxis(y, 0, 1)
     return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :T]
 
-  starts = jnp.arange(n, dtype=jnp.int32) * chunk
+  starts = first + jnp.arange(n, dtype=jnp.int32) * chunk
   body = jax.checkpoint(lambda a: fn(a[0], *a[1:]))
   out = lax.map(body, (starts, *map(split, xs)))
   return jax.tree.map(merge, out)

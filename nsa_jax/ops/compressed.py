@@ -4,8 +4,8 @@ Query t attends to compressed block i iff the block lies wholly in its past,
 `i*d + l - 1 <= t`. Queries that see no block (t < l - 1) get a zero output
 and lse = -inf. The Pallas kernel is `pallas_kernels/compressed_attention.py`;
 on a GPU, `nsa` runs the branch on cuDNN's causal attention instead
-(`compressed_attention_folded`) wherever cuDNN takes the inputs, being faster
-(`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
+(`compressed_attention_folded`) wherever cuDNN takes the folded call, being
+faster (`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
 """
 from __future__ import annotations
 
@@ -72,8 +72,11 @@ def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float):
 
 
 def compressed_attention_xla(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float,
-                             query_chunk: int = QUERY_CHUNK):
-  """Pure-JAX reference, chunked over queries: memory O(chunk * Tc)."""
+                             query_chunk: int = QUERY_CHUNK, first: int = 0):
+  """Pure-JAX reference, chunked over queries: memory O(chunk * Tc).
+
+  first: position of q's first row, for a slice of the queries (all blocks given).
+  """
   B, T, HQ, _ = q.shape
   Tc, Dv = k_cmp.shape[1], v_cmp.shape[-1]
   dt = _common.compute_dtype(q.dtype)
@@ -89,7 +92,7 @@ def compressed_attention_xla(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float
     return (o.reshape(B, C, HQ, Dv).astype(q.dtype),
             jnp.moveaxis(lse, 3, 1).reshape(B, C, HQ))
 
-  return _common.map_query_chunks(chunk_fn, (q,), query_chunk)
+  return _common.map_query_chunks(chunk_fn, (q,), query_chunk, first)
 
 
 def compressed_attention_folded(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float):

@@ -1,11 +1,76 @@
-"""Every call of jax's cuDNN fused attention (the window and compressed branches on a GPU)."""
+"""Every cuDNN call of the project: cuDNN's fused causal attention, where it runs, how it is split.
+
+`cudnn_causal_attention` is the one function that calls
+`jax.nn.dot_product_attention(implementation="cudnn")`. Its users: the window
+branch (`window.window_attention`), the compressed branch folded by stride
+residue (`compressed.compressed_attention_folded`), and the dense baseline of
+the model (`nsa_jax.model.dense_attention`). `cudnn_runs` is the rule of where
+it runs, which the dispatch table applies to every op (`nsa_jax.ops.dispatch`).
+
+**Tensors past 2^31 (issue #18).** On an H200 (jax 0.11.2), cuDNN's sliding-window
+attention over B=9, T=32768, HQ=64, HKV=4, D=128 in bf16 (q holds 1.125 x
+2^31 elements) returned the right forward but gradients of the last batch row
+21 % (dq) and 7.5 % (dk) off, without any error. The mechanism is unknown
+(32-bit offsets somewhere: in elements or in bytes, the measured points do not
+tell which), so no call reaches either limit: every tensor of a call holds fewer
+than `MAX_ELEMENTS` elements and fewer than `MAX_BYTES` bytes, counting q, k, v,
+o, do and the float32 dq accumulator of the backward pass. The largest are q, o,
+do and that accumulator (T * HQ * D elements per batch row; k, v are G times
+smaller), the accumulator also in bytes (4 per element against 2 for 16-bit
+inputs). A call too large for that is split (`call_plan`): into chunks of batch
+rows, or, when one row alone is too large, into chunks of KV heads, each with
+the G query heads of its group. When one KV group of one row is too large,
+`cudnn_runs` says no and the dispatch table runs the branch on a Pallas kernel.
+experiments/gpu_check.py --matrix checks the split calls on the issue's shapes.
+"""
 from __future__ import annotations
+
+import typing
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nsa_jax.ops._common import compute_dtype, resolve_interpret
+from nsa_jax.ops import _common
+
+# Limits on every tensor of one cuDNN call (module doc). Module constants so
+# that a test can lower them to exercise the split on small shapes.
+MAX_ELEMENTS = 2 ** 31
+MAX_BYTES = 2 ** 31
+ACCUMULATOR_BYTES = 4   # cuDNN's backward accumulates dq in float32
+
+
+class CallPlan(typing.NamedTuple):
+  """Batch rows and KV groups (KV heads, each with its G query heads) per cuDNN call."""
+  rows: int
+  groups: int
+
+
+def call_plan(B: int, T: int, HQ: int, HKV: int, D: int, dtype) -> CallPlan | None:
+  """How cuDNN takes a causal attention over q [B, T, HQ, D] and k, v [B, T, HKV, D]
+  (the shapes of the call itself: T even, v padded to D) without any tensor reaching
+  `MAX_ELEMENTS` or `MAX_BYTES`: whole, in chunks of rows, or, when one row is too
+  large, one row at a time in chunks of KV groups. None when one group of one row is
+  too large. The last chunk may be smaller than the others.
+  """
+  item_bytes = max(jnp.dtype(dtype).itemsize, ACCUMULATOR_BYTES)
+
+  def most(elements: int) -> int:   # how many parts of `elements` query elements fit
+    return min((MAX_ELEMENTS - 1) // elements, (MAX_BYTES - 1) // (elements * item_bytes))
+
+  rows = most(T * HQ * D)
+  if rows >= 1:
+    return CallPlan(rows=min(rows, B), groups=HKV)
+  groups = most(T * (HQ // HKV) * D)
+  if groups >= 1:
+    return CallPlan(rows=1, groups=min(groups, HKV))
+  return None
+
+
+def _call_shapes(q, v):
+  """(B, T, HQ, HKV, D) of the cuDNN call over q and v: T padded to even, v to D."""
+  B, T, HQ, D = q.shape
+  return B, T + T % 2, HQ, v.shape[2], D
 
 
 def cudnn_takes(dtype) -> bool:
@@ -16,19 +81,27 @@ def cudnn_takes(dtype) -> bool:
 
 
 def cudnn_runs(q, v, interpret: bool | None = None) -> bool:
-  """Whether cuDNN's fused attention runs a branch over q and v: a GPU, 16-bit
-  inputs, no interpret mode asked for, Dk a multiple of 8 up to 128 (256 from
-  Hopper on) and Dv <= Dk (v is zero-padded to Dk).
+  """Whether cuDNN's fused attention runs a causal attention over q [B, T, HQ, Dk]
+  and v [B, T, HKV, Dv] (arrays or `jax.ShapeDtypeStruct`s): a GPU, 16-bit inputs,
+  no interpret mode asked for, Dk a multiple of 8 up to 128 (256 from Hopper on),
+  Dv <= Dk (v is zero-padded to Dk), and one KV group of one batch row small
+  enough for `call_plan` (module doc).
 
   Where it runs, `nsa(impl="auto" | "pallas")` gives it the window and the
   compressed branches (`nsa_jax.ops.dispatch`): it is faster than the Pallas
   kernels there (experiments/PERF_NOTES.md).
   """
-  if resolve_interpret(interpret) or not cudnn_takes(q.dtype):
+  if _common.resolve_interpret(interpret) or not cudnn_takes(q.dtype):
     return False
   Dk, Dv = q.shape[-1], v.shape[-1]
   hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
-  return Dk % 8 == 0 and Dv <= Dk <= (256 if hopper else 128)
+  return (Dk % 8 == 0 and Dv <= Dk <= (256 if hopper else 128)
+          and call_plan(*_call_shapes(q, v), q.dtype) is not None)
+
+
+def _part(x, axis: int, start: int, size: int):
+  """x[start : start + size] along `axis`; x itself when that is all of it."""
+  return x if size == x.shape[axis] else lax.slice_in_dim(x, start, start + size, axis=axis)
 
 
 def cudnn_causal_attention(q, k, v, *, scale: float, window: int | None = None):
@@ -37,15 +110,33 @@ def cudnn_causal_attention(q, k, v, *, scale: float, window: int | None = None):
 
   Its training path takes only even sequence lengths and Dk == Dv: an odd T
   gets one zero token appended, which no real query sees (causal mask), and
-  v with Dv < Dk zero columns; both are sliced off the output. The lse
-  carries no gradient: jax's cuDNN rule drops its cotangent, so it is cut
-  here explicitly.
+  v with Dv < Dk zero columns; both are sliced off the output. Calls too large
+  for cuDNN are split by `call_plan` (module doc); gradients flow through the
+  slices. The lse carries no gradient: jax's cuDNN rule drops its cotangent,
+  so it is cut here explicitly.
   """
-  T, Dk, Dv = q.shape[1], q.shape[-1], v.shape[-1]
+  B, T, HQ, Dk = q.shape
+  HKV, Dv = k.shape[2], v.shape[-1]
+  plan = call_plan(*_call_shapes(q, v), q.dtype)
+  if plan is None:
+    raise ValueError(f"cuDNN cannot take one KV group of one row: T={T}, G={HQ // HKV}, "
+                     f"Dk={Dk} reach 2^31 elements or bytes (check cudnn_runs first)")
   pad = [(0, 0), (0, T % 2), (0, 0), (0, 0)]
-  o, lse = jax.nn.dot_product_attention(
-      jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad[:3] + [(0, Dk - Dv)]),
-      scale=scale, is_causal=True, implementation="cudnn",
-      local_window_size=None if window is None else (window - 1, 0),
-      return_residual=True)
-  return o[:, :T, :, :Dv], lax.stop_gradient(lse[:, :T].astype(compute_dtype(q.dtype)))
+  q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad[:3] + [(0, Dk - Dv)])
+  G = HQ // HKV
+
+  def call(b0: int, g0: int):
+    rows, groups = min(plan.rows, B - b0), min(plan.groups, HKV - g0)
+    rows_of = lambda x: _part(x, 0, b0, rows)
+    return jax.nn.dot_product_attention(
+        _part(rows_of(q), 2, g0 * G, groups * G),
+        _part(rows_of(k), 2, g0, groups), _part(rows_of(v), 2, g0, groups),
+        scale=scale, is_causal=True, implementation="cudnn",
+        local_window_size=None if window is None else (window - 1, 0),
+        return_residual=True)
+
+  concat = lambda parts, axis: jax.tree.map(lambda *x: jnp.concatenate(x, axis), *parts)
+  o, lse = concat([concat([call(b0, g0) for g0 in range(0, HKV, plan.groups)], 2)
+                   for b0 in range(0, B, plan.rows)], 0)
+  return (o[:, :T, :, :Dv],
+          lax.stop_gradient(lse[:, :T].astype(_common.compute_dtype(q.dtype))))

@@ -11,7 +11,13 @@ Every op has the pure-JAX reference "xla" (runs everywhere) and the Pallas kerne
 - an explicit impl that does not support the call raises a ValueError naming the
   sizes and the reason, before anything is traced;
 - `nsa(impl=...)` gives each branch the backends `NSA_BRANCHES[impl]` lists, first
-  supported first.
+  supported first; `select_blocks(impl=...)` alone selects from the lse of the
+  compressed branch on the backend `nsa(impl=...)` gives it (`selection.selection_lse`),
+  so that both select the same blocks.
+
+cuDNN's check is `cudnn.cudnn_runs` on the call cuDNN would get (the compressed
+branch's queries folded by stride residue): it refuses calls that cannot be split
+under 2^31 elements and bytes (`cudnn.call_plan`, issue #18).
 
 The checks read shapes, dtypes, the config and the device only, never values.
 """
@@ -45,13 +51,27 @@ def _reference(call: Call) -> str | None:
   return None
 
 
-def _cudnn(call: Call) -> str | None:
-  q, *_, v = call.arrays.values()
-  if cudnn.cudnn_runs(q, v, call.interpret):
+def _cudnn_runs(q, v, interpret: bool | None) -> str | None:
+  if cudnn.cudnn_runs(q, v, interpret):
     return None
   return (f"cuDNN's fused attention needs a GPU backend (have {jax.default_backend()}), "
-          f"16-bit inputs, Dk a multiple of 8, Dv <= Dk <= 128 (256 from Hopper on) "
-          f"and interpret={call.interpret} not True")
+          f"16-bit inputs, Dk a multiple of 8, Dv <= Dk <= 128 (256 from Hopper on), "
+          f"interpret={interpret} not True and one KV group of one batch row of its call "
+          f"under 2^31 elements and bytes (`cudnn.call_plan`)")
+
+
+def _cudnn_window(call: Call) -> str | None:
+  a = call.arrays
+  return _cudnn_runs(a["q"], a["v"], call.interpret)
+
+
+def _cudnn_compressed(call: Call) -> str | None:
+  """cuDNN runs the compressed branch over q folded by stride residue
+  (`compressed.compressed_attention_folded`): [B*d, ceil(T/d), HQ, Dk]."""
+  q, d = call.arrays["q"], call.config.compress_stride
+  B, T, HQ, Dk = q.shape
+  folded = jax.ShapeDtypeStruct((B * d, -(-T // d), HQ, Dk), q.dtype)
+  return _cudnn_runs(folded, call.arrays["v_cmp"], call.interpret)
 
 
 def _on_pallas(kernel_check: Callable[[Call], str | None]):
@@ -90,9 +110,9 @@ def _pallas_decode(call: Call) -> str | None:
 
 
 SUPPORTED: dict[str, dict[str, Callable[[Call], str | None]]] = {
-    "compressed_attention": {"cudnn": _cudnn, "pallas": _on_pallas(_pallas_compressed),
-                             "xla": _reference},
-    "window_attention": {"cudnn": _cudnn, "pallas": _on_pallas(_pallas_window),
+    "compressed_attention": {"cudnn": _cudnn_compressed,
+                             "pallas": _on_pallas(_pallas_compressed), "xla": _reference},
+    "window_attention": {"cudnn": _cudnn_window, "pallas": _on_pallas(_pallas_window),
                          "xla": _reference},
     "select_blocks": {"pallas": _on_pallas(_pallas_select), "xla": _reference},
     "selected_attention": {"pallas": _on_pallas(_pallas_selected), "xla": _reference},

@@ -3,7 +3,9 @@
     o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
 
 where the selection of o_slc comes from the compressed branch's scores of the
-same queries (paper Eq. 8-11). Each branch may have its own keys and values.
+same queries (paper Eq. 8-11), from the lse that branch computed
+(`selection.selection_lse`: the selection `select_blocks` makes on the same
+inputs). Each branch may have its own keys and values.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
-from nsa_jax.ops.selection import select_blocks
+from nsa_jax.ops.selection import select_blocks, selection_lse
 from nsa_jax.ops.window import window_attention
 
 
@@ -53,6 +55,9 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
       "window_attention": call(q=q, k=k_win, v=v_win)})
   kw = lambda op: dict(config=config, scale=scale, impl=impls[op], interpret=interpret)
   o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw("compressed_attention"))
+  lse = selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
+                      impl=impl, interpret=interpret,
+                      branch=(v_cmp, impls["compressed_attention"], lse))
   block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
   o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"))
   o_win = window_attention(q, k_win, v_win, **kw("window_attention"))

@@ -44,10 +44,14 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
 
 
 def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: float,
-                           query_chunk: int = QUERY_CHUNK):
-  """Pure-JAX reference: gathers the n*l' selected keys of each query chunk."""
-  B, T, HQ, Dk = q.shape
-  HKV, Dv = k.shape[2], v.shape[-1]
+                           query_chunk: int = QUERY_CHUNK, first: int = 0):
+  """Pure-JAX reference: gathers the n*l' selected keys of each query chunk.
+
+  first: position of q's (and block_idx's) first row, for a slice of the
+  queries (all keys given).
+  """
+  B, _, HQ, Dk = q.shape
+  T, HKV, Dv = k.shape[1], k.shape[2], v.shape[-1]
   G, lp = HQ // HKV, config.select_block
   dt = _common.compute_dtype(q.dtype)
   kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)   # [B, HKV, T, D]
@@ -68,4 +72,4 @@ def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: floa
     o = jnp.einsum("bhgck,bhckd->bchgd", p, vg.astype(dt))
     return o.reshape(B, C, HQ, Dv).astype(q.dtype)
 
-  return _common.map_query_chunks(chunk_fn, (q, block_idx), query_chunk)
+  return _common.map_query_chunks(chunk_fn, (q, block_idx), query_chunk, first)

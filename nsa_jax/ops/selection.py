@@ -8,6 +8,16 @@ their overlap, counted in strides (the corrected Eq. 9):
 summed over the G heads of each KV group (Eq. 10), and the n best candidate
 blocks (`j*l' <= t`) are kept, the initial and local blocks forced in (Eq. 11).
 The Pallas kernel is `pallas_kernels/select_blocks.py`.
+
+One selection (SPEC §3): p_cmp is the compressed branch's own probabilities,
+exp(s - lse) with the lse of the compressed branch as `nsa` runs it. Both `nsa`
+and `select_blocks` take that lse from `selection_lse`, so that they select the
+same blocks bit for bit on the same inputs (same device, same impl): rounding
+differences between two lse computations (cuDNN's against the selection
+kernel's own, say) would flip near-ties. `nsa` passes the lse its compressed
+branch already computed; `select_blocks` alone runs that branch for it.
+Decoding (`nsa_jax.decoding.decode_selection`) takes the same p_cmp from its
+own compressed branch (a single query: another kernel, so equal up to rounding).
 """
 from __future__ import annotations
 
@@ -16,7 +26,8 @@ from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch
-from nsa_jax.ops.compressed import compressed_scores
+from nsa_jax.ops.compressed import compressed_attention, compressed_scores
+from pallas_kernels import compressed_attention as compressed_kernel
 from pallas_kernels import select_blocks as kernel
 
 QUERY_CHUNK = 256
@@ -28,10 +39,13 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
 
   Args:
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc = config.num_compressed(T).
-    lse: optional [B, T, HQ] log-sum-exp of the compressed branch (from
-      compressed_attention) to skip recomputing it.
+    lse: optional [B, T, HQ] lse of the compressed branch as `selection_lse`
+      gives it for these q and k_cmp (`nsa` passes its own); computed here by
+      `selection_lse` otherwise, which runs the compressed branch (its output
+      is not needed, its cost is).
     impl: "xla" (reference), "pallas" (kernel) or "auto" (the kernel on a GPU
       where it takes the inputs, else the reference; `nsa_jax.ops.dispatch`).
+      The lse `selection_lse` computes is that of `nsa(impl=impl)`.
 
   Returns:
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
@@ -44,16 +58,53 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
                        f"[B, T, HQ]={q.shape[:3]}")
-    lse = lax.stop_gradient(lse)
   backend = dispatch.choose("select_blocks", impl,
                             dispatch.Call(dict(q=q, k_cmp=k_cmp), config, interpret))
   scale = _common.resolve_scale(scale, q)
   q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
+  if lse is None:
+    lse = selection_lse(q, k_cmp, config=config, scale=scale, impl=impl, interpret=interpret)
+  lse = lax.stop_gradient(lse)
   if backend == "pallas":
     return kernel.select_blocks(q, k_cmp, sizes=_common.selection_sizes(config), scale=scale,
                                 interpret=_common.resolve_interpret(interpret),
                                 lse=lse)
   return select_blocks_xla(q, k_cmp, config=config, scale=scale, lse=lse)
+
+
+def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
+                  interpret: bool | None = None, branch=None):
+  """The [B, T, HQ] lse the selection of `nsa(impl=impl)` is computed from
+  (module doc): that of the compressed branch on (q, k_cmp, k_cmp), run on the
+  backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
+  does not depend on the values, so values as wide as the keys stand for any.
+
+  branch: optional (v_cmp, backend, lse) of the compressed branch `nsa` already
+  ran on these q and k_cmp; its lse is the answer where it is that call's to the
+  bit (`_same_lse`), which is always the case but for Dv > Dk (16-bit on a GPU,
+  cuDNN then refuses the branch; or a Pallas forward tile narrowed by Dv): then
+  the lse is computed here as `select_blocks` computes it, at the cost of a
+  second compressed pass.
+  """
+  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret)
+  backend = dispatch.nsa_branches(impl, {"compressed_attention": call})["compressed_attention"]
+  if branch is not None:
+    v_cmp, branch_backend, lse = branch
+    if branch_backend == backend and _same_lse(backend, q, k_cmp, v_cmp):
+      return lse
+  return compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale, impl=backend,
+                              interpret=interpret)[1]
+
+
+def _same_lse(backend: str, q, k_cmp, v_cmp) -> bool:
+  """Whether `backend` computes the compressed branch's lse over values v_cmp as
+  over k_cmp, to the bit: the reference and cuDNN (v zero-padded to Dk) always;
+  the Pallas kernel where its forward tiles do not depend on Dv (they narrow
+  where Dk + Dv crowd shared memory: `_flash.fit_tiles`)."""
+  if backend != "pallas":
+    return True
+  tiles = [compressed_kernel.default_tiles(q, k_cmp, v) for v in (v_cmp, k_cmp)]
+  return len({(t.block_m, t.block_k) for t in tiles}) == 1
 
 
 def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):

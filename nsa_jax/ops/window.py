@@ -45,18 +45,19 @@ def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
 
 
 def window_attention_xla(q, k, v, *, config: NSAConfig, scale: float,
-                         query_chunk: int = QUERY_CHUNK):
+                         query_chunk: int = QUERY_CHUNK, first: int = 0):
   """Pure-JAX reference: each query chunk reads a key slab of chunk + w - 1 keys.
 
-  Work and memory grow with T * (chunk + w), never with T^2.
+  Work and memory grow with T * (chunk + w), never with T^2. first: position
+  of q's first row, for a slice of the queries (all keys given).
   """
   B, T, HQ, Dk = q.shape
-  HKV, Dv = k.shape[2], v.shape[-1]
+  S, HKV, Dv = k.shape[1], k.shape[2], v.shape[-1]
   G, w = HQ // HKV, config.window
   C = min(query_chunk, T)
   span = C + w - 1
   dt = _common.compute_dtype(q.dtype)
-  pad = [(0, 0), (w - 1, -(-T // C) * C - T), (0, 0), (0, 0)]
+  pad = [(0, 0), (w - 1, max(0, first + -(-T // C) * C - S)), (0, 0), (0, 0)]
   kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)   # key j sits at row j + w - 1
 
   def chunk_fn(start, qc):
@@ -73,4 +74,4 @@ def window_attention_xla(q, k, v, *, config: NSAConfig, scale: float,
     o = jnp.einsum("bhgck,bkhd->bchgd", p, vs.astype(dt))
     return o.reshape(B, C, HQ, Dv).astype(q.dtype)
 
-  return _common.map_query_chunks(chunk_fn, (q,), C)
+  return _common.map_query_chunks(chunk_fn, (q,), C, first)
