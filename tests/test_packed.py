@@ -30,7 +30,8 @@ from flax import nnx
 
 import nsa_jax
 from nsa_jax import NSAConfig, data, train_lib
-from nsa_jax.model import ModelConfig, Transformer
+from nsa_jax.model import TOKEN_BLOCKS, ModelConfig, Transformer
+from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops import segments
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
@@ -190,3 +191,30 @@ def test_model_loss_on_packed_rows_is_the_sum_over_documents(attention):
   alone.pop("segment_ids")
   each = loss_sums(model, {k: jnp.asarray(v) for k, v in alone.items()})
   np.testing.assert_allclose(packed, each, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_full_attention_on_packed_rows_is_causal_attention_per_document(impl):
+  """The full-attention model's packed path (`model.dense_attention`: compressed
+  attention with one-token blocks, `TOKEN_BLOCKS`) equals jax's causal attention run
+  on each document alone: output and gradients, reference and Pallas kernel."""
+  T, HKV, G, D = 70, 2, 2, 16
+  lengths = (5, 16, 40, 30, 60)   # rows [5 | 16 | 40 ..], [30 ..], [60 ..]
+  segment_ids = data.pack_documents([np.ones(n, np.int32) for n in lengths], seq_len=T,
+                                    align=8)["segment_ids"]
+  B = segment_ids.shape[0]
+  docs = segments.Alone(segment_ids, TOKEN_BLOCKS)
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
+  k, v = (jax.random.normal(key, (B, T, HKV, D), jnp.float32) for key in ks[1:3])
+  ct = jax.random.normal(ks[3], q.shape, jnp.float32)
+  packed = lambda q, k, v: compressed_attention(q, k, v, config=TOKEN_BLOCKS, impl=impl,
+                                                interpret=True,
+                                                segment_ids=jnp.asarray(segment_ids))[0]
+  alone = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  o, vjp = jax.vjp(jax.jit(packed), q, k, v)
+  o_alone, vjp_alone = jax.vjp(alone, *(docs.alone(x) for x in (q, k, v)))
+  for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *vjp(ct)),
+                             (o_alone, *vjp_alone(docs.alone(ct)))):
+    np.testing.assert_allclose(got, docs.packed(want, got.shape), rtol=1e-5, atol=1e-5,
+                               err_msg=name)
