@@ -95,7 +95,7 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   bit (`_same_lse`), which is always the case but for Dv > Dk (16-bit on a GPU,
   cuDNN then refuses the branch; or a Pallas forward tile narrowed by Dv): then
   the lse is computed here as `select_blocks` computes it, at the cost of a
-  second compressed pass.
+  second compressed pass. segment_ids: packed rows (SPEC §6), or None.
   """
   call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret,
                        segment_ids is not None)
