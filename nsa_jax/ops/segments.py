@@ -38,7 +38,7 @@ def check_segment_ids(segment_ids, q, align: int) -> None:
   for b, row in enumerate(ids):
     starts = _run_starts(row)
     run_ids = row[starts]
-    values, first, counts = np.unique(run_ids, return_index=True, return_counts=True)
+    values, counts = np.unique(run_ids, return_counts=True)
     if np.any(counts > 1):
       i = int(np.argmax(counts > 1))
       again = starts[np.flatnonzero(run_ids == values[i])]
