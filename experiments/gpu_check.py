@@ -59,10 +59,10 @@ and "pallas" where they run the same backends (`nsa_jax.ops.nsa.backends`:
 float32 everywhere, cuDNN taking no float32; bf16 wherever no branch falls
 back to the reference), recorded under each impl. A process lowers units in
 order (tracing holds the GIL) while a thread pool compiles them (XLA's compile
-releases it and keeps to about one core) and runs them in order. With --procs
-> 1 (the default with --matrix: half the CPUs) the "reference" cases go one at
-a time to the first free of the worker processes sharing the GPU; the large
-cases run in the first process, the probes in their own. XLA compiles with no
+releases it) and runs them in order. With --procs > 1 (the default with
+--matrix: half the CPUs) the "reference" cases go one at a time to the first
+free of the worker processes sharing the GPU; the large cases run in the
+first process, the probes in their own. XLA compiles with no
 autotuning and no Triton GEMM fusions: cuBLAS runs the references' matmuls (a
 check needs correct GEMMs, not the fastest, and each fusion was one more
 Triton compile). Each record keeps its unit's seconds of lowering, compiling
