@@ -391,9 +391,8 @@ class Loader:
       left, until none fits.
     pack_tasks: (packed rows only) a passkey or mqar row holds several
       examples, each of a length drawn uniformly between the task's minimum and
-      the room left, instead of one the length of the row. Only useful with a
-      model that reads segment_ids; otherwise its queries see the examples
-      before theirs.
+      the room left, instead of one the length of the row; each is a document
+      of its own, which the model runs alone (it reads segment_ids, SPEC §6).
     text_weight: the loss weight of every text token (the answer tokens of
       passkey and mqar weigh 1). A passkey row has 5 answer tokens and a text
       row hundreds: below 1 it keeps text from drowning the tasks' gradient.

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from nsa_jax.ops import segments
 from nsa_jax.ops.nsa import nsa
 
 AXES = ("data", "fsdp", "heads")
@@ -205,7 +206,8 @@ def sharded_nsa(mesh: Mesh):
   """`nsa_jax.ops.nsa.nsa` under `jax.shard_map` over the batch and head axes of `mesh`.
 
   Every input and the output are split as P(("data", "fsdp"), None, "heads", None):
-  batch rows over data and fsdp, query heads and KV heads over heads. Heads are
+  batch rows over data and fsdp, query heads and KV heads over heads (segment_ids,
+  [B, T], by batch rows only). Heads are
   grouped contiguously (query head h reads KV head h // G), so a contiguous
   slice of HQ / heads query heads reads exactly the slice of HKV / heads KV
   heads on the same device, and each shard is an independent NSA problem; the
@@ -217,7 +219,7 @@ def sharded_nsa(mesh: Mesh):
 
   def op(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config,
          scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
-         return_block_idx: bool = False):
+         return_block_idx: bool = False, segment_ids=None):
     B, HQ, HKV = q.shape[0], q.shape[2], k_slc.shape[2]
     if B % rows or HQ % heads or HKV % heads:
       raise ValueError(f"sharded nsa: batch={B} must be a multiple of data*fsdp={rows}, "
@@ -225,9 +227,15 @@ def sharded_nsa(mesh: Mesh):
     local = functools.partial(nsa, config=config, scale=scale, impl=impl,
                               interpret=interpret, return_block_idx=return_block_idx)
     out_specs = (spec, spec) if return_block_idx else spec
+    args, in_specs = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates], [spec] * 8
+    if segment_ids is not None:   # validated here: inside shard_map the ids are traced
+      segments.check_segment_ids(segment_ids, q, config.select_block)
+      args.append(segment_ids)
+      in_specs.append(P(BATCH_AXES, None))
+      local = lambda *a, f=local: f(*a[:8], segment_ids=a[8])
     # check_vma=False: pallas_call has no replication rule; every input is split
     # over every mesh axis, so no cotangent needs a psum.
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 8, out_specs=out_specs,
-                         check_vma=False)(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                         check_vma=False)(*args)
 
   return op

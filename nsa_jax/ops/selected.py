@@ -2,14 +2,17 @@
 
 Query head h of KV group g attends to the tokens of the blocks in
 `block_idx[b, t, g]`, causally masked (`key position <= t`); `-1` slots are
-empty. The Pallas kernel is `pallas_kernels/selected_attention.py`.
+empty. Packed rows (SPEC §6): only keys of t's document, >= s(t); documents start
+at multiples of l', so a block lies wholly inside or before it, and emptying the
+slots of blocks before it (`document_blocks`) is the whole mask. The Pallas
+kernel is `pallas_kernels/selected_attention.py`.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, dispatch
+from nsa_jax.ops import _common, dispatch, segments
 from pallas_kernels import selected_attention as kernel
 
 QUERY_CHUNK = 128
@@ -17,7 +20,7 @@ QUERY_CHUNK = 128
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
                        scale: float | None = None, impl: str = "auto",
-                       interpret: bool | None = None):
+                       interpret: bool | None = None, segment_ids=None):
   """Attention of each query over the tokens of its selected blocks.
 
   Args:
@@ -25,6 +28,8 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
     block_idx: [B, T, HKV, n] int, distinct block indices or -1.
     impl: "xla" (reference), "pallas" (kernels) or "auto" (the kernels on a GPU
       where they take the inputs, else the reference; `nsa_jax.ops.dispatch`).
+    segment_ids: [B, T] int, packed documents (SPEC §6; see
+      `compressed_attention`), or None.
 
   Returns:
     o [B, T, HQ, Dv]. Gradients flow to q, k, v.
@@ -32,15 +37,27 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
   _common.check_config(config)
   _common.check_attention_inputs(q, k, v)
   _common.check_block_idx(block_idx, q, k, config)
+  packed = segment_ids is not None
+  if packed:
+    segments.check_segment_ids(segment_ids, q, config.select_block)
   backend = dispatch.choose("selected_attention", impl,
-                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret))
+                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret, packed))
   scale = _common.resolve_scale(scale, q)
   block_idx = block_idx.astype(jnp.int32)
+  if packed:
+    block_idx = document_blocks(block_idx, segment_ids, config)
   if backend == "pallas":
     return kernel.selected_attention(
         q, k, v, block_idx, block=config.select_block, scale=scale,
         interpret=_common.resolve_interpret(interpret))
   return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
+
+
+def document_blocks(block_idx, segment_ids, config: NSAConfig):
+  """block_idx [B, T, HKV, n] with the slots of blocks before each query's document
+  emptied (-1): j*l' < s(t)."""
+  start = segments.document_starts(segment_ids)[:, :, None, None]
+  return jnp.where(block_idx * config.select_block >= start, block_idx, -1)
 
 
 def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: float,
