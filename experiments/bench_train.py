@@ -20,6 +20,7 @@ kernels against their references: experiments/gpu_check.py.)
     python experiments/bench_train.py                         # ~7-8 min on one H200
     python experiments/bench_train.py --presets research --seq-lens 8192,32768
     python experiments/bench_train.py --breakdown --seq-lens 8192   # research preset
+    python experiments/bench_train.py --packed 4096    # also on rows packed with 4k documents
     python experiments/bench_train.py --small [--breakdown]   # CPU smoke test, tiny preset
 
 Writes bench_train_<gpu>.json (rows: preset, seq_len, batch_size, attention,
@@ -67,14 +68,22 @@ LOSS_RANGE = (0.9 * math.log(256), 1.1 * math.log(256))   # random bytes: ~ln 25
 GIB = 2 ** 30
 
 
-def random_batches(batch_size: int, seq_len: int, n: int = 3, seed: int = 0) -> list[dict]:
-  """`n` batches of random bytes, {"inputs", "targets", "weights"} like nsa_jax.data's."""
+def random_batches(batch_size: int, seq_len: int, n: int = 3, seed: int = 0,
+                   document: int | None = None) -> list[dict]:
+  """`n` batches of random bytes, {"inputs", "targets", "weights"} like nsa_jax.data's; with
+  `document`, packed rows: documents of `document` tokens (the last what is left) and their
+  "segment_ids" (SPEC §6; `document` a multiple of select_block)."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
     tokens = rng.integers(0, 256, (batch_size, seq_len + 1), dtype=np.int32)
-    out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                "weights": np.ones((batch_size, seq_len), np.float32)})
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "weights": np.ones((batch_size, seq_len), np.float32)}
+    if document:
+      lengths = bench_kernels.document_lengths(seq_len, document)
+      ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+      batch["segment_ids"] = np.broadcast_to(ids, (batch_size, seq_len)).copy()
+    out.append(batch)
   return out
 
 
@@ -89,18 +98,19 @@ def program_peak_gib(compiled) -> float | None:
 
 
 def time_train_step(cfg: TrainConfig, batch_size: int, *, steps: int = 20, warmup: int = 2,
-                    mesh=None) -> dict:
+                    mesh=None, document: int | None = None) -> dict:
   """`train_lib`'s training step of `cfg.model` on random tokens: compile_s (AOT), peak_gib of
   the program, median step_ms over `steps` steps after `warmup` (state threaded through, as in
   training), tokens_per_s, the first and last losses, parameters. With `mesh`, the model,
-  optimizer state and batches are sharded over it (nsa_jax.sharding)."""
+  optimizer state and batches are sharded over it (nsa_jax.sharding); with `document`, the
+  rows are packed with documents of that many tokens (`random_batches`)."""
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   optimizer = make_optimizer(model, cfg)
   place = lambda b: b
   if mesh is not None:
     sharding.shard_model_and_optimizer(model, optimizer, mesh)
     place = lambda b: sharding.shard_batch(b, mesh)
-  batches = [place(b) for b in random_batches(batch_size, cfg.seq_len)]
+  batches = [place(b) for b in random_batches(batch_size, cfg.seq_len, document=document)]
   graphdef, state = nnx.split((model, optimizer))
   start = time.perf_counter()
   lowered = make_steps(graphdef)[0].lower(state, batches[0])
@@ -140,42 +150,51 @@ def case_config(preset: str, seq_len: int, attention: str, small: bool) -> Train
 
 
 def run_cases(args) -> list[dict]:
+  """Every (preset, T) case, NSA then full; with --packed, the same on packed rows next."""
   deadline = time.perf_counter() + args.budget_s
   rows = []
   for preset in args.presets:
     for T in args.seq_lens:
       batch = max(1, args.tokens // T)
-      for attention in ATTENTIONS:
-        row = {"preset": preset, "seq_len": T, "batch_size": batch, "attention": attention}
-        if time.perf_counter() > deadline:
-          row["skipped"] = "time budget spent"
-        else:
-          try:
-            row |= time_train_step(case_config(preset, T, attention, args.small), batch,
-                                   steps=args.steps)
-            row["check"] = check(row) or "ok"
-          except Exception as err:   # an OOM or a failed compile: recorded, the run goes on
-            row["error"] = bc.describe_error(err)
-          gc.collect()
-        rows.append(row)
-        what = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_ms']:.1f} ms/step, compile "
-                f"{row['compile_s']:.1f} s ({row['lower_s']:.1f} s tracing and lowering), "
-                f"peak {row['peak_gib'] or 0:.1f} GiB, loss "
-                f"{row['loss_first']:.3f} -> {row['loss_last']:.3f} ({row['check']})"
-                if "step_ms" in row else row.get("error") or row.get("skipped"))
-        print(f"[{preset} T={T} B={batch}] {attention}: {what}", flush=True)
+      for document in (None, args.packed) if args.packed else (None,):
+        for attention in ATTENTIONS:
+          row = {"preset": preset, "seq_len": T, "batch_size": batch, "attention": attention,
+                 "document": document}
+          if time.perf_counter() > deadline:
+            row["skipped"] = "time budget spent"
+          else:
+            try:
+              row |= time_train_step(case_config(preset, T, attention, args.small), batch,
+                                     steps=args.steps, document=document)
+              row["check"] = check(row) or "ok"
+            except Exception as err:   # an OOM or a failed compile: recorded, the run goes on
+              row["error"] = bc.describe_error(err)
+            gc.collect()
+          rows.append(row)
+          what = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_ms']:.1f} ms/step, compile "
+                  f"{row['compile_s']:.1f} s ({row['lower_s']:.1f} s tracing and lowering), "
+                  f"peak {row['peak_gib'] or 0:.1f} GiB, loss "
+                  f"{row['loss_first']:.3f} -> {row['loss_last']:.3f} ({row['check']})"
+                  if "step_ms" in row else row.get("error") or row.get("skipped"))
+          data = f", packed {document}" if document else ""
+          print(f"[{preset} T={T} B={batch}{data}] {attention}: {what}", flush=True)
   return rows
+
+
+def cases(rows: list[dict]) -> list[tuple]:
+  """The (preset, T, document) cases of `rows`, in order."""
+  return list(dict.fromkeys((r["preset"], r["seq_len"], r.get("document")) for r in rows))
 
 
 def ratio_rows(rows: list[dict]) -> list[list]:
   """One line per (preset, T): NSA and full side by side."""
-  by = {(r["preset"], r["seq_len"], r["attention"]): r for r in rows}
+  by = {(r["preset"], r["seq_len"], r.get("document"), r["attention"]): r for r in rows}
   out = []
-  for preset, T in dict.fromkeys((r["preset"], r["seq_len"]) for r in rows):
-    n, f = by.get((preset, T, "nsa"), {}), by.get((preset, T, "full"), {})
+  for preset, T, document in cases(rows):
+    n, f = by.get((preset, T, document, "nsa"), {}), by.get((preset, T, document, "full"), {})
     ratio = lambda a, b: a / b if a and b else None
     tokens = lambda r: round(r["tokens_per_s"]) if "tokens_per_s" in r else None
-    out.append([preset, T, n.get("batch_size"), tokens(n), tokens(f),
+    out.append([preset, T, document or "-", n.get("batch_size"), tokens(n), tokens(f),
                 ratio(n.get("tokens_per_s"), f.get("tokens_per_s")), n.get("step_ms"),
                 f.get("step_ms"), n.get("compile_s"), f.get("compile_s"),
                 ratio(n.get("compile_s"), f.get("compile_s")), n.get("peak_gib"),
@@ -184,20 +203,26 @@ def ratio_rows(rows: list[dict]) -> list[list]:
 
 
 def plot(rows: list[dict], path: str) -> None:
+  """One panel per preset and data (random rows; packed rows: full attention then runs
+  on the Pallas kernel, cuDNN takes no segment ids)."""
   panels = {}
-  for preset in dict.fromkeys(r["preset"] for r in rows):
+  for preset, document in dict.fromkeys((p, d) for p, _, d in cases(rows)):
+    full = "full (Pallas, segment ids)" if document else "full (cuDNN)"
     series = {}
-    for attention, label in (("full", "full (cuDNN)"), ("nsa", "NSA")):
+    for attention, label in (("full", full), ("nsa", "NSA")):
       pts = sorted((r["seq_len"], r["tokens_per_s"]) for r in rows
-                   if r["preset"] == preset and r["attention"] == attention and "tokens_per_s" in r)
+                   if (r["preset"], r.get("document"), r["attention"]) == (preset, document,
+                                                                          attention)
+                   and "tokens_per_s" in r)
       if pts:
         series[label] = tuple(zip(*pts))
-    if "NSA" in series and "full (cuDNN)" in series:   # ratio labels need the same T list
-      full = dict(zip(*series["full (cuDNN)"]))
-      series["full (cuDNN)"] = (series["NSA"][0], [full.get(T) for T in series["NSA"][0]])
+    if "NSA" in series and full in series:   # ratio labels need the same T list
+      by_T = dict(zip(*series[full]))
+      series[full] = (series["NSA"][0], [by_T.get(T) for T in series["NSA"][0]])
     # Labels at full's points: NSA tokens/s / full tokens/s (above 1: NSA trains faster).
-    panels[f"{preset}: training step, labels NSA / full"] = {
-        "series": series, "ratios": [("full (cuDNN)", "NSA")]}
+    data = f", documents of {document} tokens" if document else ""
+    panels[f"{preset}{data}: training step, labels NSA / full"] = {
+        "series": series, "ratios": [(full, "NSA")]}
   if panels:
     bc.plot_loglog(path, panels, ylabel="tokens / s")
 
@@ -336,6 +361,10 @@ def main(argv=None):
   parser.add_argument("--tokens", type=int, default=65536,
                       help="tokens per step: batch = tokens // T (at least 1)")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per case (>= 20)")
+  parser.add_argument("--packed", type=int, default=0, metavar="TOKENS",
+                      help="also time every case on packed rows: documents of TOKENS tokens "
+                           "(a multiple of select_block), segment ids through the model "
+                           "(SPEC §6); full attention then runs on the Pallas kernel")
   parser.add_argument("--n-iter", type=int, default=10, help="--breakdown: runs per part")
   parser.add_argument("--top", type=int, default=25, help="--breakdown: device ops listed")
   parser.add_argument("--budget-s", type=float, default=480.0,
@@ -358,6 +387,11 @@ def main(argv=None):
   args.seq_lens = [int(t) for t in args.seq_lens.split(",")]
   if args.steps < 20:
     parser.error(f"--steps={args.steps} must be >= 20 (SPEC §5: median over >= 20 steps)")
+  for preset in args.presets if args.packed else ():
+    block = make_config(preset).model.nsa.select_block
+    if args.packed % block:
+      parser.error(f"--packed={args.packed} must be a multiple of preset {preset}'s "
+                   f"select_block={block} (SPEC §6: documents start on selection blocks)")
   start = time.perf_counter()
   print(f"device {bc.gpu_name()}, jax {jax.__version__}", flush=True)
   gpu = bc.slug(bc.gpu_name())
@@ -377,6 +411,8 @@ def main(argv=None):
   name = f"bench_train_{gpu}"
   bc.write_json(os.path.join(args.out, name + ".json"), {
       "tokens_per_step": args.tokens, "steps": args.steps,
+      "packed": "rows with a document: packed rows of documents of that many tokens, "
+                "segment ids through the model; full attention on the Pallas kernel",
       "models": {p: dataclasses.asdict(make_config(p).model) for p in args.presets},
       "peak": "compiled program: XLA buffer assignment (arguments, outputs, temporaries)",
       "wall_s": time.perf_counter() - start, "rows": rows})
@@ -384,7 +420,7 @@ def main(argv=None):
   print(f"\nNSA vs full attention, training step ({args.tokens} tokens a step); "
         f"wall {time.perf_counter() - start:.0f} s, compiling "
         f"{sum(r.get('compile_s', 0) for r in rows):.0f} s of it")
-  bc.print_table(["preset", "T", "B", "nsa tok/s", "full tok/s", "nsa/full", "nsa ms",
+  bc.print_table(["preset", "T", "packed", "B", "nsa tok/s", "full tok/s", "nsa/full", "nsa ms",
                   "full ms", "nsa compile s", "full compile s", "compile ratio", "nsa GiB",
                   "full GiB"], ratio_rows(rows))
   if failed:

@@ -84,6 +84,17 @@ def kernels_section(path, d):
   out += [f"Where the time goes, Config A at T={T // 1024}k (each branch alone; the whole op "
           f"passes the compressed branch's lse to the selection kernel):", "",
           _table(["branch", "fwd ms", "x FLOP floor", "fwd+bwd ms", "x FLOP floor"], branch), ""]
+  packed = {k: r for k, r in sorted(recs.items()) if k[3] == "nsa_packed"}
+  rows = [[s[0], _len(s[1]), s[2], p, len(r["documents"]), _ms(get(s, "nsa", p)),
+           _ms(r["median_ms"]), _x(r["median_ms"], get(s, "nsa", p))]
+          for (*s, _, p), r in packed.items()]
+  if rows:
+    document = max(max(r["documents"]) for r in packed.values())
+    out += ["Packed rows (SPEC §6): the whole op with `segment_ids`, rows of documents of "
+            f"{document:,} tokens, beside the same op without them (issue #20's target: "
+            "packed / plain <= 1.10x):", "",
+            _table(["cfg", "T", "G", "pass", "documents", "NSA ms", "NSA packed ms", "packed / plain"],
+                   rows), ""]
   return out
 
 
@@ -113,12 +124,14 @@ def model_config_text(m):
 
 
 def train_step_section(path, d):
-  by = {(r["preset"], r["seq_len"], r["attention"]): r for r in d["rows"]}
+  key = lambda r: (r["preset"], r["seq_len"], r.get("document"))
+  by = {(*key(r), r["attention"]): r for r in d["rows"]}
   value = lambda r, k, f: f(r[k]) if k in r else r.get("error", r.get("skipped", "–"))[:40]
   rows = []
-  for preset, T in dict.fromkeys((r["preset"], r["seq_len"]) for r in d["rows"]):
-    n, f = by.get((preset, T, "nsa"), {}), by.get((preset, T, "full"), {})
-    rows.append([preset, _len(T), n.get("batch_size", f.get("batch_size")),
+  for preset, T, document in dict.fromkeys(map(key, d["rows"])):
+    n, f = by.get((preset, T, document, "nsa"), {}), by.get((preset, T, document, "full"), {})
+    rows.append([preset, _len(T), f"packed, {_len(document)} documents" if document else "random",
+                 n.get("batch_size", f.get("batch_size")),
                  value(n, "tokens_per_s", "{:,.0f}".format),
                  value(f, "tokens_per_s", "{:,.0f}".format),
                  f"**{_x(n.get('tokens_per_s'), f.get('tokens_per_s'))}**",
@@ -129,12 +142,16 @@ def train_step_section(path, d):
       f"`{name}`: {model_config_text(m)}, {_count(params.get((name, 'nsa')))} parameters "
       f"with NSA, {_count(params.get((name, 'full')))} with full attention"
       for name, m in d["models"].items())
+  packed = (" Packed rows (`--packed`): documents of the given length with their segment ids "
+            "(SPEC §6); there full attention runs on our Pallas kernel with one-token blocks, "
+            "as cuDNN takes no segment ids." if any(r.get("document") for r in d["rows"])
+            else "")
   return [f"Model level: `experiments/bench_train.py` on one {d['meta']['gpu']} (jax "
           f"{d['meta']['jax_version']}): the training step (forward, backward, AdamW update) of "
           f"the same model with NSA and with full attention (cuDNN), "
           f"{d['tokens_per_step']:,} tokens a step of random bytes, median of {d['steps']} steps "
-          f"after compilation; peak = the compiled step's memory. Presets: {presets}.", "",
-          _table(["preset", "T", "batch", "NSA tokens/s", "full tokens/s", "NSA / full",
+          f"after compilation; peak = the compiled step's memory. Presets: {presets}.{packed}", "",
+          _table(["preset", "T", "rows", "batch", "NSA tokens/s", "full tokens/s", "NSA / full",
                   "NSA compile s", "full compile s", "peak GiB NSA / full"], rows), "",
           f"![training step throughput]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 

@@ -273,14 +273,16 @@ def test_bench_train_small(tmp_path):
   the breakdown of one step (the second run finds the first one's compiled steps in a shared
   compilation cache)."""
   cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
-  stdout = run_script("bench_train.py", ["--seq-lens", "160"], tmp_path, **cache)
+  stdout = run_script("bench_train.py", ["--seq-lens", "160", "--packed", "64"], tmp_path,
+                      **cache)
   with open(tmp_path / "bench_train_cpu.json") as f:
     data = json.load(f)
   assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"
   assert (tmp_path / "bench_train_cpu.png").stat().st_size > 0
   rows = data["rows"]
-  assert [(r["preset"], r["seq_len"], r["batch_size"], r["attention"]) for r in rows] == [
-      ("tiny", 160, 2, "nsa"), ("tiny", 160, 2, "full")]
+  assert [(r["preset"], r["seq_len"], r["batch_size"], r["document"], r["attention"])
+          for r in rows] == [("tiny", 160, 2, None, "nsa"), ("tiny", 160, 2, None, "full"),
+                             ("tiny", 160, 2, 64, "nsa"), ("tiny", 160, 2, 64, "full")]
   for r in rows:
     assert r["check"] == "ok" and r["step_ms"] > 0 and r["compile_s"] > 0 and r["peak_gib"] > 0
     assert r["tokens_per_s"] == pytest.approx(320 / (r["step_ms"] / 1e3))
