@@ -38,15 +38,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   Returns:
     o [B, T, HQ, Dv] (and block_idx when asked).
   """
-  _common.check_config(config)
-  _common.check_attention_inputs(q, k_slc, v_slc, names=("q", "k_slc", "v_slc"))
-  _common.check_attention_inputs(q, k_win, v_win, names=("q", "k_win", "v_win"))
-  _common.check_attention_inputs(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
-                                 seq_len=config.num_compressed(q.shape[1]))
-  B, T, HQ, _ = q.shape
-  if gates.shape != (B, T, HQ, 3):
-    raise ValueError(f"gates.shape={gates.shape} must be [B, T, HQ, 3]={(B, T, HQ, 3)}")
-  _common.check_float("gates", gates, q.dtype)
+  check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config)
   call = lambda **arrays: dispatch.Call(arrays, config, interpret)
   impls = dispatch.nsa_branches(impl, {
       "compressed_attention": call(q=q, k_cmp=k_cmp, v_cmp=v_cmp),
@@ -64,3 +56,16 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   g = gates[..., None]
   o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
   return (o, block_idx) if return_block_idx else o
+
+
+def check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig):
+  """`nsa`'s checks of its inputs (SPEC §4): a ValueError naming the argument and values."""
+  _common.check_config(config)
+  _common.check_attention_inputs(q, k_slc, v_slc, names=("q", "k_slc", "v_slc"))
+  _common.check_attention_inputs(q, k_win, v_win, names=("q", "k_win", "v_win"))
+  _common.check_attention_inputs(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
+                                 seq_len=config.num_compressed(q.shape[1]))
+  B, T, HQ, _ = q.shape
+  if gates.shape != (B, T, HQ, 3):
+    raise ValueError(f"gates.shape={gates.shape} must be [B, T, HQ, 3]={(B, T, HQ, 3)}")
+  _common.check_float("gates", gates, q.dtype)

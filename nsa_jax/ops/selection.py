@@ -161,13 +161,14 @@ def compressed_probabilities(s, mask, lse=None):
 
 
 def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
-                      query_chunk: int = QUERY_CHUNK):
+                      query_chunk: int = QUERY_CHUNK, first=0, seq_len: int | None = None):
   """Pure-JAX reference: [T, Tc] scores exist one query chunk at a time.
 
   lse: optional [B, T, HQ] lse of the compressed branch (see `select_blocks`).
+  first: position of q's first row, for a slice of the queries of a sequence of
+  `seq_len` tokens (default: q's; all its compressed blocks given).
   """
-  T = q.shape[1]
-  Ts = config.num_select_blocks(T)
+  Ts = config.num_select_blocks(q.shape[1] if seq_len is None else seq_len)
 
   def chunk_fn(start, qc, *lse_c):
     C = qc.shape[1]
@@ -181,4 +182,4 @@ def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
     return jnp.moveaxis(rank_blocks(scores, t, config), 1, 2)   # [B, C, HKV, n]
 
   xs = (q,) if lse is None else (q, lse)
-  return _common.map_query_chunks(chunk_fn, xs, query_chunk)
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk, first)
