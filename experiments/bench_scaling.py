@@ -1,4 +1,4 @@
-"""Training throughput on 1 .. N devices: data, FSDP and head parallel (nsa_jax.sharding).
+"""Training throughput on 1 .. N devices: data, FSDP, head and context parallel (nsa_jax.sharding).
 
 The GPU run trains the `gpu-small` preset of `nsa_jax.train_lib` (6-layer NSA
 model, T = 8192, bf16, AdamW). For each mode and device count n (1, 2, 4, ...
@@ -15,14 +15,23 @@ timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens
   devices; the MLP and embeddings are replicated over "heads". The heads axis
   splits KV heads, so this mode overrides gpu-small's num_kv_heads=2 with 4
   (G = 2; recorded in the JSON) and runs only n dividing 4.
+* context (mesh context=n): weak scaling in T, every sequence split over the n
+  devices (nsa_jax.context): --per_device_batch sequences of n x the preset's
+  seq_len (8k, 16k, .. 64k on 8 devices), so each device holds 8k tokens of each;
+  the work per token grows with T (compressed keys and selection candidates:
+  T/d and T/l' per query), so the ideal is below 100 %;
+* context_strong (mesh context=n): strong scaling, --per_device_batch sequences
+  of (largest n) x seq_len tokens (32k on 4 devices) split over n devices.
 
 Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
 Target (the issue): >= 90 % for data parallel from 1 to 4 GPUs on gpu-small.
 Head parallel also replicates the non-attention work, so it is expected to
-scale worse. Writes scaling.json and scaling.png to --out (default $OUT, else
+scale worse. Rows record the compiled program's peak memory per device
+(peak_gib). Writes scaling.json and scaling.png to --out (default $OUT, else
 experiments/results).
 
 GPU (2 or 4 GPUs, ~4 minutes):  PYTHONPATH=. python experiments/bench_scaling.py
+Context parallel only (issue #24): PYTHONPATH=. python experiments/bench_scaling.py --modes context,context_strong
 CPU smoke run (8 host devices, the tiny preset shrunk to 64 tokens and 8 KV heads):
                                 PYTHONPATH=. python experiments/bench_scaling.py --small
 """
@@ -48,7 +57,11 @@ from bench_train import time_train_step  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
 
-MODES = {"data": "weak", "fsdp": "weak", "heads": "strong"}   # mode -> scaling
+# mode -> (mesh axis, what n devices take): "batch" n x the batch (weak), "same" the
+# same batch (strong), "length" sequences n x as long (weak in T), "longest" the
+# sequences of the largest n (strong in T).
+MODES = {"data": ("data", "batch"), "fsdp": ("fsdp", "batch"), "heads": ("heads", "same"),
+         "context": ("context", "length"), "context_strong": ("context", "longest")}
 # Per run: (preset, overrides for every mode, further overrides for heads mode).
 # The GPU run is gpu-small as is, but for heads mode: the heads axis splits KV
 # heads, so 4 (G = 2) instead of 2, split 1, 2 or 4 ways. The CPU smoke run is
@@ -65,9 +78,17 @@ def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict
   """Median train-step time of `cfg`'s model on the first n devices with mesh `mesh_spec`."""
   mesh = sharding.make_mesh(mesh_spec, jax.devices()[:n])
   r = time_train_step(cfg, batch_size, steps=iters, mesh=mesh)
-  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "step_ms": r["step_ms"],
-          "tokens_per_s": r["tokens_per_s"], "tokens_per_s_per_device": r["tokens_per_s"] / n,
-          "loss": r["loss_last"], "compile_s": r["compile_s"]}
+  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "seq_len": cfg.seq_len,
+          "step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"],
+          "tokens_per_s_per_device": r["tokens_per_s"] / n, "loss": r["loss_last"],
+          "compile_s": r["compile_s"], "peak_gib": r["peak_gib"]}
+
+
+def case(cfg, mode: str, n: int, batch: int, largest: int):
+  """(config, batch size) of `mode` on n devices, `largest` the most devices of the run."""
+  takes = MODES[mode][1]
+  seq_len = cfg.seq_len * {"length": n, "longest": largest}.get(takes, 1)
+  return override(cfg, seq_len=seq_len), batch * n if takes == "batch" else batch
 
 
 def plot(path: str, results: dict, title: str) -> None:
@@ -101,8 +122,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="CPU smoke run, 8 host devices")
   parser.add_argument("--per_device_batch", type=int, default=None,
-                      help="sequences per device (data, fsdp) / in all (heads); "
-                           "default: the preset's batch_size")
+                      help="sequences per device (data, fsdp) / in all (heads, context "
+                           "modes); default: the preset's batch_size")
   parser.add_argument("--max_devices", type=int, default=None, help="default: all devices")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--modes", default=",".join(MODES))
@@ -120,17 +141,17 @@ def main() -> None:
   configs = {mode: override(base, **heads_overrides) if mode == "heads" else base
              for mode in modes}
   print(f"{devices} x {bench_common.gpu_name()}; {preset} preset, "
-        f"{batch} sequences per device (data, fsdp) / in all (heads)")
+        f"{batch} sequences per device (data, fsdp) / in all (heads, context modes)")
 
   results = {}
   for mode, cfg in configs.items():
     heads = cfg.model.num_kv_heads
+    counts = [n for n in (1, 2, 4, 8, 16)
+              if n <= devices and not (mode == "heads" and heads % n)]
     rows = []
-    for n in (1, 2, 4, 8, 16):
-      if n > devices or (mode == "heads" and heads % n):
-        continue
-      batch_size = batch * n if MODES[mode] == "weak" else batch
-      rows.append(time_steps(cfg, f"{mode}={n}", n, batch_size, args.iters))
+    for n in counts:
+      mode_cfg, batch_size = case(cfg, mode, n, batch, counts[-1])
+      rows.append(time_steps(mode_cfg, f"{MODES[mode][0]}={n}", n, batch_size, args.iters))
       rows[-1]["efficiency"] = (rows[-1]["tokens_per_s_per_device"]
                                 / rows[0]["tokens_per_s_per_device"])
       print(f"{mode}={n}: {rows[-1]['step_ms']:.1f} ms/step, "
@@ -138,9 +159,10 @@ def main() -> None:
             flush=True)
     results[mode] = rows
   bench_common.print_table(
-      ["mode", "devices", "batch", "step ms", "tok/s", "tok/s/dev", "efficiency", "compile s"],
-      [[m, r["devices"], r["batch"], r["step_ms"], r["tokens_per_s"],
-        r["tokens_per_s_per_device"], r["efficiency"], r["compile_s"]]
+      ["mode", "devices", "batch", "T", "step ms", "tok/s", "tok/s/dev", "efficiency",
+       "peak GiB", "compile s"],
+      [[m, r["devices"], r["batch"], r["seq_len"], r["step_ms"], r["tokens_per_s"],
+        r["tokens_per_s_per_device"], r["efficiency"], r["peak_gib"], r["compile_s"]]
        for m, rows in results.items() for r in rows])
   os.makedirs(args.out, exist_ok=True)
   bench_common.write_json(

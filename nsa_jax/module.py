@@ -141,7 +141,8 @@ class NativeSparseAttention(nnx.Module):
         raise ValueError(f"T={T} must be a multiple of context={chunks} x compress_stride="
                          f"{c.compress_stride}: each shard compresses the blocks ending in it")
       halo = c.compress_block - c.compress_stride
-      blocks = lambda x: with_halo(lambda e: compression_blocks(e, c), x, halo, self.mesh)
+      blocks = lambda x: with_halo(lambda e: compression_blocks(e, c), x, halo, self.mesh,
+                                   heads=(2, 3))   # [B, T, H, D] -> [B, N, l, H, D]
       skip = c.compress_block // c.compress_stride - 1
     k_cmp = self.phi_k(blocks(k))[:, skip:]
     v_cmp = self.phi_v(blocks(v))[:, skip:]

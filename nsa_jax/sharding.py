@@ -257,12 +257,16 @@ def sharded_nsa(mesh: Mesh):
   return op
 
 
-def with_halo(fn, x, size: int, mesh: Mesh):
+def with_halo(fn, x, size: int, mesh: Mesh, *, heads: tuple[int, int] | None = None):
   """`fn([halo; x_c])` on each shard x_c of x [B, T, ...] (rows as `batch_sharding`),
   concatenated along axis 1: `fn` sees its shard's tokens after the `size` tokens before
-  them (`context.halo`; zeros before the sequence). Under `jax.jit`."""
-  spec = P(BATCH_AXES, CONTEXT)
+  them (`context.halo`; zeros before the sequence). heads: (dimension of x, dimension of
+  fn's output) split over "heads", if any. Under `jax.jit`."""
+  def spec(dim):
+    return P(BATCH_AXES, CONTEXT) if dim is None else P(
+        BATCH_AXES, CONTEXT, *(None,) * (dim - 2), "heads")
+  in_dim, out_dim = heads or (None, None)
   per_shard = lambda x: fn(jnp.concatenate([context.halo(x, size, mesh.shape[CONTEXT]), x],
                                            axis=1))
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec,
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=spec(in_dim), out_specs=spec(out_dim),
                        check_vma=False)(x)

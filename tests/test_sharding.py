@@ -22,9 +22,9 @@ RTOL = 2e-5
 
 
 def test_parse_mesh():
-  assert sharding.parse_mesh("data=2,heads=2") == {"data": 2, "fsdp": 1, "heads": 2}
-  assert sharding.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "heads": 1}
-  assert sharding.parse_mesh({"heads": 4}) == {"data": 1, "fsdp": 1, "heads": 4}
+  assert sharding.parse_mesh("data=2,heads=2") == {"data": 2, "fsdp": 1, "context": 1, "heads": 2}
+  assert sharding.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "context": 1, "heads": 1}
+  assert sharding.parse_mesh({"context": 4}) == {"data": 1, "fsdp": 1, "context": 4, "heads": 1}
   for bad, match in (("data=2,model=2", "unknown axes"), ("data", "axis=size"),
                      ("data=x", "axis=size"), ("data=-1,heads=-1", "at most one -1"),
                      ("data=0", ">= 1")):
@@ -40,7 +40,7 @@ def test_make_mesh_checks_the_device_count():
 
 
 def test_param_spec_rules():
-  mesh = AbstractMesh((2, 2, 2), sharding.AXES)
+  mesh = AbstractMesh((2, 2, 2, 2), sharding.AXES)
   spec = lambda name, shape: sharding.param_spec(name, shape, mesh)
   assert spec("blocks/0/attn/q_proj/kernel", (32, 32)) == P("fsdp", "heads")
   assert spec("opt_state/0/mu/blocks/0/attn/o_proj/kernel", (32, 32)) == P("heads", "fsdp")
