@@ -7,7 +7,8 @@ number of tokens per step (--tokens, 65536: batch 8, 4, 2, 1), the same model
 with `attention="nsa"` (Pallas kernels, cuDNN for the compressed and window
 branches) and `attention="full"` (cuDNN) takes `nsa_jax.train_lib`'s training
 step (forward, backward, AdamW update) on the same random tokens:
-compiled ahead of time (compile_s: trace + lower + compile), 2 warm-up steps,
+compiled ahead of time (compile_s: trace + lower + compile, lower_s of it the trace and
+lowering), 2 warm-up steps,
 then the median of --steps (>= 20) steps, each ended by `block_until_ready`.
 Peak memory is the compiled program's (XLA's buffer assignment: parameters,
 optimizer state, batch, outputs and temporaries), not the allocator's.
@@ -102,7 +103,9 @@ def time_train_step(cfg: TrainConfig, batch_size: int, *, steps: int = 20, warmu
   batches = [place(b) for b in random_batches(batch_size, cfg.seq_len)]
   graphdef, state = nnx.split((model, optimizer))
   start = time.perf_counter()
-  step = make_steps(graphdef)[0].lower(state, batches[0]).compile()
+  lowered = make_steps(graphdef)[0].lower(state, batches[0])
+  lower_s = time.perf_counter() - start      # tracing and lowering (Python, Pallas -> Triton IR)
+  step = lowered.compile()                   # then XLA (fusions, autotuning, Triton, cuDNN)
   compile_s = time.perf_counter() - start
   times, losses = [], []
   for i in range(warmup + steps):
@@ -114,6 +117,7 @@ def time_train_step(cfg: TrainConfig, batch_size: int, *, steps: int = 20, warmu
   step_s = statistics.median(times[warmup:])
   return {"step_ms": 1e3 * step_s, "min_ms": 1e3 * min(times[warmup:]),
           "tokens_per_s": batch_size * cfg.seq_len / step_s, "compile_s": compile_s,
+          "lower_s": lower_s,
           "peak_gib": program_peak_gib(step), "n_steps": steps,
           "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
           "params": count_params(model)}
@@ -155,7 +159,8 @@ def run_cases(args) -> list[dict]:
           gc.collect()
         rows.append(row)
         what = (f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_ms']:.1f} ms/step, compile "
-                f"{row['compile_s']:.1f} s, peak {row['peak_gib'] or 0:.1f} GiB, loss "
+                f"{row['compile_s']:.1f} s ({row['lower_s']:.1f} s tracing and lowering), "
+                f"peak {row['peak_gib'] or 0:.1f} GiB, loss "
                 f"{row['loss_first']:.3f} -> {row['loss_last']:.3f} ({row['check']})"
                 if "step_ms" in row else row.get("error") or row.get("skipped"))
         print(f"[{preset} T={T} B={batch}] {attention}: {what}", flush=True)
@@ -294,8 +299,12 @@ def breakdown(args, preset: str, T: int) -> dict:
   model = Transformer(mc, rngs=nnx.Rngs(0))
   optimizer = make_optimizer(model, cfgs["nsa"])
   graphdef, state = nnx.split((model, optimizer))
-  top = bc.device_op_times(make_steps(graphdef)[0], state, random_batches(batch, T, n=1)[0],
-                           runs=3)[:args.top]
+  train_step, held = make_steps(graphdef)[0], [state]
+
+  def step(batch):   # the step donates its state: thread it through the runs
+    held[0], metrics = train_step(held[0], batch)
+    return metrics
+  top = bc.device_op_times(step, random_batches(batch, T, n=1)[0], runs=3)[:args.top]
   for name, us, count in top:
     print(f"  {us / 1e3:8.3f} ms  x{count:<4d} {name[:110]}")
   return {"preset": preset, "seq_len": T, "batch_size": batch, "num_layers": mc.num_layers,

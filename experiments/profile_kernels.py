@@ -4,6 +4,7 @@ reference first, then timings of the default tiles and of variants of them.
     python experiments/profile_kernels.py OP                # on a GPU, Config A
     python experiments/profile_kernels.py OP --config-b     # Dk = 192, Dv = 128
     python experiments/profile_kernels.py OP --heads 256,256 --group 1   # other heads
+    python experiments/profile_kernels.py selected --batch 4 --q-heads 16 --group 4  # research
     python experiments/profile_kernels.py OP --small        # CPU, interpret mode
 
 OP is one of
@@ -63,10 +64,18 @@ VARIANTS = {
     "select": {"bq32": dict(block_q=32), "bq128": dict(block_q=128), "bk64": dict(block_k=64),
                "w2": dict(num_warps=2), "w8": dict(num_warps=8), "stages3": dict(num_stages=3)},
     "selected": {"deterministic": dict(dkv_tiles=None), "block-major": dict(block_major=True),
-                 "query-tiles": dict(block_major=False), "rows16": dict(wide_rows=None),
-                 "rows64": dict(rows=64, wide_rows=None), "warps2": dict(num_warps=2),
+                 "query-tiles": dict(block_major=False),
+                 "wide": dict(block_major=False, rows=64, num_warps=4),
+                 "warps2": dict(num_warps=2),
                  "dkv-rows64": dict(dkv_rows=64), "dkv-rows256": dict(dkv_rows=256),
-                 "block-rows128": dict(block_major=True, block_rows=128)},
+                 "block-rows128": dict(block_major=True, block_rows=128),
+                 # Block-major backward: dQ terms in float32 (the default stores them in
+                 # the input dtype), longer chunks (fewer dK/dV atomics), 4 warps, and
+                 # 64-row steps on one stage (two programs per SM fit in shared memory).
+                 "dq-f32": dict(block_major=True, block_dq_float32=True),
+                 "block-entries1024": dict(block_major=True, block_entries=1024),
+                 "dkv-warps4": dict(block_major=True, dkv_num_warps=4),
+                 "dkv-rows64-stages1": dict(block_major=True, dkv_rows=64, num_stages=1)},
     "decode": {"compressed 4 warps": dict(COMPRESSED=dict(num_warps=4, num_stages=2)),
                "splits <= 16": dict(MAX_SPLITS=16),
                "scores 8 warps": dict(SCORES=dict(num_warps=8, num_stages=1)),
@@ -269,7 +278,10 @@ def main():
   parser.add_argument("--config-b", action="store_true", help="Dk = 192, Dv = 128")
   parser.add_argument("--heads", default=None, help="Dk,Dv (default: Config A's or B's)")
   parser.add_argument("--group", type=int, default=16,
-                      help="G query heads per KV head (HQ = 64: HKV = 64 / G; default 16)")
+                      help="G query heads per KV head (HKV = HQ / G; default 16)")
+  parser.add_argument("--q-heads", type=int, default=64,
+                      help="HQ query heads (default 64, Config A; the research preset: 16)")
+  parser.add_argument("--batch", type=int, default=1, help="B sequences (default 1)")
   parser.add_argument("--ts", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
   parser.add_argument("--check-ts", type=int, nargs="+", default=[8192, 16384])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decode only")
@@ -289,7 +301,10 @@ def main():
     Dk, Dv = (int(x) for x in args.heads.split(","))
     shape = dataclasses.replace(shape, Dk=Dk, Dv=Dv)
   if not small:
-    shape = dataclasses.replace(shape, HKV=64 // args.group, G=args.group)
+    if args.q_heads % args.group:
+      parser.error(f"--q-heads={args.q_heads} must be a multiple of --group={args.group}")
+    shape = dataclasses.replace(shape, B=args.batch, HKV=args.q_heads // args.group,
+                                G=args.group)
   check_ts, ts = ([45 if op != "select" else 300], [64 if op != "select" else 512]) if small \
       else (args.check_ts, sorted(args.ts))
   interpret, runs = small, (2 if small else max(args.runs, 10))

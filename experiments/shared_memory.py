@@ -145,26 +145,25 @@ def cases(Dk, Dv, G, dtype, config):
     extra = (x(1, T, HKV * G, d="float32"),) if lse else ()
     out.append(("select" + " lse" * lse, est, lambda q, k, *l: select_blocks.select_blocks(
         q, k, sizes=sizes, scale=0.1, interpret=False, lse=l[0] if l else None), (q, kc) + extra))
-  # Selected attention: forward of each tiling, then the backward of each.
+  # Selected attention: each tiling forced in turn (query tiles, block-major where its
+  # tiles fit), its forward's kernels, then its backward's.
   block_idx = x(1, T, HKV, config.num_selected, d="int32")
-  tilings = []
-  jax.eval_shape(lambda b: tilings.extend(selected_choice.tilings(
-      q, v, b, config.select_block, 0.1, False, selected_tiles.default_tiles(q, v))) or 0,
-      block_idx)
   before = selected_tiles.default_tiles(q, v)
-  est = []
-  for phase in (("fwd", "block_fwd"), ("dq", "dkv", "block_dkv")):
-    for t in tilings:
-      old = before if t.name != "wide" else dataclasses.replace(
-          before, rows=before.wide_rows, wide_rows=None, num_warps=before.wide_num_warps)
-      now_e, old_e = (selected_tiles.shared_memory(tiles, G, Dk, Dv, config.select_block, isz)
-                      for tiles in (t.geo.tiles, old))
-      for n in phase:
-        if (n.startswith("block") == (t.name == "block-major")):
-          est.append((f"{n} {t.name}", now_e[n], old_e[n]))
-  out.append(("selected", est, fwd_bwd(lambda q, k, v, b: selected_attention.selected_attention(
-      q, k, v, b, block=config.select_block, scale=0.1, interpret=False), 3),
-      (q, k, v, block_idx)))
+  for name, block_major, phases in (
+      ("query tiles", False, (("fwd",), ("dq", "dkv"))),
+      ("block-major", True, (("block_fwd",), ("block_dkv",)))):
+    forced = dataclasses.replace(before, block_major=block_major)
+    kernels = selected_choice.BLOCK_MAJOR if block_major else selected_choice.QUERY_TILES
+    fitted = selected_choice.fit_tiles_for(q, v, config.select_block, forced, kernels)
+    if fitted is None:
+      continue
+    now_e, old_e = (selected_tiles.shared_memory(tiles, G, Dk, Dv, config.select_block, isz)
+                    for tiles in (fitted, forced))
+    est = [(f"{n} {name}", now_e[n], old_e[n]) for phase in phases for n in phase]
+    out.append(("selected", est, fwd_bwd(
+        lambda q, k, v, b, tiles=forced: selected_attention.selected_attention(
+            q, k, v, b, block=config.select_block, scale=0.1, interpret=False, tiles=tiles), 3),
+        (q, k, v, block_idx)))
   if _util.is_pow2(Dk) and _util.is_pow2(Dv):
     S, Sc = 2048, 128
     d = decode_attention.shared_memory(G, Dk, Dv, decode_attention.BLOCK_K, isz)

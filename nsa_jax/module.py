@@ -50,11 +50,19 @@ class CompressionMLP(nnx.Module):
 
 
 def compression_blocks(x, config: NSAConfig):
-  """[B, T, H, D] -> [B, Tc, l, H, D]: block i holds tokens i*d .. i*d + l - 1."""
-  Tc = config.num_compressed(x.shape[1])
-  idx = (jnp.arange(Tc)[:, None] * config.compress_stride
-         + jnp.arange(config.compress_block)[None, :])
-  return x[:, idx]
+  """[B, T, H, D] -> [B, Tc, l, H, D]: block i holds tokens i*d .. i*d + l - 1.
+
+  Block i is strides i .. i + l/d - 1 (d tokens each): the l/d shifted views of the
+  strides, concatenated. Slices and a concatenation, no gather, so that the gradient
+  is slices and adds rather than a scatter.
+  """
+  B, _, H, D = x.shape
+  Tc, d = config.num_compressed(x.shape[1]), config.compress_stride
+  S = config.compress_block // d
+  if Tc == 0:    # T < l: no block (the strides below would need more tokens than T)
+    return jnp.zeros((B, 0, config.compress_block, H, D), x.dtype)
+  strides = x[:, :(Tc + S - 1) * d].reshape(B, Tc + S - 1, d, H, D)
+  return jnp.concatenate([strides[:, s:s + Tc] for s in range(S)], axis=2)
 
 
 def compressed_positions(num_blocks: int, config: NSAConfig):

@@ -96,6 +96,11 @@ def loss_sums(model: Transformer, batch):
 def make_steps(graphdef):
   """jit-compiled (train_step, eval_step) over the state of nnx.split((model, optimizer)).
 
+  train_step(state, batch) -> (new state, metrics) *donates* `state`: its buffers
+  hold the new state, so that the step's peak memory holds the parameters and the
+  optimizer's moments once, not twice. The state passed in (and the model and
+  optimizer it was split from) must not be read afterwards: thread the returned
+  state, and `nnx.update` the modules with it before using them.
   Cached by graphdef, so runs of one configuration in one process (a resumed
   run, the tests) share the compiled steps.
   """
@@ -116,7 +121,7 @@ def make_steps(graphdef):
     model, _ = nnx.merge(graphdef, state)
     return loss_sums(model, batch)
 
-  return jax.jit(train_step), jax.jit(eval_step)
+  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 
 
 class NonFiniteError(RuntimeError):

@@ -17,11 +17,10 @@ blocks that row's token did not select and the keys after it (causality). A
 block wanted by several neighbouring tokens is thus read once per tile, not
 once per token. Softmax is online, in float32, in base 2.
 
-Tile width: a narrow tile (16 rows: one token when G = 16) reads no block
-its token did not choose; a wide one (64 rows) shares each load among more
-tokens but reads the union of their choices. Which wins depends on how alike
-neighbouring tokens choose, so both are compiled and one is picked per call
-from block_idx (`Tiles.wide_rows`, `selected_choice.tilings`).
+Tile width (`Tiles.rows`): a narrow tile (16 rows: one token when G = 16) reads
+no block its token did not choose; a wide one (64 rows) shares each load among
+more tokens but reads the union of their choices, a win only where neighbouring
+tokens choose much alike (not so on random inputs, nor on a trained model's).
 
 Backward (recomputes p from the saved log-sum-exp):
 - dQ: the forward's access pattern, per query tile.
@@ -43,8 +42,8 @@ Backward (recomputes p from the saved log-sum-exp):
   order: float32 rounding may differ from run to run. This is the default,
   for load balance; pass `Tiles(dkv_tiles=None)` for reproducible gradients.
 
-Block-major kernels (`Tiles.block_major`; by default chosen per call among
-them and the two query tilings by estimated cost). A query tile loads each of
+Block-major kernels (`Tiles.block_major`; by default for G <= 8, fixed by the
+shapes at trace time: `selected_choice.tiling`). A query tile loads each of
 its tokens' n blocks, i.e. n * l' * (Dk + Dv) elements per token and group, to
 serve G heads: with small G, or tokens that select unlike blocks, K/V traffic
 (from L2) bounds it. The block-major kernels turn the loop around: one program
@@ -57,14 +56,15 @@ rows a step:
   (`selected_plan.merge`). Memory: n times the output (q.dtype) and its lse,
   transient.
 - backward: the dK/dV kernel over entries instead of query tiles, which also
-  stores each entry's dQ term (float32, n times dQ, transient); XLA sums them.
+  stores each entry's dQ term (in the input dtype, or float32 with
+  `Tiles.block_dq_float32`; n times dQ, transient); XLA sums them in float32.
   No dQ kernel, and no atomics for dQ: every entry's slot is written once.
   dK/dV are added per chunk of `Tiles.block_entries` entries, in any order;
   with dkv_tiles=None each block is one program, and dK/dV (and dQ, whose
   terms are plain stores summed in XLA) are bitwise reproducible, as above.
 Traffic per entry: G query rows in, G output rows out, instead of a block of
 l' keys and values in: a win when G is small and neighbouring tokens choose
-unlike blocks, a loss at G = 16 or when neighbours choose alike, where wide
+unlike blocks, a loss at G = 16 or when neighbours choose much alike, where
 query tiles share loads.
 
 Inputs are padded in XLA where the kernels need powers of two: the group size
@@ -78,11 +78,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels import _util
 from pallas_kernels.selected_choice import (QUERY_TILES, fit_tiles_for, shared_memory_reason,
-                                             tilings)
+                                             tiling)
 from pallas_kernels.selected_kernels import backward_dkv, backward_dq, block_forward, forward
 from pallas_kernels.selected_plan import (entry_index, inverted_index, merge, pad_blk,
                                           plan_index, slots)
@@ -127,7 +126,7 @@ def _backward_pass(q, k, v, block_idx, index, o, lse, do, geo: Geometry):
     entries, items = index if geo.tiles.dkv_tiles else entry_index(blk, geo, None)
     dk, dv, dq_part = backward_dkv(q5, kp, vp, blk, do5, lse, delta, entries, items,
                                     geo, block_major=True)
-    dq5 = jnp.sum(slots(dq_part, blk, geo), axis=2).astype(q5.dtype)
+    dq5 = jnp.sum(slots(dq_part, blk, geo), axis=2, dtype=jnp.float32).astype(q5.dtype)
   else:
     dq5 = backward_dq(q5, kp, vp, blk, *index, do5, lse, delta, geo)
     tiles, items = inverted_index(*index, geo)
@@ -138,43 +137,23 @@ def _backward_pass(q, k, v, block_idx, index, o, lse, do, geo: Geometry):
   return _unpad(dq5, geo, geo.Dk), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _selected(q, k, v, block_idx, choice, geos: tuple[Geometry, ...]):
-  """Selected attention by the tiling geos[choice] (`selected_choice.tilings`), forward and
-  backward.
-
-  The choice is made inside the custom VJP, so that the float residuals are
-  the same for every tiling (q, k, v, o, lse); a switch over whole custom-VJP
-  functions keeps every branch's (zeros but the chosen one's). The chosen
-  tiling's index (`plan_index`: sorts of block_idx) is kept for the backward,
-  the others' are zeros: sorting again there cost most of the backward's
-  overhead at G = 1 (experiments/PERF_NOTES.md).
-  """
-  return _selected_fwd(q, k, v, block_idx, choice, geos)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected(q, k, v, block_idx, geo: Geometry):
+  """Selected attention by the tiling `geo` (`selected_choice.tiling`), forward and
+  backward. The tiling's index (`plan_index`: sorts of block_idx) is kept for the
+  backward: sorting again there cost most of the backward's overhead at G = 1
+  (experiments/PERF_NOTES.md)."""
+  return _selected_fwd(q, k, v, block_idx, geo)[0]
 
 
-def _selected_fwd(q, k, v, block_idx, choice, geos):
-  def zeros(geo):    # the shape of geo's index, zero-filled
-    shapes = jax.eval_shape(lambda b: plan_index(b, geo)[1], block_idx)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  def branch(i):
-    def run(q, k, v, block_idx):
-      o, lse, index = _forward_pass(q, k, v, block_idx, geos[i])
-      return o, lse, [index if j == i else zeros(g) for j, g in enumerate(geos)]
-    return run
-
-  o, lse, indexes = lax.switch(choice, [branch(i) for i in range(len(geos))],
-                               q, k, v, block_idx)
-  return o, (q, k, v, block_idx, choice, indexes, o, lse)
+def _selected_fwd(q, k, v, block_idx, geo):
+  o, lse, index = _forward_pass(q, k, v, block_idx, geo)
+  return o, (q, k, v, block_idx, index, o, lse)
 
 
-def _selected_bwd(geos, res, do):
-  q, k, v, block_idx, choice, indexes, o, lse = res
-  branches = [lambda *args, i=i: _backward_pass(*args[:4], args[4][i], *args[5:], geo=geos[i])
-              for i in range(len(geos))]
-  dq, dk, dv = lax.switch(choice, branches, q, k, v, block_idx, indexes, o, lse, do)
-  return dq, dk, dv, None, None
+def _selected_bwd(geo, res, do):
+  dq, dk, dv = _backward_pass(*res, do, geo)
+  return dq, dk, dv, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -209,6 +188,4 @@ def selected_attention(q, k, v, block_idx, *, block: int, scale: float,
   """
   tiles = default_tiles(q, v) if tiles is None else tiles
   block_idx = block_idx.astype(jnp.int32)
-  options = tilings(q, v, block_idx, block, scale, interpret, tiles)
-  choice = jnp.argmin(jnp.stack([t.cost for t in options]))
-  return _selected(q, k, v, block_idx, choice, tuple(t.geo for t in options))
+  return _selected(q, k, v, block_idx, tiling(q, v, block_idx, block, scale, interpret, tiles))

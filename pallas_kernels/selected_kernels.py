@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.selected_tiles import NEG, Geometry
+from pallas_kernels.selected_tiles import NEG, Geometry, dq_dtype
 
 LOG2E = math.log2(math.e)
 
@@ -213,7 +213,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     if block_major:   # repeated entries store the same values to the same place
       dq = plgpu.dot(ds.astype(k.dtype), k) * geo.scale
-      dq_ref[0][ids] = dq.reshape(R, geo.Gp, geo.Dkp)
+      dq_ref[0][ids] = dq.reshape(R, geo.Gp, geo.Dkp).astype(dq_ref[0].dtype)
     live = jnp.broadcast_to(live[:, None], (R, rows // R)).reshape(rows)[:, None]
     p, ds = jnp.where(live, p, 0.0), jnp.where(live, ds, 0.0)
     dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
@@ -322,7 +322,7 @@ def backward_dkv(q5, k, v, blk, do5, lse, delta, ids, items, geo: Geometry,
                   block_major: bool):
   """dK, dV (float32, [B, Tk, HKV, D]) over work items of query tiles, or,
   block-major, of (token, block) entries, and then also the entries' dQ terms
-  [B, Tq*n_pad, HKV, Gp, Dkp] (float32)."""
+  [B, Tq*n_pad, HKV, Gp, Dkp] (`dq_dtype`)."""
   HKV, whole = geo.HKV, _whole_spec(geo)
   dk0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dkp), jnp.float32)
   dv0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dvp), jnp.float32)
@@ -332,7 +332,8 @@ def backward_dkv(q5, k, v, blk, do5, lse, delta, ids, items, geo: Geometry,
   if block_major:
     E = geo.Tq * geo.n_pad
     out_specs.append(whole(E, geo.Gp, geo.Dkp))
-    out_shape.append(jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp, geo.Dkp), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp, geo.Dkp),
+                                          dq_dtype(geo.tiles, q5.dtype)))
   return pl.pallas_call(
       functools.partial(_dkv_kernel, geo=geo),
       grid=(items.shape[2], geo.B * HKV),

@@ -24,25 +24,17 @@ class Tiles:
   experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 
   Attributes:
-    rows: M, query rows per program (Bq tokens x G heads); a power of 2 >= 16.
-      Bq = max(1, rows // G).
-    wide_rows: rows of the alternative wide tile, or None. A tile reads the
-      union of its tokens' blocks: when neighbouring tokens select alike, a
-      wide tile shares each load among more tokens and runs larger matmuls;
-      when they do not (random inputs), the union grows nearly Bq-fold and the
-      wide tile wastes that much work. So both tilings (and the block-major
-      kernels, see block_major) are compiled and `lax.switch` picks one per
-      call from block_idx by estimated cost (`selected_choice.tilings`). Cost:
-      every tiling compiles (the choice costs a sort of a sample of tiles per
-      tiling, and only the chosen tiling plans all its tiles); None = narrow
-      tiles only.
+    rows: M, query rows per program of the query tilings (Bq tokens x G heads); a
+      power of 2 >= 16. Bq = max(1, rows // G). A tile reads the union of its
+      tokens' blocks: a narrow tile (16 rows) reads no block its tokens did not
+      choose; a wide one (e.g. 64 rows, with num_warps=4) shares each load among
+      more tokens, a win only when neighbouring tokens choose alike.
     dkv_tiles: query tiles per dK/dV program at most; None = one program per
       KV block (bitwise deterministic dK/dV, see `selected_attention`), in
       the block-major backward too (whose chunks are otherwise block_entries).
-    num_warps, num_stages: Triton launch parameters of the forward and dQ
-      kernels. The forward is bound by loading each token's blocks;
+    num_warps, num_stages: Triton launch parameters of the query tilings' forward
+      and dQ kernels. The forward is bound by loading each token's blocks;
       `default_tiles` keeps 2 warps for wider heads and float32 inputs.
-    wide_num_warps: num_warps of the wide tiling.
     dkv_rows: query rows per step of the dK/dV kernel: it gathers
       max(1, dkv_rows // rows) of the block's query tiles per step (a power
       of 2 >= 16), so that its matmuls, whose inner dimension is the rows,
@@ -50,40 +42,37 @@ class Tiles:
     dkv_num_warps: warps of the dK/dV kernel, which holds two [l', D] float32
       accumulators and the block's K and V.
     block_major: run the *block-major* kernels (see `selected_attention`):
-      None = where they are expected to be faster and their transient
-      buffers fit the device's memory, chosen per call among the narrow, wide
-      and block-major tilings (`selected_choice.tilings`); True = always;
-      False = never (query tiles only).
+      None = where they are expected to be faster and their transient buffers
+      fit the device's memory, fixed by the shapes at trace time
+      (`selected_choice.tiling`); True = always; False = never (query tiles).
     block_rows: query rows per step of the block-major forward (a power of
       2 >= 16: block_rows // G (token, block) entries of G heads each; its
       backward steps take dkv_rows rows).
     block_entries: (token, block) entries per block-major program at most
       (the forced initial block is chosen by all T tokens: chunks balance it).
     block_fwd_num_warps: warps of the block-major forward.
+    block_dq_float32: the block-major backward stores each entry's dQ term in
+      float32 instead of the input dtype (n terms per query row, summed in XLA
+      in float32 either way): twice the bytes written and read back, for dQ
+      terms without a rounding each. float32 inputs store float32 regardless.
   """
 
   rows: int = 16
-  wide_rows: int | None = 64
   dkv_tiles: int | None = 256
   dkv_rows: int = 128
   num_warps: int = 1
-  wide_num_warps: int = 4
   num_stages: int = 2
   dkv_num_warps: int = 8
   block_major: bool | None = None
   block_rows: int = 64
   block_entries: int = 256
   block_fwd_num_warps: int = 4
+  block_dq_float32: bool = False
 
   def __post_init__(self):
     rows_ok = lambda x: isinstance(x, int) and x >= 16 and _util.is_pow2(x)
     if not rows_ok(self.rows):
       raise ValueError(f"Tiles.rows={self.rows!r} must be a power of 2 >= 16")
-    if self.wide_rows is not None and (not isinstance(self.wide_rows, int)
-                                       or self.wide_rows <= self.rows
-                                       or not _util.is_pow2(self.wide_rows)):
-      raise ValueError(f"Tiles.wide_rows={self.wide_rows!r} must be None or a power of 2 "
-                       f"> rows={self.rows}")
     if self.dkv_tiles is not None and (
         not isinstance(self.dkv_tiles, int) or self.dkv_tiles < 1):
       raise ValueError(f"Tiles.dkv_tiles={self.dkv_tiles!r} must be None or an int >= 1")
@@ -93,9 +82,11 @@ class Tiles:
       raise ValueError(f"Tiles.block_rows={self.block_rows!r} must be a power of 2 >= 16")
     if self.block_major not in (None, True, False):
       raise ValueError(f"Tiles.block_major={self.block_major!r} must be None, True or False")
+    if self.block_dq_float32 not in (True, False):
+      raise ValueError(f"Tiles.block_dq_float32={self.block_dq_float32!r} must be True or False")
     if not isinstance(self.block_entries, int) or self.block_entries < 1:
       raise ValueError(f"Tiles.block_entries={self.block_entries!r} must be an int >= 1")
-    for name in ("num_warps", "wide_num_warps", "dkv_num_warps", "block_fwd_num_warps"):
+    for name in ("num_warps", "dkv_num_warps", "block_fwd_num_warps"):
       value = getattr(self, name)
       if not isinstance(value, int) or not _util.is_pow2(value):
         raise ValueError(f"Tiles.{name}={value!r} must be a power of 2")
@@ -168,6 +159,12 @@ class Geometry:
   def params(self, num_warps=None, num_stages=None):
     return plgpu.CompilerParams(num_warps=num_warps or self.tiles.num_warps,
                                 num_stages=num_stages or self.tiles.num_stages)
+
+
+def dq_dtype(tiles: Tiles, dtype) -> jnp.dtype:
+  """dtype of the block-major backward's per-entry dQ terms for inputs of `dtype`: the
+  inputs', or float32 (`Tiles.block_dq_float32`)."""
+  return jnp.dtype(jnp.float32 if tiles.block_dq_float32 else dtype)
 
 
 def default_tiles(q, v) -> Tiles:

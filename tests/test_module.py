@@ -8,7 +8,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from nsa_jax import NSAConfig
-from nsa_jax.module import NativeSparseAttention
+from nsa_jax.module import NativeSparseAttention, compression_blocks
 
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                 num_selected=3, window=16)
@@ -78,3 +78,33 @@ def test_layer_learns_a_toy_task():
 
   losses = [float(step(m, opt)) for _ in range(30)]
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("config,T", [(CFG, 45), (CFG, 8), (CFG, 5),
+                                      (NSAConfig(compress_block=12, compress_stride=4,
+                                                 select_block=12, num_selected=3), 50)])
+def test_compression_blocks_are_the_strided_windows(config, T):
+  """Block i holds tokens i*d .. i*d + l - 1 (Tc of them; none when T < l), for l/d = 2
+  and 3 and T not a multiple of d."""
+  x = jax.random.normal(jax.random.key(5), (2, T, 3, 4), jnp.float32)
+  blocks = compression_blocks(x, config)
+  Tc, d, l = config.num_compressed(T), config.compress_stride, config.compress_block
+  assert blocks.shape == (2, Tc, l, 3, 4)
+  for i in range(Tc):
+    np.testing.assert_array_equal(blocks[:, i], x[:, i * d:i * d + l])
+
+
+def test_projections_have_no_gather_or_scatter():
+  """The layer's work outside the op (projections, compression MLPs, RoPE, gates),
+  forward and backward, lowers to no gather and no scatter (XLA runs a scatter, the
+  transpose of a gather, far slower than the slices and adds of its shifted views)."""
+  m = layer()
+  graphdef, params = nnx.split(m)
+  x = jax.random.normal(jax.random.key(6), (2, 45, 32), jnp.float32)
+
+  def loss(params, x):
+    inputs = nnx.merge(graphdef, params).branch_inputs(x)
+    return sum(jnp.sum(v) for v in inputs.values())
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  assert "gather" not in hlo and "scatter" not in hlo

@@ -36,13 +36,18 @@ def _arrays(Dk, Dv, G, dtype, T=512, HKV=4):
 
 
 def _selected_tilings(q, k, v):
-  """The tilings (names, Geometry) selected_attention compiles for q, k, v."""
-  out = []
-  block_idx = jax.ShapeDtypeStruct(q.shape[:2] + (k.shape[2], CONFIG.num_selected), jnp.int32)
+  """{name: fitted Tiles} of the tilings selected_attention runs for q, k, v from its
+  default tiles: query tiles (by default at G = 16, or forced) and block-major (by
+  default at G <= 8, or forced) where its tiles fit."""
   tiles = selected_tiles.default_tiles(q, v)
-  jax.eval_shape(lambda b: out.extend(selected_choice.tilings(
-      q, v, b, CONFIG.select_block, 0.1, False, tiles)) or 0, block_idx)
-  return [(t.name, t.geo) for t in out]
+  out = {}
+  for name, kernels in (("query tiles", selected_choice.QUERY_TILES),
+                        ("block-major", selected_choice.BLOCK_MAJOR)):
+    forced = dataclasses.replace(tiles, block_major=name == "block-major")
+    fitted = selected_choice.fit_tiles_for(q, v, CONFIG.select_block, forced, kernels)
+    if fitted is not None:
+      out[name] = fitted
+  return out
 
 
 @pytest.mark.parametrize("heads,G,dtype", MATRIX, ids=lambda x: str(x))
@@ -57,10 +62,10 @@ def test_every_kernel_fits_on_every_shape(heads, G, dtype):
     tiles = select_blocks.default_tiles(q, sizes, lse_given)
     assert select_blocks.shared_memory(tiles, sizes, Dk, isz) <= BUDGET
   tilings = _selected_tilings(q, k, v)
-  assert tilings[0][0] == "narrow"
-  for name, geo in tilings:
+  assert "query tiles" in tilings
+  for name, tiles in tilings.items():
     kernels = selected_choice.BLOCK_MAJOR if name == "block-major" else selected_choice.QUERY_TILES
-    need = selected_tiles.shared_memory(geo.tiles, G, Dk, Dv, CONFIG.select_block, isz)
+    need = selected_tiles.shared_memory(tiles, G, Dk, Dv, CONFIG.select_block, isz)
     assert max(need[k] for k in kernels) <= BUDGET, (name, need)
   if _util.is_pow2(Dk) and _util.is_pow2(Dv):   # the decode kernel's shapes
     assert decode_attention.shared_memory(G, Dk, Dv, 64, isz) <= BUDGET
@@ -75,12 +80,11 @@ def test_config_a_and_b_keep_the_tiles_they_ran_with():
   for Dk, G in [(128, 16), (192, 16), (128, 1), (128, 4)]:
     q, k, v = _arrays(Dk, 128, G, "bfloat16")
     default = selected_tiles.default_tiles(q, v)
-    for name, geo in _selected_tilings(q, k, v):
-      want = dict(rows=default.wide_rows if name == "wide" else default.rows,
-                  dkv_rows=default.dkv_rows, block_rows=default.block_rows)
+    for name, tiles in _selected_tilings(q, k, v).items():
+      want = dict(rows=default.rows, dkv_rows=default.dkv_rows, block_rows=default.block_rows)
       if Dk == 192 and name == "block-major":
         continue    # did not fit before (the next test)
-      assert {f: getattr(geo.tiles, f) for f in want} == want, (Dk, G, name)
+      assert {f: getattr(tiles, f) for f in want} == want, (Dk, G, name)
   q, k, v = _arrays(128, 128, 16, "bfloat16")
   assert window_attention.default_tiles(q, k, v) == window_attention.TILES
   assert compressed_attention.default_tiles(q, k, v) == compressed_attention.TILES
@@ -134,7 +138,7 @@ SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_sele
 @pytest.mark.parametrize("B,T,HKV,G,Dk,Dv", [(2, 45, 2, 4, 192, 128), (1, 37, 2, 1, 256, 256)],
                          ids=["Dk192-Dv128-G4", "Dk256-G1"])
 def test_selected_matches_the_reference_with_the_fitted_tiles(B, T, HKV, G, Dk, Dv):
-  """The heads whose tiles are shrunk: the narrow, wide and block-major tilings fitted
+  """The heads whose tiles are shrunk: the query-tile and block-major tilings fitted
   for bf16 forced one by one, in float32 (exact in interpret mode), forward and
   gradients against the reference, T not a multiple of any tile or block."""
   from pallas_kernels.selected_attention import selected_attention
@@ -152,13 +156,12 @@ def test_selected_matches_the_reference_with_the_fitted_tiles(B, T, HKV, G, Dk, 
   want = (ref[0], *ref[1](ct))
   # The tiles fitted for bf16 (block-major kept, with shrunk dK/dV steps), run in float32.
   bf16 = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v)]
-  tilings = dict(_selected_tilings(*bf16))
-  assert tilings["block-major"].tiles.dkv_rows < selected_tiles.default_tiles(*bf16[::2]).dkv_rows
-  for geo in tilings.values():
-    run = jax.jit(lambda q, k, v, tiles=geo.tiles: (lambda o, vjp: (o, *vjp(ct)))(*jax.vjp(
+  tilings = _selected_tilings(*bf16)
+  assert tilings["block-major"].dkv_rows < selected_tiles.default_tiles(*bf16[::2]).dkv_rows
+  for tiles in tilings.values():
+    run = jax.jit(lambda q, k, v, tiles=tiles: (lambda o, vjp: (o, *vjp(ct)))(*jax.vjp(
         lambda *a: selected_attention(*a, block_idx, block=SMALL.select_block, scale=scale,
-                                      interpret=True,
-                                      tiles=dataclasses.replace(tiles, wide_rows=None)),
+                                      interpret=True, tiles=tiles),
         q, k, v)))
     for name, got, ref_x in zip(("o", "dq", "dk", "dv"), run(q, k, v), want):
       np.testing.assert_allclose(got, ref_x, rtol=1e-4, atol=1e-4, err_msg=name)

@@ -110,3 +110,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert 1 < bad <= 8
   assert f"Last good checkpoint: step {bad - 1}" in str(err.value)
   assert checkpoint_manager(cfg.out_dir).latest_step() == bad - 1
+
+
+def test_train_step_donates_its_state(tmp_path):
+  """The compiled step writes the new state into the buffers of the one passed in
+  (peak memory holds parameters and moments once): every input buffer is consumed."""
+  from nsa_jax import data
+  from nsa_jax.model import Transformer
+  cfg = tiny(tmp_path, "donate")        # the first test's configuration: its compiled steps
+  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  graphdef, state = nnx.split((model, train_lib.make_optimizer(model, cfg)))
+  batch = next(data.Loader(cfg.mixture, **cfg.data_options()))
+  new_state, metrics = train_lib.make_steps(graphdef)[0](state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert all(x.is_deleted() for x in jax.tree.leaves(state))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(new_state))
