@@ -23,6 +23,13 @@ timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens
 * context_strong (mesh context=n): strong scaling, --per_device_batch sequences
   of (largest n) x seq_len tokens (32k on 4 devices) split over n devices.
 
+Before the context modes' timings, a check on each device count n > 1 (`check_context`):
+the NSA op on context=n (the kernels, impl="auto") against the float32 reference on one
+device: o and the gradients of its eight inputs against the reference branches gated on
+the op's own selection, and that selection against the reference's block scores
+(experiments/gpu_check.py's measures and tolerances). A failed check is recorded,
+printed, and makes the script exit 1 after writing its results.
+
 Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
 Target (the issue): >= 90 % for data parallel from 1 to 4 GPUs on gpu-small.
 Head parallel also replicates the non-attention work, so it is expected to
@@ -51,8 +58,10 @@ if "--small" in sys.argv:
 import argparse  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 import bench_common  # noqa: E402  (puts the repo root on sys.path)
+import gpu_check  # noqa: E402
 from bench_train import time_train_step  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
@@ -82,6 +91,35 @@ def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict
           "step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"],
           "tokens_per_s_per_device": r["tokens_per_s"] / n, "loss": r["loss_last"],
           "compile_s": r["compile_s"], "peak_gib": r["peak_gib"]}
+
+
+def check_context(model, n: int, seq_len: int) -> dict:
+  """The NSA op of `model`'s shape (one sequence of seq_len tokens, its compute dtype) on
+  the first n devices as mesh context=n, against the float32 reference on one device
+  (module doc). Returns {quantity: {"rel", "max_rel", "ok"}} and "ok" overall."""
+  config, dtype = model.nsa, model.compute_dtype
+  D = model.head_size
+  x = bench_common.random_nsa_inputs(1, seq_len, model.num_heads, model.num_kv_heads, D, D,
+                                     config, dtype, jax.random.key(n))
+  args, cotangent = [x[name] for name in gpu_check.NSA_ARGS], x["cotangent"]
+  op = sharding.sharded_nsa(sharding.make_mesh(f"context={n}", jax.devices()[:n]))
+  selection = jax.jit(lambda *a: op(*a, config=config, return_block_idx=True)[1])(*args)
+  fb = lambda f, a: jax.jit(bench_common.forward_backward(f, len(a)))(*a, selection, cotangent)
+  got = fb(lambda *a: op(*a[:-1], config=config), args)
+  with gpu_check.reference_precision("float32"):
+    want = fb(gpu_check.gated_reference(config), gpu_check.upcast(args))
+    scores = gpu_check.reference_scores(*gpu_check.upcast(args[:2]), config=config)
+  names = ["o"] + ["d" + name for name in gpu_check.NSA_ARGS]
+  tol = gpu_check.tolerance("nsa", jnp.dtype(dtype).name)
+  out = {}
+  for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
+    m = {k: float(v) if k != "ok" else bool(v) for k, v in gpu_check.measure(a, b).items()}
+    out[name] = {**m, "ok": m["ok"] and m["rel"] <= tol}
+  bad, gap = gpu_check.selection_check(selection, scores, config=config)
+  out["block_idx"] = {"rel": float(gap), "bad_rows": int(bad),
+                      "ok": int(bad) == 0 and float(gap) <= gpu_check.TIE_RTOL}
+  out["ok"] = all(v["ok"] for v in out.values())
+  return out
 
 
 def case(cfg, mode: str, n: int, batch: int, largest: int):
@@ -143,11 +181,17 @@ def main() -> None:
   print(f"{devices} x {bench_common.gpu_name()}; {preset} preset, "
         f"{batch} sequences per device (data, fsdp) / in all (heads, context modes)")
 
-  results = {}
+  results, checks = {}, {}
   for mode, cfg in configs.items():
     heads = cfg.model.num_kv_heads
     counts = [n for n in (1, 2, 4, 8, 16)
               if n <= devices and not (mode == "heads" and heads % n)]
+    if MODES[mode][0] == "context" and not checks:
+      for n in counts[1:]:
+        checks[n] = check_context(cfg.model, n, cfg.seq_len * counts[-1])
+        worst = max(v["rel"] for k, v in checks[n].items() if k != "ok")
+        print(f"check context={n}: {'ok' if checks[n]['ok'] else 'FAILED'} "
+              f"(worst relative error {worst:.2g})", flush=True)
     rows = []
     for n in counts:
       mode_cfg, batch_size = case(cfg, mode, n, batch, counts[-1])
@@ -166,11 +210,14 @@ def main() -> None:
        for m, rows in results.items() for r in rows])
   os.makedirs(args.out, exist_ok=True)
   bench_common.write_json(
-      os.path.join(args.out, "scaling.json"), {"results": results},
+      os.path.join(args.out, "scaling.json"), {"results": results, "context_checks": checks},
       config=dict(preset=preset, overrides=overrides, model=base.model,
                   seq_len=base.seq_len, heads_overrides=heads_overrides,
                   per_device_batch=batch, heads_global_batch=batch, iters=args.iters))
   plot(os.path.join(args.out, "scaling.png"), results, f"{preset} preset")
+  failed = [n for n, c in checks.items() if not c["ok"]]
+  if failed:
+    sys.exit(f"context check FAILED on context={failed}: see context_checks in scaling.json")
 
 
 if __name__ == "__main__":

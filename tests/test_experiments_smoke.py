@@ -89,6 +89,8 @@ def test_bench_scaling_small(tmp_path):
   assert (tmp_path / "scaling.png").stat().st_size > 0
   batch = data["meta"]["config"]["per_device_batch"]
   T = data["meta"]["config"]["seq_len"]
+  check = data["context_checks"]["2"]     # the op on context=2 against the reference
+  assert check["ok"] and set(check) >= {"o", "dq", "dk_cmp", "dgates", "block_idx"}, check
   # mode: (mesh axis, batches on 1 and 2 devices, sequence lengths on 1 and 2 devices)
   for mode, (axis, batches, lengths) in {
       "data": ("data", [batch, 2 * batch], [T, T]),
