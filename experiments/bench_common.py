@@ -229,18 +229,25 @@ def matmul_rate(n: int = 8192, dtype=jnp.bfloat16, n_iter: int = 10) -> float:
   return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
-def write_json(path: str, data: dict, config=None) -> None:
-  """Writes `data` with the GPU name, jax version, backend and `config` added."""
-  meta = {"gpu": gpu_name(), "backend": jax.default_backend(),
-          "jax_version": jax.__version__, "argv": sys.argv,
-          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def write_json(path: str, data: dict, config=None, extra_meta: dict | None = None) -> None:
+  """Writes `data` with the GPU name, jax version, backend, `config` and
+  `extra_meta` added under "meta"."""
+  meta = run_meta()
   if config is not None:
     meta["config"] = (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
                       else config)
+  meta.update(extra_meta or {})
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"meta": meta, **data}, f, indent=1, default=str)
   print(f"wrote {path}")
+
+
+def run_meta() -> dict:
+  """What identifies a run: GPU name, backend, jax version, command line, UTC time."""
+  return {"gpu": gpu_name(), "backend": jax.default_backend(),
+          "jax_version": jax.__version__, "argv": sys.argv,
+          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence]) -> None:

@@ -14,10 +14,11 @@ What a case checks, on fresh random inputs (`bench_common.random_nsa_inputs`):
   - selected_attention (on the reference's block_idx) and window_attention:
     o and the gradients of q, k, v;
   - nsa: o and the gradients of all eight float inputs, against the gated sum
-    of the reference branches run on the selection nsa made, so that near-tie
-    selection differences (checked above) do not count as errors. On a GPU,
-    nsa's window and compressed branches are cuDNN's for the 16-bit inputs
-    cuDNN takes (`nsa_jax.ops.dispatch`, under `nsa_jax.ops.cudnn.cudnn_runs`);
+    of the reference branches run on the selection nsa made (returned by the
+    same call), so that near-tie selection differences (checked above) do not
+    count as errors. On a GPU, nsa's window and compressed branches are
+    cuDNN's for the 16-bit inputs cuDNN takes (`nsa_jax.ops.dispatch`, under
+    `nsa_jax.ops.cudnn.cudnn_runs`);
   - nsa_vs_select_blocks: the share of (query, KV head) rows where nsa's
     selection differs from `select_blocks`' on the same inputs with the same
     impl (SPEC §3 defines one selection; both take it from one lse,
@@ -31,8 +32,10 @@ row against the same row computed alone by the same op: issue #18's batch past
 evaluated on those rows only, with all keys, under a cotangent that is zero on
 the other rows: a 256k-token sequence). Probes are cases whose outcome informs
 rather than judges (they are left out of the pass/fail counts): the issue's
-cuDNN call unsplit (it must fail, or the check could not see the bug), and the
-cuDNN calls under an element-only limit (whether counting bytes is needed).
+cuDNN call unsplit (it must fail, or the check could not see the bug). The
+first run's second probe, one call of 5 x 32k rows under the element limit
+alone, passed: the split rule counts elements only (`nsa_jax.ops.cudnn`), and
+"batch-7x32k" checks its largest call of such rows.
 
 Error: ||a - b|| / ||b|| over finite reference entries, plus a NaN / inf check;
 max |a - b| / max |b| is reported beside it ("max_rel"), not judged: a 2-stage
@@ -45,21 +48,41 @@ issue #18); bfloat16 2e-2 (the kernels round P, dS and outputs to bf16, eps
 in issue #18). The same thresholds judge the "batch" kind, where the wrong row
 of issue #18 was 21 % off.
 
-Speed: one jitted function per case computes its ops' outputs, gradients and
-error measures (a few scalars come back). A process lowers its cases in order
-(tracing holds the GIL), compiles them ahead of time in a thread pool (XLA's
-compile releases it) and runs them one at a time; with --procs > 1 (the
-default with --matrix: half the CPUs) the "reference" cases are dealt to worker
-processes sharing the GPU, the large cases and the probes stay in the first.
-XLA's GEMM autotuning is off (a check needs correct GEMMs, not the fastest).
-A case that fails to lower, compile or run is retried op by op, so that the
-error lands on the op that caused it ("error" records, the run goes on).
-Cases not started within --budget-s are "skipped". Exits non-zero on any
-failure or error outside the probes.
+Speed (the matrix's ~75 cases must fit a few minutes of an H200 whose 16
+CPUs compile them): a case's random inputs come from one small jitted function
+(an "rbg" key: one XLA op); its ops are checked in three units (`UNIT_OF`),
+each one jitted function of the inputs that returns error measures only. What
+several ops need is computed once in a unit: the reference selection
+(select_blocks, selected_attention); nsa's selection, taken from the checked
+nsa call itself (nsa_vs_select_blocks); nsa and select_blocks for impls "auto"
+and "pallas" where they run the same backends (`nsa_jax.ops.nsa.backends`:
+float32 everywhere, cuDNN taking no float32; bf16 wherever no branch falls
+back to the reference), recorded under each impl. A process lowers units in
+order (tracing holds the GIL) while a thread pool compiles them (XLA's compile
+releases it) and runs them in order. With --procs > 1 (the default with
+--matrix: half the CPUs) the "reference" cases go one at a time to the first
+free of the worker processes sharing the GPU; the large cases run in the
+first process, the probes in their own. XLA compiles with no
+autotuning and no Triton GEMM fusions: cuBLAS runs the references' matmuls (a
+check needs correct GEMMs, not the fastest, and each fusion was one more
+Triton compile). Each record keeps its unit's seconds of lowering, compiling
+and running. A unit that fails to lower, compile or run is retried op by op
+while the budget lasts, so that the error lands on the op that caused it
+("error" records, the run goes on). No case starts after --budget-s: those
+are "skipped" (started ones finish).
+
+--rerun PATH (a JSON of this script) runs only what PATH has no pass for: its
+skipped, error and failed records and the cases it lacks (not its probes,
+whose outcome informs), plus the cases --redo names; and writes one JSON of
+both runs: PATH's records that were not redone and this run's, each record's
+"run" indexing meta["runs"] (each run's command, time, wall, cuDNN limits and
+own summary); "summary" counts the merged records. Exits non-zero on any
+failure or error outside the probes (of the merged records).
 
 Run on the device machine:
     python3 experiments/gpu_check.py                # SHAPES: a few minutes on an H200
-    python3 experiments/gpu_check.py --matrix       # issue #18: <= 6 minutes (--budget-s 330)
+    python3 experiments/gpu_check.py --matrix       # issue #18 (--budget-s 360)
+    python3 experiments/gpu_check.py --matrix --rerun gpu_matrix_nvidia-h200.json
     python3 experiments/gpu_check.py --small [--matrix]   # tiny shapes, CPU (interpret mode)
 """
 from __future__ import annotations
@@ -72,6 +95,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import sys
 import time
@@ -83,9 +107,10 @@ import jax.numpy as jnp
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import _common, compressed, cudnn, selected, window
+from nsa_jax.ops import _common, compressed, cudnn, dispatch, selected, window
 from nsa_jax.ops.compressed import compressed_scores
-from nsa_jax.ops.selection import overlap_to_select_blocks
+from nsa_jax.ops.nsa import backends as nsa_backends
+from nsa_jax.ops.selection import lse_backend, overlap_to_select_blocks
 
 RTOL = {"float32": 1e-3, "bfloat16": 2e-2}
 # Near-tie tolerance of the selection, relative to the row's largest
@@ -157,7 +182,7 @@ UNLIMITED = 2 ** 62
 def matrix_cases(small: bool) -> list[Case]:
   """Issue #18's matrix in priority order: tensors past 2^31 (cuDNN's split
   calls), then every head size x group size in bf16 and f32 at T = 1000 and
-  T = 300 < w (B = 2), then the probes (last: the unsplit call could hurt the
+  T = 300 < w (B = 2), then the probe (last: the unsplit call could hurt the
   process). --small: the kinds at tiny sizes, Pallas in interpret mode."""
   if small:
     shape = bc.Shape
@@ -174,6 +199,9 @@ def matrix_cases(small: bool) -> list[Case]:
   cudnn_ops = (("window_attention", "auto"), ("compressed_attention", "cudnn"), ("nsa", "auto"))
   cases = [
       Case(bc.Shape("batch-9x32k", B=9, T=32768, **issue), "bfloat16", cudnn_ops, kind="batch"),
+      # The largest call the rule makes of such rows (7 x 2^28 elements): the last
+      # row's offsets lie past 2^31 bytes, past 2^32 in the float32 dq accumulator.
+      Case(bc.Shape("batch-7x32k", B=7, T=32768, **issue), "bfloat16", cudnn_ops, kind="batch"),
       Case(bc.Shape("row-256k", B=1, T=262144, **issue), "bfloat16",
            cudnn_ops + (("nsa_vs_select_blocks", "auto"),), kind="rows", rows=256),
   ]
@@ -183,16 +211,10 @@ def matrix_cases(small: bool) -> list[Case]:
                 for G in MATRIX_GROUPS]
       cases.append(Case(bc.Shape(f"T300-D{Dk}/{Dv}-G4", 2, 300, 8, 2, Dk, Dv), dtype, MATRIX_OPS))
   window_cudnn = (("window_attention", "cudnn"),)
-  cases += [
-      Case(bc.Shape("probe-unsplit-9x32k", B=9, T=32768, **issue), "bfloat16", window_cudnn,
-           kind="batch", limits=(("MAX_ELEMENTS", UNLIMITED), ("MAX_BYTES", UNLIMITED)),
-           probe="the issue's window call unsplit: expected to fail (#18.1 seen by this check)"),
-      Case(bc.Shape("probe-elements-5x32k", B=5, T=32768, **issue), "bfloat16",
-           window_cudnn + (("compressed_attention", "cudnn"),), kind="batch",
-           limits=(("MAX_BYTES", UNLIMITED),),
-           probe="element limit only: one call of 5 rows, the last row's offsets past 2^31 "
-                 "bytes (2^32 in the float32 dq accumulator); pass: counting bytes is not needed"),
-  ]
+  cases.append(Case(
+      bc.Shape("probe-unsplit-9x32k", B=9, T=32768, **issue), "bfloat16", window_cudnn,
+      kind="batch", limits=(("MAX_ELEMENTS", UNLIMITED),),
+      probe="the issue's window call unsplit: expected to fail (#18.1 seen by this check)"))
   return cases
 
 
@@ -300,40 +322,80 @@ def measure(a, b) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# A case as one function of a random key
+# A case: its random inputs, then its units (jitted functions of the inputs)
 # ----------------------------------------------------------------------------
+# A case's ops are checked in units, one jitted function each, that compile
+# concurrently. Ops that share computed values share a unit: select_blocks and
+# selected_attention the reference selection, nsa and nsa_vs_select_blocks the
+# selection nsa made; the two flash-style branches share nothing but are small.
+UNIT_OF = {"compressed_attention": "branches", "window_attention": "branches",
+           "select_blocks": "selection", "selected_attention": "selection",
+           "nsa": "nsa", "nsa_vs_select_blocks": "nsa"}
+
+
+def units(case: Case) -> list[Case]:
+  """`case` split into its units: cases holding the ops of one unit each."""
+  groups = {}
+  for op in case.ops:
+    groups.setdefault(UNIT_OF[op[0]], []).append(op)
+  return [dataclasses.replace(case, ops=tuple(ops)) for ops in groups.values()]
+
+
+def case_inputs(case: Case, config: NSAConfig):
+  """key -> the case's random inputs (`bc.random_nsa_inputs`, with "cotangent")
+  and "d_lse", a random cotangent of the compressed branch's lse."""
+  s = case.shape
+
+  def make(key):
+    x = bc.random_nsa_inputs(s.B, s.T, s.HQ, s.HKV, s.Dk, s.Dv, config,
+                             jnp.dtype(case.dtype), key)
+    x["d_lse"] = jax.random.normal(jax.random.fold_in(key, 1), (s.B, s.T, s.HQ), jnp.float32)
+    return x
+  return make
+
+
 def differentiable(op: str, config: NSAConfig, impl: str, first: int):
   """(arg names, op under test, reference on float32 queries from `first`, output
-  names) of an op with gradients; both take (*args, block_idx)."""
+  names) of an op with gradients. Both take (*args, block_idx) and return
+  (outputs, aux): nsa's aux is the selection it made, the others' None."""
   ref_kw = lambda q: dict(config=config, scale=_common.resolve_scale(None, q), first=first)
   if op == "compressed_attention":
     return (("q", "k_cmp", "v_cmp"),
-            lambda q, k, v, _: compressed_attention(q, k, v, config=config, impl=impl),
-            lambda q, k, v, _: compressed.compressed_attention_xla(q, k, v, **ref_kw(q)),
+            lambda q, k, v, _: (compressed_attention(q, k, v, config=config, impl=impl), None),
+            lambda q, k, v, _: (compressed.compressed_attention_xla(q, k, v, **ref_kw(q)), None),
             ("o", "lse"))
   if op == "selected_attention":
     return (("q", "k_slc", "v_slc"),
-            lambda q, k, v, idx: selected_attention(q, k, v, idx, config=config, impl=impl),
-            lambda q, k, v, idx: selected.selected_attention_xla(q, k, v, idx, **ref_kw(q)),
+            lambda q, k, v, idx: (selected_attention(q, k, v, idx, config=config, impl=impl),
+                                  None),
+            lambda q, k, v, idx: (selected.selected_attention_xla(q, k, v, idx, **ref_kw(q)),
+                                  None),
             ("o",))
   if op == "window_attention":
     return (("q", "k_win", "v_win"),
-            lambda q, k, v, _: window_attention(q, k, v, config=config, impl=impl),
-            lambda q, k, v, _: window.window_attention_xla(q, k, v, **ref_kw(q)),
+            lambda q, k, v, _: (window_attention(q, k, v, config=config, impl=impl), None),
+            lambda q, k, v, _: (window.window_attention_xla(q, k, v, **ref_kw(q)), None),
             ("o",))
   assert op == "nsa", op
-  return (NSA_ARGS, lambda *a: nsa(*a[:-1], config=config, impl=impl),
-          gated_reference(config, first), ("o",))
+  reference = gated_reference(config, first)
+  return (NSA_ARGS,
+          lambda *a: nsa(*a[:-1], config=config, impl=impl, return_block_idx=True),
+          lambda *a: (reference(*a), None), ("o",))
 
 
-def case_function(case: Case, config: NSAConfig):
-  """f(key) -> {"op|impl": {quantity: {"rel", "max_rel", "ok", ...}}} for every op of `case`."""
+def forward_backward(fn, args, block_idx, cotangent):
+  """((outputs, gradients of args under `cotangent`), aux) of fn(*args, block_idx)."""
+  out, vjp, aux = jax.vjp(lambda *a: fn(*a, block_idx), *args, has_aux=True)
+  return (out, vjp(cotangent)), aux
+
+
+def unit_function(case: Case, config: NSAConfig):
+  """f(inputs) -> {"op|impl": {quantity: {"rel", "max_rel", "ok", ...}}} for every
+  op of `case` (one unit), on the inputs `case_inputs` makes."""
   s, dtype = case.shape, case.dtype
   highest = lambda: reference_precision("float32")
 
-  def f(key):
-    x = bc.random_nsa_inputs(s.B, s.T, s.HQ, s.HKV, s.Dk, s.Dv, config, jnp.dtype(dtype), key)
-    d_lse = jax.random.normal(jax.random.fold_in(key, 1), (s.B, s.T, s.HQ), jnp.float32)
+  def f(x):
     memo = {}
 
     def once(name, fn):   # values several ops need, computed once
@@ -341,53 +403,66 @@ def case_function(case: Case, config: NSAConfig):
         memo[name] = fn()
       return memo[name]
 
+    def nsa_key(impl):   # impls with equal backends compute the same: once
+      backends = nsa_backends(*(x[n] for n in NSA_ARGS[:-1]), config=config, impl=impl)
+      return tuple(sorted(backends.items()))
+
+    def alone_key(impl):   # what select_blocks(impl=impl) runs: its kernel, its lse's pass
+      call = dispatch.Call(dict(q=x["q"], k_cmp=x["k_cmp"]), config, None)
+      return (dispatch.choose("select_blocks", impl, call),
+              lse_backend(x["q"], x["k_cmp"], config=config, impl=impl))
+
+    def selection_alone(impl):
+      return once(("select_blocks", alone_key(impl)),
+                  lambda: select_blocks(x["q"], x["k_cmp"], config=config, impl=impl))
+
     def reference_selection():
       with reference_precision(dtype):
         return select_blocks(x["q"], x["k_cmp"], config=config, impl="xla")
 
-    def nsa_selection(impl):
-      return nsa(*(x[n] for n in NSA_ARGS), config=config, impl=impl, return_block_idx=True)[1]
-
     def gradients(op, impl):
+      """(errors of the op's outputs and gradients, the op's aux)."""
       first = s.T - case.rows if case.kind == "rows" else 0
       names, fn, ref_fn, outputs = differentiable(op, config, impl, first)
-      if op == "nsa" and case.kind != "batch":   # the reference runs on nsa's own selection
-        idx = once(f"nsa|{impl}", lambda: nsa_selection(impl))
-      elif op == "selected_attention":
-        idx = once("xla", reference_selection)
-      else:
-        idx = None
+      idx = once("xla", reference_selection) if op == "selected_attention" else None
       ct = x["cotangent"]
       if op == "compressed_attention":   # cuDNN's lse carries no gradient
-        ct = (ct, jnp.zeros_like(d_lse) if impl == "cudnn" else d_lse)
+        ct = (ct, jnp.zeros_like(x["d_lse"]) if impl == "cudnn" else x["d_lse"])
+      if case.kind == "rows":   # a cotangent that is zero on the other rows
+        keep = (jnp.arange(s.T) >= first)[None, :, None]
+        ct = jax.tree.map(lambda c: c * keep[..., None] if c.ndim == 4 else c * keep, ct)
       args = [x[n] for n in names]
       quantities = list(outputs) + ["d" + n for n in names]
       along = [True] * len(outputs) + [n in QUERY_ARGS for n in names]   # per query row?
-      fb = lambda g, a, i, c: bc.forward_backward(g, len(names))(*a, i, c)
+      got, aux = forward_backward(fn, args, idx, ct)
+      got = jax.tree.leaves(got)
+      if op == "nsa":   # the reference runs on the selection nsa made
+        idx = aux
       if case.kind == "batch":   # the last row within the batch against that row alone
-        got = fb(fn, args, idx, ct)
         last = lambda t: jax.tree.map(lambda a: a[-1:], t)
-        alone = fb(fn, last(args), last(idx), last(ct))
-        return {q: measure(a[-1:], b) for q, a, b in
-                zip(quantities, jax.tree.leaves(got), jax.tree.leaves(alone))}
-      if case.kind == "rows":    # the last rows against the reference on those rows only
+        got, (want, _) = last(got), forward_backward(fn, last(args), last(idx), last(ct))
+      elif case.kind == "rows":   # the last rows against the reference on those rows only
         rows = lambda t: jax.tree.map(lambda a: a[:, first:], t)
-        keep = (jnp.arange(s.T) >= first)[None, :, None]
-        ct = jax.tree.map(lambda c: c * keep[..., None] if c.ndim == 4 else c * keep, ct)
-        got = fb(fn, args, idx, ct)
+        got = [rows(a) if per_row else a for per_row, a in zip(along, got)]
         ref_args = [rows(a) if n in QUERY_ARGS else a for n, a in zip(names, args)]
         with highest():
-          ref = fb(ref_fn, upcast(ref_args), rows(idx), upcast(rows(ct)))
-        return {q: measure(rows(a) if per_row else a, b) for q, per_row, a, b in
-                zip(quantities, along, jax.tree.leaves(got), jax.tree.leaves(ref))}
-      got = fb(fn, args, idx, ct)
-      with highest():
-        ref = fb(ref_fn, upcast(args), idx, upcast(ct))
-      return {q: measure(a, b) for q, a, b in
-              zip(quantities, jax.tree.leaves(got), jax.tree.leaves(ref))}
+          want, _ = forward_backward(ref_fn, upcast(ref_args), rows(idx), upcast(rows(ct)))
+      else:
+        with highest():
+          want, _ = forward_backward(ref_fn, upcast(args), idx, upcast(ct))
+      return {q: measure(a, b) for q, a, b in zip(quantities, got, jax.tree.leaves(want))}, aux
+
+    def nsa_check(impl):
+      return once(("nsa", nsa_key(impl)), lambda: gradients("nsa", impl))
+
+    def nsa_selection(impl):   # from the checked nsa call where there is one
+      if any(op == "nsa" and nsa_key(other) == nsa_key(impl) for op, other in case.ops):
+        return nsa_check(impl)[1]
+      return once(("nsa forward", nsa_key(impl)), lambda: nsa(
+          *(x[n] for n in NSA_ARGS), config=config, impl=impl, return_block_idx=True)[1])
 
     def selection(impl):
-      got = select_blocks(x["q"], x["k_cmp"], config=config, impl=impl)
+      got = selection_alone(impl)
       ref = once("xla", reference_selection)
       with reference_precision(dtype):
         scores = reference_scores(x["q"], x["k_cmp"], config=config)
@@ -399,22 +474,22 @@ def case_function(case: Case, config: NSAConfig):
       return out
 
     def agreement(impl):
-      ours = once(f"nsa|{impl}", lambda: nsa_selection(impl))
-      alone = select_blocks(x["q"], x["k_cmp"], config=config, impl=impl)
-      differ = rows_differing(ours, alone)
+      ours = nsa_selection(impl)
+      differ = rows_differing(ours, selection_alone(impl))
       share = differ / ours[..., 0].size
       return {"block_idx": {"rel": share, "max_rel": share, "ok": True,
                             "rows_differing": differ}}
 
-    checks = {"select_blocks": selection, "nsa_vs_select_blocks": agreement}
-    return {f"{op}|{impl}": checks[op](impl) if op in checks else gradients(op, impl)
+    checks = {"select_blocks": selection, "nsa_vs_select_blocks": agreement,
+              "nsa": lambda impl: nsa_check(impl)[0]}
+    return {f"{op}|{impl}": checks[op](impl) if op in checks else gradients(op, impl)[0]
             for op, impl in case.ops}
   return f
 
 
 @contextlib.contextmanager
 def cudnn_limits(limits):
-  """Sets `nsa_jax.ops.cudnn` limit constants while a case is traced (probes)."""
+  """Sets `nsa_jax.ops.cudnn` limit constants while a unit is traced (probes)."""
   saved = {name: getattr(cudnn, name) for name, _ in limits}
   try:
     for name, value in limits:
@@ -426,7 +501,7 @@ def cudnn_limits(limits):
 
 
 # ----------------------------------------------------------------------------
-# Running: lower in order, compile in a pool, run one at a time
+# Running: lower in order, compile in a pool, run in order
 # ----------------------------------------------------------------------------
 def tolerance(op: str, dtype: str) -> float:
   return {"select_blocks": TIE_RTOL,
@@ -434,60 +509,91 @@ def tolerance(op: str, dtype: str) -> float:
 
 
 class Runner:
-  """Runs cases in this process; `deadline` is a time.time() value."""
+  """Runs cases in this process: lowers their units in order (tracing holds the
+  GIL), compiles them in a thread pool (XLA's compile releases it) and runs them
+  in order. No case starts after `deadline` (a time.time() value)."""
 
   def __init__(self, config: NSAConfig, deadline: float, workers: int):
     self.config = config
     self.deadline = deadline
     self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    self.key = jax.random.key(0)
 
-  def submit(self, case: Case):
-    """Lowers `case` here (tracing holds the GIL) and compiles it in the pool;
-    returns a future of the compiled function (or of the error)."""
+  def submit(self, unit: Case, shapes):
+    """Lowers `unit` for inputs of `shapes` here and compiles it in the pool: a
+    future of (compiled function, {"lower": s, "compile": s}), or of the error."""
+    start = time.perf_counter()
     try:
-      with cudnn_limits(case.limits):
-        lowered = jax.jit(case_function(case, self.config)).lower(self.key)
-      return self.pool.submit(lowered.compile)
-    except Exception as err:   # a lowering error is the case's result
+      with cudnn_limits(unit.limits):
+        lowered = jax.jit(unit_function(unit, self.config)).lower(shapes)
+    except Exception as err:   # a lowering error is the unit's result
       failed = concurrent.futures.Future()
       failed.set_exception(err)
       return failed
+    seconds = {"lower": time.perf_counter() - start}
 
-  def finish(self, case: Case, future) -> list[dict]:
-    """Runs a compiled case; records. On an error, retries op by op."""
+    def compile_():
+      start = time.perf_counter()
+      compiled = lowered.compile()
+      return compiled, dict(seconds, compile=time.perf_counter() - start)
+    return self.pool.submit(compile_)
+
+  def start(self, case: Case):
+    """Lowers the case's units and submits their compiles: what `finish` takes."""
+    make = jax.jit(case_inputs(case, self.config))
+    # The same inputs in any process; "rbg": one XLA op, not threefry's hundreds.
+    key = jax.random.key(zlib.crc32(f"{case.name}|{case.dtype}".encode()), impl="rbg")
+    shapes = jax.eval_shape(make, key)
+    return make, key, [(unit, self.submit(unit, shapes)) for unit in units(case)]
+
+  def finish(self, case: Case, started) -> list[dict]:
+    """Makes the case's inputs and runs its compiled units: its records."""
+    make, key, jobs = started
     try:
-      compiled = future.result()
-      if time.time() > self.deadline:
-        return skipped(case)
-      seed = zlib.crc32(f"{case.name}|{case.dtype}".encode())   # inputs independent of sharding
-      metrics = jax.device_get(compiled(jax.random.key(seed)))
-    except Exception as err:   # lowering, compile or run: find the op that fails
-      if len(case.ops) == 1:
-        op, impl = case.ops[0]
-        return [record(case, op, impl, "error", message=bc.describe_error(err))]
-      singles = [dataclasses.replace(case, ops=(op,)) for op in case.ops]
-      futures = [self.submit(c) for c in singles]
-      return [r for c, fut in zip(singles, futures) for r in self.finish(c, fut)]
-    return [record(case, op, impl, metrics=metrics[f"{op}|{impl}"]) for op, impl in case.ops]
+      x = make(key)
+    except Exception as err:   # out of memory, say: no op can run
+      return [record(case, op, impl, "error", message=bc.describe_error(err))
+              for op, impl in case.ops]
+    return [r for unit, future in jobs for r in self.finish_unit(unit, future, x)]
+
+  def finish_unit(self, unit: Case, future, x) -> list[dict]:
+    """Runs a compiled unit: its records. A unit that fails to lower, compile or
+    run is retried op by op while the budget lasts, so that the error lands on
+    the op that caused it; past the budget its ops get its error."""
+    try:
+      compiled, seconds = future.result()
+      start = time.perf_counter()
+      metrics = jax.device_get(compiled(x))
+      seconds["run"] = time.perf_counter() - start
+    except Exception as err:
+      message = bc.describe_error(err)
+      if len(unit.ops) > 1 and time.time() <= self.deadline:
+        singles = [dataclasses.replace(unit, ops=(op,)) for op in unit.ops]
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
+        futures = [self.submit(single, shapes) for single in singles]
+        return [r for single, fut in zip(singles, futures)
+                for r in self.finish_unit(single, fut, x)]
+      note = "" if len(unit.ops) == 1 else " (error of its unit; budget spent, not retried alone)"
+      return [record(unit, op, impl, "error", message=message + note) for op, impl in unit.ops]
+    return [record(unit, op, impl, metrics=metrics[f"{op}|{impl}"], seconds=seconds)
+            for op, impl in unit.ops]
 
   def run(self, cases, label: str = "") -> list[dict]:
     """Lowers every case in order (compiles proceed meanwhile), then runs them in order."""
-    jobs = [(case, None if time.time() > self.deadline else self.submit(case)) for case in cases]
+    jobs = [(case, None if time.time() > self.deadline else self.start(case)) for case in cases]
     records = []
-    for i, (case, future) in enumerate(jobs):
+    for case, started in jobs:
       start = time.perf_counter()
-      done = skipped(case) if future is None else self.finish(case, future)
+      done = skipped(case) if started is None else self.finish(case, started)
       records += done
       statuses = " ".join(f"{r['op']}[{r['impl']}]={r['status']}" for r in done)
-      print(f"{label}[{i + 1}/{len(jobs)}] {case.name} {case.dtype} ({case.kind}, "
-            f"{time.perf_counter() - start:.1f} s): {statuses}", flush=True)
+      print(f"{label}{case.name} {case.dtype} ({case.kind}, {time.perf_counter() - start:.1f} s "
+            f"after lowering): {statuses}", flush=True)
     self.pool.shutdown(wait=False, cancel_futures=True)
     return records
 
 
-def run_shard(cases, small: bool, deadline: float, workers: int, label: str) -> list[dict]:
-  """`Runner.run` in a worker process (--procs)."""
+def run_cases(cases, small: bool, deadline: float, workers: int, label: str) -> list[dict]:
+  """`Runner.run` in a worker process."""
   config = bc.small_config() if small else NSAConfig()
   return Runner(config, deadline, workers).run(cases, label)
 
@@ -497,12 +603,14 @@ def skipped(case: Case) -> list[dict]:
 
 
 def record(case: Case, op: str, impl: str, status: str | None = None, *,
-           metrics: dict | None = None, message: str = "") -> dict:
-  """One record per (case, op, impl): its errors by quantity and its status."""
+           metrics: dict | None = None, seconds: dict | None = None, message: str = "") -> dict:
+  """One record per (case, op, impl): its errors by quantity and its status;
+  `seconds`: lowering, compiling and running the unit that checked it."""
   s, tol = case.shape, tolerance(op, case.dtype)
   out = {"case": case.name, "kind": case.kind, "op": op, "impl": impl,
          "shape": [s.B, s.T, s.HQ, s.HKV, s.Dk, s.Dv], "dtype": case.dtype,
-         "tol": tol, "probe": case.probe or None}
+         "tol": tol, "probe": case.probe or None,
+         "seconds": seconds and {k: round(v, 2) for k, v in seconds.items()}}
   if metrics is None:
     return dict(out, status=status, message=message, errors={}, worst=None,
                 rel_err=None, max_rel=None)
@@ -519,6 +627,54 @@ def summarize(records) -> dict:
   counted = [r for r in records if not r["probe"]]
   return {status: sum(r["status"] == status for r in counted)
           for status in ("pass", "fail", "error", "skipped")}
+
+
+# ----------------------------------------------------------------------------
+# --rerun: what an earlier run left to do, and one JSON of both runs
+# ----------------------------------------------------------------------------
+def record_key(r: dict) -> tuple:
+  return r["case"], r["dtype"], r["op"], r["impl"]
+
+
+def left_to_do(cases, previous: dict, redo) -> list[Case]:
+  """`cases` with only the ops `previous` (a JSON this script wrote) has no pass
+  for (skipped, error, fail, or no record), and every op of the cases named in
+  `redo`. Probes keep their outcome: theirs informs, a rerun would not judge it."""
+  done = {record_key(r): r for r in previous["records"]}
+
+  def todo(case, op, impl):
+    r = done.get((case.name, case.dtype, op, impl))
+    return case.name in redo or r is None or (r["status"] != "pass" and not r["probe"])
+
+  left = [dataclasses.replace(c, ops=tuple(o for o in c.ops if todo(c, *o))) for c in cases]
+  return [c for c in left if c.ops]
+
+
+def runs_of(data: dict) -> list[dict]:
+  """The runs whose records a JSON of this script holds (meta["runs"]; the run
+  itself for a JSON written before --rerun existed)."""
+  if "runs" in data["meta"]:
+    return data["meta"]["runs"]
+  return [dict(data["meta"], wall_s=data.get("wall_s"), cudnn_limits=data.get("cudnn_limits"),
+               summary=data["summary"])]
+
+
+def merge(previous: dict, records: list[dict], cases: list[dict]) -> tuple[list, list]:
+  """(records, cases) of `previous` with this run's records in place of the ones
+  they redo; cases: this run's case list, then previous cases no longer in it."""
+  redone = {record_key(r) for r in records}
+  kept = [dict(r, run=r.get("run", 0)) for r in previous["records"]
+          if record_key(r) not in redone]
+  names = {(c["config"], c["dtype"]) for c in cases}
+  return kept + records, cases + [c for c in previous["cases"]
+                                  if (c["config"], c["dtype"]) not in names]
+
+
+def in_order(records: list[dict], cases: list[dict]) -> list[dict]:
+  """`records` in the order of `cases` (a JSON's case list), a case's ops as in OPS."""
+  order = {(c["config"], c["dtype"]): i for i, c in enumerate(cases)}
+  return sorted(records, key=lambda r: (order[(r["case"], r["dtype"])], OPS.index(r["op"]),
+                                        r["impl"]))
 
 
 def print_summary(records) -> None:
@@ -546,6 +702,36 @@ def print_summary(records) -> None:
                      r["rel_err"], r["tol"], (r["probe"] or r["message"])[:90]] for r in others])
 
 
+def run_everywhere(cases, args, config, deadline: float, procs: int, workers: int) -> list[dict]:
+  """Records of every case. The large cases run in this process; the "reference"
+  cases (small, many) go one at a time to the first free of `procs - 1` worker
+  processes sharing the GPU; the probes run in a process of their own once the
+  large cases are done (the unsplit call might take its process down: then
+  only the probes are lost)."""
+  probes = [c for c in cases if c.probe] if procs > 1 else []
+  shared = [c for c in cases if c.kind == "reference" and not c.probe] if procs > 1 else []
+  local = [c for c in cases if c not in shared and c not in probes]
+  spawn = multiprocessing.get_context("spawn")   # a forked jax process is unsafe
+  pools = [concurrent.futures.ProcessPoolExecutor(n, mp_context=spawn)
+           for n in (max(1, procs - 1), 1)]
+  futures = [([c], pools[0].submit(run_cases, [c], args.small, deadline, workers,
+                                   f"[{i + 1}/{len(shared)}] "))
+             for i, c in enumerate(shared)]
+  records = Runner(config, deadline, workers).run(local, "[large] ")
+  if probes:
+    futures.append((probes, pools[1].submit(run_cases, probes, args.small, deadline,
+                                            workers, "[probe] ")))
+  for group, future in futures:
+    try:
+      records += future.result()
+    except Exception as err:   # a worker process died: its cases are errors
+      records += [record(c, op, impl, "error", message=bc.describe_error(err))
+                  for c in group for op, impl in c.ops]
+  for pool in pools:
+    pool.shutdown()
+  return records
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--matrix", action="store_true",
@@ -556,30 +742,38 @@ def main(argv=None):
                            "against itself)")
   parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
   parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+  parser.add_argument("--rerun", default=None, metavar="PATH",
+                      help="a JSON this script wrote: run only what it has no pass for and "
+                           "write one JSON of both runs (module doc)")
+  parser.add_argument("--redo", default="", metavar="CASES",
+                      help="with --rerun: comma-separated cases to run again though they passed")
   parser.add_argument("--budget-s", type=float, default=None,
-                      help="mark cases not started after this many seconds as skipped "
-                           "(default 220, with --matrix 330)")
+                      help="no case starts after this many seconds: the rest are skipped "
+                           "(default 220, with --matrix 360)")
   cpus = os.cpu_count() or 1
   parser.add_argument("--procs", type=int, default=None,
-                      help="processes sharing the GPU that lower, compile and run the "
-                           "\"reference\" cases (tracing holds the GIL: one process lowers "
-                           f"one case at a time); default {max(1, cpus // 2)} with --matrix, else 1")
-  parser.add_argument("--workers", type=int, default=None,
-                      help="compile threads per process (default: CPUs / processes)")
+                      help="processes sharing the GPU (tracing holds the GIL: one process "
+                           f"lowers one unit at a time); default {max(1, cpus // 2)} with "
+                           "--matrix, else 1")
+  parser.add_argument("--workers", type=int, default=len(set(UNIT_OF.values())),
+                      help="compile threads per process (default: the units of a case)")
   parser.add_argument("--out", default=bc.default_out_dir())
   args = parser.parse_args(argv)
   ops = [op for op in args.ops.split(",") if op]
   unknown = set(ops) - set(OPS)
   if unknown:
     parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-  budget_s = args.budget_s if args.budget_s is not None else (330.0 if args.matrix else 220.0)
+  if args.redo and not args.rerun:
+    parser.error("--redo needs --rerun")
+  budget_s = args.budget_s if args.budget_s is not None else (360.0 if args.matrix else 220.0)
   procs = args.procs or (max(1, cpus // 2) if args.matrix else 1)
-  workers = args.workers or max(1, cpus // procs)
   if procs > 1:   # the processes share the GPU: each allocates what it uses
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  if "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
-    # A check needs correct GEMMs, not the fastest: no autotuning, quicker compiles.
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
+  # A check needs correct GEMMs, not the fastest: no autotuning, and cuBLAS
+  # rather than Triton GEMM fusions to compile (see "Speed" in the module doc).
+  for flag in ("--xla_gpu_autotune_level=0", "--xla_gpu_enable_triton_gemm=false"):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + flag
   start, deadline = time.perf_counter(), time.time() + budget_s
 
   config = bc.small_config() if args.small else NSAConfig()
@@ -589,52 +783,44 @@ def main(argv=None):
   else:
     cases = cases_of(SMALL_SHAPES if args.small else SHAPES, tuple((op, args.impl) for op in ops))
   cases = [c for c in cases if c.ops and (not args.cases or c.name in args.cases.split(","))]
-  print(f"device {bc.gpu_name()}, jax {jax.__version__}, {len(cases)} cases, "
-        f"budget {budget_s:.0f} s, {procs} processes x {workers} compile threads", flush=True)
+  case_list = [dict(dataclasses.asdict(c.shape), dtype=c.dtype, kind=c.kind, rows=c.rows,
+                    limits=dict(c.limits), probe=c.probe or None) for c in cases]
+  previous = None
+  if args.rerun:
+    with open(args.rerun) as f:
+      previous = json.load(f)
+    cases = left_to_do(cases, previous, set(args.redo.split(",")) - {""})
+  print(f"device {bc.gpu_name()}, jax {jax.__version__}, {len(cases)} cases "
+        f"({sum(len(c.ops) for c in cases)} records), budget {budget_s:.0f} s, {procs} processes "
+        f"x {args.workers} compile threads", flush=True)
 
-  # The large cases run here; the "reference" cases (small, many) are dealt
-  # round-robin to `procs - 1` worker processes, and the probes run in a process
-  # of their own once the large cases are done (the unsplit call might take
-  # its process down: then only the probes are lost).
-  probes = [c for c in cases if c.probe] if procs > 1 else []
-  shared = [c for c in cases if c.kind == "reference" and not c.probe] if procs > 1 else []
-  local = [c for c in cases if c not in shared and c not in probes]
-  shards = [shard for shard in (shared[i::procs - 1] for i in range(procs - 1)) if shard]
-  spawn = multiprocessing.get_context("spawn")   # a forked jax process is unsafe
-  pools = [concurrent.futures.ProcessPoolExecutor(n, mp_context=spawn)
-           for n in (max(1, len(shards)), 1)]
-  futures = [(shard, pools[0].submit(run_shard, shard, args.small, deadline, workers,
-                                     f"p{i + 1} ")) for i, shard in enumerate(shards)]
-  records = Runner(config, deadline, workers).run(local, "p0 ")
-  if probes:
-    futures.append((probes, pools[1].submit(run_shard, probes, args.small, deadline,
-                                            workers, "probe ")))
-  for shard, future in futures:
-    try:
-      records += future.result()
-    except Exception as err:   # a worker process died: its cases are errors
-      records += [record(c, op, impl, "error", message=bc.describe_error(err))
-                  for c in shard for op, impl in c.ops]
-  for pool in pools:
-    pool.shutdown()
-  order = {(c.name, c.dtype): i for i, c in enumerate(cases)}
-  records.sort(key=lambda r: order[(r["case"], r["dtype"])])   # stable: ops keep their order
-
+  records = run_everywhere(cases, args, config, deadline, procs, args.workers)
   summary = summarize(records)
+  wall_s = time.perf_counter() - start
+  this_run = dict(bc.run_meta(), wall_s=wall_s, cudnn_limits={"MAX_ELEMENTS": cudnn.MAX_ELEMENTS},
+                  summary=summary)
+  runs = runs_of(previous) if previous else []
+  records = [dict(r, run=len(runs)) for r in records]
+  if previous:
+    records, case_list = merge(previous, records, case_list)
+  records = in_order(records, case_list)
+
+  merged = summarize(records)
   name = "gpu_matrix" if args.matrix else "gpu_check"
   bc.write_json(os.path.join(args.out, f"{name}_{bc.slug(bc.gpu_name())}.json"), {
-      "summary": summary, "wall_s": time.perf_counter() - start,
+      "summary": merged, "wall_s": wall_s,
       "tolerances": {"rtol": RTOL, "select_blocks_tie_rtol": TIE_RTOL,
                      "nsa_vs_select_blocks_share": SELECTION_TOL,
                      "why": "module doc of experiments/gpu_check.py"},
-      "cudnn_limits": {"MAX_ELEMENTS": cudnn.MAX_ELEMENTS, "MAX_BYTES": cudnn.MAX_BYTES},
-      "cases": [dict(dataclasses.asdict(c.shape), dtype=c.dtype, kind=c.kind, rows=c.rows,
-                     limits=dict(c.limits), probe=c.probe or None) for c in cases],
-      "records": records}, config=config)
+      "cudnn_limits": this_run["cudnn_limits"], "cases": case_list, "records": records},
+      config=config, extra_meta={"runs": runs + [this_run]})
   print_summary(records)
-  print(f"\n{summary['pass']} passed, {summary['fail']} failed, {summary['error']} errors, "
-        f"{summary['skipped']} skipped (probes apart); wall {time.perf_counter() - start:.0f} s")
-  return 1 if summary["fail"] or summary["error"] else 0
+  print(f"\nthis run: {summary['pass']} passed, {summary['fail']} failed, {summary['error']} "
+        f"errors, {summary['skipped']} skipped (probes apart); wall {wall_s:.0f} s")
+  if previous:
+    print(f"with {args.rerun}: {merged['pass']} passed, {merged['fail']} failed, "
+          f"{merged['error']} errors, {merged['skipped']} skipped")
+  return 1 if merged["fail"] or merged["error"] else 0
 
 
 if __name__ == "__main__":

@@ -62,22 +62,39 @@ def test_gpu_check_small(tmp_path):
 
 
 def test_gpu_matrix_small(tmp_path):
-  """The matrix's own kinds of case: the last batch row against that row alone,
-  and the last query rows against the reference evaluated on those rows only."""
-  run_script("gpu_check.py", ["--matrix", "--cases", "batch,rows",
-                              "--ops", "compressed_attention,window_attention"], tmp_path)
-  with open(tmp_path / "gpu_matrix_cpu.json") as f:
-    data = json.load(f)
-  assert data["meta"]["gpu"] == "cpu" and data["meta"]["jax_version"]
-  assert data["summary"] == {"pass": 3, "fail": 0, "error": 0, "skipped": 0}
-  got = {(r["case"], r["kind"], r["op"], r["impl"], r["dtype"], tuple(r["shape"]))
-         for r in data["records"]}
-  assert got == {("batch", "batch", "window_attention", "pallas", "bfloat16", (3, 40, 4, 2, 16, 16)),
-                 ("rows", "rows", "compressed_attention", "pallas", "float32", (1, 70, 4, 1, 16, 16)),
-                 ("rows", "rows", "window_attention", "pallas", "float32", (1, 70, 4, 1, 16, 16))}
-  for r in data["records"]:
+  """The matrix's own kinds of case (the last batch row against that row alone,
+  the last query rows against the reference evaluated on those rows only) and
+  --rerun: a first run whose budget starts nothing, a rerun of what it skipped,
+  then a rerun of one record that passed (--redo), each writing one JSON of all
+  runs."""
+  def run(out, *args):
+    run_script("gpu_check.py", ["--matrix", "--cases", "batch,rows", *args], tmp_path / out)
+    with open(tmp_path / out / "gpu_matrix_cpu.json") as f:
+      return json.load(f)
+
+  ops = ["--ops", "compressed_attention,window_attention"]
+  first = run("first", *ops, "--budget-s", "0")
+  assert first["summary"] == {"pass": 0, "fail": 0, "error": 0, "skipped": 3}
+  second = run("second", *ops, "--rerun", str(tmp_path / "first" / "gpu_matrix_cpu.json"))
+  assert second["meta"]["gpu"] == "cpu" and second["meta"]["jax_version"]
+  assert second["summary"] == {"pass": 3, "fail": 0, "error": 0, "skipped": 0}
+  assert [r["summary"]["skipped"] for r in second["meta"]["runs"]] == [3, 0]
+  got = {(r["case"], r["kind"], r["op"], r["impl"], r["dtype"], tuple(r["shape"]), r["run"])
+         for r in second["records"]}
+  assert got == {
+      ("batch", "batch", "window_attention", "pallas", "bfloat16", (3, 40, 4, 2, 16, 16), 1),
+      ("rows", "rows", "compressed_attention", "pallas", "float32", (1, 70, 4, 1, 16, 16), 1),
+      ("rows", "rows", "window_attention", "pallas", "float32", (1, 70, 4, 1, 16, 16), 1)}
+  for r in second["records"]:
     assert r["status"] == "pass" and r["tol"] > 0, r
     assert all(e["rel"] <= r["tol"] and e["max_rel"] >= 0 for e in r["errors"].values()), r
+    assert set(r["seconds"]) == {"lower", "compile", "run"} and r["seconds"]["compile"] > 0, r
+  third = run("third", "--ops", "window_attention", "--redo", "rows",
+              "--rerun", str(tmp_path / "second" / "gpu_matrix_cpu.json"))
+  assert len(third["meta"]["runs"]) == 3 and third["summary"]["pass"] == 3
+  assert {(r["case"], r["op"]): r["run"] for r in third["records"]} == {
+      ("batch", "window_attention"): 1, ("rows", "compressed_attention"): 1,
+      ("rows", "window_attention"): 2}
 
 
 def test_bench_scaling_small(tmp_path):
@@ -158,6 +175,40 @@ def test_bench_kernels_research_shapes():
     Ts = {s.T for s in shapes if (s.HQ, s.HKV, s.Dk) == (m.num_heads, m.num_kv_heads, m.head_size)}
     assert Ts == {8192, 16384, 32768, 65536}, preset
   assert len({s.config for s in shapes}) == 12 and len(shapes) == len(set(shapes))
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, on_gpu):
+  """gpu_check's nsa unit calls nsa and select_blocks once for impls "auto" and
+  "pallas" where they run the same backends (float32 on a GPU, faked here: the
+  unit is only traced), once per impl where they do not (off a GPU "auto" is
+  the reference)."""
+  import jax
+  gpu_check = experiments_module("gpu_check")
+  if on_gpu:
+    class Hopper:
+      platform, compute_capability = "gpu", "9.0"
+
+      def memory_stats(self):
+        return {"bytes_limit": 2 ** 37}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a, **kw: [Hopper()])
+  calls = []
+  for name in ("nsa", "select_blocks"):
+    def counted(*a, _op=getattr(gpu_check, name), _name=name, **kw):
+      calls.append((_name, kw["impl"]))
+      return _op(*a, **kw)
+    monkeypatch.setattr(gpu_check, name, counted)
+  case = next(c for c in gpu_check.matrix_cases(small=True)
+              if c.kind == "reference" and c.dtype == "float32")
+  config = experiments_module("bench_common").small_config()
+  [unit] = [u for u in gpu_check.units(case) if u.ops[0][0] == "nsa"]
+  assert {op for op, _ in unit.ops} == {"nsa", "nsa_vs_select_blocks"} and len(unit.ops) == 4
+  inputs = jax.eval_shape(gpu_check.case_inputs(case, config), jax.random.key(0, impl="rbg"))
+  jax.eval_shape(gpu_check.unit_function(unit, config), inputs)
+  impls = ["auto"] if on_gpu else ["auto", "pallas"]
+  assert sorted(calls) == [(op, impl) for op in ("nsa", "select_blocks") for impl in impls]
 
 
 def test_gpu_check_compare_empty_output():

@@ -10,17 +10,18 @@ it runs, which the dispatch table applies to every op (`nsa_jax.ops.dispatch`).
 **Tensors past 2^31 (issue #18).** On an H200 (jax 0.11.2), cuDNN's sliding-window
 attention over B=9, T=32768, HQ=64, HKV=4, D=128 in bf16 (q holds 1.125 x
 2^31 elements) returned the right forward but gradients of the last batch row
-21 % (dq) and 7.5 % (dk) off, without any error. The mechanism is unknown
-(32-bit offsets somewhere: in elements or in bytes, the measured points do not
-tell which), so no call reaches either limit: every tensor of a call holds fewer
-than `MAX_ELEMENTS` elements and fewer than `MAX_BYTES` bytes, counting q, k, v,
-o, do and the float32 dq accumulator of the backward pass. The largest are q, o,
-do and that accumulator (T * HQ * D elements per batch row; k, v are G times
-smaller), the accumulator also in bytes (4 per element against 2 for 16-bit
-inputs). A call too large for that is split (`call_plan`): into chunks of batch
-rows, or, when one row alone is too large, into chunks of KV heads, each with
-the G query heads of its group. When one KV group of one row is too large,
-`cudnn_runs` says no and the dispatch table runs the branch on a Pallas kernel.
+21 % (dq) and 7.5 % (dk) off, without any error. What counts is elements, not
+bytes: one call of 5 such rows (q, o and do hold 1.25 x 2^30 elements; the last
+row's offsets lie past 2^31 bytes, past 2^32 in the float32 dq accumulator of the
+backward pass) gives that row the gradients it gets alone (the probe
+`probe-elements-5x32k` of the first `experiments/gpu_check.py --matrix` run, kept in
+experiments/results/gpu_matrix_nvidia-h200.json; PERF_NOTES log). So no tensor
+of a call holds `MAX_ELEMENTS` elements or more: the largest are q, o, do and
+that accumulator, T * HQ * D elements per batch row (k, v are G times smaller).
+A call too large for that is split (`call_plan`): into chunks of batch rows, or,
+when one row alone is too large, into chunks of KV heads, each with the G query
+heads of its group. When one KV group of one row is too large, `cudnn_runs`
+says no and the dispatch table runs the branch on a Pallas kernel.
 experiments/gpu_check.py --matrix checks the split calls on the issue's shapes.
 """
 from __future__ import annotations
@@ -33,11 +34,9 @@ from jax import lax
 
 from nsa_jax.ops import _common
 
-# Limits on every tensor of one cuDNN call (module doc). Module constants so
-# that a test can lower them to exercise the split on small shapes.
+# Limit on the elements of every tensor of one cuDNN call (module doc). A module
+# constant so that a test can lower it to exercise the split on small shapes.
 MAX_ELEMENTS = 2 ** 31
-MAX_BYTES = 2 ** 31
-ACCUMULATOR_BYTES = 4   # cuDNN's backward accumulates dq in float32
 
 
 class CallPlan(typing.NamedTuple):
@@ -46,18 +45,14 @@ class CallPlan(typing.NamedTuple):
   groups: int
 
 
-def call_plan(B: int, T: int, HQ: int, HKV: int, D: int, dtype) -> CallPlan | None:
+def call_plan(B: int, T: int, HQ: int, HKV: int, D: int) -> CallPlan | None:
   """How cuDNN takes a causal attention over q [B, T, HQ, D] and k, v [B, T, HKV, D]
   (the shapes of the call itself: T even, v padded to D) without any tensor reaching
-  `MAX_ELEMENTS` or `MAX_BYTES`: whole, in chunks of rows, or, when one row is too
-  large, one row at a time in chunks of KV groups. None when one group of one row is
-  too large. The last chunk may be smaller than the others.
+  `MAX_ELEMENTS`: whole, in chunks of rows, or, when one row is too large, one row
+  at a time in chunks of KV groups. None when one group of one row is too large.
+  The last chunk may be smaller than the others.
   """
-  item_bytes = max(jnp.dtype(dtype).itemsize, ACCUMULATOR_BYTES)
-
-  def most(elements: int) -> int:   # how many parts of `elements` query elements fit
-    return min((MAX_ELEMENTS - 1) // elements, (MAX_BYTES - 1) // (elements * item_bytes))
-
+  most = lambda elements: (MAX_ELEMENTS - 1) // elements   # parts of `elements` that fit
   rows = most(T * HQ * D)
   if rows >= 1:
     return CallPlan(rows=min(rows, B), groups=HKV)
@@ -96,7 +91,7 @@ def cudnn_runs(q, v, interpret: bool | None = None) -> bool:
   Dk, Dv = q.shape[-1], v.shape[-1]
   hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
   return (Dk % 8 == 0 and Dv <= Dk <= (256 if hopper else 128)
-          and call_plan(*_call_shapes(q, v), q.dtype) is not None)
+          and call_plan(*_call_shapes(q, v)) is not None)
 
 
 def _part(x, axis: int, start: int, size: int):
@@ -117,10 +112,10 @@ def cudnn_causal_attention(q, k, v, *, scale: float, window: int | None = None):
   """
   B, T, HQ, Dk = q.shape
   HKV, Dv = k.shape[2], v.shape[-1]
-  plan = call_plan(*_call_shapes(q, v), q.dtype)
+  plan = call_plan(*_call_shapes(q, v))
   if plan is None:
     raise ValueError(f"cuDNN cannot take one KV group of one row: T={T}, G={HQ // HKV}, "
-                     f"Dk={Dk} reach 2^31 elements or bytes (check cudnn_runs first)")
+                     f"Dk={Dk} reach 2^31 elements (check cudnn_runs first)")
   pad = [(0, 0), (0, T % 2), (0, 0), (0, 0)]
   q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad[:3] + [(0, Dk - Dv)])
   G = HQ // HKV

@@ -17,7 +17,7 @@ Every op has the pure-JAX reference "xla" (runs everywhere) and the Pallas kerne
 
 cuDNN's check is `cudnn.cudnn_runs` on the call cuDNN would get (the compressed
 branch's queries folded by stride residue): it refuses calls that cannot be split
-under 2^31 elements and bytes (`cudnn.call_plan`, issue #18).
+under 2^31 elements (`cudnn.call_plan`, issue #18).
 
 The checks read shapes, dtypes, the config and the device only, never values.
 """
@@ -57,7 +57,7 @@ def _cudnn_runs(q, v, interpret: bool | None) -> str | None:
   return (f"cuDNN's fused attention needs a GPU backend (have {jax.default_backend()}), "
           f"16-bit inputs, Dk a multiple of 8, Dv <= Dk <= 128 (256 from Hopper on), "
           f"interpret={interpret} not True and one KV group of one batch row of its call "
-          f"under 2^31 elements and bytes (`cudnn.call_plan`)")
+          f"under 2^31 elements (`cudnn.call_plan`)")
 
 
 def _cudnn_window(call: Call) -> str | None:

@@ -13,7 +13,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
-from nsa_jax.ops.selection import select_blocks, selection_lse
+from nsa_jax.ops.selection import lse_backend, select_blocks, selection_lse
 from nsa_jax.ops.window import window_attention
 
 
@@ -39,12 +39,8 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
     o [B, T, HQ, Dv] (and block_idx when asked).
   """
   check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config)
-  call = lambda **arrays: dispatch.Call(arrays, config, interpret)
-  impls = dispatch.nsa_branches(impl, {
-      "compressed_attention": call(q=q, k_cmp=k_cmp, v_cmp=v_cmp),
-      "select_blocks": call(q=q, k_cmp=k_cmp),
-      "selected_attention": call(q=q, k=k_slc, v=v_slc),
-      "window_attention": call(q=q, k=k_win, v=v_win)})
+  impls = backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, config=config, impl=impl,
+                   interpret=interpret)
   kw = lambda op: dict(config=config, scale=scale, impl=impls[op], interpret=interpret)
   o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw("compressed_attention"))
   lse = selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
@@ -56,6 +52,22 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   g = gates[..., None]
   o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
   return (o, block_idx) if return_block_idx else o
+
+
+def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
+             impl: str = "auto", interpret: bool | None = None) -> dict[str, str]:
+  """What `nsa(impl=impl)` runs on these inputs (arrays or `jax.ShapeDtypeStruct`s):
+  {branch op: backend} (`dispatch.nsa_branches`) and "selection_lse": the backend
+  of the compressed pass its selection's lse comes from (`selection.lse_backend`).
+  Two impls with equal backends compute the same. Raises nsa's ValueError for
+  inputs no backend of a branch takes."""
+  call = lambda **arrays: dispatch.Call(arrays, config, interpret)
+  return dict(dispatch.nsa_branches(impl, {
+      "compressed_attention": call(q=q, k_cmp=k_cmp, v_cmp=v_cmp),
+      "select_blocks": call(q=q, k_cmp=k_cmp),
+      "selected_attention": call(q=q, k=k_slc, v=v_slc),
+      "window_attention": call(q=q, k=k_win, v=v_win)}),
+      selection_lse=lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret))
 
 
 def check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig):

@@ -86,14 +86,21 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   the lse is computed here as `select_blocks` computes it, at the cost of a
   second compressed pass.
   """
-  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret)
-  backend = dispatch.nsa_branches(impl, {"compressed_attention": call})["compressed_attention"]
+  backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret)
   if branch is not None:
     v_cmp, branch_backend, lse = branch
     if branch_backend == backend and _same_lse(backend, q, k_cmp, v_cmp):
       return lse
   return compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale, impl=backend,
                               interpret=interpret)[1]
+
+
+def lse_backend(q, k_cmp, *, config: NSAConfig, impl: str,
+                interpret: bool | None = None) -> str:
+  """The backend `selection_lse` runs the compressed branch on (q, k_cmp, k_cmp):
+  the one `nsa(impl=impl)` gives that branch (`dispatch.nsa_branches`)."""
+  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret)
+  return dispatch.nsa_branches(impl, {"compressed_attention": call})["compressed_attention"]
 
 
 def _same_lse(backend: str, q, k_cmp, v_cmp) -> bool:
