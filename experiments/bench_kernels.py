@@ -25,6 +25,13 @@ Inputs are random normal (never zero); selections from random q/k are less
 coherent between neighbouring tokens than a trained model's, which is the
 pessimistic case for kernels that share block loads across a query tile.
 
+Packed rows (issue #20, SPEC §6): the whole op with segment_ids, documents of
+`DOCUMENT_TOKENS` (4096) tokens, beside the same op without them ("nsa_packed"
+records; target: within 10 %) at Config A 8k and 64k; in every run that times those
+shapes (--quick too), or alone with --packed. Its FLOP floor counts each document's
+pairs. Packed rows run the compressed and window branches on the Pallas kernels
+(cuDNN takes no segment ids here), whose loops stop at document boundaries.
+
 Research shapes (--research, in place of A, B and the G sweep; issue #19): the
 attention of the training presets at 64k tokens per call (B = 65536 / T, as
 bench_train.py's steps): H8G4D64 (`gpu-compare`: HQ 8, G 4, head_dim 64) and
@@ -34,6 +41,8 @@ H16G4D128 (`research`) at T = 8k..64k, then every HQ in {8, 16, 32} x G in
 Run on the device machine (about 6 minutes on an H100):
     python3 experiments/bench_kernels.py            # T = 8k..64k, 128k if time is left
     python3 experiments/bench_kernels.py --quick    # T = 8k, 64k
+    python3 experiments/bench_kernels.py --packed   # Config A 8k, 64k: nsa with / without
+                                                    # segment ids, and cuDNN (~2 minutes)
     python3 experiments/bench_kernels.py --research [--quick]   # research_kernels_<gpu>.json
     python3 experiments/bench_kernels.py --small    # tiny shapes, CPU, for the smoke test
 """
@@ -65,6 +74,9 @@ from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
 from nsa_jax.ops import dispatch
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
+DOCUMENT_TOKENS = 4096     # packed rows: documents of this many tokens (issue #20)
+PACKED_TS = (8192, 65536)  # Config A's lengths that also time packed rows
+PACKED_SMALL = (64, (200,))  # --small: documents of 64 tokens at T = 200
 
 
 # ----------------------------------------------------------------------------
@@ -90,9 +102,25 @@ def visible_pairs(T: int, config: NSAConfig) -> dict[str, int]:
           "window": int(win.sum()), "dense": T * (T + 1) // 2}
 
 
-def flop_counts(shape: Shape, config: NSAConfig) -> dict[tuple[str, str], int]:
-  """FLOPs of every timed (op, pass), pass in {"fwd", "fwd+bwd"}."""
-  pairs = visible_pairs(shape.T, config)
+def document_lengths(T: int, document: int) -> list[int]:
+  """Packed rows of T tokens: documents of `document` tokens, the last what is left."""
+  return [min(document, T - start) for start in range(0, T, document)]
+
+
+def flop_counts(shape: Shape, config: NSAConfig,
+                document: int = DOCUMENT_TOKENS) -> dict[tuple[str, str], int]:
+  """FLOPs of every timed (op, pass), pass in {"fwd", "fwd+bwd"}; "nsa_packed":
+  the whole op on rows of documents of `document` tokens, each document's pairs."""
+  out = _flop_counts(shape, config, [shape.T])
+  packed = _flop_counts(shape, config, document_lengths(shape.T, document))
+  out.update({("nsa_packed", p): packed[("nsa", p)] for p in ("fwd", "fwd+bwd")})
+  return out
+
+
+def _flop_counts(shape: Shape, config: NSAConfig, lengths) -> dict[tuple[str, str], int]:
+  """`flop_counts` of rows holding documents of `lengths` tokens."""
+  counts = [visible_pairs(T, config) for T in lengths]
+  pairs = {key: sum(c[key] for c in counts) for key in counts[0]}
   heads = shape.B * shape.HQ
   fwd = 2 * (shape.Dk + shape.Dv)
   bwd = 2 * (3 * shape.Dk + 2 * shape.Dv)
@@ -110,8 +138,16 @@ def flop_counts(shape: Shape, config: NSAConfig) -> dict[tuple[str, str], int]:
 # ----------------------------------------------------------------------------
 # Inputs and the functions timed
 # ----------------------------------------------------------------------------
-def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: bool):
-  """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches."""
+def packed_segment_ids(T: int, document: int):
+  """[1, T] int32 segment ids of documents of `document` tokens (SPEC §6)."""
+  lengths = document_lengths(T, document)
+  return jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None], jnp.int32)
+
+
+def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: bool,
+              document: int | None = None):
+  """[(op, pass, fn, make_inputs)] for the NSA op and, if asked, its branches and the
+  op on packed rows ("nsa_packed": documents of `document` tokens, B rows alike)."""
   # The compressed and window branches alone run as inside nsa: on cuDNN where
   # cuDNN takes them.
   impl = dict(impls, **nsa_cudnn_impls(shape, config, impls["nsa"], dtype))
@@ -138,6 +174,11 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
   win_fn = lambda q, k, v: window_attention(q, k, v, **kw("window_attention"))
 
   cases = [("nsa", nsa_fn, inputs_of(*names), len(names))]
+  if document:
+    segment_ids = jnp.broadcast_to(packed_segment_ids(shape.T, document), (shape.B, shape.T))
+    cases.append(("nsa_packed", lambda *a: nsa(*a, **kw("nsa"), segment_ids=segment_ids),
+                  inputs_of(*names), len(names)))
+    impl["nsa_packed"] = impl["nsa"]
   if branches:
     cases += [("compressed_attention", cmp_fn, inputs_of("q", "k_cmp", "v_cmp"), 3),
               ("select_blocks", select, inputs_of("q", "k_cmp"), 0),
@@ -258,6 +299,8 @@ class Bench:
     self.deadline = time.perf_counter() + args.budget_s
     self.records = []
     self.dense_choice = {}   # (HQ, HKV, Dk, Dv) -> candidate name that ran
+    self.document, self.packed_Ts = PACKED_SMALL if args.small else (DOCUMENT_TOKENS,
+                                                                      PACKED_TS)
 
   def record(self, shape: Shape, op: str, pass_: str, impl: str, result: dict,
              flops: int | None):
@@ -281,14 +324,18 @@ class Bench:
     return bc.try_time_fn(fn, make, n_iter=self.args.n_iter, warmup=self.args.warmup)
 
   def run_shape(self, shape: Shape, branches: bool, peer: bool):
-    flops = flop_counts(shape, self.config)
+    flops = flop_counts(shape, self.config, self.document)
     dtype = self.args.dtype
-    for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches):
+    document = self.document if shape.config == "A" and shape.T in self.packed_Ts else None
+    for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches,
+                                               document):
       result = self.timed(fn, make)
       if op == "nsa":
         on = nsa_cudnn_impls(shape, self.config, impl, dtype)
         result["compressed_impl"] = on["compressed_attention"]
         result["window_impl"] = on["window_attention"]
+      if op == "nsa_packed":
+        result["documents"] = document_lengths(shape.T, self.document)
       self.record(shape, op, pass_, impl, result, flops.get((op, pass_)))
     self.run_dense(shape, flops)
     if peer:
@@ -351,10 +398,12 @@ def shapes_to_run(args):
     T_a = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536]
     T_big = [] if args.quick else [131072]
     g_sweep, T_b = [1, 2, 4, 8], T_a
+  if args.packed:   # Config A where packed rows are timed, nothing else but cuDNN
+    T_a, T_b, T_big, g_sweep = list(PACKED_SMALL[1] if args.small else PACKED_TS), [], [], []
   if args.max_t:
     T_a, T_b, T_big = ([T for T in Ts if T <= args.max_t] for Ts in (T_a, T_b, T_big))
   b = dict(a, Dk=192 if not args.small else 48)
-  out = [(Shape("A", T=T, **a), True, True) for T in T_a]
+  out = [(Shape("A", T=T, **a), not args.packed, not args.packed) for T in T_a]
   out += [(Shape("B", T=T, **b), False, True) for T in T_b]
   out += [(Shape(f"G{g}", T=T_a[-1], **dict(a, HKV=a["HQ"] // g)), False, False)
           for g in g_sweep if T_a]
@@ -380,10 +429,23 @@ def summary_rows(records):
   return rows
 
 
+def packed_rows(records):
+  """Config A's NSA with and without segment ids (issue #20's target: <= 1.10x)."""
+  recs = {(r["T"], r["op"], r["pass"]): r for r in records if r["config"] == "A"}
+  rows = []
+  for (T, op, pass_), r in sorted(recs.items()):
+    if op == "nsa_packed":
+      plain, packed = recs.get((T, "nsa", pass_), {}).get("median_ms"), r.get("median_ms")
+      rows.append([T, pass_, len(r.get("documents", [])), plain, packed,
+                   packed / plain if packed and plain else None, r.get("floor_ms"),
+                   r.get("error") or r.get("skipped")])
+  return rows
+
+
 def branch_rows(records):
   rows = []
   for r in records:
-    if r["op"] not in ("nsa", "dense", "fla_parallel_nsa"):
+    if r["op"] not in ("nsa", "nsa_packed", "dense", "fla_parallel_nsa"):
       med, floor = r.get("median_ms"), r.get("floor_ms")
       rows.append([r["config"], r["T"], r["op"], r["pass"], r["impl"], med, floor,
                    med / floor if med and floor else None,
@@ -456,6 +518,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"))
   parser.add_argument("--quick", action="store_true", help="T = 8k and 64k only")
+  parser.add_argument("--packed", action="store_true",
+                      help="only Config A at 8k and 64k: nsa with and without segment ids "
+                           f"(documents of {DOCUMENT_TOKENS} tokens), and cuDNN")
   parser.add_argument("--research", action="store_true",
                       help="research shapes instead of configs A, B and the G sweep")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -492,6 +557,11 @@ def main(argv=None):
   print("\nbranches (ms; floor = matmul FLOPs / measured rate)")
   bc.print_table(["cfg", "T", "op", "pass", "impl", "ms", "floor", "x floor", "note"],
                  branch_rows(bench.records))
+  if any(r["op"] == "nsa_packed" for r in bench.records):
+    print(f"\npacked rows: nsa with segment ids (documents of {bench.document} tokens) vs "
+          f"without, Config A, ms (target: packed / plain <= 1.10)")
+    bc.print_table(["T", "pass", "docs", "nsa", "nsa packed", "packed / plain",
+                    "floor packed", "note"], packed_rows(bench.records))
   print(f"\nNSA ({impls['nsa']}) vs dense, bf16, ms; bf16 matmul {rate:.0f} TFLOP/s; "
         f"wall {time.perf_counter() - start:.0f} s")
   bc.print_table(["cfg", "T", "G", "nsa fwd", "nsa f+b", "dense fwd", "dense f+b",

@@ -76,7 +76,7 @@ def layer_outputs_and_selections(model, inputs, answer):
     found.append(jnp.take_along_axis(block_idx, answer[:, :, None, None], axis=1))
     return attn.o_proj(o.reshape(*h.shape[:2], attn.num_heads * attn.dv))
 
-  return model(inputs, attend), jnp.stack(found)
+  return model(inputs, attend=attend), jnp.stack(found)
 
 
 def run_probe(model, cells, batch_size: int):

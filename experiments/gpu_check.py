@@ -35,7 +35,13 @@ rather than judges (they are left out of the pass/fail counts): the issue's
 cuDNN call unsplit (it must fail, or the check could not see the bug). The
 first run's second probe, one call of 5 x 32k rows under the element limit
 alone, passed: the split rule counts elements only (`nsa_jax.ops.cudnn`), and
-"batch-7x32k" checks its largest call of such rows.
+"batch-7x32k" checks its largest call of such rows. "packed" (`--packed`, SPEC §6,
+issue #20: packing is invisible): the ops on rows of several documents with
+segment_ids against the reference run on each document alone, a batch row of its
+own padded at its end (`nsa_jax.ops.segments.Alone`), the results mapped back (a
+document's compressed blocks shifted by s/d, its selection by s/l'); the selection
+is judged against the scores of the documents alone (padded rows apart) and must
+hold no block outside its query's document.
 
 Error: ||a - b|| / ||b|| over finite reference entries, plus a NaN / inf check;
 max |a - b| / max |b| is reported beside it ("max_rel"), not judged: a 2-stage
@@ -83,7 +89,8 @@ Run on the device machine:
     python3 experiments/gpu_check.py                # SHAPES: a few minutes on an H200
     python3 experiments/gpu_check.py --matrix       # issue #18 (--budget-s 360)
     python3 experiments/gpu_check.py --matrix --rerun gpu_matrix_nvidia-h200.json
-    python3 experiments/gpu_check.py --small [--matrix]   # tiny shapes, CPU (interpret mode)
+    python3 experiments/gpu_check.py --packed       # issue #20, packed rows (--budget-s 360)
+    python3 experiments/gpu_check.py --small [--matrix | --packed]   # tiny, CPU (interpret mode)
 """
 from __future__ import annotations
 
@@ -103,11 +110,12 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import _common, compressed, cudnn, dispatch, selected, window
+from nsa_jax.ops import _common, compressed, cudnn, dispatch, segments, selected, window
 from nsa_jax.ops.compressed import compressed_scores
 from nsa_jax.ops.nsa import backends as nsa_backends
 from nsa_jax.ops.selection import lse_backend, overlap_to_select_blocks
@@ -124,6 +132,7 @@ OPS = ("compressed_attention", "select_blocks", "selected_attention",
        "window_attention", "nsa", "nsa_vs_select_blocks")
 NSA_ARGS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 QUERY_ARGS = ("q", "gates")   # inputs indexed by query position, the others by key
+BLOCK_ARGS = ("k_cmp", "v_cmp")   # inputs indexed by compressed block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +143,8 @@ class Case:
   rows: the query rows checked by a "rows" case (the last ones).
   limits: ((name, value), ...) of `nsa_jax.ops.cudnn` limits set while tracing.
   probe: what a probe case shows ("" for an ordinary case).
+  runs: a "packed" case's documents: the lengths of the runs of equal segment ids
+    of each batch row (each a multiple of select_block but a row's last).
   """
   shape: bc.Shape
   dtype: str
@@ -142,10 +153,15 @@ class Case:
   rows: int = 0
   limits: tuple[tuple[str, int], ...] = ()
   probe: str = ""
+  runs: tuple[tuple[int, ...], ...] = ()
 
   @property
   def name(self) -> str:
     return self.shape.config
+
+  def segment_ids(self) -> np.ndarray:
+    """[B, T] int32 of a "packed" case: run r of a row has id r."""
+    return np.stack([np.repeat(np.arange(len(r)), r) for r in self.runs]).astype(np.int32)
 
 
 def cases_of(shapes, ops) -> list[Case]:
@@ -168,6 +184,26 @@ SMALL_SHAPES = (
     bc.Shape("small-G2", 1, 100, 4, 2, 32, 32, ("float32",)),
     bc.Shape("small-B2-G3-Dk48", 2, 45, 3, 1, 48, 32, ("bfloat16",)),
 )
+
+
+
+def packed_cases(small: bool, ops) -> list[Case]:
+  """--packed (issue #20): documents shorter than one compressed block (a row's
+  last), exactly one selection block, crossing many; G 2, 16 (Config A at 8k with
+  documents of ~4k tokens) and Dk 192 != Dv; f32 and bf16, in priority order (a
+  spent budget skips the last). --small: tiny, CPU."""
+  if small:   # small_config(): l = 16, l' = 32
+    return [Case(bc.Shape("packed-small-G2", 2, 100, 4, 2, 32, 16), "float32", ops,
+                 kind="packed", runs=((32, 64, 4), (96, 4)))]
+  a8k = lambda dtype: Case(bc.Shape("packed-A-8k", 1, 8192, 64, 4, 128, 128), dtype, ops,
+                           kind="packed", runs=((704, 64, 3328, 4096),))
+  t990 = lambda dtype: Case(bc.Shape("packed-T990-G2", 2, 990, 8, 4, 128, 128), dtype, ops,
+                            kind="packed", runs=((64, 448, 448, 30), (192, 768, 30)))
+  return [a8k("bfloat16"), t990("float32"), t990("bfloat16"),
+          Case(bc.Shape("packed-T990-G16-Dk192", 1, 990, 32, 2, 192, 128), "bfloat16", ops,
+               kind="packed", runs=((128, 832, 30),)),
+          a8k("float32")]
+
 
 # --matrix: issue #18's head sizes (Dk, Dv) and group sizes.
 MATRIX_HEADS = ((32, 32), (64, 64), (96, 96), (128, 128), (192, 128), (256, 256))
@@ -259,14 +295,14 @@ def reference_scores(q, k_cmp, *, config: NSAConfig):
   return _common.map_query_chunks(chunk_fn, (q,), 256)
 
 
-def selection_check(block_idx, scores, *, config: NSAConfig):
+def selection_check(block_idx, scores, *, config: NSAConfig, valid=None):
   """(rows breaking a hard rule, worst near-tie gap) of a selection [B, T, HKV, n].
 
   Hard rules (SPEC §3): entries in [-1, Ts), no duplicates, min(n, #candidates)
   blocks, all of them candidates (j*l' <= t), the forced blocks among them.
   The gap of a row is (best unselected candidate - worst selected non-forced
   block) / largest non-forced candidate score, clipped at 0: 0 for an exact
-  top-n, small for a near-tie swap.
+  top-n, small for a near-tie swap. valid: [B, T] bool, the rows judged (all).
   """
   B, T, HKV, n = block_idx.shape
   Ts = scores.shape[-1]
@@ -290,6 +326,8 @@ def selection_check(block_idx, scores, *, config: NSAConfig):
   top = jnp.max(jnp.where(free, jnp.abs(scores), 0.0), axis=-1)
   gap = jnp.where(jnp.isfinite(worst_in) & jnp.isfinite(best_out),
                   jnp.maximum(best_out - worst_in, 0.0) / jnp.maximum(top, 1e-30), 0.0)
+  if valid is not None:
+    bad, gap = bad & valid[..., None], jnp.where(valid[..., None], gap, 0.0)
   return jnp.sum(bad), jnp.max(gap)
 
 
@@ -354,32 +392,33 @@ def case_inputs(case: Case, config: NSAConfig):
   return make
 
 
-def differentiable(op: str, config: NSAConfig, impl: str, first: int):
-  """(arg names, op under test, reference on float32 queries from `first`, output
-  names) of an op with gradients. Both take (*args, block_idx) and return
-  (outputs, aux): nsa's aux is the selection it made, the others' None."""
+def differentiable(op: str, config: NSAConfig, impl: str, first: int, segment_ids=None):
+  """(arg names, op under test (on packed rows where segment_ids), reference on
+  float32 queries from `first`, output names) of an op with gradients. Both take
+  (*args, block_idx) and return (outputs, aux): nsa's aux is the selection it made,
+  the others' None."""
   ref_kw = lambda q: dict(config=config, scale=_common.resolve_scale(None, q), first=first)
+  kw = dict(config=config, impl=impl, segment_ids=segment_ids)
   if op == "compressed_attention":
     return (("q", "k_cmp", "v_cmp"),
-            lambda q, k, v, _: (compressed_attention(q, k, v, config=config, impl=impl), None),
+            lambda q, k, v, _: (compressed_attention(q, k, v, **kw), None),
             lambda q, k, v, _: (compressed.compressed_attention_xla(q, k, v, **ref_kw(q)), None),
             ("o", "lse"))
   if op == "selected_attention":
     return (("q", "k_slc", "v_slc"),
-            lambda q, k, v, idx: (selected_attention(q, k, v, idx, config=config, impl=impl),
-                                  None),
+            lambda q, k, v, idx: (selected_attention(q, k, v, idx, **kw), None),
             lambda q, k, v, idx: (selected.selected_attention_xla(q, k, v, idx, **ref_kw(q)),
                                   None),
             ("o",))
   if op == "window_attention":
     return (("q", "k_win", "v_win"),
-            lambda q, k, v, _: (window_attention(q, k, v, config=config, impl=impl), None),
+            lambda q, k, v, _: (window_attention(q, k, v, **kw), None),
             lambda q, k, v, _: (window.window_attention_xla(q, k, v, **ref_kw(q)), None),
             ("o",))
   assert op == "nsa", op
   reference = gated_reference(config, first)
   return (NSA_ARGS,
-          lambda *a: nsa(*a[:-1], config=config, impl=impl, return_block_idx=True),
+          lambda *a: nsa(*a[:-1], **kw, return_block_idx=True),
           lambda *a: (reference(*a), None), ("o",))
 
 
@@ -394,8 +433,15 @@ def unit_function(case: Case, config: NSAConfig):
   op of `case` (one unit), on the inputs `case_inputs` makes."""
   s, dtype = case.shape, case.dtype
   highest = lambda: reference_precision("float32")
+  packed = case.kind == "packed"
+  segment_ids = case.segment_ids() if packed else None
+  docs = segments.Alone(segment_ids, config) if packed else None
+  # The reference's view of an input: a "packed" case's documents alone.
+  view = (lambda name, a: docs.alone(a, blocks=name in BLOCK_ARGS)) if packed else (
+      lambda name, a: a)
 
   def f(x):
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
     memo = {}
 
     def once(name, fn):   # values several ops need, computed once
@@ -404,27 +450,32 @@ def unit_function(case: Case, config: NSAConfig):
       return memo[name]
 
     def nsa_key(impl):   # impls with equal backends compute the same: once
-      backends = nsa_backends(*(x[n] for n in NSA_ARGS[:-1]), config=config, impl=impl)
+      backends = nsa_backends(*(x[n] for n in NSA_ARGS[:-1]), config=config, impl=impl,
+                              packed=packed)
       return tuple(sorted(backends.items()))
 
     def alone_key(impl):   # what select_blocks(impl=impl) runs: its kernel, its lse's pass
-      call = dispatch.Call(dict(q=x["q"], k_cmp=x["k_cmp"]), config, None)
+      call = dispatch.Call(dict(q=x["q"], k_cmp=x["k_cmp"]), config, None, packed)
       return (dispatch.choose("select_blocks", impl, call),
-              lse_backend(x["q"], x["k_cmp"], config=config, impl=impl))
+              lse_backend(x["q"], x["k_cmp"], config=config, impl=impl, packed=packed))
 
     def selection_alone(impl):
       return once(("select_blocks", alone_key(impl)),
-                  lambda: select_blocks(x["q"], x["k_cmp"], config=config, impl=impl))
+                  lambda: select_blocks(x["q"], x["k_cmp"], config=config, impl=impl,
+                                        segment_ids=seg))
 
-    def reference_selection():
+    def reference_selection():   # of the documents alone in a "packed" case
       with reference_precision(dtype):
-        return select_blocks(x["q"], x["k_cmp"], config=config, impl="xla")
+        return select_blocks(view("q", x["q"]), view("k_cmp", x["k_cmp"]), config=config,
+                             impl="xla")
 
     def gradients(op, impl):
       """(errors of the op's outputs and gradients, the op's aux)."""
       first = s.T - case.rows if case.kind == "rows" else 0
-      names, fn, ref_fn, outputs = differentiable(op, config, impl, first)
+      names, fn, ref_fn, outputs = differentiable(op, config, impl, first, seg)
       idx = once("xla", reference_selection) if op == "selected_attention" else None
+      if packed and idx is not None:
+        idx = docs.packed_selection(idx)
       ct = x["cotangent"]
       if op == "compressed_attention":   # cuDNN's lse carries no gradient
         ct = (ct, jnp.zeros_like(x["d_lse"]) if impl == "cudnn" else x["d_lse"])
@@ -441,6 +492,15 @@ def unit_function(case: Case, config: NSAConfig):
       if case.kind == "batch":   # the last row within the batch against that row alone
         last = lambda t: jax.tree.map(lambda a: a[-1:], t)
         got, (want, _) = last(got), forward_backward(fn, last(args), last(idx), last(ct))
+      elif packed:   # against the reference on the documents alone, mapped back
+        ref_args = [view(n, a) for n, a in zip(names, args)]
+        with highest():
+          want, _ = forward_backward(ref_fn, upcast(ref_args),
+                                     None if idx is None else docs.alone_selection(idx),
+                                     upcast(jax.tree.map(docs.alone, ct)))
+        blocks = [False] * len(outputs) + [n in BLOCK_ARGS for n in names]
+        want = [docs.packed(b, a.shape, blocks=by_block)
+                for by_block, a, b in zip(blocks, got, jax.tree.leaves(want))]
       elif case.kind == "rows":   # the last rows against the reference on those rows only
         rows = lambda t: jax.tree.map(lambda a: a[:, first:], t)
         got = [rows(a) if per_row else a for per_row, a in zip(along, got)]
@@ -459,18 +519,26 @@ def unit_function(case: Case, config: NSAConfig):
       if any(op == "nsa" and nsa_key(other) == nsa_key(impl) for op, other in case.ops):
         return nsa_check(impl)[1]
       return once(("nsa forward", nsa_key(impl)), lambda: nsa(
-          *(x[n] for n in NSA_ARGS), config=config, impl=impl, return_block_idx=True)[1])
+          *(x[n] for n in NSA_ARGS), config=config, impl=impl, return_block_idx=True,
+          segment_ids=seg)[1])
 
     def selection(impl):
       got = selection_alone(impl)
       ref = once("xla", reference_selection)
       with reference_precision(dtype):
-        scores = reference_scores(x["q"], x["k_cmp"], config=config)
+        scores = reference_scores(view("q", x["q"]), view("k_cmp", x["k_cmp"]), config=config)
+      valid = docs.valid() if packed else None
       out = {}
-      for name, idx in [("block_idx", got), ("block_idx[xla]", ref)]:
-        bad, gap = selection_check(idx, scores, config=config)
+      for name, idx in [("block_idx", docs.alone_selection(got) if packed else got),
+                        ("block_idx[xla]", ref)]:
+        bad, gap = selection_check(idx, scores, config=config, valid=valid)
         out[name] = {"rel": gap, "max_rel": gap, "ok": bad == 0, "bad_rows": bad}
-      out["block_idx"]["rows_differing_from_xla"] = rows_differing(got, ref)
+      if packed:   # blocks outside the query's document (dropped by alone_selection)
+        outside = rows_differing(got, docs.packed_selection(docs.alone_selection(got)))
+        out["block_idx"].update(ok=out["block_idx"]["ok"] & (outside == 0),
+                                rows_outside_document=outside)
+      out["block_idx"]["rows_differing_from_xla"] = rows_differing(
+          got, docs.packed_selection(ref) if packed else ref)
       return out
 
     def agreement(impl):
@@ -736,6 +804,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--matrix", action="store_true",
                       help="issue #18's shape matrix (gpu_matrix_<gpu>.json)")
+  parser.add_argument("--packed", action="store_true",
+                      help="issue #20: packed rows against their documents alone "
+                           "(gpu_packed_<gpu>.json)")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"),
                       help="the side under test without --matrix (xla: checks this script "
@@ -749,7 +820,7 @@ def main(argv=None):
                       help="with --rerun: comma-separated cases to run again though they passed")
   parser.add_argument("--budget-s", type=float, default=None,
                       help="no case starts after this many seconds: the rest are skipped "
-                           "(default 220, with --matrix 360)")
+                           "(default 220, with --matrix or --packed 360)")
   cpus = os.cpu_count() or 1
   parser.add_argument("--procs", type=int, default=None,
                       help="processes sharing the GPU (tracing holds the GIL: one process "
@@ -765,7 +836,8 @@ def main(argv=None):
     parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
   if args.redo and not args.rerun:
     parser.error("--redo needs --rerun")
-  budget_s = args.budget_s if args.budget_s is not None else (360.0 if args.matrix else 220.0)
+  budget_s = args.budget_s if args.budget_s is not None else (
+      360.0 if args.matrix or args.packed else 220.0)
   procs = args.procs or (max(1, cpus // 2) if args.matrix else 1)
   if procs > 1:   # the processes share the GPU: each allocates what it uses
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -780,11 +852,13 @@ def main(argv=None):
   if args.matrix:
     cases = [dataclasses.replace(c, ops=tuple(o for o in c.ops if o[0] in ops))
              for c in matrix_cases(args.small)]
+  elif args.packed:
+    cases = packed_cases(args.small, tuple((op, args.impl) for op in ops))
   else:
     cases = cases_of(SMALL_SHAPES if args.small else SHAPES, tuple((op, args.impl) for op in ops))
   cases = [c for c in cases if c.ops and (not args.cases or c.name in args.cases.split(","))]
   case_list = [dict(dataclasses.asdict(c.shape), dtype=c.dtype, kind=c.kind, rows=c.rows,
-                    limits=dict(c.limits), probe=c.probe or None) for c in cases]
+                    limits=dict(c.limits), probe=c.probe or None, runs=c.runs) for c in cases]
   previous = None
   if args.rerun:
     with open(args.rerun) as f:
@@ -806,7 +880,7 @@ def main(argv=None):
   records = in_order(records, case_list)
 
   merged = summarize(records)
-  name = "gpu_matrix" if args.matrix else "gpu_check"
+  name = "gpu_matrix" if args.matrix else "gpu_packed" if args.packed else "gpu_check"
   bc.write_json(os.path.join(args.out, f"{name}_{bc.slug(bc.gpu_name())}.json"), {
       "summary": merged, "wall_s": wall_s,
       "tolerances": {"rtol": RTOL, "select_blocks_tie_rtol": TIE_RTOL,

@@ -12,8 +12,8 @@ and packed text, whose tokens weigh `--text_row_weight / seq_len` each so
 that a row of text does not drown a row's few answer digits in the batch's
 loss. Rows are packed (`nsa_jax.data`,
 aligned to `select_block` for both models); `--pack_tasks` puts several
-passkey / mqar examples of random lengths in a row, for a model that reads
-`segment_ids` (SPEC §6). A stage starts from the previous one's final
+passkey / mqar examples of random lengths in a row, each a document the models
+run alone (they read `segment_ids`, SPEC §6). A stage starts from the previous one's final
 parameters with a fresh AdamW: warmup to `--lr`, constant, and a cosine decay
 to 0.1x in the last stage.
 
@@ -242,8 +242,8 @@ def main(argv=None) -> None:
                       "token weighs 1: a passkey row 5, an mqar row 32)")
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--pack_tasks", action="store_true",
-                      help="several passkey/mqar examples a row (for a model that reads "
-                      "segment_ids)")
+                      help="several passkey/mqar examples a row, each a document of its own "
+                      "(the models read segment_ids)")
   parser.add_argument("--warmup_steps", type=int, default=30, help="per stage")
   parser.add_argument("--lengths", help=f"evaluation lengths (default {GPU['lengths']})")
   parser.add_argument("--samples", type=int, help="passkeys per (length, depth) cell")

@@ -9,10 +9,10 @@
 * ``mqar``: multi-query associative recall: many ``key=value`` pairs, then
   several keys asked again; only the recalled values carry loss.
 
-A batch is ``{"inputs", "targets", "weights", "segment_ids"}``, each
-``[batch, seq_len]``: ``targets`` are the next tokens, ``weights`` say which
-targets count in the loss and ``segment_ids`` number the documents of a row
-(SPEC §6). Rows come in two kinds:
+A batch is ``{"inputs", "targets", "weights"}`` and, for packed rows,
+``"segment_ids"``, each ``[batch, seq_len]``: ``targets`` are the next tokens,
+``weights`` say which targets count in the loss and ``segment_ids`` number the
+documents of a row (SPEC §6). Rows come in two kinds:
 
 * **packed** (``align=A``, what training uses): whole documents, each starting
   at a multiple of ``A`` (the model's ``select_block``) and padded up to the
@@ -24,8 +24,9 @@ targets count in the loss and ``segment_ids`` number the documents of a row
   ``pack_tasks``, several of random lengths. :func:`pack_documents` packs
   your own documents the same way.
 * **windows** (``align=None``): one random window of the concatenated corpus
-  (or one example) per row, ``targets`` the inputs shifted by one, one
-  segment per row.
+  (or one example) per row, ``targets`` the inputs shifted by one: one
+  document per row, so the batch has no ``segment_ids`` (the model then takes
+  its unpacked path, where cuDNN runs the window and compressed branches).
 
 The :class:`Loader` draws batch ``k`` from an RNG seeded by ``(seed, k)``, so
 its whole state is the count ``k``: saving that count in the checkpoint makes
@@ -367,11 +368,11 @@ def make_example(task: str, rng: np.random.Generator, length: int, split: str,
 
 
 def collate(examples: list[Example]) -> dict[str, np.ndarray]:
-  """Rows of `seq_len + 1`-token examples -> a batch of `seq_len`, one segment per row."""
+  """Rows of `seq_len + 1`-token examples -> a batch of `seq_len`, one document per row
+  (no `segment_ids`: the model then runs each row as one sequence)."""
   tokens = np.stack([e.tokens for e in examples]).astype(np.int32)
   weights = np.stack([e.weights for e in examples])
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:],
-          "segment_ids": np.zeros_like(tokens[:, 1:])}
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:]}
 
 
 _SPLIT_IDS = {"train": 0, "val": 1}
@@ -391,9 +392,8 @@ class Loader:
       left, until none fits.
     pack_tasks: (packed rows only) a passkey or mqar row holds several
       examples, each of a length drawn uniformly between the task's minimum and
-      the room left, instead of one the length of the row. Only useful with a
-      model that reads segment_ids; otherwise its queries see the examples
-      before theirs.
+      the room left, instead of one the length of the row; each is a document
+      of its own, which the model runs alone (it reads segment_ids, SPEC §6).
     text_weight: the loss weight of every text token (the answer tokens of
       passkey and mqar weigh 1). A passkey row has 5 answer tokens and a text
       row hundreds: below 1 it keeps text from drowning the tasks' gradient.

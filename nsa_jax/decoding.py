@@ -385,11 +385,21 @@ def _forward(model, tokens, caches, attend):
   return model(tokens, attend=per_layer), new_caches
 
 
-def model_prefill(model, tokens, lengths, caches):
+def refuse_packed(segment_ids) -> None:
+  """Decoding continues one document per row: a ValueError for segment_ids."""
+  if segment_ids is not None:
+    raise ValueError("decoding continues one document per row and takes no segment_ids "
+                     "(packed rows, SPEC §6): give each prompt a row of its own, "
+                     "right-padded, with its length in `lengths`")
+
+
+def model_prefill(model, tokens, lengths, caches, *, segment_ids=None):
   """Runs right-padded prompts tokens [B, T] (valid lengths [B]) and fills the caches.
 
+  One prompt per row: `segment_ids` (packed rows) are refused (`refuse_packed`).
   Returns (logits [B, vocab] of each prompt's last token, caches).
   """
+  refuse_packed(segment_ids)
   lengths = jnp.asarray(lengths, jnp.int32)
 
   def attend(layer, x, cache):
@@ -456,10 +466,11 @@ def sample(logits, key, sampling: Sampling):
 
 def generate(model, prompt, key, *, max_new_tokens: int, lengths=None,
              sampling: Sampling = Sampling(), max_len: int | None = None,
-             impl: str | None = None):
+             impl: str | None = None, segment_ids=None):
   """Continues right-padded prompts [B, T] by max_new_tokens tokens each.
 
-  Sequence b continues from its first lengths[b] tokens (default: all T).
+  Sequence b continues from its first lengths[b] tokens (default: all T); one
+  prompt per row (`segment_ids`: a ValueError, `refuse_packed`).
   Prefill runs the training-time ops; the new tokens come from a jit-compiled
   `lax.fori_loop` of `model_decode_step` (fixed shapes, no early stop at an
   end-of-sequence token: cut the output afterwards).
@@ -467,6 +478,7 @@ def generate(model, prompt, key, *, max_new_tokens: int, lengths=None,
   Returns:
     tokens [B, max_new_tokens] int32.
   """
+  refuse_packed(segment_ids)
   B, T = prompt.shape
   max_len = max_len or T + max_new_tokens
   if max_new_tokens < 1 or T + max_new_tokens > max_len:

@@ -8,6 +8,11 @@ branches, `nsa_jax.ops.cudnn`) with the same query/key/value/output
 projections and the same RoPE, so the two models differ only by NSA's own
 parameters (per-branch keys and values, the compression MLPs and the gates).
 
+Packed rows (SPEC §6): `Transformer(tokens, segment_ids)` runs every document of a
+row as a sequence of its own: RoPE positions restart at each document start, and
+each query attends to its own document only (NSA: `nsa_jax.nsa(segment_ids=...)`;
+full attention: `dense_attention`).
+
 Parameters are float32; `dtype` is the compute dtype (bf16 for mixed precision).
 Logits are returned in float32.
 """
@@ -23,7 +28,8 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.module import NativeSparseAttention
-from nsa_jax.ops import cudnn
+from nsa_jax.ops import cudnn, segments
+from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.rope import apply_rope
 
 ATTENTIONS = ("nsa", "full")
@@ -116,9 +122,23 @@ class ModelConfig:
                        f"use a longer seq_len or smaller blocks")
 
 
-def dense_attention(q, k, v):
+# Dense causal attention is the compressed branch's with one-token blocks (l = d = 1:
+# block i is token i, visible to t iff i <= t), document mask included: packed rows
+# run on that branch's Pallas kernel (its loops skip other documents) or reference.
+# select_block = 1: documents may start anywhere.
+TOKEN_BLOCKS = NSAConfig(compress_block=1, compress_stride=1, select_block=1, num_selected=3)
+
+
+def dense_attention(q, k, v, segment_ids=None):
   """Causal GQA attention, scale 1/sqrt(D): `cudnn.cudnn_causal_attention` where
-  `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise."""
+  `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise.
+
+  segment_ids [B, T] (packed rows, SPEC §6): each query sees the keys of its own
+  document only, on `TOKEN_BLOCKS` compressed attention (the Pallas kernel on a GPU,
+  the reference elsewhere; cuDNN's packed layouts are not used, `nsa_jax.ops.dispatch`).
+  """
+  if segment_ids is not None:
+    return compressed_attention(q, k, v, config=TOKEN_BLOCKS, segment_ids=segment_ids)[0]
   if cudnn.cudnn_runs(q, v):
     return cudnn.cudnn_causal_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))[0]
   return jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -161,11 +181,15 @@ class FullAttention(nnx.Module):
                        f"[T/{chunks}, T] scores per head; train full attention with data, "
                        f"fsdp or heads, or NSA with context")
 
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None):
+    """Over x [B, T, d_model]; segment_ids [B, T] (packed rows): each document alone,
+    positions restarting at 0 at its start."""
     B, T, _ = x.shape
     self.check_mesh()
-    q, k, v = self.qkv(x, jnp.arange(T))
-    o = dense_attention(q, k, v)
+    positions = (jnp.arange(T) if segment_ids is None
+                 else segments.positions_in_documents(segment_ids))
+    q, k, v = self.qkv(x, positions)
+    o = dense_attention(q, k, v, segment_ids)
     return self.o_proj(o.reshape(B, T, -1))
 
 
@@ -200,10 +224,10 @@ class Block(nnx.Module):
                                 dtype=dtype, rngs=rngs)
     self.mlp = SwiGLU(c.d_model, c.mlp_size, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, attend=None):
+  def __call__(self, x, attend=None, segment_ids=None):
     """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding)."""
     h = self.attn_norm(x)
-    x = x + (self.attn(h) if attend is None else attend(self.attn, h))
+    x = x + (self.attn(h, segment_ids) if attend is None else attend(self.attn, h))
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -221,12 +245,22 @@ class Transformer(nnx.Module):
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
         kernel_init=EMBED_INIT, rngs=rngs)
 
-  def __call__(self, tokens, attend=None):
-    """`attend(i, attn, h) -> y`, if given, replaces block i's attention call
-    (nsa_jax.decoding threads its KV caches through it)."""
+  def __call__(self, tokens, segment_ids=None, attend=None):
+    """Logits of tokens [B, T].
+
+    segment_ids: [B, T] int, documents packed in a row (SPEC §6: contiguous runs,
+      each starting at a multiple of the NSA config's select_block, as
+      `nsa_jax.data` packs them): each runs as a sequence of its own. None: one
+      document per row.
+    attend: `attend(i, attn, h) -> y`, if given, replaces block i's attention call
+      (nsa_jax.decoding threads its KV caches through it; one document per row).
+    """
+    if attend is not None and segment_ids is not None:
+      raise ValueError("segment_ids with attend: decoding (nsa_jax.decoding) runs one "
+                       "document per row; pass segment_ids=None")
     x = self.embed(tokens)
     for i, block in enumerate(self.blocks):
-      x = block(x, None if attend is None else functools.partial(attend, i))
+      x = block(x, None if attend is None else functools.partial(attend, i), segment_ids)
     x = self.norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)

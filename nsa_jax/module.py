@@ -14,7 +14,10 @@ Choices where the paper is silent (documented in the README):
   token positions. Compressed keys are computed from un-rotated keys and then
   rotated at the position of their block's last token `i*d + l - 1`, the first
   position that may see the block, so q . k_cmp depends on relative position
-  the same way as the other branches.
+  the same way as the other branches. Packed rows (SPEC §6, `segment_ids`):
+  positions restart at 0 at each document start, for q, the raw keys and the
+  compressed keys alike; a compressed block straddling two documents is seen by
+  no query (`nsa_jax.ops.compressed`), so its position does not matter.
 - The gate is one linear layer + sigmoid, one gate per query head and branch.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, segments
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.rope import apply_rope
 from nsa_jax.sharding import sharded_nsa, with_halo
@@ -132,9 +135,10 @@ class NativeSparseAttention(nnx.Module):
       return kv[:, :, :, i, :self.dk], kv[:, :, :, i, self.dk:]
     return {c: branch(c) for c in BRANCHES}
 
-  def compress(self, k, v):
+  def compress(self, k, v, positions):
     """k_cmp, v_cmp [B, Tc, HKV, Dk / Dv] (paper Eq. 7) from the compressed branch's
-    un-rotated keys and values [B, T, HKV, D]; k_cmp rotated at its blocks' last tokens.
+    un-rotated keys and values [B, T, HKV, D]; k_cmp rotated at `positions` ([Tc] or
+    [B, Tc]: its blocks' last tokens, in their documents for packed rows).
 
     On a mesh with context > 1 each shard compresses the T / (context * d) blocks that end
     in its tokens, from them and the l - d tokens before (`sharding.with_halo`): T/d slots
@@ -154,20 +158,30 @@ class NativeSparseAttention(nnx.Module):
       skip = c.compress_block // c.compress_stride - 1
     k_cmp = self.phi_k(blocks(k))[:, skip:]
     v_cmp = self.phi_v(blocks(v))[:, skip:]
-    k_cmp = apply_rope(k_cmp, compressed_positions(k_cmp.shape[1], c), self.rope_theta)
+    k_cmp = apply_rope(k_cmp, positions, self.rope_theta)
     return k_cmp, v_cmp
 
-  def branch_inputs(self, x, positions=None):
+  def branch_inputs(self, x, positions=None, segment_ids=None):
     """Projects x [B, T, d_model] to the inputs of `nsa_jax.nsa`.
 
+    positions: [T] or [B, T] RoPE positions of the tokens (default 0 .. T-1, or with
+    segment_ids the position inside each token's document, SPEC §6).
     Returns a dict with q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.
     """
     B, T, _ = x.shape
     HQ, Dk = self.num_heads, self.dk
-    pos = jnp.arange(T) if positions is None else positions
+    cmp_pos = compressed_positions(self.config.num_compressed(T), self.config)
+    if positions is not None:
+      pos = positions
+    elif segment_ids is None:
+      pos = jnp.arange(T)
+    else:   # positions in the documents; compressed block i's document starts at i*d
+      pos = segments.positions_in_documents(segment_ids)
+      cmp_pos = cmp_pos[None, :] - segments.document_starts(segment_ids)[
+          :, cmp_pos - (self.config.compress_block - 1)]
     q = apply_rope(self.q_proj(x).reshape(B, T, HQ, Dk), pos, self.rope_theta)
     kv = self.branch_kv(x)
-    k_cmp, v_cmp = self.compress(*kv["cmp"])
+    k_cmp, v_cmp = self.compress(*kv["cmp"], cmp_pos)
     rope = lambda k: apply_rope(k, pos, self.rope_theta)
     gates = jax.nn.sigmoid(self.gate(x).reshape(B, T, HQ, len(BRANCHES)))
     dt = q.dtype
@@ -176,9 +190,11 @@ class NativeSparseAttention(nnx.Module):
                 k_win=rope(kv["win"][0]), v_win=kv["win"][1],
                 gates=gates.astype(dt))
 
-  def __call__(self, x):
-    """Causal NSA over x [B, T, d_model] at positions 0 .. T-1."""
+  def __call__(self, x, segment_ids=None):
+    """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
+    of packed rows: segment_ids [B, T] int (SPEC §6; `nsa_jax.nsa`)."""
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
-    o = op(**self.branch_inputs(x), config=self.config, impl=self.impl)
+    o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,
+           impl=self.impl, segment_ids=segment_ids)
     return self.o_proj(o.reshape(B, T, self.num_heads * self.dv))

@@ -220,13 +220,14 @@ def sharded_nsa(mesh: Mesh):
 
   The inputs of length T and the output are split as P(("data", "fsdp"),
   "context", "heads", None): batch rows over data and fsdp, tokens over context,
-  query heads and KV heads over heads; k_cmp and v_cmp (Tc rows) are whole over
-  context. Heads are grouped contiguously (query head h reads KV head h // G), so
-  a contiguous slice of HQ / heads query heads reads exactly the slice of
-  HKV / heads KV heads on the same device: each head and batch shard is an
-  independent NSA problem, the custom VJPs of the kernels run per shard as well.
-  With context > 1 the shards of one sequence exchange what their queries need
-  (`nsa_jax.context.local_nsa`); T must then be a multiple of context.
+  query heads and KV heads over heads (segment_ids [B, T] as P(("data", "fsdp"),
+  "context")); k_cmp and v_cmp (Tc rows) are whole over context. Heads are grouped
+  contiguously (query head h reads KV head h // G), so a contiguous slice of
+  HQ / heads query heads reads exactly the slice of HKV / heads KV heads on the same
+  device: each head and batch shard is an independent NSA problem, the custom VJPs
+  of the kernels run per shard as well. With context > 1 the shards of one sequence
+  exchange what their queries need (`nsa_jax.context.local_nsa`); T must then be a
+  multiple of context.
   """
   spec = P(BATCH_AXES, CONTEXT, "heads", None)
   cmp_spec = P(BATCH_AXES, None, "heads", None)
@@ -235,9 +236,10 @@ def sharded_nsa(mesh: Mesh):
 
   def op(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config,
          scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
-         return_block_idx: bool = False):
-    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    check_inputs(*args, config=config)
+         return_block_idx: bool = False, segment_ids=None):
+    args = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates]
+    # validated here, before tracing: inside shard_map the arrays are traced
+    check_inputs(*args, config=config, segment_ids=segment_ids)
     _common.check_impl(impl)
     B, T, HQ, HKV = q.shape[0], q.shape[1], q.shape[2], k_slc.shape[2]
     if B % rows or T % chunks or HQ % heads or HKV % heads:
@@ -246,13 +248,18 @@ def sharded_nsa(mesh: Mesh):
                        f"of heads={heads}")
     kw = dict(config=config, scale=scale, impl=impl, interpret=interpret,
               return_block_idx=return_block_idx)
-    local = (functools.partial(nsa, **kw) if chunks == 1 else
+    whole = (functools.partial(nsa, **kw) if chunks == 1 else
              functools.partial(context.local_nsa, **kw, num_shards=chunks))
+    local = lambda *a: whole(*a[:8], segment_ids=a[8] if len(a) > 8 else None)
     out_specs = (spec, spec) if return_block_idx else spec
+    in_specs = [spec, cmp_spec, cmp_spec] + [spec] * 5
+    if segment_ids is not None:
+      args.append(segment_ids)
+      in_specs.append(P(BATCH_AXES, CONTEXT))
     # check_vma=False: pallas_call has no replication rule. Inputs whole over an
     # axis (k_cmp, v_cmp over context) get their cotangents psum'd over it.
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, cmp_spec, cmp_spec) + (spec,) * 5,
-                         out_specs=out_specs, check_vma=False)(*args)
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                         check_vma=False)(*args)
 
   return op
 

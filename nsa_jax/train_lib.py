@@ -85,8 +85,9 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> nnx.Optimizer:
 
 
 def loss_sums(model: Transformer, batch):
-  """(sum of weighted next-token NLL, sum of weights) of a batch."""
-  logits = model(batch["inputs"])
+  """(sum of weighted next-token NLL, sum of weights) of a batch; its rows' documents
+  (`segment_ids`, SPEC §6) each run as a sequence of their own."""
+  logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["weights"].astype(jnp.float32)
   return jnp.sum(nll * w), jnp.sum(w)

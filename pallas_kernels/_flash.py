@@ -32,6 +32,15 @@ over `dkv_splits` query chunks whose partial sums XLA adds (no atomics).
 Every loop runs its edge blocks with the mask and its inner blocks, which
 every row sees whole, without it.
 
+Packed rows (SPEC §6; `Documents`): query t also needs s(t) <= j * stride, the key's
+first token (key j covers tokens j*stride .. pos(j)) at or after the first token s(t)
+of t's document. A query tile's loop then starts at the first key its earliest
+document sees, and a key tile's dk/dv loop stops at the end of its latest document,
+so packed rows cost less than one long sequence.
+
+Query offset (`q_offset`, for context parallelism): the T query rows sit at positions
+q0 .. q0 + T - 1 (q0 a traced int32 scalar) against keys from position 0.
+
 Pure-JAX references: nsa_jax/ops/window.py, nsa_jax/ops/compressed.py.
 """
 from __future__ import annotations
@@ -39,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,45 +77,75 @@ class Band:
     if self.window is not None and self.window < 1:
       raise ValueError(f"Band.window={self.window} must be >= 1 or None")
 
-  def visible(self, t, j, num_keys: int):
-    """Mask of query positions t against key indices j (broadcasting)."""
+  def visible(self, t, j, num_keys: int, doc_start=None):
+    """Mask of query positions t against key indices j (broadcasting); with
+    doc_start (s(t), broadcast like t) only keys whose first token j*stride is in
+    t's document."""
     pos = j * self.stride + self.offset
     mask = (pos <= t) & (j < num_keys)
     if self.window is not None:
       mask &= pos > t - self.window
+    if doc_start is not None:
+      mask &= doc_start <= j * self.stride
     return mask
 
-  def key_range(self, t_first, t_last, num_keys: int):
-    """[lo, hi): the keys that some query in t_first..t_last sees."""
+  def key_range(self, t_first, t_last, num_keys: int, doc_start=None):
+    """[lo, hi): the keys that some query in t_first..t_last sees; doc_start: no
+    key before that position's (the queries' documents start there or later)."""
     hi = jnp.minimum(
         _util.div(jnp.maximum(t_last - self.offset + self.stride, 0), self.stride),
         num_keys)
-    if self.window is None:
-      return 0, hi
-    first = jnp.maximum(t_first - self.window + 1 - self.offset, 0)
-    return _util.div_up(first, self.stride), hi
+    lo = 0
+    if self.window is not None:
+      lo = _util.div_up(jnp.maximum(t_first - self.window + 1 - self.offset, 0), self.stride)
+    if doc_start is not None:
+      lo = jnp.maximum(lo, _util.div_up(doc_start, self.stride))
+    return lo, hi
 
-  def query_range(self, j_first, j_last, num_queries: int):
-    """[lo, hi): the queries that see some key in j_first..j_last."""
+  def query_range(self, j_first, j_last, end: int, doc_end=None):
+    """[lo, hi): the query positions (below `end`) that see some key in
+    j_first..j_last; doc_end: none from that position on (the keys' documents end
+    there or earlier)."""
     lo = j_first * self.stride + self.offset
+    hi = end if doc_end is None else jnp.minimum(doc_end, end)
     if self.window is None:
-      return lo, num_queries
-    return lo, jnp.minimum(j_last * self.stride + self.offset + self.window,
-                           num_queries)
+      return lo, hi
+    return lo, jnp.minimum(j_last * self.stride + self.offset + self.window, hi)
 
-  def key_blocks(self, t_first, t_last, num_keys: int, size: int):
-    """Key blocks of `size` for the queries t_first..t_last, see `_block_ranges`."""
-    return _block_ranges(self.key_range(t_first, t_last, num_keys),
-                         self.key_range(t_last, t_first, num_keys), size)
+  def key_blocks(self, t_first, t_last, num_keys: int, size: int, doc_starts=None):
+    """Key blocks of `size` for the queries t_first..t_last, see `_block_ranges`.
+
+    doc_starts: (least, greatest) document start s(t) of those queries, or None."""
+    least, greatest = (None, None) if doc_starts is None else doc_starts
+    return _block_ranges(self.key_range(t_first, t_last, num_keys, least),
+                         self.key_range(t_last, t_first, num_keys, greatest), size)
 
   def query_tiles(self, j_first, j_last, num_queries: int, num_keys: int,
-                  size: int):
-    """Query tiles of `size` for the keys j_first..j_last, see `_block_ranges`."""
-    all_lo, all_hi = self.query_range(j_last, j_first, num_queries)
+                  size: int, q_offset=0, doc_ends=None):
+    """Query tiles of `size` (of the num_queries rows at positions q_offset ..) for
+    the keys j_first..j_last, see `_block_ranges`.
+
+    doc_ends: (least, greatest) end of the documents of those keys, or None."""
+    least, greatest = (None, None) if doc_ends is None else doc_ends
+    end = q_offset + num_queries
+    all_lo, all_hi = self.query_range(j_last, j_first, end, least)
     # Keys past the end are masked out, so no tile sees the block whole.
     all_hi = jnp.where(j_last < num_keys, all_hi, all_lo)
-    return _block_ranges(self.query_range(j_first, j_last, num_queries),
-                         (all_lo, all_hi), size)
+    rows = lambda r: tuple(jnp.clip(x - q_offset, 0, num_queries) for x in r)
+    return _block_ranges(rows(self.query_range(j_first, j_last, end, greatest)),
+                         rows((all_lo, all_hi)), size)
+
+
+class Documents(NamedTuple):
+  """Packed rows (SPEC §6) as the kernels take them: positions, never segment ids.
+
+  query_start: [B, T] int32, the first position of the document of each query row.
+  key_end: [B, S] int32, one past the last position of the document that holds key
+    j's first token j*stride (`Band`).
+  """
+
+  query_start: jax.Array
+  key_end: jax.Array
 
 
 def _block_ranges(some, every, size: int):
@@ -288,21 +328,60 @@ def _row_positions(t_first, sh: _Shapes):
   return t_first + _util.div(lax.broadcasted_iota(jnp.int32, (sh.M,), 0), sh.Gp)
 
 
+def _token_rows(x, sh: _Shapes):
+  """[N] per-token values -> [N * Gp], one per packed row (token-major, heads minor)."""
+  return jnp.broadcast_to(x[:, None], (x.shape[0], sh.Gp)).reshape(-1)
+
+
 def _query_tile(i, sh: _Shapes, reverse: bool):
   """Query tile of program i; reverse=True runs the longest tiles (the last
   ones under a causal band without lower edge) first, for tail balance."""
   return sh.num_q_tiles - 1 - i if reverse else i
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+  """Which optional inputs a call has (static): `Documents`, a query offset."""
+
+  docs: bool
+  offset: bool
+
+  def split(self, refs, *, ends: bool = False):
+    """(start_ref, end_ref, offset_ref, rest) of a kernel's refs after its fixed
+    inputs, None where absent; end_ref only where `ends` (the dk/dv kernel)."""
+    flags = (self.docs, self.docs and ends, self.offset)
+    out, i = [], 0
+    for flag in flags:
+      out.append(refs[i] if flag else None)
+      i += flag
+    return (*out, refs[i:])
+
+
+def _first_position(offset_ref):
+  """Position of query row 0: 0, or the query offset."""
+  return 0 if offset_ref is None else offset_ref[0]
+
+
+def _tile_documents(start_ref, sh: _Shapes):
+  """(s(t) of the tile's packed rows [M, 1], (least, greatest) s(t) of the tile),
+  or (None, None) without documents."""
+  if start_ref is None:
+    return None, None
+  start = start_ref[...]
+  return _token_rows(start, sh)[:, None], (jnp.min(start), jnp.max(start))
+
+
 # ----------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
-                sh: _Shapes, scale: float, reverse: bool):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, band: Band, sh: _Shapes, scale: float,
+                reverse: bool, inputs: _Inputs):
+  start_ref, _, offset_ref, (o_ref, lse_ref) = inputs.split(refs)
   tile = _query_tile(pl.program_id(0), sh, reverse)
-  t0, bk = tile * sh.Bq, sh.block_k
+  t0, bk = _first_position(offset_ref) + tile * sh.Bq, sh.block_k
   q = q_ref[...].reshape(sh.M, sh.Dkp)
   t = _row_positions(t0, sh)[:, None]
+  start, starts = _tile_documents(start_ref, sh)
   c = scale * _LOG2E   # scores in log2 units: exp2 instead of exp
 
   def body(kb, carry, masked):
@@ -314,7 +393,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
     m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=1))
     if masked:
       j = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-      s = jnp.where(band.visible(t, j, sh.S), s, -jnp.inf)
+      s = jnp.where(band.visible(t, j, sh.S, start), s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # row saw nothing yet
     alpha = jnp.exp2(m - m_safe)
@@ -324,7 +403,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
     return acc, m_new, l
 
   acc, m, l = _banded_loop(
-      band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk), body,
+      band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk, starts), body,
       (jnp.zeros((sh.M, sh.Dvp), jnp.float32),
        jnp.full((sh.M,), -jnp.inf, jnp.float32),
        jnp.zeros((sh.M,), jnp.float32)))
@@ -336,23 +415,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, band: Band,
   lse_ref[...] = lse.reshape(sh.Bq, sh.Gp)
 
 
-def _probs(a, b, lse2, c, masked, band, t, j, sh):
+def _probs(a, b, lse2, c, masked, band, t, j, start, sh):
   """p = exp(s - lse) of one tile, s = scale * a b^T (a, b = q, k or k, q);
-  lse2 in log2 units, t and j broadcast to s. Masked entries are 0, which also
-  covers rows that see nothing (lse = -inf)."""
+  lse2 in log2 units, t, j and start (s(t), or None) broadcast to s. Masked
+  entries are 0, which also covers rows that see nothing (lse = -inf)."""
   p = jnp.exp2(_util.dot(a, b, interpret=sh.interpret, contract=(1, 1)) * c - lse2)
-  return jnp.where(band.visible(t, j, sh.S), p, 0.0) if masked else p
+  return jnp.where(band.visible(t, j, sh.S, start), p, 0.0) if masked else p
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               band: Band, sh: _Shapes, scale: float, reverse: bool):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+               band: Band, sh: _Shapes, scale: float, reverse: bool, inputs: _Inputs):
+  start_ref, _, offset_ref, (dq_ref,) = inputs.split(refs)
   tile = _query_tile(pl.program_id(0), sh, reverse)
-  t0, bk = tile * sh.Bq, sh.block_k
+  t0, bk = _first_position(offset_ref) + tile * sh.Bq, sh.block_k
   q = q_ref[...].reshape(sh.M, sh.Dkp)
   do = do_ref[...].reshape(sh.M, sh.Dvp)
   lse2 = lse_ref[...].reshape(sh.M, 1)
   delta = delta_ref[...].reshape(sh.M, 1)
   t = _row_positions(t0, sh)[:, None]
+  start, starts = _tile_documents(start_ref, sh)
   c = scale * _LOG2E
 
   def body(kb, dq, masked):
@@ -360,27 +441,33 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
     k = k_ref[pl.ds(j0, bk), :]
     v = v_ref[pl.ds(j0, bk), :]
     j = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    p = _probs(q, k, lse2, c, masked, band, t, j, sh)
+    p = _probs(q, k, lse2, c, masked, band, t, j, start, sh)
     ds = p * (_util.dot(do, v, interpret=sh.interpret, contract=(1, 1)) - delta)
     return dq + _util.dot(ds.astype(k.dtype), k, interpret=sh.interpret)
 
-  dq = _banded_loop(band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk), body,
+  dq = _banded_loop(band.key_blocks(t0, t0 + sh.Bq - 1, sh.S, bk, starts), body,
                     jnp.zeros((sh.M, sh.Dkp), jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(sh.Bq, sh.Gp, sh.Dkp)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                *, band: Band, sh: _Shapes, scale: float, splits: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                band: Band, sh: _Shapes, scale: float, splits: int, inputs: _Inputs):
+  start_ref, end_ref, offset_ref, (dk_ref, dv_ref) = inputs.split(refs, ends=True)
   # The third grid axis packs (batch, split); split s takes query chunk s.
   kb, split = pl.program_id(0), pl.program_id(2) % splits
   bk, bq = sh.block_k, sh.Bq
   j0 = kb * bk
+  q0 = _first_position(offset_ref)
   k = k_ref[...]
   v = v_ref[...]
   j = j0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+  ends = None
+  if end_ref is not None:
+    key_end = end_ref[...]
+    ends = (jnp.min(key_end), jnp.max(key_end))
   chunk = pl.cdiv(sh.num_q_tiles, splits)
   tiles = tuple(jnp.clip(x, split * chunk, (split + 1) * chunk)
-                for x in band.query_tiles(j0, j0 + bk - 1, sh.T, sh.S, bq))
+                for x in band.query_tiles(j0, j0 + bk - 1, sh.T, sh.S, bq, q0, ends))
   c = scale * _LOG2E
 
   def body(tile, carry, masked):
@@ -392,8 +479,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     do = do_ref[pl.ds(t0, bq)].reshape(sh.M, sh.Dvp)
     lse2 = lse_ref[pl.ds(t0, bq)].reshape(1, sh.M)
     delta = delta_ref[pl.ds(t0, bq)].reshape(1, sh.M)
-    t = _row_positions(t0, sh)[None, :]
-    p_t = _probs(k, q, lse2, c, masked, band, t, j, sh)
+    t = _row_positions(q0 + t0, sh)[None, :]
+    start = None if start_ref is None else _token_rows(start_ref[pl.ds(t0, bq)], sh)[None, :]
+    p_t = _probs(k, q, lse2, c, masked, band, t, j, start, sh)
     dv = dv + _util.dot(p_t.astype(do.dtype), do, interpret=sh.interpret)
     ds_t = p_t * (_util.dot(v, do, interpret=sh.interpret, contract=(1, 1)) - delta)
     dk = dk + _util.dot(ds_t.astype(q.dtype), q, interpret=sh.interpret)
@@ -448,15 +536,40 @@ def _key_spec(sh: _Shapes, dim: int, *, whole: bool):
   return pl.BlockSpec((None, sh.block_k, None, dim), lambda i, h, b: (b, i, h, 0))
 
 
-def _fwd_call(qp, kp, vp, *, band, sh, scale, tiles, interpret, reverse):
+def _optional_inputs(docs: Documents | None, q_offset, sh: _Shapes, *,
+                     reverse: bool | None, ends: bool = False):
+  """(arrays, BlockSpecs) of the optional inputs, grid (., HKV, B): each query's
+  document start [B, Tp] (its tile's, or all of them where reverse=None), each key's
+  document end [B, Sp] (key tile program_id(0); where `ends`) and the query offset
+  [1]. Padded rows and keys repeat the last real one's (edge padding)."""
+  arrays, specs = [], []
+  if docs is not None:
+    arrays.append(jnp.pad(docs.query_start.astype(jnp.int32),
+                          [(0, 0), (0, sh.Tp - sh.T)], mode="edge"))
+    rows = sh.Tp if reverse is None else sh.Bq
+    specs.append(pl.BlockSpec((None, rows), lambda i, h, b: (
+        b, 0 if reverse is None else _query_tile(i, sh, reverse))))
+    if ends:
+      arrays.append(jnp.pad(docs.key_end.astype(jnp.int32),
+                            [(0, 0), (0, sh.Sp - sh.S)], mode="edge"))
+      specs.append(pl.BlockSpec((None, sh.block_k), lambda i, h, b: (b, i)))
+  if q_offset is not None:
+    arrays.append(jnp.reshape(q_offset, (1,)).astype(jnp.int32))
+    specs.append(pl.BlockSpec((1,), lambda i, h, b: (0,)))
+  return arrays, specs
+
+
+def _fwd_call(qp, kp, vp, docs, q_offset, *, band, sh, scale, tiles, interpret, reverse):
   grid = (sh.num_q_tiles, sh.HKV, sh.B)
+  extra, extra_specs = _optional_inputs(docs, q_offset, sh, reverse=reverse)
+  inputs = _Inputs(docs=docs is not None, offset=q_offset is not None)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, band=band, sh=sh, scale=scale,
-                        reverse=reverse),
+                        reverse=reverse, inputs=inputs),
       grid=grid,
       in_specs=[_row_spec(sh, dim=sh.Dkp, reverse=reverse),
                 _key_spec(sh, sh.Dkp, whole=True),
-                _key_spec(sh, sh.Dvp, whole=True)],
+                _key_spec(sh, sh.Dvp, whole=True)] + extra_specs,
       out_specs=[_row_spec(sh, dim=sh.Dvp, reverse=reverse),
                  _row_spec(sh, dim=None, reverse=reverse)],
       out_shape=[jax.ShapeDtypeStruct((sh.B, sh.Tp, sh.HKV, sh.Gp, sh.Dvp),
@@ -464,26 +577,28 @@ def _fwd_call(qp, kp, vp, *, band, sh, scale, tiles, interpret, reverse):
                  jax.ShapeDtypeStruct((sh.B, sh.Tp, sh.HKV, sh.Gp), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
-      interpret=interpret, name="banded_flash_fwd")(qp, kp, vp)
+      interpret=interpret, name="banded_flash_fwd")(qp, kp, vp, *extra)
 
 
-def _bwd_calls(qp, kp, vp, dop, lse2, delta, *, band, sh, scale, tiles,
+def _bwd_calls(qp, kp, vp, dop, lse2, delta, docs, q_offset, *, band, sh, scale, tiles,
                interpret, reverse):
   """Returns padded (dq, dk, dv)."""
   params = plgpu.CompilerParams(num_warps=tiles.bwd_num_warps,
                                 num_stages=tiles.bwd_num_stages)
+  inputs = _Inputs(docs=docs is not None, offset=q_offset is not None)
   tile_rows = functools.partial(_row_spec, sh, reverse=reverse)
+  extra, extra_specs = _optional_inputs(docs, q_offset, sh, reverse=reverse)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, band=band, sh=sh, scale=scale,
-                        reverse=reverse),
+                        reverse=reverse, inputs=inputs),
       grid=(sh.num_q_tiles, sh.HKV, sh.B),
       in_specs=[tile_rows(dim=sh.Dkp), _key_spec(sh, sh.Dkp, whole=True),
                 _key_spec(sh, sh.Dvp, whole=True), tile_rows(dim=sh.Dvp),
-                tile_rows(dim=None), tile_rows(dim=None)],
+                tile_rows(dim=None), tile_rows(dim=None)] + extra_specs,
       out_specs=tile_rows(dim=sh.Dkp),
       out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
       compiler_params=params, interpret=interpret,
-      name="banded_flash_dq")(qp, kp, vp, dop, lse2, delta)
+      name="banded_flash_dq")(qp, kp, vp, dop, lse2, delta, *extra)
 
   # dk/dv: grid (key tile, KV head, batch * splits); split s of batch b sums
   # the query tiles of chunk s into partial [splits, B, Sp, HKV, D].
@@ -499,50 +614,56 @@ def _bwd_calls(qp, kp, vp, dop, lse2, delta, *, band, sh, scale, tiles,
                         lambda i, h, bs: (bs % splits, bs // splits, i, h, 0))
 
   all_rows = functools.partial(_row_spec, sh)
+  extra, extra_specs = _optional_inputs(docs, q_offset, sh, reverse=None, ends=True)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, band=band, sh=sh, scale=scale,
-                        splits=splits),
+                        splits=splits, inputs=inputs),
       grid=(sh.num_k_tiles, sh.HKV, sh.B * splits),
       in_specs=[unsplit(all_rows(dim=sh.Dkp)),
                 unsplit(_key_spec(sh, sh.Dkp, whole=False)),
                 unsplit(_key_spec(sh, sh.Dvp, whole=False)),
                 unsplit(all_rows(dim=sh.Dvp)),
-                unsplit(all_rows(dim=None)), unsplit(all_rows(dim=None))],
+                unsplit(all_rows(dim=None)), unsplit(all_rows(dim=None))]
+               + [unsplit(spec) for spec in extra_specs],
       out_specs=[part_spec(sh.Dkp), part_spec(sh.Dvp)],
       out_shape=[jax.ShapeDtypeStruct((splits,) + kp.shape, acc_dtype),
                  jax.ShapeDtypeStruct((splits,) + vp.shape, acc_dtype)],
       compiler_params=params, interpret=interpret,
-      name="banded_flash_dkv")(qp, kp, vp, dop, lse2, delta)
+      name="banded_flash_dkv")(qp, kp, vp, dop, lse2, delta, *extra)
   return dq, dk.sum(0).astype(kp.dtype), dv.sum(0).astype(vp.dtype)
 
 
 # ---------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def banded_attention(q, k, v, band: Band, scale: float, tiles: Tiles,
-                     interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def banded_attention(q, k, v, docs: Documents | None, q_offset, band: Band, scale: float,
+                     tiles: Tiles, interpret: bool):
   """Softmax attention of q [B,T,HQ,Dk] over k, v [B,S,HKV,Dk/Dv] under `band`.
+
+  docs: packed rows (`Documents`), or None for one document per row.
+  q_offset: int32 scalar position of query row 0 (traced, e.g. under shard_map for
+    context parallelism; keys start at position 0), or None for 0.
 
   Returns (o [B, T, HQ, Dv] in q.dtype, lse [B, T, HQ] float32); rows that
   see no key get o = 0 and lse = -inf, with zero gradients.
   """
-  return _forward(q, k, v, band, scale, tiles, interpret)[0]
+  return _forward(q, k, v, docs, q_offset, band, scale, tiles, interpret)[0]
 
 
-def _forward(q, k, v, band, scale, tiles, interpret):
+def _forward(q, k, v, docs, q_offset, band, scale, tiles, interpret):
   sh = _shapes(q, k, v, tiles, backward=False, interpret=interpret)
   qp, kp, vp = _pad_inputs(q, k, v, sh)
-  o, lse = _fwd_call(qp, kp, vp, band=band, sh=sh, scale=scale, tiles=tiles,
+  o, lse = _fwd_call(qp, kp, vp, docs, q_offset, band=band, sh=sh, scale=scale, tiles=tiles,
                      interpret=interpret, reverse=band.window is None)
   HQ = sh.HKV * sh.G
   o = o[:, :sh.T, :, :sh.G, :sh.Dv].reshape(sh.B, sh.T, HQ, sh.Dv)
   lse = lse[:, :sh.T, :, :sh.G].reshape(sh.B, sh.T, HQ)
-  return (o, lse), (q, k, v, o, lse)
+  return (o, lse), (q, k, v, docs, q_offset, o, lse)
 
 
 def _backward(band, scale, tiles, interpret, res, cts):
-  q, k, v, o, lse = res
+  q, k, v, docs, q_offset, o, lse = res
   do, dlse = cts
   sh = _shapes(q, k, v, tiles, backward=True, interpret=interpret)
   qp, kp, vp = _pad_inputs(q, k, v, sh)
@@ -556,12 +677,12 @@ def _backward(band, scale, tiles, interpret, res, cts):
   lse2 = jnp.pad(lse.reshape(rows) * _LOG2E,
                  [(0, n - m) for m, n in zip(rows, padded_rows)],
                  constant_values=jnp.inf)
-  dq, dk, dv = _bwd_calls(qp, kp, vp, dop, lse2, delta, band=band, sh=sh,
+  dq, dk, dv = _bwd_calls(qp, kp, vp, dop, lse2, delta, docs, q_offset, band=band, sh=sh,
                           scale=scale, tiles=tiles, interpret=interpret,
                           reverse=band.window is None)
   HQ = sh.HKV * sh.G
   return (dq[:, :sh.T, :, :sh.G, :sh.Dk].reshape(sh.B, sh.T, HQ, sh.Dk),
-          dk[:, :sh.S, :, :sh.Dk], dv[:, :sh.S, :, :sh.Dv])
+          dk[:, :sh.S, :, :sh.Dk], dv[:, :sh.S, :, :sh.Dv], None, None)
 
 
 banded_attention.defvjp(_forward, _backward)

@@ -4,7 +4,9 @@ Query t attends to compressed block i iff the block lies wholly in its past,
 i*d + l - 1 <= t. This is the banded flash attention of
 `pallas_kernels/_flash.py` with key i at position i*d + l - 1 and no lower
 edge; the mask is monotone, so a query tile loops only over the blocks visible
-to its last token. Rows that see no block get o = 0 and lse = -inf.
+to its last token. Rows that see no block get o = 0 and lse = -inf. Packed rows
+(SPEC §6): block i is visible to t only when it starts in t's document,
+s(t) <= i*d (`_flash.Documents`).
 Reference: `nsa_jax.ops.compressed.compressed_attention_xla`.
 """
 from __future__ import annotations
@@ -31,16 +33,27 @@ def unsupported(q, k_cmp, v_cmp) -> str | None:
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
-                         interpret: bool, tiles: _flash.Tiles | None = None):
+                         interpret: bool, tiles: _flash.Tiles | None = None,
+                         doc_start=None, doc_end=None, q_offset=None):
   """q [B,T,HQ,Dk], k_cmp/v_cmp [B,Tc,HKV,Dk/Dv] -> (o [B,T,HQ,Dv], lse [B,T,HQ] f32);
-  compressed block i (of `block` tokens, every `stride`) ends at token i*stride + block - 1."""
+  compressed block i (of `block` tokens, every `stride`) ends at token i*stride + block - 1.
+
+  Packed rows: doc_start [B, T] int32, the first position of each query's document,
+  and doc_end [B, N] int32, one past the last position of each token's document
+  (N >= (Tc - 1) * stride + 1 tokens: the row's), or both None.
+  q_offset: int32 scalar position of query row 0 (the keys' row is from 0), or None.
+  """
   tiles = default_tiles(q, k_cmp, v_cmp) if tiles is None else tiles
   B, T, HQ, _ = q.shape
-  if k_cmp.shape[1] == 0:   # T < l: no compressed block exists yet
+  Tc = k_cmp.shape[1]
+  if Tc == 0:   # T < l: no compressed block exists yet
     return (jnp.zeros((B, T, HQ, v_cmp.shape[-1]), q.dtype),
             jnp.full((B, T, HQ), -jnp.inf, jnp.float32))
+  docs = None if doc_start is None else _flash.Documents(
+      query_start=doc_start, key_end=doc_end[:, :(Tc - 1) * stride + 1:stride])
   band = _flash.Band(stride=stride, offset=block - 1, window=None)
-  return _flash.banded_attention(q, k_cmp, v_cmp, band, scale, tiles, interpret)
+  return _flash.banded_attention(q, k_cmp, v_cmp, docs, q_offset, band, scale, tiles,
+                                 interpret)
 
 
 def default_tiles(q, k_cmp, v_cmp) -> _flash.Tiles | None:

@@ -45,6 +45,13 @@ Design (one program per (query tile of Bq tokens, KV group, batch)):
   become -1 (fewer than n candidates).
 * Tiles are walked last-first (the causal work grows with t), so the longest
   programs start first.
+* Packed rows (SPEC §6; `doc_start`, the first position s(t) of each query's
+  document): compressed block i is visible only when s(t) <= i*d, the candidates
+  are s(t) <= j*l' <= t, the forced initial blocks the document's first
+  `num_initial`; both passes start at the first block of the tile's earliest
+  document, so a packed row costs less than one long sequence.
+* Query offset (`q_offset`, for context parallelism): the T queries sit at
+  positions q0 .. q0 + T - 1 (q0 traced) against compressed keys from position 0.
 
 Padding done by the wrapper (copies only when needed): T to a multiple of Bq,
 Dk to a multiple of 16 (zeros; the QK matmul is split in power-of-2 pieces,
@@ -169,15 +176,17 @@ def _merge_top_n(vals, idx, run_vals, run_idx):
 
 def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
                    num_cmp: int, group: int, chunk: int, block_k: int,
-                   num_tiles: int, dtype):
+                   num_tiles: int, dtype, optional: tuple[bool, bool, bool]):
   """One (query tile, KV group, batch) program.
 
   refs: q_ref [Bq, G, Dk] (this tile and group), k_ref [Lk, Dk] (this group's
-  padded compressed keys, row r = compressed block r - (l/d - 1)), optionally
-  lse_ref [Bq, GP] (the given lse of this tile and group; pass 1 is skipped
-  then), o_ref [Bq, NP].
+  padded compressed keys, row r = compressed block r - (l/d - 1)), then where
+  `optional` (lse, documents, offset) says so: lse_ref [Bq, GP] (the given lse of
+  this tile and group; pass 1 is skipped then), start_ref [Bq] (s(t) of the
+  tile's queries), offset_ref [1] (position of query 0); last o_ref [Bq, NP].
   """
-  q_ref, k_ref, *lse_ref, o_ref = refs
+  q_ref, k_ref, *refs, o_ref = refs
+  lse_ref, start_ref, offset_ref = (refs.pop(0) if flag else None for flag in optional)
   l, d, lp = sizes.compress_block, sizes.compress_stride, sizes.select_block
   front = l // d - 1                       # zero rows in front of k_ref
   per_select = lp // d
@@ -188,11 +197,19 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
   group_pad = _util.next_pow2(group)
 
   tile = num_tiles - 1 - pl.program_id(0)   # longest tiles first
-  t = tile * block_q + jnp.arange(block_q, dtype=jnp.int32)        # [Bq]
-  t_last = jnp.minimum(tile * block_q + block_q - 1, seq_len - 1)
+  q0 = 0 if offset_ref is None else offset_ref[0]
+  t = q0 + tile * block_q + jnp.arange(block_q, dtype=jnp.int32)        # [Bq]
+  t_last = q0 + jnp.minimum(tile * block_q + block_q - 1, seq_len - 1)
   # Compressed blocks visible to the tile's last query: i*d + l - 1 <= t_last.
   num_visible = jnp.minimum(
       _util.div(jnp.maximum(t_last - l + 1 + d, 0), d), num_cmp)
+  # The first position and selection block of each query's document [Bq, 1] (0
+  # for one document per row), and the tile's earliest block: both passes start there.
+  doc_start = first = tile_first = 0
+  if start_ref is not None:
+    doc_start = start_ref[...][:, None]
+    first = _util.div(doc_start, lp)
+    tile_first = jnp.min(first)
 
   def scores(h, row0, i):
     """scale * q_h . k over k_ref rows row0.. (compressed blocks i), and visibility."""
@@ -200,7 +217,7 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
                       k_ref[pl.ds(row0, block_k), pl.ds(start, size)],
                       trans_b=True).astype(dtype)
             for start, size in _pow2_parts(q_ref.shape[-1])) * scale
-    visible = ((i[None, :] >= 0) & (i[None, :] < num_cmp)
+    visible = ((i[None, :] * d >= doc_start) & (i[None, :] < num_cmp)
                & (i[None, :] * d + l - 1 <= t[:, None]))
     return s, visible
 
@@ -220,11 +237,12 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
       return m_new, total
 
     init = (jnp.full((block_q,), -jnp.inf, dtype), jnp.zeros((block_q,), dtype))
-    m, total = lax.fori_loop(0, _util.div(num_visible + block_k - 1, block_k), body, init)
+    m, total = lax.fori_loop(_util.div(tile_first * (lp // d), block_k),
+                             _util.div(num_visible + block_k - 1, block_k), body, init)
     return jnp.where(head_col == h, (m + jnp.log(total))[:, None], lse)
 
-  if lse_ref:
-    lse = lse_ref[0][...]
+  if lse_ref is not None:
+    lse = lse_ref[...]
   else:
     lse = lax.fori_loop(0, group, lse_of_head,
                         jnp.zeros((block_q, group_pad), dtype))
@@ -251,8 +269,8 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
 
     col = jnp.arange(chunk_pad, dtype=jnp.int32)[None, :]
     j = c * chunk + col                                            # [1, Sc]
-    candidate = (j <= current) & (col < chunk)
-    forced = candidate & ((j < sizes.num_initial)
+    candidate = (j <= current) & (j >= first) & (col < chunk)
+    forced = candidate & ((j < first + sizes.num_initial)
                           | (j > current - sizes.num_local))
     vals = jnp.where(forced, jnp.inf,
                      jnp.where(candidate, block_scores, -jnp.inf))
@@ -262,7 +280,8 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
   slot = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32)[None, :],
                           (block_q, n_pad))
   init = (jnp.where(slot < n, -jnp.inf, jnp.inf).astype(dtype), -1 - slot)
-  run_vals, run_idx = lax.fori_loop(0, num_chunks, chunk_body, init)
+  run_vals, run_idx = lax.fori_loop(_util.div(tile_first, chunk), num_chunks, chunk_body,
+                                    init)
   o_ref[...] = jnp.where((run_vals == -jnp.inf) | (slot >= n), -1, run_idx)
 
 
@@ -323,7 +342,8 @@ def unsupported(q, k_cmp, *, sizes: Selection) -> str | None:
 @functools.partial(jax.jit, static_argnames=("sizes", "scale", "interpret",
                                              "tiles"))
 def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
-                  interpret: bool, tiles: Tiles | None = None, lse=None):
+                  interpret: bool, tiles: Tiles | None = None, lse=None, doc_start=None,
+                  q_offset=None):
   """Top-n selection blocks per query and KV group; see the module docstring.
 
   Args:
@@ -333,6 +353,9 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
     tiles: tile sizes and launch parameters (default: `default_tiles`).
     lse: optional [B, T, HQ] natural-log lse of the compressed branch (-inf
       where nothing is visible); when given, pass 1 is skipped.
+    doc_start: optional [B, T] int32, the first position of each query's document
+      (packed rows, SPEC §6); None: one document per row.
+    q_offset: optional int32 scalar, the position of query 0 (k_cmp from 0).
 
   Returns:
     block_idx [B, T, HKV, n] int32, -1 in unused slots, order free.
@@ -377,9 +400,17 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
                                 (0, group_pad - G)]))
     in_specs.append(pl.BlockSpec((None, block_q, None, group_pad),
                                  lambda i, g, b: (b, num_tiles - 1 - i, g, 0)))
+  if doc_start is not None:   # padded queries repeat the last one's
+    inputs.append(jnp.pad(doc_start.astype(jnp.int32), [(0, 0), (0, num_tiles * block_q - T)],
+                          mode="edge"))
+    in_specs.append(pl.BlockSpec((None, block_q), lambda i, g, b: (b, num_tiles - 1 - i)))
+  if q_offset is not None:
+    inputs.append(jnp.reshape(q_offset, (1,)).astype(jnp.int32))
+    in_specs.append(pl.BlockSpec((1,), lambda i, g, b: (0,)))
   kernel = functools.partial(
       _select_kernel, sizes=sizes, scale=scale, seq_len=T, num_cmp=Tc,
-      group=G, chunk=chunk, block_k=tile_k, num_tiles=num_tiles, dtype=dtype)
+      group=G, chunk=chunk, block_k=tile_k, num_tiles=num_tiles, dtype=dtype,
+      optional=(lse is not None, doc_start is not None, q_offset is not None))
   out = pl.pallas_call(
       kernel,
       grid=(num_tiles, HKV, B),

@@ -3,7 +3,8 @@
 Query t attends to keys max(0, t-w+1) .. t. This is the banded flash
 attention of `pallas_kernels/_flash.py` with key j at position j and a band of
 width w, so each query tile loops over about (tile + w) keys: work grows with
-T * w. Reference: `nsa_jax.ops.window.window_attention_xla`.
+T * w. Packed rows (SPEC §6): keys before the first token of the query's document
+are masked too (`_flash.Documents`). Reference: `nsa_jax.ops.window.window_attention_xla`.
 """
 from __future__ import annotations
 
@@ -32,10 +33,18 @@ def unsupported(q, k, v, *, window: int) -> str | None:
 
 
 def window_attention(q, k, v, *, window: int, scale: float,
-                     interpret: bool, tiles: _flash.Tiles | None = None):
-  """q [B,T,HQ,Dk], k/v [B,T,HKV,Dk/Dv] -> o [B,T,HQ,Dv] over the last `window` keys of
-  each query; differentiable in q, k, v."""
+                     interpret: bool, tiles: _flash.Tiles | None = None,
+                     doc_start=None, doc_end=None, q_offset=None):
+  """q [B,T,HQ,Dk], k/v [B,S,HKV,Dk/Dv] -> o [B,T,HQ,Dv] over the last `window` keys of
+  each query; differentiable in q, k, v.
+
+  Packed rows: doc_start [B, T] int32, the first position of each query's document,
+  and doc_end [B, S] int32, one past the last position of each key's document, or
+  both None. q_offset: int32 scalar position of query row 0 (keys from 0), or None.
+  """
   tiles = default_tiles(q, k, v) if tiles is None else tiles
+  docs = None if doc_start is None else _flash.Documents(query_start=doc_start,
+                                                         key_end=doc_end)
   band = _flash.Band(stride=1, offset=0, window=window)
-  o, _ = _flash.banded_attention(q, k, v, band, scale, tiles, interpret)
+  o, _ = _flash.banded_attention(q, k, v, docs, q_offset, band, scale, tiles, interpret)
   return o

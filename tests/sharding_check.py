@@ -40,17 +40,24 @@ def build(mesh=None, seed=0):
   return model, optimizer
 
 
+def packed_rows(rows, length):
+  """Segment ids of `rows` rows of two documents each, split at 16, 32, .. (SPEC §6)."""
+  split = NSA.select_block * (np.arange(rows)[:, None] % (length // NSA.select_block - 1) + 1)
+  return (np.arange(length)[None, :] >= split).astype(np.int32)
+
+
 def batch(mesh=None):
   rng = np.random.default_rng(0)
   b = {"inputs": rng.integers(0, 256, (B, T), dtype=np.int32),
        "targets": rng.integers(0, 256, (B, T), dtype=np.int32),
-       "weights": (rng.random((B, T)) < 0.9).astype(np.float32)}
+       "weights": (rng.random((B, T)) < 0.9).astype(np.float32),
+       "segment_ids": packed_rows(B, T)}
   return b if mesh is None else sharding.shard_batch(b, mesh)
 
 
 def grads(model, b):
   def loss(model):
-    logits = model(b["inputs"])
+    logits = model(b["inputs"], segment_ids=b["segment_ids"])
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0]
     return jnp.sum(nll * b["weights"]) / jnp.sum(b["weights"])
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -101,7 +108,7 @@ def train_step_hlo(mesh, state) -> tuple:
 def main(out: pathlib.Path):
   res = {"devices": jax.device_count()}
 
-  # 1. Gradients and one optimizer step: unsharded vs data=2,fsdp=2,heads=2.
+  # 1. Gradients and one optimizer step: unsharded vs data=2,fsdp=2,heads=2, on packed rows.
   mesh = sharding.make_mesh("data=2,fsdp=2,heads=2")
   ref_model, ref_opt = build()
   sh_model, sh_opt = build(mesh)
@@ -166,7 +173,8 @@ def main(out: pathlib.Path):
         for x, y in zip(jax.tree.leaves(raw), jax.tree.leaves(nnx.state(model2))))
   manager.close()
 
-  # 3. The Pallas kernels (interpret mode) and their VJPs under shard_map vs the reference.
+  # 3. The Pallas kernels (interpret mode) and their VJPs under shard_map vs the reference,
+  # on packed rows (segment ids split by batch rows only).
   mesh = sharding.make_mesh("data=4,heads=2")
   keys = jax.random.split(jax.random.key(1), 8)
   b, t, hq, hkv, d = 4, 40, 4, 2, 16
@@ -176,10 +184,11 @@ def main(out: pathlib.Path):
   args[-1] = jax.nn.sigmoid(args[-1])
   cot = jax.random.normal(jax.random.key(2), (b, t, hq, d), jnp.float32)
   op = sharding.sharded_nsa(mesh)
+  segment_ids = jnp.asarray(packed_rows(b, t))
 
   def out_and_grads(f, **kw):
     def fn(args, cot):
-      o, vjp = jax.vjp(lambda *a: f(*a, config=NSA, **kw), *args)
+      o, vjp = jax.vjp(lambda *a: f(*a, config=NSA, segment_ids=segment_ids, **kw), *args)
       return o, vjp(cot)
     return jax.jit(fn)(args, cot)
 

@@ -26,10 +26,10 @@ def fake_gpu(monkeypatch):
   monkeypatch.setattr(jax, "devices", lambda: [Hopper()])
 
 
-def _branch_calls(dtype, Dk=128, Dv=128, interpret=None, T=64, HQ=4, HKV=2):
+def _branch_calls(dtype, Dk=128, Dv=128, interpret=None, T=64, HQ=4, HKV=2, packed=False):
   x = lambda H, D, S=T: jax.ShapeDtypeStruct((1, S, H, D), dtype)
   Tc = SMALL.num_compressed(T)
-  call = lambda **arrays: dispatch.Call(arrays, SMALL, interpret)
+  call = lambda **arrays: dispatch.Call(arrays, SMALL, interpret, packed)
   return {"compressed_attention": call(q=x(HQ, Dk), k_cmp=x(HKV, Dk, Tc), v_cmp=x(HKV, Dv, Tc)),
           "select_blocks": call(q=x(HQ, Dk), k_cmp=x(HKV, Dk, Tc)),
           "selected_attention": call(q=x(HQ, Dk), k=x(HKV, Dk), v=x(HKV, Dv)),
@@ -49,6 +49,17 @@ def test_nsa_branches_on_a_gpu(fake_gpu):
   assert set(kernels.values()) == {"pallas"}
   f32 = dispatch.nsa_branches("auto", _branch_calls(jnp.float32))
   assert set(f32.values()) == {"pallas"}                      # cuDNN takes 16-bit only
+
+
+def test_packed_rows_run_on_the_kernels(fake_gpu):
+  """Packed rows (segment ids): every branch on the Pallas kernels, cuDNN refused
+  with the reason (it takes no document mask here)."""
+  calls = _branch_calls(jnp.bfloat16, packed=True)
+  for impl in ("auto", "pallas"):
+    assert set(dispatch.nsa_branches(impl, calls).values()) == {"pallas"}
+  with pytest.raises(ValueError, match=r"window_attention\(impl='cudnn'\) cannot run .*, "
+                                       r"segment_ids: cudnn: segment_ids \(packed rows\)"):
+    dispatch.choose("window_attention", "cudnn", calls["window_attention"])
 
 
 def test_auto_falls_back_and_explicit_impls_raise(fake_gpu):

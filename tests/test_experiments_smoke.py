@@ -48,6 +48,12 @@ def test_bench_kernels_small(tmp_path):
       timed[(op, "fwd")]["flops"] for op in
       ("compressed_attention", "selected_attention", "window_attention"))
   assert "speedup" in stdout
+  # Packed rows (issue #20): the whole op with segment ids beside it, fewer FLOPs.
+  for pass_ in ("fwd", "fwd+bwd"):
+    packed = timed[("nsa_packed", pass_)]
+    assert packed["median_ms"] > 0 and len(packed["documents"]) > 1, packed
+    assert 0 < packed["flops"] < timed[("nsa", pass_)]["flops"]
+  assert "packed / plain" in stdout
 
 
 def test_gpu_check_small(tmp_path):
@@ -59,6 +65,20 @@ def test_gpu_check_small(tmp_path):
   checked = {(r["op"], r["impl"]): set(r["errors"]) for r in data["records"]}
   assert checked[("window_attention", "pallas")] == {"o", "dq", "dk_win", "dv_win"}
   assert checked[("select_blocks", "pallas")] == {"block_idx", "block_idx[xla]"}
+
+
+def test_gpu_check_packed_small(tmp_path):
+  """--packed: every op on packed rows against the reference on each document alone
+  (here the reference on both sides: the script's mapping between the two layouts)."""
+  run_script("gpu_check.py", ["--packed", "--impl", "xla"], tmp_path)
+  with open(tmp_path / "gpu_packed_cpu.json") as f:
+    data = json.load(f)
+  assert data["summary"] == {"pass": 6, "fail": 0, "error": 0, "skipped": 0}
+  assert {r["kind"] for r in data["records"]} == {"packed"}
+  checked = {r["op"]: r["errors"] for r in data["records"]}
+  assert set(checked["nsa"]) == {"o"} | {f"d{n}" for n in ("q", "k_cmp", "v_cmp", "k_slc",
+                                                            "v_slc", "k_win", "v_win", "gates")}
+  assert checked["select_blocks"]["block_idx"]["rows_outside_document"] == 0
 
 
 def test_gpu_matrix_small(tmp_path):

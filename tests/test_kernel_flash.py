@@ -17,6 +17,7 @@ import pytest
 
 import nsa_jax
 from nsa_jax import NSAConfig
+from nsa_jax.ops import segments
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import _flash
@@ -161,17 +162,32 @@ def test_public_ops_dispatch_to_kernels():
                     f"{impl_fn.__name__} output {i}")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed-offset"])
 @pytest.mark.parametrize("band", [_flash.Band(1, 0, 16), _flash.Band(1, 0, 40),
                                   _flash.Band(4, 7, None), _flash.Band(2, 3, 9)])
-def test_block_ranges_match_the_mask(band):
+def test_block_ranges_match_the_mask(band, packed):
   """The loop bounds cover every visible (query, key) pair, and the inner,
-  unmasked blocks hold visible pairs only (checked against the dense mask)."""
+  unmasked blocks hold visible pairs only (checked against the dense mask).
+  Packed: documents start at positions 0, 16 and 48 (`_flash.Documents`: the
+  tiles' least and greatest s(t), the key tiles' least and greatest document
+  end), and the query rows sit at positions 9 .. 9 + T - 1 (query offset)."""
   T, S, bq, bk = 70, 53, 4, 16
-  t, j = np.arange(T)[:, None], np.arange(S)[None, :]
-  mask = np.asarray(band.visible(t, j, S))
+  q0 = 9 if packed else 0
+  total = q0 + T
+  bounds = [0, 16, 48, total] if packed else [0, total]
+  start_of, end_of = np.zeros(total, np.int64), np.zeros(total, np.int64)
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    start_of[lo:hi], end_of[lo:hi] = lo, hi
+  positions = q0 + np.arange(T)
+  # Per key, the end of the document of its first token (past the row: the last's).
+  key_end = end_of[np.minimum(np.arange(S) * band.stride, total - 1)]
+  t, j = positions[:, None], np.arange(S)[None, :]
+  mask = np.asarray(band.visible(t, j, S, start_of[t] if packed else None))
   for t0 in range(0, T, bq):
     rows = mask[t0:t0 + bq]
-    lo, full_lo, full_hi, hi = map(int, band.key_blocks(t0, t0 + bq - 1, S, bk))
+    tile_starts = start_of[positions[np.minimum(np.arange(t0, t0 + bq), T - 1)]]
+    docs = (tile_starts.min(), tile_starts.max()) if packed else None
+    lo, full_lo, full_hi, hi = map(int, band.key_blocks(q0 + t0, q0 + t0 + bq - 1, S, bk, docs))
     assert lo <= full_lo <= full_hi <= hi
     seen = np.flatnonzero(rows.any(0))
     if seen.size:
@@ -182,9 +198,49 @@ def test_block_ranges_match_the_mask(band):
   for j0 in range(0, S + bk, bk):
     cols = np.zeros((T, bk), bool)
     cols[:, :max(0, min(S - j0, bk))] = mask[:, j0:j0 + bk]
-    lo, full_lo, full_hi, hi = map(int, band.query_tiles(j0, j0 + bk - 1, T, S, bq))
+    tile_ends = key_end[np.minimum(np.arange(j0, j0 + bk), S - 1)]
+    ends = (tile_ends.min(), tile_ends.max()) if packed else None
+    lo, full_lo, full_hi, hi = map(int, band.query_tiles(j0, j0 + bk - 1, T, S, bq, q0, ends))
     assert lo <= full_lo <= full_hi <= hi
     seen = np.flatnonzero(cols.any(1))
     if seen.size:
       assert lo * bq <= seen[0] and seen[-1] < hi * bq
     assert cols[full_lo * bq:full_hi * bq].all()
+
+
+@pytest.mark.parametrize("kind", ["window", "compressed"])
+def test_query_offset_gives_those_rows(kind):
+  """A private argument for context parallelism (#23): the kernels on the queries
+  t0 .. T-1 alone, at positions from a traced q_offset = t0, with all keys and packed
+  rows, give those rows of the whole: o, lse, dq, and dk, dv under a cotangent on
+  those rows only."""
+  B, T, HKV, G, Dk, Dv, t0 = 2, 77, 2, 2, 16, 8, 37   # t0 inside a tile and a document
+  segment_ids = np.stack([np.repeat([0, 1, 2], [16, 32, 29]), np.repeat([0, 1], [48, 29])])
+  starts = segments.document_starts(jnp.asarray(segment_ids))
+  ends = segments.document_ends(jnp.asarray(segment_ids))
+  S = T if kind == "window" else SMALL.num_compressed(T)
+  q, k, v, do, dlse = _inputs(7, B, T, S, HKV, G, Dk, Dv)
+
+  def run(q, k, v, doc_start, q_offset):
+    if kind == "window":
+      o = window_attention(q, k, v, window=SMALL.window, scale=0.3, interpret=True,
+                           tiles=SMALL_TILES, doc_start=doc_start, doc_end=ends,
+                           q_offset=q_offset)
+      return o, jnp.zeros(o.shape[:3], jnp.float32)   # window: no lse
+    return compressed_attention(q, k, v, **_sizes(SMALL), scale=0.3, interpret=True,
+                                tiles=SMALL_TILES, doc_start=doc_start, doc_end=ends,
+                                q_offset=q_offset)
+
+  rows = (jnp.arange(T) >= t0)[None, :, None]
+  ct = (do * rows[..., None], dlse * rows)
+  whole = jax.jit(lambda q, k, v: _vjp(lambda *a: run(*a, starts, None), q, k, v, ct))
+  part = jax.jit(lambda q, k, v, q0: _vjp(lambda *a: run(*a, starts[:, t0:], q0), q, k, v,
+                                          tuple(c[:, t0:] for c in ct)))
+  (o, lse), (dq, dk, dv) = whole(q, k, v)
+  (o_p, lse_p), (dq_p, dk_p, dv_p) = part(q[:, t0:], k, v, jnp.int32(t0))
+  _assert_close(o_p, o[:, t0:], "o")
+  _assert_close(jnp.where(jnp.isinf(lse_p), 0, lse_p), jnp.where(jnp.isinf(lse), 0, lse)[:, t0:],
+                "lse")
+  _assert_close(dq_p, dq[:, t0:], "dq")
+  _assert_close(dk_p, dk, "dk")
+  _assert_close(dv_p, dv, "dv")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import nsa_jax
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, segments
 from nsa_jax.ops._common import selection_sizes
 from nsa_jax.ops.compressed import compressed_scores
 from nsa_jax.ops.selection import overlap_to_select_blocks, select_blocks_xla
@@ -34,8 +34,9 @@ EQUAL_BLOCKS = NSAConfig(compress_block=16, compress_stride=8, select_block=16,
                          num_selected=4, num_initial=0)
 
 
-def ranked_reference_scores(q, k_cmp, config, scale):
-  """[B, T, HKV, Ts] float64 scores as ranked: forced +inf, non-candidates -inf."""
+def ranked_reference_scores(q, k_cmp, config, scale, doc_start=None):
+  """[B, T, HKV, Ts] float64 scores as ranked: forced +inf, non-candidates -inf;
+  doc_start [B, T]: packed rows (SPEC §6)."""
   B, T, HQ, _ = q.shape
   HKV = k_cmp.shape[2]
   Ts = config.num_select_blocks(T)
@@ -43,26 +44,28 @@ def ranked_reference_scores(q, k_cmp, config, scale):
     scores = jnp.zeros((B, HKV, T, Ts))
   else:
     s, mask = compressed_scores(q.astype(jnp.float64), 0,
-                                k_cmp.astype(jnp.float64), config, scale)
+                                k_cmp.astype(jnp.float64), config, scale, doc_start)
     p, _ = _common.masked_softmax(s, mask)
     scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
   scores = np.moveaxis(np.asarray(scores), 1, 2)
   t = np.arange(T)[:, None, None]
   j = np.arange(Ts)
   current = t // config.select_block
-  candidate = j <= current
-  forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
+  first = 0 if doc_start is None else np.asarray(doc_start)[:, :, None, None] // config.select_block
+  candidate = (j <= current) & (j >= first)
+  forced = candidate & ((j < first + config.num_initial) | (j > current - config.num_local))
   ranked = np.where(candidate, scores, -np.inf)
   return np.where(forced, np.inf, ranked)
 
 
-def assert_same_selection(block_idx, q, k_cmp, config, scale, exact=False):
+def assert_same_selection(block_idx, q, k_cmp, config, scale, exact=False, doc_start=None):
   """block_idx selects what select_blocks_xla selects, up to near-ties (module doc)."""
   block_idx = np.asarray(block_idx)
-  reference = np.asarray(select_blocks_xla(q, k_cmp, config=config, scale=scale))
+  reference = np.asarray(select_blocks_xla(q, k_cmp, config=config, scale=scale,
+                                           doc_start=doc_start))
   assert block_idx.shape == reference.shape
   assert block_idx.dtype == np.int32
-  ranked = ranked_reference_scores(q, k_cmp, config, scale)
+  ranked = ranked_reference_scores(q, k_cmp, config, scale, doc_start)
   differing = 0
   for pos in np.ndindex(*block_idx.shape[:3]):
     got, want = block_idx[pos], reference[pos]
@@ -203,6 +206,31 @@ def test_reference_given_lse():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with pytest.raises(ValueError, match="lse.shape"):
     nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse[:, 1:])
+
+
+def test_packed_rows_and_query_offset():
+  """Packed rows (doc_start, SPEC §6; documents at 0, 48, 112 and a row ending inside
+  a selection block), with the kernel's own lse (pass 1) and with the compressed
+  branch's: the selection of the reference on packed rows, near-ties apart. And with a
+  query offset (context parallelism, #23): the last rows alone, at positions from a
+  traced q_offset, select exactly what they select in the whole."""
+  config, T, t0 = SMALL, 150, 77
+  q, k_cmp = random_inputs(3, 1, T, 4, 2, 32, config)
+  segment_ids = jnp.asarray(np.repeat([0, 1, 2], [48, 64, 38])[None], jnp.int32)
+  doc_start = segments.document_starts(segment_ids)
+  scale = _common.resolve_scale(None, q)
+  _, lse = nsa_jax.compressed_attention(q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype),
+                                        config=config, scale=scale, impl="xla",
+                                        segment_ids=segment_ids)
+  kw = dict(sizes=selection_sizes(config), scale=scale, interpret=True,
+            tiles=Tiles(block_q=16, block_k=16))
+  for given in (None, lse):
+    whole = select_blocks(q, k_cmp, **kw, lse=given, doc_start=doc_start)
+    assert_same_selection(whole, q, k_cmp, config, scale, doc_start=doc_start)
+    part = jax.jit(lambda q, lse, q0: select_blocks(q, k_cmp, **kw, lse=lse,
+                                                    doc_start=doc_start[:, t0:], q_offset=q0))(
+        q[:, t0:], None if given is None else given[:, t0:], jnp.int32(t0))
+    np.testing.assert_array_equal(np.sort(part, -1), np.sort(whole[:, t0:], -1))
 
 
 @pytest.mark.parametrize("field, value", [("block_q", 8), ("block_k", 48),

@@ -99,7 +99,8 @@ def test_checkpoint_restores_onto_another_mesh(sharded):
 
 
 def test_pallas_kernels_under_shard_map(sharded):
-  # interpret-mode kernels per (data=4, heads=2) shard vs the one-device XLA reference;
+  # interpret-mode kernels per (data=4, heads=2) shard vs the one-device XLA reference,
+  # on packed rows (segment ids split by batch rows);
   # float32 with differently ordered sums (online softmax, atomic dK/dV accumulation).
   assert sharded["pallas_out_rel_diff"] < RTOL
   assert sharded["pallas_grad_rel_diff"] < RTOL

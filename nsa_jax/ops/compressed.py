@@ -2,7 +2,9 @@
 
 Query t attends to compressed block i iff the block lies wholly in its past,
 `i*d + l - 1 <= t`. Queries that see no block (t < l - 1) get a zero output
-and lse = -inf. The Pallas kernel is `pallas_kernels/compressed_attention.py`;
+and lse = -inf. Packed rows (SPEC §6): block i is visible only when it also starts in
+t's document, s(t) <= i*d (a block straddling two documents is seen by no query).
+The Pallas kernel is `pallas_kernels/compressed_attention.py`;
 on a GPU, `nsa` runs the branch on cuDNN's causal attention instead
 (`compressed_attention_folded`) wherever cuDNN takes the folded call, being
 faster (`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
@@ -12,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, cudnn, dispatch
+from nsa_jax.ops import _common, cudnn, dispatch, segments
 from pallas_kernels import compressed_attention as kernel
 
 QUERY_CHUNK = 512
@@ -20,7 +22,7 @@ QUERY_CHUNK = 512
 
 def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
                          scale: float | None = None, impl: str = "auto",
-                         interpret: bool | None = None):
+                         interpret: bool | None = None, segment_ids=None, q_offset=None):
   """Attention of every query over the compressed keys/values.
 
   Args:
@@ -33,32 +35,47 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
       (`compressed_attention_folded` on cuDNN; its lse carries no gradient,
       which is all `nsa` needs of it: the selection is discrete).
     interpret: run Pallas kernels in interpret mode (default: when not on GPU).
+    segment_ids: [B, T] int, documents packed in a row (SPEC §6): contiguous runs
+      of equal ids starting at multiples of config.select_block (a ValueError
+      otherwise, where the ids are concrete; under jit the caller's contract).
+      None: one document per row. cuDNN takes none (`dispatch`).
+    q_offset: private (context parallelism, `nsa_jax.context`): an int32 scalar, may be
+      traced; q holds the queries at positions q_offset .. q_offset + T - 1 of a
+      sequence whose compressed blocks k_cmp, v_cmp and segment_ids [B, S] are whole.
+      cuDNN takes none.
 
   Returns:
     (o [B, T, HQ, Dv], lse [B, T, HQ]): lse is the natural-log sum-exp in
     float32 (float64 for float64 inputs), -inf where no block is visible.
   """
   _common.check_config(config)
-  _common.check_attention_inputs(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
-                                 seq_len=config.num_compressed(q.shape[1]))
+  sliced = q_offset is not None
+  _common.check_attention_inputs(
+      q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
+      seq_len=k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1]))
+  doc_start, doc_end = segments.documents(segment_ids, q, config.select_block, q_offset)
   backend = dispatch.choose("compressed_attention", impl, dispatch.Call(
-      dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret))
+      dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret, segment_ids is not None,
+      sliced))
   scale = _common.resolve_scale(scale, q)
   if backend == "cudnn":
     return compressed_attention_folded(q, k_cmp, v_cmp, config=config, scale=scale)
   if backend == "pallas":
     return kernel.compressed_attention(
         q, k_cmp, v_cmp, block=config.compress_block, stride=config.compress_stride,
-        scale=scale,
-        interpret=_common.resolve_interpret(interpret))
-  return compressed_attention_xla(q, k_cmp, v_cmp, config=config, scale=scale)
+        scale=scale, interpret=_common.resolve_interpret(interpret), doc_start=doc_start,
+        doc_end=doc_end, q_offset=q_offset)
+  return compressed_attention_xla(q, k_cmp, v_cmp, config=config, scale=scale,
+                                  doc_start=doc_start, first=0 if q_offset is None else q_offset)
 
 
-def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float):
+def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float, doc_start=None):
   """Scaled scores and visibility mask of one query chunk against all blocks.
 
   qc: [B, C, HQ, Dk] queries at positions start .. start+C-1.
-  Returns (s [B, HKV, G, C, Tc] in the compute dtype, mask [C, Tc]).
+  doc_start: [B, C] int, the first position of each query's document, or None.
+  Returns (s [B, HKV, G, C, Tc] in the compute dtype, mask [C, Tc], or
+  [B, 1, 1, C, Tc] with doc_start).
   """
   B, C, HQ, Dk = qc.shape
   Tc, HKV = k_cmp.shape[1], k_cmp.shape[2]
@@ -67,15 +84,22 @@ def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float):
   s = jnp.einsum("bchgd,bkhd->bhgck", qg, k_cmp,
                  preferred_element_type=dt).astype(dt) * scale
   t = start + jnp.arange(C)
-  block_end = jnp.arange(Tc) * config.compress_stride + config.compress_block - 1
-  return s, block_end[None, :] <= t[:, None]
+  block_start = jnp.arange(Tc) * config.compress_stride
+  mask = block_start[None, :] + config.compress_block - 1 <= t[:, None]
+  if doc_start is None:
+    return s, mask
+  inside = doc_start[:, :, None] <= block_start[None, None, :]             # [B, C, Tc]
+  return s, (mask[None] & inside)[:, None, None]
 
 
 def compressed_attention_xla(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float,
-                             query_chunk: int = QUERY_CHUNK, first: int = 0):
+                             query_chunk: int = QUERY_CHUNK, first: int = 0,
+                             doc_start=None):
   """Pure-JAX reference, chunked over queries: memory O(chunk * Tc).
 
   first: position of q's first row, for a slice of the queries (all blocks given).
+  doc_start: [B, T] int, the first position of each query's document (packed rows,
+  `segments.document_starts`), or None.
   """
   B, T, HQ, _ = q.shape
   Tc, Dv = k_cmp.shape[1], v_cmp.shape[-1]
@@ -84,15 +108,16 @@ def compressed_attention_xla(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float
     return (jnp.zeros((B, T, HQ, Dv), q.dtype),
             jnp.full((B, T, HQ), -jnp.inf, dt))
 
-  def chunk_fn(start, qc):
-    s, mask = compressed_scores(qc, start, k_cmp, config, scale)
+  def chunk_fn(start, qc, *doc_c):
+    s, mask = compressed_scores(qc, start, k_cmp, config, scale, *doc_c)
     p, lse = _common.masked_softmax(s, mask)
     o = jnp.einsum("bhgck,bkhd->bchgd", p, v_cmp.astype(dt))
     C = qc.shape[1]
     return (o.reshape(B, C, HQ, Dv).astype(q.dtype),
             jnp.moveaxis(lse, 3, 1).reshape(B, C, HQ))
 
-  return _common.map_query_chunks(chunk_fn, (q,), query_chunk, first)
+  xs = (q,) if doc_start is None else (q, doc_start)
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk, first)
 
 
 def compressed_attention_folded(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float):

@@ -2,14 +2,17 @@
 
 Query head h of KV group g attends to the tokens of the blocks in
 `block_idx[b, t, g]`, causally masked (`key position <= t`); `-1` slots are
-empty. The Pallas kernel is `pallas_kernels/selected_attention.py`.
+empty. Packed rows (SPEC §6): only keys of t's document, >= s(t); documents start
+at multiples of l', so a block lies wholly inside or before it, and emptying the
+slots of blocks before it (`document_blocks`) is the whole mask. The Pallas
+kernel is `pallas_kernels/selected_attention.py`.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, dispatch
+from nsa_jax.ops import _common, dispatch, segments
 from pallas_kernels import selected_attention as kernel
 
 QUERY_CHUNK = 128
@@ -17,7 +20,7 @@ QUERY_CHUNK = 128
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
                        scale: float | None = None, impl: str = "auto",
-                       interpret: bool | None = None):
+                       interpret: bool | None = None, segment_ids=None, q_offset=None):
   """Attention of each query over the tokens of its selected blocks.
 
   Args:
@@ -25,22 +28,39 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
     block_idx: [B, T, HKV, n] int, distinct block indices or -1.
     impl: "xla" (reference), "pallas" (kernels) or "auto" (the kernels on a GPU
       where they take the inputs, else the reference; `nsa_jax.ops.dispatch`).
+    segment_ids: [B, T] int, packed documents (SPEC §6; see
+      `compressed_attention`), or None.
+    q_offset: private (context parallelism, `nsa_jax.context`): an int32 scalar, may be
+      traced; q and block_idx hold the queries at positions q_offset .. q_offset + T - 1
+      of a sequence whose keys k, v [B, S, ...] and segment_ids [B, S] are whole.
 
   Returns:
     o [B, T, HQ, Dv]. Gradients flow to q, k, v.
   """
   _common.check_config(config)
-  _common.check_attention_inputs(q, k, v)
+  sliced = q_offset is not None
+  _common.check_attention_inputs(q, k, v, seq_len=k.shape[1] if sliced else None)
   _common.check_block_idx(block_idx, q, k, config)
-  backend = dispatch.choose("selected_attention", impl,
-                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret))
+  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+  backend = dispatch.choose("selected_attention", impl, dispatch.Call(
+      dict(q=q, k=k, v=v), config, interpret, segment_ids is not None, sliced))
   scale = _common.resolve_scale(scale, q)
   block_idx = block_idx.astype(jnp.int32)
+  if doc_start is not None:
+    block_idx = document_blocks(block_idx, doc_start, config)
   if backend == "pallas":
     return kernel.selected_attention(
         q, k, v, block_idx, block=config.select_block, scale=scale,
-        interpret=_common.resolve_interpret(interpret))
-  return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
+        interpret=_common.resolve_interpret(interpret), q_offset=q_offset)
+  return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale,
+                                first=0 if q_offset is None else q_offset)
+
+
+def document_blocks(block_idx, doc_start, config: NSAConfig):
+  """block_idx [B, T, HKV, n] with the slots of blocks before each query's document
+  emptied (-1): j*l' < s(t), doc_start [B, T] = s(t)."""
+  return jnp.where(block_idx * config.select_block >= doc_start[:, :, None, None],
+                   block_idx, -1)
 
 
 def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: float,

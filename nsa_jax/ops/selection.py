@@ -7,6 +7,9 @@ their overlap, counted in strides (the corrected Eq. 9):
 
 summed over the G heads of each KV group (Eq. 10), and the n best candidate
 blocks (`j*l' <= t`) are kept, the initial and local blocks forced in (Eq. 11).
+Packed rows (SPEC §6): the candidates are the blocks of t's document,
+s(t) <= j*l' <= t, its first `num_initial` blocks forced in, and p_cmp is the
+compressed branch's over the blocks of that document.
 The Pallas kernel is `pallas_kernels/select_blocks.py`.
 
 One selection (SPEC §3): p_cmp is the compressed branch's own probabilities,
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, dispatch
+from nsa_jax.ops import _common, dispatch, segments
 from nsa_jax.ops.compressed import compressed_attention, compressed_scores
 from pallas_kernels import compressed_attention as compressed_kernel
 from pallas_kernels import select_blocks as kernel
@@ -34,7 +37,8 @@ QUERY_CHUNK = 256
 
 
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
-                  impl: str = "auto", interpret: bool | None = None, lse=None):
+                  impl: str = "auto", interpret: bool | None = None, lse=None,
+                  segment_ids=None, q_offset=None):
   """Indices of the selection blocks each query's KV group attends to.
 
   Args:
@@ -46,34 +50,47 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     impl: "xla" (reference), "pallas" (kernel) or "auto" (the kernel on a GPU
       where it takes the inputs, else the reference; `nsa_jax.ops.dispatch`).
       The lse `selection_lse` computes is that of `nsa(impl=impl)`.
+    segment_ids: [B, T] int, packed documents (SPEC §6; see
+      `compressed_attention`), or None.
+    q_offset: private (context parallelism, `nsa_jax.context`; see
+      `compressed_attention`): q holds the queries at positions q_offset .. of a
+      sequence whose compressed blocks k_cmp and segment_ids [B, S] are whole.
 
   Returns:
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
     Carries no gradient.
   """
   _common.check_config(config)
-  _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
-                                 seq_len=config.num_compressed(q.shape[1]))
+  sliced = q_offset is not None
+  Tc = k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1])
+  _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"), seq_len=Tc)
   if lse is not None:
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
                        f"[B, T, HQ]={q.shape[:3]}")
-  backend = dispatch.choose("select_blocks", impl,
-                            dispatch.Call(dict(q=q, k_cmp=k_cmp), config, interpret))
+  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+  backend = dispatch.choose("select_blocks", impl, dispatch.Call(
+      dict(q=q, k_cmp=k_cmp), config, interpret, segment_ids is not None, sliced))
   scale = _common.resolve_scale(scale, q)
   q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
   if lse is None:
-    lse = selection_lse(q, k_cmp, config=config, scale=scale, impl=impl, interpret=interpret)
+    lse = selection_lse(q, k_cmp, config=config, scale=scale, impl=impl, interpret=interpret,
+                        segment_ids=segment_ids, q_offset=q_offset)
   lse = lax.stop_gradient(lse)
   if backend == "pallas":
     return kernel.select_blocks(q, k_cmp, sizes=_common.selection_sizes(config), scale=scale,
                                 interpret=_common.resolve_interpret(interpret),
-                                lse=lse)
-  return select_blocks_xla(q, k_cmp, config=config, scale=scale, lse=lse)
+                                lse=lse, doc_start=doc_start, q_offset=q_offset)
+  # A slice's sequence holds at most Tc*d + l - 1 tokens (Tc blocks, the next incomplete).
+  return select_blocks_xla(
+      q, k_cmp, config=config, scale=scale, lse=lse, doc_start=doc_start,
+      first=0 if q_offset is None else q_offset,
+      seq_len=Tc * config.compress_stride + config.compress_block - 1 if sliced else None)
 
 
 def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
-                  interpret: bool | None = None, branch=None):
+                  interpret: bool | None = None, branch=None, segment_ids=None,
+                  q_offset=None):
   """The [B, T, HQ] lse the selection of `nsa(impl=impl)` is computed from
   (module doc): that of the compressed branch on (q, k_cmp, k_cmp), run on the
   backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
@@ -84,22 +101,27 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   bit (`_same_lse`), which is always the case but for Dv > Dk (16-bit on a GPU,
   cuDNN then refuses the branch; or a Pallas forward tile narrowed by Dv): then
   the lse is computed here as `select_blocks` computes it, at the cost of a
-  second compressed pass.
+  second compressed pass. segment_ids: packed rows (SPEC §6), or None; q_offset:
+  a slice of the queries (`compressed_attention`), or None.
   """
-  backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret)
+  backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
+                        packed=segment_ids is not None, offset=q_offset is not None)
   if branch is not None:
     v_cmp, branch_backend, lse = branch
     if branch_backend == backend and _same_lse(backend, q, k_cmp, v_cmp):
       return lse
   return compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale, impl=backend,
-                              interpret=interpret)[1]
+                              interpret=interpret, segment_ids=segment_ids,
+                              q_offset=q_offset)[1]
 
 
-def lse_backend(q, k_cmp, *, config: NSAConfig, impl: str,
-                interpret: bool | None = None) -> str:
+def lse_backend(q, k_cmp, *, config: NSAConfig, impl: str, interpret: bool | None = None,
+                packed: bool = False, offset: bool = False) -> str:
   """The backend `selection_lse` runs the compressed branch on (q, k_cmp, k_cmp):
-  the one `nsa(impl=impl)` gives that branch (`dispatch.nsa_branches`)."""
-  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret)
+  the one `nsa(impl=impl)` gives that branch (`dispatch.nsa_branches`) on rows packed
+  or not (segment ids given), at a query offset or not."""
+  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret, packed,
+                       offset)
   return dispatch.nsa_branches(impl, {"compressed_attention": call})["compressed_attention"]
 
 
@@ -134,18 +156,23 @@ def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
   return strides.reshape(*strides.shape[:-1], num_blocks, per_select).sum(-1)
 
 
-def rank_blocks(scores, t, config: NSAConfig):
+def rank_blocks(scores, t, config: NSAConfig, doc_start=None):
   """Top-n of [..., C, Ts] block scores for queries at positions t [C].
 
-  Non-candidates (j*l' > t) score -inf, forced blocks +inf; ties go to the
-  lower index (lax.top_k keeps the lower index first). Returns int32 [..., C, n].
+  Non-candidates (j*l' > t; with doc_start [B, C], scores [B, HKV, C, Ts], also
+  j*l' < s(t)) score -inf, forced blocks (the first num_initial candidates, the
+  num_local last ones) +inf; ties go to the lower index (lax.top_k keeps the
+  lower index first). Returns int32 [..., C, n].
   """
   n, lp = config.num_selected, config.select_block
   Ts = scores.shape[-1]
   j = jnp.arange(Ts)[None, :]
   cur = (t // lp)[:, None]
-  candidate = j <= cur
-  forced = candidate & ((j < config.num_initial) | (j > cur - config.num_local))
+  first = 0
+  if doc_start is not None:   # [B, 1, C, 1] against [1, 1, C, Ts]
+    j, cur, first = j[None, None], cur[None, None], (doc_start // lp)[:, None, :, None]
+  candidate = (j <= cur) & (j >= first)
+  forced = candidate & ((j < first + config.num_initial) | (j > cur - config.num_local))
   s = jnp.where(forced, jnp.inf, jnp.where(candidate, scores, -jnp.inf))
   if Ts < n:
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n - Ts)],
@@ -168,25 +195,31 @@ def compressed_probabilities(s, mask, lse=None):
 
 
 def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
-                      query_chunk: int = QUERY_CHUNK, first=0, seq_len: int | None = None):
+                      query_chunk: int = QUERY_CHUNK, doc_start=None, first=0,
+                      seq_len: int | None = None):
   """Pure-JAX reference: [T, Tc] scores exist one query chunk at a time.
 
   lse: optional [B, T, HQ] lse of the compressed branch (see `select_blocks`).
+  doc_start: [B, T] int, the first position of each query's document (packed
+  rows, `segments.document_starts`), or None.
   first: position of q's first row, for a slice of the queries of a sequence of
-  `seq_len` tokens (default: q's; all its compressed blocks given).
+  `seq_len` tokens (default: q's; all its compressed blocks given; any larger
+  seq_len selects the same: blocks past a query are never its candidates).
   """
   Ts = config.num_select_blocks(q.shape[1] if seq_len is None else seq_len)
 
-  def chunk_fn(start, qc, *lse_c):
+  def chunk_fn(start, qc, *rest):
+    lse_c = rest[:1] if lse is not None else ()
+    doc_c = rest[-1] if doc_start is not None else None
     C = qc.shape[1]
     t = start + jnp.arange(C)
     if k_cmp.shape[1] == 0:
       scores = jnp.zeros((qc.shape[0], k_cmp.shape[2], C, Ts), jnp.float32)
     else:
-      s, mask = compressed_scores(qc, start, k_cmp, config, scale)
+      s, mask = compressed_scores(qc, start, k_cmp, config, scale, doc_c)
       p = compressed_probabilities(s, mask, *lse_c)    # [B, HKV, G, C, Tc]
       scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
-    return jnp.moveaxis(rank_blocks(scores, t, config), 1, 2)   # [B, C, HKV, n]
+    return jnp.moveaxis(rank_blocks(scores, t, config, doc_c), 1, 2)   # [B, C, HKV, n]
 
-  xs = (q,) if lse is None else (q, lse)
+  xs = (q,) + ((lse,) if lse is not None else ()) + ((doc_start,) if doc_start is not None else ())
   return _common.map_query_chunks(chunk_fn, xs, query_chunk, first)
