@@ -10,7 +10,6 @@ device.
 import dataclasses
 import json
 import pathlib
-import re
 import sys
 
 import jax
@@ -26,17 +25,23 @@ from nsa_jax.module import NativeSparseAttention
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.train_config import make_config
 from nsa_jax.train_lib import make_optimizer, make_steps, restore_checkpoint
+from tests.sharding_check import all_gathers
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # w - 1 = 11 > T / 8 = 9: on context=8 the window's halo takes two hops. Dk != Dv, G = 2.
 NSA = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=3, window=12)
-OP_MESHES = ("context=2", "context=4", "context=8", "data=2,context=2,heads=2")
+# The op's cases: (mesh, impl, packed rows). "pallas": the kernels in interpret mode.
+OP_CASES = (("context=2", "xla", False), ("context=4", "xla", False), ("context=8", "xla", False),
+            ("data=2,context=2,heads=2", "xla", False), ("context=4", "xla", True),
+            ("context=8", "xla", True), ("context=4", "pallas", False),
+            ("context=8", "pallas", True))
 MODEL = ModelConfig(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_hidden=64,
                     nsa=NSA, impl="xla")
 TRAIN = make_config("tiny", steps=4, warmup_steps=1, lr=1e-2)
-STEP_MESHES = ("context=4", "data=2,context=2")
+# The step's cases: (mesh, packed rows).
+STEP_CASES = (("context=4", False), ("data=2,context=2", True))
 
 
 def mesh_of(spec: str):
@@ -69,6 +74,16 @@ def op_inputs(T: int, dtype=jnp.float64):
   return args, jax.random.normal(keys[-1], (B, T, HQ, Dv), dtype)
 
 
+def packed_rows(B: int, T: int):
+  """Segment ids [B, T] of documents starting at multiples of select_block = 16 (SPEC §6),
+  of lengths 16, 32, .. in turn: they cross the shard boundaries of every mesh here."""
+  ids = np.zeros((B, T), np.int32)
+  for b in range(B):
+    starts = np.cumsum([0] + [16 * (1 + (b + i) % 2) for i in range(T // 16)])
+    ids[b] = np.searchsorted(starts, np.arange(T), side="right") - 1 + 10 * b
+  return jnp.asarray(ids)
+
+
 def op_results(op, args, cot, **kw):
   """(output, selection, gradients of the 8 inputs) of `op` under jit."""
   def fn(args, cot):
@@ -79,15 +94,23 @@ def op_results(op, args, cot, **kw):
 
 
 def check_op(res):
-  """The sharded op (float64 reference ops) against the unsharded one, T = 72: shards of
-  36, 18 and 9 tokens, none a multiple of a block."""
-  args, cot = op_inputs(72)
-  o_ref, idx_ref, g_ref = op_results(nsa, args, cot, impl="xla")
+  """The sharded op against the unsharded one on the same backend, T = 72: shards of 36, 18
+  and 9 tokens, none a multiple of a block; float64 on the reference ops, float32 on the
+  kernels (interpret mode); packed rows whose documents cross the shards."""
+  T = 72
   names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
-  res["op"] = {}
-  for spec in OP_MESHES:
-    o, idx, g = op_results(sharding.sharded_nsa(mesh_of(spec)), args, cot, impl="xla")
-    res["op"][spec] = {
+  res["op"], unsharded = {}, {}
+  for spec, impl, packed in OP_CASES:
+    dtype = jnp.float64 if impl == "xla" else jnp.float32
+    args, cot = op_inputs(T, dtype)
+    kw = dict(impl=impl, interpret=True if impl == "pallas" else None,
+              segment_ids=packed_rows(2, T) if packed else None)
+    if (impl, packed) not in unsharded:
+      unsharded[impl, packed] = op_results(nsa, args, cot, **kw)
+    o_ref, idx_ref, g_ref = unsharded[impl, packed]
+    o, idx, g = op_results(sharding.sharded_nsa(mesh_of(spec)), args, cot, **kw)
+    res["op"][f"{spec} {impl}" + " packed" * packed] = {
+        "impl": impl,
         "out": max_abs_diff(o, o_ref),
         "same_selection": bool(np.array_equal(np.sort(idx, -1), np.sort(idx_ref, -1))),
         "grads": {n: max_abs_diff(a, b) for n, a, b in zip(names, g, g_ref)},
@@ -103,27 +126,32 @@ def check_op(res):
 
 def check_layer(res):
   """NativeSparseAttention on context=4 (16 tokens a shard: every shard boundary cuts
-  compressed blocks, l = 8, d = 4) against the layer on one device: output and the
-  gradients of x and of every parameter."""
+  compressed blocks, l = 8, d = 4) against the layer on one device, on rows of one document
+  and on packed rows (RoPE positions in the documents): output and the gradients of x and
+  of every parameter."""
   B, T, d = 2, 64, 32
   x = jax.random.normal(jax.random.key(3), (B, T, d), jnp.float64)
   cot = jax.random.normal(jax.random.key(4), (B, T, d), jnp.float64)
 
-  def results(mesh):
+  def results(mesh, segment_ids):
     layer = NativeSparseAttention(d, 4, 2, head_dim=8, head_dim_v=6, config=NSA, impl="xla",
                                   dtype=jnp.float64, param_dtype=jnp.float64, mesh=mesh,
                                   rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
-    def fn(params, x):
-      y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+    def fn(params, x, ids):
+      y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x, ids), params, x)
       return y, vjp(cot)
-    xs = x if mesh is None else jax.device_put(x, sharding.batch_sharding(mesh))
-    return jax.jit(fn)(params, xs)
+    put = (lambda a: a) if mesh is None else (
+        lambda a: None if a is None else jax.device_put(a, sharding.batch_sharding(mesh)))
+    return jax.jit(fn)(params, put(x), put(segment_ids))
 
-  (y_ref, g_ref), (y, g) = results(None), results(mesh_of("context=4"))
-  res["layer"] = {"out": max_abs_diff(y, y_ref), "grad_x": max_abs_diff(g[1], g_ref[1]),
-                  "grad_params": max_abs_diff(g[0], g_ref[0]),
-                  "num_params": len(jax.tree.leaves(g[0]))}
+  res["layer"] = {}
+  for packed in (False, True):
+    ids = packed_rows(B, T) if packed else None
+    (y_ref, g_ref), (y, g) = results(None, ids), results(mesh_of("context=4"), ids)
+    res["layer"]["packed" if packed else "unpacked"] = {
+        "out": max_abs_diff(y, y_ref), "grad_x": max_abs_diff(g[1], g_ref[1]),
+        "grad_params": max_abs_diff(g[0], g_ref[0]), "num_params": len(jax.tree.leaves(g[0]))}
   try:
     layer = NativeSparseAttention(d, 4, 2, config=NSA, impl="xla", mesh=mesh_of("context=4"),
                                   rngs=nnx.Rngs(0))
@@ -143,38 +171,31 @@ def build(mesh=None, seed=0, attention="nsa"):
   return model, optimizer
 
 
-def batch(mesh=None, T=64, B=4):
+def batch(mesh=None, T=64, B=4, packed=False):
   rng = np.random.default_rng(0)
   b = {"inputs": rng.integers(0, 256, (B, T), dtype=np.int32),
        "targets": rng.integers(0, 256, (B, T), dtype=np.int32),
        "weights": (rng.random((B, T)) < 0.9).astype(np.float32)}
+  if packed:
+    b["segment_ids"] = np.asarray(packed_rows(B, T))
   return b if mesh is None else sharding.shard_batch(b, mesh)
 
 
-def train_step(mesh):
+def train_step(mesh, packed=False):
   model, opt = build(mesh)
   graphdef, state = nnx.split((model, opt))
-  step = make_steps(graphdef)[0].lower(state, batch(mesh)).compile()
-  new_state, metrics = step(state, batch(mesh))
+  b = batch(mesh, packed=packed)
+  step = make_steps(graphdef)[0].lower(state, b).compile()
+  new_state, metrics = step(state, b)
   return new_state, metrics, step
 
 
-def all_gathers(hlo: str) -> list[list[int]]:
-  """Result shapes of the all-gathers in a compiled program's HLO text."""
-  found = []
-  for line in hlo.splitlines():
-    match = re.search(r"= \w+\[([\d,]*)\]\S* all-gather(-start)?\(", line)
-    if match:
-      found.append([int(d) for d in match.group(1).split(",") if d])
-  return found
-
-
 def check_train_step(res, out: pathlib.Path):
-  ref_state, ref_metrics, _ = train_step(None)
   res["step"] = {}
-  for spec in STEP_MESHES:
-    state, metrics, step = train_step(mesh_of(spec))
-    res["step"][spec] = {
+  for spec, packed in STEP_CASES:
+    ref_state, ref_metrics, _ = train_step(None, packed)
+    state, metrics, step = train_step(mesh_of(spec), packed)
+    res["step"][spec + " packed" * packed] = {
         "loss": [float(ref_metrics["loss"]), float(metrics["loss"])],
         "grad_norm": [float(ref_metrics["grad_norm"]), float(metrics["grad_norm"])],
         "state_rel_diff": max_rel_diff(state, ref_state)}

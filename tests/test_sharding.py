@@ -2,18 +2,11 @@
 devices in a subprocess (tests/sharding_check.py), sharded == unsharded loss and
 gradients, no gathered activations around the NSA op, checkpoints across meshes,
 and the Pallas kernels with their VJPs under shard_map."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from nsa_jax import sharding
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.multi_device import run_check
 
 # float32 everywhere; the sharded program sums gradients across devices in another
 # order than the one-device program (psum / reduce-scatter of partial sums), so
@@ -56,14 +49,7 @@ def test_param_spec_rules():
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharding")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tests/sharding_check.py"),
-                         str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_check("sharding_check.py", tmp_path_factory.mktemp("sharding"))
 
 
 def test_sharded_step_matches_unsharded(sharded):
