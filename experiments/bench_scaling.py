@@ -1,4 +1,4 @@
-"""Training throughput on 1 .. N devices: data, FSDP and head parallel (nsa_jax.sharding).
+"""Training throughput on 1 .. N devices: data, FSDP, head and context parallel (nsa_jax.sharding).
 
 The GPU run trains the `gpu-small` preset of `nsa_jax.train_lib` (6-layer NSA
 model, T = 8192, bf16, AdamW). For each mode and device count n (1, 2, 4, ...
@@ -15,14 +15,30 @@ timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens
   devices; the MLP and embeddings are replicated over "heads". The heads axis
   splits KV heads, so this mode overrides gpu-small's num_kv_heads=2 with 4
   (G = 2; recorded in the JSON) and runs only n dividing 4.
+* context (mesh context=n): weak scaling in T, every sequence split over the n
+  devices (nsa_jax.context): --per_device_batch sequences of n x the preset's
+  seq_len (8k, 16k, .. 64k on 8 devices), so each device holds 8k tokens of each;
+  the work per token grows with T (compressed keys and selection candidates:
+  T/d and T/l' per query), so the ideal is below 100 %;
+* context_strong (mesh context=n): strong scaling, --per_device_batch sequences
+  of (largest n) x seq_len tokens (32k on 4 devices) split over n devices.
+
+Before the context modes' timings, a check on each device count n > 1 (`check_context`):
+the NSA op on context=n (the kernels, impl="auto") against the float32 reference on one
+device: o and the gradients of its eight inputs against the reference branches gated on
+the op's own selection, and that selection against the reference's block scores
+(experiments/gpu_check.py's measures and tolerances). A failed check is recorded,
+printed, and makes the script exit 1 after writing its results.
 
 Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
 Target (the issue): >= 90 % for data parallel from 1 to 4 GPUs on gpu-small.
 Head parallel also replicates the non-attention work, so it is expected to
-scale worse. Writes scaling.json and scaling.png to --out (default $OUT, else
+scale worse. Rows record the compiled program's peak memory per device
+(peak_gib). Writes scaling.json and scaling.png to --out (default $OUT, else
 experiments/results).
 
 GPU (2 or 4 GPUs, ~4 minutes):  PYTHONPATH=. python experiments/bench_scaling.py
+Context parallel only (issue #24): PYTHONPATH=. python experiments/bench_scaling.py --modes context,context_strong
 CPU smoke run (8 host devices, the tiny preset shrunk to 64 tokens and 8 KV heads):
                                 PYTHONPATH=. python experiments/bench_scaling.py --small
 """
@@ -42,13 +58,19 @@ if "--small" in sys.argv:
 import argparse  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 import bench_common  # noqa: E402  (puts the repo root on sys.path)
+import gpu_check  # noqa: E402
 from bench_train import time_train_step  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
 
-MODES = {"data": "weak", "fsdp": "weak", "heads": "strong"}   # mode -> scaling
+# mode -> (mesh axis, what n devices take): "batch" n x the batch (weak), "same" the
+# same batch (strong), "length" sequences n x as long (weak in T), "longest" the
+# sequences of the largest n (strong in T).
+MODES = {"data": ("data", "batch"), "fsdp": ("fsdp", "batch"), "heads": ("heads", "same"),
+         "context": ("context", "length"), "context_strong": ("context", "longest")}
 # Per run: (preset, overrides for every mode, further overrides for heads mode).
 # The GPU run is gpu-small as is, but for heads mode: the heads axis splits KV
 # heads, so 4 (G = 2) instead of 2, split 1, 2 or 4 ways. The CPU smoke run is
@@ -65,9 +87,46 @@ def time_steps(cfg, mesh_spec: str, n: int, batch_size: int, iters: int) -> dict
   """Median train-step time of `cfg`'s model on the first n devices with mesh `mesh_spec`."""
   mesh = sharding.make_mesh(mesh_spec, jax.devices()[:n])
   r = time_train_step(cfg, batch_size, steps=iters, mesh=mesh)
-  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "step_ms": r["step_ms"],
-          "tokens_per_s": r["tokens_per_s"], "tokens_per_s_per_device": r["tokens_per_s"] / n,
-          "loss": r["loss_last"], "compile_s": r["compile_s"]}
+  return {"mesh": mesh_spec, "devices": n, "batch": batch_size, "seq_len": cfg.seq_len,
+          "step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"],
+          "tokens_per_s_per_device": r["tokens_per_s"] / n, "loss": r["loss_last"],
+          "compile_s": r["compile_s"], "peak_gib": r["peak_gib"]}
+
+
+def check_context(model, n: int, seq_len: int) -> dict:
+  """The NSA op of `model`'s shape (one sequence of seq_len tokens, its compute dtype) on
+  the first n devices as mesh context=n, against the float32 reference on one device
+  (module doc). Returns {quantity: {"rel", "max_rel", "ok"}} and "ok" overall."""
+  config, dtype = model.nsa, model.compute_dtype
+  D = model.head_size
+  x = bench_common.random_nsa_inputs(1, seq_len, model.num_heads, model.num_kv_heads, D, D,
+                                     config, dtype, jax.random.key(n))
+  args, cotangent = [x[name] for name in gpu_check.NSA_ARGS], x["cotangent"]
+  op = sharding.sharded_nsa(sharding.make_mesh(f"context={n}", jax.devices()[:n]))
+  selection = jax.jit(lambda *a: op(*a, config=config, return_block_idx=True)[1])(*args)
+  fb = lambda f, a: jax.jit(bench_common.forward_backward(f, len(a)))(*a, selection, cotangent)
+  got = fb(lambda *a: op(*a[:-1], config=config), args)
+  with gpu_check.reference_precision("float32"):
+    want = fb(gpu_check.gated_reference(config), gpu_check.upcast(args))
+    scores = gpu_check.reference_scores(*gpu_check.upcast(args[:2]), config=config)
+  names = ["o"] + ["d" + name for name in gpu_check.NSA_ARGS]
+  tol = gpu_check.tolerance("nsa", jnp.dtype(dtype).name)
+  out = {}
+  for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
+    m = {k: float(v) if k != "ok" else bool(v) for k, v in gpu_check.measure(a, b).items()}
+    out[name] = {**m, "ok": m["ok"] and m["rel"] <= tol}
+  bad, gap = gpu_check.selection_check(selection, scores, config=config)
+  out["block_idx"] = {"rel": float(gap), "bad_rows": int(bad),
+                      "ok": int(bad) == 0 and float(gap) <= gpu_check.TIE_RTOL}
+  out["ok"] = all(v["ok"] for v in out.values())
+  return out
+
+
+def case(cfg, mode: str, n: int, batch: int, largest: int):
+  """(config, batch size) of `mode` on n devices, `largest` the most devices of the run."""
+  takes = MODES[mode][1]
+  seq_len = cfg.seq_len * {"length": n, "longest": largest}.get(takes, 1)
+  return override(cfg, seq_len=seq_len), batch * n if takes == "batch" else batch
 
 
 def plot(path: str, results: dict, title: str) -> None:
@@ -101,8 +160,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="CPU smoke run, 8 host devices")
   parser.add_argument("--per_device_batch", type=int, default=None,
-                      help="sequences per device (data, fsdp) / in all (heads); "
-                           "default: the preset's batch_size")
+                      help="sequences per device (data, fsdp) / in all (heads, context "
+                           "modes); default: the preset's batch_size")
   parser.add_argument("--max_devices", type=int, default=None, help="default: all devices")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--modes", default=",".join(MODES))
@@ -120,17 +179,23 @@ def main() -> None:
   configs = {mode: override(base, **heads_overrides) if mode == "heads" else base
              for mode in modes}
   print(f"{devices} x {bench_common.gpu_name()}; {preset} preset, "
-        f"{batch} sequences per device (data, fsdp) / in all (heads)")
+        f"{batch} sequences per device (data, fsdp) / in all (heads, context modes)")
 
-  results = {}
+  results, checks = {}, {}
   for mode, cfg in configs.items():
     heads = cfg.model.num_kv_heads
+    counts = [n for n in (1, 2, 4, 8, 16)
+              if n <= devices and not (mode == "heads" and heads % n)]
+    if MODES[mode][0] == "context" and not checks:
+      for n in counts[1:]:
+        checks[n] = check_context(cfg.model, n, cfg.seq_len * counts[-1])
+        worst = max(v["rel"] for k, v in checks[n].items() if k != "ok")
+        print(f"check context={n}: {'ok' if checks[n]['ok'] else 'FAILED'} "
+              f"(worst relative error {worst:.2g})", flush=True)
     rows = []
-    for n in (1, 2, 4, 8, 16):
-      if n > devices or (mode == "heads" and heads % n):
-        continue
-      batch_size = batch * n if MODES[mode] == "weak" else batch
-      rows.append(time_steps(cfg, f"{mode}={n}", n, batch_size, args.iters))
+    for n in counts:
+      mode_cfg, batch_size = case(cfg, mode, n, batch, counts[-1])
+      rows.append(time_steps(mode_cfg, f"{MODES[mode][0]}={n}", n, batch_size, args.iters))
       rows[-1]["efficiency"] = (rows[-1]["tokens_per_s_per_device"]
                                 / rows[0]["tokens_per_s_per_device"])
       print(f"{mode}={n}: {rows[-1]['step_ms']:.1f} ms/step, "
@@ -138,17 +203,21 @@ def main() -> None:
             flush=True)
     results[mode] = rows
   bench_common.print_table(
-      ["mode", "devices", "batch", "step ms", "tok/s", "tok/s/dev", "efficiency", "compile s"],
-      [[m, r["devices"], r["batch"], r["step_ms"], r["tokens_per_s"],
-        r["tokens_per_s_per_device"], r["efficiency"], r["compile_s"]]
+      ["mode", "devices", "batch", "T", "step ms", "tok/s", "tok/s/dev", "efficiency",
+       "peak GiB", "compile s"],
+      [[m, r["devices"], r["batch"], r["seq_len"], r["step_ms"], r["tokens_per_s"],
+        r["tokens_per_s_per_device"], r["efficiency"], r["peak_gib"], r["compile_s"]]
        for m, rows in results.items() for r in rows])
   os.makedirs(args.out, exist_ok=True)
   bench_common.write_json(
-      os.path.join(args.out, "scaling.json"), {"results": results},
+      os.path.join(args.out, "scaling.json"), {"results": results, "context_checks": checks},
       config=dict(preset=preset, overrides=overrides, model=base.model,
                   seq_len=base.seq_len, heads_overrides=heads_overrides,
                   per_device_batch=batch, heads_global_batch=batch, iters=args.iters))
   plot(os.path.join(args.out, "scaling.png"), results, f"{preset} preset")
+  failed = [n for n, c in checks.items() if not c["ok"]]
+  if failed:
+    sys.exit(f"context check FAILED on context={failed}: see context_checks in scaling.json")
 
 
 if __name__ == "__main__":

@@ -254,17 +254,34 @@ def decode_section(path, d):
 
 
 def scaling_section(path, d):
-  rows = [[r["mesh"], r["devices"], r["batch"], f"{r['step_ms']:.1f}",
-           f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.1%}"]
-          for mode in d["results"].values() for r in mode]
-  layers = re.search(r"num_layers=(\d+)", d["meta"]["config"]["model"]).group(1)
   cfg = d["meta"]["config"]
+  rows = [[r["mesh"], r["devices"], r["batch"], _len(r.get("seq_len", cfg.get("seq_len", 8192))),
+           f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['efficiency']:.1%}"]
+          for mode in d["results"].values() for r in mode]
+  layers = re.search(r"num_layers=(\d+)", cfg["model"]).group(1)
   heads = cfg.get("heads_overrides")
   return [f"Sharding: `experiments/bench_scaling.py` on {d['meta']['gpu']}s, "
           f"`{path.relative_to(ROOT)}` (training step of the "
-          f"{layers}-layer NSA model of preset `{cfg.get('preset', '?')}`, T=8192"
+          f"{layers}-layer NSA model of preset `{cfg.get('preset', '?')}`"
           + (f"; heads rows with {heads}" if heads else "") + "):", "",
-          _table(["mesh", "GPUs", "global batch", "step ms", "tokens/s", "efficiency"], rows), ""]
+          _table(["mesh", "GPUs", "global batch", "T", "step ms", "tokens/s", "efficiency"],
+                 rows), ""]
+
+
+def context_memory_section(path, d):
+  cfg = d["meta"]["config"]
+  rows = [[f["devices"], f"{f['bytes_per_token'] / 1e3:.0f}", f"{f['per_token_vs_one_device']:.2f}",
+           f"{1 / f['devices']:.2f}", f"~{f['max_seq_len'] / 1e6:.1f}M"] for f in d["fits"]]
+  lengths = " and ".join(_len(T) for T in cfg["seq_lens"])
+  return [f"Context parallelism, memory per device (an estimate): `experiments/context_memory.py`, "
+          f"`{path.relative_to(ROOT)}`: the `{cfg['preset']}` training step of one sequence "
+          f"compiled on the CPU for context=1..8 (XLA's buffer assignment, the reference ops) at "
+          f"T = {lengths}, a line through the two points per mesh; bytes per token of the "
+          f"sequence, and the T where the line reaches {cfg['device_gb']:.0f} GB (an H200), "
+          f"extrapolated:", "",
+          _table(["context (GPUs)", "kB / token / device", "x one device", "1 / P",
+                  f"T at {cfg['device_gb']:.0f} GB"], rows), "",
+          f"![context memory]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
 
 def trained_selections_section(path, d):
@@ -313,7 +330,8 @@ def render() -> str:
                       ("retrieval_*.json", retrieval_section),
                       ("trained_selections_*.json", trained_selections_section),
                       ("bench_decode_*.json", decode_section),
-                      ("scaling_*.json", scaling_section)]:
+                      ("scaling_*.json", scaling_section),
+                      ("context_memory*.json", context_memory_section)]:
     files = _load(pattern)
     for path, d in files:
       parts += fn(path, d)

@@ -145,12 +145,17 @@ def dense_attention(q, k, v, segment_ids=None):
 
 
 class FullAttention(nnx.Module):
-  """Dense causal GQA self-attention with RoPE: the baseline NSA is compared with."""
+  """Dense causal GQA self-attention with RoPE: the baseline NSA is compared with.
+
+  `mesh` (set by `nsa_jax.sharding.shard_model_and_optimizer`): XLA partitions the layer over
+  data, fsdp and heads. It refuses a mesh with context > 1 (`check_mesh`).
+  """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, head_dim: int,
                rope_theta: float, dtype, rngs: nnx.Rngs):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = rope_theta
+    self.mesh = None
     kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw)
     self.kv_proj = nnx.Linear(d_model, 2 * num_kv_heads * head_dim, **kw)
@@ -164,10 +169,23 @@ class FullAttention(nnx.Module):
     kv = self.kv_proj(x).reshape(B, T, HKV, 2, D)   # head-major: splits by head on a mesh
     return q, apply_rope(kv[:, :, :, 0], positions, self.rope_theta), kv[:, :, :, 1]
 
+  def check_mesh(self) -> None:
+    """A ValueError for a mesh that splits sequences (context > 1): a shard's queries would
+    attend to all keys before them from a query offset, which cuDNN's fused attention does
+    not take (its causal mask starts at the first query) and which XLA's attention would
+    run with [T / context, T] scores per head in memory."""
+    chunks = 1 if self.mesh is None else self.mesh.shape["context"]
+    if chunks > 1:
+      raise ValueError(f"attention='full' does not run on a mesh with context={chunks}: "
+                       f"cuDNN's causal attention takes no query offset and XLA's would hold "
+                       f"[T/{chunks}, T] scores per head; train full attention with data, "
+                       f"fsdp or heads, or NSA with context")
+
   def __call__(self, x, segment_ids=None):
     """Over x [B, T, d_model]; segment_ids [B, T] (packed rows): each document alone,
     positions restarting at 0 at its start."""
     B, T, _ = x.shape
+    self.check_mesh()
     positions = (jnp.arange(T) if segment_ids is None
                  else segments.positions_in_documents(segment_ids))
     q, k, v = self.qkv(x, positions)

@@ -30,7 +30,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, segments
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.rope import apply_rope
-from nsa_jax.sharding import sharded_nsa
+from nsa_jax.sharding import sharded_nsa, with_halo
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -86,8 +86,9 @@ class NativeSparseAttention(nnx.Module):
     rope_theta: RoPE base.
     impl: "xla", "pallas" or "auto" for the ops.
     dtype / param_dtype: compute and parameter dtypes (e.g. bf16 / f32).
-    mesh: a device mesh with axes ("data", "fsdp", "heads"): the op then runs
-      per batch and head shard (`nsa_jax.sharding.sharded_nsa`); None runs it whole.
+    mesh: a device mesh with the axes of `nsa_jax.sharding.AXES`: the op then runs
+      per shard (`nsa_jax.sharding.sharded_nsa`; sequences split over "context"
+      exchange what crosses a shard boundary); None runs it whole.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *,
@@ -134,6 +135,32 @@ class NativeSparseAttention(nnx.Module):
       return kv[:, :, :, i, :self.dk], kv[:, :, :, i, self.dk:]
     return {c: branch(c) for c in BRANCHES}
 
+  def compress(self, k, v, positions):
+    """k_cmp, v_cmp [B, Tc, HKV, Dk / Dv] (paper Eq. 7) from the compressed branch's
+    un-rotated keys and values [B, T, HKV, D]; k_cmp rotated at `positions` ([Tc] or
+    [B, Tc]: its blocks' last tokens, in their documents for packed rows).
+
+    On a mesh with context > 1 each shard compresses the T / (context * d) blocks that end
+    in its tokens, from them and the l - d tokens before (`sharding.with_halo`): T/d slots
+    in all, the first l/d - 1 of which lie before the sequence and are dropped.
+    """
+    c = self.config
+    blocks, skip = (lambda x: compression_blocks(x, c)), 0
+    chunks = 1 if self.mesh is None else self.mesh.shape["context"]
+    if chunks > 1:
+      T = k.shape[1]
+      if T % (chunks * c.compress_stride):
+        raise ValueError(f"T={T} must be a multiple of context={chunks} x compress_stride="
+                         f"{c.compress_stride}: each shard compresses the blocks ending in it")
+      halo = c.compress_block - c.compress_stride
+      blocks = lambda x: with_halo(lambda e: compression_blocks(e, c), x, halo, self.mesh,
+                                   heads=(2, 3))   # [B, T, H, D] -> [B, N, l, H, D]
+      skip = c.compress_block // c.compress_stride - 1
+    k_cmp = self.phi_k(blocks(k))[:, skip:]
+    v_cmp = self.phi_v(blocks(v))[:, skip:]
+    k_cmp = apply_rope(k_cmp, positions, self.rope_theta)
+    return k_cmp, v_cmp
+
   def branch_inputs(self, x, positions=None, segment_ids=None):
     """Projects x [B, T, d_model] to the inputs of `nsa_jax.nsa`.
 
@@ -154,9 +181,7 @@ class NativeSparseAttention(nnx.Module):
           :, cmp_pos - (self.config.compress_block - 1)]
     q = apply_rope(self.q_proj(x).reshape(B, T, HQ, Dk), pos, self.rope_theta)
     kv = self.branch_kv(x)
-    k_cmp = self.phi_k(compression_blocks(kv["cmp"][0], self.config))
-    v_cmp = self.phi_v(compression_blocks(kv["cmp"][1], self.config))
-    k_cmp = apply_rope(k_cmp, cmp_pos, self.rope_theta)
+    k_cmp, v_cmp = self.compress(*kv["cmp"], cmp_pos)
     rope = lambda k: apply_rope(k, pos, self.rope_theta)
     gates = jax.nn.sigmoid(self.gate(x).reshape(B, T, HQ, len(BRANCHES)))
     dt = q.dtype

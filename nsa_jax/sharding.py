@@ -1,11 +1,16 @@
 """Training on a mesh of devices: `jax.jit` shardings, shard_mapped NSA kernels, several hosts.
 
-The mesh has three named axes (any may have size 1):
+The mesh has four named axes (any may have size 1):
 
 * ``data``  — data parallel: the batch is split, parameters are replicated.
 * ``fsdp``  — fully sharded data parallel: the batch is split *and* every large
   parameter (and its optimizer moments) is split along its input dimension;
   XLA all-gathers a weight just before use and reduce-scatters its gradient.
+* ``context`` — context parallel: every sequence is split along T into contiguous
+  chunks, one per device; parameters are replicated over it. The NSA layer
+  exchanges what crosses a chunk boundary (`nsa_jax.context`: halos, gathered
+  compressed and selected K/V); everything else is per token. Combines with
+  the other three axes.
 * ``heads`` — head (tensor) parallel: attention heads are split. The query,
   gate and output projections are split by head; the NSA op runs per head
   shard under `jax.shard_map` (`sharded_nsa`), so the Pallas kernels see local
@@ -29,15 +34,18 @@ import re
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from nsa_jax.ops import segments
-from nsa_jax.ops.nsa import nsa
+from nsa_jax import context
+from nsa_jax.ops import _common
+from nsa_jax.ops.nsa import check_inputs, nsa
 
-AXES = ("data", "fsdp", "heads")
+AXES = ("data", "fsdp", "context", "heads")
 BATCH_AXES = ("data", "fsdp")
+CONTEXT = context.AXIS
 
 # First matching rule wins. The pattern is searched in the parameter's path
 # ("blocks/0/attn/q_proj/kernel"; optimizer moments have a prefix such as
@@ -57,7 +65,8 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 
 def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
-  """"data=2,heads=2" -> {"data": 2, "fsdp": 1, "heads": 2}; one axis may be -1 ("the rest")."""
+  """"data=2,heads=2" -> {"data": 2, "fsdp": 1, "context": 1, "heads": 2}; one axis may be -1
+  ("the rest")."""
   if isinstance(spec, str):
     sizes = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -80,7 +89,7 @@ def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int] = "data=-1", devices=None) -> Mesh:
-  """A Mesh with axes ("data", "fsdp", "heads") over `devices` (default: all devices of all hosts).
+  """A Mesh with axes `AXES` over `devices` (default: all devices of all hosts).
 
   The sizes must multiply to the number of devices; a -1 axis takes what is left.
   """
@@ -161,8 +170,8 @@ def abstract_state(state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch rows split over ("data", "fsdp"); the remaining dimensions whole."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Batch rows [B, T] split over ("data", "fsdp"), their tokens over "context"."""
+  return NamedSharding(mesh, P(BATCH_AXES, CONTEXT))
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -173,11 +182,15 @@ def shard_batch(batch, mesh: Mesh):
   checkpointed position means the same thing on every host.
   """
   sharding = batch_sharding(mesh)
-  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows, chunks = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape[CONTEXT]
   for x in jax.tree.leaves(batch):
     if x.shape[0] % rows:
       raise ValueError(f"batch of {x.shape[0]} rows does not split over "
                        f"data*fsdp={rows} devices: use a multiple of {rows}")
+    if x.ndim < 2 or x.shape[1] % chunks:
+      raise ValueError(f"batch arrays of shape {x.shape} do not split along T over "
+                       f"context={chunks} devices: use a sequence length that is a "
+                       f"multiple of {chunks}")
   return jax.tree.map(
       lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), batch)
 
@@ -203,39 +216,64 @@ def shard_model_and_optimizer(model: nnx.Module, optimizer: nnx.Optimizer | None
 
 @functools.lru_cache(maxsize=16)
 def sharded_nsa(mesh: Mesh):
-  """`nsa_jax.ops.nsa.nsa` under `jax.shard_map` over the batch and head axes of `mesh`.
+  """`nsa_jax.ops.nsa.nsa` under `jax.shard_map` over the axes of `mesh`.
 
-  Every input and the output are split as P(("data", "fsdp"), None, "heads", None):
-  batch rows over data and fsdp, query heads and KV heads over heads (segment_ids,
-  [B, T], by batch rows only). Heads are
-  grouped contiguously (query head h reads KV head h // G), so a contiguous
-  slice of HQ / heads query heads reads exactly the slice of HKV / heads KV
-  heads on the same device, and each shard is an independent NSA problem; the
-  custom VJPs of the kernels run per shard as well.
+  The inputs of length T and the output are split as P(("data", "fsdp"),
+  "context", "heads", None): batch rows over data and fsdp, tokens over context,
+  query heads and KV heads over heads (segment_ids [B, T] as P(("data", "fsdp"),
+  "context")); k_cmp and v_cmp (Tc rows) are whole over context. Heads are grouped
+  contiguously (query head h reads KV head h // G), so a contiguous slice of
+  HQ / heads query heads reads exactly the slice of HKV / heads KV heads on the same
+  device: each head and batch shard is an independent NSA problem, the custom VJPs
+  of the kernels run per shard as well. With context > 1 the shards of one sequence
+  exchange what their queries need (`nsa_jax.context.local_nsa`); T must then be a
+  multiple of context.
   """
-  spec = P(BATCH_AXES, None, "heads", None)
+  spec = P(BATCH_AXES, CONTEXT, "heads", None)
+  cmp_spec = P(BATCH_AXES, None, "heads", None)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
-  heads = mesh.shape["heads"]
+  chunks, heads = mesh.shape[CONTEXT], mesh.shape["heads"]
 
   def op(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config,
          scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
          return_block_idx: bool = False, segment_ids=None):
-    B, HQ, HKV = q.shape[0], q.shape[2], k_slc.shape[2]
-    if B % rows or HQ % heads or HKV % heads:
+    args = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates]
+    # validated here, before tracing: inside shard_map the arrays are traced
+    check_inputs(*args, config=config, segment_ids=segment_ids)
+    _common.check_impl(impl)
+    B, T, HQ, HKV = q.shape[0], q.shape[1], q.shape[2], k_slc.shape[2]
+    if B % rows or T % chunks or HQ % heads or HKV % heads:
       raise ValueError(f"sharded nsa: batch={B} must be a multiple of data*fsdp={rows}, "
-                       f"num_heads={HQ} and num_kv_heads={HKV} multiples of heads={heads}")
-    local = functools.partial(nsa, config=config, scale=scale, impl=impl,
-                              interpret=interpret, return_block_idx=return_block_idx)
+                       f"T={T} of context={chunks}, num_heads={HQ} and num_kv_heads={HKV} "
+                       f"of heads={heads}")
+    kw = dict(config=config, scale=scale, impl=impl, interpret=interpret,
+              return_block_idx=return_block_idx)
+    whole = (functools.partial(nsa, **kw) if chunks == 1 else
+             functools.partial(context.local_nsa, **kw, num_shards=chunks))
+    local = lambda *a: whole(*a[:8], segment_ids=a[8] if len(a) > 8 else None)
     out_specs = (spec, spec) if return_block_idx else spec
-    args, in_specs = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates], [spec] * 8
-    if segment_ids is not None:   # validated here: inside shard_map the ids are traced
-      segments.check_segment_ids(segment_ids, q, config.select_block)
+    in_specs = [spec, cmp_spec, cmp_spec] + [spec] * 5
+    if segment_ids is not None:
       args.append(segment_ids)
-      in_specs.append(P(BATCH_AXES, None))
-      local = lambda *a, f=local: f(*a[:8], segment_ids=a[8])
-    # check_vma=False: pallas_call has no replication rule; every input is split
-    # over every mesh axis, so no cotangent needs a psum.
+      in_specs.append(P(BATCH_AXES, CONTEXT))
+    # check_vma=False: pallas_call has no replication rule. Inputs whole over an
+    # axis (k_cmp, v_cmp over context) get their cotangents psum'd over it.
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
                          check_vma=False)(*args)
 
   return op
+
+
+def with_halo(fn, x, size: int, mesh: Mesh, *, heads: tuple[int, int] | None = None):
+  """`fn([halo; x_c])` on each shard x_c of x [B, T, ...] (rows as `batch_sharding`),
+  concatenated along axis 1: `fn` sees its shard's tokens after the `size` tokens before
+  them (`context.halo`; zeros before the sequence). heads: (dimension of x, dimension of
+  fn's output) split over "heads", if any. Under `jax.jit`."""
+  def spec(dim):
+    return P(BATCH_AXES, CONTEXT) if dim is None else P(
+        BATCH_AXES, CONTEXT, *(None,) * (dim - 2), "heads")
+  in_dim, out_dim = heads or (None, None)
+  per_shard = lambda x: fn(jnp.concatenate([context.halo(x, size, mesh.shape[CONTEXT]), x],
+                                           axis=1))
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=spec(in_dim), out_specs=spec(out_dim),
+                       check_vma=False)(x)

@@ -70,7 +70,8 @@ class TrainConfig:
     sample_tokens: bytes sampled from the final checkpoint.
     sample_prompt: prompt of that sample.
     progress: show a progress bar.
-    mesh: device mesh, e.g. "data=2,heads=2" (nsa_jax.sharding); "" runs on one device.
+    mesh: device mesh, e.g. "data=2,heads=2" or "context=4" (sequences split over 4 devices;
+      nsa_jax.sharding); "" runs on one device.
   """
   preset: str = "demo"
   out: str = ""

@@ -100,21 +100,21 @@ def _unpad(x5, geo: Geometry, D: int):
   return x.reshape(geo.B, geo.T, geo.HKV * geo.G, D)
 
 
-def _forward_pass(q, k, v, block_idx, geo: Geometry):
+def _forward_pass(q, k, v, block_idx, q_offset, geo: Geometry):
   """o [B, T, HQ, Dv], its base-2 lse [B, T, HKV, Gp] and the index (`plan_index`)
   by the tiling `geo`."""
-  blk, index = plan_index(block_idx, geo)
+  blk, index = plan_index(block_idx, q_offset, geo)
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   if geo.tiles.block_major:
-    o5, lse = merge(*block_forward(q5, kp, vp, blk, *index, geo), blk, geo)
+    o5, lse = merge(*block_forward(q5, kp, vp, blk, q_offset, *index, geo), blk, geo)
   else:
-    o5, lse = forward(q5, kp, vp, blk, *index, geo)
+    o5, lse = forward(q5, kp, vp, blk, q_offset, *index, geo)
   return _unpad(o5, geo, geo.Dv), lse[:, :geo.T], index
 
 
-def _backward_pass(q, k, v, block_idx, index, o, lse, do, geo: Geometry):
+def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometry):
   """dq, dk, dv by the tiling `geo`, p recomputed from the forward's lse."""
-  blk = pad_blk(block_idx, geo)
+  blk = pad_blk(block_idx, q_offset, geo)
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   B, T, HKV, G = geo.B, geo.T, geo.HKV, geo.G
   rows = (B, geo.Tq, HKV, geo.Gp)
@@ -124,36 +124,36 @@ def _backward_pass(q, k, v, block_idx, index, o, lse, do, geo: Geometry):
   if geo.tiles.block_major:
     # dkv_tiles=None: one program per block, as in the query-tile dK/dV.
     entries, items = index if geo.tiles.dkv_tiles else entry_index(blk, geo, None)
-    dk, dv, dq_part = backward_dkv(q5, kp, vp, blk, do5, lse, delta, entries, items,
-                                    geo, block_major=True)
+    dk, dv, dq_part = backward_dkv(q5, kp, vp, blk, q_offset, do5, lse, delta, entries,
+                                    items, geo, block_major=True)
     dq5 = jnp.sum(slots(dq_part, blk, geo), axis=2, dtype=jnp.float32).astype(q5.dtype)
   else:
-    dq5 = backward_dq(q5, kp, vp, blk, *index, do5, lse, delta, geo)
+    dq5 = backward_dq(q5, kp, vp, blk, q_offset, *index, do5, lse, delta, geo)
     tiles, items = inverted_index(*index, geo)
-    dk, dv = backward_dkv(q5, kp, vp, blk, do5, lse, delta, tiles, items, geo,
+    dk, dv = backward_dkv(q5, kp, vp, blk, q_offset, do5, lse, delta, tiles, items, geo,
                            block_major=False)
-  dk = dk[:, :T, :, :geo.Dk].astype(kp.dtype)
-  dv = dv[:, :T, :, :geo.Dv].astype(vp.dtype)
+  dk = dk[:, :geo.S, :, :geo.Dk].astype(kp.dtype)
+  dv = dv[:, :geo.S, :, :geo.Dv].astype(vp.dtype)
   return _unpad(dq5, geo, geo.Dk), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _selected(q, k, v, block_idx, geo: Geometry):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
   """Selected attention by the tiling `geo` (`selected_choice.tiling`), forward and
   backward. The tiling's index (`plan_index`: sorts of block_idx) is kept for the
   backward: sorting again there cost most of the backward's overhead at G = 1
   (experiments/PERF_NOTES.md)."""
-  return _selected_fwd(q, k, v, block_idx, geo)[0]
+  return _selected_fwd(q, k, v, block_idx, q_offset, geo)[0]
 
 
-def _selected_fwd(q, k, v, block_idx, geo):
-  o, lse, index = _forward_pass(q, k, v, block_idx, geo)
-  return o, (q, k, v, block_idx, index, o, lse)
+def _selected_fwd(q, k, v, block_idx, q_offset, geo):
+  o, lse, index = _forward_pass(q, k, v, block_idx, q_offset, geo)
+  return o, (q, k, v, block_idx, q_offset, index, o, lse)
 
 
 def _selected_bwd(geo, res, do):
   dq, dk, dv = _backward_pass(*res, do, geo)
-  return dq, dk, dv, None
+  return dq, dk, dv, None, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -171,16 +171,19 @@ def unsupported(q, k, v, *, block: int) -> str | None:
 
 
 def selected_attention(q, k, v, block_idx, *, block: int, scale: float,
-                       interpret: bool, tiles: Tiles | None = None):
+                       interpret: bool, tiles: Tiles | None = None, q_offset=None):
   """Selected-block attention (the op `nsa_jax.selected_attention`, impl="pallas").
 
   Args:
-    q: [B, T, HQ, Dk]; k, v: [B, T, HKV, Dk], [B, T, HKV, Dv] (float32, bf16
-      or f16; accumulation is float32).
+    q: [B, T, HQ, Dk]; k, v: [B, S, HKV, Dk], [B, S, HKV, Dv] (float32, bf16
+      or f16; accumulation is float32); S = T unless q is a slice of the queries.
     block_idx: [B, T, HKV, n] int32, distinct block indices or -1; order free.
     block: l', tokens per selection block; scale: logit scale;
     interpret: run the kernels in Pallas interpret mode (CPU).
     tiles: tile sizes and launch parameters (default: `selected_tiles.default_tiles`).
+    q_offset: int32 scalar (may be traced, e.g. under `shard_map` for context
+      parallelism), the position of query row 0 among the S keys: its causal mask
+      reads key <= q_offset + t; None: 0.
 
   Returns:
     o [B, T, HQ, Dv] in q.dtype; rows that see no key get 0. Differentiable
@@ -188,4 +191,6 @@ def selected_attention(q, k, v, block_idx, *, block: int, scale: float,
   """
   tiles = default_tiles(q, v) if tiles is None else tiles
   block_idx = block_idx.astype(jnp.int32)
-  return _selected(q, k, v, block_idx, tiling(q, v, block_idx, block, scale, interpret, tiles))
+  q_offset = jnp.reshape(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32), (1,))
+  return _selected(q, k, v, block_idx, q_offset,
+                   tiling(q, v, block_idx, block, scale, interpret, tiles))

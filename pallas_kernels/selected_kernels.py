@@ -5,6 +5,10 @@ of Bq tokens x G heads over the tile's block union), the dK/dV kernel over a
 block's work items (`_dkv_kernel`, query tiles or block-major entries), and the
 block-major forward (`_block_fwd_kernel`). What they compute and why:
 `selected_attention.py`; their index: `selected_plan.py`.
+
+Every kernel takes offset_ref [1] int32, the position of query row 0 among the keys
+(`selected_attention`'s q_offset, for a slice of the queries): rows are gathered by
+their index, and their causal mask reads their position, index + offset.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ LOG2E = math.log2(math.e)
 
 
 def _tokens(i, geo: Geometry):
-  """Token positions [Bq] of query tile i."""
+  """Token indices [Bq] of query tile i."""
   return i * geo.Bq + jnp.arange(geo.Bq, dtype=jnp.int32)
 
 
@@ -70,10 +74,10 @@ def _block(ref, j, geo: Geometry):
   return ref[pl.ds(j * geo.lp, geo.Lb), :]
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
+def _fwd_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, union_ref, count_ref,
                 o_ref, lse_ref, *, geo: Geometry):
   q = q_ref[...].reshape(geo.M, geo.Dkp)
-  tok, sel = _rows(blk_ref[...], _tokens(pl.program_id(0), geo), geo)
+  tok, sel = _rows(blk_ref[...], offset_ref[0] + _tokens(pl.program_id(0), geo), geo)
 
   def body(u, carry):
     acc, m, l = carry
@@ -126,9 +130,10 @@ def _clamped(hi, count: int, start):
   return jnp.maximum(jnp.minimum(start + jnp.arange(count, dtype=jnp.int32), hi - 1), 0)
 
 
-def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, *,
-                      geo: Geometry):
+def _block_fwd_kernel(q_ref, k_ref, v_ref, offset_ref, entry_ref, item_ref, o_ref, lse_ref,
+                      *, geo: Geometry):
   j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
+  q0 = offset_ref[0]
   k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
   C = geo.C                               # entries per step, G rows each
 
@@ -139,7 +144,7 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, 
 
   def step(_, e, q, carry):
     tok = e // geo.n_pad
-    s, mask = _scores(q, k, j, _token_rows(tok, geo), None, geo)
+    s, mask = _scores(q, k, j, _token_rows(q0 + tok, geo), None, geo)
     # Every listed entry sees key j * l' (`listed`), so l >= 1.
     m = jnp.max(jnp.where(mask, s, NEG), axis=1)
     p = jnp.where(mask, jnp.exp2(s - m[:, None]), 0.0)
@@ -152,13 +157,13 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, entry_ref, item_ref, o_ref, lse_ref, 
   _steps((hi - lo + C - 1) // C, index_at, gather, step, 0, prefetch=True)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
+def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, union_ref, count_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, geo: Geometry):
   q = q_ref[...].reshape(geo.M, geo.Dkp)
   do = do_ref[...].reshape(geo.M, geo.Dvp)
   lse = lse_ref[...].reshape(geo.M)
   delta = delta_ref[...].reshape(geo.M)
-  tok, sel = _rows(blk_ref[...], _tokens(pl.program_id(0), geo), geo)
+  tok, sel = _rows(blk_ref[...], offset_ref[0] + _tokens(pl.program_id(0), geo), geo)
 
   def body(u, dq):
     j = union_ref[u]
@@ -173,13 +178,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, union_ref, count_ref,
   dq_ref[...] = (dq * geo.scale).reshape(geo.Bq, geo.Gp, geo.Dkp).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, do_ref, lse_ref, delta_ref,
                 ids_ref, item_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *dq_ref,
                 geo: Geometry):
   """dK and dV of one work item (block j, ids[lo:hi]); block-major, it also
   stores each (token, block) entry's term of dQ to dq_ref."""
   del dk_in_ref, dv_in_ref   # aliased with dk_ref, dv_ref (zeros)
   j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
+  q0 = offset_ref[0]
   k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
   block_major = bool(dq_ref)
   R = geo.C_bwd if block_major else geo.R     # entries or query tiles per step
@@ -207,7 +213,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, do_ref, lse_ref, delta_ref,
     dk, dv = carry
     live, ids = index
     tok, q, do, lse, delta, blk = data
-    rows_tok, sel = (_token_rows(tok, geo), None) if block_major else _rows(blk, tok, geo)
+    rows_tok, sel = ((_token_rows(q0 + tok, geo), None) if block_major
+                     else _rows(blk, q0 + tok, geo))
     s, mask = _scores(q, k, j, rows_tok, sel, geo)
     p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
@@ -255,11 +262,12 @@ def _tile_specs(geo: Geometry):
 
   union = pl.BlockSpec((None, None, None, geo.U), lambda i, h, b: (b, h, i, 0))
   count = pl.BlockSpec((None, None, None, 1), lambda i, h, b: (b, h, i, 0))
+  offset = pl.BlockSpec((1,), lambda i, h, b: (0,))
   return per_tile, [per_tile(geo.Gp, geo.Dkp), per_head(geo.Dkp),
-                    per_head(geo.Dvp), per_tile(geo.n_pad), union, count]
+                    per_head(geo.Dvp), per_tile(geo.n_pad), offset, union, count]
 
 
-def forward(q5, k, v, blk, union, count, geo: Geometry):
+def forward(q5, k, v, blk, q_offset, union, count, geo: Geometry):
   per_tile, in_specs = _tile_specs(geo)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, geo=geo),
@@ -271,10 +279,10 @@ def forward(q5, k, v, blk, union, count, geo: Geometry):
           jax.ShapeDtypeStruct((geo.B, geo.Tq, geo.HKV, geo.Gp), jnp.float32)],
       compiler_params=geo.params(), interpret=geo.interpret,
       name="nsa_selected_fwd",
-  )(q5, k, v, blk, union, count)
+  )(q5, k, v, blk, q_offset, union, count)
 
 
-def block_forward(q5, k, v, blk, entries, items, geo: Geometry):
+def block_forward(q5, k, v, blk, q_offset, entries, items, geo: Geometry):
   """The block-major forward: per-entry outputs and lse (`_block_fwd_kernel`), to merge."""
   HKV, E, whole = geo.HKV, geo.Tq * geo.n_pad, _whole_spec(geo)
   o_part, lse_part = pl.pallas_call(
@@ -282,6 +290,7 @@ def block_forward(q5, k, v, blk, entries, items, geo: Geometry):
       grid=(items.shape[2], geo.B * HKV),
       in_specs=[
           whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp),
+          _OFFSET_SPEC,
           pl.BlockSpec((None, None, E), lambda w, z: (z // HKV, z % HKV, 0)),
           pl.BlockSpec((None, None, None, 4), lambda w, z: (z // HKV, z % HKV, w, 0))],
       out_specs=[whole(E, geo.Gp, geo.Dvp), whole(E, geo.Gp)],
@@ -289,11 +298,11 @@ def block_forward(q5, k, v, blk, entries, items, geo: Geometry):
                  jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp), jnp.float32)],
       compiler_params=geo.params(geo.tiles.block_fwd_num_warps),
       interpret=geo.interpret, name="nsa_selected_block_fwd",
-  )(q5, k, v, entries, items)
+  )(q5, k, v, q_offset, entries, items)
   return o_part, lse_part
 
 
-def backward_dq(q5, k, v, blk, union, count, do5, lse, delta, geo: Geometry):
+def backward_dq(q5, k, v, blk, q_offset, union, count, do5, lse, delta, geo: Geometry):
   per_tile, in_specs = _tile_specs(geo)
   return pl.pallas_call(
       functools.partial(_dq_kernel, geo=geo),
@@ -304,7 +313,11 @@ def backward_dq(q5, k, v, blk, union, count, do5, lse, delta, geo: Geometry):
       out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
       compiler_params=geo.params(), interpret=geo.interpret,
       name="nsa_selected_dq",
-  )(q5, k, v, blk, union, count, do5, lse, delta)
+  )(q5, k, v, blk, q_offset, union, count, do5, lse, delta)
+
+
+# The query offset [1] of the kernels on grid (W, B*HKV).
+_OFFSET_SPEC = pl.BlockSpec((1,), lambda w, z: (0,))
 
 
 def _whole_spec(geo: Geometry):
@@ -318,7 +331,7 @@ def _whole_spec(geo: Geometry):
   return whole
 
 
-def backward_dkv(q5, k, v, blk, do5, lse, delta, ids, items, geo: Geometry,
+def backward_dkv(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, geo: Geometry,
                   block_major: bool):
   """dK, dV (float32, [B, Tk, HKV, D]) over work items of query tiles, or,
   block-major, of (token, block) entries, and then also the entries' dQ terms
@@ -339,7 +352,7 @@ def backward_dkv(q5, k, v, blk, do5, lse, delta, ids, items, geo: Geometry,
       grid=(items.shape[2], geo.B * HKV),
       in_specs=[
           whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp),
-          whole(geo.Tk, geo.Dvp), whole(geo.Tq, geo.n_pad),
+          whole(geo.Tk, geo.Dvp), whole(geo.Tq, geo.n_pad), _OFFSET_SPEC,
           whole(geo.Tq, geo.Gp, geo.Dvp), whole(geo.Tq, geo.Gp),
           whole(geo.Tq, geo.Gp),
           pl.BlockSpec((None, None, ids.shape[2]),
@@ -349,10 +362,10 @@ def backward_dkv(q5, k, v, blk, do5, lse, delta, ids, items, geo: Geometry,
       ] + out_specs[:2],
       out_specs=out_specs,
       out_shape=out_shape,
-      input_output_aliases={9: 0, 10: 1},
+      input_output_aliases={10: 0, 11: 1},
       # Block-major float32 steps hold one more [l', D] operand (K, for dQ):
       # two stages ask for more shared memory than an H200 has.
       compiler_params=geo.params(geo.tiles.dkv_num_warps,
                                  1 if block_major and q5.dtype.itemsize == 4 else None),
       interpret=geo.interpret, name="nsa_selected_dkv",
-  )(q5, k, v, blk, do5, lse, delta, ids, items, dk0, dv0)
+  )(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, dk0, dv0)

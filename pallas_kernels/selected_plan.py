@@ -91,12 +91,10 @@ def inverted_index(union, count, geo: Geometry):
   return tiles.reshape(B, HKV, -1), items.reshape(B, HKV, -1, 4)
 
 
-def listed(blk, geo: Geometry):
+def listed(blk):
   """[B, Tq, HKV, n_pad] bool: the (token, slot) entries the block-major
-  forward computes: a block in range that is not after its token (the
-  reference sees no key in the others)."""
-  t = jnp.arange(geo.Tq, dtype=jnp.int32).reshape(1, geo.Tq, 1, 1)
-  return (blk >= 0) & (blk * geo.lp <= t)
+  forward computes: the slots `pad_blk` left non-empty."""
+  return blk >= 0
 
 
 def entry_index(blk, geo: Geometry, chunk: int | None):
@@ -107,7 +105,7 @@ def entry_index(blk, geo: Geometry, chunk: int | None):
   entries; None = one item per block).
   """
   B, HKV, E = geo.B, geo.HKV, geo.Tq * geo.n_pad
-  j = jnp.where(listed(blk, geo), blk, geo.nb)
+  j = jnp.where(listed(blk), blk, geo.nb)
   j = jnp.transpose(j, (0, 2, 1, 3)).reshape(B * HKV, E)
   e = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[None, :], (B * HKV, E))
   entries, items = _work_items(j, e, geo.nb, chunk or E)
@@ -124,7 +122,7 @@ def slots(part, blk, geo: Geometry, fill=0.0):
 
 def _slot_mask(blk, geo: Geometry):
   """[B, Tq, n_pad, HKV, 1]: `listed` in the layout of `slots`."""
-  return jnp.transpose(listed(blk, geo), (0, 1, 3, 2))[..., None]
+  return jnp.transpose(listed(blk), (0, 1, 3, 2))[..., None]
 
 
 def merge(o_part, lse_part, blk, geo: Geometry):
@@ -147,16 +145,20 @@ def merge(o_part, lse_part, blk, geo: Geometry):
   return o.astype(o_part.dtype), jnp.where(seen, m + jnp.log2(l), 0.0)
 
 
-def pad_blk(block_idx, geo: Geometry):
-  """block_idx padded to whole tiles (-1 = empty)."""
-  return _util.pad_to(block_idx, (geo.B, geo.Tq, geo.HKV, geo.n_pad), value=-1)
+def pad_blk(block_idx, q_offset, geo: Geometry):
+  """block_idx padded to whole tiles, with -1 (empty) also in the slots of blocks
+  after their token, in which the reference sees no key; query row t sits at
+  position q_offset + t ([1] int32)."""
+  blk = _util.pad_to(block_idx, (geo.B, geo.Tq, geo.HKV, geo.n_pad), value=-1)
+  t = q_offset[0] + jnp.arange(geo.Tq, dtype=jnp.int32).reshape(1, geo.Tq, 1, 1)
+  return jnp.where(blk * geo.lp <= t, blk, -1)
 
 
-def plan_index(block_idx, geo: Geometry):
-  """block_idx padded to whole tiles (blk) and the index the kernels walk:
-  for query tiles each tile's block union and its size (`tile_unions`),
+def plan_index(block_idx, q_offset, geo: Geometry):
+  """block_idx padded to whole tiles (blk, `pad_blk`) and the index the kernels
+  walk: for query tiles each tile's block union and its size (`tile_unions`),
   block-major the entries of each block (`entry_index`, forward chunks)."""
-  blk = pad_blk(block_idx, geo)
+  blk = pad_blk(block_idx, q_offset, geo)
   if geo.tiles.block_major:
     return blk, entry_index(blk, geo, geo.tiles.block_entries)
   return blk, tile_unions(blk, geo)

@@ -99,7 +99,8 @@ class Geometry:
   """Static sizes of one call; `*p` are padded sizes."""
 
   B: int
-  T: int
+  T: int         # queries
+  S: int         # keys (T, or more for a slice of the queries: `q_offset`)
   HKV: int
   G: int
   Dk: int
@@ -112,7 +113,7 @@ class Geometry:
   n_pad: int     # n rounded up to a power of 2
   Bq: int        # tokens per query tile
   nT: int        # query tiles
-  nb: int        # selection blocks covering T
+  nb: int        # selection blocks covering the S keys
   U: int         # capacity of a tile's block union
   scale: float
   interpret: bool
@@ -145,12 +146,12 @@ class Geometry:
   @classmethod
   def make(cls, q, v, block_idx, block: int, scale, interpret, tiles):
     B, T, HQ, Dk = q.shape
-    HKV, n, Dv = block_idx.shape[2], block_idx.shape[3], v.shape[-1]
+    S, HKV, n, Dv = v.shape[1], block_idx.shape[2], block_idx.shape[3], v.shape[-1]
     G, lp = HQ // HKV, block
     Gp, n_pad = _util.next_pow2(G), _util.next_pow2(n)
     Bq = max(1, tiles.rows // Gp)
-    nT, nb = -(-T // Bq), -(-T // lp)
-    return cls(B=B, T=T, HKV=HKV, G=G, Dk=Dk, Dv=Dv, lp=lp, Gp=Gp,
+    nT, nb = -(-T // Bq), -(-S // lp)
+    return cls(B=B, T=T, S=S, HKV=HKV, G=G, Dk=Dk, Dv=Dv, lp=lp, Gp=Gp,
                Dkp=_util.next_pow2(Dk, 16), Dvp=_util.next_pow2(Dv, 16),
                Lb=_util.next_pow2(lp, 16), n_pad=n_pad,
                Bq=Bq, nT=nT, nb=nb, U=min(Bq * n_pad, nb), scale=float(scale),

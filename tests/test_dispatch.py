@@ -26,10 +26,11 @@ def fake_gpu(monkeypatch):
   monkeypatch.setattr(jax, "devices", lambda: [Hopper()])
 
 
-def _branch_calls(dtype, Dk=128, Dv=128, interpret=None, T=64, HQ=4, HKV=2, packed=False):
+def _branch_calls(dtype, Dk=128, Dv=128, interpret=None, T=64, HQ=4, HKV=2, packed=False,
+                  offset=False):
   x = lambda H, D, S=T: jax.ShapeDtypeStruct((1, S, H, D), dtype)
   Tc = SMALL.num_compressed(T)
-  call = lambda **arrays: dispatch.Call(arrays, SMALL, interpret, packed)
+  call = lambda **arrays: dispatch.Call(arrays, SMALL, interpret, packed, offset)
   return {"compressed_attention": call(q=x(HQ, Dk), k_cmp=x(HKV, Dk, Tc), v_cmp=x(HKV, Dv, Tc)),
           "select_blocks": call(q=x(HQ, Dk), k_cmp=x(HKV, Dk, Tc)),
           "selected_attention": call(q=x(HQ, Dk), k=x(HKV, Dk), v=x(HKV, Dv)),
@@ -51,14 +52,18 @@ def test_nsa_branches_on_a_gpu(fake_gpu):
   assert set(f32.values()) == {"pallas"}                      # cuDNN takes 16-bit only
 
 
-def test_packed_rows_run_on_the_kernels(fake_gpu):
-  """Packed rows (segment ids): every branch on the Pallas kernels, cuDNN refused
-  with the reason (it takes no document mask here)."""
-  calls = _branch_calls(jnp.bfloat16, packed=True)
+@pytest.mark.parametrize("flag, reason", [
+    ("packed", r"segment_ids: cudnn: segment_ids \(packed rows\)"),
+    ("offset", r"q_offset: cudnn: a query offset \(context parallelism\)")])
+def test_packed_rows_and_query_offsets_run_on_the_kernels(fake_gpu, flag, reason):
+  """Packed rows (segment ids) and query offsets (context parallelism): every branch on
+  the Pallas kernels, cuDNN refused with the reason (it takes no document mask and no
+  query offset here)."""
+  calls = _branch_calls(jnp.bfloat16, **{flag: True})
   for impl in ("auto", "pallas"):
     assert set(dispatch.nsa_branches(impl, calls).values()) == {"pallas"}
   with pytest.raises(ValueError, match=r"window_attention\(impl='cudnn'\) cannot run .*, "
-                                       r"segment_ids: cudnn: segment_ids \(packed rows\)"):
+                                       + reason):
     dispatch.choose("window_attention", "cudnn", calls["window_attention"])
 
 

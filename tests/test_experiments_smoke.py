@@ -125,10 +125,19 @@ def test_bench_scaling_small(tmp_path):
   assert data["meta"]["config"]["preset"] == "tiny"
   assert (tmp_path / "scaling.png").stat().st_size > 0
   batch = data["meta"]["config"]["per_device_batch"]
-  for mode, scaling in (("data", "weak"), ("fsdp", "weak"), ("heads", "strong")):
+  T = data["meta"]["config"]["seq_len"]
+  check = data["context_checks"]["2"]     # the op on context=2 against the reference
+  assert check["ok"] and set(check) >= {"o", "dq", "dk_cmp", "dgates", "block_idx"}, check
+  # mode: (mesh axis, batches on 1 and 2 devices, sequence lengths on 1 and 2 devices)
+  for mode, (axis, batches, lengths) in {
+      "data": ("data", [batch, 2 * batch], [T, T]),
+      "fsdp": ("fsdp", [batch, 2 * batch], [T, T]),
+      "heads": ("heads", [batch, batch], [T, T]),
+      "context": ("context", [batch, batch], [T, 2 * T]),
+      "context_strong": ("context", [batch, batch], [2 * T, 2 * T])}.items():
     rows = data["results"][mode]
-    assert [(r["mesh"], r["devices"]) for r in rows] == [(f"{mode}={n}", n) for n in (1, 2)]
-    assert [r["batch"] for r in rows] == ([batch, 2 * batch] if scaling == "weak" else [batch] * 2)
+    assert [(r["mesh"], r["devices"]) for r in rows] == [(f"{axis}={n}", n) for n in (1, 2)]
+    assert [r["batch"] for r in rows] == batches and [r["seq_len"] for r in rows] == lengths
     assert rows[0]["efficiency"] == 1.0
     for r in rows:
       assert r["step_ms"] > 0 and 4.0 < r["loss"] < 7.0, r   # ~ln(256) on random tokens

@@ -54,12 +54,13 @@ def _selected_block_idx(key, q, HKV, config):
   return nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla")
 
 
-def _check(kernel_fn, q, k, v, block_idx, ct, config):
+def _check(kernel_fn, q, k, v, block_idx, ct, config, first=0):
+  """first: position of q's row 0 among the keys (q a slice of the queries)."""
   scale = q.shape[-1] ** -0.5
-  ref_fn = jax.jit(lambda q, k, v: jax.vjp(
-      lambda *a: selected_attention_xla(*a, block_idx, config=config, scale=scale),
-      q, k, v)[1](ct))
-  o_ref = selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
+  ref = lambda *a: selected_attention_xla(*a, block_idx, config=config, scale=scale,
+                                          first=first)
+  ref_fn = jax.jit(lambda q, k, v: jax.vjp(ref, q, k, v)[1](ct))
+  o_ref = ref(q, k, v)
 
   def run(q, k, v):
     o, vjp = jax.vjp(lambda *a: kernel_fn(*a, block_idx, scale), q, k, v)
@@ -110,6 +111,22 @@ def test_small_blocks_odd_group_and_dims():
   block_idx = _random_block_idx(kc, B, T, HKV, TINY_BLOCKS, empty_frac=0.1)
   _check(_kernel(TINY_BLOCKS, Tiles(rows=16, dkv_tiles=3, block_major=False)), q, k, v,
          block_idx, ct, TINY_BLOCKS)
+
+
+@pytest.mark.parametrize("block_major", [False, True])
+def test_query_slice_at_a_traced_offset(block_major):
+  """Rows q0 .. q0 + 26 of T = 72 queries against all 72 keys, q0 = 27 traced (as under
+  shard_map for context parallelism; no multiple of a tile or block): the reference's
+  rows, forward and the gradients of the slice and of every key, in either tiling."""
+  B, T, HKV, G, q0, Tl = 2, 72, 2, 2, 27, 27
+  q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 32, 16)
+  rows = slice(q0, q0 + Tl)
+  block_idx = _selected_block_idx(kc, q, HKV, SMALL)[:, rows]
+  at_offset = jax.jit(lambda q, k, v, b, offset, scale: selected_attention(
+      q, k, v, b, block=SMALL.select_block, scale=scale, interpret=True,
+      tiles=Tiles(block_major=block_major), q_offset=offset), static_argnums=5)
+  _check(lambda q, k, v, b, scale: at_offset(q, k, v, b, jnp.int32(q0), scale),
+         q[:, rows], k, v, block_idx, ct[:, rows], SMALL, first=q0)
 
 
 def _tiling(q, v, block_idx, tiles):
@@ -207,12 +224,12 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
     jax.make_jaxpr(jax.grad(loss))(q)      # traced only: forward, then backward
   assert chunks == [9, None, 9]
   geo = _tiling(q, v, block_idx, Tiles(block_major=True))
-  blk = pad_blk(block_idx, geo)
+  blk = pad_blk(block_idx, jnp.zeros(1, jnp.int32), geo)
   for chunk in (None, 7):
     entries, items = entry_index(blk, geo, chunk)
     lengths = items[..., 2] - items[..., 1]
     for h in range(HKV):
-      entries = np.asarray(listed(blk, geo)[0, :, h])
+      entries = np.asarray(listed(blk)[0, :, h])
       per_block = np.bincount(np.asarray(blk[0, :, h])[entries], minlength=geo.nb)
       used = np.asarray(lengths[0, h]) > 0
       got = np.bincount(np.asarray(items[0, h, :, 0])[used],

@@ -2,18 +2,11 @@
 devices in a subprocess (tests/sharding_check.py), sharded == unsharded loss and
 gradients, no gathered activations around the NSA op, checkpoints across meshes,
 and the Pallas kernels with their VJPs under shard_map."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from nsa_jax import sharding
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.multi_device import run_check
 
 # float32 everywhere; the sharded program sums gradients across devices in another
 # order than the one-device program (psum / reduce-scatter of partial sums), so
@@ -22,9 +15,9 @@ RTOL = 2e-5
 
 
 def test_parse_mesh():
-  assert sharding.parse_mesh("data=2,heads=2") == {"data": 2, "fsdp": 1, "heads": 2}
-  assert sharding.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "heads": 1}
-  assert sharding.parse_mesh({"heads": 4}) == {"data": 1, "fsdp": 1, "heads": 4}
+  assert sharding.parse_mesh("data=2,heads=2") == {"data": 2, "fsdp": 1, "context": 1, "heads": 2}
+  assert sharding.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "context": 1, "heads": 1}
+  assert sharding.parse_mesh({"context": 4}) == {"data": 1, "fsdp": 1, "context": 4, "heads": 1}
   for bad, match in (("data=2,model=2", "unknown axes"), ("data", "axis=size"),
                      ("data=x", "axis=size"), ("data=-1,heads=-1", "at most one -1"),
                      ("data=0", ">= 1")):
@@ -40,7 +33,7 @@ def test_make_mesh_checks_the_device_count():
 
 
 def test_param_spec_rules():
-  mesh = AbstractMesh((2, 2, 2), sharding.AXES)
+  mesh = AbstractMesh((2, 2, 2, 2), sharding.AXES)
   spec = lambda name, shape: sharding.param_spec(name, shape, mesh)
   assert spec("blocks/0/attn/q_proj/kernel", (32, 32)) == P("fsdp", "heads")
   assert spec("opt_state/0/mu/blocks/0/attn/o_proj/kernel", (32, 32)) == P("heads", "fsdp")
@@ -56,14 +49,7 @@ def test_param_spec_rules():
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharding")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tests/sharding_check.py"),
-                         str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_check("sharding_check.py", tmp_path_factory.mktemp("sharding"))
 
 
 def test_sharded_step_matches_unsharded(sharded):

@@ -22,7 +22,7 @@ QUERY_CHUNK = 512
 
 def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
                          scale: float | None = None, impl: str = "auto",
-                         interpret: bool | None = None, segment_ids=None):
+                         interpret: bool | None = None, segment_ids=None, q_offset=None):
   """Attention of every query over the compressed keys/values.
 
   Args:
@@ -39,30 +39,34 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
       of equal ids starting at multiples of config.select_block (a ValueError
       otherwise, where the ids are concrete; under jit the caller's contract).
       None: one document per row. cuDNN takes none (`dispatch`).
+    q_offset: private (context parallelism, `nsa_jax.context`): an int32 scalar, may be
+      traced; q holds the queries at positions q_offset .. q_offset + T - 1 of a
+      sequence whose compressed blocks k_cmp, v_cmp and segment_ids [B, S] are whole.
+      cuDNN takes none.
 
   Returns:
     (o [B, T, HQ, Dv], lse [B, T, HQ]): lse is the natural-log sum-exp in
     float32 (float64 for float64 inputs), -inf where no block is visible.
   """
   _common.check_config(config)
-  _common.check_attention_inputs(q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
-                                 seq_len=config.num_compressed(q.shape[1]))
-  packed = segment_ids is not None
-  if packed:
-    segments.check_segment_ids(segment_ids, q, config.select_block)
+  sliced = q_offset is not None
+  _common.check_attention_inputs(
+      q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
+      seq_len=k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1]))
+  doc_start, doc_end = segments.documents(segment_ids, q, config.select_block, q_offset)
   backend = dispatch.choose("compressed_attention", impl, dispatch.Call(
-      dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret, packed))
+      dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret, segment_ids is not None,
+      sliced))
   scale = _common.resolve_scale(scale, q)
-  doc_start = segments.document_starts(segment_ids) if packed else None
   if backend == "cudnn":
     return compressed_attention_folded(q, k_cmp, v_cmp, config=config, scale=scale)
   if backend == "pallas":
     return kernel.compressed_attention(
         q, k_cmp, v_cmp, block=config.compress_block, stride=config.compress_stride,
         scale=scale, interpret=_common.resolve_interpret(interpret), doc_start=doc_start,
-        doc_end=segments.document_ends(segment_ids) if packed else None)
+        doc_end=doc_end, q_offset=q_offset)
   return compressed_attention_xla(q, k_cmp, v_cmp, config=config, scale=scale,
-                                  doc_start=doc_start)
+                                  doc_start=doc_start, first=0 if q_offset is None else q_offset)
 
 
 def compressed_scores(qc, start, k_cmp, config: NSAConfig, scale: float, doc_start=None):

@@ -17,8 +17,9 @@ Every op has the pure-JAX reference "xla" (runs everywhere) and the Pallas kerne
 
 cuDNN's check is `cudnn.cudnn_runs` on the call cuDNN would get (the compressed
 branch's queries folded by stride residue): it refuses calls that cannot be split
-under 2^31 elements (`cudnn.call_plan`, issue #18), and packed rows
-(segment ids, SPEC §6): the Pallas kernels run those.
+under 2^31 elements (`cudnn.call_plan`, issue #18), packed rows (segment ids,
+SPEC §6) and query offsets (context parallelism, issue #23): the Pallas kernels run
+those.
 
 The checks read shapes, dtypes, the config and the device only, never values.
 """
@@ -38,17 +39,20 @@ from pallas_kernels import (compressed_attention, decode_attention, select_block
 @dataclasses.dataclass(frozen=True)
 class Call:
   """What a support check reads of one call: the op's arrays (by name, in the op's
-  order), the config, the `interpret` argument, and whether the rows are packed
-  (segment ids given, SPEC §6)."""
+  order), the config, the `interpret` argument, whether the rows are packed
+  (segment ids given, SPEC §6) and whether the queries are a slice at a query offset
+  (`q_offset`, context parallelism: `nsa_jax.context`)."""
 
   arrays: dict[str, Any]
   config: NSAConfig
   interpret: bool | None
   packed: bool = False
+  offset: bool = False
 
   def describe(self) -> str:
     arrays = ", ".join(f"{name} {list(x.shape)} {x.dtype}" for name, x in self.arrays.items())
-    return arrays + (", segment_ids" if self.packed else "")
+    return arrays + (", segment_ids" if self.packed else "") + (
+        ", q_offset" if self.offset else "")
 
 
 def _reference(call: Call) -> str | None:
@@ -64,27 +68,31 @@ def _cudnn_runs(q, v, interpret: bool | None) -> str | None:
           f"under 2^31 elements (`cudnn.call_plan`)")
 
 
-def _cudnn_packed(call: Call) -> str | None:
-  """Packed rows: the calls here take no document mask. cuDNN's fused attention
-  has packed layouts (`jax._src.cudnn.fused_attention_stablehlo`: q_offsets,
-  kv_offsets), but not with the sliding window or the compressed branch's fold,
-  and nothing here proves them right (no GPU check of them): the Pallas kernels,
-  whose loops skip other documents, run packed rows."""
+def _cudnn_masks(call: Call) -> str | None:
+  """Packed rows and query offsets: the calls here take no document mask and start
+  their causal mask at the first query. cuDNN's fused attention has packed layouts
+  (`jax._src.cudnn.fused_attention_stablehlo`: q_offsets, kv_offsets), but not with
+  the sliding window or the compressed branch's fold, and nothing here proves them
+  right (no GPU check of them): the Pallas kernels, whose loops skip other documents
+  and take a query offset, run these."""
   if call.packed:
     return ("segment_ids (packed rows) are not taken by the cuDNN calls: the Pallas "
             "kernels run them")
+  if call.offset:
+    return ("a query offset (context parallelism) is not taken by the cuDNN calls: "
+            "their causal mask starts at the first query; the Pallas kernels run it")
   return None
 
 
 def _cudnn_window(call: Call) -> str | None:
   a = call.arrays
-  return _cudnn_packed(call) or _cudnn_runs(a["q"], a["v"], call.interpret)
+  return _cudnn_masks(call) or _cudnn_runs(a["q"], a["v"], call.interpret)
 
 
 def _cudnn_compressed(call: Call) -> str | None:
   """cuDNN runs the compressed branch over q folded by stride residue
   (`compressed.compressed_attention_folded`): [B*d, ceil(T/d), HQ, Dk]."""
-  if why := _cudnn_packed(call):
+  if why := _cudnn_masks(call):
     return why
   q, d = call.arrays["q"], call.config.compress_stride
   B, T, HQ, Dk = q.shape

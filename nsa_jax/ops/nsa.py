@@ -46,6 +46,70 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   Returns:
     o [B, T, HQ, Dv] (and block_idx when asked).
   """
+  check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config,
+               segment_ids=segment_ids)
+  impls = backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, config=config, impl=impl,
+                   interpret=interpret, packed=segment_ids is not None)
+  o_cmp, o_slc, block_idx = sparse_branches(
+      q, k_cmp, v_cmp, k_slc, v_slc, impls=impls, config=config, scale=scale, impl=impl,
+      interpret=interpret, segment_ids=segment_ids)
+  o_win = window_attention(q, k_win, v_win, config=config, scale=scale,
+                           impl=impls["window_attention"], interpret=interpret,
+                           segment_ids=segment_ids)
+  o = mix(gates, o_cmp, o_slc, o_win)
+  return (o, block_idx) if return_block_idx else o
+
+
+def sparse_branches(q, k_cmp, v_cmp, k_slc, v_slc, *, impls: dict[str, str],
+                    config: NSAConfig, scale: float | None, impl: str,
+                    interpret: bool | None, segment_ids=None, q_offset=None):
+  """(o_cmp, o_slc, block_idx) of `nsa`: the compressed branch, the selection from its
+  lse, the selected branch, on the backends `impls` (`backends`).
+
+  q_offset (context parallelism, `nsa_jax.context`): q holds the queries at positions
+  q_offset .. of a sequence whose k_cmp, v_cmp, k_slc, v_slc and segment_ids are whole.
+  """
+  kw = lambda op: dict(config=config, scale=scale, impl=impls[op], interpret=interpret,
+                       segment_ids=segment_ids, q_offset=q_offset)
+  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw("compressed_attention"))
+  lse = selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
+                      impl=impl, interpret=interpret, segment_ids=segment_ids,
+                      q_offset=q_offset, branch=(v_cmp, impls["compressed_attention"], lse))
+  block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
+  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"))
+  return o_cmp, o_slc, block_idx
+
+
+def mix(gates, o_cmp, o_slc, o_win):
+  """Eq. 5: the branches' outputs weighted by their gates [B, T, HQ, 3]."""
+  g = gates[..., None]
+  return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+
+
+def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
+             impl: str = "auto", interpret: bool | None = None,
+             packed: bool = False, offset: bool = False) -> dict[str, str]:
+  """What `nsa(impl=impl)` runs on these inputs (arrays or `jax.ShapeDtypeStruct`s),
+  on packed rows (segment ids given) or not: {branch op: backend}
+  (`dispatch.nsa_branches`) and "selection_lse": the backend of the compressed pass
+  its selection's lse comes from (`selection.lse_backend`). Two impls with equal
+  backends compute the same. Raises nsa's ValueError for inputs no backend of a
+  branch takes. offset: q is a slice of the queries at a query offset
+  (`sparse_branches`); the window takes none (under context it runs on its halo,
+  `nsa_jax.context.window_attention`)."""
+  call = lambda offset, **arrays: dispatch.Call(arrays, config, interpret, packed, offset)
+  return dict(dispatch.nsa_branches(impl, {
+      "compressed_attention": call(offset, q=q, k_cmp=k_cmp, v_cmp=v_cmp),
+      "select_blocks": call(offset, q=q, k_cmp=k_cmp),
+      "selected_attention": call(offset, q=q, k=k_slc, v=v_slc),
+      "window_attention": call(False, q=q, k=k_win, v=v_win)}),
+      selection_lse=lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
+                                packed=packed, offset=offset))
+
+
+def check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
+                 segment_ids=None):
+  """`nsa`'s checks of its inputs (SPEC §4): a ValueError naming the argument and values."""
   _common.check_config(config)
   _common.check_attention_inputs(q, k_slc, v_slc, names=("q", "k_slc", "v_slc"))
   _common.check_attention_inputs(q, k_win, v_win, names=("q", "k_win", "v_win"))
@@ -55,39 +119,5 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
   if gates.shape != (B, T, HQ, 3):
     raise ValueError(f"gates.shape={gates.shape} must be [B, T, HQ, 3]={(B, T, HQ, 3)}")
   _common.check_float("gates", gates, q.dtype)
-  packed = segment_ids is not None
-  if packed:
+  if segment_ids is not None:
     segments.check_segment_ids(segment_ids, q, config.select_block)
-  impls = backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, config=config, impl=impl,
-                   interpret=interpret, packed=packed)
-  kw = lambda op: dict(config=config, scale=scale, impl=impls[op], interpret=interpret,
-                       segment_ids=segment_ids)
-  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw("compressed_attention"))
-  lse = selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
-                      impl=impl, interpret=interpret, segment_ids=segment_ids,
-                      branch=(v_cmp, impls["compressed_attention"], lse))
-  block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
-  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"))
-  o_win = window_attention(q, k_win, v_win, **kw("window_attention"))
-  g = gates[..., None]
-  o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
-  return (o, block_idx) if return_block_idx else o
-
-
-def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
-             impl: str = "auto", interpret: bool | None = None,
-             packed: bool = False) -> dict[str, str]:
-  """What `nsa(impl=impl)` runs on these inputs (arrays or `jax.ShapeDtypeStruct`s),
-  on packed rows (segment ids given) or not: {branch op: backend}
-  (`dispatch.nsa_branches`) and "selection_lse": the backend of the compressed pass
-  its selection's lse comes from (`selection.lse_backend`). Two impls with equal
-  backends compute the same. Raises nsa's ValueError for inputs no backend of a
-  branch takes."""
-  call = lambda **arrays: dispatch.Call(arrays, config, interpret, packed)
-  return dict(dispatch.nsa_branches(impl, {
-      "compressed_attention": call(q=q, k_cmp=k_cmp, v_cmp=v_cmp),
-      "select_blocks": call(q=q, k_cmp=k_cmp),
-      "selected_attention": call(q=q, k=k_slc, v=v_slc),
-      "window_attention": call(q=q, k=k_win, v=v_win)}),
-      selection_lse=lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
-                                packed=packed))

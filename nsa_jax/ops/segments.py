@@ -5,8 +5,9 @@ run of equal ids, each starting at a multiple of A = `select_block` (the data
 pipeline pads every document up to the next multiple with tokens of its own id).
 The ops, the kernels and the module read the documents as positions, derived once
 here in XLA: `document_starts` (s(t), the first position of t's document) and
-`document_ends` (one past its last). Packing is invisible: every query sees what it
-would see were its document a sequence of its own starting at position 0.
+`document_ends` (one past its last); `documents` gives an op both. Packing is
+invisible: every query sees what it would see were its document a sequence of its
+own starting at position 0.
 
 `check_segment_ids` validates concrete ids before anything is traced; under `jit`
 the ids are abstract and their alignment is the caller's contract. `Alone` runs the
@@ -21,12 +22,15 @@ import numpy as np
 from jax import lax
 
 
-def check_segment_ids(segment_ids, q, align: int) -> None:
-  """Raises a ValueError for segment_ids that are not [B, T] integers of q [B, T, ...],
-  or, when concrete, whose documents are not contiguous runs starting at multiples of
-  `align` (SPEC §6; `align` is the config's select_block)."""
+def check_segment_ids(segment_ids, q, align: int, sliced: bool = False) -> None:
+  """Raises a ValueError for segment_ids that are not [B, T] integers of q [B, T, ...]
+  (sliced: [B, S >= T], the rows of a sequence q holds a slice of the queries of:
+  `documents`), or, when concrete, whose documents are not contiguous runs starting
+  at multiples of `align` (SPEC §6; `align` is the config's select_block)."""
   B, T = q.shape[:2]
   shape = getattr(segment_ids, "shape", None)
+  if sliced and shape is not None and len(shape) == 2 and shape[0] == B and shape[1] >= T:
+    T = shape[1]
   if shape != (B, T):
     raise ValueError(f"segment_ids.shape={shape} must be [B, T]={(B, T)} of "
                      f"q.shape={q.shape}")
@@ -66,6 +70,20 @@ def document_starts(segment_ids):
   first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   return lax.cummax(jnp.where(first, t, 0), axis=1)
+
+
+def documents(segment_ids, q, align: int, q_offset=None):
+  """(s(t) [B, T] of the queries q [B, T, ...], document ends [B, S] of the keys) of
+  packed rows, checked (`check_segment_ids`); (None, None) where segment_ids is None.
+  q_offset (context parallelism, `nsa_jax.context`; may be traced): q holds the
+  queries at positions q_offset .. q_offset + T - 1 of rows segment_ids [B, S]."""
+  if segment_ids is None:
+    return None, None
+  check_segment_ids(segment_ids, q, align, sliced=q_offset is not None)
+  starts = document_starts(segment_ids)
+  if q_offset is not None:
+    starts = lax.dynamic_slice_in_dim(starts, q_offset, q.shape[1], axis=1)
+  return starts, document_ends(segment_ids)
 
 
 def document_ends(segment_ids):

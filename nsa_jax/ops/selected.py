@@ -20,7 +20,7 @@ QUERY_CHUNK = 128
 
 def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
                        scale: float | None = None, impl: str = "auto",
-                       interpret: bool | None = None, segment_ids=None):
+                       interpret: bool | None = None, segment_ids=None, q_offset=None):
   """Attention of each query over the tokens of its selected blocks.
 
   Args:
@@ -30,34 +30,37 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
       where they take the inputs, else the reference; `nsa_jax.ops.dispatch`).
     segment_ids: [B, T] int, packed documents (SPEC §6; see
       `compressed_attention`), or None.
+    q_offset: private (context parallelism, `nsa_jax.context`): an int32 scalar, may be
+      traced; q and block_idx hold the queries at positions q_offset .. q_offset + T - 1
+      of a sequence whose keys k, v [B, S, ...] and segment_ids [B, S] are whole.
 
   Returns:
     o [B, T, HQ, Dv]. Gradients flow to q, k, v.
   """
   _common.check_config(config)
-  _common.check_attention_inputs(q, k, v)
+  sliced = q_offset is not None
+  _common.check_attention_inputs(q, k, v, seq_len=k.shape[1] if sliced else None)
   _common.check_block_idx(block_idx, q, k, config)
-  packed = segment_ids is not None
-  if packed:
-    segments.check_segment_ids(segment_ids, q, config.select_block)
-  backend = dispatch.choose("selected_attention", impl,
-                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret, packed))
+  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+  backend = dispatch.choose("selected_attention", impl, dispatch.Call(
+      dict(q=q, k=k, v=v), config, interpret, segment_ids is not None, sliced))
   scale = _common.resolve_scale(scale, q)
   block_idx = block_idx.astype(jnp.int32)
-  if packed:
-    block_idx = document_blocks(block_idx, segment_ids, config)
+  if doc_start is not None:
+    block_idx = document_blocks(block_idx, doc_start, config)
   if backend == "pallas":
     return kernel.selected_attention(
         q, k, v, block_idx, block=config.select_block, scale=scale,
-        interpret=_common.resolve_interpret(interpret))
-  return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale)
+        interpret=_common.resolve_interpret(interpret), q_offset=q_offset)
+  return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale,
+                                first=0 if q_offset is None else q_offset)
 
 
-def document_blocks(block_idx, segment_ids, config: NSAConfig):
+def document_blocks(block_idx, doc_start, config: NSAConfig):
   """block_idx [B, T, HKV, n] with the slots of blocks before each query's document
-  emptied (-1): j*l' < s(t)."""
-  start = segments.document_starts(segment_ids)[:, :, None, None]
-  return jnp.where(block_idx * config.select_block >= start, block_idx, -1)
+  emptied (-1): j*l' < s(t), doc_start [B, T] = s(t)."""
+  return jnp.where(block_idx * config.select_block >= doc_start[:, :, None, None],
+                   block_idx, -1)
 
 
 def selected_attention_xla(q, k, v, block_idx, *, config: NSAConfig, scale: float,

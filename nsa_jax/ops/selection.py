@@ -38,7 +38,7 @@ QUERY_CHUNK = 256
 
 def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
                   impl: str = "auto", interpret: bool | None = None, lse=None,
-                  segment_ids=None):
+                  segment_ids=None, q_offset=None):
   """Indices of the selection blocks each query's KV group attends to.
 
   Args:
@@ -52,39 +52,45 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
       The lse `selection_lse` computes is that of `nsa(impl=impl)`.
     segment_ids: [B, T] int, packed documents (SPEC §6; see
       `compressed_attention`), or None.
+    q_offset: private (context parallelism, `nsa_jax.context`; see
+      `compressed_attention`): q holds the queries at positions q_offset .. of a
+      sequence whose compressed blocks k_cmp and segment_ids [B, S] are whole.
 
   Returns:
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
     Carries no gradient.
   """
   _common.check_config(config)
-  _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
-                                 seq_len=config.num_compressed(q.shape[1]))
+  sliced = q_offset is not None
+  Tc = k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1])
+  _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"), seq_len=Tc)
   if lse is not None:
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
                        f"[B, T, HQ]={q.shape[:3]}")
-  packed = segment_ids is not None
-  if packed:
-    segments.check_segment_ids(segment_ids, q, config.select_block)
-  backend = dispatch.choose("select_blocks", impl,
-                            dispatch.Call(dict(q=q, k_cmp=k_cmp), config, interpret, packed))
+  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+  backend = dispatch.choose("select_blocks", impl, dispatch.Call(
+      dict(q=q, k_cmp=k_cmp), config, interpret, segment_ids is not None, sliced))
   scale = _common.resolve_scale(scale, q)
   q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
   if lse is None:
     lse = selection_lse(q, k_cmp, config=config, scale=scale, impl=impl, interpret=interpret,
-                        segment_ids=segment_ids)
+                        segment_ids=segment_ids, q_offset=q_offset)
   lse = lax.stop_gradient(lse)
-  doc_start = segments.document_starts(segment_ids) if packed else None
   if backend == "pallas":
     return kernel.select_blocks(q, k_cmp, sizes=_common.selection_sizes(config), scale=scale,
                                 interpret=_common.resolve_interpret(interpret),
-                                lse=lse, doc_start=doc_start)
-  return select_blocks_xla(q, k_cmp, config=config, scale=scale, lse=lse, doc_start=doc_start)
+                                lse=lse, doc_start=doc_start, q_offset=q_offset)
+  # A slice's sequence holds at most Tc*d + l - 1 tokens (Tc blocks, the next incomplete).
+  return select_blocks_xla(
+      q, k_cmp, config=config, scale=scale, lse=lse, doc_start=doc_start,
+      first=0 if q_offset is None else q_offset,
+      seq_len=Tc * config.compress_stride + config.compress_block - 1 if sliced else None)
 
 
 def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
-                  interpret: bool | None = None, branch=None, segment_ids=None):
+                  interpret: bool | None = None, branch=None, segment_ids=None,
+                  q_offset=None):
   """The [B, T, HQ] lse the selection of `nsa(impl=impl)` is computed from
   (module doc): that of the compressed branch on (q, k_cmp, k_cmp), run on the
   backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
@@ -95,24 +101,27 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   bit (`_same_lse`), which is always the case but for Dv > Dk (16-bit on a GPU,
   cuDNN then refuses the branch; or a Pallas forward tile narrowed by Dv): then
   the lse is computed here as `select_blocks` computes it, at the cost of a
-  second compressed pass. segment_ids: packed rows (SPEC §6), or None.
+  second compressed pass. segment_ids: packed rows (SPEC §6), or None; q_offset:
+  a slice of the queries (`compressed_attention`), or None.
   """
   backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
-                        packed=segment_ids is not None)
+                        packed=segment_ids is not None, offset=q_offset is not None)
   if branch is not None:
     v_cmp, branch_backend, lse = branch
     if branch_backend == backend and _same_lse(backend, q, k_cmp, v_cmp):
       return lse
   return compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale, impl=backend,
-                              interpret=interpret, segment_ids=segment_ids)[1]
+                              interpret=interpret, segment_ids=segment_ids,
+                              q_offset=q_offset)[1]
 
 
-def lse_backend(q, k_cmp, *, config: NSAConfig, impl: str,
-                interpret: bool | None = None, packed: bool = False) -> str:
+def lse_backend(q, k_cmp, *, config: NSAConfig, impl: str, interpret: bool | None = None,
+                packed: bool = False, offset: bool = False) -> str:
   """The backend `selection_lse` runs the compressed branch on (q, k_cmp, k_cmp):
   the one `nsa(impl=impl)` gives that branch (`dispatch.nsa_branches`) on rows packed
-  or not (segment ids given)."""
-  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret, packed)
+  or not (segment ids given), at a query offset or not."""
+  call = dispatch.Call(dict(q=q, k_cmp=k_cmp, v_cmp=k_cmp), config, interpret, packed,
+                       offset)
   return dispatch.nsa_branches(impl, {"compressed_attention": call})["compressed_attention"]
 
 
@@ -186,15 +195,18 @@ def compressed_probabilities(s, mask, lse=None):
 
 
 def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
-                      query_chunk: int = QUERY_CHUNK, doc_start=None):
+                      query_chunk: int = QUERY_CHUNK, doc_start=None, first=0,
+                      seq_len: int | None = None):
   """Pure-JAX reference: [T, Tc] scores exist one query chunk at a time.
 
   lse: optional [B, T, HQ] lse of the compressed branch (see `select_blocks`).
   doc_start: [B, T] int, the first position of each query's document (packed
   rows, `segments.document_starts`), or None.
+  first: position of q's first row, for a slice of the queries of a sequence of
+  `seq_len` tokens (default: q's; all its compressed blocks given; any larger
+  seq_len selects the same: blocks past a query are never its candidates).
   """
-  T = q.shape[1]
-  Ts = config.num_select_blocks(T)
+  Ts = config.num_select_blocks(q.shape[1] if seq_len is None else seq_len)
 
   def chunk_fn(start, qc, *rest):
     lse_c = rest[:1] if lse is not None else ()
@@ -210,4 +222,4 @@ def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
     return jnp.moveaxis(rank_blocks(scores, t, config, doc_c), 1, 2)   # [B, C, HKV, n]
 
   xs = (q,) + ((lse,) if lse is not None else ()) + ((doc_start,) if doc_start is not None else ())
-  return _common.map_query_chunks(chunk_fn, xs, query_chunk)
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk, first)

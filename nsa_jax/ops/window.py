@@ -36,20 +36,16 @@ def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
   """
   _common.check_config(config)
   _common.check_attention_inputs(q, k, v)
-  packed = segment_ids is not None
-  if packed:
-    segments.check_segment_ids(segment_ids, q, config.select_block)
-  backend = dispatch.choose("window_attention", impl,
-                            dispatch.Call(dict(q=q, k=k, v=v), config, interpret, packed))
+  doc_start, doc_end = segments.documents(segment_ids, q, config.select_block)
+  backend = dispatch.choose("window_attention", impl, dispatch.Call(
+      dict(q=q, k=k, v=v), config, interpret, segment_ids is not None))
   scale = _common.resolve_scale(scale, q)
-  doc_start = segments.document_starts(segment_ids) if packed else None
   if backend == "cudnn":
     return cudnn.cudnn_causal_attention(q, k, v, scale=scale, window=config.window)[0]
   if backend == "pallas":
     return kernel.window_attention(q, k, v, window=config.window, scale=scale,
                                    interpret=_common.resolve_interpret(interpret),
-                                   doc_start=doc_start,
-                                   doc_end=segments.document_ends(segment_ids) if packed else None)
+                                   doc_start=doc_start, doc_end=doc_end)
   return window_attention_xla(q, k, v, config=config, scale=scale, doc_start=doc_start)
 
 
