@@ -90,7 +90,8 @@ Run on the device machine:
     python3 experiments/gpu_check.py --matrix       # issue #18 (--budget-s 360)
     python3 experiments/gpu_check.py --matrix --rerun gpu_matrix_nvidia-h200.json
     python3 experiments/gpu_check.py --packed       # issue #20, packed rows (--budget-s 360)
-    python3 experiments/gpu_check.py --small [--matrix | --packed]   # tiny, CPU (interpret mode)
+    python3 experiments/gpu_check.py --offsets      # issue #23, query offsets (one GPU)
+    python3 experiments/gpu_check.py --small [--matrix | --packed | --offsets]   # tiny, CPU
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
 from nsa_jax.ops import _common, compressed, cudnn, dispatch, segments, selected, window
 from nsa_jax.ops.compressed import compressed_scores
 from nsa_jax.ops.nsa import backends as nsa_backends
+from nsa_jax.ops.nsa import sparse_branches as nsa_sparse_branches
 from nsa_jax.ops.selection import lse_backend, overlap_to_select_blocks
 
 RTOL = {"float32": 1e-3, "bfloat16": 2e-2}
@@ -252,6 +254,92 @@ def matrix_cases(small: bool) -> list[Case]:
       kind="batch", limits=(("MAX_ELEMENTS", UNLIMITED),),
       probe="the issue's window call unsplit: expected to fail (#18.1 seen by this check)"))
   return cases
+
+
+# --offsets (issue #23): what each shard of a context mesh runs (`nsa_jax.context.local_nsa`):
+# the compressed branch, the selection and the selected branch of a slice of the queries at a
+# traced query offset, against all keys (the ops' private `q_offset`: the Pallas kernels on a
+# GPU, as cuDNN takes none), checked against the same branches over all queries on the same
+# backends. `rows` is the slice length (a shard's Tl). Needs one GPU; the sharded layer and
+# training step are tests/test_context.py (CPU devices).
+def offsets_cases(small: bool) -> list[Case]:
+  """Slices not a multiple of any block (T = 3000 in 3), G = 4 and 8, Dk != Dv, and
+  packed rows whose documents cross the slices; bf16 and f32."""
+  ops = (("sparse_branches", "pallas"),)
+  if small:   # small_config(): l = 16, l' = 32
+    return [Case(bc.Shape("offsets-small-G2", 2, 90, 4, 2, 32, 16), "float32", ops,
+                 kind="offsets", rows=30, runs=((32, 58), (64, 26)))]
+  cases = []
+  for dtype in ("bfloat16", "float32"):
+    cases += [
+        Case(bc.Shape("offsets-T4096-G4", 2, 4096, 16, 4, 128, 128), dtype, ops,
+             kind="offsets", rows=1024),
+        Case(bc.Shape("offsets-T3000-G8-Dk192", 1, 3000, 8, 1, 192, 128), dtype, ops,
+             kind="offsets", rows=1000),
+        Case(bc.Shape("offsets-packed-T4096-G16", 1, 4096, 32, 2, 64, 64), dtype, ops,
+             kind="offsets", rows=1024, runs=((1536, 64, 2496),)),
+    ]
+  return cases
+
+
+def offsets_function(case: Case, config: NSAConfig):
+  """f(inputs) -> {"sparse_branches|pallas": measures}: outputs (o_cmp, o_slc), the
+  selection (share of rows differing) and the gradients of q, k_cmp, v_cmp, k_slc, v_slc
+  of the slices at their offsets against the whole call."""
+  s = case.shape
+  ids = jnp.asarray(case.segment_ids()) if case.runs else None
+  names = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc")
+
+  def branches(q, k_cmp, v_cmp, k_slc, v_slc, q_offset):
+    impls = nsa_backends(q, k_cmp, v_cmp, k_slc, v_slc, k_slc, v_slc, config=config,
+                         impl="pallas", packed=ids is not None, offset=True)
+    return nsa_sparse_branches(q, k_cmp, v_cmp, k_slc, v_slc, impls=impls, config=config,
+                               scale=None, impl="pallas", interpret=None, segment_ids=ids,
+                               q_offset=q_offset)
+
+  def sliced(offsets, q, *kv):   # offsets: traced int32, as lax.axis_index gives a shard
+    parts = [branches(q[:, i * case.rows:(i + 1) * case.rows], *kv, offsets[i])
+             for i in range(s.T // case.rows)]
+    return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
+
+  def f(x, offsets):
+    args = [x[n] for n in names]
+    cts = (x["cotangent"], x["cotangent"][..., ::-1])   # o_cmp's, o_slc's
+    run = lambda fn: jax.vjp(lambda *a: (lambda r: (r[:2], r[2]))(fn(*a)), *args, has_aux=True)
+    (o, vjp, idx), (o_ref, vjp_ref, idx_ref) = (
+        run(lambda *a: sliced(offsets, *a)), run(lambda *a: branches(*a, None)))
+    m = {name: measure(a, b) for name, a, b in zip(("o_cmp", "o_slc"), o, o_ref)}
+    m |= {f"d{n}": measure(a, b) for n, a, b in zip(names, vjp(cts), vjp_ref(cts))}
+    differing = rows_differing(idx, idx_ref) / idx[..., 0].size
+    m["selection"] = {"rel": differing, "max_rel": differing, "ok": differing <= SELECTION_TOL[case.dtype]}
+    return {"sparse_branches|pallas": m}
+  return f
+
+
+def check_offsets(cases, config: NSAConfig, deadline: float) -> list[dict]:
+  """Records of the --offsets cases, one at a time (few and small)."""
+  records = []
+  for case in cases:
+    if time.time() > deadline:
+      records += skipped(case)
+      continue
+    start = time.perf_counter()
+    try:
+      s = case.shape
+      if s.T % case.rows:
+        raise ValueError(f"{case.name}: T={s.T} is not a multiple of the slice {case.rows}")
+      x = jax.jit(case_inputs(case, config))(jax.random.key(zlib.crc32(case.name.encode())))
+      offsets = jnp.arange(0, s.T, case.rows, dtype=jnp.int32)
+      with reference_precision(case.dtype):
+        metrics = jax.device_get(jax.jit(offsets_function(case, config))(x, offsets))
+      records += [record(case, *key.split("|"), metrics=m, seconds={
+          "total": time.perf_counter() - start}) for key, m in metrics.items()]
+    except Exception as err:   # recorded, the run goes on
+      records += [record(case, op, impl, "error", message=bc.describe_error(err))
+                  for op, impl in case.ops]
+    print(f"{case.name} {case.dtype} (offsets, {time.perf_counter() - start:.1f} s): "
+          f"{records[-1]['status']} {records[-1]['message']}", flush=True)
+  return records
 
 
 # ----------------------------------------------------------------------------
@@ -739,9 +827,11 @@ def merge(previous: dict, records: list[dict], cases: list[dict]) -> tuple[list,
 
 
 def in_order(records: list[dict], cases: list[dict]) -> list[dict]:
-  """`records` in the order of `cases` (a JSON's case list), a case's ops as in OPS."""
+  """`records` in the order of `cases` (a JSON's case list), a case's ops as in OPS (then
+  --offsets' "sparse_branches")."""
   order = {(c["config"], c["dtype"]): i for i, c in enumerate(cases)}
-  return sorted(records, key=lambda r: (order[(r["case"], r["dtype"])], OPS.index(r["op"]),
+  ops = OPS + ("sparse_branches",)
+  return sorted(records, key=lambda r: (order[(r["case"], r["dtype"])], ops.index(r["op"]),
                                         r["impl"]))
 
 
@@ -807,6 +897,10 @@ def main(argv=None):
   parser.add_argument("--packed", action="store_true",
                       help="issue #20: packed rows against their documents alone "
                            "(gpu_packed_<gpu>.json)")
+  parser.add_argument("--offsets", action="store_true",
+                      help="issue #23: the sparse branches of query slices at query offsets "
+                           "(a context shard's work) against the whole call "
+                           "(gpu_offsets_<gpu>.json)")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"),
                       help="the side under test without --matrix (xla: checks this script "
@@ -854,6 +948,8 @@ def main(argv=None):
              for c in matrix_cases(args.small)]
   elif args.packed:
     cases = packed_cases(args.small, tuple((op, args.impl) for op in ops))
+  elif args.offsets:
+    cases = offsets_cases(args.small)
   else:
     cases = cases_of(SMALL_SHAPES if args.small else SHAPES, tuple((op, args.impl) for op in ops))
   cases = [c for c in cases if c.ops and (not args.cases or c.name in args.cases.split(","))]
@@ -868,7 +964,8 @@ def main(argv=None):
         f"({sum(len(c.ops) for c in cases)} records), budget {budget_s:.0f} s, {procs} processes "
         f"x {args.workers} compile threads", flush=True)
 
-  records = run_everywhere(cases, args, config, deadline, procs, args.workers)
+  records = (check_offsets(cases, config, deadline) if args.offsets else
+             run_everywhere(cases, args, config, deadline, procs, args.workers))
   summary = summarize(records)
   wall_s = time.perf_counter() - start
   this_run = dict(bc.run_meta(), wall_s=wall_s, cudnn_limits={"MAX_ELEMENTS": cudnn.MAX_ELEMENTS},
@@ -880,7 +977,8 @@ def main(argv=None):
   records = in_order(records, case_list)
 
   merged = summarize(records)
-  name = "gpu_matrix" if args.matrix else "gpu_packed" if args.packed else "gpu_check"
+  name = ("gpu_matrix" if args.matrix else "gpu_packed" if args.packed else
+          "gpu_offsets" if args.offsets else "gpu_check")
   bc.write_json(os.path.join(args.out, f"{name}_{bc.slug(bc.gpu_name())}.json"), {
       "summary": merged, "wall_s": wall_s,
       "tolerances": {"rtol": RTOL, "select_blocks_tie_rtol": TIE_RTOL,

@@ -9,7 +9,7 @@ reference first, then timings of the default tiles and of variants of them.
 
 OP is one of
   window, compressed  the banded flash kernels (pallas_kernels/_flash.py); variants
-                      change `_flash.Tiles`; `window` also times cuDNN's window;
+                      change `_flash_tiles.Tiles`; `window` also times cuDNN's window;
   select              the top-n selection kernel, given the compressed lse as inside
                       `nsa` (--no-lse: computing its own); variants change its Tiles;
   selected            the selected-attention kernels; variants change the Tiles of
@@ -54,7 +54,7 @@ from pallas_kernels import select_blocks as select_kernel
 from pallas_kernels import window_attention as win_kernel
 
 VARIANTS = {
-    # No backward stage variants: 2 stages miscompile the dk/dv loop (_flash.Tiles).
+    # No backward stage variants: 2 stages miscompile the dk/dv loop (_flash_tiles.Tiles).
     "window": {"bwd-k128": dict(bwd_block_k=128),
                "bwd-m64-w8": dict(bwd_block_m=64, bwd_num_warps=8),
                "fwd-m64-w4": dict(block_m=64, num_warps=4)},

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import NSAConfig
 from nsa_jax.ops._common import selection_sizes
-from pallas_kernels import (_flash, _util, compressed_attention, decode_attention, select_blocks,
+from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
                             selected_attention, selected_choice, selected_tiles,
                             window_attention)
 
@@ -131,7 +131,7 @@ def cases(Dk, Dv, G, dtype, config):
     if op == "compressed" and Dk > 128:
       before = dataclasses.replace(before, bwd_block_m=compressed_attention.WIDE_HEAD_BWD_BLOCK_M)
     fitted = kernel.default_tiles(*args)
-    now, old = (_flash.shared_memory(t, G, Dk, Dv, isz) for t in (fitted, before))
+    now, old = (_flash_tiles.shared_memory(t, G, Dk, Dv, isz) for t in (fitted, before))
     fn = (lambda *a: window_attention.window_attention(*a, window=config.window, scale=0.1,
                                                        interpret=False)) if op == "window" else (
         lambda *a: compressed_attention.compressed_attention(

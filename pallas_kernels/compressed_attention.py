@@ -15,13 +15,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from pallas_kernels import _flash, _util
+from pallas_kernels import _flash, _flash_tiles, _util
 
 # Config A's tiles. The dk/dv loop of an early key block runs over nearly all T
 # queries, so it is split over 16 query chunks to balance the programs; the
 # backward kernels run on 4 warps (measured:
 # experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
-TILES = _flash.Tiles(dkv_splits=16, bwd_num_warps=4)
+TILES = _flash_tiles.Tiles(dkv_splits=16, bwd_num_warps=4)
 # Heads wider than 128 (Config B: Dk = 192, padded to 256 in the kernels) take
 # backward tiles of 32 rows.
 WIDE_HEAD_BWD_BLOCK_M = 32
@@ -29,11 +29,11 @@ WIDE_HEAD_BWD_BLOCK_M = 32
 
 def unsupported(q, k_cmp, v_cmp) -> str | None:
   """Why the kernel cannot take these (validated) inputs, or None."""
-  return _flash.unsupported(q, k_cmp, v_cmp, default_tiles(q, k_cmp, v_cmp))
+  return _flash_tiles.unsupported(q, k_cmp, v_cmp, default_tiles(q, k_cmp, v_cmp))
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: float,
-                         interpret: bool, tiles: _flash.Tiles | None = None,
+                         interpret: bool, tiles: _flash_tiles.Tiles | None = None,
                          doc_start=None, doc_end=None, q_offset=None):
   """q [B,T,HQ,Dk], k_cmp/v_cmp [B,Tc,HKV,Dk/Dv] -> (o [B,T,HQ,Dv], lse [B,T,HQ] f32);
   compressed block i (of `block` tokens, every `stride`) ends at token i*stride + block - 1.
@@ -56,13 +56,13 @@ def compressed_attention(q, k_cmp, v_cmp, *, block: int, stride: int, scale: flo
                                  interpret)
 
 
-def default_tiles(q, k_cmp, v_cmp) -> _flash.Tiles | None:
+def default_tiles(q, k_cmp, v_cmp) -> _flash_tiles.Tiles | None:
   """`TILES` for q's dtype (`Tiles.for_float32`) and head width (Dk > 128:
   `WIDE_HEAD_BWD_BLOCK_M` backward rows), fitted to the device's shared memory
-  (`_flash.fit_tiles`: unchanged where they fit); None where no tiles fit."""
+  (`_flash_tiles.fit_tiles`: unchanged where they fit); None where no tiles fit."""
   tiles = TILES.for_float32() if q.dtype == jnp.float32 else TILES
   if q.shape[-1] > 128:
     tiles = dataclasses.replace(
         tiles, bwd_block_m=min(tiles.bwd_block_m, WIDE_HEAD_BWD_BLOCK_M))
-  return _flash.fit_tiles(tiles, q.shape[2] // k_cmp.shape[2], q.shape[-1], v_cmp.shape[-1],
+  return _flash_tiles.fit_tiles(tiles, q.shape[2] // k_cmp.shape[2], q.shape[-1], v_cmp.shape[-1],
                           jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget())

@@ -10,30 +10,30 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels import _flash, _util
+from pallas_kernels import _flash, _flash_tiles, _util
 
 # Config A (G=16: 8 tokens x 16 heads per forward query tile); float32 inputs
 # get `TILES.for_float32()`. Backward tiles of 32 rows on 4 warps (measured:
 # experiments/PERF_NOTES.md, "Measurements behind the code's defaults").
 # On a GPU, `nsa_jax.ops` runs the 16-bit windows cuDNN takes on cuDNN.
-TILES = _flash.Tiles(bwd_block_m=32, bwd_num_warps=4)
+TILES = _flash_tiles.Tiles(bwd_block_m=32, bwd_num_warps=4)
 
 
-def default_tiles(q, k, v) -> _flash.Tiles | None:
+def default_tiles(q, k, v) -> _flash_tiles.Tiles | None:
   """`TILES` (float32: `Tiles.for_float32`) fitted to the device's shared memory
-  (`_flash.fit_tiles`: unchanged where they fit); None where no tiles fit."""
+  (`_flash_tiles.fit_tiles`: unchanged where they fit); None where no tiles fit."""
   tiles = TILES.for_float32() if q.dtype == jnp.float32 else TILES
-  return _flash.fit_tiles(tiles, q.shape[2] // k.shape[2], q.shape[-1], v.shape[-1],
+  return _flash_tiles.fit_tiles(tiles, q.shape[2] // k.shape[2], q.shape[-1], v.shape[-1],
                           jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget())
 
 
 def unsupported(q, k, v, *, window: int) -> str | None:
   """Why the kernel cannot take these (validated) inputs, or None."""
-  return _flash.unsupported(q, k, v, default_tiles(q, k, v))
+  return _flash_tiles.unsupported(q, k, v, default_tiles(q, k, v))
 
 
 def window_attention(q, k, v, *, window: int, scale: float,
-                     interpret: bool, tiles: _flash.Tiles | None = None,
+                     interpret: bool, tiles: _flash_tiles.Tiles | None = None,
                      doc_start=None, doc_end=None, q_offset=None):
   """q [B,T,HQ,Dk], k/v [B,S,HKV,Dk/Dv] -> o [B,T,HQ,Dv] over the last `window` keys of
   each query; differentiable in q, k, v.

@@ -72,9 +72,17 @@ def max_rel_diff(a, b):
              / max(float(np.max(np.abs(np.asarray(y)))), 1e-30) for x, y in zip(la, lb))
 
 
-def max_abs_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def max_abs_diff(a, b, floats_only: bool = False) -> float:
+  """Largest |a - b| over the leaves of two trees of the same structure, in float64 (unsigned
+  leaves such as RNG keys do not wrap around); `floats_only`: over the floating-point leaves
+  (parameters, optimizer moments), not step counts or keys."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb), (len(la), len(lb))
+  return max((float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)),
+                           initial=0.0))
+              for x, y in zip(la, lb)
+              if not floats_only or jnp.issubdtype(np.asarray(x).dtype, jnp.floating)),
+             default=0.0)
 
 
 def all_gathers(hlo: str) -> list[list[int]]:
@@ -155,7 +163,7 @@ def main(out: pathlib.Path):
   for spec, devices in (("data=2,heads=2", jax.devices()[:4]), ("data=8", None)):
     dst = sharding.make_mesh(spec, devices)
     model2, opt2 = build(dst)                      # fresh init, placed on the new mesh
-    before = max_abs_diff(nnx.state((model2, opt2)), saved)
+    before = max_abs_diff(nnx.state((model2, opt2)), saved, floats_only=True)
     restore_checkpoint(manager, 1, model2, opt2)    # train_lib's restore, sharded target
     state2 = nnx.state((model2, opt2))
     want = sharding.state_shardings(state2, dst)

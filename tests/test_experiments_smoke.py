@@ -81,6 +81,18 @@ def test_gpu_check_packed_small(tmp_path):
   assert checked["select_blocks"]["block_idx"]["rows_outside_document"] == 0
 
 
+def test_gpu_check_offsets_small(tmp_path):
+  """--offsets: the sparse branches of query slices at traced offsets (a context shard's
+  work, issue #23) against the whole call: outputs, selection and five gradients."""
+  run_script("gpu_check.py", ["--offsets"], tmp_path)
+  with open(tmp_path / "gpu_offsets_cpu.json") as f:
+    data = json.load(f)
+  assert data["summary"] == {"pass": 1, "fail": 0, "error": 0, "skipped": 0}
+  (r,) = data["records"]
+  assert set(r["errors"]) == {"o_cmp", "o_slc", "selection", "dq", "dk_cmp", "dv_cmp",
+                              "dk_slc", "dv_slc"}
+
+
 def test_gpu_matrix_small(tmp_path):
   """The matrix's own kinds of case (the last batch row against that row alone,
   the last query rows against the reference evaluated on those rows only) and

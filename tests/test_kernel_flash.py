@@ -20,7 +20,7 @@ from nsa_jax import NSAConfig
 from nsa_jax.ops import segments
 from nsa_jax.ops.compressed import compressed_attention_xla
 from nsa_jax.ops.window import window_attention_xla
-from pallas_kernels import _flash
+from pallas_kernels import _flash, _flash_tiles
 from pallas_kernels.compressed_attention import compressed_attention
 from pallas_kernels.window_attention import window_attention
 
@@ -29,7 +29,7 @@ SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
 WIDE = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                  num_selected=4, window=40)   # w not a power of two
 # 16-key blocks and 16- or 32-row query tiles: several inner (unmasked) blocks.
-SMALL_TILES = _flash.Tiles(block_m=16, block_k=16, bwd_block_m=32,
+SMALL_TILES = _flash_tiles.Tiles(block_m=16, block_k=16, bwd_block_m=32,
                            bwd_block_k=16, dkv_splits=3)
 RTOL = 1e-4   # float32, same math in another summation order: errors ~1e-6
 
@@ -67,7 +67,7 @@ WINDOW_CASES = [
     # B, T, HKV, G, Dk, Dv, config, tiles
     (2, 77, 2, 2, 32, 16, SMALL, SMALL_TILES),
     (1, 130, 1, 16, 16, 16, WIDE, SMALL_TILES),
-    (1, 5, 1, 1, 16, 16, SMALL, _flash.Tiles()),  # T < w, default tiles
+    (1, 5, 1, 1, 16, 16, SMALL, _flash_tiles.Tiles()),  # T < w, default tiles
 ]
 
 
@@ -91,7 +91,7 @@ COMPRESSED_CASES = [
     (2, 77, 2, 2, 32, 16, SMALL, SMALL_TILES),   # rows t < 7 see no block
     (1, 130, 1, 16, 16, 16, SMALL, SMALL_TILES),
     # G = 3 (padded to 4), default tiles: one query tile, T < w.
-    (1, 61, 2, 3, 16, 32, WIDE, _flash.Tiles(dkv_splits=2)),
+    (1, 61, 2, 3, 16, 32, WIDE, _flash_tiles.Tiles(dkv_splits=2)),
     # Dk > 128 (padded to 256) with the default tiles for such heads.
     (1, 40, 1, 2, 160, 32, SMALL, None),
 ]

@@ -56,7 +56,7 @@ def test_nsa_reuses_its_branch_lse_only_where_it_is_the_selections(Dv):
   """The lse `nsa` selects from (`selection_lse` given its compressed branch's
   lse) equals, to the bit, the one `select_blocks` selects from (computed over
   values as wide as the keys). Dv = 512 narrows the Pallas forward's key tiles
-  in float32 (`_flash.fit_tiles`), which changes the lse's rounding: there the
+  in float32 (`_flash_tiles.fit_tiles`), which changes the lse's rounding: there the
   branch's lse must not be reused."""
   B, T, HQ, HKV, Dk = 1, 90, 2, 1, 32
   ks = jax.random.split(jax.random.key(1), 3)

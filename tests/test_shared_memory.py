@@ -21,7 +21,7 @@ import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops import dispatch
 from nsa_jax.ops._common import selection_sizes
-from pallas_kernels import (_flash, _util, compressed_attention, decode_attention, select_blocks,
+from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
                             selected_choice, selected_tiles, window_attention)
 
 BUDGET = _util.HOPPER_SHARED_MEMORY
@@ -56,7 +56,7 @@ def test_every_kernel_fits_on_every_shape(heads, G, dtype):
   q, k, v = _arrays(Dk, Dv, G, dtype)
   for kernel in (window_attention, compressed_attention):
     tiles = kernel.default_tiles(q, k, v)
-    assert max(_flash.shared_memory(tiles, G, Dk, Dv, isz).values()) <= BUDGET
+    assert max(_flash_tiles.shared_memory(tiles, G, Dk, Dv, isz).values()) <= BUDGET
   sizes = selection_sizes(CONFIG)
   for lse_given in (False, True):
     tiles = select_blocks.default_tiles(q, sizes, lse_given)
@@ -116,7 +116,7 @@ def test_the_compressed_tiles_that_failed_are_over_the_budget():
   64 keys) are over the budget; the fitted ones drop a stage."""
   q, k, v = _arrays(256, 256, 1, "bfloat16")
   before = dataclasses.replace(compressed_attention.TILES, bwd_block_m=32)
-  assert _flash.shared_memory(before, 1, 256, 256, 2)["fwd"] > BUDGET
+  assert _flash_tiles.shared_memory(before, 1, 256, 256, 2)["fwd"] > BUDGET
   assert compressed_attention.default_tiles(q, k, v) == dataclasses.replace(before, num_stages=2)
 
 

@@ -129,7 +129,7 @@ def _same_lse(backend: str, q, k_cmp, v_cmp) -> bool:
   """Whether `backend` computes the compressed branch's lse over values v_cmp as
   over k_cmp, to the bit: the reference and cuDNN (v zero-padded to Dk) always;
   the Pallas kernel where its forward tiles do not depend on Dv (they narrow
-  where Dk + Dv crowd shared memory: `_flash.fit_tiles`)."""
+  where Dk + Dv crowd shared memory: `_flash_tiles.fit_tiles`)."""
   if backend != "pallas":
     return True
   tiles = [compressed_kernel.default_tiles(q, k_cmp, v) for v in (v_cmp, k_cmp)]
