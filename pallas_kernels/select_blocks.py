@@ -367,7 +367,11 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
   n = sizes.num_selected
   dtype = jnp.promote_types(q.dtype, jnp.float32)
 
-  num_blocks = sizes.num_select_blocks(T)
+  # Selection blocks the queries can see: those of their T tokens, or with a query offset
+  # those of the whole sequence, at most Tc*d + l - 1 tokens long (Tc compressed blocks).
+  seq_len = T if q_offset is None else max(
+      T, Tc * sizes.compress_stride + sizes.compress_block - 1)
+  num_blocks = sizes.num_select_blocks(seq_len)
   chunk = _chunk_size(sizes, num_blocks, tiles.block_k)
   tile_k = _kernel_block_k(sizes, chunk)
   block_q = min(tiles.block_q, _util.next_pow2(T, 16))

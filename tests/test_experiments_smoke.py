@@ -87,10 +87,11 @@ def test_gpu_check_offsets_small(tmp_path):
   run_script("gpu_check.py", ["--offsets"], tmp_path)
   with open(tmp_path / "gpu_offsets_cpu.json") as f:
     data = json.load(f)
-  assert data["summary"] == {"pass": 1, "fail": 0, "error": 0, "skipped": 0}
-  (r,) = data["records"]
-  assert set(r["errors"]) == {"o_cmp", "o_slc", "selection", "dq", "dk_cmp", "dv_cmp",
-                              "dk_slc", "dv_slc"}
+  assert data["summary"] == {"pass": 2, "fail": 0, "error": 0, "skipped": 0}
+  checked = {r["op"]: r["errors"] for r in data["records"]}
+  assert set(checked["sparse_branches"]) == {"o_cmp", "o_slc", "dq", "dk_cmp", "dv_cmp",
+                                             "dk_slc", "dv_slc"}
+  assert checked["sparse_branches_selection"]["block_idx"]["rel"] == 0
 
 
 def test_gpu_matrix_small(tmp_path):

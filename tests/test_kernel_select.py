@@ -208,22 +208,25 @@ def test_reference_given_lse():
     nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse[:, 1:])
 
 
-def test_packed_rows_and_query_offset():
+@pytest.mark.parametrize("T, t0, block_k", [(150, 77, 16), (256, 192, 32)])
+def test_packed_rows_and_query_offset(T, t0, block_k):
   """Packed rows (doc_start, SPEC §6; documents at 0, 48, 112 and a row ending inside
   a selection block), with the kernel's own lse (pass 1) and with the compressed
   branch's: the selection of the reference on packed rows, near-ties apart. And with a
-  query offset (context parallelism, #23): the last rows alone, at positions from a
-  traced q_offset, select exactly what they select in the whole."""
-  config, T, t0 = SMALL, 150, 77
+  query offset (context parallelism, #23): the rows from t0 alone, at positions from a
+  traced q_offset, select exactly what they select in the whole (T = 256: a slice of
+  4 selection blocks at the end of 16, whose key chunks reach past the 4 blocks of its own
+  length: the kernel sizes them by the whole sequence's)."""
+  config = SMALL
   q, k_cmp = random_inputs(3, 1, T, 4, 2, 32, config)
-  segment_ids = jnp.asarray(np.repeat([0, 1, 2], [48, 64, 38])[None], jnp.int32)
+  segment_ids = jnp.asarray(np.repeat([0, 1, 2], [48, 64, T - 112])[None], jnp.int32)
   doc_start = segments.document_starts(segment_ids)
   scale = _common.resolve_scale(None, q)
   _, lse = nsa_jax.compressed_attention(q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype),
                                         config=config, scale=scale, impl="xla",
                                         segment_ids=segment_ids)
   kw = dict(sizes=selection_sizes(config), scale=scale, interpret=True,
-            tiles=Tiles(block_q=16, block_k=16))
+            tiles=Tiles(block_q=16, block_k=block_k))
   for given in (None, lse):
     whole = select_blocks(q, k_cmp, **kw, lse=given, doc_start=doc_start)
     assert_same_selection(whole, q, k_cmp, config, scale, doc_start=doc_start)
