@@ -71,7 +71,7 @@ import numpy as np
 import bench_common as bc   # also puts the repo root on sys.path
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
-from nsa_jax.ops import dispatch
+from nsa_jax.ops.nsa import backends as nsa_backends
 
 Shape = bc.Shape   # config "A", "B" or "G<g>" (G sweep); bf16
 DOCUMENT_TOKENS = 4096     # packed rows: documents of this many tokens (issue #20)
@@ -191,16 +191,13 @@ def nsa_cases(shape: Shape, config: NSAConfig, impls: dict, dtype, branches: boo
 
 
 def nsa_cudnn_impls(shape: Shape, config: NSAConfig, impl: str, dtype) -> dict[str, str]:
-  """What `nsa(impl=impl)` runs its compressed and window branches on here:
-  {"compressed_attention": backend, "window_attention": backend}."""
+  """What `nsa(impl=impl)` runs its compressed and window branches on here
+  (`nsa_jax.ops.nsa.backends`): {"compressed_attention": backend, "window_attention": backend}."""
   x = lambda H, D, T=shape.T: jax.ShapeDtypeStruct((shape.B, T, H, D), dtype)
-  Tc = config.num_compressed(shape.T)
-  call = lambda **arrays: dispatch.Call(arrays, config, None)
-  return dispatch.nsa_branches(impl, {
-      "compressed_attention": call(q=x(shape.HQ, shape.Dk), k_cmp=x(shape.HKV, shape.Dk, Tc),
-                                   v_cmp=x(shape.HKV, shape.Dv, Tc)),
-      "window_attention": call(q=x(shape.HQ, shape.Dk), k=x(shape.HKV, shape.Dk),
-                               v=x(shape.HKV, shape.Dv))})
+  kv = lambda T=shape.T: (x(shape.HKV, shape.Dk, T), x(shape.HKV, shape.Dv, T))
+  chosen = nsa_backends(x(shape.HQ, shape.Dk), *kv(config.num_compressed(shape.T)), *kv(), *kv(),
+                        config=config, impl=impl)
+  return {op: chosen[op] for op in ("compressed_attention", "window_attention")}
 
 
 def dense_candidates(shape: Shape, impl: str):
