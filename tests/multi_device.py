@@ -19,3 +19,14 @@ def run_check(script: str, out: pathlib.Path) -> dict:
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_restored(restore: dict, targets) -> None:
+  """A checkpoint saved on one mesh, restored onto each target (`restore[target]` as the check
+  scripts measure it): the target held other values before, the checkpoint's exactly after,
+  placed on the target's devices."""
+  for target in targets:
+    got = restore[target]
+    assert got["max_abs_diff_before"] > 0.1, target
+    assert got["max_abs_diff"] == 0.0, target
+    assert got["on_target"], target

@@ -170,7 +170,7 @@ def main(out: pathlib.Path):
     res["restore"][spec] = {
         "max_abs_diff_before": before,
         "max_abs_diff": max_abs_diff(state2, saved),
-        "on_target_mesh": all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
+        "on_target": all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
                               zip(jax.tree.leaves(state2), jax.tree.leaves(want)))}
     # The same through sharding.abstract_state (no model needed).
     raw = ocp.StandardCheckpointer().restore(
