@@ -117,6 +117,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_common as bc   # also puts the repo root on sys.path
+from report import check_groups
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
 from nsa_jax.ops import _common, compressed, cudnn, dispatch, segments, selected, window
@@ -845,14 +846,8 @@ def in_order(records: list[dict], cases: list[dict]) -> list[dict]:
 def print_summary(records) -> None:
   """Per (op, impl, dtype): passes and the worst error over its tolerance; then
   every record that did not pass, and the probes."""
-  groups = {}
-  for r in records:
-    if not r["probe"]:
-      groups.setdefault((r["op"], r["impl"], r["dtype"]), []).append(r)
   rows = []
-  for (op, impl, dtype), rs in groups.items():
-    measured = [r for r in rs if r["rel_err"] is not None]
-    worst = max(measured, key=lambda r: r["rel_err"] / max(r["tol"], 1e-30), default=None)
+  for op, impl, dtype, rs, worst in check_groups(records):
     rows.append([op, impl, dtype, f"{sum(r['status'] == 'pass' for r in rs)}/{len(rs)}",
                  worst and worst["case"], worst and worst["worst"],
                  worst and worst["rel_err"], rs[0]["tol"]])

@@ -314,15 +314,22 @@ OFFSETS_BEFORE_SAME_BACKENDS = (
     "like the unsharded one up to these near-ties.")
 
 
-def correctness_section(path, d):
+def check_groups(records) -> list[tuple]:
+  """`experiments/gpu_check.py` records (probes apart) grouped by (op, impl, dtype):
+  [(op, impl, dtype, records, worst)], worst the record of the largest error over its
+  tolerance (None where none was measured). gpu_check prints them; the README shows them."""
   groups = {}
-  for r in d["records"]:
+  for r in records:
     if not r["probe"]:
       groups.setdefault((r["op"], r["impl"], r["dtype"]), []).append(r)
+  return [(*key, rs, max((r for r in rs if r["rel_err"] is not None), default=None,
+                         key=lambda r: r["rel_err"] / max(r["tol"], 1e-30)))
+          for key, rs in groups.items()]
+
+
+def correctness_section(path, d):
   rows = []
-  for (op, impl, dtype), rs in groups.items():
-    measured = [r for r in rs if r["rel_err"] is not None]
-    worst = max(measured, key=lambda r: r["rel_err"] / max(r["tol"], 1e-30), default=None)
+  for op, impl, dtype, rs, worst in check_groups(d["records"]):
     rows.append([op, impl, dtype, f"{sum(r['status'] == 'pass' for r in rs)} / {len(rs)}",
                  worst and f"{worst['rel_err']:.2g} ({worst['worst']}, {worst['case']})",
                  f"{rs[0]['tol']:g}"])
