@@ -264,6 +264,15 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
+def save_figure(fig, path) -> None:
+  """Lays out, writes (120 dpi) and closes a matplotlib figure; says where."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}")
+
+
 def plot_loglog(path: str, panels: dict, xlabel: str = "T (tokens)",
                 ylabel: str = "time (ms)") -> None:
   """Log-log plot, one panel per entry of `panels`.
@@ -297,7 +306,4 @@ def plot_loglog(path: str, panels: dict, xlabel: str = "T (tokens)",
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}")
+  save_figure(fig, path)

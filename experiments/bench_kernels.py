@@ -505,10 +505,7 @@ def plot_research(records, path):
   axes[0][0].legend(fontsize=8)
   fig.suptitle("NSA op vs cuDNN at research shapes (H query heads, G group, D head dim)",
                fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}")
+  bc.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -150,10 +150,7 @@ def plot(path: str, results: dict, title: str) -> None:
   ax.set_title(f"NSA training ({title}) scaling on {bench_common.gpu_name()}")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}")
+  bench_common.save_figure(fig, path)
 
 
 def main() -> None:

@@ -94,10 +94,7 @@ def plot(path: str, fits: list[dict], rows: list[dict], device_bytes: float, tit
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f"wrote {path}")
+  bench_common.save_figure(fig, path)
 
 
 def main() -> None:
