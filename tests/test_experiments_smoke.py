@@ -130,6 +130,18 @@ def test_gpu_matrix_small(tmp_path):
       ("rows", "window_attention"): 2}
 
 
+def test_context_memory_small(tmp_path):
+  """The script behind the README's context-parallel memory table: a fit per device count,
+  each device's bytes per token below one device's (the ~1/P property itself:
+  tests/test_context.py)."""
+  run_script("context_memory.py", [], tmp_path)
+  with open(tmp_path / "context_memory.json") as f:
+    fits = json.load(f)["fits"]
+  assert [f["devices"] for f in fits] == [1, 2, 4, 8]
+  assert all(f["per_token_vs_one_device"] < 1 for f in fits[1:])
+  assert (tmp_path / "context_memory.png").stat().st_size > 0
+
+
 def test_bench_scaling_small(tmp_path):
   # 2 of the 8 host devices: every mode on 1 and 2 devices (a few compiles).
   run_script("bench_scaling.py", ["--max_devices", "2"], tmp_path)
