@@ -266,9 +266,9 @@ def matrix_cases(small: bool) -> list[Case]:
 # GPU, as cuDNN takes none), checked against the same branches over all queries at offset 0,
 # so on the same backends. (Against `nsa` unsharded, whose compressed branch and selection
 # lse run on cuDNN in 16-bit, the selection differs on a few % of rows in bf16: the lse's
-# rounding moves near-ties; PERF_NOTES, issue #23.) `rows` is the slice length (a shard's
-# Tl). Needs one GPU; the sharded layer and training step are tests/test_context.py (CPU
-# devices).
+# rounding moves near-ties: README, Results, and `report.OFFSETS_BEFORE_SAME_BACKENDS`.)
+# `rows` is the slice length (a shard's Tl). Needs one GPU; the sharded layer and training
+# step are tests/test_context.py (CPU devices).
 def offsets_cases(small: bool) -> list[Case]:
   """Slices not a multiple of any block (T = 3000 in 3), G = 4 and 8, Dk != Dv, and
   packed rows whose documents cross the slices; bf16 and f32."""
@@ -901,7 +901,7 @@ def main(argv=None):
                            "(gpu_packed_<gpu>.json)")
   parser.add_argument("--offsets", action="store_true",
                       help="issue #23: the sparse branches of query slices at query offsets "
-                           "(a context shard's work) against the whole call "
+                           "(a context shard's work) against the whole call at offset 0 "
                            "(gpu_offsets_<gpu>.json)")
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--impl", default="pallas", choices=("pallas", "xla"),
