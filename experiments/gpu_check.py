@@ -266,7 +266,7 @@ def matrix_cases(small: bool) -> list[Case]:
 # GPU, as cuDNN takes none), checked against the same branches over all queries at offset 0,
 # so on the same backends. (Against `nsa` unsharded, whose compressed branch and selection
 # lse run on cuDNN in 16-bit, the selection differs on a few % of rows in bf16: the lse's
-# rounding moves near-ties: README, Results, and `report.OFFSETS_BEFORE_SAME_BACKENDS`.)
+# rounding moves near-ties: README, "Context parallelism".)
 # `rows` is the slice length (a shard's Tl). Needs one GPU; the sharded layer and training
 # step are tests/test_context.py (CPU devices).
 def offsets_cases(small: bool) -> list[Case]:

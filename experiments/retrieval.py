@@ -4,8 +4,14 @@
     PYTHONPATH=. python experiments/retrieval.py --small --out /tmp/retrieval   # CPU smoke test
 
 Both models (preset `gpu-compare`: 4 layers, d_model 256, 8 query and 2 KV
-heads, bf16, the paper's block sizes) train on the same rows in the same
-order, stage by stage (`--stages`: seq_len x batch : steps, growing lengths).
+heads, bf16) train on the same rows in the same order, stage by stage
+(`--stages`: seq_len x batch : steps, growing lengths), NSA first.
+NSA's blocks are half the paper's and its window an eighth (`--nsa_blocks`,
+l, d, l', n, w = 16, 8, 32, 8, 64): with the paper's (32, 16, 64, 16, 512) the
+selection and window cover every token of the stages up to T = 1024, so
+nothing asks the compressed branch to find the needle before T = 2048, and
+NSA did not learn to retrieve (`results/history/retrieval_paper_blocks_*`).
+Halved, the selection must choose from T = 512 on.
 The mixture teaches retrieval: passkeys (only the 5 answer digits carry loss),
 multi-query associative recall (`mqar`: only the recalled values carry loss)
 and packed text, whose tokens weigh `--text_row_weight / seq_len` each so
@@ -59,9 +65,11 @@ from nsa_jax.train_lib import (checkpoint_manager, load_model, make_optimizer,  
 ATTENTIONS = ("nsa", "full")
 GPU = dict(preset="gpu-compare",
            stages="256x128:600,512x64:500,1024x32:400,2048x16:400,4096x8:700",
-           lengths="1024,2048,4096,8192,16384", samples=16, budget_s=540.0)
+           lengths="1024,2048,4096,8192,16384", samples=16, budget_s=540.0,
+           nsa_blocks="16,8,32,8,64")
 SMALL = dict(preset="tiny", stages="160x4:6,320x2:6", lengths="160,320,640", samples=2,
-             budget_s=0.0)
+             budget_s=0.0, nsa_blocks="")
+BLOCK_FIELDS = ("compress_block", "compress_stride", "select_block", "num_selected", "window")
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # train_s counts the training steps only; data, evaluation and checkpoints take the rest
 # of a call's wall time. A run segment gets this share of the time left.
@@ -88,6 +96,17 @@ def parse_stages(spec: str) -> list[Stage]:
   return stages
 
 
+def parse_blocks(spec: str) -> dict:
+  """"16,8,32,8,64" -> NSAConfig overrides by name (BLOCK_FIELDS); "" -> none (the preset's)."""
+  if not spec:
+    return {}
+  values = spec.split(",")
+  if len(values) != len(BLOCK_FIELDS) or not all(v.isdigit() for v in values):
+    raise ValueError(f"--nsa_blocks={spec!r} must be {len(BLOCK_FIELDS)} integers: "
+                     + ",".join(BLOCK_FIELDS))
+  return dict(zip(BLOCK_FIELDS, map(int, values)))
+
+
 def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s: float = 0.0):
   """Stage i's TrainConfig: warmup to --lr, constant, decaying (cosine) only in the last stage."""
   stage = stages[i]
@@ -99,7 +118,7 @@ def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s
       pack_tasks=args.pack_tasks, text_weight=args.text_row_weight / stage.seq_len,
       eval_every=stage.steps, eval_batches=2,
       ckpt_every=max(1, min(100, stage.steps)), keep_checkpoints=2, time_limit_s=time_limit_s,
-      progress=sys.stderr.isatty() and not args.small)
+      progress=sys.stderr.isatty() and not args.small, **parse_blocks(args.nsa_blocks))
 
 
 def progress(run_dir: pathlib.Path) -> tuple[int | None, float]:
@@ -124,10 +143,10 @@ def seed_from(previous_dir: pathlib.Path, cfg) -> None:
 
 
 def train_stages(args, stages: list[Stage], left) -> bool:
-  """Trains what is left of every stage of both models, stage by stage; False when the
+  """Trains what is left of every stage of NSA, then of full attention; False when the
   time ran out first."""
-  for i, stage in enumerate(stages):
-    for attention in ATTENTIONS:
+  for attention in ATTENTIONS:
+    for i, stage in enumerate(stages):
       cfg = stage_config(args, attention, i, stages)
       step, train_s = progress(cfg.out_dir)
       if step == stage.steps:
@@ -240,6 +259,9 @@ def main(argv=None) -> None:
   parser.add_argument("--text_row_weight", type=float, default=8.0,
                       help="loss weight of a whole text row, spread over its tokens (an answer "
                       "token weighs 1: a passkey row 5, an mqar row 32)")
+  parser.add_argument("--nsa_blocks",
+                      help="NSA's " + ",".join(BLOCK_FIELDS) + f" (both models pack rows to "
+                      f"select_block; default {GPU['nsa_blocks']}; '' keeps the preset's)")
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--pack_tasks", action="store_true",
                       help="several passkey/mqar examples a row, each a document of its own "
