@@ -27,7 +27,7 @@ Before the context modes' timings, a check on each device count n > 1 (`check_co
 the NSA op on context=n (the kernels, impl="auto") against the float32 reference on one
 device: o and the gradients of its eight inputs against the reference branches gated on
 the op's own selection, and that selection against the reference's block scores
-(experiments/gpu_check.py's measures and tolerances). A failed check is recorded,
+(experiments/gpu_check_units.py's measures and tolerances). A failed check is recorded,
 printed, and makes the script exit 1 after writing its results.
 
 Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
@@ -61,7 +61,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_common  # noqa: E402  (puts the repo root on sys.path)
-import gpu_check  # noqa: E402
+import gpu_check_units  # noqa: E402
 from bench_train import time_train_step  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
@@ -101,23 +101,23 @@ def check_context(model, n: int, seq_len: int) -> dict:
   D = model.head_size
   x = bench_common.random_nsa_inputs(1, seq_len, model.num_heads, model.num_kv_heads, D, D,
                                      config, dtype, jax.random.key(n))
-  args, cotangent = [x[name] for name in gpu_check.NSA_ARGS], x["cotangent"]
+  args, cotangent = [x[name] for name in gpu_check_units.NSA_ARGS], x["cotangent"]
   op = sharding.sharded_nsa(sharding.make_mesh(f"context={n}", jax.devices()[:n]))
   selection = jax.jit(lambda *a: op(*a, config=config, return_block_idx=True)[1])(*args)
   fb = lambda f, a: jax.jit(bench_common.forward_backward(f, len(a)))(*a, selection, cotangent)
   got = fb(lambda *a: op(*a[:-1], config=config), args)
-  with gpu_check.reference_precision("float32"):
-    want = fb(gpu_check.gated_reference(config), gpu_check.upcast(args))
-    scores = gpu_check.reference_scores(*gpu_check.upcast(args[:2]), config=config)
-  names = ["o"] + ["d" + name for name in gpu_check.NSA_ARGS]
-  tol = gpu_check.tolerance("nsa", jnp.dtype(dtype).name)
+  with gpu_check_units.reference_precision("float32"):
+    want = fb(gpu_check_units.gated_reference(config), gpu_check_units.upcast(args))
+    scores = gpu_check_units.reference_scores(*gpu_check_units.upcast(args[:2]), config=config)
+  names = ["o"] + ["d" + name for name in gpu_check_units.NSA_ARGS]
+  tol = gpu_check_units.tolerance("nsa", jnp.dtype(dtype).name)
   out = {}
   for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
-    m = {k: float(v) if k != "ok" else bool(v) for k, v in gpu_check.measure(a, b).items()}
+    m = {k: float(v) if k != "ok" else bool(v) for k, v in gpu_check_units.measure(a, b).items()}
     out[name] = {**m, "ok": m["ok"] and m["rel"] <= tol}
-  bad, gap = gpu_check.selection_check(selection, scores, config=config)
+  bad, gap = gpu_check_units.selection_check(selection, scores, config=config)
   out["block_idx"] = {"rel": float(gap), "bad_rows": int(bad),
-                      "ok": int(bad) == 0 and float(gap) <= gpu_check.TIE_RTOL}
+                      "ok": int(bad) == 0 and float(gap) <= gpu_check_units.TIE_RTOL}
   out["ok"] = all(v["ok"] for v in out.values())
   return out
 

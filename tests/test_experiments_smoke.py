@@ -229,7 +229,7 @@ def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, 
   unit is only traced), once per impl where they do not (off a GPU "auto" is
   the reference)."""
   import jax
-  gpu_check = experiments_module("gpu_check")
+  units = experiments_module("gpu_check_units")
   if on_gpu:
     class Hopper:
       platform, compute_capability = "gpu", "9.0"
@@ -241,17 +241,17 @@ def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, 
     monkeypatch.setattr(jax, "devices", lambda *a, **kw: [Hopper()])
   calls = []
   for name in ("nsa", "select_blocks"):
-    def counted(*a, _op=getattr(gpu_check, name), _name=name, **kw):
+    def counted(*a, _op=getattr(units, name), _name=name, **kw):
       calls.append((_name, kw["impl"]))
       return _op(*a, **kw)
-    monkeypatch.setattr(gpu_check, name, counted)
-  case = next(c for c in gpu_check.matrix_cases(small=True)
+    monkeypatch.setattr(units, name, counted)
+  case = next(c for c in experiments_module("gpu_check_cases").matrix_cases(small=True)
               if c.kind == "reference" and c.dtype == "float32")
   config = experiments_module("bench_common").small_config()
-  [unit] = [u for u in gpu_check.units(case) if u.ops[0][0] == "nsa"]
+  [unit] = [u for u in units.units(case) if u.ops[0][0] == "nsa"]
   assert {op for op, _ in unit.ops} == {"nsa", "nsa_vs_select_blocks"} and len(unit.ops) == 4
-  inputs = jax.eval_shape(gpu_check.case_inputs(case, config), jax.random.key(0, impl="rbg"))
-  jax.eval_shape(gpu_check.unit_function(unit, config), inputs)
+  inputs = jax.eval_shape(units.case_inputs(case, config), jax.random.key(0, impl="rbg"))
+  jax.eval_shape(units.unit_function(unit, config), inputs)
   impls = ["auto"] if on_gpu else ["auto", "pallas"]
   assert sorted(calls) == [(op, impl) for op in ("nsa", "select_blocks") for impl in impls]
 
@@ -260,8 +260,8 @@ def test_gpu_check_compare_empty_output():
   """T < l gives a zero-size compressed branch (Tc = 0): gpu_check's error
   measures must still be defined (its max-relative error once raised here)."""
   import jax.numpy as jnp
-  gpu_check = experiments_module("gpu_check")
-  err, max_rel, ok = gpu_check.compare(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 0, 2, 16)))
+  units = experiments_module("gpu_check_units")
+  err, max_rel, ok = units.compare(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 0, 2, 16)))
   assert float(err) == 0.0 and float(max_rel) == 0.0 and bool(ok)
 
 
