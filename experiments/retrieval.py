@@ -58,7 +58,7 @@ from compare_attention import read_metrics, summarize  # noqa: E402
 from eval_retrieval import (draw_example, passkey_probe, plot_heatmaps,  # noqa: E402
                             print_tables, retrieval_panels)
 from nsa_jax import data  # noqa: E402
-from nsa_jax.train_config import make_config  # noqa: E402
+from nsa_jax.train_config import PRESETS, build_parser, make_config  # noqa: E402
 from nsa_jax.train_lib import (checkpoint_manager, load_model, make_optimizer,  # noqa: E402
                                save_checkpoint, train)
 
@@ -69,6 +69,10 @@ GPU = dict(preset="gpu-compare",
            nsa_blocks="16,8,32,8,64")
 SMALL = dict(preset="tiny", stages="160x4:6,320x2:6", lengths="160,320,640", samples=2,
              budget_s=0.0, nsa_blocks="")
+# The fields stage_config sets itself, which --set may not.
+STAGE_FIELDS = ("attention", "out", "seq_len", "batch_size", "steps", "lr", "warmup_steps",
+                "min_lr_ratio", "mixture", "pack", "pack_tasks", "text_weight", "eval_every",
+                "eval_batches", "ckpt_every", "keep_checkpoints", "time_limit_s", "progress")
 BLOCK_FIELDS = ("compress_block", "compress_stride", "select_block", "num_selected", "window")
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # train_s counts the training steps only; data, evaluation and checkpoints take the rest
@@ -107,6 +111,24 @@ def parse_blocks(spec: str) -> dict:
   return dict(zip(BLOCK_FIELDS, map(int, values)))
 
 
+def parse_settings(preset: str, settings: list[str]) -> dict:
+  """["num_kv_heads=8", "lr=1e-3"] -> {"num_kv_heads": 8, "lr": 0.001}: fields of the
+  preset's TrainConfig by flag name (`python -m experiments.train --help`), typed as the flags."""
+  argv = []
+  for item in settings:
+    name, eq, value = item.partition("=")
+    if not eq or not name:
+      raise ValueError(f"--set {item!r} is not NAME=VALUE")
+    if name in STAGE_FIELDS + BLOCK_FIELDS:
+      raise ValueError(f"--set {item!r}: {name} has a flag of its own here (--help)"
+                       if name in BLOCK_FIELDS + ("lr", "mixture", "pack_tasks") else
+                       f"--set {item!r}: {name} is set per stage (--stages)")
+    argv += [f"--{name}", value]
+  settings = vars(build_parser(PRESETS[preset].config, True).parse_args(argv))
+  settings.pop("preset")   # the parser's own flag, None here
+  return settings
+
+
 def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s: float = 0.0):
   """Stage i's TrainConfig: warmup to --lr, constant, decaying (cosine) only in the last stage."""
   stage = stages[i]
@@ -118,7 +140,8 @@ def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s
       pack_tasks=args.pack_tasks, text_weight=args.text_row_weight / stage.seq_len,
       eval_every=stage.steps, eval_batches=2,
       ckpt_every=max(1, min(100, stage.steps)), keep_checkpoints=2, time_limit_s=time_limit_s,
-      progress=sys.stderr.isatty() and not args.small, **parse_blocks(args.nsa_blocks))
+      progress=sys.stderr.isatty() and not args.small,
+      **{**parse_blocks(args.nsa_blocks), **parse_settings(args.preset, args.set)})
 
 
 def progress(run_dir: pathlib.Path) -> tuple[int | None, float]:
@@ -143,9 +166,9 @@ def seed_from(previous_dir: pathlib.Path, cfg) -> None:
 
 
 def train_stages(args, stages: list[Stage], left) -> bool:
-  """Trains what is left of every stage of NSA, then of full attention; False when the
-  time ran out first."""
-  for attention in ATTENTIONS:
+  """Trains what is left of every stage of NSA, then of full attention (those of
+  --attentions); False when the time ran out first."""
+  for attention in args.attentions:
     for i, stage in enumerate(stages):
       cfg = stage_config(args, attention, i, stages)
       step, train_s = progress(cfg.out_dir)
@@ -204,7 +227,7 @@ def copy_metrics(args, stages: list[Stage]) -> None:
   """Every stage's metrics.csv so far to <out>/retrieval_metrics/ (progress, even mid-way)."""
   dest = pathlib.Path(args.out) / "retrieval_metrics"
   for i in range(len(stages)):
-    for attention in ATTENTIONS:
+    for attention in args.attentions:
       csv = stage_config(args, attention, i, stages).out_dir / "metrics.csv"
       if csv.exists():
         dest.mkdir(parents=True, exist_ok=True)
@@ -212,36 +235,40 @@ def copy_metrics(args, stages: list[Stage]) -> None:
 
 
 def write_results(args, stages, results: dict) -> None:
+  """The JSON, the heatmaps of the models trained (NSA's recall last) and NSA's example."""
   cfg = stage_config(args, "nsa", len(stages) - 1, stages)
   mc = cfg.model
   name = "retrieval" + ("" if args.small else "_" + bench_common.slug(bench_common.gpu_name()))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  nsa, full = results["nsa"], results["full"]
   record = {
       "device": bench_common.gpu_name(), "preset": args.preset, "mixture": args.mixture,
       "pack_tasks": args.pack_tasks, "text_row_weight": args.text_row_weight, "lr": args.lr,
-      "dtype": mc.dtype,
+      "settings": args.set, "dtype": mc.dtype,
       "stages": [dataclasses.asdict(s) for s in stages],
       "model": {k: getattr(mc, k) for k in ("d_model", "num_layers", "num_heads",
                                             "num_kv_heads", "head_dim")},
       "nsa_config": dataclasses.asdict(mc.nsa), "runs": results}
   bench_common.write_json(str(out / f"{name}.json"), record)
-  nsa_panels = retrieval_panels(nsa, "NSA")   # accuracy, recall
-  plot_heatmaps(out / f"{name}.png",
-                [nsa_panels[0], *retrieval_panels(full, "full attention"), *nsa_panels[1:]],
-                nsa["lengths"], nsa["depths"],
-                f"passkey retrieval after {nsa['tokens']:,} training tokens, trained up to "
-                f"{nsa['train_len']} tokens ({record['device']})")
+  nsa_panels = retrieval_panels(results["nsa"], "NSA") if "nsa" in results else []
+  full_panels = retrieval_panels(results["full"], "full attention") if "full" in results else []
+  first = next(iter(results.values()))
+  plot_heatmaps(out / f"{name}.png", [*nsa_panels[:1], *full_panels, *nsa_panels[1:]],
+                first["lengths"], first["depths"],
+                f"passkey retrieval after {first['tokens']:,} training tokens, trained up to "
+                f"{first['train_len']} tokens ({record['device']})")
+  print(f"wrote {out / name}.json and {out / name}.png")
+  if "nsa" not in results:
+    return
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(11, 4))
-  draw_example(ax, nsa["example"])
+  draw_example(ax, results["nsa"]["example"])
   fig.tight_layout()
   fig.savefig(out / f"{name}_example.png", dpi=120)
   plt.close(fig)
-  print(f"wrote {out / name}.png and {out / name}_example.png")
+  print(f"wrote {out / name}_example.png")
 
 
 def main(argv=None) -> None:
@@ -263,6 +290,12 @@ def main(argv=None) -> None:
                       help="NSA's " + ",".join(BLOCK_FIELDS) + f" (both models pack rows to "
                       f"select_block; default {GPU['nsa_blocks']}; '' keeps the preset's)")
   parser.add_argument("--lr", type=float, default=2e-3)
+  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other field of the preset's configuration by its flag name "
+                      "(python -m experiments.train --help), e.g. --set num_kv_heads=8; "
+                      "repeatable; applies to both models")
+  parser.add_argument("--attentions", default=",".join(ATTENTIONS),
+                      help="the models to train and evaluate, e.g. nsa alone to try an NSA recipe")
   parser.add_argument("--pack_tasks", action="store_true",
                       help="several passkey/mqar examples a row, each a document of its own "
                       "(the models read segment_ids)")
@@ -284,6 +317,10 @@ def main(argv=None) -> None:
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.runs = pathlib.Path(args.runs)
+  args.attentions = args.attentions.split(",")
+  if not set(args.attentions) <= set(ATTENTIONS):
+    raise ValueError(f"--attentions={','.join(args.attentions)} must name some of {ATTENTIONS}")
+  parse_settings(args.preset, args.set)   # a wrong name or value fails before any training
   if not args.small:   # so that the next call does not compile the same steps again
     jax.config.update("jax_compilation_cache_dir", str((args.runs / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -297,7 +334,7 @@ def main(argv=None) -> None:
         + (f"; this call stops after {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
   done = train_stages(args, stages, left)
   copy_metrics(args, stages)
-  probes = {a: evaluate(args, stages, a, lengths, left) for a in ATTENTIONS} if done else {}
+  probes = {a: evaluate(args, stages, a, lengths, left) for a in args.attentions} if done else {}
   if not done or any(p is None for p in probes.values()):
     print(f"time budget spent after {time.monotonic() - start:.0f} s: run the same command "
           f"again to continue from the checkpoints under {args.runs}")

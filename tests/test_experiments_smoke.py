@@ -266,9 +266,13 @@ def test_gpu_check_compare_empty_output():
 
 
 def test_retrieval_small(tmp_path):
-  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs")], tmp_path)
+  """Both models through the curriculum and the probe; --set gives each query head its own
+  KV head, so NSA selects per head (G = 1: two groups)."""
+  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs"),
+                                       "--set", "num_kv_heads=2"], tmp_path)
   with open(tmp_path / "retrieval.json") as f:
     data = json.load(f)
+  assert data["model"]["num_kv_heads"] == 2 and data["settings"] == ["num_kv_heads=2"]
   for name in ("retrieval.png", "retrieval_example.png", "retrieval_metrics/nsa_stage1-320.csv"):
     assert (tmp_path / name).stat().st_size > 0
   nsa, full = data["runs"]["nsa"], data["runs"]["full"]
@@ -285,7 +289,7 @@ def test_retrieval_small(tmp_path):
   rec = nsa["selection_recall"]
   assert "selection_recall" not in full
   layers, groups = len(rec["per_layer_group"]), len(rec["per_layer_group"][0])
-  assert (layers, groups) == (1, 1)   # preset tiny
+  assert (layers, groups) == (1, 2)   # preset tiny, num_kv_heads=2
   for mean, chance in zip(np.ravel(rec["mean"]), np.ravel(rec["chance"])):
     assert 0 <= mean <= 1 and 0 < chance <= 1
     if chance == 1:   # the needle lies in an always-selected block
@@ -294,6 +298,15 @@ def test_retrieval_small(tmp_path):
   assert example["length"] == 320 and example["needle_text"].startswith("The pass key is")
   assert np.shape(example["block_idx"]) == (layers, groups, 5, 4)   # 5 answer queries, n = 4
   assert "passkey accuracy" in stdout and "T \\ depth" in stdout
+
+
+def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
+  retrieval = experiments_module("retrieval")
+  assert retrieval.parse_settings("tiny", ["num_kv_heads=2", "weight_decay=0"]) == {
+      "num_kv_heads": 2, "weight_decay": 0.0}
+  for item in ("seq_len=64", "window=8", "num_kv_heads"):
+    with pytest.raises(ValueError, match=item):
+      retrieval.parse_settings("tiny", [item])
 
 
 def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
