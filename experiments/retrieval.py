@@ -238,7 +238,10 @@ def write_results(args, stages, results: dict) -> None:
   """The JSON, the heatmaps of the models trained (NSA's recall last) and NSA's example."""
   cfg = stage_config(args, "nsa", len(stages) - 1, stages)
   mc = cfg.model
-  name = "retrieval" + ("" if args.small else "_" + bench_common.slug(bench_common.gpu_name()))
+  # A run of some of the models is named apart ("retrieval-nsa_<gpu>"): the README's section
+  # (experiments/report.py) renders the comparisons, retrieval_<gpu>.json, and needs both.
+  name = ("retrieval" + ("" if len(results) == len(ATTENTIONS) else "-" + "-".join(results))
+          + ("" if args.small else "_" + bench_common.slug(bench_common.gpu_name())))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   record = {
@@ -295,7 +298,8 @@ def main(argv=None) -> None:
                       "(python -m experiments.train --help), e.g. --set num_kv_heads=8; "
                       "repeatable; applies to both models")
   parser.add_argument("--attentions", default=",".join(ATTENTIONS),
-                      help="the models to train and evaluate, e.g. nsa alone to try an NSA recipe")
+                      help="the models to train and evaluate, e.g. nsa alone to try an NSA "
+                      "recipe (its results: retrieval-nsa_<gpu>.json, beside the comparisons)")
   parser.add_argument("--pack_tasks", action="store_true",
                       help="several passkey/mqar examples a row, each a document of its own "
                       "(the models read segment_ids)")

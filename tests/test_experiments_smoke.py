@@ -298,6 +298,13 @@ def test_retrieval_small(tmp_path):
   assert example["length"] == 320 and example["needle_text"].startswith("The pass key is")
   assert np.shape(example["block_idx"]) == (layers, groups, 5, 4)   # 5 answer queries, n = 4
   assert "passkey accuracy" in stdout and "T \\ depth" in stdout
+  # NSA alone (a recipe tried without retraining full attention) resumes the same runs and is
+  # written apart from the comparison, which the README renders.
+  run_script("retrieval.py", ["--runs", str(tmp_path / "runs"), "--set", "num_kv_heads=2",
+                              "--attentions", "nsa"], tmp_path)
+  with open(tmp_path / "retrieval-nsa.json") as f:
+    alone = json.load(f)
+  assert set(alone["runs"]) == {"nsa"} and alone["runs"]["nsa"]["accuracy"] == nsa["accuracy"]
 
 
 def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
