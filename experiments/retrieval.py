@@ -37,6 +37,11 @@ the same command continues. Every call copies the stages' metrics.csv to
 writes retrieval_<gpu>.json and retrieval_<gpu>.png (NSA's and full
 attention's accuracy and NSA's recall, paper Fig. 5 style) and
 retrieval_<gpu>_example.png to --out and prints the tables.
+
+To try a recipe on one model without retraining the other: `--attentions nsa`
+(written as retrieval-nsa_<gpu>.*, beside the comparison) with `--set NAME=VALUE`
+for any other field of the configuration, e.g. `--set num_kv_heads=8` for a
+selection per query head (G = 1), and a `--runs` directory of its own.
 """
 from __future__ import annotations
 
