@@ -186,11 +186,15 @@ def training_section(path, d):
           f"![validation loss]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
 
+def _mean(row):
+  return sum(row) / len(row)
+
+
 def _holds_up_to(run):
   """The longest evaluated length up to which every length's accuracy (mean over depths) is >= 90 %."""
   longest = None
   for n, row in zip(run["lengths"], run["accuracy"]):
-    if sum(row) / len(row) < 0.9:
+    if _mean(row) < 0.9:
       break
     longest = n
   return "nowhere" if longest is None else f"{longest:,} tokens"
@@ -204,30 +208,27 @@ def _blocks_text(c):
 
 def _at_train_len(run, values):
   """Mean over depths of `values` (a [length][depth] grid of `run`'s) at the training length."""
-  row = dict(zip(run["lengths"], values))[run["train_len"]]
-  return sum(row) / len(row)
+  return _mean(dict(zip(run["lengths"], values))[run["train_len"]])
 
 
 def retrieval_targets(nsa, full) -> str:
   """Issue #21's targets, from the results: full >= 90 % at the training length, NSA >= full
   at every length."""
   full_at = _at_train_len(full, full["accuracy"])
-  mean = lambda row: sum(row) / len(row)
-  behind = [f"{n:,} ({mean(a):.0%} vs {mean(f):.0%})"
+  behind = [f"{n:,} ({_mean(a):.0%} vs {_mean(f):.0%})"
             for n, a, f in zip(nsa["lengths"], nsa["accuracy"], full["accuracy"])
-            if mean(a) < mean(f)]
+            if _mean(a) < _mean(f)]
   return (f"Targets (issue #21): full attention >= 90 % at the training length: "
           f"{'met' if full_at >= 0.9 else 'not met'} ({full_at:.0%}); NSA >= full attention at "
           f"every length: " + ("met." if not behind else "not met, behind at " + ", ".join(behind)
                                + "."))
 
 
-def retrieval_runs(paths) -> list[str]:
-  """One row per committed run (this one and those in results/history/): what differed and
-  what came out at the training length."""
+def retrieval_runs(files) -> str:
+  """One row per committed run, [(path, its JSON)] (this one and those in results/history/):
+  what differed and what came out at the training length."""
   rows = []
-  for path in paths:
-    d = json.loads(path.read_text())
+  for path, d in files:
     nsa, full = d["runs"]["nsa"], d["runs"]["full"]
     rows.append([f"`{path.relative_to(RESULTS)}`", _blocks_text(d["nsa_config"]),
                  f"{nsa['tokens'] / 1e6:.0f}M", f"{nsa['train_len']:,}",
@@ -242,22 +243,21 @@ def retrieval_runs(paths) -> list[str]:
 def retrieval_section(path, d):
   nsa, full = d["runs"]["nsa"], d["runs"]["full"]
   rec = nsa["selection_recall"]
-  mean = lambda row: sum(row) / len(row)
-  pct = lambda row: f"{mean(row):.0%}"
+  pct = lambda row: f"{_mean(row):.0%}"
   rows = [[f"{n:,}" + (" (trained)" if n == nsa["train_len"] else ""), pct(a), pct(f),
-           f"{mean(r):.2f}", f"{mean(m):.2f}", f"{mean(c):.2f}"]
+           f"{_mean(r):.2f}", f"{_mean(m):.2f}", f"{_mean(c):.2f}"]
           for n, a, f, r, m, c in zip(nsa["lengths"], nsa["accuracy"], full["accuracy"],
                                       rec["mean"], rec["max"], rec["chance"])]
   at = nsa["lengths"].index(nsa["train_len"]) if nsa["train_len"] in nsa["lengths"] else -1
   groups = len(rec["per_layer_group"][0])
-  layers = [[f"layer {i}", *(f"{mean(g[at]):.2f}" for g in layer)]
+  layers = [[f"layer {i}", *(f"{_mean(g[at]):.2f}" for g in layer)]
             for i, layer in enumerate(rec["per_layer_group"])]
   tasks = sorted(nsa["val"])
   val = [[name, *(f"{r['val'][t]:.4f}" for t in tasks)] for name, r in (("NSA", nsa),
                                                                      ("full", full))]
   stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
   m = d["model"]
-  history = sorted(RESULTS.glob("history/retrieval_*.json"))
+  history = _load("history/retrieval_*.json")
   return [f"Retrieval: `experiments/retrieval.py` on one {d['device']}: NSA "
           f"({_blocks_text(d['nsa_config'])}) and full attention "
           f"({model_config_text(m)}, {d['dtype']}) trained on the same {nsa['tokens']:,} "
@@ -282,7 +282,7 @@ def retrieval_section(path, d):
           f"![a needle and the blocks selected for it]"
           f"({path.relative_to(ROOT).with_suffix('')}_example.png)", "",
           *(["Every committed run, at the training length (accuracy and recall: mean over "
-             "the depths):", "", retrieval_runs([path, *history]), ""] if history else [])]
+             "the depths):", "", retrieval_runs([(path, d), *history]), ""] if history else [])]
 
 
 def decode_section(path, d):

@@ -145,8 +145,7 @@ def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s
       pack_tasks=args.pack_tasks, text_weight=args.text_row_weight / stage.seq_len,
       eval_every=stage.steps, eval_batches=2,
       ckpt_every=max(1, min(100, stage.steps)), keep_checkpoints=2, time_limit_s=time_limit_s,
-      progress=sys.stderr.isatty() and not args.small,
-      **{**parse_blocks(args.nsa_blocks), **parse_settings(args.preset, args.set)})
+      progress=sys.stderr.isatty() and not args.small, **args.overrides)
 
 
 def progress(run_dir: pathlib.Path) -> tuple[int | None, float]:
@@ -329,7 +328,8 @@ def main(argv=None) -> None:
   args.attentions = args.attentions.split(",")
   if not set(args.attentions) <= set(ATTENTIONS):
     raise ValueError(f"--attentions={','.join(args.attentions)} must name some of {ATTENTIONS}")
-  parse_settings(args.preset, args.set)   # a wrong name or value fails before any training
+  # --nsa_blocks and --set, parsed once: a wrong name or value fails before any training.
+  args.overrides = {**parse_blocks(args.nsa_blocks), **parse_settings(args.preset, args.set)}
   if not args.small:   # so that the next call does not compile the same steps again
     jax.config.update("jax_compilation_cache_dir", str((args.runs / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
