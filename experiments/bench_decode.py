@@ -1,7 +1,7 @@
 """Per-step decode attention latency: NSA vs dense attention on the same cache sizes.
 
 For each context T and batch B, one new token per sequence attends to a full
-cache of T tokens (Config A of SPEC §5: HQ=64, HKV=4, Dk=Dv=128, bf16, paper
+cache of T tokens (Config A of docs/benchmarks.md#op-level: HQ=64, HKV=4, Dk=Dv=128, bf16, paper
 block sizes):
 - NSA: `nsa_jax.decoding.nsa_decode` (compressed + top-n selection + selected +
   window + gates), impl "pallas" (pallas_kernels/decode_attention.py) and "xla";

@@ -165,7 +165,7 @@ def main() -> None:
   parser.add_argument("--out", default=bench_common.default_out_dir())
   args = parser.parse_args()
   if args.iters < 10:
-    parser.error(f"--iters={args.iters} must be >= 10 (SPEC §5: median of >= 10 runs)")
+    parser.error(f"--iters={args.iters} must be >= 10 (docs/benchmarks.md#timing-method)")
   modes = args.modes.split(",")
   if set(modes) - set(MODES):
     parser.error(f"--modes={args.modes}: modes are {','.join(MODES)}")

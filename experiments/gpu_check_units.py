@@ -6,7 +6,7 @@ What a case checks, on fresh random inputs (`bench_common.random_nsa_inputs`):
     gradients of q, k_cmp, v_cmp under random cotangents of o and lse (of o
     only for impl "cudnn", whose lse carries no gradient);
   - select_blocks: the selection must be a valid top-n of the reference's
-    block scores (SPEC §3 "Selection"): right count, forced blocks in,
+    block scores (docs/semantics.md#selection): right count, forced blocks in,
     non-candidates out, no duplicates, and no unselected candidate scoring
     more than a selected one beyond a near-tie tolerance (two correct
     implementations may break near-ties differently); the reference's own
@@ -21,7 +21,7 @@ What a case checks, on fresh random inputs (`bench_common.random_nsa_inputs`):
     `nsa_jax.ops.cudnn.cudnn_runs`);
   - nsa_vs_select_blocks: the share of (query, KV head) rows where nsa's
     selection differs from `select_blocks`' on the same inputs with the same
-    impl (SPEC §3 defines one selection; both take it from one lse,
+    impl (docs/semantics.md#one-selection: both take it from one lse,
     `nsa_jax.ops.selection.selection_lse`).
 The reference runs in float32 on upcast inputs, at full matmul precision (XLA's
 GPU default for float32 is TF32), with chunked, rematerialised backward passes.
@@ -114,7 +114,8 @@ def reference_precision(dtype: str):
 
 
 def reference_scores(q, k_cmp, *, config: NSAConfig):
-  """Block scores score[b, t, g, j] of SPEC §3 "Importance scores", [B, T, HKV, Ts] float32."""
+  """Block scores score[b, t, g, j] [B, T, HKV, Ts] float32
+  (docs/semantics.md#importance-scores)."""
   B, T, HQ, _ = q.shape
   HKV, Ts = k_cmp.shape[2], config.num_select_blocks(T)
   scale = _common.resolve_scale(None, q)
@@ -133,7 +134,7 @@ def reference_scores(q, k_cmp, *, config: NSAConfig):
 def selection_check(block_idx, scores, *, config: NSAConfig, valid=None):
   """(rows breaking a hard rule, worst near-tie gap) of a selection [B, T, HKV, n].
 
-  Hard rules (SPEC §3): entries in [-1, Ts), no duplicates, min(n, #candidates)
+  Hard rules (docs/semantics.md#selection): entries in [-1, Ts), no duplicates, min(n, #candidates)
   blocks, all of them candidates (j*l' <= t), the forced blocks among them.
   The gap of a row is (best unselected candidate - worst selected non-forced
   block) / largest non-forced candidate score, clipped at 0: 0 for an exact
