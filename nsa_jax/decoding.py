@@ -179,7 +179,7 @@ def nsa_decode_xla(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NSACache:
-  """Decoding state of one NSA layer (see the module docstring).
+  """Decoding state of one NSA layer (docs/semantics.md#decoding).
 
   lengths [B] int32; k_slc, v_slc, k_win, v_win [B, S, HKV, Dk/Dv] (window
   None when shared); k_cmp, v_cmp [B, Sc, HKV, Dk/Dv]; k_raw, v_raw [B, l, HKV, Dk/Dv].

@@ -83,7 +83,7 @@ def _split(tiles: int, programs_per_group: int) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Static geometry of one decode call (names as in the module docstring)."""
+  """Static geometry of one decode call (docs/kernels.md#decode-kernel)."""
   G: int            # query heads per group
   Gp: int           # ... padded to a dot's 16 rows
   HQ: int

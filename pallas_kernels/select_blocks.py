@@ -283,7 +283,7 @@ def unsupported(q, k_cmp, *, sizes: Selection) -> str | None:
 def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
                   interpret: bool, tiles: Tiles | None = None, lse=None, doc_start=None,
                   q_offset=None):
-  """Top-n selection blocks per query and KV group; see the module docstring.
+  """Top-n selection blocks per query and KV group; docs/kernels.md#selection-kernel.
 
   Args:
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc compressed blocks of T tokens.

@@ -76,8 +76,8 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
                   interpret: bool | None = None, branch=None, segment_ids=None,
                   q_offset=None):
   """The [B, T, HQ] lse the selection of `nsa(impl=impl)` is computed from
-  (module doc): that of the compressed branch on (q, k_cmp, k_cmp), run on the
-  backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
+  (docs/semantics.md#one-selection): that of the compressed branch on (q, k_cmp, k_cmp),
+  run on the backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
   does not depend on the values, so values as wide as the keys stand for any.
 
   branch: optional (v_cmp, backend, lse) of the compressed branch `nsa` already
