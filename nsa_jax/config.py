@@ -1,4 +1,4 @@
-"""Configuration of the NSA operator (paper §3.3, defaults of §4.1; SPEC §2)."""
+"""NSA's block sizes (paper §3.3, defaults of §4.1; docs/semantics.md#configuration)."""
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +53,7 @@ class NSAConfig:
           f"= {forced} must be <= num_selected={self.num_selected}")
 
   def num_compressed(self, seq_len: int) -> int:
-    """Tc = number of complete compressed blocks in `seq_len` tokens (SPEC §3)."""
+    """Tc, the complete compressed blocks in `seq_len` tokens (docs/semantics.md#compression)."""
     l, d = self.compress_block, self.compress_stride
     return max(0, (seq_len - l) // d + 1)
 

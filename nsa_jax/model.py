@@ -8,13 +8,9 @@ branches, `nsa_jax.ops.cudnn`) with the same query/key/value/output
 projections and the same RoPE, so the two models differ only by NSA's own
 parameters (per-branch keys and values, the compression MLPs and the gates).
 
-Packed rows (SPEC §6): `Transformer(tokens, segment_ids)` runs every document of a
-row as a sequence of its own: RoPE positions restart at each document start, and
-each query attends to its own document only (NSA: `nsa_jax.nsa(segment_ids=...)`;
-full attention: `dense_attention`).
-
-Parameters are float32; `dtype` is the compute dtype (bf16 for mixed precision).
-Logits are returned in float32.
+Packed rows (docs/semantics.md#packed-rows): `Transformer(tokens, segment_ids)` runs every
+document of a row as a sequence of its own. Parameters are float32, `dtype` is the compute
+dtype, logits are float32 (docs/api.md#the-model).
 """
 from __future__ import annotations
 
@@ -133,7 +129,7 @@ def dense_attention(q, k, v, segment_ids=None):
   """Causal GQA attention, scale 1/sqrt(D): `cudnn.cudnn_causal_attention` where
   `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise.
 
-  segment_ids [B, T] (packed rows, SPEC §6): each query sees the keys of its own
+  segment_ids [B, T] (packed rows): each query sees the keys of its own
   document only, on `TOKEN_BLOCKS` compressed attention (the Pallas kernel on a GPU,
   the reference elsewhere; cuDNN's packed layouts are not used, `nsa_jax.ops.dispatch`).
   """
@@ -248,7 +244,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens, segment_ids=None, attend=None):
     """Logits of tokens [B, T].
 
-    segment_ids: [B, T] int, documents packed in a row (SPEC §6: contiguous runs,
+    segment_ids: [B, T] int, documents packed in a row (docs/semantics.md#packed-rows: runs,
       each starting at a multiple of the NSA config's select_block, as
       `nsa_jax.data` packs them): each runs as a sequence of its own. None: one
       document per row.

@@ -46,9 +46,9 @@ class TrainConfig:
     model: the language model and its NSA block sizes (flags of their own below).
     mixture: training tasks and weights, e.g. "text:0.8,passkey:0.2" (nsa_jax.data).
     pack: rows of whole documents, each starting at a multiple of select_block, with segment ids
-      (SPEC §6); false: one random window per row.
+      (docs/semantics.md#packed-rows); false: one random window per row.
     pack_tasks: several passkey/mqar examples per packed row instead of one, each a document
-      of its own (the model reads segment_ids: SPEC §6).
+      of its own (the model reads segment_ids).
     text_weight: loss weight of text tokens (the answer tokens of passkey/mqar weigh 1).
     seq_len: tokens per training sequence.
     batch_size: sequences per step.

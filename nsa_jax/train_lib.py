@@ -1,28 +1,11 @@
 """Training a byte-level LM with NSA or full attention: steps, checkpoints, the loop.
 
-`experiments/train.py` is the command line around :func:`main`; the
-configuration (`TrainConfig`, its presets and flags) is `nsa_jax.train_config`.
-One run:
-
-* builds `nsa_jax.model.Transformer` (float32 parameters, `dtype` compute),
-* optimizes with AdamW, linear warmup then cosine decay, global-norm clipping,
-* draws batches from `nsa_jax.data.Loader` (its position is checkpointed): rows
-  packed with whole documents aligned to `select_block`, with segment ids
-  (`pack`, the default; SPEC §6), or random windows,
-* compiles one train step and one eval step (`jax.jit` over the split NNX
-  state) before the first step, saying so, so that the progress bar's rate
-  and the step times exclude compilation; stops with :class:`NonFiniteError`
-  on a NaN/Inf loss or gradient before saving anything from that step,
-* saves model, optimizer, loader position and step with an Orbax
-  `CheckpointManager` (keep-last-N) and resumes from the latest one so that
-  the continued run is bit-for-bit the uninterrupted one,
-* writes `config.json`, `metrics.csv`, TensorBoard events (`tb/`, where
-  tensorboardX is installed) and `loss.png` under `out`, and prints a sample
-  (`nsa_jax.decoding.generate`) and where everything is at the end.
-
-On several hosts (`--mesh`, `nsa_jax.sharding.setup_distributed`) only process
-0 writes those files and prints (`is_process_0`); every process takes part in
-checkpointing, which Orbax coordinates across hosts.
+`experiments/train.py` is the command line around :func:`main`; the configuration is
+`nsa_jax.train_config`. :func:`train` builds the model, optimizes it with AdamW (warmup,
+cosine decay, clipping) on batches of `nsa_jax.data.Loader`, compiles the train and eval
+steps first, stops with :class:`NonFiniteError` before saving a non-finite step, checkpoints
+with Orbax and resumes bit for bit, and writes `config.json`, `metrics.csv`, TensorBoard
+events and `loss.png` under `out` (process 0 only on several hosts). docs/api.md#training.
 """
 from __future__ import annotations
 
@@ -86,7 +69,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> nnx.Optimizer:
 
 def loss_sums(model: Transformer, batch):
   """(sum of weighted next-token NLL, sum of weights) of a batch; its rows' documents
-  (`segment_ids`, SPEC §6) each run as a sequence of their own."""
+  (`segment_ids`, docs/semantics.md#packed-rows) each run as a sequence of their own."""
   logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["weights"].astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Brute-force NumPy (float64) oracles for the NSA ops, written from SPEC §3 alone.
+"""Brute-force NumPy (float64) oracles for the NSA ops, written from docs/semantics.md alone.
 
 They build the full [T, S] visibility mask of each branch and run dense masked
 attention, so they share no code with nsa_jax's chunked references.
@@ -54,7 +54,8 @@ def selected_mask(block_idx, T, cfg):
 
 
 def selection_scores(q, k_cmp, cfg, scale):
-  """Importance scores [B, T, HKV, Ts] with the explicit overlap weights of SPEC §3."""
+  """Importance scores [B, T, HKV, Ts] with the explicit overlap weights
+  (docs/semantics.md#importance-scores)."""
   B, T, HQ, _ = q.shape
   HKV = k_cmp.shape[2]
   Tc = k_cmp.shape[1]

@@ -41,7 +41,7 @@ def build(mesh=None, seed=0):
 
 
 def packed_rows(rows, length):
-  """Segment ids of `rows` rows of two documents each, split at 16, 32, .. (SPEC §6)."""
+  """Segment ids of `rows` rows of two documents each, split at 16, 32, .. (packed rows)."""
   split = NSA.select_block * (np.arange(rows)[:, None] % (length // NSA.select_block - 1) + 1)
   return (np.arange(length)[None, :] >= split).astype(np.int32)
 

@@ -1,12 +1,12 @@
-"""The whole NSA operator: three branches mixed by gates (paper §3.2, Eq. 5; SPEC §3).
+"""The whole NSA operator: three branches mixed by gates (paper §3.2, Eq. 5; docs/semantics.md).
 
     o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
 
 where the selection of o_slc comes from the compressed branch's scores of the
 same queries (paper Eq. 8-11), from the lse that branch computed
 (`selection.selection_lse`: the selection `select_blocks` makes on the same
-inputs). Each branch may have its own keys and values. Packed rows (SPEC §6:
-`segment_ids`) go to every branch: each query sees its own document only.
+inputs). Each branch may have its own keys and values. Packed rows (`segment_ids`,
+docs/semantics.md#packed-rows) go to every branch: each query sees its own document only.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
       "pallas" raises a ValueError for inputs no kernel of a branch takes,
       "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`).
     return_block_idx: also return the [B, T, HKV, n] selection.
-    segment_ids: [B, T] int, documents packed in a row (SPEC §6): contiguous runs
+    segment_ids: [B, T] int, documents packed in a row (docs/semantics.md#packed-rows): runs
       of equal ids, each starting at a multiple of config.select_block (a
       ValueError otherwise, where the ids are concrete; under jit this is the
       caller's contract). Every query then sees only its own document, as if it
@@ -109,7 +109,7 @@ def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
 
 def check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
                  segment_ids=None):
-  """`nsa`'s checks of its inputs (SPEC §4): a ValueError naming the argument and values."""
+  """`nsa`'s checks of its inputs (docs/api.md#errors): a ValueError naming argument and values."""
   _common.check_config(config)
   _common.check_attention_inputs(q, k_slc, v_slc, names=("q", "k_slc", "v_slc"))
   _common.check_attention_inputs(q, k_win, v_win, names=("q", "k_win", "v_win"))
