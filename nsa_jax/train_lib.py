@@ -44,7 +44,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from nsa_jax import data, decoding, sharding
-from nsa_jax.model import Transformer, count_params
+from nsa_jax.model import Transformer, count_params, stack_layers, unstack_layers
 from nsa_jax.train_config import TrainConfig, from_dict, parse_args, to_dict
 
 
@@ -148,25 +148,50 @@ def save_checkpoint(manager, step: int, model, optimizer, loader: data.Loader,
       meta=ocp.args.JsonSave({"step": step, "train_s": train_s, "config": to_dict(cfg)})))
 
 
-def _abstract(module) -> nnx.State:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
+def _abstract(module, relayout=None) -> nnx.State:
+  """The restore target of `module`'s state; with `relayout` (a checkpoint of the other
+  layer layout, `nsa_jax.model.stack_layers`) in that layout, replicated."""
+  state = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
+  if relayout is None:
+    return state
+  sharding = jax.tree.leaves(state)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(relayout, state))
 
 
 def restore_checkpoint(manager, step: int, model, optimizer=None, loader=None) -> dict:
-  """Loads a checkpoint into `model` (and `optimizer`, `loader` when given); returns its meta."""
-  items = {"model": ocp.args.StandardRestore(_abstract(model)),
-           "meta": ocp.args.JsonRestore()}
-  if optimizer is not None:
-    items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer))
+  """Loads a checkpoint into `model` (and `optimizer`, `loader` when given); returns its meta.
+
+  A checkpoint of the other layer layout (`ModelConfig.scan_layers`) is converted on the way
+  (`stack_layers` / `unstack_layers`); one of another number of layers is a ValueError, raised
+  before any array is read. `remat` does not change the state.
+  """
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  saved, want = from_dict(meta["config"]).model, model.config
+  if saved.num_layers != want.num_layers:
+    raise ValueError(f"checkpoint step {step} in {manager.directory} has num_layers="
+                     f"{saved.num_layers}, the model num_layers={want.num_layers}: "
+                     f"build the model with num_layers={saved.num_layers} or train anew")
+  to_saved, from_saved = None, lambda state: state
+  if saved.scan_layers != want.scan_layers:
+    to_saved, from_saved = ((unstack_layers, stack_layers) if want.scan_layers else
+                            (stack_layers, unstack_layers))
+  modules = {"model": model, "optimizer": optimizer}
+  modules = {name: m for name, m in modules.items() if m is not None}
+  items = {name: ocp.args.StandardRestore(_abstract(m, to_saved)) for name, m in modules.items()}
   if loader is not None:
     items["loader"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  nnx.update(model, restored["model"])
-  if optimizer is not None:
-    nnx.update(optimizer, restored["optimizer"])
+  for name, m in modules.items():
+    state = from_saved(restored[name])
+    if to_saved is not None:   # onto the module's devices and shardings
+      state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, nnx.state(m)))
+    nnx.update(m, state)
   if loader is not None:
     loader.load_state_dict(restored["loader"])
-  return restored["meta"]
+  return meta
 
 
 def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConfig, int]:
