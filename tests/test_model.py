@@ -130,6 +130,8 @@ def test_config_errors_name_the_values():
     ModelConfig(d_model=100, num_heads=8)
   with pytest.raises(ValueError, match="attention='sparse'"):
     ModelConfig(attention="sparse")
+  with pytest.raises(ValueError, match=r"remat='all' must be one of \('none', 'layer', 'dots'\)"):
+    ModelConfig(remat="all")
   config = tiny_config()
   with pytest.raises(ValueError, match="seq_len=8 is shorter than one compressed block"):
     config.check_seq_len(8)

@@ -1,6 +1,8 @@
 """Training: bit-for-bit resume after a crash, checkpoints, NaN guard, outputs (process 0
 only), the end-of-run sample and message. (The configuration: test_train_config.py.)"""
 import csv
+import dataclasses
+import os
 import re
 import sys
 
@@ -167,3 +169,32 @@ def test_checkpoints_restore_across_layer_layouts(tmp_path, saved_scan):
   fewer, _ = build(tiny(tmp_path, "layout", num_layers=1), seed=0)
   with pytest.raises(ValueError, match=r"has num_layers=2, the model num_layers=1"):
     train_lib.restore_checkpoint(manager, 4, fewer)
+
+
+def test_a_later_start_reads_the_compile_cache(tmp_path):
+  """The first run fills <out>/jax_cache; a later start (nothing compiled in memory), cache
+  given by name, reads every program from it and writes nothing new. JAX's settings are
+  back after each run."""
+  cfg = tiny(tmp_path, "cache", steps=2, warmup_steps=1, eval_every=2, ckpt_every=2)
+  train(cfg)
+  cache = cfg.out_dir / "jax_cache"
+  entries = set(os.listdir(cache))
+  assert entries and jax.config.jax_compilation_cache_dir is None
+  hits = []
+  listener = lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else None
+  jax.monitoring.register_event_listener(listener)
+  jax.clear_caches()
+  try:
+    train(dataclasses.replace(cfg, out=str(tmp_path / "again"), compile_cache=str(cache)))
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  assert hits and set(os.listdir(cache)) == entries
+  assert not (tmp_path / "again" / "jax_cache").exists()
+
+
+def test_unwritable_compile_cache_is_refused_before_anything_runs(tmp_path):
+  (tmp_path / "file").write_text("")
+  cfg = tiny(tmp_path, "nocache", compile_cache=str(tmp_path / "file" / "cache"))
+  with pytest.raises(ValueError, match=r"compile_cache='.*/file/cache': cannot write to"):
+    train(cfg)
+  assert not cfg.out_dir.exists()
