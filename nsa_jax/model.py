@@ -257,10 +257,10 @@ class Transformer(nnx.Module):
     dtype = config.compute_dtype
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
                            embedding_init=EMBED_INIT, rngs=rngs)
-    blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
-    self.blocks = nnx.List(blocks)
-    if config.scan_layers:
-      self.blocks = nnx.merge(nnx.graphdef(blocks[0]), stack_layers(nnx.state(self))["blocks"])
+    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    if config.scan_layers:   # the same values, stacked
+      self.blocks = nnx.merge(nnx.graphdef(self.blocks[0]),
+                              stack_layers(nnx.state(self))["blocks"])
     self.norm = nnx.RMSNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype,

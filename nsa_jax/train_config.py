@@ -73,8 +73,8 @@ class TrainConfig:
     mesh: device mesh, e.g. "data=2,heads=2" or "context=4" (sequences split over 4 devices;
       nsa_jax.sharding); "" runs on one device.
     compile_cache: directory of JAX's persistent compilation cache, which a later start of the
-      same configuration reads instead of compiling: "auto" = <out>/jax_cache; "" = none of
-      this run's (JAX's own settings, e.g. JAX_COMPILATION_CACHE_DIR, apply).
+      same configuration reads instead of compiling: "auto" = <out>/jax_cache; "" = none set by
+      the run (JAX's own settings apply, e.g. JAX_COMPILATION_CACHE_DIR).
   """
   preset: str = "demo"
   out: str = ""
