@@ -199,35 +199,32 @@ def _sum_by_source(res) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------
 # cuDNN off a GPU: a stand-in with the residuals of jax's cuDNN rule.
 
-def _attend(q, k, v, scale, window):
-  """Causal (optionally banded) GQA attention in float32: (o, lse [B, T, HQ])."""
-  B, T, HQ, D = q.shape
-  HKV = k.shape[2]
-  qg = q.reshape(B, T, HKV, HQ // HKV, D).astype(jnp.float32)
-  s = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32)) * scale
-  t = jnp.arange(T)
-  mask = t[None, :] <= t[:, None]
-  if window is not None:
-    mask &= t[None, :] > t[:, None] - window[0] - 1
-  s = jnp.where(mask, s, -jnp.inf)
-  lse = jax.nn.logsumexp(s, axis=-1)
-  o = jnp.einsum("bhgts,bshd->bthgd", jnp.exp(s - lse[..., None]), v.astype(jnp.float32))
-  return o.reshape(B, T, HQ, -1).astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(B, T, HQ)
+def _forward_abstract(q, k, v, *, scale, window):
+  B, T, HQ, _ = q.shape
+  return (jax.core.ShapedArray(q.shape[:3] + v.shape[-1:], q.dtype),
+          jax.core.ShapedArray((B, HQ, T), jnp.float32))
+
+
+# Named as jax's cuDNN forward (`cudnn.FORWARD_PRIMITIVE`), so that checkpoint policies treat
+# it alike; it is only traced, never run.
+_forward_p = jax.extend.core.Primitive(cudnn.FORWARD_PRIMITIVE)
+_forward_p.multiple_results = True
+_forward_p.def_abstract_eval(_forward_abstract)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _standin(q, k, v, scale, window):
-  return _attend(q, k, v, scale, window)
+  return _standin_fwd(q, k, v, scale, window)[0]
 
 
 def _standin_fwd(q, k, v, scale, window):
-  o, lse = _attend(q, k, v, scale, window)
-  return (o, lse), (q, k, v, o, lse)   # what jax's cuDNN rule keeps
+  o, lse = _forward_p.bind(q, k, v, scale=scale, window=window)
+  return (o, jnp.swapaxes(lse, 1, 2)), (q, k, v, o, lse)   # what jax's cuDNN rule keeps
 
 
 def _standin_bwd(scale, window, res, g):
   q, k, v, _, _ = res
-  return jax.vjp(lambda q, k, v: _attend(q, k, v, scale, window)[0], q, k, v)[1](g[0])
+  return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)   # traced, never run
 
 
 _standin.defvjp(_standin_fwd, _standin_bwd)
