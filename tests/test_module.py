@@ -112,12 +112,15 @@ def test_projections_have_no_gather_or_scatter():
 
 
 def _made_by(jaxpr, v) -> str:
-  """What made var v of `jaxpr`: "input", "name:<name>" (a checkpoint name), or a
+  """What made var v of `jaxpr`: "input", "constant", "name:<name>" (a checkpoint name), or a
   primitive's name; followed back through jax's reduce_precision on residuals and
   through jitted functions."""
   if v in jaxpr.invars:
     return "input"
-  eqn, i = next((e, e.outvars.index(v)) for e in jaxpr.eqns if v in e.outvars)
+  eqn, i = next(((e, e.outvars.index(v)) for e in jaxpr.eqns if v in e.outvars),
+                (None, None))
+  if eqn is None:
+    return "constant"
   if eqn.primitive.name == "reduce_precision":
     return _made_by(jaxpr, eqn.invars[0])
   if eqn.primitive.name in ("jit", "pjit"):
