@@ -196,10 +196,11 @@ class NativeSparseAttention(nnx.Module):
 
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
     keeps x and the branches' outputs, lse and selection, not the projections, keys,
-    values, gates or mix made from x (docs/memory.md)."""
-    return nnx.remat(NativeSparseAttention.attend, policy=SAVE_POLICY)(self, x, segment_ids)
+    values, gates or mix made from x (docs/memory.md; measured: experiments/PERF_NOTES.md,
+    "Memory")."""
+    return nnx.remat(NativeSparseAttention.forward, policy=SAVE_POLICY)(self, x, segment_ids)
 
-  def attend(self, x, segment_ids=None):
+  def forward(self, x, segment_ids=None):
     """`__call__` without its checkpoint."""
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)

@@ -138,7 +138,7 @@ def test_backward_keeps_only_what_the_branches_made(impl):
   """The layer keeps for its backward its inputs (x, the parameters) and what the kernels
   and the references' passes made (outputs, lse, selection, index: `SAVED`), nothing
   else: no projection, key, value, gate, rotated or folded copy of q, nor the mix; those
-  are recomputed (module.SAVE_POLICY)."""
+  are recomputed (`nsa_jax.ops.nsa.SAVE_POLICY`)."""
   m = layer(impl=impl, dtype=jnp.bfloat16)
   graphdef, params = nnx.split(m)
   f = lambda params, x: nnx.merge(graphdef, params)(x)

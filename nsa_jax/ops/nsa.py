@@ -24,7 +24,8 @@ from nsa_jax.ops.window import window_attention
 # references' chunked passes make them (`pallas_kernels._util.SAVED`,
 # `cudnn.saves_forward`). The rest is recomputed from the checkpoint's inputs: the
 # projections, RoPE, the compression MLPs, the gates, the layout copies around the kernels
-# (cuDNN's folded queries) and the mix (docs/memory.md).
+# (cuDNN's folded queries) and the mix (docs/memory.md; measured: experiments/PERF_NOTES.md,
+# "Memory").
 SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names(_common.SAVED),
     cudnn.saves_forward)
