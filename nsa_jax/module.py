@@ -16,7 +16,7 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, segments
-from nsa_jax.ops.nsa import nsa
+from nsa_jax.ops.nsa import SAVE_POLICY, nsa
 from nsa_jax.rope import apply_rope
 from nsa_jax.sharding import sharded_nsa, with_halo
 
@@ -180,7 +180,16 @@ class NativeSparseAttention(nnx.Module):
 
   def __call__(self, x, segment_ids=None):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
-    of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows)."""
+    of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows).
+
+    The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
+    keeps x and the branches' outputs, lse and selection, not the projections, keys,
+    values, gates or mix made from x (docs/memory.md; measured: experiments/PERF_NOTES.md,
+    "Memory")."""
+    return nnx.remat(NativeSparseAttention.forward, policy=SAVE_POLICY)(self, x, segment_ids)
+
+  def forward(self, x, segment_ids=None):
+    """`__call__` without its checkpoint."""
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
     o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,

@@ -367,4 +367,4 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
       interpret=interpret,
       name="nsa_select_blocks",
   )(*inputs)
-  return out[:, :T, :, :n]
+  return _util.saved(out[:, :T, :, :n])

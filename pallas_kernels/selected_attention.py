@@ -87,7 +87,7 @@ def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
 
 
 def _selected_fwd(q, k, v, block_idx, q_offset, geo):
-  o, lse, index = _forward_pass(q, k, v, block_idx, q_offset, geo)
+  o, lse, index = _util.saved(_forward_pass(q, k, v, block_idx, q_offset, geo))
   return o, (q, k, v, block_idx, q_offset, index, o, lse)
 
 

@@ -10,12 +10,25 @@ docs/semantics.md#packed-rows) go to every branch: each query sees its own docum
 """
 from __future__ import annotations
 
+import jax
+
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, dispatch, segments
+from nsa_jax.ops import _common, cudnn, dispatch, segments
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
 from nsa_jax.ops.selection import lse_backend, select_blocks, selection_lse
 from nsa_jax.ops.window import window_attention
+
+# What a `jax.checkpoint` around `nsa` (and the projections that make its inputs) saves for
+# the backward: each branch's outputs and lse and the selection, as the kernels, cuDNN and the
+# references' chunked passes make them (`pallas_kernels._util.SAVED`,
+# `cudnn.saves_forward`). The rest is recomputed from the checkpoint's inputs: the
+# projections, RoPE, the compression MLPs, the gates, the layout copies around the kernels
+# (cuDNN's folded queries) and the mix (docs/memory.md; measured: experiments/PERF_NOTES.md,
+# "Memory").
+SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(_common.SAVED),
+    cudnn.saves_forward)
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
