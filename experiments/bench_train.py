@@ -87,7 +87,7 @@ import bench_common as bc   # also puts the repo root on sys.path
 import bench_kernels
 import report
 from nsa_jax import sharding
-from nsa_jax.model import Transformer, count_params
+from nsa_jax.model import REMATS, Transformer, count_params
 from nsa_jax.module import compressed_positions, compression_blocks
 from nsa_jax.rope import apply_rope
 from nsa_jax.train_config import TrainConfig, make_config
@@ -98,7 +98,6 @@ LOSS_RANGE = (0.9 * math.log(256), 1.1 * math.log(256))   # random bytes: ~ln 25
 GIB = 2 ** 30
 SEQ_LENS = {"research": (8192, 16384, 32768, 65536, 131072)}   # other presets: DEFAULT_SEQ_LENS
 DEFAULT_SEQ_LENS = (8192, 16384, 32768, 65536)
-REMATS = ("none", "dots", "layer")
 MEMORY_LADDER = "none,dots,layer,layer+scan"   # fastest expected first, leanest last
 OOM = "out of memory"
 # The allocator's settings the run must leave at JAX's defaults (recorded in the JSON).
@@ -347,8 +346,10 @@ def summary(row: dict) -> str:
   if "tokens_per_s" in row:
     what = (f"{row['memory_option']}: {row['tokens_per_s']:,.0f} tokens/s, "
             f"{row['step_ms']:.1f} ms/step, compile {row['compile_s']:.1f} s "
-            f"({row['lower_s']:.1f} s tracing and lowering), warm "
-            f"{gib(row.get('warm_compile_s'))} s ({row.get('warm_cache')}), peak "
+            f"({row['lower_s']:.1f} s tracing and lowering), "
+            + (f"warm {row['warm_compile_s']:.1f} s ({row['warm_cache']}), "
+               if "warm_compile_s" in row else "")
+            + f"peak "
             f"{gib(row['measured_peak_gib'])} GiB measured / {gib(row['peak_gib'])} GiB XLA, "
             f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f} ({row['check']})")
   else:
