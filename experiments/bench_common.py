@@ -92,6 +92,28 @@ def is_oom(err: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
+_BYTES = (r"allocate (\d+) bytes", r"\((\d+)B\)", r"rounded to (\d+)")
+_SIZE = r"allocate ([\d.]+) ?([KMGT])i?B?\b"
+
+
+def oom_bytes(text: str) -> int | None:
+  """The bytes an out-of-memory message says the failed allocation asked for, or None.
+
+  XLA and its allocators word it as "Out of memory while trying to allocate 7406166528
+  bytes.", "Failed to allocate request for 25.00GiB (26843545600B)", "ran out of memory
+  trying to allocate 5.25GiB (rounded to 5637144576)" or "Attempting to allocate 4.00G";
+  an exact count is preferred to a rounded size.
+  """
+  for pattern in _BYTES:
+    found = re.search(pattern, text)
+    if found:
+      return int(found.group(1))
+  found = re.search(_SIZE, text)
+  if found:
+    return round(float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1))
+  return None
+
+
 def describe_error(err: BaseException) -> str:
   """One line naming the error: 'OOM: ...' for out-of-memory, else type and message."""
   first = (str(err).strip().splitlines() or [""])[0][:300]
@@ -229,10 +251,11 @@ def matmul_rate(n: int = 8192, dtype=jnp.bfloat16, n_iter: int = 10) -> float:
   return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
-def write_json(path: str, data: dict, config=None, extra_meta: dict | None = None) -> None:
-  """Writes `data` with the GPU name, jax version, backend, `config` and
+def write_json(path: str, data: dict, config=None, extra_meta: dict | None = None,
+               device: dict | None = None) -> None:
+  """Writes `data` with the GPU name, jax version, backend (`run_meta`), `config` and
   `extra_meta` added under "meta"."""
-  meta = run_meta()
+  meta = run_meta(device)
   if config is not None:
     meta["config"] = (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
                       else config)
@@ -243,10 +266,15 @@ def write_json(path: str, data: dict, config=None, extra_meta: dict | None = Non
   print(f"wrote {path}")
 
 
-def run_meta() -> dict:
-  """What identifies a run: GPU name, backend, jax version, command line, UTC time."""
-  return {"gpu": gpu_name(), "backend": jax.default_backend(),
-          "jax_version": jax.__version__, "argv": sys.argv,
+def device_meta() -> dict:
+  """This process's first device: GPU name, backend, jax version."""
+  return {"gpu": gpu_name(), "backend": jax.default_backend(), "jax_version": jax.__version__}
+
+
+def run_meta(device: dict | None = None) -> dict:
+  """What identifies a run: `device` (`device_meta()` of the process that did the work; by
+  default this one's, which starts its backend), command line, UTC time."""
+  return {**(device or device_meta()), "argv": sys.argv,
           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -277,7 +305,8 @@ def plot_loglog(path: str, panels: dict, xlabel: str = "T (tokens)",
                 ylabel: str = "time (ms)") -> None:
   """Log-log plot, one panel per entry of `panels`.
 
-  panels: {title: {"series": {label: (xs, ys)}, "ratios": [(num, den), ...]}}.
+  panels: {title: {"series": {label: (xs, ys)}, "ratios": [(num, den), ...], "ylabel": str}}
+  ("ratios" and "ylabel", which defaults to `ylabel`, may be left out).
   Each (num, den) pair labels every x of series `num` with `den / num` as
   "2.5x" (the speedup of `num` over `den`). Points with y None are left out.
   """
@@ -303,7 +332,7 @@ def plot_loglog(path: str, panels: dict, xlabel: str = "T (tokens)",
     ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(panel.get("ylabel", ylabel))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
   save_figure(fig, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import pathlib
 import re
 import sys
@@ -127,17 +128,17 @@ def model_config_text(m):
 def train_step_section(path, d):
   key = lambda r: (r["preset"], r["seq_len"], r.get("document"))
   by = {(*key(r), r["attention"]): r for r in d["rows"]}
-  value = lambda r, k, f: f(r[k]) if k in r else r.get("error", r.get("skipped", "–"))[:40]
   rows = []
   for preset, T, document in dict.fromkeys(map(key, d["rows"])):
     n, f = by.get((preset, T, document, "nsa"), {}), by.get((preset, T, document, "full"), {})
+    pair = lambda k, fmt: f"{_value(n, k, fmt)} / {_value(f, k, fmt)}"
     rows.append([preset, _len(T), f"packed, {_len(document)} documents" if document else "random",
                  n.get("batch_size", f.get("batch_size")),
-                 value(n, "tokens_per_s", "{:,.0f}".format),
-                 value(f, "tokens_per_s", "{:,.0f}".format),
+                 f"{n.get('memory_option') or '–'} / {f.get('memory_option') or '–'}",
+                 _value(n, "tokens_per_s", "{:,.0f}"), _value(f, "tokens_per_s", "{:,.0f}"),
                  f"**{_x(n.get('tokens_per_s'), f.get('tokens_per_s'))}**",
-                 value(n, "compile_s", "{:.1f}".format), value(f, "compile_s", "{:.1f}".format),
-                 f"{_gib(n.get('peak_gib'))} / {_gib(f.get('peak_gib'))}"])
+                 pair("compile_s", "{:.1f}"), pair("warm_compile_s", "{:.1f}"),
+                 pair("measured_peak_gib", "{:.1f}"), pair("peak_gib", "{:.1f}")])
   params = {(r["preset"], r["attention"]): r["params"] for r in d["rows"] if "params" in r}
   presets = "; ".join(
       f"`{name}`: {model_config_text(m)}, {_count(params.get((name, 'nsa')))} parameters "
@@ -148,14 +149,105 @@ def train_step_section(path, d):
             "on our Pallas kernel with one-token blocks, as cuDNN takes no segment ids."
             if any(r.get("document") for r in d["rows"])
             else "")
+  card = d.get("card_memory_bytes")
+  memory = (f" Memory options (`--memory`, tried in this order until one fits, the same for "
+            f"NSA and full): {', '.join(d['memory_options'])}; the allocator at JAX's defaults "
+            f"(a pool of 75 % of the card"
+            + (f", {card / GIB:.1f} GiB" if card else "") + ")." if "memory_options" in d
+            else "")
+  not_fit = [f"{r['preset']} {_len(r['seq_len'])} {r['attention']}: "
+             + ", ".join(f"{t['memory_option']} ({_failed(t)})" for t in r["not_fit"])
+             for r in d["rows"] if r.get("not_fit")]
   return [f"Model level: `experiments/bench_train.py` on one {d['meta']['gpu']} (jax "
           f"{d['meta']['jax_version']}): the training step (forward, backward, AdamW update) of "
           f"the same model with NSA and with full attention (cuDNN), "
           f"{d['tokens_per_step']:,} tokens a step of random bytes, median of {d['steps']} steps "
-          f"after compilation; peak = the compiled step's memory. Presets: {presets}.{packed}", "",
-          _table(["preset", "T", "rows", "batch", "NSA tokens/s", "full tokens/s", "NSA / full",
-                  "NSA compile s", "full compile s", "peak GiB NSA / full"], rows), "",
+          f"after compilation (cold; warm: compiled again in a fresh process from the "
+          f"persistent compilation cache); peak: the allocator's peak in the row's own "
+          f"process, and XLA's estimate, the compiled step's buffer assignment. Presets: "
+          f"{presets}.{memory}{packed}", "",
+          _table(["preset", "T", "rows", "batch", "memory NSA / full", "NSA tokens/s",
+                  "full tokens/s", "NSA / full", "compile s NSA / full",
+                  "warm compile s NSA / full", "peak GiB NSA / full",
+                  "XLA peak GiB NSA / full"], rows), "",
+          *([f"Options that did not fit: {'; '.join(not_fit)}.", ""] if not_fit else []),
+          f"Targets (issue #31; `{TARGET_PRESET}`, random rows):", "", *train_targets(d), "",
           f"![training step throughput]({path.relative_to(ROOT).with_suffix('.png')})", ""]
+
+
+GIB = 2 ** 30
+TARGET_PRESET = "research"
+SPEEDUP_TARGETS = {16384: 1.2, 32768: 2.0, 65536: 2.5, 131072: 4.0}   # NSA / full tokens/s
+EVERY_T = (8192, 16384, 32768, 65536, 131072)
+CARD_80GB = 81559 * 2 ** 20   # an H100 80GB's memory as nvidia-smi reports it
+POOL_80GB = 0.75 * CARD_80GB / GIB   # JAX's default pool on it, GiB
+
+
+def _value(r, key, fmt):
+  return fmt.format(r[key]) if r.get(key) is not None else _failed(r) if r else "–"
+
+
+def _failed(r):
+  """Why a bench_train row (or attempt) has no measurement."""
+  if r.get("error") == "out of memory":
+    asked = r.get("oom_bytes")
+    return "out of memory" + (f", {asked / GIB:.1f} GiB asked" if asked else "")
+  return (r.get("error") or r.get("skipped") or "–")[:40]
+
+
+def _peak(r):
+  """(GiB, what): the allocator's peak where measured, else XLA's estimate."""
+  return ((r["measured_peak_gib"], "allocator") if r.get("measured_peak_gib") is not None
+          else (r.get("peak_gib"), "XLA"))
+
+
+def _judge(name, values, ok, fmt, every=()):
+  """One target's line: met when `ok` holds for every measured value ({T: value}) and every T
+  of `every` is measured; not measured when nothing (or a T of `every`) is."""
+  missing = [T for T in every if T not in values]
+  status = ("not measured" if not values or missing else
+            "met" if all(ok(v) for v in values.values()) else "not met")
+  detail = ", ".join(f"{_len(T)} {fmt(v)}" for T, v in sorted(values.items()))
+  if missing:
+    detail += ("; " if detail else "") + "not run at " + ", ".join(map(_len, missing))
+  return f"- {name}: **{status}**" + (f" ({detail})" if detail else "")
+
+
+def train_targets(d) -> list[str]:
+  """Issue #31's targets for the training step of the research preset (random rows), each
+  met, not met or not measured, from a bench_train JSON `d`."""
+  runs = {}
+  for r in d["rows"]:
+    if r["preset"] == TARGET_PRESET and not r.get("document") and "tokens_per_s" in r:
+      runs.setdefault(r["seq_len"], {})[r["attention"]] = r
+  pairs = {T: (p["nsa"], p["full"]) for T, p in runs.items() if len(p) == 2}
+  same = {T: (n, f) for T, (n, f) in pairs.items()
+          if n.get("memory_option") == f.get("memory_option")}
+  peak = {T: (_peak(n)[0] / _peak(f)[0], _peak(n)[1]) for T, (n, f) in same.items()
+          if _peak(n)[0] and _peak(f)[0] and _peak(n)[1] == _peak(f)[1]}
+  compile_ = {T: n["compile_s"] / f["compile_s"] for T, (n, f) in pairs.items()}
+  warm = {T: p["nsa"]["warm_compile_s"] for T, p in runs.items()
+          if p.get("nsa", {}).get("warm_compile_s") is not None}
+  speed = {T: n["tokens_per_s"] / f["tokens_per_s"] for T, (n, f) in pairs.items()}
+  card = d.get("card_memory_bytes")
+  small_card = card is not None and card <= CARD_80GB
+  fits = {T: p["nsa"] for T, p in runs.items() if "nsa" in p and p["nsa"].get("check") == "ok"}
+  where = (f"on this {card / GIB:.0f} GiB card" if small_card else
+           f"peak within an 80 GB card's default pool, {POOL_80GB:.1f} GiB")
+  return [
+      _judge("NSA peak <= 1.1x full's at the same memory option", peak,
+             lambda v: v[0] <= 1.1, lambda v: f"{v[0]:.2f}x ({v[1]})"),
+      _judge("NSA compile (cold) <= 2x full's", compile_, lambda v: v <= 2.0, "{:.2f}x".format),
+      _judge("NSA warm start (compile from the cache) <= 5 s", warm, lambda v: v <= 5.0,
+             "{:.1f} s".format),
+      *(_judge(f"NSA / full tokens/s >= {target:g}x at {_len(T)}",
+               {T: speed[T]} if T in speed else {}, lambda v, t=target: v >= t,
+               "{:.2f}x".format, every=(T,))
+        for T, target in SPEEDUP_TARGETS.items()),
+      _judge(f"NSA trains on one 80 GB GPU at every T 8k..128k ({where})", fits,
+             lambda r: small_card or (_peak(r)[0] or math.inf) <= POOL_80GB,
+             lambda r: f"{r.get('memory_option') or 'default'}, {_gib(_peak(r)[0])} GiB "
+                       f"{_peak(r)[1]}", every=EVERY_T)]
 
 
 def _gib(x):
@@ -407,7 +499,7 @@ NOT_MEASURED = {
                            "not measured yet. On a GPU, `python experiments/bench_train.py` writes "
                            "`experiments/results/bench_train_<gpu>.json`: the training step of "
                            "the `gpu-compare` and `research` presets with NSA and with full "
-                           "attention at T = 8k..64k.", ""],
+                           "attention at T = 8k..128k (research), 8k..64k (gpu-compare).", ""],
     "retrieval_*.json": ["Retrieval: not measured yet. On a GPU, `python experiments/retrieval.py "
                          "--out experiments/results` (run it again until it says done) writes "
                          "`experiments/results/retrieval_<gpu>.json`: NSA and full attention "

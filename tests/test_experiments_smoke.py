@@ -323,12 +323,10 @@ def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
 
 
 def test_bench_train_small(tmp_path):
-  """Both modes of the model-level benchmark: NSA and full training steps side by side, then
-  the breakdown of one step (the second run finds the first one's compiled steps in a shared
-  compilation cache)."""
-  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
-  stdout = run_script("bench_train.py", ["--seq-lens", "160", "--packed", "64"], tmp_path,
-                      **cache)
+  """Both modes of the model-level benchmark: NSA and full training steps side by side, each
+  attempt in a process of its own and compiled again from the persistent cache in another,
+  then the breakdown of one step."""
+  stdout = run_script("bench_train.py", ["--seq-lens", "160", "--packed", "64"], tmp_path)
   with open(tmp_path / "bench_train_cpu.json") as f:
     data = json.load(f)
   assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"
@@ -340,9 +338,16 @@ def test_bench_train_small(tmp_path):
   for r in rows:
     assert r["check"] == "ok" and r["step_ms"] > 0 and r["compile_s"] > 0 and r["peak_gib"] > 0
     assert r["tokens_per_s"] == pytest.approx(320 / (r["step_ms"] / 1e3))
-  assert "nsa/full" in stdout
+    # The first option of the ladder fits on the CPU; its step went into the empty cache, the
+    # fresh process after it read it from there.
+    assert r["memory_option"] == "none" and r["not_fit"] == []
+    assert r["compile_cache"] == "written" and r["warm_cache"] == "hit"
+    assert 0 < r["warm_compile_s"] and r["xla_bytes"]["argument"] > 0
+    assert r["measured_peak_gib"] is None   # the CPU keeps no allocator statistics
+  assert data["memory_options"] == ["none", "dots", "layer", "layer+scan"]
+  assert "nsa/full" in stdout and "NSA warm start" in stdout
 
-  run_script("bench_train.py", ["--breakdown"], tmp_path, **cache)
+  run_script("bench_train.py", ["--breakdown"], tmp_path)
   with open(tmp_path / "train_breakdown_tiny_160_cpu.json") as f:
     data = json.load(f)
   parts = {(r["part"], r["attention"].split(" ")[0], r["pass"]) for r in data["records"]
@@ -356,3 +361,57 @@ def test_bench_train_small(tmp_path):
     assert (part, "nsa", "fwd+bwd") in parts, part
   assert ("op select_blocks", "nsa", "fwd") in parts
   assert ("op dense attention", "full", "fwd+bwd") in parts
+
+
+# Captured XLA out-of-memory messages (GPU execution, an allocator's request).
+OOM_MESSAGES = [
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 7406166528 bytes.\n"
+     "BufferAssignment OOM Debugging.\nBufferAssignment stats:\n"
+     "             parameter allocation:  372.76MiB\n"
+     "                 total allocation:   14.44GiB", 7406166528),
+    ("RESOURCE_EXHAUSTED: Failed to allocate request for 25.00GiB (26843545600B) on device "
+     "ordinal 0", 26843545600),
+    ("RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate 4.00G. That "
+     "was not possible.", 4 * 2 ** 30),
+]
+
+
+@pytest.mark.parametrize("message, asked", OOM_MESSAGES)
+def test_bench_train_out_of_memory_is_a_row_with_the_bytes_asked(message, asked):
+  """An out-of-memory error is recorded as "out of memory" with the bytes the failed
+  allocation asked for; other errors keep their type and first line."""
+  bench_train = experiments_module("bench_train")
+  record = bench_train.failure(RuntimeError(message))
+  assert record["error"] == "out of memory" and record["oom_bytes"] == asked
+  assert bench_train.failure(ValueError("bad\nmore")) == {"error": "ValueError: bad"}
+
+
+def test_bench_train_keeps_the_first_memory_option_that_fits():
+  """The options are tried in order; the row keeps the first that fits and lists the ones
+  before it with why; a case none fits is an out-of-memory row (the run goes on); none is
+  started past the deadline."""
+  bench_train = experiments_module("bench_train")
+  fits = {"layer": 10.0, "layer+scan": 8.0}   # memory option -> tokens/s of a fake attempt
+  tried = []
+
+  def attempt(case, option):
+    tried.append(option)
+    if option in fits and case["seq_len"] < 1000:
+      return {"tokens_per_s": fits[option]}
+    return bench_train.failure(RuntimeError(OOM_MESSAGES[0][0]))
+
+  ladder = ["none", "dots", "layer", "layer+scan"]
+  case = {"preset": "research", "seq_len": 100, "attention": "nsa"}
+  row = bench_train.first_fit(case, ladder, attempt, deadline=float("inf"))
+  assert row["memory_option"] == "layer" and row["tokens_per_s"] == 10.0 and "error" not in row
+  assert [(t["memory_option"], t["error"], t["oom_bytes"]) for t in row["not_fit"]] == [
+      ("none", "out of memory", 7406166528), ("dots", "out of memory", 7406166528)]
+  assert tried == ["none", "dots", "layer"]
+
+  row = bench_train.first_fit(dict(case, seq_len=2000), ladder, attempt, float("inf"))
+  assert row["memory_option"] is None and row["error"] == "out of memory"
+  assert row["oom_bytes"] == 7406166528 and len(row["not_fit"]) == 4
+  assert bench_train.failures([row]) == []   # not fitting is a result, not a failure
+
+  row = bench_train.first_fit(case, ladder, attempt, deadline=0.0)
+  assert row["skipped"] == "time budget spent" and row["not_fit"] == []
