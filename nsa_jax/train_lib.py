@@ -10,7 +10,6 @@ resumes bit for bit, and writes `config.json`, `metrics.csv`, TensorBoard events
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import json
@@ -18,7 +17,6 @@ import math
 import pathlib
 import shlex
 import sys
-import tempfile
 import time
 
 import jax
@@ -27,10 +25,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from nsa_jax import data, decoding, sharding
+from nsa_jax.compile_cache import compile_cache
 from nsa_jax.model import Transformer, count_params, stack_layers, unstack_layers
 from nsa_jax.train_config import TrainConfig, from_dict, parse_args, to_dict
 
@@ -114,43 +112,6 @@ def make_steps(graphdef):
 
 class NonFiniteError(RuntimeError):
   """A NaN or Inf loss or gradient: the run stopped, the last checkpoint is the last good state."""
-
-
-# ----------------------------------------------------------------------------
-# The persistent compilation cache.
-
-CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                 "jax_persistent_cache_min_entry_size_bytes")
-
-
-@contextlib.contextmanager
-def compile_cache(cfg: TrainConfig):
-  """Within: JAX's persistent compilation cache in `cfg.compile_cache_dir` (none: JAX's own
-  settings), every program cached however small or quick to compile; the settings before are
-  back after. Raises ValueError, before anything compiles, when the directory cannot be written.
-  """
-  path = cfg.compile_cache_dir
-  if path is None:
-    yield
-    return
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=path).close()
-  except OSError as err:
-    raise ValueError(f"compile_cache={cfg.compile_cache!r}: cannot write to {path} "
-                     f"({err.strerror}); pass --compile_cache DIR (a writable directory) or "
-                     f"--compile_cache '' (no cache)") from None
-  before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
-  values = (str(path.absolute()), 0.0, -1)   # -1: no size limit, and JAX does not raise it
-  try:
-    for name, value in zip(CACHE_OPTIONS, values):
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()   # JAX checks the directory once: again, with this one
-    yield
-  finally:
-    for name, value in before.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 # ----------------------------------------------------------------------------

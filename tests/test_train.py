@@ -85,7 +85,8 @@ def test_other_processes_write_nothing_but_checkpoints(tmp_path, monkeypatch, ca
   """As process 1 of a multi-host run: the run and its checkpoints as usual, no files or prints."""
   monkeypatch.setattr(train_lib, "is_process_0", lambda: False)
   cfg = tiny(tmp_path, "process1")      # the first test's configuration: its compiled steps
-  train_lib.main(cli_args(cfg))
+  # no compilation cache: JAX writes it from its process 0 only, which this process is to JAX
+  train_lib.main(cli_args(cfg, "--compile_cache", ""))
   assert checkpoint_manager(cfg.out_dir).all_steps() == [4, 8]
   assert sorted(p.name for p in cfg.out_dir.iterdir()) == ["checkpoints"]
   assert capsys.readouterr().out == ""
@@ -176,6 +177,7 @@ def test_a_later_start_reads_the_compile_cache(tmp_path):
   given by name, reads every program from it and writes nothing new. JAX's settings are
   back after each run."""
   cfg = tiny(tmp_path, "cache", steps=2, warmup_steps=1, eval_every=2, ckpt_every=2)
+  jax.clear_caches()   # every program of the run compiled (and cached) by it
   train(cfg)
   cache = cfg.out_dir / "jax_cache"
   entries = set(os.listdir(cache))
