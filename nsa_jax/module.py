@@ -185,7 +185,11 @@ class NativeSparseAttention(nnx.Module):
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
     keeps x and the branches' outputs, lse and selection, not the projections, keys,
     values, gates or mix made from x (docs/memory.md; measured: experiments/PERF_NOTES.md,
-    "Memory")."""
+    "Memory"). Not on a mesh with context > 1: recomputing there would all-gather the
+    selected and compressed keys and values again (`nsa_jax.context`).
+    """
+    if self.mesh is not None and self.mesh.shape["context"] > 1:
+      return self.forward(x, segment_ids)
     return nnx.remat(NativeSparseAttention.forward, policy=SAVE_POLICY)(self, x, segment_ids)
 
   def forward(self, x, segment_ids=None):

@@ -142,6 +142,23 @@ def test_context_memory_small(tmp_path):
   assert (tmp_path / "context_memory.png").stat().st_size > 0
 
 
+def test_memory_breakdown_small(tmp_path):
+  """The script behind PERF_NOTES' "Memory" table writes a breakdown per backend; on the
+  GPU path (cuDNN modelled by its stand-in) the NSA layer keeps each cuDNN branch's output
+  and lse alone (the checkpoint policy saves cuDNN's forward by its primitive; no folded
+  copy of q): HQ * Dv * 2 + HQ * 4 bytes a token, as full attention's cuDNN call."""
+  run_script("memory_breakdown.py", [], tmp_path)
+  for backend in ("xla", "pallas", "gpu"):
+    with open(tmp_path / f"memory_breakdown_{backend}_cpu_small.json") as f:
+      data = json.load(f)
+    assert data["standin"] and all(data[n]["per_token"]["layer input"] > 0
+                                   for n in ("nsa", "full"))
+  kept = data["nsa"]["per_token"]
+  HQ, D = data["shape"]["num_heads"], data["shape"]["head_dim"]
+  assert kept["window branch"] == kept["compressed branch"] == HQ * D * 2 + HQ * 4, kept
+  assert data["full"]["per_token"]["attention"] == HQ * D * 2 + HQ * 4
+
+
 def test_bench_scaling_small(tmp_path):
   # 2 of the 8 host devices: every mode on 1 and 2 devices (a few compiles).
   run_script("bench_scaling.py", ["--max_devices", "2"], tmp_path)
