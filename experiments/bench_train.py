@@ -492,7 +492,7 @@ def breakdown(args, preset: str, T: int) -> dict:
            {"median_ms": step["step_ms"], "compile_s": step["compile_s"],
             "peak_gib": step["peak_gib"]})
     one = dataclasses.replace(cfg.model, num_layers=1)
-    layer = Transformer(one, rngs=nnx.Rngs(0)).blocks[0].attn
+    layer = Transformer(one, rngs=nnx.Rngs(0)).layer(0).attn
     x = jax.random.normal(jax.random.key(1), (batch, T, mc.d_model), mc.compute_dtype)
     fn, state = applied(layer, lambda m, x: m(x))
     record("attention layer", attention, "fwd+bwd", fwd_bwd(fn, state, x, n_iter=args.n_iter))
