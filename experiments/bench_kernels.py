@@ -39,12 +39,12 @@ H16G4D128 (`research`) at T = 8k..64k, then every HQ in {8, 16, 32} x G in
 {4, 8} x head_dim in {64, 128} at 8k (B = 8). The whole op and cuDNN only.
 
 Run on the device machine (about 6 minutes on an H100):
-    python3 experiments/bench_kernels.py            # T = 8k..64k, 128k if time is left
-    python3 experiments/bench_kernels.py --quick    # T = 8k, 64k
-    python3 experiments/bench_kernels.py --packed   # Config A 8k, 64k: nsa with / without
+    python -m experiments.bench_kernels            # T = 8k..64k, 128k if time is left
+    python -m experiments.bench_kernels --quick    # T = 8k, 64k
+    python -m experiments.bench_kernels --packed   # Config A 8k, 64k: nsa with / without
                                                     # segment ids, and cuDNN (~2 minutes)
-    python3 experiments/bench_kernels.py --research [--quick]   # research_kernels_<gpu>.json
-    python3 experiments/bench_kernels.py --small    # tiny shapes, CPU, for the smoke test
+    python -m experiments.bench_kernels --research [--quick]   # research_kernels_<gpu>.json
+    python -m experiments.bench_kernels --small    # tiny shapes, CPU, for the smoke test
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
 from nsa_jax.ops.nsa import backends as nsa_backends

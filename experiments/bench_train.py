@@ -54,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import bench_common as bc   # also puts the repo root on sys.path
-import bench_kernels
+from experiments import bench_common as bc
+from experiments import bench_kernels
 from nsa_jax import sharding
 from nsa_jax.model import Transformer, count_params
 from nsa_jax.module import compressed_positions, compression_blocks

@@ -1,8 +1,8 @@
 """The Pallas kernels' shared memory: each kernel's estimate next to Triton's own
 allocation, for an H100 / H200 (sm90), without a GPU.
 
-    python experiments/shared_memory.py                          # estimates only
-    python experiments/shared_memory.py --triton-python PYTHON   # and Triton's numbers
+    python -m experiments.shared_memory                          # estimates only
+    python -m experiments.shared_memory --triton-python PYTHON   # and Triton's numbers
 
 Every kernel of the four branch ops (forward and backward) and of the decode step is
 lowered for sm90 on this machine (jax's Pallas Triton lowering runs without a GPU), its
@@ -30,7 +30,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 from nsa_jax import NSAConfig
 from nsa_jax.ops._common import selection_sizes
 from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
