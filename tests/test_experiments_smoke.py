@@ -213,6 +213,16 @@ def test_bench_kernels_research_shapes():
   assert len({s.config for s in shapes}) == 12 and len(shapes) == len(set(shapes))
 
 
+def test_bench_kernels_says_at_once_what_a_cpu_run_of_gpu_shapes_costs(tmp_path, capsys):
+  """Off a GPU without --small, the first line says so (the matmul rate, measured next, takes
+  seconds there, not minutes); the cases then show in a progress bar on a terminal."""
+  from experiments import bench_kernels
+  bench_kernels.main(["--max-t", "1", "--out", str(tmp_path)])   # no shape that short
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("no GPU: ") and "--small" in lines[0], lines[:2]
+  assert lines[1].startswith("device ")
+
+
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, on_gpu):
   """gpu_check's nsa unit calls nsa and select_blocks once for impls "auto" and
