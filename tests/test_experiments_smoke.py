@@ -196,6 +196,20 @@ def test_shared_memory_small(tmp_path):
   assert all(r["estimate"] <= r["budget"] for r in rows)
 
 
+def test_shared_memory_writes_to_a_temporary_directory_by_default(tmp_path, monkeypatch, capsys):
+  """Without --out or $OUT the table goes to a new temporary directory, not the tracked
+  experiments/results/."""
+  import tempfile
+  from experiments import shared_memory
+  monkeypatch.delenv("OUT", raising=False)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  with pytest.raises(SystemExit) as exit_:
+    shared_memory.main(["--small"])
+  assert exit_.value.code == 0
+  [written] = tmp_path.glob("shared_memory_*/shared_memory.json")
+  assert f"wrote {written}" in capsys.readouterr().out
+
+
 def test_bench_kernels_research_shapes():
   """--research covers HQ in {8, 16, 32} x G in {4, 8} x head_dim in {64, 128} at 8k with
   B > 1, and the two training presets' shapes from 8k to 64k, all at the same tokens a call."""
