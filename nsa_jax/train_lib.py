@@ -178,12 +178,13 @@ def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConf
   Checkpoints written before the nested config (flat TrainConfig) do not load: ValueError.
   """
   where = pathlib.Path(out_dir) / "checkpoints"
-  if not where.is_dir():   # before the manager, which would create it
-    raise FileNotFoundError(f"no checkpoint under {where}: give the --out of a training run")
+  missing = f"no checkpoint under {where}: give the --out of a training run"
+  if not where.is_dir():   # looked at before the manager, which would create it
+    raise FileNotFoundError(missing)
   manager = checkpoint_manager(pathlib.Path(out_dir))
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {where}: give the --out of a training run")
+    raise FileNotFoundError(missing)
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   cfg = from_dict(meta["config"])
   model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
