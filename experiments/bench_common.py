@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:        # so that `python experiments/x.py` finds nsa_jax
-  sys.path.insert(0, REPO_ROOT)
 
 KERNEL_OPS = ("compressed_attention", "select_blocks", "selected_attention",
               "window_attention")

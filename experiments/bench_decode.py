@@ -23,7 +23,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from bench_common import default_out_dir, device_op_times, median_ms
+from experiments.bench_common import default_out_dir, device_op_times, median_ms
 from nsa_jax import NSAConfig
 from nsa_jax import decoding
 

@@ -6,12 +6,12 @@ floor over a matmul rate measured in the same run (docs/benchmarks.md#flop-budge
 A and B, the G sweep, packed rows (issue #20) and the research shapes (issue #19).
 
 Run on the device machine (about 6 minutes on an H100):
-    python3 experiments/bench_kernels.py            # T = 8k..64k, 128k if time is left
-    python3 experiments/bench_kernels.py --quick    # T = 8k, 64k
-    python3 experiments/bench_kernels.py --packed   # Config A 8k, 64k: nsa with / without
+    python -m experiments.bench_kernels            # T = 8k..64k, 128k if time is left
+    python -m experiments.bench_kernels --quick    # T = 8k, 64k
+    python -m experiments.bench_kernels --packed   # Config A 8k, 64k: nsa with / without
                                                     # segment ids, and cuDNN (~2 minutes)
-    python3 experiments/bench_kernels.py --research [--quick]   # research_kernels_<gpu>.json
-    python3 experiments/bench_kernels.py --small    # tiny shapes, CPU, for the smoke test
+    python -m experiments.bench_kernels --research [--quick]   # research_kernels_<gpu>.json
+    python -m experiments.bench_kernels --small    # tiny shapes, CPU, for the smoke test
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
 from nsa_jax.ops.nsa import backends as nsa_backends
@@ -258,8 +259,9 @@ def time_fla_peer(shape: Shape, config: NSAConfig) -> dict:
 class Bench:
   """Collects timing records; skips what is left once the time budget is spent."""
 
-  def __init__(self, args, config, impls, rate_tflops):
+  def __init__(self, args, config, impls, rate_tflops, progress: tqdm):
     self.args, self.config, self.impls, self.rate = args, config, impls, rate_tflops
+    self.progress = progress   # a bar over the shapes (a terminal only), the case running
     self.deadline = time.perf_counter() + args.budget_s
     self.records = []
     self.dense_choice = {}   # (HQ, HKV, Dk, Dv) -> candidate name that ran
@@ -293,6 +295,7 @@ class Bench:
     document = self.document if shape.config == "A" and shape.T in self.packed_Ts else None
     for op, impl, pass_, fn, make in nsa_cases(shape, self.config, self.impls, dtype, branches,
                                                document):
+      self.progress.set_postfix_str(f"{shape.config} T={shape.T} G={shape.G}: {op} {pass_}")
       result = self.timed(fn, make)
       if op == "nsa":
         on = nsa_cudnn_impls(shape, self.config, impl, dtype)
@@ -497,13 +500,19 @@ def main(argv=None):
 
   config = bc.small_config() if args.small else NSAConfig()
   impls = bc.kernel_impls(args.impl)
-  rate = bc.matmul_rate(n=256 if args.small else 8192)
+  shapes = list(shapes_to_run(args))
+  on_gpu = jax.default_backend() == "gpu"
+  if not (on_gpu or args.small):
+    print(f"no GPU: the GPU-sized shapes (Pallas in interpret mode) take hours on "
+          f"{jax.default_backend()}; --small times tiny ones", flush=True)
+  rate = bc.matmul_rate(n=8192 if on_gpu and not args.small else 256)
   print(f"device {bc.gpu_name()}, jax {jax.__version__}, impls {impls}, "
         f"bf16 matmul {rate:.1f} TFLOP/s", flush=True)
 
-  bench = Bench(args, config, impls, rate)
-  for shape, branches, peer in shapes_to_run(args):
-    bench.run_shape(shape, branches, peer)
+  with tqdm(shapes, unit="shape", disable=None) as progress:
+    bench = Bench(args, config, impls, rate, progress)
+    for shape, branches, peer in progress:
+      bench.run_shape(shape, branches, peer)
 
   name = f"{'research_kernels' if args.research else 'bench_kernels'}_{bc.slug(bc.gpu_name())}"
   bc.write_json(os.path.join(args.out, name + ".json"), {

@@ -30,9 +30,8 @@ import argparse  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import bench_common  # noqa: E402  (puts the repo root on sys.path)
-import gpu_check_units  # noqa: E402
-from bench_train import time_train_step  # noqa: E402
+from experiments import bench_common, gpu_check_units  # noqa: E402
+from experiments.bench_train import time_train_step  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
 

@@ -9,13 +9,13 @@ median of --steps (>= 20); allocator peak beside XLA's estimate; memory options 
 remat, +scan; docs/memory.md) tried fastest to leanest, the first that fits kept, the same
 order for NSA and full. The loss must stay near ln 256, else exit 1. docs/benchmarks.md#model-level.
 
-    python experiments/bench_train.py --presets research --seq-lens 8192,16384,32768
-    python experiments/bench_train.py --presets research --seq-lens 65536,131072 \\
+    python -m experiments.bench_train --presets research --seq-lens 8192,16384,32768
+    python -m experiments.bench_train --presets research --seq-lens 65536,131072 \\
         --append experiments/results/bench_train_<gpu>.json    # rows added to that file's
-    python experiments/bench_train.py --memory layer+scan       # one option for every case
-    python experiments/bench_train.py --breakdown --seq-lens 8192   # research preset
-    python experiments/bench_train.py --packed 4096    # also on rows packed with 4k documents
-    python experiments/bench_train.py --small [--breakdown]   # CPU smoke test, tiny preset
+    python -m experiments.bench_train --memory layer+scan       # one option for every case
+    python -m experiments.bench_train --breakdown --seq-lens 8192   # research preset
+    python -m experiments.bench_train --packed 4096    # also on rows packed with 4k documents
+    python -m experiments.bench_train --small [--breakdown]   # CPU smoke test, tiny preset
 
 Writes bench_train_<gpu>.json and .png (tokens/s and peak memory vs T) to --out (default
 $OUT, else experiments/results); report.py renders it and issue #31's targets.
@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import bench_common as bc   # also puts the repo root on sys.path
-import bench_kernels
-import report
+from experiments import bench_common as bc
+from experiments import bench_kernels
+from experiments import report
 from nsa_jax import sharding
 from nsa_jax.model import REMATS, Transformer, count_params
 from nsa_jax.module import compressed_positions, compression_blocks
@@ -231,9 +231,10 @@ def attempt_here(spec: dict) -> dict:
 
 def attempt_in_child(spec: dict, timeout_s: float) -> dict:
   """`attempt_here(spec)` in a fresh Python process; a crash or a time-out as `failure`."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+  cmd = [sys.executable, "-m", "experiments.bench_train", "--child", json.dumps(spec)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root)
   except subprocess.TimeoutExpired:
     return {"error": f"TimeoutError: the attempt took over {timeout_s:.0f} s"}
   found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]

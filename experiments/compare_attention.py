@@ -1,7 +1,7 @@
 """NSA vs full attention: same model, data, steps and tokens; one run each, then the comparison.
 
-    python experiments/compare_attention.py --out runs/compare          # GPU, preset gpu-compare
-    python experiments/compare_attention.py --small --out /tmp/compare  # CPU smoke test
+    python -m experiments.compare_attention --out runs/compare          # GPU, preset gpu-compare
+    python -m experiments.compare_attention --small --out /tmp/compare  # CPU smoke test
 
 For each attention ("nsa", then "full") trains `--preset` into <out>/<attention>
 (resuming when a checkpoint is there), then measures passkey retrieval on
@@ -20,16 +20,13 @@ import argparse
 import csv
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 
+from experiments.eval_retrieval import evaluate_run
 from nsa_jax.train_config import make_config
 from nsa_jax.train_lib import train
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the sibling script, however run
-from eval_retrieval import evaluate_run  # noqa: E402
 
 ATTENTIONS = ("nsa", "full")
 

@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import bench_common  # noqa: E402  (puts the repo root on sys.path)
-from bench_train import GIB, program_peak_gib  # noqa: E402
+from experiments import bench_common  # noqa: E402
+from experiments.bench_train import GIB, program_peak_gib  # noqa: E402
 from nsa_jax import sharding  # noqa: E402
 from nsa_jax.model import Transformer  # noqa: E402
 from nsa_jax.train_config import make_config  # noqa: E402

@@ -1,6 +1,6 @@
 """Passkey retrieval of a trained run over context length x depth (NSA paper Fig. 5), and where NSA looks.
 
-    python experiments/eval_retrieval.py --run runs/demo [--lengths 128,256] \
+    python -m experiments.eval_retrieval --run runs/demo [--lengths 128,256] \
         [--depths 0,0.25,0.5,0.75,1] [--samples 8]
 
 A passkey example (`nsa_jax.data.passkey_example`) hides a 5-digit number at a

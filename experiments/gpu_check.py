@@ -18,12 +18,12 @@ own summary); "summary" counts the merged records. Exits non-zero on any
 failure or error outside the probes (of the merged records).
 
 Run on the device machine:
-    python3 experiments/gpu_check.py                # SHAPES: a few minutes on an H200
-    python3 experiments/gpu_check.py --matrix       # issue #18 (--budget-s 360)
-    python3 experiments/gpu_check.py --matrix --rerun gpu_matrix_nvidia-h200.json
-    python3 experiments/gpu_check.py --packed       # issue #20, packed rows (--budget-s 360)
-    python3 experiments/gpu_check.py --offsets      # issue #23, query offsets (one GPU)
-    python3 experiments/gpu_check.py --small [--matrix | --packed | --offsets]   # tiny, CPU
+    python -m experiments.gpu_check                # SHAPES: a few minutes on an H200
+    python -m experiments.gpu_check --matrix       # issue #18 (--budget-s 360)
+    python -m experiments.gpu_check --matrix --rerun gpu_matrix_nvidia-h200.json
+    python -m experiments.gpu_check --packed       # issue #20, packed rows (--budget-s 360)
+    python -m experiments.gpu_check --offsets      # issue #23, query offsets (one GPU)
+    python -m experiments.gpu_check --small [--matrix | --packed | --offsets]   # tiny, CPU
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ import time
 
 import jax
 
-import bench_common as bc   # also puts the repo root on sys.path
-from report import check_groups
-from gpu_check_cases import (OPS, SHAPES, SMALL_SHAPES, Case, cases_of, matrix_cases,
-                             offsets_cases, packed_cases)
-from gpu_check_units import RTOL, SELECTION_TOL, TIE_RTOL, UNIT_OF
-from gpu_check_runner import check_offsets, run_everywhere
+from experiments import bench_common as bc
+from experiments.gpu_check_cases import (OPS, SHAPES, SMALL_SHAPES, Case, cases_of,
+                                         matrix_cases, offsets_cases, packed_cases)
+from experiments.gpu_check_runner import check_offsets, run_everywhere
+from experiments.gpu_check_units import RTOL, SELECTION_TOL, TIE_RTOL, UNIT_OF
+from experiments.report import check_groups
 from nsa_jax import NSAConfig
 from nsa_jax.ops import cudnn
 

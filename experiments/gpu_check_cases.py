@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 
 OPS = ("compressed_attention", "select_blocks", "selected_attention",
        "window_attention", "nsa", "nsa_vs_select_blocks")

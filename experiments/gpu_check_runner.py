@@ -29,10 +29,10 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-import bench_common as bc   # also puts the repo root on sys.path
-from gpu_check_cases import Case
-from gpu_check_units import (case_inputs, cudnn_limits, offsets_function, reference_precision,
-                             tolerance, unit_function, units)
+from experiments import bench_common as bc
+from experiments.gpu_check_cases import Case
+from experiments.gpu_check_units import (case_inputs, cudnn_limits, offsets_function,
+                                         reference_precision, tolerance, unit_function, units)
 from nsa_jax import NSAConfig
 
 

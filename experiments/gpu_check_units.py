@@ -22,8 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-import bench_common as bc   # also puts the repo root on sys.path
-from gpu_check_cases import Case
+from experiments import bench_common as bc
+from experiments.gpu_check_cases import Case
 from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
 from nsa_jax.ops import _common, compressed, cudnn, dispatch, segments, selected, window

@@ -23,9 +23,9 @@ Tracing alone gives the residuals (nothing runs), so the research shape traces o
 On a GPU (--backend gpu, no stand-in) the script also compiles each layer's forward and
 backward and reports XLA's `memory_analysis` (arguments, outputs, temporaries, peak).
 
-    PYTHONPATH=. python experiments/memory_breakdown.py --small     # CPU, tiny shapes, seconds
-    PYTHONPATH=. python experiments/memory_breakdown.py --backend pallas   # research shape, traced
-    python experiments/memory_breakdown.py --backend gpu    # on a GPU: + compiled memory
+    PYTHONPATH=. python -m experiments.memory_breakdown --small     # CPU, tiny shapes, seconds
+    PYTHONPATH=. python -m experiments.memory_breakdown --backend pallas   # research shape, traced
+    python -m experiments.memory_breakdown --backend gpu    # on a GPU: + compiled memory
 
 Writes memory_breakdown_<backend>_<device>.json to --out (default $OUT, else
 experiments/results).
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 from nsa_jax import NSAConfig
 from nsa_jax.model import FullAttention
 from nsa_jax.module import NativeSparseAttention

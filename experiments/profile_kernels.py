@@ -1,11 +1,11 @@
 """GPU check and tile profile of one family of Pallas kernels: the kernels against their
 reference first, then timings of the default tiles and of variants of them.
 
-    python experiments/profile_kernels.py OP                # on a GPU, Config A
-    python experiments/profile_kernels.py OP --config-b     # Dk = 192, Dv = 128
-    python experiments/profile_kernels.py OP --heads 256,256 --group 1   # other heads
-    python experiments/profile_kernels.py selected --batch 4 --q-heads 16 --group 4  # research
-    python experiments/profile_kernels.py OP --small        # CPU, interpret mode
+    python -m experiments.profile_kernels OP                # on a GPU, Config A
+    python -m experiments.profile_kernels OP --config-b     # Dk = 192, Dv = 128
+    python -m experiments.profile_kernels OP --heads 256,256 --group 1   # other heads
+    python -m experiments.profile_kernels selected --batch 4 --q-heads 16 --group 4  # research
+    python -m experiments.profile_kernels OP --small        # CPU, interpret mode
 
 OP is one of
   window, compressed  the banded flash kernels (pallas_kernels/_flash.py); variants
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 from nsa_jax import NSAConfig, compressed_attention, decoding, select_blocks, window_attention
 from nsa_jax.ops import _common
 from nsa_jax.ops.compressed import compressed_attention_xla, compressed_scores
@@ -240,7 +240,7 @@ def time_op(op: str, T: int, shape, config, interpret, runs, key, change=None) -
 def decode_rows(ts, batches, variants, small, reps) -> list[dict]:
   """Each decode variant: its step checked against the XLA step, then timed as
   bench_decode.py does (Config A, full caches of T tokens)."""
-  from bench_decode import STEPS, check_kernel, steps_loop, timed
+  from experiments.bench_decode import STEPS, check_kernel, steps_loop, timed
   config = NSAConfig()
   HQ, HKV, D, dtype = (16, 1, 16, jnp.float32) if small else (64, 4, 128, jnp.bfloat16)
   defaults = {k: getattr(decode_attention, k) for v in VARIANTS["decode"].values() for k in v}

@@ -57,14 +57,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the sibling scripts, however run
-import bench_common  # noqa: E402
-from compare_attention import read_metrics, summarize  # noqa: E402
-from eval_retrieval import (draw_example, passkey_probe, plot_heatmaps,  # noqa: E402
-                            print_tables, retrieval_panels)
-from nsa_jax import data  # noqa: E402
-from nsa_jax.train_config import PRESETS, build_parser, make_config  # noqa: E402
-from nsa_jax.train_lib import (checkpoint_manager, load_model, make_optimizer,  # noqa: E402
+from experiments import bench_common
+from experiments.compare_attention import read_metrics, summarize
+from experiments.eval_retrieval import (draw_example, passkey_probe, plot_heatmaps,
+                                        print_tables, retrieval_panels)
+from nsa_jax import data
+from nsa_jax.train_config import PRESETS, build_parser, make_config
+from nsa_jax.train_lib import (checkpoint_manager, load_model, make_optimizer,
                                save_checkpoint, train)
 
 ATTENTIONS = ("nsa", "full")

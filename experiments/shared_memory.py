@@ -1,8 +1,8 @@
 """The Pallas kernels' shared memory: each kernel's estimate next to Triton's own
 allocation, for an H100 / H200 (sm90), without a GPU.
 
-    python experiments/shared_memory.py                          # estimates only
-    python experiments/shared_memory.py --triton-python PYTHON   # and Triton's numbers
+    python -m experiments.shared_memory                          # estimates only
+    python -m experiments.shared_memory --triton-python PYTHON   # and Triton's numbers
 
 Every kernel of the four branch ops (forward and backward) and of the decode step is
 lowered for sm90 on this machine (jax's Pallas Triton lowering runs without a GPU), its
@@ -12,8 +12,9 @@ allocates shared memory, and that size is set beside the kernel's `shared_memory
 estimate of the tiles the code now picks (`fit_tiles`); the estimate of the default
 tiles before fitting (what the code ran before the estimates) is listed too. An
 estimate below Triton's number is flagged: the estimates must bound it, so that the
-fitted tiles compile. Writes $OUT or --out
-/shared_memory.json and prints the rows over the budget or under-estimated.
+fitted tiles compile. Writes shared_memory.json to --out (default $OUT, else a new
+temporary directory: the committed table is results/history/shared_memory_sm90.json) and
+prints the rows over the budget or under-estimated.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-import bench_common as bc   # also puts the repo root on sys.path
+from experiments import bench_common as bc
 from nsa_jax import NSAConfig
 from nsa_jax.ops._common import selection_sizes
 from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
@@ -176,15 +177,16 @@ def cases(Dk, Dv, G, dtype, config):
   return out
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--triton-python", default=None,
                       help="python with the `triton` wheel (omit: estimates only)")
   parser.add_argument("--cache", default=None,
                       help="JSON file of Triton's numbers by IR, read and extended (reruns)")
   parser.add_argument("--small", action="store_true", help="two shapes (smoke test)")
-  parser.add_argument("--out", default=None, help="default: $OUT, else experiments/results")
-  args = parser.parse_args()
+  parser.add_argument("--out", default=None,
+                      help="default: $OUT, else a new temporary directory")
+  args = parser.parse_args(argv)
   config, budget = NSAConfig(), _util.HOPPER_SHARED_MEMORY
   shapes = (list(itertools.product([(128, 128), (192, 128)], [4], ["bfloat16"])) if args.small
             else list(itertools.product(HEADS, GROUPS, DTYPES)))
@@ -212,7 +214,7 @@ def main():
           print(f"{op:10s} {name:18s} Dk={Dk:3d} Dv={Dv:3d} G={G:2d} {dtype:8s} estimate "
                 f"{now:7d} (before fitting {before:7d}) triton {row.get('triton', '-')}: "
                 + ", ".join(flags), flush=True)
-  out = args.out or bc.default_out_dir()
+  out = args.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="shared_memory_")
   bc.write_json(os.path.join(out, "shared_memory.json"), {
       "budget": budget, "triton_python": args.triton_python, "rows": rows}, config)
   print(f"{len(rows)} kernels; over the budget before fitting: "

@@ -88,6 +88,9 @@ class NativeSparseAttention(nnx.Module):
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a positive multiple of "
                        f"num_kv_heads={num_kv_heads}")
+    if head_dim is None and d_model % num_heads:
+      raise ValueError(f"d_model={d_model} is not a multiple of num_heads={num_heads}: "
+                       f"change one, or give head_dim")
     Dk = head_dim or d_model // num_heads
     Dv = head_dim_v or Dk
     if Dk < 2 or Dk % 2:
@@ -96,7 +99,7 @@ class NativeSparseAttention(nnx.Module):
     _common.check_config(config)
     _common.check_impl(impl)
     self.config, self.impl, self.rope_theta = config, impl, rope_theta
-    self.mesh = mesh
+    self.mesh, self.d_model = mesh, d_model
     self.num_heads, self.num_kv_heads, self.dk, self.dv = num_heads, num_kv_heads, Dk, Dv
     self.kv_branches = 1 if shared_kv else len(BRANCHES)
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -178,8 +181,14 @@ class NativeSparseAttention(nnx.Module):
                 k_win=rope(kv["win"][0]), v_win=kv["win"][1],
                 gates=gates.astype(dt))
 
+  def check_input(self, x) -> None:
+    """ValueError unless x is [B, T, d_model], before anything is traced."""
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"x.shape={tuple(x.shape)} must be [B, T, d_model={self.d_model}]")
+
   def __call__(self, x, segment_ids=None):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
+<<<<<<< HEAD
     of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows).
 
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
@@ -194,6 +203,10 @@ class NativeSparseAttention(nnx.Module):
 
   def forward(self, x, segment_ids=None):
     """`__call__` without its checkpoint."""
+=======
+    of packed rows: segment_ids [B, T] int (SPEC §6; `nsa_jax.nsa`)."""
+    self.check_input(x)
+>>>>>>> friction
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
     o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,

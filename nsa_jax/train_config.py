@@ -362,6 +362,7 @@ def build_parser(defaults: TrainConfig, preset_given: bool) -> argparse.Argument
   epilog = "presets:\n" + "\n".join(f"  {name:12s} {p.summary}" for name, p in PRESETS.items())
   parser = argparse.ArgumentParser(
       prog="python -m experiments.train",
+      usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]   (--help lists the flags)",
       description=f"Train a byte-level language model with NSA or full attention. {which}",
       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -381,11 +382,21 @@ def build_parser(defaults: TrainConfig, preset_given: bool) -> argparse.Argument
 
 
 def parse_args(argv=None) -> TrainConfig:
-  """`[--preset NAME] [--field value ...]` -> TrainConfig; --preset may come anywhere."""
+  """`[--preset NAME] [--field value ...]` -> TrainConfig; --preset may come anywhere.
+
+  A configuration the flags make invalid is a usage error (argparse's: one line, exit 2).
+  --steps without --warmup_steps keeps the preset's warmup below the steps (`--steps 1`:
+  no warmup)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--preset", default=None)
   chosen = pre.parse_known_args(argv)[0].preset
   defaults = PRESETS[chosen if chosen in PRESETS else "demo"].config
-  args = vars(build_parser(defaults, chosen in PRESETS).parse_args(argv))
-  return make_config(args.pop("preset") or "demo", **args)
+  parser = build_parser(defaults, chosen in PRESETS)
+  args = vars(parser.parse_args(argv))
+  if "steps" in args and "warmup_steps" not in args:
+    args["warmup_steps"] = min(defaults.warmup_steps, max(args["steps"] - 1, 0))
+  try:
+    return make_config(args.pop("preset") or "demo", **args)
+  except ValueError as err:
+    parser.error(str(err))

@@ -5,13 +5,15 @@
 cosine decay, clipping) on batches of `nsa_jax.data.Loader`, compiles the train and eval
 steps first (a later start reads them from the persistent cache, `compile_cache`), stops
 with :class:`NonFiniteError` before saving a non-finite step, checkpoints with Orbax and
-resumes bit for bit, and writes `config.json`, `metrics.csv`, TensorBoard events and
+resumes bit for bit (finding no checkpoint it says where it looked and trains from
+scratch), and writes `config.json`, `metrics.csv`, TensorBoard events and
 `loss.png` under `out` (process 0 only on several hosts). docs/api.md#training.
 """
 from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import json
 import math
 import pathlib
@@ -185,10 +187,14 @@ def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConf
 
   Checkpoints written before the nested config (flat TrainConfig) do not load: ValueError.
   """
+  where = pathlib.Path(out_dir) / "checkpoints"
+  missing = f"no checkpoint under {where}: give the --out of a training run"
+  if not where.is_dir():   # looked at before the manager, which would create it
+    raise FileNotFoundError(missing)
   manager = checkpoint_manager(pathlib.Path(out_dir))
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {pathlib.Path(out_dir) / 'checkpoints'}")
+    raise FileNotFoundError(missing)
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   cfg = from_dict(meta["config"])
   model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
@@ -304,6 +310,15 @@ def _python() -> str:
       else "python"
 
 
+def sample_command(python: str, out: pathlib.Path, prompt: str, num_tokens: int) -> str:
+  """A shell command that prints a sample of the run in `out` (as `main` does)."""
+  code = (f"from nsa_jax.train_lib import load_model, sample; "
+          f"model, _, _ = load_model({json.dumps(str(out))}); "
+          f"print(sample(model, {json.dumps(prompt)}.encode(), {num_tokens})"
+          f".decode(errors=\"replace\"))")
+  return f"{python} -c {shlex.quote(code)}"
+
+
 def end_message(cfg: TrainConfig, step: int, argv: list[str]) -> str:
   """Where the run's files are and what to run next: resume, evaluate, sample, TensorBoard."""
   out, python = cfg.out_dir, _python()
@@ -314,11 +329,14 @@ def end_message(cfg: TrainConfig, step: int, argv: list[str]) -> str:
            f"                  {again}",
            "                add --steps N to train on to step N (a finished run only samples)"]
   if (out / "tb").exists():
-    lines.append(f"  tb/           TensorBoard events: tensorboard --logdir {out / 'tb'}")
+    view = f"{python} -m tensorboard.main --logdir {out / 'tb'}"
+    if importlib.util.find_spec("tensorboard") is None:
+      view = f"{python} -m pip install tensorboard, then {view}"
+    lines.append(f"  tb/           TensorBoard events: {view}")
   lines += ["  loss.png, metrics.csv (per step), config.json",
-            f"evaluate passkey retrieval: {python} experiments/eval_retrieval.py --run {out}",
-            f"sample again: the command above with --sample_prompt TEXT --sample_tokens N, or "
-            f"in Python nsa_jax.train_lib.load_model('{out}') and sample(model, prompt, N)"]
+            f"evaluate passkey retrieval: {python} -m experiments.eval_retrieval --run {out}",
+            "sample again: the command above with --sample_prompt TEXT --sample_tokens N, or",
+            "  " + sample_command(python, out, cfg.sample_prompt, cfg.sample_tokens)]
   return "\n".join(lines)
 
 
@@ -347,10 +365,9 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
 
 def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
   out = cfg.out_dir
-  out.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None   # may refuse: before any file
   model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   optimizer = make_optimizer(model, cfg)
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
   place = (lambda b: sharding.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)
   if mesh is not None:   # before the restore, which then targets these shardings
     sharding.shard_model_and_optimizer(model, optimizer, mesh)
@@ -358,6 +375,7 @@ def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
   val_sets = {task: [place(b) for b in data.validation_batches(
                   task, num_batches=cfg.eval_batches, **cfg.data_options())]
               for task in loader.mixture}
+  out.mkdir(parents=True, exist_ok=True)
   manager = checkpoint_manager(out, cfg.keep_checkpoints)
   start, train_s = 0, 0.0
   if cfg.resume and manager.latest_step() is not None:
@@ -368,6 +386,8 @@ def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
   log = MetricsLog(out, columns, start, to_dict(cfg))
   if start:
     log.say(f"resumed from step {start} of {manager.directory}")
+  elif cfg.resume:   # a first run, or a mistyped --out: say where we looked
+    log.say(f"no checkpoint in {manager.directory}: training from scratch")
   if start >= cfg.steps:
     log.say(f"step {start} of {cfg.steps} reached already: nothing to train")
     manager.close()

@@ -23,7 +23,7 @@ def run_script(name, args, out_dir, **env_vars):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise", **env_vars)
   env.pop("OUT", None)
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", name), "--small",
+      [sys.executable, "-m", f"experiments.{name}", "--small",
        "--out", str(out_dir), *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,7 +31,7 @@ def run_script(name, args, out_dir, **env_vars):
 
 
 def test_bench_kernels_small(tmp_path):
-  stdout = run_script("bench_kernels.py", ["--quick", "--impl", "xla"], tmp_path)
+  stdout = run_script("bench_kernels", ["--quick", "--impl", "xla"], tmp_path)
   with open(tmp_path / "bench_kernels_cpu.json") as f:
     data = json.load(f)
   assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"
@@ -57,7 +57,7 @@ def test_bench_kernels_small(tmp_path):
 
 
 def test_gpu_check_small(tmp_path):
-  run_script("gpu_check.py", ["--impl", "pallas", "--cases", "small-G2",
+  run_script("gpu_check", ["--impl", "pallas", "--cases", "small-G2",
                               "--ops", "select_blocks,window_attention"], tmp_path)
   with open(tmp_path / "gpu_check_cpu.json") as f:
     data = json.load(f)
@@ -70,7 +70,7 @@ def test_gpu_check_small(tmp_path):
 def test_gpu_check_packed_small(tmp_path):
   """--packed: every op on packed rows against the reference on each document alone
   (here the reference on both sides: the script's mapping between the two layouts)."""
-  run_script("gpu_check.py", ["--packed", "--impl", "xla"], tmp_path)
+  run_script("gpu_check", ["--packed", "--impl", "xla"], tmp_path)
   with open(tmp_path / "gpu_packed_cpu.json") as f:
     data = json.load(f)
   assert data["summary"] == {"pass": 6, "fail": 0, "error": 0, "skipped": 0}
@@ -84,7 +84,7 @@ def test_gpu_check_packed_small(tmp_path):
 def test_gpu_check_offsets_small(tmp_path):
   """--offsets: the sparse branches of query slices at traced offsets (a context shard's
   work, issue #23) against the whole call: outputs, selection and five gradients."""
-  run_script("gpu_check.py", ["--offsets"], tmp_path)
+  run_script("gpu_check", ["--offsets"], tmp_path)
   with open(tmp_path / "gpu_offsets_cpu.json") as f:
     data = json.load(f)
   assert data["summary"] == {"pass": 2, "fail": 0, "error": 0, "skipped": 0}
@@ -101,7 +101,7 @@ def test_gpu_matrix_small(tmp_path):
   then a rerun of one record that passed (--redo), each writing one JSON of all
   runs."""
   def run(out, *args):
-    run_script("gpu_check.py", ["--matrix", "--cases", "batch,rows", *args], tmp_path / out)
+    run_script("gpu_check", ["--matrix", "--cases", "batch,rows", *args], tmp_path / out)
     with open(tmp_path / out / "gpu_matrix_cpu.json") as f:
       return json.load(f)
 
@@ -134,7 +134,7 @@ def test_context_memory_small(tmp_path):
   """The script behind the README's context-parallel memory table: a fit per device count,
   each device's bytes per token below one device's (the ~1/P property itself:
   tests/test_context.py)."""
-  run_script("context_memory.py", [], tmp_path)
+  run_script("context_memory", [], tmp_path)
   with open(tmp_path / "context_memory.json") as f:
     fits = json.load(f)["fits"]
   assert [f["devices"] for f in fits] == [1, 2, 4, 8]
@@ -147,7 +147,7 @@ def test_memory_breakdown_small(tmp_path):
   GPU path (cuDNN modelled by its stand-in) the NSA layer keeps each cuDNN branch's output
   and lse alone (the checkpoint policy saves cuDNN's forward by its primitive; no folded
   copy of q): HQ * Dv * 2 + HQ * 4 bytes a token, as full attention's cuDNN call."""
-  run_script("memory_breakdown.py", [], tmp_path)
+  run_script("memory_breakdown", [], tmp_path)
   for backend in ("xla", "pallas", "gpu"):
     with open(tmp_path / f"memory_breakdown_{backend}_cpu_small.json") as f:
       data = json.load(f)
@@ -161,7 +161,7 @@ def test_memory_breakdown_small(tmp_path):
 
 def test_bench_scaling_small(tmp_path):
   # 2 of the 8 host devices: every mode on 1 and 2 devices (a few compiles).
-  run_script("bench_scaling.py", ["--max_devices", "2"], tmp_path)
+  run_script("bench_scaling", ["--max_devices", "2"], tmp_path)
   with open(tmp_path / "scaling.json") as f:
     data = json.load(f)
   assert data["meta"]["config"]["preset"] == "tiny"
@@ -188,13 +188,13 @@ def test_bench_scaling_small(tmp_path):
 def test_profile_kernels_small(tmp_path):
   """One flash op and the decode step: checks against the reference, then the
   default tiles and a variant timed (interpret mode); every check passes."""
-  run_script("profile_kernels.py", ["window", "--variants", "bwd-k128"], tmp_path)
+  run_script("profile_kernels", ["window", "--variants", "bwd-k128"], tmp_path)
   with open(tmp_path / "profile_window.json") as f:
     data = json.load(f)
   assert [c["dtype"] for c in data["checks"]] == ["float32", "bfloat16"]
   assert all(c["ok"] and set(c["errors"]) == {"o", "dq", "dk", "dv"} for c in data["checks"])
   assert data["timings"][0]["fwd_bwd_ms"] > 0 and data["variants"][0]["ok"]
-  run_script("profile_kernels.py", ["decode", "--variants", "splits <= 16"], tmp_path)
+  run_script("profile_kernels", ["decode", "--variants", "splits <= 16"], tmp_path)
   with open(tmp_path / "profile_decode.json") as f:
     rows = json.load(f)["timings"]
   assert [r["variant"] for r in rows] == ["default", "splits <= 16"]
@@ -205,7 +205,7 @@ def test_profile_kernels_small(tmp_path):
 def test_shared_memory_small(tmp_path):
   """The shared-memory table (estimates only: no Triton wheel here): Config B's
   block-major dK/dV tiles were over Hopper's budget before fitting, none is after."""
-  run_script("shared_memory.py", [], tmp_path)
+  run_script("shared_memory", [], tmp_path)
   with open(tmp_path / "shared_memory.json") as f:
     rows = json.load(f)["rows"]
   over = [r for r in rows if r["estimate_before"] > r["budget"]]
@@ -213,20 +213,25 @@ def test_shared_memory_small(tmp_path):
   assert all(r["estimate"] <= r["budget"] for r in rows)
 
 
-def experiments_module(name):
-  import importlib
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.pop(0)
+def test_shared_memory_writes_to_a_temporary_directory_by_default(tmp_path, monkeypatch, capsys):
+  """Without --out or $OUT the table goes to a new temporary directory, not the tracked
+  experiments/results/."""
+  import tempfile
+  from experiments import shared_memory
+  monkeypatch.delenv("OUT", raising=False)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  with pytest.raises(SystemExit) as exit_:
+    shared_memory.main(["--small"])
+  assert exit_.value.code == 0
+  [written] = tmp_path.glob("shared_memory_*/shared_memory.json")
+  assert f"wrote {written}" in capsys.readouterr().out
 
 
 def test_bench_kernels_research_shapes():
   """--research covers HQ in {8, 16, 32} x G in {4, 8} x head_dim in {64, 128} at 8k with
   B > 1, and the two training presets' shapes from 8k to 64k, all at the same tokens a call."""
   import argparse
-  bench_kernels = experiments_module("bench_kernels")
+  from experiments import bench_kernels
   args = argparse.Namespace(research=True, small=False, quick=False, max_t=0)
   shapes = [s for s, _, _ in bench_kernels.shapes_to_run(args)]
   assert {s.B * s.T for s in shapes} == {bench_kernels.RESEARCH_TOKENS}
@@ -239,6 +244,16 @@ def test_bench_kernels_research_shapes():
   assert len({s.config for s in shapes}) == 12 and len(shapes) == len(set(shapes))
 
 
+def test_bench_kernels_says_at_once_what_a_cpu_run_of_gpu_shapes_costs(tmp_path, capsys):
+  """Off a GPU without --small, the first line says so (the matmul rate, measured next, takes
+  seconds there, not minutes); the cases then show in a progress bar on a terminal."""
+  from experiments import bench_kernels
+  bench_kernels.main(["--max-t", "1", "--out", str(tmp_path)])   # no shape that short
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("no GPU: ") and "--small" in lines[0], lines[:2]
+  assert lines[1].startswith("device ")
+
+
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, on_gpu):
   """gpu_check's nsa unit calls nsa and select_blocks once for impls "auto" and
@@ -246,7 +261,8 @@ def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, 
   unit is only traced), once per impl where they do not (off a GPU "auto" is
   the reference)."""
   import jax
-  units = experiments_module("gpu_check_units")
+  from experiments import bench_common, gpu_check_cases
+  from experiments import gpu_check_units as units
   if on_gpu:
     class Hopper:
       platform, compute_capability = "gpu", "9.0"
@@ -262,9 +278,9 @@ def test_gpu_check_computes_nsa_once_for_impls_with_equal_backends(monkeypatch, 
       calls.append((_name, kw["impl"]))
       return _op(*a, **kw)
     monkeypatch.setattr(units, name, counted)
-  case = next(c for c in experiments_module("gpu_check_cases").matrix_cases(small=True)
+  case = next(c for c in gpu_check_cases.matrix_cases(small=True)
               if c.kind == "reference" and c.dtype == "float32")
-  config = experiments_module("bench_common").small_config()
+  config = bench_common.small_config()
   [unit] = [u for u in units.units(case) if u.ops[0][0] == "nsa"]
   assert {op for op, _ in unit.ops} == {"nsa", "nsa_vs_select_blocks"} and len(unit.ops) == 4
   inputs = jax.eval_shape(units.case_inputs(case, config), jax.random.key(0, impl="rbg"))
@@ -277,7 +293,7 @@ def test_gpu_check_compare_empty_output():
   """T < l gives a zero-size compressed branch (Tc = 0): gpu_check's error
   measures must still be defined (its max-relative error once raised here)."""
   import jax.numpy as jnp
-  units = experiments_module("gpu_check_units")
+  from experiments import gpu_check_units as units
   err, max_rel, ok = units.compare(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 0, 2, 16)))
   assert float(err) == 0.0 and float(max_rel) == 0.0 and bool(ok)
 
@@ -285,7 +301,7 @@ def test_gpu_check_compare_empty_output():
 def test_retrieval_small(tmp_path):
   """Both models through the curriculum and the probe; --set gives each query head its own
   KV head, so NSA selects per head (G = 1: two groups)."""
-  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs"),
+  stdout = run_script("retrieval", ["--runs", str(tmp_path / "runs"),
                                        "--set", "num_kv_heads=2"], tmp_path)
   with open(tmp_path / "retrieval.json") as f:
     data = json.load(f)
@@ -317,7 +333,7 @@ def test_retrieval_small(tmp_path):
   assert "passkey accuracy" in stdout and "T \\ depth" in stdout
   # NSA alone (a recipe tried without retraining full attention) resumes the same runs and is
   # written apart from the comparison, which the README renders.
-  run_script("retrieval.py", ["--runs", str(tmp_path / "runs"), "--set", "num_kv_heads=2",
+  run_script("retrieval", ["--runs", str(tmp_path / "runs"), "--set", "num_kv_heads=2",
                               "--attentions", "nsa"], tmp_path)
   with open(tmp_path / "retrieval-nsa.json") as f:
     alone = json.load(f)
@@ -325,7 +341,7 @@ def test_retrieval_small(tmp_path):
 
 
 def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
-  retrieval = experiments_module("retrieval")
+  from experiments import retrieval
   assert retrieval.parse_settings("tiny", ["num_kv_heads=2", "weight_decay=0"]) == {
       "num_kv_heads": 2, "weight_decay": 0.0}
   for item in ("seq_len=64", "window=8", "num_kv_heads"):
@@ -334,7 +350,7 @@ def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
 
 
 def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
-  eval_retrieval = experiments_module("eval_retrieval")
+  from experiments import eval_retrieval
   assert "never saw a passkey" in eval_retrieval.passkey_note("text")
   assert eval_retrieval.passkey_note("text:0.8,passkey:0.2") is None
 
@@ -343,7 +359,7 @@ def test_bench_train_small(tmp_path):
   """Both modes of the model-level benchmark: NSA and full training steps side by side, each
   attempt in a process of its own and compiled again from the persistent cache in another,
   then the breakdown of one step."""
-  stdout = run_script("bench_train.py", ["--seq-lens", "160", "--packed", "64"], tmp_path)
+  stdout = run_script("bench_train", ["--seq-lens", "160", "--packed", "64"], tmp_path)
   with open(tmp_path / "bench_train_cpu.json") as f:
     data = json.load(f)
   assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"
@@ -364,7 +380,7 @@ def test_bench_train_small(tmp_path):
   assert data["memory_options"] == ["none", "dots", "layer", "layer+scan"]
   assert "nsa/full" in stdout and "NSA warm start" in stdout
 
-  run_script("bench_train.py", ["--breakdown"], tmp_path)
+  run_script("bench_train", ["--breakdown"], tmp_path)
   with open(tmp_path / "train_breakdown_tiny_160_cpu.json") as f:
     data = json.load(f)
   parts = {(r["part"], r["attention"].split(" ")[0], r["pass"]) for r in data["records"]

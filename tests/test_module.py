@@ -1,4 +1,6 @@
 """The Flax NNX layer `NativeSparseAttention`: shapes, causality, gradients, training."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,13 @@ def test_bad_arguments():
     layer(head_dim=3)
   with pytest.raises(ValueError, match="impl='triton'"):
     layer(impl="triton")
+  with pytest.raises(ValueError, match="d_model=100 is not a multiple of num_heads=8"):
+    layer(d_model=100, num_heads=8)
+  assert layer(d_model=100, num_heads=8, head_dim=12).dk == 12
+  m = layer()
+  for shape in [(1, 8, 16), (8, 32)]:   # wrong width; no batch axis
+    with pytest.raises(ValueError, match=re.escape(f"x.shape={shape} must be [B, T, d_model=32]")):
+      m(jnp.zeros(shape))
 
 
 def test_gradients_float64():

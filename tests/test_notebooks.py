@@ -101,7 +101,7 @@ def test_performance_plots_a_real_results_file(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("OUT", None)
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "bench_kernels.py"), "--small",
+      [sys.executable, "-m", "experiments.bench_kernels", "--small",
        "--quick", "--impl", "xla", "--out", str(tmp_path)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,8 +2,11 @@
 only), the end-of-run sample and message. (The configuration: test_train_config.py.)"""
 import csv
 import dataclasses
+import importlib.util
 import os
 import re
+import shlex
+import subprocess
 import sys
 
 import jax
@@ -29,6 +32,8 @@ def params(run_dir):
 
 def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
   straight = train(tiny(tmp_path, "straight"))
+  assert (f"no checkpoint in {tmp_path / 'straight' / 'checkpoints'}: training from scratch"
+          in capsys.readouterr().out)
   crashed = train(tiny(tmp_path, "resumed"), crash_after_step=6)  # dies after step 6
   resumed = train(tiny(tmp_path, "resumed"))                      # restarts from step 4
   assert [r["step"] for r in straight] == list(range(1, 9))
@@ -69,9 +74,17 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path, monkeypatch,
   out = capsys.readouterr().out
   assert [c["max_new_tokens"] for c in calls] == [6]
   assert "nothing to train" in out and "--- sample from the step-8 checkpoint" in out
-  for what in ("checkpoints/", "tb/", "tensorboard --logdir", "eval_retrieval.py --run",
+  for what in ("checkpoints/", "tb/", "-m tensorboard.main --logdir",
+               f"-m experiments.eval_retrieval --run {run}",
                f"-m experiments.train --preset tiny --out {run}", "--sample_prompt"):
     assert what in out, (what, out)
+  assert ("pip install tensorboard" in out) == (importlib.util.find_spec("tensorboard") is None)
+  # The printed sampling command, as pasted (this interpreter for the one it names).
+  [command] = [line for line in out.splitlines() if " -c " in line]
+  _, flag, code = shlex.split(command)
+  proc = subprocess.run([sys.executable, flag, code], capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert proc.returncode == 0 and proc.stdout.startswith("def "), proc.stderr[-2000:]
 
 
 def cli_args(cfg, *more):
@@ -79,6 +92,14 @@ def cli_args(cfg, *more):
   flags = ("steps", "ckpt_every", "eval_every", "keep_checkpoints")
   return ["--preset", "tiny", "--out", cfg.out, "--progress", "false",
           *[f"--{k}={getattr(cfg, k)}" for k in flags], *more]
+
+
+def test_failures_leave_no_directory_behind(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint under .*typo/checkpoints"):
+    load_model(tmp_path / "typo")
+  with pytest.raises(ValueError, match="mesh spec 'data=3'"):   # one CPU device
+    train(tiny(tmp_path, "meshed", mesh="data=3"))
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_other_processes_write_nothing_but_checkpoints(tmp_path, monkeypatch, capsys):

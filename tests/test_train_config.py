@@ -90,6 +90,28 @@ def test_bad_flag_values_name_the_flag(capsys):
     assert message in capsys.readouterr().err
 
 
+def test_invalid_configurations_from_flags_are_usage_errors(capsys):
+  """A flag value the configuration rejects: argparse's usage line and one error line, exit 2
+  (no traceback)."""
+  for argv, message in [(["--seq_len", "-5"], "seq_len=-5 must be >= 1"),
+                        (["--select_block", "36"], "must divide select_block=36"),
+                        (["--steps", "1", "--warmup_steps", "3"],
+                         "warmup_steps=3 must be in [0, steps=1)")]:
+    with pytest.raises(SystemExit) as exit_:
+      parse_args(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: "), err
+    assert err[1].startswith("python -m experiments.train: error: ") and message in err[1], err
+
+
+def test_steps_alone_keep_the_warmup_below_them():
+  assert make_config("demo").warmup_steps == 20
+  assert parse_args(["--steps", "1"]).warmup_steps == 0
+  assert parse_args(["--steps", "8"]).warmup_steps == 7
+  assert parse_args(["--steps", "500"]).warmup_steps == 20
+  assert parse_args(["--steps", "8", "--warmup_steps", "2"]).warmup_steps == 2
+
+
 def help_text(argv, capsys) -> str:
   with pytest.raises(SystemExit):
     parse_args([*argv, "--help"])
