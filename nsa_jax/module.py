@@ -188,7 +188,6 @@ class NativeSparseAttention(nnx.Module):
 
   def __call__(self, x, segment_ids=None):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
-<<<<<<< HEAD
     of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows).
 
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
@@ -197,16 +196,13 @@ class NativeSparseAttention(nnx.Module):
     "Memory"). Not on a mesh with context > 1: recomputing there would all-gather the
     selected and compressed keys and values again (`nsa_jax.context`).
     """
+    self.check_input(x)
     if self.mesh is not None and self.mesh.shape["context"] > 1:
       return self.forward(x, segment_ids)
     return nnx.remat(NativeSparseAttention.forward, policy=SAVE_POLICY)(self, x, segment_ids)
 
   def forward(self, x, segment_ids=None):
     """`__call__` without its checkpoint."""
-=======
-    of packed rows: segment_ids [B, T] int (SPEC §6; `nsa_jax.nsa`)."""
-    self.check_input(x)
->>>>>>> friction
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
     o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,
