@@ -37,7 +37,8 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
       "pallas" and "auto" the window and compressed branches run on cuDNN
       wherever it takes the inputs (faster there than the Pallas kernels);
       "pallas" raises a ValueError for inputs no kernel of a branch takes,
-      "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`).
+      "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`). With
+      config.select_gate on, the selected branch is one (docs/selection_learning.md).
     return_block_idx: also return the [B, T, HKV, n] selection.
     segment_ids: [B, T] int, documents packed in a row (SPEC §6): contiguous runs
       of equal ids, each starting at a multiple of config.select_block (a
