@@ -1,6 +1,6 @@
 """Helpers shared by the experiment scripts: timing, matmul rate, kernel lookup, JSON, plots.
 
-The timing method is SPEC §5's: jit, warm up, `block_until_ready`, median of
+The timing method (docs/benchmarks.md#timing-method): jit, warm up, `block_until_ready`, median of
 >= 10 runs over fresh random (never zero) inputs, rotated across runs so that
 no run reads the same buffers as the one before it (that would time the L2).
 """
@@ -126,7 +126,7 @@ def time_fn(fn: Callable, make_inputs: Callable, n_iter: int = 10, warmup: int =
   `n_iter` timed runs, each ended by `block_until_ready`.
   """
   if n_iter < 10:
-    raise ValueError(f"n_iter={n_iter} must be >= 10 (SPEC §5: median of >= 10 runs)")
+    raise ValueError(f"n_iter={n_iter} must be >= 10 (docs/benchmarks.md#timing-method)")
   jitted = jax.jit(fn)
   inputs = [jax.block_until_ready(make_inputs(jax.random.key(seed + i)))
             for i in range(n_inputs)]

@@ -1,29 +1,11 @@
 """Per-step decode attention latency: NSA vs dense attention on the same cache sizes.
 
-For each context T and batch B, one new token per sequence attends to a full
-cache of T tokens (Config A of SPEC §5: HQ=64, HKV=4, Dk=Dv=128, bf16, paper
-block sizes):
-- NSA: `nsa_jax.decoding.nsa_decode` (compressed + top-n selection + selected +
-  window + gates), impl "pallas" (pallas_kernels/decode_attention.py) and "xla";
-- dense: `jax.nn.dot_product_attention` of the query over the selected branch's
-  raw K/V cache with a length mask, implementation "cudnn" (skipped with a note
-  when cuDNN refuses) and "xla".
-Timing: `STEPS` dependent steps in one jit-compiled `lax.fori_loop` (the next
-query depends on the last output, so nothing is hoisted and no Python dispatch
-is timed), median of `--reps` runs, divided by STEPS.
-
-On a GPU the Pallas step is first checked against the XLA one on odd shapes
-(`CHECKS`: G = 1, 2, 3, 16, Dk != Dv, small blocks, float32 and bfloat16,
-random lengths); any mismatch stops the run before timing.
-NSA also gets a bandwidth check: bytes of K/V one step must read (visible
-compressed + n*l' selected + w window keys and values per KV group) over the
-device's read rate measured in the same run: the best of a sum over 1 GiB and
-dense decoding's own bytes / time (it streams the whole cache), printed as
-"x the byte time". At --breakdown's context the NSA step
-is also traced with the profiler and its device time split by kernel / fusion.
-The loop's own floor is timed too: steps of 0, 1, 3 and 5 trivial kernels and
-no attention (`launch_floor`), the least a step of that many launches takes.
-Writes decode_bench.json and decode_bench.png to --out
+For each context T and batch B, one new token per sequence attends to a full cache of T
+tokens (Config A's heads): `nsa_jax.decoding.nsa_decode` (impl "pallas" and "xla") against
+dense attention over the same cache (cuDNN and XLA), `STEPS` dependent steps in one
+`lax.fori_loop`; on a GPU the Pallas step is first checked against the XLA one (`CHECKS`).
+Method, byte time and launch floor: docs/benchmarks.md#decoding. --breakdown splits the NSA
+step's device time by kernel. Writes decode_bench.json and decode_bench.png to --out
 (default $OUT, else experiments/results; a temporary folder with --small).
 
 GPU:  PYTHONPATH=. python experiments/bench_decode.py

@@ -1,42 +1,9 @@
-"""Benchmark of the NSA ops against cuDNN dense attention (SPEC §5).
+"""Benchmark of the NSA ops against cuDNN dense attention (docs/benchmarks.md#op-level).
 
-One process, one GPU. For each sequence length T it times, forward and
-forward+backward (a random cotangent through `jax.vjp`, gradients w.r.t. all
-float inputs):
-  - the whole `nsa(...)` op (compressed attention, top-n, selected and window
-    attention, gating; paper §3.2-3.3, Eq. 5);
-  - each branch alone (Config A only): compressed_attention, select_blocks
-    (forward only: it has no gradient), selected_attention with block_idx
-    precomputed, window_attention (compressed and window on cuDNN where `nsa`
-    runs them there, see `nsa_jax.ops.dispatch`; their Pallas
-    kernels alone are timed by profile_kernels.py);
-  - cuDNN flash attention, causal, on the selected branch's q/k/v;
-  - the peer `fla.ops.nsa.parallel_nsa` when torch and fla import (no window,
-    its compression is mean pooling with l = l'), timed with triton's do_bench;
-and a FLOP floor: the matmul FLOPs counted below over a bf16 matmul rate
-measured in the same run.
-
-Configs (B=1, bf16, NSAConfig() paper defaults): A = HQ 64, HKV 4, Dk=Dv=128;
-B = Dk 192, Dv 128. G sweep at the largest T: HQ = 64 fixed and HKV = 64/G for
-G = 1, 2, 4, 8 (G = 16 is Config A), so dense attention does the same work at
-every G and only NSA's sharing of K/V and selections across a group changes.
-
-Inputs are random normal (never zero); selections from random q/k are less
-coherent between neighbouring tokens than a trained model's, which is the
-pessimistic case for kernels that share block loads across a query tile.
-
-Packed rows (issue #20, SPEC §6): the whole op with segment_ids, documents of
-`DOCUMENT_TOKENS` (4096) tokens, beside the same op without them ("nsa_packed"
-records; target: within 10 %) at Config A 8k and 64k; in every run that times those
-shapes (--quick too), or alone with --packed. Its FLOP floor counts each document's
-pairs. Packed rows run the compressed and window branches on the Pallas kernels
-(cuDNN takes no segment ids here), whose loops stop at document boundaries.
-
-Research shapes (--research, in place of A, B and the G sweep; issue #19): the
-attention of the training presets at 64k tokens per call (B = 65536 / T, as
-bench_train.py's steps): H8G4D64 (`gpu-compare`: HQ 8, G 4, head_dim 64) and
-H16G4D128 (`research`) at T = 8k..64k, then every HQ in {8, 16, 32} x G in
-{4, 8} x head_dim in {64, 128} at 8k (B = 8). The whole op and cuDNN only.
+One process, one GPU: the whole `nsa` op and each branch alone, forward and forward+backward,
+against cuDNN's causal attention (and fla's `parallel_nsa` where it imports), with a FLOP
+floor over a matmul rate measured in the same run (docs/benchmarks.md#flop-budget). Configs
+A and B, the G sweep, packed rows (issue #20) and the research shapes (issue #19).
 
 Run on the device machine (about 6 minutes on an H100):
     python3 experiments/bench_kernels.py            # T = 8k..64k, 128k if time is left
@@ -84,7 +51,7 @@ PACKED_SMALL = (64, (200,))  # --small: documents of 64 tokens at T = 200
 # FLOP forward. Backward, flash style: recompute q.k (2*Dk), dP = dO v (2*Dv),
 # dV = P^T dO (2*Dv), dQ = dS k (2*Dk), dK = dS^T q (2*Dk). The top-n scoring
 # is q.k only (2*Dk) and has no backward; in the fused floor of `nsa` it is
-# counted once with the compressed branch (KERNELS.md: one pass can do both).
+# counted once with the compressed branch (one pass can do both: docs/benchmarks.md#flop-budget).
 # ----------------------------------------------------------------------------
 def visible_pairs(T: int, config: NSAConfig) -> dict[str, int]:
   """Sum over queries t = 0..T-1 of the keys each branch attends to (one head)."""
@@ -139,7 +106,7 @@ def _flop_counts(shape: Shape, config: NSAConfig, lengths) -> dict[tuple[str, st
 # Inputs and the functions timed
 # ----------------------------------------------------------------------------
 def packed_segment_ids(T: int, document: int):
-  """[1, T] int32 segment ids of documents of `document` tokens (SPEC §6)."""
+  """[1, T] int32 segment ids of documents of `document` tokens (packed rows)."""
   lengths = document_lengths(T, document)
   return jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None], jnp.int32)
 

@@ -1,41 +1,11 @@
 """Training throughput on 1 .. N devices: data, FSDP, head and context parallel (nsa_jax.sharding).
 
-The GPU run trains the `gpu-small` preset of `nsa_jax.train_lib` (6-layer NSA
-model, T = 8192, bf16, AdamW). For each mode and device count n (1, 2, 4, ...
-up to the devices present), its train step is jit-compiled over the mesh and
-timed: the median of --iters (10) steps after 2 warm-up steps, on random tokens
-(`bench_train.time_train_step`; compile_s is the ahead-of-time compilation).
-
-* data (mesh data=n): weak scaling, --per_device_batch sequences per device
-  (default: the preset's batch_size, 8), so the global batch grows with n;
-* fsdp (mesh fsdp=n): the same batches, parameters and Adam moments split
-  over the n devices (weights all-gathered before use, gradients reduce-scattered);
-* heads (mesh heads=n): strong scaling, one global batch of --per_device_batch
-  sequences, attention heads (and the NSA kernels, shard_mapped) split over n
-  devices; the MLP and embeddings are replicated over "heads". The heads axis
-  splits KV heads, so this mode overrides gpu-small's num_kv_heads=2 with 4
-  (G = 2; recorded in the JSON) and runs only n dividing 4.
-* context (mesh context=n): weak scaling in T, every sequence split over the n
-  devices (nsa_jax.context): --per_device_batch sequences of n x the preset's
-  seq_len (8k, 16k, .. 64k on 8 devices), so each device holds 8k tokens of each;
-  the work per token grows with T (compressed keys and selection candidates:
-  T/d and T/l' per query), so the ideal is below 100 %;
-* context_strong (mesh context=n): strong scaling, --per_device_batch sequences
-  of (largest n) x seq_len tokens (32k on 4 devices) split over n devices.
-
-Before the context modes' timings, a check on each device count n > 1 (`check_context`):
-the NSA op on context=n (the kernels, impl="auto") against the float32 reference on one
-device: o and the gradients of its eight inputs against the reference branches gated on
-the op's own selection, and that selection against the reference's block scores
-(experiments/gpu_check_units.py's measures and tolerances). A failed check is recorded,
-printed, and makes the script exit 1 after writing its results.
-
-Scaling efficiency = (tokens/s per device on n devices) / (tokens/s on 1 device).
-Target (the issue): >= 90 % for data parallel from 1 to 4 GPUs on gpu-small.
-Head parallel also replicates the non-attention work, so it is expected to
-scale worse. Rows record the compiled program's peak memory per device
-(peak_gib). Writes scaling.json and scaling.png to --out (default $OUT, else
-experiments/results).
+The `gpu-small` preset's train step, jit-compiled over each mesh and timed, per mode
+(data, fsdp, heads, context, context_strong) and device count; the context modes are first
+checked against the reference on one device (a failure exits 1 after writing the results).
+Modes, efficiency and checks: docs/benchmarks.md#scaling. Target (the issue): >= 90 % for
+data parallel from 1 to 4 GPUs on gpu-small. Writes scaling.json and scaling.png to --out
+(default $OUT, else experiments/results).
 
 GPU (2 or 4 GPUs, ~4 minutes):  PYTHONPATH=. python experiments/bench_scaling.py
 Context parallel only (issue #24): PYTHONPATH=. python experiments/bench_scaling.py --modes context,context_strong
@@ -165,7 +135,7 @@ def main() -> None:
   parser.add_argument("--out", default=bench_common.default_out_dir())
   args = parser.parse_args()
   if args.iters < 10:
-    parser.error(f"--iters={args.iters} must be >= 10 (SPEC §5: median of >= 10 runs)")
+    parser.error(f"--iters={args.iters} must be >= 10 (docs/benchmarks.md#timing-method)")
   modes = args.modes.split(",")
   if set(modes) - set(MODES):
     parser.error(f"--modes={args.modes}: modes are {','.join(MODES)}")

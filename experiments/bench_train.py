@@ -1,21 +1,9 @@
-"""Model-level benchmark (SPEC §5 "Model level"): the training step of NSA vs full attention.
+"""Model-level benchmark: the training step of NSA vs full attention (docs/benchmarks.md).
 
-What a researcher feels. One process, one GPU. For each preset (`research`:
-12 layers, width 1024, HQ 16, HKV 4, head_dim 128; `gpu-compare`: 4 layers,
-width 256, HQ 8, HKV 2, head_dim 64) and each T in 8k, 16k, 32k, 64k, at a fixed
-number of tokens per step (--tokens, 65536: batch 8, 4, 2, 1), the same model
-with `attention="nsa"` (Pallas kernels, cuDNN for the compressed and window
-branches) and `attention="full"` (cuDNN) takes `nsa_jax.train_lib`'s training
-step (forward, backward, AdamW update) on the same random tokens:
-compiled ahead of time (compile_s: trace + lower + compile, lower_s of it the trace and
-lowering), 2 warm-up steps,
-then the median of --steps (>= 20) steps, each ended by `block_until_ready`.
-Peak memory is the compiled program's (XLA's buffer assignment: parameters,
-optimizer state, batch, outputs and temporaries), not the allocator's.
-
-Checked on every case: the loss of the first and last steps is finite and near
-ln 256 (random bytes), else the row says so and the script exits 1. (The ops'
-kernels against their references: experiments/gpu_check.py.)
+One process, one GPU: for each preset (`research`, `gpu-compare`) and T in 8k..64k at
+--tokens (65536) per step, the same model with `attention="nsa"` and `attention="full"`
+takes `nsa_jax.train_lib`'s training step on the same random tokens: compiled ahead of
+time, then the median of --steps (>= 20); the loss must stay near ln 256, else exit 1.
 
     python experiments/bench_train.py                         # ~7-8 min on one H200
     python experiments/bench_train.py --presets research --seq-lens 8192,32768
@@ -23,20 +11,8 @@ kernels against their references: experiments/gpu_check.py.)
     python experiments/bench_train.py --packed 4096    # also on rows packed with 4k documents
     python experiments/bench_train.py --small [--breakdown]   # CPU smoke test, tiny preset
 
-Writes bench_train_<gpu>.json (rows: preset, seq_len, batch_size, attention,
-tokens_per_s, step_ms, compile_s, peak_gib, ...) and .png (tokens/s vs T) to
---out (default $OUT, else experiments/results); `experiments/report.py` turns
-the JSON into the README's table.
-
---breakdown (issue #19's profile), for each preset and T given (default:
-research at 8k): the whole training step (NSA and full), forward+backward of
-one attention layer (NSA and full), of the `nsa` op alone and of cuDNN
-attention alone, of each branch op alone (as
-`bench_kernels.nsa_cases` runs them: compressed, selection (forward only),
-selected, window), of the NSA layer's non-attention parts (q/kv projections,
-compression MLP phi, RoPE, gates, output projection), and the top device ops of
-one NSA training step (`bench_common.device_op_times`). Writes
-train_breakdown_<preset>_<T>_<gpu>.json.
+Writes bench_train_<gpu>.json and .png (tokens/s vs T) to --out (default $OUT, else
+experiments/results), and with --breakdown train_breakdown_<preset>_<T>_<gpu>.json.
 """
 from __future__ import annotations
 
@@ -72,7 +48,7 @@ def random_batches(batch_size: int, seq_len: int, n: int = 3, seed: int = 0,
                    document: int | None = None) -> list[dict]:
   """`n` batches of random bytes, {"inputs", "targets", "weights"} like nsa_jax.data's; with
   `document`, packed rows: documents of `document` tokens (the last what is left) and their
-  "segment_ids" (SPEC §6; `document` a multiple of select_block)."""
+  "segment_ids" (`document` a multiple of select_block)."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
@@ -364,7 +340,7 @@ def main(argv=None):
   parser.add_argument("--packed", type=int, default=0, metavar="TOKENS",
                       help="also time every case on packed rows: documents of TOKENS tokens "
                            "(a multiple of select_block), segment ids through the model "
-                           "(SPEC §6); full attention then runs on the Pallas kernel")
+                           "(packed rows); full attention then runs on the Pallas kernel")
   parser.add_argument("--n-iter", type=int, default=10, help="--breakdown: runs per part")
   parser.add_argument("--top", type=int, default=25, help="--breakdown: device ops listed")
   parser.add_argument("--budget-s", type=float, default=480.0,
@@ -386,12 +362,13 @@ def main(argv=None):
   args.presets = args.presets.split(",")
   args.seq_lens = [int(t) for t in args.seq_lens.split(",")]
   if args.steps < 20:
-    parser.error(f"--steps={args.steps} must be >= 20 (SPEC §5: median over >= 20 steps)")
+    parser.error(f"--steps={args.steps} must be >= 20 (docs/benchmarks.md#model-level)")
   for preset in args.presets if args.packed else ():
     block = make_config(preset).model.nsa.select_block
     if args.packed % block:
       parser.error(f"--packed={args.packed} must be a multiple of preset {preset}'s "
-                   f"select_block={block} (SPEC §6: documents start on selection blocks)")
+                   f"select_block={block} (documents start on selection blocks: "
+                   f"docs/semantics.md#packed-rows)")
   start = time.perf_counter()
   print(f"device {bc.gpu_name()}, jax {jax.__version__}", flush=True)
   gpu = bc.slug(bc.gpu_name())

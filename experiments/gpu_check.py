@@ -1,4 +1,4 @@
-"""GPU correctness check: the NSA ops against the float32 reference (SPEC §4), on a
+"""GPU correctness check: the NSA ops against the float32 reference (docs/api.md#ops), on a
 list of shapes or on the shape matrix of issue #18 (`--matrix`).
 
 This file is the command line and the records' bookkeeping: the summary, --rerun's merge,

@@ -12,8 +12,9 @@ rather than judges (they are left out of the pass/fail counts): the issue's
 cuDNN call unsplit (it must fail, or the check could not see the bug). The
 first run's second probe, one call of 5 x 32k rows under the element limit
 alone, passed: the split rule counts elements only (`nsa_jax.ops.cudnn`), and
-"batch-7x32k" checks its largest call of such rows. "packed" (`--packed`, SPEC §6,
-issue #20: packing is invisible): the ops on rows of several documents with
+"batch-7x32k" checks its largest call of such rows. "packed" (`--packed`,
+issue #20: packing is invisible, docs/semantics.md#packed-rows): the ops on rows of several
+documents with
 segment_ids against the reference run on each document alone, a batch row of its
 own padded at its end (`nsa_jax.ops.segments.Alone`), the results mapped back (a
 document's compressed blocks shifted by s/d, its selection by s/l'); the selection

@@ -1,53 +1,14 @@
-"""How experiments/gpu_check.py computes a case (gpu_check_cases.py) and compares
-it against the reference: its inputs, its units, the error measures and thresholds.
+"""How experiments/gpu_check.py computes a case (gpu_check_cases.py) and compares it against
+the reference: its inputs, its units, the error measures and thresholds.
 
-What a case checks, on fresh random inputs (`bench_common.random_nsa_inputs`):
-  - compressed_attention: o and lse (the -inf pattern exactly), and the
-    gradients of q, k_cmp, v_cmp under random cotangents of o and lse (of o
-    only for impl "cudnn", whose lse carries no gradient);
-  - select_blocks: the selection must be a valid top-n of the reference's
-    block scores (SPEC §3 "Selection"): right count, forced blocks in,
-    non-candidates out, no duplicates, and no unselected candidate scoring
-    more than a selected one beyond a near-tie tolerance (two correct
-    implementations may break near-ties differently); the reference's own
-    selection is held to the same test;
-  - selected_attention (on the reference's block_idx) and window_attention:
-    o and the gradients of q, k, v;
-  - nsa: o and the gradients of all eight float inputs, against the gated sum
-    of the reference branches run on the selection nsa made (returned by the
-    same call), so that near-tie selection differences (checked above) do not
-    count as errors. On a GPU, nsa's window and compressed branches are
-    cuDNN's for the 16-bit inputs cuDNN takes (`nsa_jax.ops.dispatch`, under
-    `nsa_jax.ops.cudnn.cudnn_runs`);
-  - nsa_vs_select_blocks: the share of (query, KV head) rows where nsa's
-    selection differs from `select_blocks`' on the same inputs with the same
-    impl (SPEC §3 defines one selection; both take it from one lse,
-    `nsa_jax.ops.selection.selection_lse`).
-The reference runs in float32 on upcast inputs, at full matmul precision (XLA's
-GPU default for float32 is TF32), with chunked, rematerialised backward passes.
-
-Error: ||a - b|| / ||b|| over finite reference entries, plus a NaN / inf check;
-max |a - b| / max |b| is reported beside it ("max_rel"), not judged: a 2-stage
-backward miscompile that raised one gradient's max error 5x moved its norm
-error only from ~2.5e-3 to 4e-3 (PERF_NOTES).
-Thresholds: float32 1e-3 (Triton runs float32 dots in TF32, ~3e-4 relative
-error, while the reference runs at "highest" precision; measured <= 5e-4 in
-issue #18); bfloat16 2e-2 (the kernels round P, dS and outputs to bf16, eps
-3.9e-3; the reference runs in float32 on the same bf16 inputs; measured <= 6e-3
-in issue #18). The same thresholds judge the "batch" kind, where the wrong row
-of issue #18 was 21 % off.
-
-Speed (the matrix's ~75 cases must fit a few minutes of an H200 whose 16
-CPUs compile them): a case's random inputs come from one small jitted function
-(an "rbg" key: one XLA op); its ops are checked in three units (`UNIT_OF`),
-each one jitted function of the inputs that returns error measures only. What
-several ops need is computed once in a unit: the reference selection
-(select_blocks, selected_attention); nsa's selection, taken from the checked
-nsa call itself (nsa_vs_select_blocks); nsa and select_blocks for impls "auto"
-and "pallas" where they run the same backends (`nsa_jax.ops.nsa.backends`:
-float32 everywhere, cuDNN taking no float32; bf16 wherever no branch falls
-back to the reference), recorded under each impl. gpu_check_runner.py lowers,
-compiles and runs the units.
+What each op's check asserts, the error measure and the thresholds with their reasons:
+docs/benchmarks.md#gpu-checks. The reference runs in float32 on upcast inputs at full
+matmul precision, chunked and rematerialised. A case's ops are checked in three units
+(`UNIT_OF`), each one jitted function of the inputs that returns error measures only, so
+that what several ops need (the reference selection, nsa's own selection) is computed once;
+nsa and select_blocks under impls "auto" and "pallas" that run the same backends
+(`nsa_jax.ops.nsa.backends`) are computed once and recorded under each impl.
+gpu_check_runner.py lowers, compiles and runs the units.
 """
 from __future__ import annotations
 
@@ -114,7 +75,8 @@ def reference_precision(dtype: str):
 
 
 def reference_scores(q, k_cmp, *, config: NSAConfig):
-  """Block scores score[b, t, g, j] of SPEC §3 "Importance scores", [B, T, HKV, Ts] float32."""
+  """Block scores score[b, t, g, j] [B, T, HKV, Ts] float32
+  (docs/semantics.md#importance-scores)."""
   B, T, HQ, _ = q.shape
   HKV, Ts = k_cmp.shape[2], config.num_select_blocks(T)
   scale = _common.resolve_scale(None, q)
@@ -133,7 +95,7 @@ def reference_scores(q, k_cmp, *, config: NSAConfig):
 def selection_check(block_idx, scores, *, config: NSAConfig, valid=None):
   """(rows breaking a hard rule, worst near-tie gap) of a selection [B, T, HKV, n].
 
-  Hard rules (SPEC §3): entries in [-1, Ts), no duplicates, min(n, #candidates)
+  Hard rules (docs/semantics.md#selection): entries in [-1, Ts), no duplicates, min(n, #candidates)
   blocks, all of them candidates (j*l' <= t), the forced blocks among them.
   The gap of a row is (best unselected candidate - worst selected non-forced
   block) / largest non-forced candidate score, clipped at 0: 0 for an exact

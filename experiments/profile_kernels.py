@@ -22,8 +22,8 @@ OP is one of
    precision): max |diff| / max |ref| of every output and gradient (select: the share of
    (query, group) rows whose selected sets differ and the reference-score gap between
    the blocks only one side chose; decode: output error and selections agreeing).
-2. Timings (SPEC §5 method: jit, warm-up, median of --runs >= 10) of the default tiles
-   at --ts (default 8k .. 64k), forward and forward+backward.
+2. Timings (docs/benchmarks.md#timing-method; median of --runs >= 10) of the default
+   tiles at --ts (default 8k .. 64k), forward and forward+backward.
 3. Variants (--variants, names of VARIANTS[OP]; none: --no-variants) at the largest T,
    each also checked in bf16 at the largest check T: a fast variant must be right.
 Prints a table last; writes --out (default $OUT, else experiments/results)

@@ -90,8 +90,9 @@ def kernels_section(path, d):
           for (*s, _, p), r in packed.items()]
   if rows:
     document = max(max(r["documents"]) for r in packed.values())
-    out += ["Packed rows (SPEC §6): the whole op with `segment_ids`, rows of documents of "
-            f"{document:,} tokens, beside the same op without them (issue #20's target: "
+    out += ["[Packed rows](docs/semantics.md#packed-rows): the whole op with `segment_ids`, "
+            f"rows of documents of {document:,} tokens, beside the same op without them "
+            "(issue #20's target: "
             "packed / plain <= 1.10x):", "",
             _table(["cfg", "T", "G", "pass", "documents", "NSA ms", "NSA packed ms", "packed / plain"],
                    rows), ""]
@@ -143,8 +144,9 @@ def train_step_section(path, d):
       f"with NSA, {_count(params.get((name, 'full')))} with full attention"
       for name, m in d["models"].items())
   packed = (" Packed rows (`--packed`): documents of the given length with their segment ids "
-            "(SPEC §6); there full attention runs on our Pallas kernel with one-token blocks, "
-            "as cuDNN takes no segment ids." if any(r.get("document") for r in d["rows"])
+            "([docs/semantics.md](docs/semantics.md#packed-rows)); there full attention runs "
+            "on our Pallas kernel with one-token blocks, as cuDNN takes no segment ids."
+            if any(r.get("document") for r in d["rows"])
             else "")
   return [f"Model level: `experiments/bench_train.py` on one {d['meta']['gpu']} (jax "
           f"{d['meta']['jax_version']}): the training step (forward, backward, AdamW update) of "
@@ -339,8 +341,9 @@ CHECKS = {
                   "tensors past 2^31 elements (9 x 32k and 7 x 32k rows at HQ 64, each last row "
                   "against itself alone; a 256k-token row's last 256 queries against the "
                   "reference); `nsa`'s selection against `select_blocks`' (share of rows).",
-    "gpu_packed": "Correctness, packed rows (`experiments/gpu_check.py --packed`, SPEC §6): "
-                  "every op on rows of several documents against each document run alone "
+    "gpu_packed": "Correctness, [packed rows](docs/semantics.md#packed-rows) "
+                  "(`experiments/gpu_check.py --packed`): every op on rows of several documents "
+                  "against each document run alone "
                   "(outputs, selection, all gradients).",
     "gpu_offsets": "Correctness, query offsets (`experiments/gpu_check.py --offsets`, issue "
                    "#23): a context shard's work, the sparse branches of query slices at traced "
@@ -400,8 +403,8 @@ def trained_selections_section(path, d):
 
 
 NOT_MEASURED = {
-    "bench_train_*.json": ["Model level (SPEC §5): not measured yet. On a GPU, "
-                           "`python experiments/bench_train.py` writes "
+    "bench_train_*.json": ["Model level ([docs/benchmarks.md](docs/benchmarks.md#model-level)): "
+                           "not measured yet. On a GPU, `python experiments/bench_train.py` writes "
                            "`experiments/results/bench_train_<gpu>.json`: the training step of "
                            "the `gpu-compare` and `research` presets with NSA and with full "
                            "attention at T = 8k..64k.", ""],

@@ -19,7 +19,7 @@ that a row of text does not drown a row's few answer digits in the batch's
 loss. Rows are packed (`nsa_jax.data`,
 aligned to `select_block` for both models); `--pack_tasks` puts several
 passkey / mqar examples of random lengths in a row, each a document the models
-run alone (they read `segment_ids`, SPEC §6). A stage starts from the previous one's final
+run alone (they read `segment_ids`). A stage starts from the previous one's final
 parameters with a fresh AdamW: warmup to `--lr`, constant, and a cosine decay
 to 0.1x in the last stage.
 

@@ -1,4 +1,4 @@
-"""Configuration of the NSA operator (paper §3.3, defaults of §4.1; SPEC §2)."""
+"""NSA's block sizes (paper §3.3, defaults of §4.1; docs/semantics.md#configuration)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,10 +22,10 @@ class NSAConfig:
     window: w, sliding-window length, the query itself included (§3.3.3).
     group_score: how the G query heads of a KV group share one block score:
       "sum" (paper Eq. 10) or "max" (the max over heads of each head's score);
-      docs/selection_learning.md, "Group aggregation".
+      docs/selection_learning.md#group-aggregation.
     select_gate: "none" (the paper) or "straight_through": the selected branch
       weights each selected block by a gate equal to 1 whose gradient reaches the
-      block's importance score; docs/selection_learning.md, "Straight-through gate".
+      block's importance score; docs/selection_learning.md#straight-through-gate.
   """
 
   compress_block: int = 32
@@ -68,7 +68,7 @@ class NSAConfig:
           f"= {forced} must be <= num_selected={self.num_selected}")
 
   def num_compressed(self, seq_len: int) -> int:
-    """Tc = number of complete compressed blocks in `seq_len` tokens (SPEC §3)."""
+    """Tc, the complete compressed blocks in `seq_len` tokens (docs/semantics.md#compression)."""
     l, d = self.compress_block, self.compress_stride
     return max(0, (seq_len - l) // d + 1)
 

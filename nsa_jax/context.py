@@ -1,36 +1,11 @@
 """Context parallelism: every sequence split along T over the mesh axis "context" (issue #23).
 
-Per-shard functions, called under `jax.shard_map` over the mesh axis `AXIS` (the wrappers:
-`nsa_jax.sharding`). Shard c of P holds the Tl = T / P tokens at global positions
-q0 = c*Tl .. q0 + Tl - 1 of each of its rows (`sharding.batch_sharding`). Everything in the
-model but attention is per token and runs where its tokens are (GSPMD; the loss is a sum over
-all shards' tokens over the global weight, which XLA reduces across shards). Attention needs what crosses a shard boundary; under
-`jax.shard_map`, per shard:
-
-* compression (paper §3.3.1, Eq. 7): block i covers tokens [i*d, i*d + l), so the blocks that
-  end in a shard start up to l - d tokens before it. Each shard receives those tokens from its
-  predecessor (`halo`, a `ppermute`) and compresses the Tl/d blocks that end in it
-  (`sharding.with_halo`, called by the module); shard 0's first l/d - 1 such slots lie before the
-  sequence and are dropped. The compressed keys and values, T/d per row, are all-gathered.
-* compressed attention and selection (Eq. 8-11): the shard's queries against all compressed
-  keys, with a query offset q0 (the ops' private `q_offset`, which the Pallas kernels and the
-  references take; cuDNN does not, so these branches run on the kernels on a GPU): the
-  unsharded computation of its rows.
-* selected attention (Eq. 10-12): a query may select any block before it, so the selected
-  branch's K/V are all-gathered: B/(data*fsdp) x T x HKV/heads x (Dk + Dv) elements per device
-  and layer (gpu-small, bf16, B = 1: 512 bytes per token of the sequence, 64 MiB at T = 128k),
-  and as many float cotangents in the backward before they are reduce-scattered to their owners.
-* sliding window (§3.3.3): the w - 1 keys before the shard (`halo`; over several hops when a
-  shard holds fewer than w - 1 tokens). The window op runs on [halo; local] (`window_attention`),
-  unchanged on any backend (cuDNN, Pallas, the reference).
-* packed rows (SPEC §6, `segment_ids` [B, T] split like the tokens): the ids are
-  all-gathered (4 bytes per token) for the documents of the gathered keys; the window
-  takes the halo of the ids with its keys. RoPE positions in the documents are computed
-  on the whole (sharded) array by XLA (`nsa_jax.module`).
-
-Gradients return to the shard that owns each token through the transposes of the collectives,
-which jax derives: all_gather -> psum_scatter, ppermute -> the reverse ppermute, and an input
-replicated over "context" (the compressed keys) -> psum of the shards' partial cotangents.
+Per-shard functions, called under `jax.shard_map` over `AXIS` (the wrappers:
+`nsa_jax.sharding`). Shard c of P holds the T / P tokens at positions c*T/P .. of each row;
+it receives what crosses its boundary: halos (`halo`) for the compression and the window,
+all-gathered compressed and selected keys and values and segment ids, and runs its queries
+at their query offset (docs/semantics.md#context-parallelism). Gradients return through
+the collectives' transposes, which jax derives.
 """
 from __future__ import annotations
 

@@ -1,36 +1,13 @@
 """Training data that needs no download: byte-level text and synthetic long-context tasks.
 
-* ``text``: the Python standard library's own source files (tens of MB of
-  ``.py`` files of the running interpreter), byte-level (vocabulary 256), split
-  into train and validation *by file* with a hash of the file's path.
-* ``passkey``: passkey retrieval (the long-context probe of the NSA paper,
-  §4.3 and Fig. 5): a number hidden at a chosen depth of repeated filler text,
-  asked for at the end. Only the answer digits carry loss.
-* ``mqar``: multi-query associative recall: many ``key=value`` pairs, then
-  several keys asked again; only the recalled values carry loss.
-
-A batch is ``{"inputs", "targets", "weights"}`` and, for packed rows,
-``"segment_ids"``, each ``[batch, seq_len]``: ``targets`` are the next tokens,
-``weights`` say which targets count in the loss and ``segment_ids`` number the
-documents of a row (SPEC §6). Rows come in two kinds:
-
-* **packed** (``align=A``, what training uses): whole documents, each starting
-  at a multiple of ``A`` (the model's ``select_block``) and padded up to the
-  next one with `PAD` tokens of its own segment id and zero loss weight; a
-  document longer than a row is cut into row-sized pieces, each a document of
-  its own. A document's last token predicts nothing (weight 0), so no loss
-  crosses a boundary. Text rows are filled with files of the corpus; a
-  passkey or mqar row holds one example the length of the row, or, with
-  ``pack_tasks``, several of random lengths. :func:`pack_documents` packs
-  your own documents the same way.
-* **windows** (``align=None``): one random window of the concatenated corpus
-  (or one example) per row, ``targets`` the inputs shifted by one: one
-  document per row, so the batch has no ``segment_ids`` (the model then takes
-  its unpacked path, where cuDNN runs the window and compressed branches).
-
-The :class:`Loader` draws batch ``k`` from an RNG seeded by ``(seed, k)``, so
-its whole state is the count ``k``: saving that count in the checkpoint makes
-a resumed run read exactly the batches it would have read.
+Tasks: ``text`` (the Python standard library's source files, split into train and validation
+by a hash of the path), ``passkey`` (a number hidden in filler text, paper §4.3) and ``mqar``
+(multi-query associative recall); only answers carry loss in the last two. A batch is
+``{"inputs", "targets", "weights"}`` ``[batch, seq_len]``, plus ``"segment_ids"`` for rows
+packed with whole documents aligned to ``select_block`` (:func:`pack_documents`;
+docs/semantics.md#packed-rows, docs/api.md#training); otherwise one random window per row.
+The :class:`Loader` draws batch ``k`` from an RNG seeded by ``(seed, k)``, so its state is
+the count ``k``.
 """
 from __future__ import annotations
 
@@ -226,7 +203,7 @@ def mqar_example(rng: np.random.Generator, length: int) -> Example:
 
 
 # ----------------------------------------------------------------------------
-# Packing documents into rows (SPEC §6).
+# Packing documents into rows (docs/semantics.md#packed-rows).
 
 
 def check_alignment(align: int, seq_len: int) -> None:
@@ -261,7 +238,7 @@ def pieces(document: Example, seq_len: int) -> list[Example]:
 
 
 def pack_row(documents: Sequence[Example], seq_len: int, align: int) -> dict[str, np.ndarray]:
-  """One row of `seq_len` positions holding `documents` in order (SPEC §6).
+  """One row of `seq_len` positions holding `documents` in order (packed rows).
 
   Document ``i`` starts at the first multiple of `align` after document
   ``i - 1`` and has segment id ``i``; `PAD` tokens of its id and weight 0 fill
@@ -393,7 +370,7 @@ class Loader:
     pack_tasks: (packed rows only) a passkey or mqar row holds several
       examples, each of a length drawn uniformly between the task's minimum and
       the room left, instead of one the length of the row; each is a document
-      of its own, which the model runs alone (it reads segment_ids, SPEC §6).
+      of its own, which the model runs alone (it reads segment_ids).
     text_weight: the loss weight of every text token (the answer tokens of
       passkey and mqar weigh 1). A passkey row has 5 answer tokens and a text
       row hundreds: below 1 it keeps text from drowning the tasks' gradient.

@@ -1,33 +1,12 @@
 """Autoregressive decoding with NSA: a KV cache, prefill, one-token steps, generate().
 
-NSA decodes cheaply because one new token reads only its compressed keys, its n
-selected blocks and its window (paper §5.2 "Decoding Speed", Table 4; KERNELS.md
-"Decoding"): about 5.6k keys per KV group at 64k context instead of 64k.
-
-Cache (`NSACache`, one per layer, preallocated for a maximum length, batched,
-with a length per sequence):
-- `k_slc`/`v_slc`: the selected branch's raw keys/values (RoPE applied), and
-  `k_win`/`v_win` the window's own when the branches have separate K/V
-  (`None` with `shared_kv`, the window then reads `k_slc`/`v_slc`);
-- `k_cmp`/`v_cmp`: compressed keys/values. Block i (tokens i*d .. i*d+l-1) is
-  appended by the step that writes its last token, from `k_raw`/`v_raw`, a ring
-  buffer of the compression branch's un-rotated keys/values of the last l tokens
-  (slot p % l holds token p). Nothing is ever recompressed.
-Sequence lengths (rows) are padded up to multiples of `CACHE_ALIGN` so that the
-Pallas kernel only ever reads whole tiles inside the arrays.
-
-One decode step is the NSA op for the last query of a sequence (SPEC §3):
-compressed blocks visible iff i*d + l - 1 <= t, the top-n selection of
-`nsa_jax.ops.selection` (same overlap weights and ranking, by calling its
-helpers), selected blocks causally masked, and the window of w keys ending at t.
-`nsa_decode` is that op, with the pure-JAX `nsa_decode_xla` beside the Pallas
-kernel `pallas_kernels/decode_attention.py`.
-
-Model level (`nsa_jax.model.Transformer`; its "full" attention baseline gets a
-plain K/V cache, `DenseCache`): `init_model_cache`, `model_prefill`,
-`model_decode_step`, and `generate()`:
-jit-compiled, a fixed-shape `lax.fori_loop` over new tokens, greedy or
-temperature / top-k / top-p sampling (`Sampling`).
+One new token reads only its compressed keys, its n selected blocks and its window (paper
+§5.2, Table 4). A step is the NSA op for the last query of each sequence, over `NSACache`
+(docs/semantics.md#decoding): `nsa_decode`, with the pure-JAX `nsa_decode_xla` beside the
+Pallas kernel `pallas_kernels/decode_attention.py` (docs/kernels.md#decode-kernel).
+Model level (`nsa_jax.model.Transformer`; full attention gets a plain `DenseCache`):
+`init_model_cache`, `model_prefill`, `model_decode_step`, and `generate()`, a jit-compiled
+`lax.fori_loop` over new tokens, greedy or temperature / top-k / top-p (`Sampling`).
 """
 from __future__ import annotations
 
@@ -201,7 +180,7 @@ def nsa_decode_xla(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NSACache:
-  """Decoding state of one NSA layer (see the module docstring).
+  """Decoding state of one NSA layer (docs/semantics.md#decoding).
 
   lengths [B] int32; k_slc, v_slc, k_win, v_win [B, S, HKV, Dk/Dv] (window
   None when shared); k_cmp, v_cmp [B, Sc, HKV, Dk/Dv]; k_raw, v_raw [B, l, HKV, Dk/Dv].
@@ -371,7 +350,7 @@ def init_model_cache(model, batch: int, max_len: int) -> list:
     S, _ = cache_rows(model.config.nsa, max_len)
     z = jnp.zeros((batch, S, layer.num_kv_heads, layer.head_dim), layer.q_proj.dtype)
     return DenseCache(lengths=jnp.zeros((batch,), jnp.int32), k=z, v=z)
-  return [empty(block.attn) for block in model.blocks]
+  return [empty(model.layer(i).attn) for i in range(model.config.num_layers)]
 
 
 def _forward(model, tokens, caches, attend):
@@ -390,7 +369,7 @@ def refuse_packed(segment_ids) -> None:
   """Decoding continues one document per row: a ValueError for segment_ids."""
   if segment_ids is not None:
     raise ValueError("decoding continues one document per row and takes no segment_ids "
-                     "(packed rows, SPEC §6): give each prompt a row of its own, "
+                     "(packed rows): give each prompt a row of its own, "
                      "right-padded, with its length in `lengths`")
 
 

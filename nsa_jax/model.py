@@ -8,13 +8,9 @@ branches, `nsa_jax.ops.cudnn`) with the same query/key/value/output
 projections and the same RoPE, so the two models differ only by NSA's own
 parameters (per-branch keys and values, the compression MLPs and the gates).
 
-Packed rows (SPEC §6): `Transformer(tokens, segment_ids)` runs every document of a
-row as a sequence of its own: RoPE positions restart at each document start, and
-each query attends to its own document only (NSA: `nsa_jax.nsa(segment_ids=...)`;
-full attention: `dense_attention`).
-
-Parameters are float32; `dtype` is the compute dtype (bf16 for mixed precision).
-Logits are returned in float32.
+Packed rows (docs/semantics.md#packed-rows): `Transformer(tokens, segment_ids)` runs every
+document of a row as a sequence of its own. Parameters are float32, `dtype` is the compute
+dtype, logits are float32 (docs/api.md#the-model).
 """
 from __future__ import annotations
 
@@ -33,12 +29,16 @@ from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.rope import apply_rope
 
 ATTENTIONS = ("nsa", "full")
+# What a rematerialised block keeps for the backward pass besides its input (docs/memory.md).
+REMAT_POLICIES = {"layer": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMATS = ("none", *REMAT_POLICIES)
 EMBED_INIT = nnx.initializers.normal(0.02)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape of the language model.
+  """Shape of the language model, and how its blocks run (memory options: docs/memory.md).
 
   Attributes:
     vocab_size: tokens (256 for bytes).
@@ -55,6 +55,11 @@ class ModelConfig:
     rope_theta: RoPE base.
     dtype: compute dtype name ("float32", "bfloat16"); parameters stay float32.
     impl: NSA op implementation ("auto", "xla", "pallas").
+    remat: recompute each block in the backward pass (docs/memory.md): "none"; "layer" keeps
+      only the block's input; "dots" keeps its input and the outputs of its weight matmuls
+      (jax.checkpoint_policies.dots_with_no_batch_dims_saveable: projections and MLP).
+    scan_layers: the blocks' parameters stacked on a leading layer axis, run by one
+      jax.lax.scan: one block compiled instead of num_layers (docs/memory.md).
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -70,6 +75,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   dtype: str = "float32"
   impl: str = "auto"
+  remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
@@ -87,6 +94,8 @@ class ModelConfig:
       raise ValueError(f"head dim {self.head_size} must be even for RoPE")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+    if self.remat not in REMATS:
+      raise ValueError(f"remat={self.remat!r} must be one of {REMATS}")
 
   @property
   def head_size(self) -> int:
@@ -133,7 +142,7 @@ def dense_attention(q, k, v, segment_ids=None):
   """Causal GQA attention, scale 1/sqrt(D): `cudnn.cudnn_causal_attention` where
   `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise.
 
-  segment_ids [B, T] (packed rows, SPEC §6): each query sees the keys of its own
+  segment_ids [B, T] (packed rows): each query sees the keys of its own
   document only, on `TOKEN_BLOCKS` compressed attention (the Pallas kernel on a GPU,
   the reference elsewhere; cuDNN's packed layouts are not used, `nsa_jax.ops.dispatch`).
   """
@@ -232,7 +241,12 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """tokens [B, T] int -> next-token logits [B, T, vocab] float32."""
+  """tokens [B, T] int -> next-token logits [B, T, vocab] float32.
+
+  `blocks` is an `nnx.List` of `Block`s, or with `config.scan_layers` one `Block` whose
+  parameters have a leading layer axis (`stack_layers`; the same values as the list's
+  for the same seed). `layer(i)` is block i either way.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -240,30 +254,93 @@ class Transformer(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
                            embedding_init=EMBED_INIT, rngs=rngs)
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    if config.scan_layers:   # the same values, stacked
+      self.blocks = nnx.merge(nnx.graphdef(self.blocks[0]),
+                              stack_layers(nnx.state(self))["blocks"])
     self.norm = nnx.RMSNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
         kernel_init=EMBED_INIT, rngs=rngs)
 
+  def layer(self, i: int) -> Block:
+    """Block i. With scan_layers: a Block over layer i's slice of the stacked parameters,
+    for reading (assigning to its parameters does not change the model)."""
+    if not self.config.scan_layers:
+      return self.blocks[i]
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+  def run_blocks(self, x, segment_ids=None):
+    """The blocks over x [B, T, d_model]: a loop or a `jax.lax.scan` (scan_layers), each
+    block under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none"."""
+    c = self.config
+    run = lambda graphdef, state, x: nnx.merge(graphdef, state)(x, segment_ids=segment_ids)
+    if c.remat != "none":   # prevent_cse=False is safe, and faster, under a scan
+      run = jax.checkpoint(run, static_argnums=0, policy=REMAT_POLICIES[c.remat],
+                           prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      return jax.lax.scan(lambda x, layer: (run(graphdef, layer, x), None), x, state)[0]
+    for block in self.blocks:
+      x = run(*nnx.split(block), x)
+    return x
+
   def __call__(self, tokens, segment_ids=None, attend=None):
     """Logits of tokens [B, T].
 
-    segment_ids: [B, T] int, documents packed in a row (SPEC §6: contiguous runs,
+    segment_ids: [B, T] int, documents packed in a row (docs/semantics.md#packed-rows: runs,
       each starting at a multiple of the NSA config's select_block, as
       `nsa_jax.data` packs them): each runs as a sequence of its own. None: one
       document per row.
     attend: `attend(i, attn, h) -> y`, if given, replaces block i's attention call
-      (nsa_jax.decoding threads its KV caches through it; one document per row).
+      (nsa_jax.decoding threads its KV caches through it; one document per row). The
+      blocks then run one by one (`layer(i)`), without remat or scan.
     """
     if attend is not None and segment_ids is not None:
       raise ValueError("segment_ids with attend: decoding (nsa_jax.decoding) runs one "
                        "document per row; pass segment_ids=None")
     x = self.embed(tokens)
-    for i, block in enumerate(self.blocks):
-      x = block(x, None if attend is None else functools.partial(attend, i), segment_ids)
+    if attend is None:
+      x = self.run_blocks(x, segment_ids)
+    else:
+      for i in range(self.config.num_layers):
+        x = self.layer(i)(x, functools.partial(attend, i))
     x = self.norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)
+
+
+def _layer_axis(path) -> int | None:
+  """Where "blocks" is in a state path (a Transformer's, or an optimizer's over one)."""
+  return path.index("blocks") if "blocks" in path else None
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+  """A state of per-layer blocks (paths `.. blocks/i/..`: a Transformer's, or an optimizer's
+  over one) in the scan_layers layout (`.. blocks/..`, layer i at index i of a leading axis)."""
+  flat, layers = [], {}
+  for path, v in nnx.to_flat_state(state):
+    j = _layer_axis(path)
+    if j is None:
+      flat.append((path, v))
+    else:
+      layers.setdefault(path[:j + 1] + path[j + 2:], {})[path[j + 1]] = v
+  for path, vs in layers.items():
+    flat.append((path, vs[0].replace(jnp.stack([vs[i].get_value() for i in range(len(vs))]))))
+  return nnx.from_flat_state(flat)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+  """The inverse of `stack_layers`: the scan_layers layout -> per-layer blocks."""
+  flat = []
+  for path, v in nnx.to_flat_state(state):
+    j = _layer_axis(path)
+    if j is None:
+      flat.append((path, v))
+    else:
+      x = v.get_value()
+      flat += [(path[:j + 1] + (i,) + path[j + 1:], v.replace(x[i])) for i in range(x.shape[0])]
+  return nnx.from_flat_state(flat)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -5,20 +5,8 @@
     g = sigmoid(W_g x)                                         (paper Eq. 5)
     o = nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g)    (nsa_jax.ops.nsa)
 
-Choices where the paper is silent (documented in the README):
-- phi_k and phi_v are 2-layer MLPs (GELU, hidden width `2 * head dim`) over the
-  flattened block of l tokens, shared by the KV heads, after adding a learned
-  position embedding of shape [l, D] (paper §3.3.1 "learnable MLP with
-  intra-block position encoding").
-- RoPE rotates q and the raw keys of the selected and window branches at their
-  token positions. Compressed keys are computed from un-rotated keys and then
-  rotated at the position of their block's last token `i*d + l - 1`, the first
-  position that may see the block, so q . k_cmp depends on relative position
-  the same way as the other branches. Packed rows (SPEC §6, `segment_ids`):
-  positions restart at 0 at each document start, for q, the raw keys and the
-  compressed keys alike; a compressed block straddling two documents is seen by
-  no query (`nsa_jax.ops.compressed`), so its position does not matter.
-- The gate is one linear layer + sigmoid, one gate per query head and branch.
+What the paper leaves open (phi, the gates, RoPE on compressed keys at their block's last
+token, positions restarting per document): docs/semantics.md#the-layer and #rope.
 """
 from __future__ import annotations
 
@@ -28,7 +16,7 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, segments
-from nsa_jax.ops.nsa import nsa
+from nsa_jax.ops.nsa import SAVE_POLICY, nsa
 from nsa_jax.rope import apply_rope
 from nsa_jax.sharding import sharded_nsa, with_halo
 
@@ -165,7 +153,7 @@ class NativeSparseAttention(nnx.Module):
     """Projects x [B, T, d_model] to the inputs of `nsa_jax.nsa`.
 
     positions: [T] or [B, T] RoPE positions of the tokens (default 0 .. T-1, or with
-    segment_ids the position inside each token's document, SPEC §6).
+    segment_ids the position inside each token's document, docs/semantics.md#rope).
     Returns a dict with q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.
     """
     B, T, _ = x.shape
@@ -192,7 +180,16 @@ class NativeSparseAttention(nnx.Module):
 
   def __call__(self, x, segment_ids=None):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
-    of packed rows: segment_ids [B, T] int (SPEC §6; `nsa_jax.nsa`)."""
+    of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows).
+
+    The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
+    keeps x and the branches' outputs, lse and selection, not the projections, keys,
+    values, gates or mix made from x (docs/memory.md; measured: experiments/PERF_NOTES.md,
+    "Memory")."""
+    return nnx.remat(NativeSparseAttention.forward, policy=SAVE_POLICY)(self, x, segment_ids)
+
+  def forward(self, x, segment_ids=None):
+    """`__call__` without its checkpoint."""
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
     o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,

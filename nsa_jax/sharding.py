@@ -1,30 +1,12 @@
 """Training on a mesh of devices: `jax.jit` shardings, shard_mapped NSA kernels, several hosts.
 
-The mesh has four named axes (any may have size 1):
-
-* ``data``  — data parallel: the batch is split, parameters are replicated.
-* ``fsdp``  — fully sharded data parallel: the batch is split *and* every large
-  parameter (and its optimizer moments) is split along its input dimension;
-  XLA all-gathers a weight just before use and reduce-scatters its gradient.
-* ``context`` — context parallel: every sequence is split along T into contiguous
-  chunks, one per device; parameters are replicated over it. The NSA layer
-  exchanges what crosses a chunk boundary (`nsa_jax.context`: halos, gathered
-  compressed and selected K/V); everything else is per token. Combines with
-  the other three axes.
-* ``heads`` — head (tensor) parallel: attention heads are split. The query,
-  gate and output projections are split by head; the NSA op runs per head
-  shard under `jax.shard_map` (`sharded_nsa`), so the Pallas kernels see local
-  [B/(data*fsdp), T, H/heads, D] blocks and no activation is all-gathered
-  around them.
-
-Parameter placement is a path-based rule table (`PARAM_RULES`), so neither the
-layer nor the model carries partitioning metadata; optimizer moments match
-their parameters' paths and so get the same placement.
-
-Several hosts: launch one process per host with the coordinator in the
-environment and call `setup_distributed()` first (see its docstring). Every
-process builds the same mesh over all devices of all hosts and feeds its own
-rows of the batch through `shard_batch`.
+The mesh has four named axes, any of size 1 (docs/api.md#meshes): ``data`` (batch split),
+``fsdp`` (batch and large parameters split; XLA gathers a weight before use and
+reduce-scatters its gradient), ``context`` (sequences split along T, `nsa_jax.context`) and
+``heads`` (attention heads split; the NSA op runs per head shard under `jax.shard_map`,
+`sharded_nsa`). Parameter placement is a path-based rule table (`PARAM_RULES`), which the
+optimizer moments follow. Several hosts: call `setup_distributed()` first in every process,
+which then builds the same mesh and feeds its own rows through `shard_batch`.
 """
 from __future__ import annotations
 
@@ -62,6 +44,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/o_proj/kernel$", ("heads", "fsdp")),
     (r"(kernel|embedding)$", ("fsdp", None)),
 )
+# Blocks stacked on a leading layer axis (`ModelConfig.scan_layers`: "blocks/attn/..", not
+# "blocks/0/attn/.."): that axis stays whole, the rules place the rest.
+STACKED_LAYERS = r"(^|/)blocks/(?!\d+/)"
 
 
 def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
@@ -146,6 +131,9 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
   An axis that does not divide its dimension is dropped (that dimension is
   replicated), so any model shape works on any mesh.
   """
+  if re.search(STACKED_LAYERS, name):
+    rest = param_spec(name.replace("blocks/", "blocks/0/", 1), shape[1:], mesh)
+    return P(None, *rest) if rest else P()
   for pattern, spec in PARAM_RULES:
     if re.search(pattern, name) and len(spec) <= len(shape):
       return P(*(axis if axis and dim % mesh.shape[axis] == 0 else None

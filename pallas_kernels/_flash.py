@@ -1,47 +1,12 @@
 """Banded flash attention: the Pallas kernel shared by the window and compressed branches.
 
-Both the sliding-window branch (NSA paper §3.3.3) and the compressed branch
-(§3.3.1, Eq. 7) are softmax attention (Eq. 1-2) under a causal mask whose
-visible keys form one contiguous band per query:
-
-    key j sits at position  pos(j) = j * stride + offset,
-    query t sees key j iff  t - window < pos(j) <= t      (window=None: no lower edge).
-
-Window attention is stride=1, offset=0, window=w; compressed attention is
-stride=d, offset=l-1 (compressed block j ends at token j*d + l - 1), no window.
-Because the band of a query tile is known from the tile's position alone,
-each program loops only over the key blocks its tile can see: the work of the
-window branch grows with T*w, not T^2.
-
-Layout and tiling (KERNELS.md): q is viewed as [B, T, HKV, G, Dk]; one program
-takes `Bq` consecutive tokens of one KV head and all G query heads of its
-group, i.e. M = Bq * G rows, so each K/V tile is loaded once per group
-(GQA packing). The wrapper pads G and the head dims to powers of two (>= 16
-for the dot) and T to the tile size; the padded rows and columns are zeros and
-are sliced away.
-
-Forward: online softmax in float32 (FlashAttention-2), writes o and
-lse = log sum_j exp(s_j) (natural log; -inf where no key is visible, then o=0).
-Backward (`jax.custom_vjp`): with p = exp(s - lse),
-    dv = p^T do,  ds = p * (do v^T - delta),  delta = rowsum(do * o) - dlse,
-    dq = scale * ds k,  dk = scale * ds^T q,
-so a cotangent on lse (d lse / d s = p) folds into delta. One kernel computes
-dq per query tile (same loop as the forward); another computes dk, dv per key
-block, looping over the query tiles that see the block, optionally split
-over `dkv_splits` query chunks whose partial sums XLA adds (no atomics).
-Every loop runs its edge blocks with the mask and its inner blocks, which
-every row sees whole, without it.
-
-Packed rows (SPEC §6; `Documents`): query t also needs s(t) <= j * stride, the key's
-first token (key j covers tokens j*stride .. pos(j)) at or after the first token s(t)
-of t's document. A query tile's loop then starts at the first key its earliest
-document sees, and a key tile's dk/dv loop stops at the end of its latest document,
-so packed rows cost less than one long sequence.
-
-Query offset (`q_offset`, for context parallelism): the T query rows sit at positions
-q0 .. q0 + T - 1 (q0 a traced int32 scalar) against keys from position 0.
-
-Tile sizes and their shared memory: `pallas_kernels/_flash_tiles.py`.
+Key j sits at position j * stride + offset and query t sees it iff
+t - window < pos(j) <= t (`Band`): the window branch is stride 1, offset 0, window w; the
+compressed branch stride d, offset l - 1, no window. Each query tile loops only over the
+key tiles its band reaches. Forward: online softmax in float32, o and lse; backward
+(`jax.custom_vjp`): a dq kernel per query tile and a dk/dv kernel per key tile, a cotangent
+on lse folded into delta. Packed rows (`Documents`) and a query offset narrow the loops.
+Design: docs/kernels.md#banded-flash-attention; tiles: `pallas_kernels/_flash_tiles.py`.
 Pure-JAX references: nsa_jax/ops/window.py, nsa_jax/ops/compressed.py.
 """
 from __future__ import annotations
@@ -139,7 +104,8 @@ class Band:
 
 
 class Documents(NamedTuple):
-  """Packed rows (SPEC §6) as the kernels take them: positions, never segment ids.
+  """Packed rows (docs/semantics.md#packed-rows) as the kernels take them: positions, never
+  segment ids.
 
   query_start: [B, T] int32, the first position of the document of each query row.
   key_end: [B, S] int32, one past the last position of the document that holds key
@@ -560,6 +526,7 @@ def _forward(q, k, v, docs, q_offset, band, scale, tiles, interpret):
   HQ = sh.HKV * sh.G
   o = o[:, :sh.T, :, :sh.G, :sh.Dv].reshape(sh.B, sh.T, HQ, sh.Dv)
   lse = lse[:, :sh.T, :, :sh.G].reshape(sh.B, sh.T, HQ)
+  o, lse = _util.saved((o, lse))
   return (o, lse), (q, k, v, docs, q_offset, o, lse)
 
 

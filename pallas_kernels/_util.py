@@ -1,5 +1,6 @@
 """Helpers shared by the Pallas kernels: integer arithmetic, padding, the float32 dot, the
-dtypes the kernels take, and the shared memory a kernel's tiles may use on this device.
+dtypes the kernels take, the shared memory a kernel's tiles may use on this device, and the
+name of what a kernel's forward keeps for its backward.
 
 Nothing here knows NSA: the kernels take sizes (ints), never `nsa_jax.NSAConfig`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 KIB = 1024
 # Shared memory one Triton program may allocate, by compute capability (CUDA's
@@ -23,6 +25,16 @@ KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Shared memory a kernel takes beyond its tiles (reductions, layout conversions), in the
 # kernels' estimates.
 SCRATCH_BYTES = 4096
+# The `checkpoint_name` of what a kernel's forward keeps for its backward and would cost
+# a kernel call to make again: its outputs, their lse and its index plans (`saved`). Under
+# a `jax.checkpoint` whose policy saves this name alone, those are kept and the kernel's
+# inputs (q, k, v: cheap to recompute from their projections) are not.
+SAVED = "kernel_saved"
+
+
+def saved(tree):
+  """`tree`'s arrays named `SAVED` (identities: values and gradients unchanged)."""
+  return jax.tree.map(lambda x: checkpoint_name(x, SAVED), tree)
 
 
 def cdiv(a, b: int):

@@ -1,13 +1,11 @@
-"""Compressed-token attention kernel (NSA paper §3.3.1, Eq. 7; SPEC §3).
+"""Compressed-token attention kernel (NSA paper §3.3.1, Eq. 7).
 
-Query t attends to compressed block i iff the block lies wholly in its past,
-i*d + l - 1 <= t. This is the banded flash attention of
-`pallas_kernels/_flash.py` with key i at position i*d + l - 1 and no lower
-edge; the mask is monotone, so a query tile loops only over the blocks visible
-to its last token. Rows that see no block get o = 0 and lse = -inf. Packed rows
-(SPEC §6): block i is visible to t only when it starts in t's document,
-s(t) <= i*d (`_flash.Documents`).
-Reference: `nsa_jax.ops.compressed.compressed_attention_xla`.
+Query t attends to compressed block i iff i*d + l - 1 <= t: the banded flash attention of
+`pallas_kernels/_flash.py` with key i at position i*d + l - 1 and no lower edge, so a query
+tile loops only over the blocks visible to its last token. Rows that see no block get o = 0
+and lse = -inf. Packed rows: block i counts only where s(t) <= i*d (`_flash.Documents`).
+Design: docs/kernels.md#compressed-attention. Reference:
+`nsa_jax.ops.compressed.compressed_attention_xla`.
 """
 from __future__ import annotations
 

@@ -1,34 +1,13 @@
 """Split-K decode attention for NSA: one query token per sequence (paper §5.2, Table 4).
 
-At batch 1 a decode step has only HKV groups of work, so each branch's keys
-are cut into BLOCK_K-row *tiles* spread over a (batch, KV head, split) grid:
-every program takes the G query heads of its group (padded to a 16-row tile),
-walks its tiles with an online softmax and writes a partial result
-(unnormalised output, running max, sum), as in flash-decoding. A step is five
-launches and no XLA work between them (the step is launch-bound at batch 1:
-experiments/PERF_NOTES.md has the figures):
-
-  1. `_compressed_kernel`: the visible compressed keys (Eq. 7-8). It also starts
-     the selection's block scores (Eq. 9-10) so that no second pass reads
-     k_cmp and no [Sc] score row reaches HBM: per tile and head it writes the
-     tile's max score and its probabilities relative to it, exp(s - max),
-     summed into the selection blocks the tile overlaps (the overlap-weights
-     matmul of `pallas_kernels/select_blocks.py`, at float32 accuracy), and
-     apart the *spill*: the part of the next tile's first block that its
-     last compressed keys reach into (a masked row sum);
-  2. `_scores_kernel`: merges the compressed partials into each head's lse,
-     rescales the tile sums and spills by exp(max - lse) and adds heads into
-     the block scores (or takes their max: `sizes.group_score`), all heads at
-     once, a few score rows per program;
-  3. `_top_n_kernel`, one warp per (sequence, group): the top n blocks (Eq. 11;
-     forced initial and local blocks first), `nsa_jax.ops.selection`'s ranking
-     by n passes of "max, lowest index holding it, knock it out";
-  4. `_local_kernel`: the selected blocks (causally cut at the query) and the
-     window t-w+1 .. t, each program on one of the two;
-  5. `_combine_kernel`: merges each branch's partials and applies the gates.
-
-The cache rows a program reads are those some query can see, rounded to whole
-tiles. Reference: `nsa_jax.decoding.nsa_decode_xla`.
+Each branch's cache is cut into BLOCK_K-row tiles spread over a (batch, KV head, split)
+grid; each program takes its group's G heads, walks its tiles with an online softmax and
+writes a partial result, as in flash-decoding. A step is five launches: `_compressed_kernel`
+(compressed keys, and the selection's block scores started on the way), `_scores_kernel`
+(each head's lse, the block scores: the heads summed or their max, `sizes.group_score`),
+`_top_n_kernel` (Eq. 11), `_local_kernel` (selected blocks and window) and `_combine_kernel`
+(merges partials, applies the gates). Design: docs/kernels.md#decode-kernel. Reference:
+`nsa_jax.decoding.nsa_decode_xla`.
 """
 from __future__ import annotations
 
@@ -105,7 +84,7 @@ def _split(tiles: int, programs_per_group: int) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Static geometry of one decode call (names as in the module docstring)."""
+  """Static geometry of one decode call (docs/kernels.md#decode-kernel)."""
   G: int            # query heads per group
   Gp: int           # ... padded to a dot's 16 rows
   HQ: int

@@ -1,4 +1,4 @@
-"""Block scores of the selection inside a kernel (NSA paper §3.3.2, Eq. 8-11; SPEC §3):
+"""Block scores of the selection inside a kernel (paper §3.3.2, Eq. 8-11; docs/semantics.md):
 the sizes they need, the overlap weights of Eq. 9, and a float32-accurate dot.
 
 Shared by the training-time selection kernel (`select_blocks.py`) and the decode kernel

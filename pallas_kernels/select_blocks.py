@@ -1,77 +1,14 @@
-"""Fused importance scores and top-n block selection (paper §3.3.2, Eq. 8-11; SPEC §3).
+"""Fused importance scores and top-n block selection (paper §3.3.2, Eq. 8-11).
 
-Pallas (Triton lowering) kernel behind `nsa_jax.select_blocks(..., impl="pallas")`.
-Reference: `select_blocks_xla` in `nsa_jax/ops/selection.py` (same semantics, up to
-floating-point summation order; see "Near-ties" below).
-
-For every query t and KV group g it computes
-
-    score[t, g, j] = sum_{h in g} sum_i  overlap(i, j) * p_cmp[t, h, i]      (Eq. 8-10)
-
-(or, with `sizes.group_score == "max"`, the max over h in g of the inner sums)
-
-with p_cmp the compressed branch's softmax over the visible compressed blocks
-(`i*d + l - 1 <= t`) and overlap(i, j) = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d,
-forces the initial and local candidate blocks in with +inf, drops non-candidates
-(`j*l' > t`) with -inf, and keeps the n best (Eq. 11; ties to the lower index).
-Neither the [T, Tc] probabilities nor the [T, Ts] block scores reach HBM: only
-the [T, n] indices are written.
-
-Design (one program per (query tile of Bq tokens, KV group, batch)):
-
-* Rows of every matmul are the Bq tokens of the tile; the G query heads of the
-  group are a loop inside the program. So M = Bq for any G (no padding of the
-  GQA group to 16, no reshape), and the sum over heads (Eq. 10) is a plain
-  accumulation.
-* Pass 1, per head: online max / sum over the compressed keys visible to the
-  tile (the visibility mask is monotone, so the loop stops at the tile's last
-  visible block) -> lse[token, head], kept in registers as a [Bq, G] tile.
-  Skipped when the caller passes the compressed branch's lse (the compressed
-  attention kernel computes the same [B, T, HQ] natural-log lse): the tile is
-  then read from it.
-* Pass 2 walks the selection blocks in chunks of `Sc` blocks. A chunk needs the
-  compressed blocks that overlap it, `Sc*l'/d + l/d - 1` of them, which fit one
-  key tile of `block_k` rows (`Sc = (block_k - (l/d - 1)) // (l'/d)`). Per chunk:
-  for each head p = exp(s - lse) is recomputed and summed over heads; one
-  matmul with the 0/1/2 overlap matrix (built from iota, exact in any float
-  type) maps the [Bq, block_k] probabilities to [Bq, Sc] block scores ("max":
-  one such matmul per head, the running max of their results kept). Small
-  score differences decide the ranking, so that matmul keeps float32
-  accuracy: p is split into three bf16 pieces on the tensor cores (`scoring.exact_dot`;
-  ~l'/d times fewer FLOPs than the QK matmuls).
-* Running top-n (Triton has no sort): the n best (value, index) pairs so far
-  live in registers as a [Bq, n] set. After each chunk, its entries are
-  inserted best first (row max, lowest index holding it), each replacing the
-  set's worst where it beats it (`_merge_top_n`). A chunk needs only as many
-  passes as its rows have entries above their current n-th best: n for the
-  first chunk, usually a few afterwards. Slots still at -inf at the end
-  become -1 (fewer than n candidates).
-* Tiles are walked last-first (the causal work grows with t), so the longest
-  programs start first.
-* Packed rows (SPEC §6; `doc_start`, the first position s(t) of each query's
-  document): compressed block i is visible only when s(t) <= i*d, the candidates
-  are s(t) <= j*l' <= t, the forced initial blocks the document's first
-  `num_initial`; both passes start at the first block of the tile's earliest
-  document, so a packed row costs less than one long sequence.
-* Query offset (`q_offset`, for context parallelism): the T queries sit at
-  positions q0 .. q0 + T - 1 (q0 traced) against compressed keys from position 0.
-
-Padding done by the wrapper (copies only when needed): T to a multiple of Bq,
-Dk to a multiple of 16 (zeros; the QK matmul is split in power-of-2 pieces,
-e.g. 192 = 128 + 64), k_cmp by `l/d - 1` zero rows in front (so that
-chunk tiles start at a non-negative row) and at the end (so that every tile
-read is in bounds, which interpret mode requires). Padded keys are masked by
-index; padded queries' outputs are dropped.
-
-Near-ties: the kernel sums probabilities in another order than the reference,
-so two blocks whose scores agree to ~1e-7 relative (f32) may swap across the
-n-th place. Where the reference's n-th and (n+1)-th scores are apart, the
-selections are equal. tests/test_kernel_select.py checks exactly that. On a
-GPU, float32 inputs take the QK matmul in TF32 (Triton's default, like XLA's
-default precision), which moves scores by ~1e-3 relative: more swaps, still
-between near-equal blocks (`experiments/profile_kernels.py select` measures them).
-
-No custom_vjp: the output is integer and the inputs arrive stop_gradient'ed.
+The kernel behind `nsa_jax.select_blocks(..., impl="pallas")`; reference: `select_blocks_xla`
+in `nsa_jax/ops/selection.py` (the same selection up to near-ties of the summation order,
+docs/semantics.md#near-ties). One program per (query tile of Bq tokens, KV group, batch
+row): the tile's tokens are the rows of every matmul and the group's heads a loop; pass 1
+computes each head's lse (skipped when the compressed branch's lse is given), pass 2 maps
+p = exp(s - lse) onto chunks of selection blocks with the overlap matrix (the heads' p summed
+first, Eq. 10; with `sizes.group_score == "max"` each head's mapped and the max kept) and
+keeps a running top-n in registers (`_merge_top_n`). Only the [T, n] indices reach memory.
+No custom_vjp: the output is integer. Design: docs/kernels.md#selection-kernel.
 """
 from __future__ import annotations
 
@@ -354,7 +291,7 @@ def unsupported(q, k_cmp, *, sizes: Selection) -> str | None:
 def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
                   interpret: bool, tiles: Tiles | None = None, lse=None, doc_start=None,
                   q_offset=None):
-  """Top-n selection blocks per query and KV group; see the module docstring.
+  """Top-n selection blocks per query and KV group; docs/kernels.md#selection-kernel.
 
   Args:
     q: [B, T, HQ, Dk]; k_cmp: [B, Tc, HKV, Dk], Tc compressed blocks of T tokens.
@@ -364,7 +301,7 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
     lse: optional [B, T, HQ] natural-log lse of the compressed branch (-inf
       where nothing is visible); when given, pass 1 is skipped.
     doc_start: optional [B, T] int32, the first position of each query's document
-      (packed rows, SPEC §6); None: one document per row.
+      (packed rows); None: one document per row.
     q_offset: optional int32 scalar, the position of query 0 (k_cmp from 0).
 
   Returns:
@@ -438,4 +375,4 @@ def select_blocks(q, k_cmp, *, sizes: Selection, scale: float,
       interpret=interpret,
       name="nsa_select_blocks",
   )(*inputs)
-  return out[:, :T, :, :n]
+  return _util.saved(out[:, :T, :, :n])

@@ -1,75 +1,15 @@
 """Selected-block attention in Pallas (Triton lowering), forward and backward: the
-custom VJP and the public entry.
+custom VJP and the public entry (paper §3.3.2, Eq. 10-12, and §3.4's group-centric loading).
 
-NSA paper (arXiv 2502.11089) §3.3.2, Eq. 10-12 (attention over the selected
-blocks) and §3.4 "Kernel Design" (group-centric loading); SPEC §3 "Selected
-attention". Reference: `nsa_jax.ops.selected.selected_attention_xla`. The pieces:
-`selected_tiles.py` (tiles, geometry), `selected_plan.py` (index planning in XLA),
-`selected_kernels.py` (kernels, pallas_calls), `selected_choice.py` (which tiling
-runs); their measurements: experiments/PERF_NOTES.md, "Measurements behind the code's defaults".
-
-Forward. One program takes a *query tile*: `Bq` consecutive tokens of one KV
-group, with all G query heads of the group, i.e. M = Bq * G rows (paper §3.4:
-all heads of a group share one selection, so they share every K/V load). It
-loops over the *union* of the blocks its Bq tokens selected (built in XLA by
-sorting and de-duplicating the tile's Bq * n indices) and masks, per row, the
-blocks that row's token did not select and the keys after it (causality). A
-block wanted by several neighbouring tokens is thus read once per tile, not
-once per token. Softmax is online, in float32, in base 2.
-
-Tile width (`Tiles.rows`): a narrow tile (16 rows: one token when G = 16) reads
-no block its token did not choose; a wide one (64 rows) shares each load among
-more tokens but reads the union of their choices, a win only where neighbouring
-tokens choose much alike (not so on random inputs, nor on a trained model's).
-
-Backward (recomputes p from the saved log-sum-exp):
-- dQ: the forward's access pattern, per query tile.
-- dK/dV: an inverted index. For every KV block, the query tiles whose union
-  holds it (a stable sort in XLA), cut into chunks of at most
-  `Tiles.dkv_tiles` tiles; one program per chunk accumulates the block's dK
-  and dV in registers and adds them into a float32 buffer with atomics. Each
-  step gathers several listed tiles at once (`Tiles.dkv_rows` rows: eight
-  narrow tiles), so that the dK/dV matmuls, whose inner dimension is the
-  number of query rows, are not 16 deep.
-  Chunking bounds the work of one program: every tile selects block 0 (the
-  forced initial block), so its list is T / Bq tiles long. Determinism: with
-  `dkv_tiles=None` each block is one chunk, so every element of dK/dV receives
-  one atomic add of its value onto zero (besides exact adds of 0.0 from the
-  padded rows of a neighbouring block when l' < 16), and the result is
-  bitwise deterministic.
-  With chunks, blocks whose list is longer than `dkv_tiles` (the forced
-  initial block, popular blocks) receive one add per chunk in an unspecified
-  order: float32 rounding may differ from run to run. This is the default,
-  for load balance; pass `Tiles(dkv_tiles=None)` for reproducible gradients.
-
-Block-major kernels (`Tiles.block_major`; by default for G <= 8, fixed by the
-shapes at trace time: `selected_choice.tiling`). A query tile loads each of
-its tokens' n blocks, i.e. n * l' * (Dk + Dv) elements per token and group, to
-serve G heads: with small G, or tokens that select unlike blocks, K/V traffic
-(from L2) bounds it. The block-major kernels turn the loop around: one program
-per KV block (or a chunk of its list) loads the block once and walks the
-*entries* (token, slot) whose slot selected it (an inverted index sorted in
-XLA, `selected_plan.entry_index`), gathering C = rows // G entries' G query
-rows a step:
-- forward: each entry's attention over its one block, normalised, and its
-  log-sum-exp, stored per entry; XLA merges the n entries of a token
-  (`selected_plan.merge`). Memory: n times the output (q.dtype) and its lse,
-  transient.
-- backward: the dK/dV kernel over entries instead of query tiles, which also
-  stores each entry's dQ term (in the input dtype, or float32 with
-  `Tiles.block_dq_float32`; n times dQ, transient); XLA sums them in float32.
-  No dQ kernel, and no atomics for dQ: every entry's slot is written once.
-  dK/dV are added per chunk of `Tiles.block_entries` entries, in any order;
-  with dkv_tiles=None each block is one program, and dK/dV (and dQ, whose
-  terms are plain stores summed in XLA) are bitwise reproducible, as above.
-Traffic per entry: G query rows in, G output rows out, instead of a block of
-l' keys and values in: a win when G is small and neighbouring tokens choose
-unlike blocks, a loss at G = 16 or when neighbours choose much alike, where
-query tiles share loads.
-
-Inputs are padded in XLA where the kernels need powers of two: the group size
-G, the head dims (>= 16), n, and T (to whole tiles and blocks). The padding is
-a no-op for the paper's shapes with T a multiple of 64 and Dk = Dv = 128.
+Two tilings, fixed by the shapes at trace time (`selected_choice.tiling`): *query tiles*
+(one program per Bq tokens x G heads over the union of their selected blocks; dQ alike;
+dK/dV per KV block over an inverted index of the tiles that chose it) and, by default for
+G <= 8, *block-major* (one program per KV block over the (token, slot) entries that chose
+it, forward and dK/dV, partial results merged in XLA). Design, determinism and padding:
+docs/kernels.md#selected-attention. The pieces: `selected_tiles.py` (tiles, geometry),
+`selected_plan.py` (index planning in XLA), `selected_kernels.py` (kernels, pallas_calls),
+`selected_choice.py` (which tiling runs). Reference:
+`nsa_jax.ops.selected.selected_attention_xla`.
 """
 from __future__ import annotations
 
@@ -147,7 +87,7 @@ def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
 
 
 def _selected_fwd(q, k, v, block_idx, q_offset, geo):
-  o, lse, index = _forward_pass(q, k, v, block_idx, q_offset, geo)
+  o, lse, index = _util.saved(_forward_pass(q, k, v, block_idx, q_offset, geo))
   return o, (q, k, v, block_idx, q_offset, index, o, lse)
 
 

@@ -290,7 +290,7 @@ def block_forward(q5, k, v, blk, q_offset, entries, items, geo: Geometry):
       grid=(items.shape[2], geo.B * HKV),
       in_specs=[
           whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp),
-          _OFFSET_SPEC,
+          _OFFSET_BLOCK,
           pl.BlockSpec((None, None, E), lambda w, z: (z // HKV, z % HKV, 0)),
           pl.BlockSpec((None, None, None, 4), lambda w, z: (z // HKV, z % HKV, w, 0))],
       out_specs=[whole(E, geo.Gp, geo.Dvp), whole(E, geo.Gp)],
@@ -317,7 +317,7 @@ def backward_dq(q5, k, v, blk, q_offset, union, count, do5, lse, delta, geo: Geo
 
 
 # The query offset [1] of the kernels on grid (W, B*HKV).
-_OFFSET_SPEC = pl.BlockSpec((1,), lambda w, z: (0,))
+_OFFSET_BLOCK = pl.BlockSpec((1,), lambda w, z: (0,))
 
 
 def _whole_spec(geo: Geometry):
@@ -352,7 +352,7 @@ def backward_dkv(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, geo: Geom
       grid=(items.shape[2], geo.B * HKV),
       in_specs=[
           whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp),
-          whole(geo.Tk, geo.Dvp), whole(geo.Tq, geo.n_pad), _OFFSET_SPEC,
+          whole(geo.Tk, geo.Dvp), whole(geo.Tq, geo.n_pad), _OFFSET_BLOCK,
           whole(geo.Tq, geo.Gp, geo.Dvp), whole(geo.Tq, geo.Gp),
           whole(geo.Tq, geo.Gp),
           pl.BlockSpec((None, None, ids.shape[2]),

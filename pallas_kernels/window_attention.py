@@ -1,10 +1,10 @@
-"""Sliding-window attention kernel (NSA paper §3.3.3; SPEC §3 "Sliding window").
+"""Sliding-window attention kernel (NSA paper §3.3.3).
 
-Query t attends to keys max(0, t-w+1) .. t. This is the banded flash
-attention of `pallas_kernels/_flash.py` with key j at position j and a band of
-width w, so each query tile loops over about (tile + w) keys: work grows with
-T * w. Packed rows (SPEC §6): keys before the first token of the query's document
-are masked too (`_flash.Documents`). Reference: `nsa_jax.ops.window.window_attention_xla`.
+Query t attends to keys max(0, t-w+1) .. t: the banded flash attention of
+`pallas_kernels/_flash.py` with key j at position j and a band of width w, so each query
+tile loops over about (tile + w) keys. Packed rows: keys before the first token of the
+query's document are masked too (`_flash.Documents`). Design:
+docs/kernels.md#window-attention. Reference: `nsa_jax.ops.window.window_attention_xla`.
 """
 from __future__ import annotations
 

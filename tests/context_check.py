@@ -69,7 +69,7 @@ def op_inputs(T: int, dtype=jnp.float64):
 
 
 def packed_rows(B: int, T: int):
-  """Segment ids [B, T] of documents starting at multiples of select_block = 16 (SPEC §6),
+  """Segment ids [B, T] of documents starting at multiples of select_block = 16 (packed rows),
   of lengths 16, 32, .. in turn: they cross the shard boundaries of every mesh here."""
   ids = np.zeros((B, T), np.int32)
   for b in range(B):

@@ -1,4 +1,4 @@
-"""Brute-force NumPy (float64) oracles for the NSA ops, written from SPEC §3 alone.
+"""Brute-force NumPy (float64) oracles for the NSA ops, written from docs/semantics.md alone.
 
 They build the full [T, S] visibility mask of each branch and run dense masked
 attention, so they share no code with nsa_jax's chunked references.
@@ -54,9 +54,10 @@ def selected_mask(block_idx, T, cfg):
 
 
 def selection_scores(q, k_cmp, cfg, scale, doc_start=None):
-  """Importance scores [B, T, HKV, Ts] with the explicit overlap weights of SPEC §3,
-  the heads of a group summed or their max (cfg.group_score); doc_start [B, T]: the
-  first position of each query's document (packed rows: blocks from it only)."""
+  """Importance scores [B, T, HKV, Ts] with the explicit overlap weights
+  (docs/semantics.md#importance-scores), the heads of a group summed or their max
+  (cfg.group_score); doc_start [B, T]: the first position of each query's document
+  (packed rows: blocks from it only)."""
   B, T, HQ, _ = q.shape
   HKV = k_cmp.shape[2]
   Tc = k_cmp.shape[1]
@@ -105,7 +106,8 @@ def select_blocks(q, k_cmp, cfg, scale):
 
 
 def selection_distill_loss(q, k_cmp, k_slc, cfg, scale, doc_start=None):
-  """The selection distillation loss (docs/selection_learning.md), query by query.
+  """The selection distillation loss (docs/selection_learning.md#selection-distillation),
+  query by query.
 
   Teacher: dense causal attention over k_slc (keys of t's document), averaged over
   a group's heads, summed per selection block; student: `selection_scores`; both

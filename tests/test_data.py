@@ -68,7 +68,8 @@ def test_parse_mixture():
 
 
 def packed_documents(batch, align):
-  """Checks the packing properties of a batch (SPEC §6) and returns each row's documents.
+  """Checks the packing properties of a batch (docs/semantics.md#packed-rows) and returns
+  each row's documents.
 
   Returns [[(tokens, weights)]] per row: the tokens of each segment up to its
   last non-PAD token, and the loss weight of predicting each of them.

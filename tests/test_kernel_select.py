@@ -38,7 +38,7 @@ EQUAL_BLOCKS = NSAConfig(compress_block=16, compress_stride=8, select_block=16,
 
 def ranked_reference_scores(q, k_cmp, config, scale, doc_start=None):
   """[B, T, HKV, Ts] float64 scores as ranked: forced +inf, non-candidates -inf;
-  doc_start [B, T]: packed rows (SPEC §6)."""
+  doc_start [B, T]: packed rows (docs/semantics.md#packed-rows)."""
   B, T, HQ, _ = q.shape
   HKV = k_cmp.shape[2]
   Ts = config.num_select_blocks(T)
@@ -215,7 +215,7 @@ def test_reference_given_lse():
 
 @pytest.mark.parametrize("T, t0, block_k", [(150, 77, 16), (256, 192, 32)])
 def test_packed_rows_and_query_offset(T, t0, block_k):
-  """Packed rows (doc_start, SPEC §6; documents at 0, 48, 112 and a row ending inside
+  """Packed rows (doc_start; documents at 0, 48, 112 and a row ending inside
   a selection block), with the kernel's own lse (pass 1) and with the compressed
   branch's: the selection of the reference on packed rows, near-ties apart. And with a
   query offset (context parallelism, #23): the rows from t0 alone, at positions from a

@@ -254,7 +254,7 @@ def test_block_major_runs_only_where_its_buffers_fit(monkeypatch):
   for memory, block_major in ((None, True), (need / share, True), (need / share - 1, False)):
     monkeypatch.setattr(selected_choice, "device_memory", lambda: memory)
     assert _tiling(q, v, block_idx, Tiles()).tiles.block_major == block_major
-  # The G sweep of SPEC §5 (one 64k sequence, HQ = 64, bf16) keeps block-major
+  # The G sweep of docs/benchmarks.md#op-level (one 64k sequence, HQ = 64, bf16) keeps block-major
   # on an H200 (112.6 GB for jax): a quarter shut it out, G = 1 fwd+bwd 214 -> 600 ms.
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   for G in (1, 2, 4, 8):

@@ -9,6 +9,7 @@ from jax.test_util import check_grads
 
 from nsa_jax import NSAConfig
 from nsa_jax.module import NativeSparseAttention, compression_blocks
+from pallas_kernels._util import SAVED
 
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                 num_selected=3, window=16)
@@ -108,3 +109,44 @@ def test_projections_have_no_gather_or_scatter():
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
   assert "gather" not in hlo and "scatter" not in hlo
+
+
+def _made_by(jaxpr, v) -> str:
+  """What made var v of `jaxpr`: "input", "constant", "name:<name>" (a checkpoint name), or a
+  primitive's name; followed back through jax's reduce_precision on residuals and
+  through jitted functions."""
+  if v in jaxpr.invars:
+    return "input"
+  eqn, i = next(((e, e.outvars.index(v)) for e in jaxpr.eqns if v in e.outvars),
+                (None, None))
+  if eqn is None:
+    return "constant"
+  if eqn.primitive.name == "reduce_precision":
+    return _made_by(jaxpr, eqn.invars[0])
+  if eqn.primitive.name in ("jit", "pjit"):
+    inner = eqn.params["jaxpr"].jaxpr
+    made = _made_by(inner, inner.outvars[i])
+    return (_made_by(jaxpr, eqn.invars[inner.invars.index(inner.outvars[i])])
+            if made == "input" else made)
+  if eqn.primitive.name == "name":
+    return "name:" + eqn.params["name"]
+  return eqn.primitive.name
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_backward_keeps_only_what_the_branches_made(impl):
+  """The layer keeps for its backward its inputs (x, the parameters) and what the kernels
+  and the references' passes made (outputs, lse, selection, index: `SAVED`), nothing
+  else: no projection, key, value, gate, rotated or folded copy of q, nor the mix; those
+  are recomputed (`nsa_jax.ops.nsa.SAVE_POLICY`)."""
+  m = layer(impl=impl, dtype=jnp.bfloat16)
+  graphdef, params = nnx.split(m)
+  f = lambda params, x: nnx.merge(graphdef, params)(x)
+  x = jnp.zeros((2, 64, 32), jnp.bfloat16)
+  closed, out = jax.make_jaxpr(lambda *a: jax.vjp(f, *a), return_shape=True)(params, x)
+  jaxpr = closed.jaxpr
+  kept = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(out[1])):]
+  made = [(v.aval.str_short(), _made_by(jaxpr, v)) for v in kept]
+  assert {by for _, by in made} == {"input", "name:" + SAVED}, made
+  # The three branch outputs [B, T, HQ, Dv] among them.
+  assert [by for aval, by in made if aval == "bfloat16[2,64,4,8]"] == ["name:" + SAVED] * 3, made

@@ -1,5 +1,6 @@
-"""One selection (SPEC §3; issue #18 point 2): `nsa` selects exactly the blocks
-`select_blocks` selects on the same inputs, with the same impl on the same device.
+"""One selection (docs/semantics.md#one-selection; issue #18 point 2): `nsa` selects
+exactly the blocks `select_blocks` selects on the same inputs, with the same impl on the
+same device.
 
 Both compute p_cmp from the lse of `selection.selection_lse`: `nsa` from its
 compressed branch's, `select_blocks` alone by running that branch. Near-tie

@@ -1,5 +1,5 @@
-"""Packing is invisible (SPEC §6): every op, `nsa` and the model on packed rows equal
-each document run alone, as a sequence of its own from position 0.
+"""Packing is invisible (docs/semantics.md#packed-rows): every op, `nsa` and the model on
+packed rows equal each document run alone, as a sequence of its own from position 0.
 
 One property, tested as one. For each case a jitted function runs every op (outputs,
 the selection, and the gradients of every float input under random cotangents) on
@@ -175,7 +175,7 @@ def test_segment_ids_are_checked_where_concrete():
 def test_model_loss_on_packed_rows_is_the_sum_over_documents(attention):
   """The model's loss sums (`train_lib.loss_sums`, which passes the batch's segment
   ids) on rows packed by `data.pack_documents` equal those of its documents each run
-  alone, one per row (RoPE positions restart per document: SPEC §6)."""
+  alone, one per row (RoPE positions restart per document: docs/semantics.md#rope)."""
   config = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                        nsa=SMALL, attention=attention, impl="xla")
   model = Transformer(config, rngs=nnx.Rngs(0))

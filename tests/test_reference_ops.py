@@ -185,12 +185,12 @@ def test_group_max_is_sum_for_one_head_per_group():
 
 @pytest.mark.parametrize("group_score", ["sum", "max"])
 def test_straight_through_gate(group_score):
-  """select_gate="straight_through" (docs/selection_learning.md): the forward pass is
-  the paper's bit for bit; the gradients are those of a surrogate whose selected
-  branch adds S(q, k_cmp) - S0 to each selected block's scores (S: `selected_scores`,
-  S0 its value here, the selection held), checked numerically in float64; k_cmp gets
-  a gradient through the selected branch only with the gate. And `selected_scores`
-  on a slice of the queries (q_offset) gives those rows."""
+  """select_gate="straight_through" (docs/selection_learning.md#straight-through-gate): the
+  forward pass is the paper's bit for bit; the gradients are those of a surrogate whose
+  selected branch adds S(q, k_cmp) - S0 to each selected block's scores (S:
+  `selected_scores`, S0 its value here, the selection held), checked numerically in
+  float64; k_cmp gets a gradient through the selected branch only with the gate. And
+  `selected_scores` on a slice of the queries (q_offset) gives those rows."""
   from nsa_jax.ops.selection import selected_scores
   cfg = dataclasses.replace(SMALL, group_score=group_score)
   gated = dataclasses.replace(cfg, select_gate="straight_through")

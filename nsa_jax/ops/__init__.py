@@ -1,4 +1,4 @@
-"""The op-level API of SPEC §4, one op per file."""
+"""The op-level API (docs/api.md#ops), one op per file."""
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.ops.selected import selected_attention

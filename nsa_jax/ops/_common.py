@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
+from pallas_kernels._util import SAVED, saved
 from pallas_kernels.scoring import Selection
 
 def selection_sizes(config: NSAConfig) -> Selection:
@@ -130,7 +131,9 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
   returns a pytree of [B, chunk, ...] arrays; the result is the same pytree
   with [B, T, ...] arrays. Keeps live memory at one chunk's worth of scores
   instead of all T queries' worth, in the backward pass too: each chunk is
-  rematerialised (`jax.checkpoint`) rather than saved.
+  rematerialised (`jax.checkpoint`) rather than saved. The results are named
+  `saved`, as the kernels' outputs are: the NSA layer's checkpoint policy keeps them
+  (`nsa_jax.ops.nsa.SAVE_POLICY`), a pass over every chunk being costly to make again.
   """
   T = xs[0].shape[1]
   chunk = min(chunk, T)
@@ -149,4 +152,4 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
   starts = first + jnp.arange(n, dtype=jnp.int32) * chunk
   body = jax.checkpoint(lambda a: fn(a[0], *a[1:]))
   out = lax.map(body, (starts, *map(split, xs)))
-  return jax.tree.map(merge, out)
+  return saved(jax.tree.map(merge, out))

@@ -1,13 +1,9 @@
-"""Compressed-token attention (paper §3.3.1, Eq. 7; SPEC §3 "Compressed attention").
+"""Compressed-token attention (paper §3.3.1, Eq. 7; docs/semantics.md#compressed-attention).
 
-Query t attends to compressed block i iff the block lies wholly in its past,
-`i*d + l - 1 <= t`. Queries that see no block (t < l - 1) get a zero output
-and lse = -inf. Packed rows (SPEC §6): block i is visible only when it also starts in
-t's document, s(t) <= i*d (a block straddling two documents is seen by no query).
-The Pallas kernel is `pallas_kernels/compressed_attention.py`;
-on a GPU, `nsa` runs the branch on cuDNN's causal attention instead
-(`compressed_attention_folded`) wherever cuDNN takes the folded call, being
-faster (`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
+Query t attends to compressed block i iff `i*d + l - 1 <= t`; queries that see no block get
+o = 0 and lse = -inf. The Pallas kernel is `pallas_kernels/compressed_attention.py`; on a
+GPU `nsa` runs the branch on cuDNN, folded by stride residue (`compressed_attention_folded`,
+docs/kernels.md#cudnn-paths), wherever cuDNN takes it (`nsa_jax.ops.dispatch`).
 """
 from __future__ import annotations
 
@@ -35,7 +31,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
       (`compressed_attention_folded` on cuDNN; its lse carries no gradient,
       which is all `nsa` needs of it: the selection is discrete).
     interpret: run Pallas kernels in interpret mode (default: when not on GPU).
-    segment_ids: [B, T] int, documents packed in a row (SPEC §6): contiguous runs
+    segment_ids: [B, T] int, documents packed in a row (docs/semantics.md#packed-rows): runs
       of equal ids starting at multiples of config.select_block (a ValueError
       otherwise, where the ids are concrete; under jit the caller's contract).
       None: one document per row. cuDNN takes none (`dispatch`).

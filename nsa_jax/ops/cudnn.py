@@ -1,28 +1,12 @@
 """Every cuDNN call of the project: cuDNN's fused causal attention, where it runs, how it is split.
 
-`cudnn_causal_attention` is the one function that calls
-`jax.nn.dot_product_attention(implementation="cudnn")`. Its users: the window
-branch (`window.window_attention`), the compressed branch folded by stride
-residue (`compressed.compressed_attention_folded`), and the dense baseline of
-the model (`nsa_jax.model.dense_attention`). `cudnn_runs` is the rule of where
-it runs, which the dispatch table applies to every op (`nsa_jax.ops.dispatch`).
-
-**Tensors past 2^31 (issue #18).** On an H200 (jax 0.11.2), cuDNN's sliding-window
-attention over B=9, T=32768, HQ=64, HKV=4, D=128 in bf16 (q holds 1.125 x
-2^31 elements) returned the right forward but gradients of the last batch row
-21 % (dq) and 7.5 % (dk) off, without any error. What counts is elements, not
-bytes: one call of 5 such rows (q, o and do hold 1.25 x 2^30 elements; the last
-row's offsets lie past 2^31 bytes, past 2^32 in the float32 dq accumulator of the
-backward pass) gives that row the gradients it gets alone (the probe
-`probe-elements-5x32k` of the first `experiments/gpu_check.py --matrix` run, kept in
-experiments/results/gpu_matrix_nvidia-h200.json; PERF_NOTES log). So no tensor
-of a call holds `MAX_ELEMENTS` elements or more: the largest are q, o, do and
-that accumulator, T * HQ * D elements per batch row (k, v are G times smaller).
-A call too large for that is split (`call_plan`): into chunks of batch rows, or,
-when one row alone is too large, into chunks of KV heads, each with the G query
-heads of its group. When one KV group of one row is too large, `cudnn_runs`
-says no and the dispatch table runs the branch on a Pallas kernel.
-experiments/gpu_check.py --matrix checks the split calls on the issue's shapes.
+`cudnn_causal_attention` is the one call of `jax.nn.dot_product_attention(implementation=
+"cudnn")`: the window branch, the compressed branch folded by stride residue and the model's
+dense baseline use it. `cudnn_runs` is the rule of where it runs, which `nsa_jax.ops.dispatch`
+applies. No tensor of one call may reach `MAX_ELEMENTS` (2^31) elements, past which cuDNN
+returned wrong gradients (experiments/PERF_NOTES.md, "Measurements behind the code's
+defaults"): `call_plan` splits larger calls by batch rows, then by KV groups
+(docs/kernels.md#cudnn-paths).
 """
 from __future__ import annotations
 
@@ -37,6 +21,15 @@ from nsa_jax.ops import _common
 # Limit on the elements of every tensor of one cuDNN call (module doc). A module
 # constant so that a test can lower it to exercise the split on small shapes.
 MAX_ELEMENTS = 2 ** 31
+# The primitive of jax's cuDNN attention forward (`jax._src.cudnn.fused_attention_stablehlo`):
+# its outputs, o and the lse, are what its backward reads besides q, k and v.
+FORWARD_PRIMITIVE = "dot_product_attention_fwd_wrapper"
+
+
+def saves_forward(prim, *_, **__) -> bool:
+  """A `jax.checkpoint` policy: save the outputs of cuDNN's attention forward (running it
+  again in the backward would cost as much as the forward)."""
+  return prim.name == FORWARD_PRIMITIVE
 
 
 class CallPlan(typing.NamedTuple):

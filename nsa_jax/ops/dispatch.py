@@ -1,31 +1,13 @@
-"""Which implementation runs each op (SPEC §4 `impl`): one table.
+"""Which implementation runs each op (the `impl` argument): one table (docs/api.md#impl).
 
-Every op has the pure-JAX reference "xla" (runs everywhere) and the Pallas kernels
-"pallas" (a GPU, or interpret mode); the window and compressed branches also have
-"cudnn" (jax's cuDNN fused attention). Each backend has one check, `SUPPORTED[op][name]
-(call)`, that returns why it cannot run the call (a string) or None.
-
-- `impl="auto"` takes the first supported backend of `AUTO[op]` on a GPU (cuDNN where
-  it is faster and proven right, then Pallas, then the reference) and the reference
-  elsewhere;
-- an explicit impl that does not support the call raises a ValueError naming the
-  sizes and the reason, before anything is traced;
-- `nsa(impl=...)` gives each branch the backends `NSA_BRANCHES[impl]` lists, first
-  supported first; `select_blocks(impl=...)` alone selects from the lse of the
-  compressed branch on the backend `nsa(impl=...)` gives it (`selection.selection_lse`),
-  so that both select the same blocks.
-
-The selected branch with the straight-through gate (config.select_gate, a
-`block_bias` array in its call) runs on the reference: the Pallas kernels' backward
-emits no gradient of a per-block bias (docs/selection_learning.md).
-
-cuDNN's check is `cudnn.cudnn_runs` on the call cuDNN would get (the compressed
-branch's queries folded by stride residue): it refuses calls that cannot be split
-under 2^31 elements (`cudnn.call_plan`, issue #18), packed rows (segment ids,
-SPEC §6) and query offsets (context parallelism, issue #23): the Pallas kernels run
-those.
-
-The checks read shapes, dtypes, the config and the device only, never values.
+Every op has the reference "xla" and the Pallas kernels "pallas"; the window and compressed
+branches also "cudnn". Each backend has one check, `SUPPORTED[op][name](call)`, which reads
+shapes, dtypes, the config and the device (never values) and returns why it cannot run the
+call, or None. `impl="auto"` takes the first backend of `AUTO[op]` that runs the call on a
+GPU, the reference elsewhere; an explicit impl that cannot run it raises a ValueError before
+anything is traced; `nsa(impl=...)` gives each branch the backends `NSA_BRANCHES[impl]` lists.
+The selected branch with the straight-through gate (a `block_bias` in its call) runs on the
+reference (docs/selection_learning.md#straight-through-gate).
 """
 from __future__ import annotations
 
@@ -44,7 +26,7 @@ from pallas_kernels import (compressed_attention, decode_attention, select_block
 class Call:
   """What a support check reads of one call: the op's arrays (by name, in the op's
   order), the config, the `interpret` argument, whether the rows are packed
-  (segment ids given, SPEC §6) and whether the queries are a slice at a query offset
+  (segment ids given) and whether the queries are a slice at a query offset
   (`q_offset`, context parallelism: `nsa_jax.context`)."""
 
   arrays: dict[str, Any]

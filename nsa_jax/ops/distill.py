@@ -1,6 +1,5 @@
 """Selection distillation: a loss that teaches the importance scores (paper §3.3.2,
-Eq. 8-10) where dense attention looks (docs/selection_learning.md, "Selection
-distillation").
+Eq. 8-10) where dense attention looks (docs/selection_learning.md#selection-distillation).
 
 Per query t and KV group g, over the *free* candidate blocks F(t) (the candidates
 s(t) <= j*l' <= t that Eq. 11 does not force in; those compete for the n slots):

@@ -1,12 +1,12 @@
-"""The whole NSA operator: three branches mixed by gates (paper §3.2, Eq. 5; SPEC §3).
+"""The whole NSA operator: three branches mixed by gates (paper §3.2, Eq. 5; docs/semantics.md).
 
     o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
 
 where the selection of o_slc comes from the compressed branch's scores of the
 same queries (paper Eq. 8-11), from the lse that branch computed
 (`selection.selection_lse`: the selection `select_blocks` makes on the same
-inputs). Each branch may have its own keys and values. Packed rows (SPEC §6:
-`segment_ids`) go to every branch: each query sees its own document only.
+inputs). Each branch may have its own keys and values. Packed rows (`segment_ids`,
+docs/semantics.md#packed-rows) go to every branch: each query sees its own document only.
 """
 from __future__ import annotations
 
@@ -14,11 +14,22 @@ import jax
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, dispatch, segments
+from nsa_jax.ops import _common, cudnn, dispatch, segments
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
 from nsa_jax.ops.selection import lse_backend, select_blocks, selected_scores, selection_lse
 from nsa_jax.ops.window import window_attention
+
+# What a `jax.checkpoint` around `nsa` (and the projections that make its inputs) saves for
+# the backward: each branch's outputs and lse and the selection, as the kernels, cuDNN and the
+# references' chunked passes make them (`pallas_kernels._util.SAVED`,
+# `cudnn.saves_forward`). The rest is recomputed from the checkpoint's inputs: the
+# projections, RoPE, the compression MLPs, the gates, the layout copies around the kernels
+# (cuDNN's folded queries) and the mix (docs/memory.md; measured: experiments/PERF_NOTES.md,
+# "Memory").
+SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(_common.SAVED),
+    cudnn.saves_forward)
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
@@ -38,9 +49,10 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
       wherever it takes the inputs (faster there than the Pallas kernels);
       "pallas" raises a ValueError for inputs no kernel of a branch takes,
       "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`). With
-      config.select_gate on, the selected branch is one (docs/selection_learning.md).
+      config.select_gate on, the selected branch is one
+      (docs/selection_learning.md#straight-through-gate).
     return_block_idx: also return the [B, T, HKV, n] selection.
-    segment_ids: [B, T] int, documents packed in a row (SPEC §6): contiguous runs
+    segment_ids: [B, T] int, documents packed in a row (docs/semantics.md#packed-rows): runs
       of equal ids, each starting at a multiple of config.select_block (a
       ValueError otherwise, where the ids are concrete; under jit this is the
       caller's contract). Every query then sees only its own document, as if it
@@ -125,7 +137,7 @@ def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
 
 def check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,
                  segment_ids=None):
-  """`nsa`'s checks of its inputs (SPEC §4): a ValueError naming the argument and values."""
+  """`nsa`'s checks of its inputs (docs/api.md#errors): a ValueError naming argument and values."""
   _common.check_config(config)
   _common.check_attention_inputs(q, k_slc, v_slc, names=("q", "k_slc", "v_slc"))
   _common.check_attention_inputs(q, k_win, v_win, names=("q", "k_win", "v_win"))

@@ -1,4 +1,4 @@
-"""Packed rows (SPEC §6): documents of a row from its segment ids.
+"""Packed rows (docs/semantics.md#packed-rows): documents of a row from its segment ids.
 
 A row of `segment_ids: [B, T] int32` holds several documents, each one contiguous
 run of equal ids, each starting at a multiple of A = `select_block` (the data
@@ -26,7 +26,7 @@ def check_segment_ids(segment_ids, q, align: int, sliced: bool = False) -> None:
   """Raises a ValueError for segment_ids that are not [B, T] integers of q [B, T, ...]
   (sliced: [B, S >= T], the rows of a sequence q holds a slice of the queries of:
   `documents`), or, when concrete, whose documents are not contiguous runs starting
-  at multiples of `align` (SPEC §6; `align` is the config's select_block)."""
+  at multiples of `align` (the config's select_block)."""
   B, T = q.shape[:2]
   shape = getattr(segment_ids, "shape", None)
   if sliced and shape is not None and len(shape) == 2 and shape[0] == B and shape[1] >= T:
@@ -48,13 +48,14 @@ def check_segment_ids(segment_ids, q, align: int, sliced: bool = False) -> None:
       again = starts[np.flatnonzero(run_ids == values[i])]
       raise ValueError(
           f"segment_ids row {b}: id {values[i]} forms {counts[i]} separate runs (starting at "
-          f"positions {again[:4].tolist()}): a document must be one contiguous run (SPEC §6)")
+          f"positions {again[:4].tolist()}): a document must be one contiguous run "
+          f"(docs/semantics.md#packed-rows)")
     bad = starts[starts % align != 0]
     if bad.size:
       raise ValueError(
           f"segment_ids row {b}: the document of id {row[bad[0]]} starts at position "
           f"{bad[0]}, not a multiple of select_block={align}; documents must start at "
-          f"multiples of select_block (SPEC §6: pad each document with tokens of its own id, "
+          f"multiples of select_block (pad each document with tokens of its own id, "
           f"as `nsa_jax.data.pack_documents` does)")
 
 
@@ -96,14 +97,14 @@ def document_ends(segment_ids):
 
 
 def positions_in_documents(segment_ids):
-  """[B, T] int32: t - s(t), each token's position inside its document (RoPE's, SPEC §6)."""
+  """[B, T] int32: t - s(t), each token's position inside its document (RoPE's)."""
   return jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :] - document_starts(
       segment_ids)
 
 
 class Alone:
   """The documents of concrete packed rows, each alone: a batch row of its own from
-  position 0, padded at its end to the longest (SPEC §6: packing is invisible, so each
+  position 0, padded at its end to the longest (packing is invisible, so each
   document's results there equal its rows' in the packed run; what follows a document
   changes none of its rows under causal attention).
 

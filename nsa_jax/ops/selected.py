@@ -1,13 +1,13 @@
-"""Selected-block attention (paper §3.3.2 and §3.4; SPEC §3 "Selected attention").
+"""Selected-block attention (paper §3.3.2 and §3.4; docs/semantics.md#selected-attention).
 
 Query head h of KV group g attends to the tokens of the blocks in
 `block_idx[b, t, g]`, causally masked (`key position <= t`); `-1` slots are
-empty. Packed rows (SPEC §6): only keys of t's document, >= s(t); documents start
+empty. Packed rows (docs/semantics.md#packed-rows): only keys >= s(t); documents start
 at multiples of l', so a block lies wholly inside or before it, and emptying the
 slots of blocks before it (`document_blocks`) is the whole mask. The Pallas
 kernel is `pallas_kernels/selected_attention.py`. An optional per-slot bias is added
 to the scores of the slot's keys (the straight-through gate,
-docs/selection_learning.md); the reference alone takes it (`dispatch`).
+docs/selection_learning.md#straight-through-gate); the reference alone takes it (`dispatch`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
     block_idx: [B, T, HKV, n] int, distinct block indices or -1.
     impl: "xla" (reference), "pallas" (kernels) or "auto" (the kernels on a GPU
       where they take the inputs, else the reference; `nsa_jax.ops.dispatch`).
-    segment_ids: [B, T] int, packed documents (SPEC §6; see
+    segment_ids: [B, T] int, packed documents (docs/semantics.md#packed-rows; see
       `compressed_attention`), or None.
     q_offset: private (context parallelism, `nsa_jax.context`): an int32 scalar, may be
       traced; q and block_idx hold the queries at positions q_offset .. q_offset + T - 1

@@ -1,31 +1,14 @@
-"""Top-n block selection (paper §3.3.2, Eq. 8-11; SPEC §3 "Importance scores", "Selection").
+"""Top-n block selection (paper §3.3.2, Eq. 8-11): importance scores mapped onto selection
+blocks by overlap, summed over each KV group, the n best candidates kept with the initial and
+local blocks forced in (docs/semantics.md#importance-scores, #selection).
 
-The compressed branch's probabilities p_cmp are mapped to selection blocks by
-their overlap, counted in strides (the corrected Eq. 9):
-
-    p_slc[t, h, j] = sum_i |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d * p_cmp[t, h, i]
-
-summed over the G heads of each KV group (Eq. 10; or their max, `config.group_score`:
-docs/selection_learning.md), and the n best candidate blocks (`j*l' <= t`) are
-kept, the initial and local blocks forced in (Eq. 11).
-Packed rows (SPEC §6): the candidates are the blocks of t's document,
-s(t) <= j*l' <= t, its first `num_initial` blocks forced in, and p_cmp is the
-compressed branch's over the blocks of that document.
-The Pallas kernel is `pallas_kernels/select_blocks.py`.
-
-One selection (SPEC §3): p_cmp is the compressed branch's own probabilities,
-exp(s - lse) with the lse of the compressed branch as `nsa` runs it. Both `nsa`
-and `select_blocks` take that lse from `selection_lse`, so that they select the
-same blocks bit for bit on the same inputs (same device, same impl): rounding
-differences between two lse computations (cuDNN's against the selection
-kernel's own, say) would flip near-ties. `nsa` passes the lse its compressed
-branch already computed; `select_blocks` alone runs that branch for it.
-Decoding (`nsa_jax.decoding.decode_selection`) takes the same p_cmp from its
-own compressed branch (a single query: another kernel, so equal up to rounding).
-
-The selection carries no gradient. With config.select_gate on, `selected_scores`
-gives the importance scores of the selected blocks one, through the selected
-branch (docs/selection_learning.md, "Straight-through gate").
+`nsa` and `select_blocks` take p_cmp from one lse, `selection_lse`, so that they select the
+same blocks bit for bit (docs/semantics.md#one-selection). The Pallas kernel is
+`pallas_kernels/select_blocks.py`.
+The heads of a group are summed (paper Eq. 10) or their max taken (`config.group_score`,
+docs/selection_learning.md#group-aggregation). The selection carries no gradient;
+`selected_scores` gives the selected blocks' scores one through the straight-through gate
+(docs/selection_learning.md#straight-through-gate).
 """
 from __future__ import annotations
 
@@ -55,7 +38,7 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     impl: "xla" (reference), "pallas" (kernel) or "auto" (the kernel on a GPU
       where it takes the inputs, else the reference; `nsa_jax.ops.dispatch`).
       The lse `selection_lse` computes is that of `nsa(impl=impl)`.
-    segment_ids: [B, T] int, packed documents (SPEC §6; see
+    segment_ids: [B, T] int, packed documents (docs/semantics.md#packed-rows; see
       `compressed_attention`), or None.
     q_offset: private (context parallelism, `nsa_jax.context`; see
       `compressed_attention`): q holds the queries at positions q_offset .. of a
@@ -97,8 +80,8 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
                   interpret: bool | None = None, branch=None, segment_ids=None,
                   q_offset=None):
   """The [B, T, HQ] lse the selection of `nsa(impl=impl)` is computed from
-  (module doc): that of the compressed branch on (q, k_cmp, k_cmp), run on the
-  backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
+  (docs/semantics.md#one-selection): that of the compressed branch on (q, k_cmp, k_cmp),
+  run on the backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
   does not depend on the values, so values as wide as the keys stand for any.
 
   branch: optional (v_cmp, backend, lse) of the compressed branch `nsa` already
@@ -106,7 +89,7 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   bit (`_same_lse`), which is always the case but for Dv > Dk (16-bit on a GPU,
   cuDNN then refuses the branch; or a Pallas forward tile narrowed by Dv): then
   the lse is computed here as `select_blocks` computes it, at the cost of a
-  second compressed pass. segment_ids: packed rows (SPEC §6), or None; q_offset:
+  second compressed pass. segment_ids: packed rows, or None; q_offset:
   a slice of the queries (`compressed_attention`), or None.
   """
   backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
@@ -224,8 +207,8 @@ def importance_scores(qc, start, k_cmp, config: NSAConfig, scale: float, num_blo
 def selected_scores(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
                     segment_ids=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
   """Normalised importance scores [B, T, HKV, n] of the selected blocks, differentiable
-  in q and k_cmp: the straight-through gate's s (docs/selection_learning.md,
-  "Straight-through gate"; `nsa` adds s - stop_gradient(s), 0, to the scores of each
+  in q and k_cmp: the straight-through gate's s
+  (docs/selection_learning.md#straight-through-gate; `nsa` adds s - stop_gradient(s), 0, to the scores of each
   slot's keys),
 
       s[t, g, slot] = score[t, g, b] / (l/d * (G for "sum", 1 for "max")),

@@ -1,7 +1,7 @@
-"""Sliding-window attention (paper §3.3.3; SPEC §3 "Sliding window").
+"""Sliding-window attention (paper §3.3.3; docs/semantics.md#sliding-window).
 
 Query t attends to keys max(0, t-w+1) .. t: w keys, itself included; packed rows
-(SPEC §6): none before s(t), the first token of t's document. The
+(docs/semantics.md#packed-rows): none before s(t), the first token of t's document. The
 Pallas kernel is `pallas_kernels/window_attention.py`; on a GPU, cuDNN's fused
 sliding-window attention runs the branch where it takes the inputs, being the
 faster of the two (`nsa_jax.ops.dispatch`; measured: experiments/PERF_NOTES.md).
@@ -28,7 +28,7 @@ def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
       attention) or "auto": on a GPU cuDNN where it takes the inputs, else the
       Pallas kernel where it does, else the reference; the reference elsewhere
       (`nsa_jax.ops.dispatch`).
-    segment_ids: [B, T] int, packed documents (SPEC §6; see
+    segment_ids: [B, T] int, packed documents (docs/semantics.md#packed-rows; see
       `compressed_attention`), or None. cuDNN takes none (`dispatch`).
 
   Returns:
