@@ -6,6 +6,7 @@ reference first, then timings of the default tiles and of variants of them.
     python -m experiments.profile_kernels OP --heads 256,256 --group 1   # other heads
     python -m experiments.profile_kernels selected --batch 4 --q-heads 16 --group 4  # research
     python -m experiments.profile_kernels OP --small        # CPU, interpret mode
+    python -m experiments.profile_kernels select --group-score max   # select, decode: heads' max
 
 OP is one of
   window, compressed  the banded flash kernels (pallas_kernels/_flash.py); variants
@@ -46,7 +47,7 @@ from nsa_jax import NSAConfig, compressed_attention, decoding, select_blocks, wi
 from nsa_jax.ops import _common
 from nsa_jax.ops.compressed import compressed_attention_xla, compressed_scores
 from nsa_jax.ops.selected import selected_attention_xla
-from nsa_jax.ops.selection import overlap_to_select_blocks, select_blocks_xla
+from nsa_jax.ops.selection import group_block_scores, select_blocks_xla
 from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import compressed_attention as cmp_kernel
 from pallas_kernels import decode_attention, selected_attention, selected_tiles
@@ -199,8 +200,8 @@ def selection_errors(got, args, config: NSAConfig) -> dict[str, float]:
       s, mask = compressed_scores(qg[None, None], t, k_cmp[b:b + 1, :, g:g + 1]
                                   .astype(jnp.float32), config, scale)
     p, _ = _common.masked_softmax(s, mask)
-    scores = np.asarray(overlap_to_select_blocks(p.sum(axis=2), config,
-                                                 config.num_select_blocks(q.shape[1])))[0, 0, 0]
+    scores = np.asarray(group_block_scores(p, config,
+                                           config.num_select_blocks(q.shape[1])))[0, 0, 0]
     mine, ref = set(got[b, t, g]) - {-1}, set(want[b, t, g]) - {-1}
     hi, lo = scores[sorted(ref - mine)].max(initial=-np.inf), scores[sorted(mine - ref)].min(
         initial=np.inf)
@@ -237,11 +238,10 @@ def time_op(op: str, T: int, shape, config, interpret, runs, key, change=None) -
   return row
 
 
-def decode_rows(ts, batches, variants, small, reps) -> list[dict]:
+def decode_rows(ts, batches, variants, small, reps, config: NSAConfig) -> list[dict]:
   """Each decode variant: its step checked against the XLA step, then timed as
   bench_decode.py does (Config A, full caches of T tokens)."""
   from experiments.bench_decode import STEPS, check_kernel, steps_loop, timed
-  config = NSAConfig()
   HQ, HKV, D, dtype = (16, 1, 16, jnp.float32) if small else (64, 4, 128, jnp.bfloat16)
   defaults = {k: getattr(decode_attention, k) for v in VARIANTS["decode"].values() for k in v}
   rows = []
@@ -282,6 +282,8 @@ def main():
   parser.add_argument("--q-heads", type=int, default=64,
                       help="HQ query heads (default 64, Config A; the research preset: 16)")
   parser.add_argument("--batch", type=int, default=1, help="B sequences (default 1)")
+  parser.add_argument("--group-score", choices=("sum", "max"), default="sum",
+                      help="NSAConfig.group_score (select, decode; default: the paper's sum)")
   parser.add_argument("--ts", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
   parser.add_argument("--check-ts", type=int, nargs="+", default=[8192, 16384])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decode only")
@@ -294,7 +296,8 @@ def main():
   op, small = args.op, args.small
   names = ([] if args.no_variants else args.variants.split(",") if args.variants
            else list(VARIANTS[op]))
-  config = bc.small_config() if small else NSAConfig()
+  config = dataclasses.replace(bc.small_config() if small else NSAConfig(),
+                               group_score=args.group_score)
   shape = (Shape(1, 1, 16, 24 if args.config_b else 16, 16) if small
            else Shape(1, 4, 16, 192 if args.config_b else 128, 128))
   if args.heads:
@@ -315,7 +318,8 @@ def main():
 
   if op == "decode":
     rows = decode_rows([1024] if small else ts[-1:], [1] if small else args.batches,
-                       ["default"] + names, small, 1 if small else runs)
+                       ["default"] + names, small, 1 if small else runs,
+                       dataclasses.replace(NSAConfig(), group_score=args.group_score))
     result["timings"] = rows
     bc.print_table(["T", "B", "variant", "us/step", "o error", "selections agree", "ok"],
                    [[r["T"], r["B"], r["variant"], r["us_per_step"], r["o_rel_err"],

@@ -5,9 +5,10 @@ in `nsa_jax/ops/selection.py` (the same selection up to near-ties of the summati
 docs/semantics.md#near-ties). One program per (query tile of Bq tokens, KV group, batch
 row): the tile's tokens are the rows of every matmul and the group's heads a loop; pass 1
 computes each head's lse (skipped when the compressed branch's lse is given), pass 2 maps
-p = exp(s - lse) onto chunks of selection blocks with the overlap matrix and keeps a running
-top-n in registers (`_merge_top_n`). Only the [T, n] indices reach memory. No custom_vjp:
-the output is integer. Design: docs/kernels.md#selection-kernel.
+p = exp(s - lse) onto chunks of selection blocks with the overlap matrix (the heads' p summed
+first, Eq. 10; with `sizes.group_score == "max"` each head's mapped and the max kept) and
+keeps a running top-n in registers (`_merge_top_n`). Only the [T, n] indices reach memory.
+No custom_vjp: the output is integer. Design: docs/kernels.md#selection-kernel.
 """
 from __future__ import annotations
 
@@ -196,15 +197,22 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
     i0 = row0 - front
     i = i0 + jnp.arange(block_k, dtype=jnp.int32)
 
-    def add_head(h, p_sum):
+    weights = lambda: overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk, sizes, dtype)
+
+    def probs(h):
       s, visible = scores(h, row0, i)
       lse_h = jnp.sum(jnp.where(head_col == h, lse, 0.0), axis=1)
-      return p_sum + jnp.where(visible, jnp.exp(s - lse_h[:, None]), 0.0)
+      return jnp.where(visible, jnp.exp(s - lse_h[:, None]), 0.0)
 
-    p_sum = lax.fori_loop(0, group, add_head,
-                          jnp.zeros((block_q, block_k), dtype))
-    weights = overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk, sizes, dtype)
-    block_scores = exact_dot(p_sum, weights)
+    if sizes.group_score == "sum":   # Eq. 10: one overlap matmul of the heads' sum
+      p_sum = lax.fori_loop(0, group, lambda h, p_sum: p_sum + probs(h),
+                            jnp.zeros((block_q, block_k), dtype))
+      block_scores = exact_dot(p_sum, weights())
+    else:                            # each head's block scores, then their max
+      w = weights()
+      block_scores = lax.fori_loop(
+          0, group, lambda h, best: jnp.maximum(best, exact_dot(probs(h), w)),
+          jnp.zeros((block_q, chunk_pad), dtype))
 
     col = jnp.arange(chunk_pad, dtype=jnp.int32)[None, :]
     j = c * chunk + col                                            # [1, Sc]

@@ -5,6 +5,10 @@ local blocks forced in (docs/semantics.md#importance-scores, #selection).
 `nsa` and `select_blocks` take p_cmp from one lse, `selection_lse`, so that they select the
 same blocks bit for bit (docs/semantics.md#one-selection). The Pallas kernel is
 `pallas_kernels/select_blocks.py`.
+The heads of a group are summed (paper Eq. 10) or their max taken (`config.group_score`,
+docs/selection_learning.md#group-aggregation). The selection carries no gradient;
+`selected_scores` gives the selected blocks' scores one through the straight-through gate
+(docs/selection_learning.md#straight-through-gate).
 """
 from __future__ import annotations
 
@@ -140,6 +144,21 @@ def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
   return strides.reshape(*strides.shape[:-1], num_blocks, per_select).sum(-1)
 
 
+def candidate_blocks(t, num_blocks: int, config: NSAConfig, doc_start=None):
+  """(candidate, forced) masks [C, num_blocks] of the queries at positions t [C]
+  (Eq. 11): candidates s(t) <= j*l' <= t, forced the first num_initial of them and
+  the num_local last; with doc_start [B, C] (s(t); 0 without), [B, 1, C, num_blocks]."""
+  lp = config.select_block
+  j = jnp.arange(num_blocks)[None, :]
+  cur = (t // lp)[:, None]
+  first = 0
+  if doc_start is not None:   # [B, 1, C, 1] against [1, 1, C, Ts]
+    j, cur, first = j[None, None], cur[None, None], (doc_start // lp)[:, None, :, None]
+  candidate = (j <= cur) & (j >= first)
+  forced = candidate & ((j < first + config.num_initial) | (j > cur - config.num_local))
+  return candidate, forced
+
+
 def rank_blocks(scores, t, config: NSAConfig, doc_start=None):
   """Top-n of [..., C, Ts] block scores for queries at positions t [C].
 
@@ -148,21 +167,72 @@ def rank_blocks(scores, t, config: NSAConfig, doc_start=None):
   num_local last ones) +inf; ties go to the lower index (lax.top_k keeps the
   lower index first). Returns int32 [..., C, n].
   """
-  n, lp = config.num_selected, config.select_block
+  n = config.num_selected
   Ts = scores.shape[-1]
-  j = jnp.arange(Ts)[None, :]
-  cur = (t // lp)[:, None]
-  first = 0
-  if doc_start is not None:   # [B, 1, C, 1] against [1, 1, C, Ts]
-    j, cur, first = j[None, None], cur[None, None], (doc_start // lp)[:, None, :, None]
-  candidate = (j <= cur) & (j >= first)
-  forced = candidate & ((j < first + config.num_initial) | (j > cur - config.num_local))
+  candidate, forced = candidate_blocks(t, Ts, config, doc_start)
   s = jnp.where(forced, jnp.inf, jnp.where(candidate, scores, -jnp.inf))
   if Ts < n:
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n - Ts)],
                 constant_values=-jnp.inf)
   vals, idx = lax.top_k(s, n)
   return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def group_block_scores(p, config: NSAConfig, num_blocks: int):
+  """A KV group's block scores [B, HKV, ..., num_blocks] from p [B, HKV, G, ..., Tc].
+
+  "sum" (Eq. 10): the heads' p_cmp summed, then mapped to selection blocks (Eq. 9;
+  the map is linear, so this is the sum of the heads' p_slc); "max": each head's
+  p_slc, then the max over the heads (config.group_score).
+  """
+  if config.group_score == "sum":
+    return overlap_to_select_blocks(p.sum(axis=2), config, num_blocks)
+  return overlap_to_select_blocks(p, config, num_blocks).max(axis=2)
+
+
+def importance_scores(qc, start, k_cmp, config: NSAConfig, scale: float, num_blocks: int,
+                      doc_start=None, lse=None):
+  """Block scores [B, HKV, C, num_blocks] (Eq. 8-10) of the query chunk qc [B, C, HQ, Dk]
+  at positions start ..: p_cmp as `compressed_probabilities` gives it (with the
+  compressed branch's lse [B, C, HQ] where given), aggregated by `group_block_scores`.
+  doc_start [B, C]: packed rows, or None. Differentiable in qc and k_cmp (lse aside).
+  """
+  B, C = qc.shape[:2]
+  if k_cmp.shape[1] == 0:
+    return jnp.zeros((B, k_cmp.shape[2], C, num_blocks), _common.compute_dtype(qc.dtype))
+  s, mask = compressed_scores(qc, start, k_cmp, config, scale, doc_start)
+  return group_block_scores(compressed_probabilities(s, mask, lse), config, num_blocks)
+
+
+def selected_scores(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
+                    segment_ids=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
+  """Normalised importance scores [B, T, HKV, n] of the selected blocks, differentiable
+  in q and k_cmp: the straight-through gate's s
+  (docs/selection_learning.md#straight-through-gate; `nsa` adds s - stop_gradient(s), 0, to the scores of each
+  slot's keys),
+
+      s[t, g, slot] = score[t, g, b] / (l/d * (G for "sum", 1 for "max")),
+
+  b = block_idx[t, g, slot], score as `importance_scores` gives it with the compressed
+  branch's own softmax (a slot of -1 reads block 0: the selected branch masks it).
+  Arguments as `select_blocks`'s; q_offset: q holds the queries from that position.
+  """
+  B, T, HQ, _ = q.shape
+  HKV = k_cmp.shape[2]
+  sliced = q_offset is not None
+  seq_len = (k_cmp.shape[1] * config.compress_stride + config.compress_block - 1
+             if sliced else T)
+  Ts = config.num_select_blocks(seq_len)
+  norm = config.compress_block // config.compress_stride * (
+      HQ // HKV if config.group_score == "sum" else 1)
+  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+
+  def chunk_fn(start, qc, bc, *doc_c):
+    scores = importance_scores(qc, start, k_cmp, config, scale, Ts, *doc_c) / norm
+    return jnp.take_along_axis(jnp.moveaxis(scores, 1, 2), jnp.clip(bc, 0, Ts - 1), axis=-1)
+
+  xs = (q, block_idx.astype(jnp.int32)) + ((doc_start,) if doc_start is not None else ())
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk, 0 if q_offset is None else q_offset)
 
 
 def compressed_probabilities(s, mask, lse=None):
@@ -193,16 +263,10 @@ def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
   Ts = config.num_select_blocks(q.shape[1] if seq_len is None else seq_len)
 
   def chunk_fn(start, qc, *rest):
-    lse_c = rest[:1] if lse is not None else ()
+    lse_c = rest[0] if lse is not None else None
     doc_c = rest[-1] if doc_start is not None else None
-    C = qc.shape[1]
-    t = start + jnp.arange(C)
-    if k_cmp.shape[1] == 0:
-      scores = jnp.zeros((qc.shape[0], k_cmp.shape[2], C, Ts), jnp.float32)
-    else:
-      s, mask = compressed_scores(qc, start, k_cmp, config, scale, doc_c)
-      p = compressed_probabilities(s, mask, *lse_c)    # [B, HKV, G, C, Tc]
-      scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
+    t = start + jnp.arange(qc.shape[1])
+    scores = importance_scores(qc, start, k_cmp, config, scale, Ts, doc_c, lse_c)
     return jnp.moveaxis(rank_blocks(scores, t, config, doc_c), 1, 2)   # [B, C, HKV, n]
 
   xs = (q,) + ((lse,) if lse is not None else ()) + ((doc_start,) if doc_start is not None else ())
