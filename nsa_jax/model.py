@@ -55,6 +55,10 @@ class ModelConfig:
     rope_theta: RoPE base.
     dtype: compute dtype name ("float32", "bfloat16"); parameters stay float32.
     impl: NSA op implementation ("auto", "xla", "pallas").
+    select_distill: weight of the selection distillation loss (docs/selection_learning.md,
+      "Training"): each NSA layer's KL from its group's dense attention to its selection
+      scores, mean over layers, added to the training loss; 0: not computed. Ignored by full
+      attention, which selects nothing.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -70,6 +74,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   dtype: str = "float32"
   impl: str = "auto"
+  select_distill: float = 0.0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
@@ -87,6 +92,14 @@ class ModelConfig:
       raise ValueError(f"head dim {self.head_size} must be even for RoPE")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+    if not self.select_distill >= 0:
+      raise ValueError(f"select_distill={self.select_distill} must be >= 0 (0: no "
+                       f"selection distillation)")
+
+  @property
+  def distills(self) -> bool:
+    """Whether training adds the selection distillation loss (NSA, select_distill > 0)."""
+    return self.attention == "nsa" and self.select_distill > 0
 
   @property
   def head_size(self) -> int:
@@ -224,11 +237,17 @@ class Block(nnx.Module):
                                 dtype=dtype, rngs=rngs)
     self.mlp = SwiGLU(c.d_model, c.mlp_size, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, attend=None, segment_ids=None):
-    """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding)."""
+  def __call__(self, x, attend=None, segment_ids=None, distill=False):
+    """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding).
+    distill: return (output, the NSA layer's selection distillation loss)."""
     h = self.attn_norm(x)
-    x = x + (self.attn(h, segment_ids) if attend is None else attend(self.attn, h))
-    return x + self.mlp(self.mlp_norm(x))
+    if distill:
+      y, loss = self.attn(h, segment_ids, distill=True)
+    else:
+      y = self.attn(h, segment_ids) if attend is None else attend(self.attn, h)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return (x, loss) if distill else x
 
 
 class Transformer(nnx.Module):
@@ -245,8 +264,9 @@ class Transformer(nnx.Module):
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
         kernel_init=EMBED_INIT, rngs=rngs)
 
-  def __call__(self, tokens, segment_ids=None, attend=None):
-    """Logits of tokens [B, T].
+  def __call__(self, tokens, segment_ids=None, attend=None, distill=False):
+    """Logits of tokens [B, T], or with `distill` (config.distills) (logits, the selection
+    distillation loss: the mean over layers of each NSA layer's, float32).
 
     segment_ids: [B, T] int, documents packed in a row (SPEC §6: contiguous runs,
       each starting at a multiple of the NSA config's select_block, as
@@ -258,12 +278,20 @@ class Transformer(nnx.Module):
     if attend is not None and segment_ids is not None:
       raise ValueError("segment_ids with attend: decoding (nsa_jax.decoding) runs one "
                        "document per row; pass segment_ids=None")
-    x = self.embed(tokens)
+    if distill and (attend is not None or not self.config.distills):
+      raise ValueError(f"distill=True needs an NSA model with select_distill > 0 (got "
+                       f"attention={self.config.attention!r}, select_distill="
+                       f"{self.config.select_distill}) and no attend")
+    x, losses = self.embed(tokens), []
     for i, block in enumerate(self.blocks):
-      x = block(x, None if attend is None else functools.partial(attend, i), segment_ids)
+      if distill:
+        x, loss = block(x, segment_ids=segment_ids, distill=True)
+        losses.append(loss.astype(jnp.float32))
+      else:
+        x = block(x, None if attend is None else functools.partial(attend, i), segment_ids)
     x = self.norm(x)
-    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits.astype(jnp.float32)
+    logits = (self.embed.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+    return (logits, sum(losses) / len(losses)) if distill else logits
 
 
 def count_params(model: nnx.Module) -> int:

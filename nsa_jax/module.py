@@ -190,11 +190,20 @@ class NativeSparseAttention(nnx.Module):
                 k_win=rope(kv["win"][0]), v_win=kv["win"][1],
                 gates=gates.astype(dt))
 
-  def __call__(self, x, segment_ids=None):
+  def __call__(self, x, segment_ids=None, distill=False):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
-    of packed rows: segment_ids [B, T] int (SPEC §6; `nsa_jax.nsa`)."""
+    of packed rows: segment_ids [B, T] int (SPEC §6; `nsa_jax.nsa`).
+
+    distill: also return the selection distillation loss of this call's q, k_cmp and
+    k_slc (`nsa_jax.ops.distill.selection_distill_loss`; docs/selection_learning.md).
+    """
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
-    o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,
-           impl=self.impl, segment_ids=segment_ids)
-    return self.o_proj(o.reshape(B, T, self.num_heads * self.dv))
+    inputs = self.branch_inputs(x, segment_ids=segment_ids)
+    o = op(**inputs, config=self.config, impl=self.impl, segment_ids=segment_ids)
+    y = self.o_proj(o.reshape(B, T, self.num_heads * self.dv))
+    if not distill:
+      return y
+    from nsa_jax.ops.distill import selection_distill_loss   # only where a model distills
+    return y, selection_distill_loss(inputs["q"], inputs["k_cmp"], inputs["k_slc"],
+                                     config=self.config, segment_ids=segment_ids)

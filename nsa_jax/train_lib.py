@@ -85,16 +85,32 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> nnx.Optimizer:
 
 
 def loss_sums(model: Transformer, batch):
-  """(sum of weighted next-token NLL, sum of weights) of a batch; its rows' documents
-  (`segment_ids`, SPEC §6) each run as a sequence of their own."""
-  logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+  """(sum of weighted next-token NLL, sum of weights, selection distillation loss) of a
+  batch; its rows' documents (`segment_ids`, SPEC §6) each run as a sequence of their own.
+  The distillation loss (mean over layers, `Transformer(distill=True)`) is None unless
+  `model.config.distills`: then it is not computed at all."""
+  segment_ids = batch.get("segment_ids")
+  distill = None
+  if model.config.distills:
+    logits, distill = model(batch["inputs"], segment_ids=segment_ids, distill=True)
+  else:
+    logits = model(batch["inputs"], segment_ids=segment_ids)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["weights"].astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
+  return jnp.sum(nll * w), jnp.sum(w), distill
+
+
+def distill_weight(select_distill: float, warmup_steps: int, step):
+  """The distillation loss's weight at optimizer step `step` (0-based): rising linearly
+  from select_distill / warmup_steps to select_distill over the first warmup_steps
+  steps, then select_distill (docs/selection_learning.md, "Training")."""
+  if warmup_steps == 0:
+    return select_distill
+  return select_distill * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 @functools.lru_cache(maxsize=8)
-def make_steps(graphdef):
+def make_steps(graphdef, distill_warmup_steps: int = 0):
   """jit-compiled (train_step, eval_step) over the state of nnx.split((model, optimizer)).
 
   train_step(state, batch) -> (new state, metrics) *donates* `state`: its buffers
@@ -102,25 +118,31 @@ def make_steps(graphdef):
   optimizer's moments once, not twice. The state passed in (and the model and
   optimizer it was split from) must not be read afterwards: thread the returned
   state, and `nnx.update` the modules with it before using them.
-  Cached by graphdef, so runs of one configuration in one process (a resumed
-  run, the tests) share the compiled steps.
+  Its loss is the mean weighted NLL ("loss" in the metrics), plus, for a model whose
+  config distills, `distill_weight` times the selection distillation loss ("distill").
+  Cached by graphdef (and the warmup), so runs of one configuration in one process (a
+  resumed run, the tests) share the compiled steps.
   """
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    c = model.config
 
     def loss_fn(model):
-      total, count = loss_sums(model, batch)
-      return total / jnp.maximum(count, 1.0)
+      total, count, distill = loss_sums(model, batch)
+      loss = total / jnp.maximum(count, 1.0)
+      if distill is None:
+        return loss, {"loss": loss}
+      weight = distill_weight(c.select_distill, distill_warmup_steps, optimizer.step[...])
+      return loss + weight * distill, {"loss": loss, "distill": distill}
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return nnx.state((model, optimizer)), metrics
+    return nnx.state((model, optimizer)), {**metrics, "grad_norm": optax.tree.norm(grads)}
 
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
-    return loss_sums(model, batch)
+    return loss_sums(model, batch)[:2]
 
   return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 
@@ -347,8 +369,9 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   if cfg.resume and manager.latest_step() is not None:
     meta = restore_checkpoint(manager, manager.latest_step(), model, optimizer, loader)
     start, train_s = meta["step"], meta["train_s"]
-  columns = ["step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "train_s",
-             "compile_s", *[f"val_{t}" for t in loader.mixture]]
+  columns = ["step", "loss", *(["distill"] if cfg.model.distills else []), "grad_norm", "lr",
+             "step_s", "tokens_per_s", "train_s", "compile_s",
+             *[f"val_{t}" for t in loader.mixture]]
   log = MetricsLog(out, columns, start, to_dict(cfg))
   if start:
     log.say(f"resumed from step {start} of {manager.directory}")
@@ -364,7 +387,8 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   log.say("compiling the train and eval steps...")
   t0 = time.perf_counter()
   example = next(iter(val_sets.values()))[0]    # shaped and placed like a training batch
-  train_step, eval_step = (f.lower(state, example).compile() for f in make_steps(graphdef))
+  train_step, eval_step = (f.lower(state, example).compile()
+                           for f in make_steps(graphdef, cfg.distill_warmup_steps))
   compile_s = time.perf_counter() - t0
   log.say(f"compiled in {compile_s:.1f} s")
   schedule = lr_schedule(cfg)
@@ -387,6 +411,7 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
           f"Last good checkpoint: step {manager.latest_step()} in {manager.directory} "
           f"(lower --lr or raise --warmup_steps, then resume from it)")
     row = {"step": step, "loss": loss, "grad_norm": grad_norm,
+           **({"distill": float(metrics["distill"])} if "distill" in metrics else {}),
            "lr": float(schedule(step - 1)), "step_s": step_s,
            "tokens_per_s": tokens_per_step / step_s, "train_s": train_s}
     if step == start + 1:
