@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+GROUP_SCORES = ("sum", "max")
+SELECT_GATES = ("none", "straight_through")
+
 
 @dataclasses.dataclass(frozen=True)
 class NSAConfig:
@@ -17,6 +20,12 @@ class NSAConfig:
     num_local: most recent blocks always selected, the one holding t first
       (paper §4.1: 2).
     window: w, sliding-window length, the query itself included (§3.3.3).
+    group_score: how the G query heads of a KV group share one block score:
+      "sum" (paper Eq. 10) or "max" (the max over heads of each head's score);
+      docs/selection_learning.md, "Group aggregation".
+    select_gate: "none" (the paper) or "straight_through": the selected branch
+      weights each selected block by a gate equal to 1 whose gradient reaches the
+      block's importance score; docs/selection_learning.md, "Straight-through gate".
   """
 
   compress_block: int = 32
@@ -26,8 +35,14 @@ class NSAConfig:
   num_initial: int = 1
   num_local: int = 2
   window: int = 512
+  group_score: str = "sum"
+  select_gate: str = "none"
 
   def __post_init__(self):
+    for name, choices in (("group_score", GROUP_SCORES), ("select_gate", SELECT_GATES)):
+      value = getattr(self, name)
+      if value not in choices:
+        raise ValueError(f"NSAConfig.{name}={value!r} must be one of {choices}")
     for name in ("compress_block", "compress_stride", "select_block",
                  "num_selected", "window", "num_local"):
       value = getattr(self, name)

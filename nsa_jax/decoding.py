@@ -43,7 +43,7 @@ from nsa_jax.model import FullAttention
 from nsa_jax.module import NativeSparseAttention
 from nsa_jax.ops import _common, dispatch
 from nsa_jax.ops.nsa import nsa
-from nsa_jax.ops.selection import overlap_to_select_blocks, rank_blocks
+from nsa_jax.ops.selection import group_block_scores, rank_blocks
 from nsa_jax.rope import apply_rope
 from pallas_kernels import decode_attention as kernel
 
@@ -64,7 +64,8 @@ def num_visible_compressed(t, config: NSAConfig):
 
 
 def decode_selection(p_cmp, t, config: NSAConfig, seq_len: int):
-  """Top-n selection blocks of one query per sequence (paper Eq. 9-11).
+  """Top-n selection blocks of one query per sequence (paper Eq. 9-11; heads
+  aggregated as config.group_score says).
 
   Args:
     p_cmp: [B, HKV, G, Sc] compressed-branch probabilities (0 where not visible).
@@ -74,8 +75,8 @@ def decode_selection(p_cmp, t, config: NSAConfig, seq_len: int):
     block_idx [B, HKV, n] int32, -1 in unused slots.
   """
   # Compressed blocks past num_compressed(seq_len) cannot exist (alignment padding).
-  p = p_cmp[..., :config.num_compressed(seq_len)].sum(axis=2)
-  scores = overlap_to_select_blocks(p, config, config.num_select_blocks(seq_len))
+  p = p_cmp[..., :config.num_compressed(seq_len)]
+  scores = group_block_scores(p, config, config.num_select_blocks(seq_len))
   rank_one = lambda s, tb: rank_blocks(s[:, None, :], tb[None], config)[:, 0]
   return jax.vmap(rank_one)(scores, t)
 

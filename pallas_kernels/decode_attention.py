@@ -18,7 +18,8 @@ experiments/PERF_NOTES.md has the figures):
      last compressed keys reach into (a masked row sum);
   2. `_scores_kernel`: merges the compressed partials into each head's lse,
      rescales the tile sums and spills by exp(max - lse) and adds heads into
-     the block scores, all heads at once, a few score rows per program;
+     the block scores (or takes their max: `sizes.group_score`), all heads at
+     once, a few score rows per program;
   3. `_top_n_kernel`, one warp per (sequence, group): the top n blocks (Eq. 11;
      forced initial and local blocks first), `nsa_jax.ops.selection`'s ranking
      by n passes of "max, lowest index holding it, knock it out";
@@ -221,7 +222,8 @@ def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, spill_ref, tile_max_ref, scor
   """Program (b, h, r): block scores (Eq. 9-10) of score rows r*rows .., all
   heads at once: each head's lse from the compressed partials, the tile sums
   (row c: tile c) and spills (row c: tile c - 1) rescaled by exp(tile max -
-  lse), summed over heads."""
+  lse), summed over heads (Eq. 10) or, sizes.group_score "max", their max (a padded
+  head's scores are 0, below or at every head's)."""
   m, l = m_ref[...], l_ref[...]                    # [P, Gp] compressed partials
   top = m.max(axis=0)
   total = (l * jnp.exp(m - top[None, :])).sum(axis=0)
@@ -241,11 +243,14 @@ def _scores_kernel(len_ref, m_ref, l_ref, blk_ref, spill_ref, tile_max_ref, scor
 
   c, ok, rescale = tile_rows(0)
   sums = jnp.where(ok[:, :, None], blk_ref[c, :, pl.ds(0, plan.per_tile)], 0.0)
-  scores = (rescale[:, :, None] * sums).sum(axis=1)               # [rows, per_tile]
+  heads = rescale[:, :, None] * sums                              # [rows, Gp, per_tile]
   c, ok, rescale = tile_rows(1)
-  spill = (rescale * jnp.where(ok, spill_ref[c], 0.0)).sum(axis=1)   # [rows]
+  spill = rescale * jnp.where(ok, spill_ref[c], 0.0)              # [rows, Gp]
   first_col = jnp.arange(plan.per_tile, dtype=jnp.int32)[None, :] == 0
-  scores_ref[...] = scores + jnp.where(first_col, spill[:, None], 0.0)
+  if sizes.group_score == "sum":
+    scores_ref[...] = heads.sum(axis=1) + jnp.where(first_col, spill.sum(axis=1)[:, None], 0.0)
+  else:
+    scores_ref[...] = (heads + jnp.where(first_col[None], spill[:, :, None], 0.0)).max(axis=1)
 
 
 def _top_n(live, index, n: int, n_pad: int):

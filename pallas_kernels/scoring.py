@@ -20,6 +20,8 @@ class Selection:
   compress_block l and compress_stride d place compressed block i on tokens
   [i*d, i*d + l); select_block l' is a selection block's length; num_selected n blocks
   are kept per query, num_initial leading and num_local most recent ones forced in.
+  group_score: a KV group's block score is the sum over its heads of each head's
+  block score (Eq. 10, "sum") or their max ("max").
   """
 
   compress_block: int
@@ -28,6 +30,7 @@ class Selection:
   num_selected: int
   num_initial: int
   num_local: int
+  group_score: str = "sum"
 
   @property
   def strides_per_block(self) -> int:

@@ -8,6 +8,8 @@ For every query t and KV group g it computes
 
     score[t, g, j] = sum_{h in g} sum_i  overlap(i, j) * p_cmp[t, h, i]      (Eq. 8-10)
 
+(or, with `sizes.group_score == "max"`, the max over h in g of the inner sums)
+
 with p_cmp the compressed branch's softmax over the visible compressed blocks
 (`i*d + l - 1 <= t`) and overlap(i, j) = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d,
 forces the initial and local candidate blocks in with +inf, drops non-candidates
@@ -32,7 +34,8 @@ Design (one program per (query tile of Bq tokens, KV group, batch)):
   key tile of `block_k` rows (`Sc = (block_k - (l/d - 1)) // (l'/d)`). Per chunk:
   for each head p = exp(s - lse) is recomputed and summed over heads; one
   matmul with the 0/1/2 overlap matrix (built from iota, exact in any float
-  type) maps the [Bq, block_k] probabilities to [Bq, Sc] block scores. Small
+  type) maps the [Bq, block_k] probabilities to [Bq, Sc] block scores ("max":
+  one such matmul per head, the running max of their results kept). Small
   score differences decide the ranking, so that matmul keeps float32
   accuracy: p is split into three bf16 pieces on the tensor cores (`scoring.exact_dot`;
   ~l'/d times fewer FLOPs than the QK matmuls).
@@ -257,15 +260,22 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
     i0 = row0 - front
     i = i0 + jnp.arange(block_k, dtype=jnp.int32)
 
-    def add_head(h, p_sum):
+    weights = lambda: overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk, sizes, dtype)
+
+    def probs(h):
       s, visible = scores(h, row0, i)
       lse_h = jnp.sum(jnp.where(head_col == h, lse, 0.0), axis=1)
-      return p_sum + jnp.where(visible, jnp.exp(s - lse_h[:, None]), 0.0)
+      return jnp.where(visible, jnp.exp(s - lse_h[:, None]), 0.0)
 
-    p_sum = lax.fori_loop(0, group, add_head,
-                          jnp.zeros((block_q, block_k), dtype))
-    weights = overlap_matrix(i0, block_k, c * chunk, chunk_pad, chunk, sizes, dtype)
-    block_scores = exact_dot(p_sum, weights)
+    if sizes.group_score == "sum":   # Eq. 10: one overlap matmul of the heads' sum
+      p_sum = lax.fori_loop(0, group, lambda h, p_sum: p_sum + probs(h),
+                            jnp.zeros((block_q, block_k), dtype))
+      block_scores = exact_dot(p_sum, weights())
+    else:                            # each head's block scores, then their max
+      w = weights()
+      block_scores = lax.fori_loop(
+          0, group, lambda h, best: jnp.maximum(best, exact_dot(probs(h), w)),
+          jnp.zeros((block_q, chunk_pad), dtype))
 
     col = jnp.arange(chunk_pad, dtype=jnp.int32)[None, :]
     j = c * chunk + col                                            # [1, Sc]

@@ -4,6 +4,7 @@ Small blocks (l=8, d=4, l'=16, n=4, w=24) so that a few dozen tokens cross
 compressed-block, selection-block and window boundaries. Each function is
 jit-compiled once; lengths vary as data.
 """
+import dataclasses
 import functools
 
 import jax
@@ -31,10 +32,13 @@ def _pad_rows(x, rows):
   return jnp.pad(x, [(0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0)])
 
 
+@pytest.mark.parametrize("group_score", ["sum", "max"])
 @pytest.mark.parametrize("impl,HKV,G", [("xla", 2, 3), ("pallas", 2, 3), ("pallas", 1, 32)])
-def test_nsa_decode_is_last_row_of_nsa(impl, HKV, G):
+def test_nsa_decode_is_last_row_of_nsa(impl, HKV, G, group_score):
   """One decode query == row t of the full op, selection included, at many
-  lengths; G = 3 pads the kernel's head tile to 16 rows, G = 32 exceeds it."""
+  lengths; G = 3 pads the kernel's head tile to 16 rows, G = 32 exceeds it; the
+  heads' block scores summed (Eq. 10) or their max (config.group_score)."""
+  config = dataclasses.replace(CFG, group_score=group_score)
   B, T, Dk, Dv = 2, 70, 16, 32
   ks = jax.random.split(jax.random.key(0), 8)
   q = _normal(ks[0], (B, T, HKV * G, Dk))
@@ -43,7 +47,8 @@ def test_nsa_decode_is_last_row_of_nsa(impl, HKV, G):
   k_slc, k_win = _normal(ks[3], (B, T, HKV, Dk)), _normal(ks[4], (B, T, HKV, Dk))
   v_slc, v_win = _normal(ks[5], (B, T, HKV, Dv)), _normal(ks[6], (B, T, HKV, Dv))
   gates = jax.nn.sigmoid(_normal(ks[7], (B, T, HKV * G, 3)))
-  want, want_idx = jax.jit(functools.partial(nsa, config=CFG, impl="xla", return_block_idx=True))(
+  want, want_idx = jax.jit(functools.partial(nsa, config=config, impl="xla",
+                                             return_block_idx=True))(
       q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
   S, Sc = 128, 64      # aligned cache sizes, rows past T are zero
   caches = [_pad_rows(x, Sc) for x in (k_cmp, v_cmp)] + [
@@ -53,7 +58,7 @@ def test_nsa_decode_is_last_row_of_nsa(impl, HKV, G):
   def step(lengths):
     t = lengths - 1
     b = jnp.arange(B)
-    return decoding.nsa_decode(q[b, t], *caches, gates[b, t], lengths, config=CFG,
+    return decoding.nsa_decode(q[b, t], *caches, gates[b, t], lengths, config=config,
                                impl=impl, interpret=True, return_block_idx=True)
 
   # 1: nothing compressed; 7/8/9: around the first compressed block; 16/17: a

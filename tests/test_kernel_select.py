@@ -8,6 +8,8 @@ equal sets wherever the reference's n-th and (n+1)-th scores are more than
 RTOL apart, and elsewhere allows swaps only between blocks whose reference
 scores differ by less than RTOL (relative).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, segments
 from nsa_jax.ops._common import selection_sizes
 from nsa_jax.ops.compressed import compressed_scores
-from nsa_jax.ops.selection import overlap_to_select_blocks, select_blocks_xla
+from nsa_jax.ops.selection import group_block_scores, select_blocks_xla
 from pallas_kernels import select_blocks as select_blocks_module
 from pallas_kernels.select_blocks import Tiles, select_blocks
 
@@ -46,7 +48,7 @@ def ranked_reference_scores(q, k_cmp, config, scale, doc_start=None):
     s, mask = compressed_scores(q.astype(jnp.float64), 0,
                                 k_cmp.astype(jnp.float64), config, scale, doc_start)
     p, _ = _common.masked_softmax(s, mask)
-    scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
+    scores = group_block_scores(p, config, Ts)
   scores = np.moveaxis(np.asarray(scores), 1, 2)
   t = np.arange(T)[:, None, None]
   j = np.arange(Ts)
@@ -107,8 +109,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("group_score", ["sum", "max"])
 @pytest.mark.parametrize("T, HQ, HKV, Dk, config, dtype, tiles", CASES)
-def test_matches_reference(T, HQ, HKV, Dk, config, dtype, tiles):
+def test_matches_reference(T, HQ, HKV, Dk, config, dtype, tiles, group_score):
+  """Heads of a group summed (Eq. 10) or their max (config.group_score)."""
+  config = dataclasses.replace(config, group_score=group_score)
   q, k_cmp = random_inputs(T, 2, T, HQ, HKV, Dk, config, dtype)
   scale = _common.resolve_scale(None, q)       # the public op's default
   tiles_arg = {} if tiles is None else {"tiles": tiles}

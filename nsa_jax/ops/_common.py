@@ -20,7 +20,7 @@ def selection_sizes(config: NSAConfig) -> Selection:
   return Selection(compress_block=config.compress_block,
                    compress_stride=config.compress_stride, select_block=config.select_block,
                    num_selected=config.num_selected, num_initial=config.num_initial,
-                   num_local=config.num_local)
+                   num_local=config.num_local, group_score=config.group_score)
 
 
 def check_config(config) -> None:

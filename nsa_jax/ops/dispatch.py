@@ -125,7 +125,12 @@ def _pallas_select(call: Call) -> str | None:
 
 
 def _pallas_selected(call: Call) -> str | None:
+  """The kernels' backward emits no gradient of a per-block score bias: the
+  straight-through gate (`block_bias`, config.select_gate) runs on the reference."""
   a = call.arrays
+  if "block_bias" in a:
+    return ("the Pallas selected kernels take no block_bias (select_gate="
+            f"{call.config.select_gate!r}): the reference runs it")
   return selected_attention.unsupported(a["q"], a["k"], a["v"],
                                         block=call.config.select_block)
 

@@ -10,11 +10,13 @@ inputs). Each branch may have its own keys and values. Packed rows (SPEC §6:
 """
 from __future__ import annotations
 
+import jax
+
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch, segments
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
-from nsa_jax.ops.selection import lse_backend, select_blocks, selection_lse
+from nsa_jax.ops.selection import lse_backend, select_blocks, selection_gate, selection_lse
 from nsa_jax.ops.window import window_attention
 
 
@@ -76,7 +78,12 @@ def sparse_branches(q, k_cmp, v_cmp, k_slc, v_slc, *, impls: dict[str, str],
                       impl=impl, interpret=interpret, segment_ids=segment_ids,
                       q_offset=q_offset, branch=(v_cmp, impls["compressed_attention"], lse))
   block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
-  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"))
+  bias = None
+  if config.select_gate == "straight_through":
+    bias = selection_gate(q, k_cmp, block_idx, config=config, scale=_common.resolve_scale(
+        scale, q), segment_ids=segment_ids, q_offset=q_offset)
+  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"),
+                             block_bias=bias)
   return o_cmp, o_slc, block_idx
 
 
@@ -96,12 +103,18 @@ def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
   backends compute the same. Raises nsa's ValueError for inputs no backend of a
   branch takes. offset: q is a slice of the queries at a query offset
   (`sparse_branches`); the window takes none (under context it runs on its halo,
-  `nsa_jax.context.window_attention`)."""
+  `nsa_jax.context.window_attention`). With config.select_gate on, the selected
+  branch takes the gate's block bias (`selection.selection_gate`)."""
   call = lambda offset, **arrays: dispatch.Call(arrays, config, interpret, packed, offset)
+  gate = {}
+  if config.select_gate != "none":
+    B, T, _, _ = q.shape
+    gate = dict(block_bias=jax.ShapeDtypeStruct(
+        (B, T, k_cmp.shape[2], config.num_selected), _common.compute_dtype(q.dtype)))
   return dict(dispatch.nsa_branches(impl, {
       "compressed_attention": call(offset, q=q, k_cmp=k_cmp, v_cmp=v_cmp),
       "select_blocks": call(offset, q=q, k_cmp=k_cmp),
-      "selected_attention": call(offset, q=q, k=k_slc, v=v_slc),
+      "selected_attention": call(offset, q=q, k=k_slc, v=v_slc, **gate),
       "window_attention": call(False, q=q, k=k_win, v=v_win)}),
       selection_lse=lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
                                 packed=packed, offset=offset))

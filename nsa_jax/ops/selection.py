@@ -5,8 +5,9 @@ their overlap, counted in strides (the corrected Eq. 9):
 
     p_slc[t, h, j] = sum_i |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d * p_cmp[t, h, i]
 
-summed over the G heads of each KV group (Eq. 10), and the n best candidate
-blocks (`j*l' <= t`) are kept, the initial and local blocks forced in (Eq. 11).
+summed over the G heads of each KV group (Eq. 10; or their max, `config.group_score`:
+docs/selection_learning.md), and the n best candidate blocks (`j*l' <= t`) are
+kept, the initial and local blocks forced in (Eq. 11).
 Packed rows (SPEC §6): the candidates are the blocks of t's document,
 s(t) <= j*l' <= t, its first `num_initial` blocks forced in, and p_cmp is the
 compressed branch's over the blocks of that document.
@@ -21,6 +22,10 @@ kernel's own, say) would flip near-ties. `nsa` passes the lse its compressed
 branch already computed; `select_blocks` alone runs that branch for it.
 Decoding (`nsa_jax.decoding.decode_selection`) takes the same p_cmp from its
 own compressed branch (a single query: another kernel, so equal up to rounding).
+
+The selection carries no gradient. `selection_gate` (config.select_gate) gives the
+importance scores of the selected blocks one, through the selected branch
+(docs/selection_learning.md, "Straight-through gate").
 """
 from __future__ import annotations
 
@@ -181,6 +186,64 @@ def rank_blocks(scores, t, config: NSAConfig, doc_start=None):
   return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
 
+def group_block_scores(p, config: NSAConfig, num_blocks: int):
+  """A KV group's block scores [B, HKV, ..., num_blocks] from p [B, HKV, G, ..., Tc].
+
+  "sum" (Eq. 10): the heads' p_cmp summed, then mapped to selection blocks (Eq. 9;
+  the map is linear, so this is the sum of the heads' p_slc); "max": each head's
+  p_slc, then the max over the heads (config.group_score).
+  """
+  if config.group_score == "sum":
+    return overlap_to_select_blocks(p.sum(axis=2), config, num_blocks)
+  return overlap_to_select_blocks(p, config, num_blocks).max(axis=2)
+
+
+def importance_scores(qc, start, k_cmp, config: NSAConfig, scale: float, num_blocks: int,
+                      doc_start=None, lse=None):
+  """Block scores [B, HKV, C, num_blocks] (Eq. 8-10) of the query chunk qc [B, C, HQ, Dk]
+  at positions start ..: p_cmp as `compressed_probabilities` gives it (with the
+  compressed branch's lse [B, C, HQ] where given), aggregated by `group_block_scores`.
+  doc_start [B, C]: packed rows, or None. Differentiable in qc and k_cmp (lse aside).
+  """
+  B, C = qc.shape[:2]
+  if k_cmp.shape[1] == 0:
+    return jnp.zeros((B, k_cmp.shape[2], C, num_blocks), _common.compute_dtype(qc.dtype))
+  s, mask = compressed_scores(qc, start, k_cmp, config, scale, doc_start)
+  return group_block_scores(compressed_probabilities(s, mask, lse), config, num_blocks)
+
+
+def selection_gate(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
+                   segment_ids=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
+  """The straight-through gate's log-bias [B, T, HKV, n] of the selected blocks
+  (docs/selection_learning.md, "Straight-through gate"): s - stop_gradient(s), 0 in
+  the forward pass, whose gradient is that of s, the normalised importance score
+
+      s[t, g, b] = score[t, g, b] / (l/d * (G for "sum", 1 for "max"))
+
+  of each slot's block b = block_idx[t, g, slot] (`importance_scores` with the
+  compressed branch's own softmax; any slot of -1 reads block 0, which the selected
+  branch masks). The selected branch adds it to the scores of block b's keys.
+  Arguments as `select_blocks`'s; q_offset: q holds the queries from that position.
+  """
+  B, T, HQ, _ = q.shape
+  HKV = k_cmp.shape[2]
+  sliced = q_offset is not None
+  seq_len = (k_cmp.shape[1] * config.compress_stride + config.compress_block - 1
+             if sliced else T)
+  Ts = config.num_select_blocks(seq_len)
+  norm = config.compress_block // config.compress_stride * (
+      HQ // HKV if config.group_score == "sum" else 1)
+  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+
+  def chunk_fn(start, qc, bc, *doc_c):
+    scores = importance_scores(qc, start, k_cmp, config, scale, Ts, *doc_c) / norm
+    s = jnp.take_along_axis(jnp.moveaxis(scores, 1, 2), jnp.clip(bc, 0, Ts - 1), axis=-1)
+    return s - lax.stop_gradient(s)
+
+  xs = (q, block_idx.astype(jnp.int32)) + ((doc_start,) if doc_start is not None else ())
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk, 0 if q_offset is None else q_offset)
+
+
 def compressed_probabilities(s, mask, lse=None):
   """p_cmp (Eq. 8) from scores s [B, HKV, G, C, Tc] and visibility mask [C, Tc].
 
@@ -209,16 +272,10 @@ def select_blocks_xla(q, k_cmp, *, config: NSAConfig, scale: float, lse=None,
   Ts = config.num_select_blocks(q.shape[1] if seq_len is None else seq_len)
 
   def chunk_fn(start, qc, *rest):
-    lse_c = rest[:1] if lse is not None else ()
+    lse_c = rest[0] if lse is not None else None
     doc_c = rest[-1] if doc_start is not None else None
-    C = qc.shape[1]
-    t = start + jnp.arange(C)
-    if k_cmp.shape[1] == 0:
-      scores = jnp.zeros((qc.shape[0], k_cmp.shape[2], C, Ts), jnp.float32)
-    else:
-      s, mask = compressed_scores(qc, start, k_cmp, config, scale, doc_c)
-      p = compressed_probabilities(s, mask, *lse_c)    # [B, HKV, G, C, Tc]
-      scores = overlap_to_select_blocks(p.sum(axis=2), config, Ts)
+    t = start + jnp.arange(qc.shape[1])
+    scores = importance_scores(qc, start, k_cmp, config, scale, Ts, doc_c, lse_c)
     return jnp.moveaxis(rank_blocks(scores, t, config, doc_c), 1, 2)   # [B, C, HKV, n]
 
   xs = (q,) + ((lse,) if lse is not None else ()) + ((doc_start,) if doc_start is not None else ())
