@@ -53,8 +53,10 @@ def selected_mask(block_idx, T, cfg):
   return chosen & (s[None, None, None, :] <= np.arange(T)[None, :, None, None])
 
 
-def selection_scores(q, k_cmp, cfg, scale):
-  """Importance scores [B, T, HKV, Ts] with the explicit overlap weights of SPEC §3."""
+def selection_scores(q, k_cmp, cfg, scale, doc_start=None):
+  """Importance scores [B, T, HKV, Ts] with the explicit overlap weights of SPEC §3,
+  the heads of a group summed or their max (cfg.group_score); doc_start [B, T]: the
+  first position of each query's document (packed rows: blocks from it only)."""
   B, T, HQ, _ = q.shape
   HKV = k_cmp.shape[2]
   Tc = k_cmp.shape[1]
@@ -62,6 +64,9 @@ def selection_scores(q, k_cmp, cfg, scale):
   if Tc == 0:
     return np.zeros((B, T, HKV, Ts))
   mask = compressed_mask(B, T, HKV, cfg)
+  if doc_start is not None:
+    starts = np.arange(Tc) * cfg.compress_stride
+    mask = mask & (starts[None, None, None, :] >= np.asarray(doc_start)[:, :, None, None])
   G = HQ // HKV
   qq = np.asarray(q, np.float64)
   kk = np.repeat(np.asarray(k_cmp, np.float64), G, axis=2)
@@ -77,8 +82,8 @@ def selection_scores(q, k_cmp, cfg, scale):
   for i in range(Tc):
     for j in range(Ts):
       W[i, j] = max(0, min(i * d + l, (j + 1) * lp) - max(i * d, j * lp)) / d
-  p_slc = p @ W                                                  # [B,T,HQ,Ts]
-  return p_slc.reshape(B, T, HKV, G, Ts).sum(3)
+  p_slc = (p @ W).reshape(B, T, HKV, G, Ts)
+  return p_slc.sum(3) if cfg.group_score == "sum" else p_slc.max(3)
 
 
 def select_blocks(q, k_cmp, cfg, scale):
@@ -97,3 +102,43 @@ def select_blocks(q, k_cmp, cfg, scale):
                       key=lambda j: (-sc[b, t, g, j], j))
         out[b, t, g] = set(forced + rest[: cfg.num_selected - len(forced)])
   return out, sc
+
+
+def selection_distill_loss(q, k_cmp, k_slc, cfg, scale, doc_start=None):
+  """The selection distillation loss (docs/selection_learning.md), query by query.
+
+  Teacher: dense causal attention over k_slc (keys of t's document), averaged over
+  a group's heads, summed per selection block; student: `selection_scores`; both
+  over the free candidates (candidates not forced in), normalised; the mean of
+  KL(teacher || student) over the (b, t, g) that have a free candidate.
+  """
+  B, T, HQ, _ = q.shape
+  HKV = k_slc.shape[2]
+  G, lp = HQ // HKV, cfg.select_block
+  doc_start = np.zeros((B, T), int) if doc_start is None else np.asarray(doc_start)
+  student = selection_scores(q, k_cmp, cfg, scale, doc_start)
+  qq = np.asarray(q, np.float64)
+  kk = np.repeat(np.asarray(k_slc, np.float64), G, axis=2)
+  total, count = 0.0, 0
+  for b in range(B):
+    for t in range(T):
+      cur, first = t // lp, doc_start[b, t] // lp
+      free = [j for j in range(first, cur + 1)
+              if not (j < first + cfg.num_initial or j > cur - cfg.num_local)]
+      if not free:
+        continue
+      keys = np.arange(doc_start[b, t], t + 1)
+      for g in range(HKV):
+        heads = range(g * G, (g + 1) * G)
+        teacher = np.zeros(len(free))
+        for h in heads:
+          s = kk[b, keys, h] @ qq[b, t, h] * scale
+          p = np.exp(s - s.max())
+          p /= p.sum()
+          for n, j in enumerate(free):
+            teacher[n] += p[(keys >= j * lp) & (keys < (j + 1) * lp)].sum() / G
+        teacher /= teacher.sum()
+        st = student[b, t, g, free] / student[b, t, g, free].sum()
+        total += np.sum(np.where(teacher > 0, teacher * np.log(teacher / st), 0.0))
+        count += 1
+  return total / max(count, 1)

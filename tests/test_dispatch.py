@@ -3,6 +3,8 @@
 A GPU backend is faked where the rule needs one; nothing is compiled for it: the
 checks read shapes, dtypes, the config and the device only.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -10,6 +12,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops import dispatch
+from nsa_jax.ops.nsa import backends
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -77,6 +80,21 @@ def test_auto_falls_back_and_explicit_impls_raise(fake_gpu):
     dispatch.choose("selected_attention", "pallas", calls["selected_attention"])
   with pytest.raises(ValueError, match="cudnn: cuDNN's fused attention needs"):
     dispatch.nsa_branches("pallas", calls)
+
+
+def test_straight_through_gate_runs_the_selected_branch_on_the_reference(fake_gpu):
+  """select_gate="straight_through" gives the selected branch a block bias, which the
+  Pallas kernels do not take: "auto" runs that branch on the reference, the others as
+  without the gate; "pallas" raises a ValueError saying so."""
+  gated = dataclasses.replace(SMALL, select_gate="straight_through")
+  x = lambda H, S=64: jax.ShapeDtypeStruct((1, S, H, 128), jnp.bfloat16)
+  kv = lambda S=64: (x(2, S), x(2, S))
+  arrays = (x(4), *kv(SMALL.num_compressed(64)), *kv(), *kv())
+  plain = backends(*arrays, config=SMALL, impl="auto")
+  assert backends(*arrays, config=gated, impl="auto") == dict(plain, selected_attention="xla")
+  with pytest.raises(ValueError, match=r"selected_attention\(impl='pallas'\) cannot run .*"
+                                       r"block_bias .*select_gate='straight_through'"):
+    backends(*arrays, config=gated, impl="pallas")
 
 
 def test_auto_is_the_reference_off_a_gpu():

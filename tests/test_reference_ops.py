@@ -3,6 +3,8 @@
 Forward values must match the float64 NumPy oracle of tests/oracle.py to 1e-5
 in float32; gradients pass `jax.test_util.check_grads` in float64.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,9 +80,12 @@ def test_window_attention_matches_oracle(shape):
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_score", ["sum", "max"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_select_blocks_matches_oracle(shape):
+def test_select_blocks_matches_oracle(shape, group_score):
+  """Heads of a KV group summed (Eq. 10) or their max (config.group_score)."""
   *dims, cfg = shape
+  cfg = dataclasses.replace(cfg, group_score=group_score)
   x = make_inputs(jax.random.key(2), *dims, cfg)
   idx = np.asarray(nsa_jax.select_blocks(x["q"], x["k_cmp"], config=cfg, impl="xla"))
   want, scores = oracle.select_blocks(x["q"], x["k_cmp"], cfg, scale_of(x))
@@ -166,6 +171,64 @@ def test_gradients_float64(shape):
   # output through its gate) and the gates'. Selection is piecewise constant
   # in q and k_cmp, and the check's perturbations are too small to cross a tie.
   check_grads(jax.jit(lambda *a: nsa_jax.nsa(*a, **kw)), tuple(x[n] for n in NAMES), **opts)
+
+
+def test_group_max_is_sum_for_one_head_per_group():
+  """G = 1: the max over a group's one head is its score, as is the sum."""
+  x = make_inputs(jax.random.key(12), 2, 77, 2, 2, 8, 8, SMALL)
+  f = lambda group_score: nsa_jax.nsa(
+      *(x[n] for n in NAMES), config=dataclasses.replace(SMALL, group_score=group_score),
+      impl="xla", return_block_idx=True)
+  for got, want in zip(f("max"), f("sum")):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("group_score", ["sum", "max"])
+def test_straight_through_gate(group_score):
+  """select_gate="straight_through" (docs/selection_learning.md): the forward pass is
+  the paper's bit for bit; the gradients are those of a surrogate whose selected
+  branch adds S(q, k_cmp) - S0 to each selected block's scores (S: `selected_scores`,
+  S0 its value here, the selection held), checked numerically in float64; k_cmp gets
+  a gradient through the selected branch only with the gate. And `selected_scores`
+  on a slice of the queries (q_offset) gives those rows."""
+  from nsa_jax.ops.selection import selected_scores
+  cfg = dataclasses.replace(SMALL, group_score=group_score)
+  gated = dataclasses.replace(cfg, select_gate="straight_through")
+  x = make_inputs(jax.random.key(13), 2, 70, 4, 2, 8, 8, cfg, dtype=jnp.float64)
+  x["gates"] = jnp.zeros_like(x["gates"]).at[..., 1].set(1.0)   # o = o_slc
+  args = ("q", "k_cmp", "k_slc", "v_slc")
+
+  def op(config):
+    def f(q, k_cmp, k_slc, v_slc):
+      y = dict(x, q=q, k_cmp=k_cmp, k_slc=k_slc, v_slc=v_slc)
+      return nsa_jax.nsa(*(y[n] for n in NAMES), config=config, impl="xla")
+    return jax.jit(f)
+
+  o, idx = nsa_jax.nsa(*(x[n] for n in NAMES), config=gated, impl="xla",
+                       return_block_idx=True)
+  np.testing.assert_array_equal(o, op(cfg)(*(x[n] for n in args)))
+  scores = lambda q, k_cmp: selected_scores(q, k_cmp, idx, config=gated, scale=scale_of(x))
+  s0 = scores(x["q"], x["k_cmp"])
+  assert np.all(np.asarray(s0) >= 0) and np.asarray(s0).max() > 0
+
+  @jax.jit
+  def surrogate(q, k_cmp, k_slc, v_slc):
+    return nsa_jax.selected_attention(q, k_slc, v_slc, idx, config=gated, impl="xla",
+                                      block_bias=scores(q, k_cmp) - s0)
+
+  ct = jax.random.normal(jax.random.key(14), o.shape, o.dtype)
+  primals = tuple(x[n] for n in args)
+  for config, reference in ((gated, surrogate), (cfg, None)):
+    grads = jax.vjp(op(config), *primals)[1](ct)
+    if reference is not None:
+      for g, want in zip(grads, jax.vjp(reference, *primals)[1](ct)):
+        np.testing.assert_allclose(g, want, rtol=1e-10, atol=1e-12)
+    assert (np.abs(grads[1]).max() > 0) == (config is gated)
+  check_grads(surrogate, primals, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+  t0 = 37
+  part = selected_scores(x["q"][:, t0:], x["k_cmp"], idx[:, t0:], config=gated,
+                         scale=scale_of(x), q_offset=jnp.int32(t0), query_chunk=16)
+  np.testing.assert_allclose(part, s0[:, t0:], rtol=1e-12)
 
 
 def test_gradients_finite_where_nothing_is_visible():
@@ -290,6 +353,8 @@ def test_compressed_folded_by_residue_matches_the_reference(cudnn_calls, shape):
     (dict(compress_block=128), "compress_block=128 must be <= select_block=64"),
     (dict(num_selected=2), "must be <= num_selected=2"),
     (dict(window=0), "window=0"),
+    (dict(group_score="mean"), r"group_score='mean' must be one of \('sum', 'max'\)"),
+    (dict(select_gate="soft"), r"select_gate='soft' must be one of \('none', 'straight_through'\)"),
 ])
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -15,6 +15,10 @@ Every op has the pure-JAX reference "xla" (runs everywhere) and the Pallas kerne
   compressed branch on the backend `nsa(impl=...)` gives it (`selection.selection_lse`),
   so that both select the same blocks.
 
+The selected branch with the straight-through gate (config.select_gate, a
+`block_bias` array in its call) runs on the reference: the Pallas kernels' backward
+emits no gradient of a per-block bias (docs/selection_learning.md).
+
 cuDNN's check is `cudnn.cudnn_runs` on the call cuDNN would get (the compressed
 branch's queries folded by stride residue): it refuses calls that cannot be split
 under 2^31 elements (`cudnn.call_plan`, issue #18), packed rows (segment ids,

@@ -11,12 +11,13 @@ inputs). Each branch may have its own keys and values. Packed rows (SPEC §6:
 from __future__ import annotations
 
 import jax
+from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch, segments
 from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.ops.selected import selected_attention
-from nsa_jax.ops.selection import lse_backend, select_blocks, selection_gate, selection_lse
+from nsa_jax.ops.selection import lse_backend, select_blocks, selected_scores, selection_lse
 from nsa_jax.ops.window import window_attention
 
 
@@ -36,7 +37,8 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
       "pallas" and "auto" the window and compressed branches run on cuDNN
       wherever it takes the inputs (faster there than the Pallas kernels);
       "pallas" raises a ValueError for inputs no kernel of a branch takes,
-      "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`).
+      "auto" runs such a branch on the reference (`dispatch.NSA_BRANCHES`). With
+      config.select_gate on, the selected branch is one (docs/selection_learning.md).
     return_block_idx: also return the [B, T, HKV, n] selection.
     segment_ids: [B, T] int, documents packed in a row (SPEC §6): contiguous runs
       of equal ids, each starting at a multiple of config.select_block (a
@@ -79,9 +81,10 @@ def sparse_branches(q, k_cmp, v_cmp, k_slc, v_slc, *, impls: dict[str, str],
                       q_offset=q_offset, branch=(v_cmp, impls["compressed_attention"], lse))
   block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
   bias = None
-  if config.select_gate == "straight_through":
-    bias = selection_gate(q, k_cmp, block_idx, config=config, scale=_common.resolve_scale(
+  if config.select_gate == "straight_through":   # 0 forward, the scores' gradient backward
+    s = selected_scores(q, k_cmp, block_idx, config=config, scale=_common.resolve_scale(
         scale, q), segment_ids=segment_ids, q_offset=q_offset)
+    bias = s - lax.stop_gradient(s)
   o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"),
                              block_bias=bias)
   return o_cmp, o_slc, block_idx
@@ -104,7 +107,7 @@ def backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, config: NSAConfig,
   branch takes. offset: q is a slice of the queries at a query offset
   (`sparse_branches`); the window takes none (under context it runs on its halo,
   `nsa_jax.context.window_attention`). With config.select_gate on, the selected
-  branch takes the gate's block bias (`selection.selection_gate`)."""
+  branch takes the gate's block bias (`selection.selected_scores`)."""
   call = lambda offset, **arrays: dispatch.Call(arrays, config, interpret, packed, offset)
   gate = {}
   if config.select_gate != "none":

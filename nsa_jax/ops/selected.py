@@ -37,7 +37,7 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
       traced; q and block_idx hold the queries at positions q_offset .. q_offset + T - 1
       of a sequence whose keys k, v [B, S, ...] and segment_ids [B, S] are whole.
     block_bias: optional [B, T, HKV, n] float, added to the scores of the keys of
-      each slot's block (`selection.selection_gate`); the Pallas kernels take none.
+      each slot's block (the gate of `nsa`: `selection.selected_scores`); the Pallas kernels take none.
 
   Returns:
     o [B, T, HQ, Dv]. Gradients flow to q, k, v.

@@ -23,9 +23,9 @@ branch already computed; `select_blocks` alone runs that branch for it.
 Decoding (`nsa_jax.decoding.decode_selection`) takes the same p_cmp from its
 own compressed branch (a single query: another kernel, so equal up to rounding).
 
-The selection carries no gradient. `selection_gate` (config.select_gate) gives the
-importance scores of the selected blocks one, through the selected branch
-(docs/selection_learning.md, "Straight-through gate").
+The selection carries no gradient. With config.select_gate on, `selected_scores`
+gives the importance scores of the selected blocks one, through the selected
+branch (docs/selection_learning.md, "Straight-through gate").
 """
 from __future__ import annotations
 
@@ -161,6 +161,21 @@ def overlap_to_select_blocks(p, config: NSAConfig, num_blocks: int):
   return strides.reshape(*strides.shape[:-1], num_blocks, per_select).sum(-1)
 
 
+def candidate_blocks(t, num_blocks: int, config: NSAConfig, doc_start=None):
+  """(candidate, forced) masks [C, num_blocks] of the queries at positions t [C]
+  (Eq. 11): candidates s(t) <= j*l' <= t, forced the first num_initial of them and
+  the num_local last; with doc_start [B, C] (s(t); 0 without), [B, 1, C, num_blocks]."""
+  lp = config.select_block
+  j = jnp.arange(num_blocks)[None, :]
+  cur = (t // lp)[:, None]
+  first = 0
+  if doc_start is not None:   # [B, 1, C, 1] against [1, 1, C, Ts]
+    j, cur, first = j[None, None], cur[None, None], (doc_start // lp)[:, None, :, None]
+  candidate = (j <= cur) & (j >= first)
+  forced = candidate & ((j < first + config.num_initial) | (j > cur - config.num_local))
+  return candidate, forced
+
+
 def rank_blocks(scores, t, config: NSAConfig, doc_start=None):
   """Top-n of [..., C, Ts] block scores for queries at positions t [C].
 
@@ -169,15 +184,9 @@ def rank_blocks(scores, t, config: NSAConfig, doc_start=None):
   num_local last ones) +inf; ties go to the lower index (lax.top_k keeps the
   lower index first). Returns int32 [..., C, n].
   """
-  n, lp = config.num_selected, config.select_block
+  n = config.num_selected
   Ts = scores.shape[-1]
-  j = jnp.arange(Ts)[None, :]
-  cur = (t // lp)[:, None]
-  first = 0
-  if doc_start is not None:   # [B, 1, C, 1] against [1, 1, C, Ts]
-    j, cur, first = j[None, None], cur[None, None], (doc_start // lp)[:, None, :, None]
-  candidate = (j <= cur) & (j >= first)
-  forced = candidate & ((j < first + config.num_initial) | (j > cur - config.num_local))
+  candidate, forced = candidate_blocks(t, Ts, config, doc_start)
   s = jnp.where(forced, jnp.inf, jnp.where(candidate, scores, -jnp.inf))
   if Ts < n:
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n - Ts)],
@@ -212,17 +221,17 @@ def importance_scores(qc, start, k_cmp, config: NSAConfig, scale: float, num_blo
   return group_block_scores(compressed_probabilities(s, mask, lse), config, num_blocks)
 
 
-def selection_gate(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
-                   segment_ids=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
-  """The straight-through gate's log-bias [B, T, HKV, n] of the selected blocks
-  (docs/selection_learning.md, "Straight-through gate"): s - stop_gradient(s), 0 in
-  the forward pass, whose gradient is that of s, the normalised importance score
+def selected_scores(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
+                    segment_ids=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
+  """Normalised importance scores [B, T, HKV, n] of the selected blocks, differentiable
+  in q and k_cmp: the straight-through gate's s (docs/selection_learning.md,
+  "Straight-through gate"; `nsa` adds s - stop_gradient(s), 0, to the scores of each
+  slot's keys),
 
-      s[t, g, b] = score[t, g, b] / (l/d * (G for "sum", 1 for "max"))
+      s[t, g, slot] = score[t, g, b] / (l/d * (G for "sum", 1 for "max")),
 
-  of each slot's block b = block_idx[t, g, slot] (`importance_scores` with the
-  compressed branch's own softmax; any slot of -1 reads block 0, which the selected
-  branch masks). The selected branch adds it to the scores of block b's keys.
+  b = block_idx[t, g, slot], score as `importance_scores` gives it with the compressed
+  branch's own softmax (a slot of -1 reads block 0: the selected branch masks it).
   Arguments as `select_blocks`'s; q_offset: q holds the queries from that position.
   """
   B, T, HQ, _ = q.shape
@@ -237,8 +246,7 @@ def selection_gate(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
 
   def chunk_fn(start, qc, bc, *doc_c):
     scores = importance_scores(qc, start, k_cmp, config, scale, Ts, *doc_c) / norm
-    s = jnp.take_along_axis(jnp.moveaxis(scores, 1, 2), jnp.clip(bc, 0, Ts - 1), axis=-1)
-    return s - lax.stop_gradient(s)
+    return jnp.take_along_axis(jnp.moveaxis(scores, 1, 2), jnp.clip(bc, 0, Ts - 1), axis=-1)
 
   xs = (q, block_idx.astype(jnp.int32)) + ((doc_start,) if doc_start is not None else ())
   return _common.map_query_chunks(chunk_fn, xs, query_chunk, 0 if q_offset is None else q_offset)
