@@ -28,6 +28,7 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, segments
+from nsa_jax.ops import distill as distill_lib
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.rope import apply_rope
 from nsa_jax.sharding import sharded_nsa, with_halo
@@ -204,6 +205,5 @@ class NativeSparseAttention(nnx.Module):
     y = self.o_proj(o.reshape(B, T, self.num_heads * self.dv))
     if not distill:
       return y
-    from nsa_jax.ops.distill import selection_distill_loss   # only where a model distills
-    return y, selection_distill_loss(inputs["q"], inputs["k_cmp"], inputs["k_slc"],
+    return y, distill_lib.selection_distill_loss(inputs["q"], inputs["k_cmp"], inputs["k_slc"],
                                      config=self.config, segment_ids=segment_ids)
