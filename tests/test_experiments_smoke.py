@@ -346,6 +346,39 @@ def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
   assert eval_retrieval.passkey_note("text:0.8,passkey:0.2") is None
 
 
+def test_strict_recall_asks_for_every_key_digit_and_its_chance_is_exact():
+  """`key_blocks` hold the key's digits (both occurrences); a selection holds the key when
+  it has every block of one occurrence; `chance_of_strict` is the hit rate of random free
+  slots (Monte Carlo over the same candidates)."""
+  from nsa_jax.config import NSAConfig
+  ev = experiments_module("eval_retrieval")
+  config = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
+                     window=32)
+  rng = np.random.default_rng(0)
+  for cell in ev.passkey_examples([256], [0.0, 0.5, 0.9], 1, seed=3):
+    key = bytes(cell["example"].tokens[cell["answer"] + 1])
+    occurrences = ev.key_blocks(cell, 16)
+    assert len(occurrences) == 2
+    for blocks in occurrences:
+      assert key in bytes(cell["example"].tokens[blocks[0] * 16:(blocks[-1] + 1) * 16])
+    for blocks in occurrences:   # one occurrence whole suffices
+      assert ev.strict_hits(cell, np.pad(blocks, (0, 4 - len(blocks)), constant_values=-1)[None],
+                            16) == [True]
+    first, second = occurrences   # each lacking a block: no hit
+    broken = np.setdiff1d(np.union1d(first, second), [first[0], second[-1]])
+    assert not ev.strict_hits(cell, np.pad(broken, (0, 4 - len(broken)),
+                                           constant_values=-1)[None], 16)[0]
+    hits = []
+    for t in cell["answer"]:
+      forced = ev.forced_blocks(t, config)
+      others = [j for j in range(t // 16 + 1) if j not in forced]
+      for _ in range(400):
+        free = rng.choice(others, min(4 - len(forced), len(others)), replace=False)
+        chosen = np.array([[*forced, *free]])
+        hits.append(ev.strict_hits(cell, chosen, 16)[0])
+    assert abs(np.mean(hits) - ev.chance_of_strict(cell, config)) < 0.03
+
+
 def test_bench_train_small(tmp_path):
   """Both modes of the model-level benchmark: NSA and full training steps side by side, then
   the breakdown of one step (the second run finds the first one's compiled steps in a shared
