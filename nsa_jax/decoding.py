@@ -371,7 +371,7 @@ def init_model_cache(model, batch: int, max_len: int) -> list:
     S, _ = cache_rows(model.config.nsa, max_len)
     z = jnp.zeros((batch, S, layer.num_kv_heads, layer.head_dim), layer.q_proj.dtype)
     return DenseCache(lengths=jnp.zeros((batch,), jnp.int32), k=z, v=z)
-  return [empty(block.attn) for block in model.blocks]
+  return [empty(model.layer(i).attn) for i in range(model.config.num_layers)]
 
 
 def _forward(model, tokens, caches, attend):

@@ -33,12 +33,16 @@ from nsa_jax.ops.compressed import compressed_attention
 from nsa_jax.rope import apply_rope
 
 ATTENTIONS = ("nsa", "full")
+# What a rematerialised block keeps for the backward pass besides its input (docs/memory.md).
+REMAT_POLICIES = {"layer": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMATS = ("none", *REMAT_POLICIES)
 EMBED_INIT = nnx.initializers.normal(0.02)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape of the language model.
+  """Shape of the language model, and how its blocks run (memory options: docs/memory.md).
 
   Attributes:
     vocab_size: tokens (256 for bytes).
@@ -55,6 +59,11 @@ class ModelConfig:
     rope_theta: RoPE base.
     dtype: compute dtype name ("float32", "bfloat16"); parameters stay float32.
     impl: NSA op implementation ("auto", "xla", "pallas").
+    remat: recompute each block in the backward pass (docs/memory.md): "none"; "layer" keeps
+      only the block's input; "dots" keeps its input and the outputs of its weight matmuls
+      (jax.checkpoint_policies.dots_with_no_batch_dims_saveable: projections and MLP).
+    scan_layers: the blocks' parameters stacked on a leading layer axis, run by one
+      jax.lax.scan: one block compiled instead of num_layers (docs/memory.md).
     select_distill: weight of the selection distillation loss (docs/selection_learning.md,
       "Training"): each NSA layer's KL from its group's dense attention to its selection
       scores, mean over layers, added to the training loss; 0: not computed. Ignored by full
@@ -74,6 +83,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   dtype: str = "float32"
   impl: str = "auto"
+  remat: str = "none"
+  scan_layers: bool = False
   select_distill: float = 0.0
 
   def __post_init__(self):
@@ -92,6 +103,8 @@ class ModelConfig:
       raise ValueError(f"head dim {self.head_size} must be even for RoPE")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+    if self.remat not in REMATS:
+      raise ValueError(f"remat={self.remat!r} must be one of {REMATS}")
     if not self.select_distill >= 0:
       raise ValueError(f"select_distill={self.select_distill} must be >= 0 (0: no "
                        f"selection distillation)")
@@ -251,7 +264,12 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """tokens [B, T] int -> next-token logits [B, T, vocab] float32."""
+  """tokens [B, T] int -> next-token logits [B, T, vocab] float32.
+
+  `blocks` is an `nnx.List` of `Block`s, or with `config.scan_layers` one `Block` whose
+  parameters have a leading layer axis (`stack_layers`; the same values as the list's
+  for the same seed). `layer(i)` is block i either way.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -259,10 +277,43 @@ class Transformer(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
                            embedding_init=EMBED_INIT, rngs=rngs)
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    if config.scan_layers:   # the same values, stacked
+      self.blocks = nnx.merge(nnx.graphdef(self.blocks[0]),
+                              stack_layers(nnx.state(self))["blocks"])
     self.norm = nnx.RMSNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
         kernel_init=EMBED_INIT, rngs=rngs)
+
+  def layer(self, i: int) -> Block:
+    """Block i. With scan_layers: a Block over layer i's slice of the stacked parameters,
+    for reading (assigning to its parameters does not change the model)."""
+    if not self.config.scan_layers:
+      return self.blocks[i]
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+  def run_blocks(self, x, segment_ids=None, distill=False):
+    """The blocks over x [B, T, d_model]: a loop or a `jax.lax.scan` (scan_layers), each
+    block under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none".
+    Returns (output, each layer's selection distillation loss [L] with `distill`, else None)."""
+    c = self.config
+
+    def run(graphdef, state, x):
+      out = nnx.merge(graphdef, state)(x, segment_ids=segment_ids, distill=distill)
+      return out if distill else (out, None)
+
+    if c.remat != "none":   # prevent_cse=False is safe, and faster, under a scan
+      run = jax.checkpoint(run, static_argnums=0, policy=REMAT_POLICIES[c.remat],
+                           prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      return jax.lax.scan(lambda x, layer: run(graphdef, layer, x), x, state)
+    losses = []
+    for block in self.blocks:
+      x, loss = run(*nnx.split(block), x)
+      losses.append(loss)
+    return x, jnp.stack(losses) if distill else None
 
   def __call__(self, tokens, segment_ids=None, attend=None, distill=False):
     """Logits of tokens [B, T], or with `distill` (config.distills) (logits, the selection
@@ -273,7 +324,8 @@ class Transformer(nnx.Module):
       `nsa_jax.data` packs them): each runs as a sequence of its own. None: one
       document per row.
     attend: `attend(i, attn, h) -> y`, if given, replaces block i's attention call
-      (nsa_jax.decoding threads its KV caches through it; one document per row).
+      (nsa_jax.decoding threads its KV caches through it; one document per row). The
+      blocks then run one by one (`layer(i)`), without remat or scan.
     """
     if attend is not None and segment_ids is not None:
       raise ValueError("segment_ids with attend: decoding (nsa_jax.decoding) runs one "
@@ -282,16 +334,49 @@ class Transformer(nnx.Module):
       raise ValueError(f"distill=True needs an NSA model with select_distill > 0 (got "
                        f"attention={self.config.attention!r}, select_distill="
                        f"{self.config.select_distill}) and no attend")
-    x, losses = self.embed(tokens), []
-    for i, block in enumerate(self.blocks):
-      if distill:
-        x, loss = block(x, segment_ids=segment_ids, distill=True)
-        losses.append(loss.astype(jnp.float32))
-      else:
-        x = block(x, None if attend is None else functools.partial(attend, i), segment_ids)
+    x = self.embed(tokens)
+    if attend is None:
+      x, losses = self.run_blocks(x, segment_ids, distill)
+    else:
+      for i in range(self.config.num_layers):
+        x = self.layer(i)(x, functools.partial(attend, i))
     x = self.norm(x)
-    logits = (self.embed.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
-    return (logits, sum(losses) / len(losses)) if distill else logits
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    return (logits, jnp.mean(losses.astype(jnp.float32))) if distill else logits
+
+
+def _layer_axis(path) -> int | None:
+  """Where "blocks" is in a state path (a Transformer's, or an optimizer's over one)."""
+  return path.index("blocks") if "blocks" in path else None
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+  """A state of per-layer blocks (paths `.. blocks/i/..`: a Transformer's, or an optimizer's
+  over one) in the scan_layers layout (`.. blocks/..`, layer i at index i of a leading axis)."""
+  flat, layers = [], {}
+  for path, v in nnx.to_flat_state(state):
+    j = _layer_axis(path)
+    if j is None:
+      flat.append((path, v))
+    else:
+      layers.setdefault(path[:j + 1] + path[j + 2:], {})[path[j + 1]] = v
+  for path, vs in layers.items():
+    flat.append((path, vs[0].replace(jnp.stack([vs[i].get_value() for i in range(len(vs))]))))
+  return nnx.from_flat_state(flat)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+  """The inverse of `stack_layers`: the scan_layers layout -> per-layer blocks."""
+  flat = []
+  for path, v in nnx.to_flat_state(state):
+    j = _layer_axis(path)
+    if j is None:
+      flat.append((path, v))
+    else:
+      x = v.get_value()
+      flat += [(path[:j + 1] + (i,) + path[j + 1:], v.replace(x[i])) for i in range(x.shape[0])]
+  return nnx.from_flat_state(flat)
 
 
 def count_params(model: nnx.Module) -> int:

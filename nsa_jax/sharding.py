@@ -62,6 +62,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/o_proj/kernel$", ("heads", "fsdp")),
     (r"(kernel|embedding)$", ("fsdp", None)),
 )
+# Blocks stacked on a leading layer axis (`ModelConfig.scan_layers`: "blocks/attn/..", not
+# "blocks/0/attn/.."): that axis stays whole, the rules place the rest.
+STACKED_LAYERS = r"(^|/)blocks/(?!\d+/)"
 
 
 def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
@@ -146,6 +149,9 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
   An axis that does not divide its dimension is dropped (that dimension is
   replicated), so any model shape works on any mesh.
   """
+  if re.search(STACKED_LAYERS, name):
+    rest = param_spec(name.replace("blocks/", "blocks/0/", 1), shape[1:], mesh)
+    return P(None, *rest) if rest else P()
   for pattern, spec in PARAM_RULES:
     if re.search(pattern, name) and len(spec) <= len(shape):
       return P(*(axis if axis and dim % mesh.shape[axis] == 0 else None

@@ -74,6 +74,9 @@ class TrainConfig:
     progress: show a progress bar.
     mesh: device mesh, e.g. "data=2,heads=2" or "context=4" (sequences split over 4 devices;
       nsa_jax.sharding); "" runs on one device.
+    compile_cache: directory of JAX's persistent compilation cache, which a later start of the
+      same configuration reads instead of compiling: "auto" = <out>/jax_cache; "" = none set by
+      the run (JAX's own settings apply, e.g. JAX_COMPILATION_CACHE_DIR).
   """
   preset: str = "demo"
   out: str = ""
@@ -106,6 +109,7 @@ class TrainConfig:
   sample_prompt: str = "def "
   progress: bool = True
   mesh: str = ""
+  compile_cache: str = "auto"
 
   def __post_init__(self):
     if not isinstance(self.model, ModelConfig):
@@ -133,6 +137,13 @@ class TrainConfig:
   @property
   def out_dir(self) -> pathlib.Path:
     return pathlib.Path(self.out or f"runs/{self.preset}")
+
+  @property
+  def compile_cache_dir(self) -> pathlib.Path | None:
+    if not self.compile_cache:
+      return None
+    return self.out_dir / "jax_cache" if self.compile_cache == "auto" else pathlib.Path(
+        self.compile_cache)
 
   def data_options(self) -> dict:
     """Keyword arguments of `data.Loader` and `data.validation_batches` besides the task and split.
@@ -184,10 +195,12 @@ PRESETS: dict[str, Preset] = {p.config.preset: p for p in (
                        lr=2e-3, warmup_steps=40, eval_every=50, eval_batches=2, ckpt_every=400,
                        time_limit_s=120.0)),
     Preset("research-sized, 8k context: 12 layers, width 1024, 16 query heads of 128, G = 4; "
-           "~165M parameters with full attention, ~216M with NSA",
+           "~165M parameters with full attention, ~216M with NSA; blocks rematerialised "
+           "(matmul outputs kept) and scanned (docs/memory.md)",
            TrainConfig(preset="research",
                        model=_gpu_model(d_model=1024, num_layers=12, num_heads=16,
-                                        num_kv_heads=4, head_dim=128),
+                                        num_kv_heads=4, head_dim=128, remat="dots",
+                                        scan_layers=True),
                        mixture="text:0.8,passkey:0.2", seq_len=8192, batch_size=8, steps=2000,
                        lr=6e-4, warmup_steps=200, eval_every=250, eval_batches=4,
                        ckpt_every=500)),

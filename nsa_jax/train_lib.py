@@ -11,7 +11,8 @@ One run:
   (`pack`, the default; SPEC §6), or random windows,
 * compiles one train step and one eval step (`jax.jit` over the split NNX
   state) before the first step, saying so, so that the progress bar's rate
-  and the step times exclude compilation; stops with :class:`NonFiniteError`
+  and the step times exclude compilation (a later start reads the programs from
+  the persistent cache, `compile_cache`); stops with :class:`NonFiniteError`
   on a NaN/Inf loss or gradient before saving anything from that step,
 * saves model, optimizer, loader position and step with an Orbax
   `CheckpointManager` (keep-last-N) and resumes from the latest one so that
@@ -26,6 +27,7 @@ checkpointing, which Orbax coordinates across hosts.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -33,6 +35,7 @@ import math
 import pathlib
 import shlex
 import sys
+import tempfile
 import time
 
 import jax
@@ -41,10 +44,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from nsa_jax import data, decoding, sharding
-from nsa_jax.model import Transformer, count_params
+from nsa_jax.model import Transformer, count_params, stack_layers, unstack_layers
 from nsa_jax.train_config import TrainConfig, from_dict, parse_args, to_dict
 
 
@@ -152,6 +156,43 @@ class NonFiniteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------
+# The persistent compilation cache.
+
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                 "jax_persistent_cache_min_entry_size_bytes")
+
+
+@contextlib.contextmanager
+def compile_cache(cfg: TrainConfig):
+  """Within: JAX's persistent compilation cache in `cfg.compile_cache_dir` (none: JAX's own
+  settings), every program cached however small or quick to compile; the settings before are
+  back after. Raises ValueError, before anything compiles, when the directory cannot be written.
+  """
+  path = cfg.compile_cache_dir
+  if path is None:
+    yield
+    return
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()
+  except OSError as err:
+    raise ValueError(f"compile_cache={cfg.compile_cache!r}: cannot write to {path} "
+                     f"({err.strerror}); pass --compile_cache DIR (a writable directory) or "
+                     f"--compile_cache '' (no cache)") from None
+  before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
+  values = (str(path.absolute()), 0.0, -1)   # -1: no size limit, and JAX does not raise it
+  try:
+    for name, value in zip(CACHE_OPTIONS, values):
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()   # JAX checks the directory once: again, with this one
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+# ----------------------------------------------------------------------------
 # Checkpoints.
 
 
@@ -170,25 +211,51 @@ def save_checkpoint(manager, step: int, model, optimizer, loader: data.Loader,
       meta=ocp.args.JsonSave({"step": step, "train_s": train_s, "config": to_dict(cfg)})))
 
 
-def _abstract(module) -> nnx.State:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
+def _abstract(module, relayout=None) -> nnx.State:
+  """The restore target of `module`'s state; with `relayout` (a checkpoint of the other
+  layer layout, `nsa_jax.model.stack_layers`) in that layout, replicated."""
+  state = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
+  if relayout is None:
+    return state
+  sharding = jax.tree.leaves(state)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(relayout, state))
 
 
 def restore_checkpoint(manager, step: int, model, optimizer=None, loader=None) -> dict:
-  """Loads a checkpoint into `model` (and `optimizer`, `loader` when given); returns its meta."""
-  items = {"model": ocp.args.StandardRestore(_abstract(model)),
-           "meta": ocp.args.JsonRestore()}
-  if optimizer is not None:
-    items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer))
+  """Loads a checkpoint into `model` (and `optimizer`, `loader` when given); returns its meta.
+
+  A checkpoint of the other layer layout (`ModelConfig.scan_layers`) is converted on the way
+  (`stack_layers` / `unstack_layers`); one of another number of layers is a ValueError, raised
+  before any array is read. `remat` does not change the state.
+  """
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  want = model.config   # a meta without config (written by hand) is taken as the model's
+  saved = from_dict(meta["config"]).model if "config" in meta else want
+  if saved.num_layers != want.num_layers:
+    raise ValueError(f"checkpoint step {step} in {manager.directory} has num_layers="
+                     f"{saved.num_layers}, the model num_layers={want.num_layers}: "
+                     f"build the model with num_layers={saved.num_layers} or train anew")
+  to_saved, from_saved = None, lambda state: state
+  if saved.scan_layers != want.scan_layers:
+    to_saved, from_saved = ((unstack_layers, stack_layers) if want.scan_layers else
+                            (stack_layers, unstack_layers))
+  modules = {"model": model, "optimizer": optimizer}
+  modules = {name: m for name, m in modules.items() if m is not None}
+  items = {name: ocp.args.StandardRestore(_abstract(m, to_saved)) for name, m in modules.items()}
   if loader is not None:
     items["loader"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  nnx.update(model, restored["model"])
-  if optimizer is not None:
-    nnx.update(optimizer, restored["optimizer"])
+  for name, m in modules.items():
+    state = from_saved(restored[name])
+    if to_saved is not None:   # onto the module's devices and shardings
+      state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, nnx.state(m)))
+    nnx.update(m, state)
   if loader is not None:
     loader.load_state_dict(restored["loader"])
-  return restored["meta"]
+  return meta
 
 
 def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConfig, int]:
@@ -346,12 +413,17 @@ def evaluate(eval_step, state, val_sets: dict[str, list]) -> dict[str, float]:
 
 
 def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict]:
-  """Runs (or resumes) training; returns the metric rows of this call.
+  """Runs (or resumes) training, with its `compile_cache`; returns the metric rows of this call.
 
   `crash_after_step` stops right after that step without saving or evaluating,
   like a killed process (used by the resume test).
   Raises NonFiniteError on a NaN/Inf loss or gradient norm.
   """
+  with compile_cache(cfg):
+    return _train(cfg, crash_after_step)
+
+
+def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
   out = cfg.out_dir
   out.mkdir(parents=True, exist_ok=True)
   model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
@@ -451,15 +523,16 @@ def main(argv=None) -> None:
   sharding.setup_distributed()
   argv = sys.argv[1:] if argv is None else list(argv)
   cfg = parse_args(argv)
-  try:
-    train(cfg)
-  except NonFiniteError as err:
-    sys.exit(f"error: {err}")
-  model, _, step = load_model(cfg.out_dir)   # on every process: Orbax syncs them
-  if not is_process_0():
-    return
-  print(f"--- sample from the step-{step} checkpoint (nsa_jax.decoding.generate, "
-        f"temperature 0.8) ---")
-  text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, seed=cfg.seed)
+  with compile_cache(cfg):   # the sample's programs too
+    try:
+      train(cfg)
+    except NonFiniteError as err:
+      sys.exit(f"error: {err}")
+    model, _, step = load_model(cfg.out_dir)   # on every process: Orbax syncs them
+    if not is_process_0():
+      return
+    print(f"--- sample from the step-{step} checkpoint (nsa_jax.decoding.generate, "
+          f"temperature 0.8) ---")
+    text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, seed=cfg.seed)
   print(text.decode("utf-8", errors="replace"))
   print(end_message(cfg, step, argv))

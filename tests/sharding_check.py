@@ -5,6 +5,7 @@
 (the flag must be set before jax starts, hence the subprocess). Prints one JSON
 object of measured differences and facts; the test asserts on them.
 """
+import dataclasses
 import json
 import pathlib
 import re
@@ -18,7 +19,7 @@ from flax import nnx
 
 from nsa_jax import sharding
 from nsa_jax.config import NSAConfig
-from nsa_jax.model import ModelConfig, Transformer
+from nsa_jax.model import ModelConfig, Transformer, unstack_layers
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.train_config import make_config
 from nsa_jax.train_lib import make_optimizer, make_steps, restore_checkpoint
@@ -128,6 +129,16 @@ def main(out: pathlib.Path):
                     jax.tree_util.tree_flatten_with_path(nnx.state(sh_opt))[0]
                     if re.search(r"mu/blocks/0/attn/o_proj/kernel", jax.tree_util.keystr(
                         path, simple=True, separator="/"))]
+
+  # The same with the blocks stacked and scanned (parameters of the seed-0 plain model's
+  # values), each rematerialised: the layer axis stays whole.
+  scan_model = Transformer(dataclasses.replace(MODEL, scan_layers=True, remat="layer"),
+                           rngs=nnx.Rngs(0))
+  sharding.shard_model_and_optimizer(scan_model, None, mesh)
+  scan_loss, scan_g = grads(scan_model, batch(mesh))
+  res["scan_loss"] = float(scan_loss)
+  res["scan_grad_rel_diff"] = max_rel_diff(unstack_layers(scan_g), ref_g)
+  res["scan_q_proj_spec"] = str(scan_model.blocks.attn.q_proj.kernel[...].sharding.spec)
 
   train_step, state, hlo = train_step_hlo(mesh, (sh_model, sh_opt))
   new_state, metrics = train_step(state, batch(mesh))

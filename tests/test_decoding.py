@@ -139,11 +139,14 @@ def test_layer_decoding_matches_forward(shared_kv, impl):
   assert cache.lengths.tolist() == [T - P + 5, T]
 
 
-@pytest.mark.parametrize("attention", ["nsa", "full"])
-def test_model_decoding_matches_forward_and_greedy_generate(attention):
+@pytest.mark.parametrize("attention, scan_layers", [("nsa", False), ("full", False),
+                                                   ("nsa", True)])
+def test_model_decoding_matches_forward_and_greedy_generate(attention, scan_layers):
+  """Also with the blocks stacked (scan_layers): decoding runs them one by one."""
   B, T = 2, 40
   config = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=16, nsa=CFG, attention=attention, impl="xla")
+                       head_dim=16, nsa=CFG, attention=attention, impl="xla",
+                       scan_layers=scan_layers)
   model = Transformer(config, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(2), (B, T), 0, 64, jnp.int32)
   graphdef, state = nnx.split(model)

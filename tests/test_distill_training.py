@@ -82,3 +82,14 @@ def test_the_step_adds_the_weighted_distillation_loss():
     np.testing.assert_allclose(metrics["distill"], distill, rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], optax_norm(expected_grads(weight)),
                                rtol=1e-4)
+
+
+def test_scanned_and_rematerialized_blocks_give_the_same_distillation_loss():
+  """The loss comes out of `run_blocks` in every layout: a loop, a scan over stacked
+  blocks (scan_layers), each block rematerialized (remat)."""
+  cfg = tiny(select_distill=1.0, num_layers=2)
+  b = batch(cfg)
+  plain = train_lib.loss_sums(Transformer(cfg.model, rngs=nnx.Rngs(0)), b)[2]
+  model = dataclasses.replace(cfg.model, scan_layers=True, remat="layer")
+  scanned = nnx.jit(lambda m: train_lib.loss_sums(m, b)[2])(Transformer(model, rngs=nnx.Rngs(0)))
+  np.testing.assert_allclose(scanned, plain, rtol=1e-5)

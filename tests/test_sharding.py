@@ -45,6 +45,11 @@ def test_param_spec_rules():
   assert spec("opt_state/0/count", ()) == P()
   # an axis that does not divide its dimension is dropped
   assert spec("blocks/0/attn/q_proj/kernel", (33, 6)) == P(None, "heads")
+  # blocks stacked on a layer axis (scan_layers): that axis whole, the rest as per layer
+  assert spec("blocks/attn/q_proj/kernel", (2, 32, 32)) == P(None, "fsdp", "heads")
+  assert spec("opt_state/0/nu/blocks/attn/o_proj/kernel", (4, 32, 32)) == P(None, "heads", "fsdp")
+  assert spec("blocks/attn/gate/bias", (2, 12)) == P(None, "heads")
+  assert spec("blocks/attn_norm/scale", (2, 32)) == P()
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,10 @@ def test_sharded_step_matches_unsharded(sharded):
   assert got == pytest.approx(ref, rel=RTOL)
   assert sharded["grad_rel_diff"] < RTOL
   assert sharded["step_loss"] == pytest.approx(ref, rel=RTOL)   # train_lib's train step
+  # blocks stacked on a layer axis, scanned and rematerialised: the same loss and gradients
+  assert sharded["scan_loss"] == pytest.approx(ref, rel=RTOL)
+  assert sharded["scan_grad_rel_diff"] < RTOL
+  assert sharded["scan_q_proj_spec"] == str(P(None, "fsdp", "heads"))
   assert sharded["step_keeps_shardings"]
   assert sharded["q_proj_spec"] == str(P("fsdp", "heads"))
   assert sharded["mu_spec"] == [str(P("heads", "fsdp"))]       # Adam moments follow params

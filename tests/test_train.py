@@ -1,10 +1,13 @@
 """Training: bit-for-bit resume after a crash, checkpoints, NaN guard, outputs (process 0
 only), the end-of-run sample and message. (The configuration: test_train_config.py.)"""
 import csv
+import dataclasses
+import os
 import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -125,3 +128,73 @@ def test_train_step_donates_its_state(tmp_path):
   assert np.isfinite(float(metrics["loss"]))
   assert all(x.is_deleted() for x in jax.tree.leaves(state))
   assert not any(x.is_deleted() for x in jax.tree.leaves(new_state))
+
+
+def build(cfg, seed):
+  """A model and optimizer of `cfg`, every float leaf of the optimizer's state set apart
+  (moments of different values in each layer) so that relayouts show in it."""
+  from nsa_jax.model import Transformer
+  model = Transformer(cfg.model, rngs=nnx.Rngs(seed))
+  optimizer = train_lib.make_optimizer(model, cfg)
+  leaves, treedef = jax.tree.flatten(nnx.state(optimizer))
+  nnx.update(optimizer, jax.tree.unflatten(treedef, [
+      jax.random.normal(jax.random.key(seed * 1000 + i), x.shape, x.dtype)
+      if jnp.issubdtype(x.dtype, jnp.floating) else x for i, x in enumerate(leaves)]))
+  return model, optimizer
+
+
+@pytest.mark.parametrize("saved_scan", [False, True])
+def test_checkpoints_restore_across_layer_layouts(tmp_path, saved_scan):
+  """Model and optimizer saved with scan_layers=saved_scan restore into the other layout (the
+  same values, stacked or unstacked); another layer count is refused, naming both."""
+  from nsa_jax import data
+  from nsa_jax.model import stack_layers, unstack_layers
+  cfg = tiny(tmp_path, "layout", num_layers=2, scan_layers=saved_scan)
+  model, optimizer = build(cfg, seed=1)
+  manager = checkpoint_manager(cfg.out_dir)
+  train_lib.save_checkpoint(manager, 4, model, optimizer,
+                            data.Loader(cfg.mixture, **cfg.data_options()), cfg, 0.0)
+  manager.wait_until_finished()
+
+  other = tiny(tmp_path, "layout", num_layers=2, scan_layers=not saved_scan)
+  target, target_opt = build(other, seed=2)
+  relayout = unstack_layers if saved_scan else stack_layers
+  for module, saved in ((target, model), (target_opt, optimizer)):
+    assert any(np.any(x != y) for x, y in zip(jax.tree.leaves(nnx.state(module)),
+                                              jax.tree.leaves(relayout(nnx.state(saved)))))
+  train_lib.restore_checkpoint(manager, 4, target, target_opt)
+  for module, saved in ((target, model), (target_opt, optimizer)):
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(module), relayout(nnx.state(saved)))
+
+  fewer, _ = build(tiny(tmp_path, "layout", num_layers=1), seed=0)
+  with pytest.raises(ValueError, match=r"has num_layers=2, the model num_layers=1"):
+    train_lib.restore_checkpoint(manager, 4, fewer)
+
+
+def test_a_later_start_reads_the_compile_cache(tmp_path):
+  """The first run fills <out>/jax_cache; a later start (nothing compiled in memory), cache
+  given by name, reads every program from it and writes nothing new. JAX's settings are
+  back after each run."""
+  cfg = tiny(tmp_path, "cache", steps=2, warmup_steps=1, eval_every=2, ckpt_every=2)
+  train(cfg)
+  cache = cfg.out_dir / "jax_cache"
+  entries = set(os.listdir(cache))
+  assert entries and jax.config.jax_compilation_cache_dir is None
+  hits = []
+  listener = lambda event, **_: hits.append(event) if event.endswith("/cache_hits") else None
+  jax.monitoring.register_event_listener(listener)
+  jax.clear_caches()
+  try:
+    train(dataclasses.replace(cfg, out=str(tmp_path / "again"), compile_cache=str(cache)))
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  assert hits and set(os.listdir(cache)) == entries
+  assert not (tmp_path / "again" / "jax_cache").exists()
+
+
+def test_unwritable_compile_cache_is_refused_before_anything_runs(tmp_path):
+  (tmp_path / "file").write_text("")
+  cfg = tiny(tmp_path, "nocache", compile_cache=str(tmp_path / "file" / "cache"))
+  with pytest.raises(ValueError, match=r"compile_cache='.*/file/cache': cannot write to"):
+    train(cfg)
+  assert not cfg.out_dir.exists()
