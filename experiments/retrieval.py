@@ -367,7 +367,6 @@ def ablation(args, stages: list[Stage], lengths, left) -> bool:
   path = out / f"retrieval_ablation{file_suffix(args)}.json"
   bench_common.write_json(str(path), {**common_record(args, stages), "winner": winner,
                                       "recipes": runs, **({"full": full} if full else {})})
-  print(f"wrote {path}")
   print_ablation(runs, full)
   print(f"winner: {winner} ({' '.join(runs[winner]['settings']) or 'no settings'})")
   if full is not None:
