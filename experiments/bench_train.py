@@ -583,7 +583,7 @@ def main(argv=None):
                       help="CPU smoke test: defaults preset tiny, T = 160, 320 (--breakdown: "
                            "160), 320 tokens a step")
   parser.add_argument("--out", default=bc.default_out_dir())
-  parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)   # attempt_here
+  parser.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)   # attempt_here
   given = sys.argv[1:] if argv is None else argv
   if "--child" in given:
     args = parser.parse_args(argv)

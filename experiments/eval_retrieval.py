@@ -13,6 +13,13 @@ layer and KV group, how often a selection block holding the needle sentence
 is among the blocks selected for the answer's tokens (the queries that
 predict the digits), next to the recall a random choice of the free slots
 would reach (`chance`; 1 where the needle lies in a block always selected).
+**Strict recall** (`strict`) asks more: that the selected blocks hold every
+digit of the key (of one of its two occurrences in the needle), so that the
+selected branch alone could copy it; its means count the layers >= 1 (layer
+0's queries know nothing of the needle yet). And the **gates** (paper Eq. 5):
+the mean g_cmp, g_slc, g_win per layer at the answer's queries, per depth and
+for the passkeys retrieved and missed: where the needle sits in the window
+(depth 100 %), a miss with a small g_win says the window branch was not used.
 
 Writes `retrieval.png` (heatmaps) and `retrieval.json` into the run directory
 (or --out) and prints the tables. A run whose training mixture had no passkeys
@@ -32,7 +39,7 @@ from tqdm import tqdm
 
 from nsa_jax import data
 from nsa_jax.ops.nsa import nsa
-from nsa_jax.train_lib import load_model
+from nsa_jax.checkpoints import load_model
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -60,27 +67,32 @@ def passkey_examples(lengths, depths, samples: int, seed: int) -> list[dict]:
 
 
 def layer_outputs_and_selections(model, inputs, answer):
-  """Logits of `model` on inputs [B, T], and, for an NSA model, every layer's block_idx at
-  the `answer` positions [B, D]: [L, B, D, HKV, n] (None for full attention).
+  """Logits of `model` on inputs [B, T], and, for an NSA model, every layer's block_idx
+  [L, B, D, HKV, n] and gates [L, B, D, HQ, 3] at the `answer` positions [B, D]
+  ({"block_idx", "gates"}; None for full attention).
 
   Each layer runs `nsa(..., return_block_idx=True)` on its own branch inputs
   through the model's `attend` hook, so the blocks are the ones its output used.
   """
   if model.config.attention != "nsa":
     return model(inputs), None
-  found = []
+  found = {"block_idx": [], "gates": []}
+  at_answer = lambda x: jnp.take_along_axis(x, answer[:, :, None, None], axis=1)
 
   def attend(i, attn, h):
-    o, block_idx = nsa(**attn.branch_inputs(h), config=attn.config, impl=attn.impl,
-                       return_block_idx=True)
-    found.append(jnp.take_along_axis(block_idx, answer[:, :, None, None], axis=1))
+    inputs = attn.branch_inputs(h)
+    o, block_idx = nsa(**inputs, config=attn.config, impl=attn.impl, return_block_idx=True)
+    found["block_idx"].append(at_answer(block_idx))
+    found["gates"].append(at_answer(inputs["gates"]).astype(jnp.float32))
     return attn.o_proj(o.reshape(*h.shape[:2], attn.num_heads * attn.dv))
 
-  return model(inputs, attend=attend), jnp.stack(found)
+  logits = model(inputs, attend=attend)
+  return logits, {k: jnp.stack(v) for k, v in found.items()}
 
 
 def run_probe(model, cells, batch_size: int):
-  """(retrieved [N] bool, block_idx at the answer [N, L, D, HKV, n] or None) of every cell.
+  """(retrieved [N] bool, {"block_idx": [N, L, D, HKV, n], "gates": [N, L, D, HQ, 3]} at the
+  answer, or None for full attention) of every cell.
 
   Every example is right-padded to the longest length, so one compiled forward
   serves all lengths; causal attention makes the padding invisible to the answer.
@@ -90,31 +102,62 @@ def run_probe(model, cells, batch_size: int):
 
   @jax.jit
   def probe(state, batch, answer):
-    logits, selections = layer_outputs_and_selections(nnx.merge(graphdef, state),
-                                                      batch["inputs"], answer)
+    logits, found = layer_outputs_and_selections(nnx.merge(graphdef, state),
+                                                 batch["inputs"], answer)
     hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) | (batch["weights"] == 0)
-    return jnp.all(hit, axis=-1), selections
+    return jnp.all(hit, axis=-1), found
 
   def padded(example):
     pad = width + 1 - len(example.tokens)
     return data.Example(np.pad(example.tokens, (0, pad)), np.pad(example.weights, (0, pad)))
 
+  n = len(cells)
   cells = cells + cells[:1] * (-len(cells) % batch_size)   # whole batches
-  hits, selections = [], []
+  hits, found = [], []
   for i in tqdm(range(0, len(cells), batch_size), desc="passkeys", unit="batch", disable=None,
                 leave=False):
     chunk = cells[i:i + batch_size]
-    hit, sel = probe(state, data.collate([padded(c["example"]) for c in chunk]),
+    hit, got = probe(state, data.collate([padded(c["example"]) for c in chunk]),
                      jnp.asarray(np.stack([c["answer"] for c in chunk])))
     hits.append(np.asarray(hit))
-    if sel is not None:
-      selections.append(np.moveaxis(np.asarray(sel), 0, 1))
-  return np.concatenate(hits), (np.concatenate(selections) if selections else None)
+    if got is not None:
+      found.append({k: np.moveaxis(np.asarray(v), 0, 1) for k, v in got.items()})
+  if not found:
+    return np.concatenate(hits)[:n], None
+  return np.concatenate(hits)[:n], {k: np.concatenate([f[k] for f in found])[:n]
+                                    for k in found[0]}
 
 
 def needle_blocks(cell, select_block: int) -> np.ndarray:
   start, stop = cell["needle"]
   return np.arange(start // select_block, (stop - 1) // select_block + 1)
+
+
+def key_blocks(cell, select_block: int) -> list[np.ndarray]:
+  """The selection blocks holding the key's digits, one array per occurrence of the key in
+  the needle sentence (it is written twice)."""
+  start = cell["needle"][0]
+  before = data.PASSKEY_NEEDLE.split("{key}")[:-1]   # the text before each occurrence
+  offsets = np.cumsum([len(t) for t in before]) + data.PASSKEY_DIGITS * np.arange(len(before))
+  return [np.arange((start + o) // select_block,
+                    (start + o + data.PASSKEY_DIGITS - 1) // select_block + 1) for o in offsets]
+
+
+def forced_blocks(t: int, config) -> set[int]:
+  """The blocks query t always selects: the initial ones and the local ones."""
+  current = t // config.select_block
+  return {*range(min(config.num_initial, current + 1)),
+          *range(max(0, current - config.num_local + 1), current + 1)}
+
+
+def chance_all_selected(blocks, t: int, config) -> float:
+  """Probability that a random choice of query t's free slots (the n - forced slots drawn
+  from its other candidate blocks) selects every block of `blocks` (forced ones always are)."""
+  forced = forced_blocks(t, config)
+  others = t // config.select_block + 1 - len(forced)
+  free = min(config.num_selected - len(forced), others)
+  missing = len(set(map(int, blocks)) - forced)
+  return float(np.prod([(free - i) / (others - i) for i in range(missing)]))
 
 
 def chance_of_selection(cell, config) -> float:
@@ -124,17 +167,58 @@ def chance_of_selection(cell, config) -> float:
   needle = needle_blocks(cell, config.select_block)
   out = []
   for t in cell["answer"]:
-    current = t // config.select_block
-    forced = {*range(min(config.num_initial, current + 1)),
-              *range(max(0, current - config.num_local + 1), current + 1)}
+    forced = forced_blocks(t, config)
     if forced & set(needle):
       out.append(1.0)
       continue
-    others = current + 1 - len(forced)
+    others = t // config.select_block + 1 - len(forced)
     free = min(config.num_selected - len(forced), others)
     miss = np.prod([(others - free - i) / (others - i) for i in range(len(needle))])
     out.append(1.0 - miss)
   return float(np.mean(out))
+
+
+def chance_of_strict(cell, config) -> float:
+  """Strict recall of a random choice of the free slots: mean over the answer queries of
+  the chance that they select every block of one of the key's occurrences
+  (inclusion-exclusion over the two)."""
+  first, second = key_blocks(cell, config.select_block)
+  return float(np.mean([chance_all_selected(first, t, config)
+                        + chance_all_selected(second, t, config)
+                        - chance_all_selected(np.union1d(first, second), t, config)
+                        for t in cell["answer"]]))
+
+
+def strict_hits(cell, block_idx, select_block: int) -> np.ndarray:
+  """[..., D] whether each answer query's selection block_idx [..., D, n] holds every block
+  of one occurrence of the key."""
+  return np.any([np.all([(block_idx == b).any(-1) for b in blocks], axis=0)
+                 for blocks in key_blocks(cell, select_block)], axis=0)
+
+
+def gate_means(gates, hits, shape) -> dict:
+  """The mean gates [N, L, D, HQ, 3] of the answer's queries: per layer and depth
+  [L][depths][3], and per layer over the passkeys retrieved and those missed [L][3] (None
+  where there is none)."""
+  per_cell = gates.mean((2, 3))                                 # [N, L, 3]
+  by_depth = per_cell.reshape(*shape, *per_cell.shape[1:]).mean((0, 2))   # [depths, L, 3]
+  split = {name: per_cell[mask].mean(0).tolist() if mask.any() else None
+           for name, mask in (("retrieved", hits), ("missed", ~hits))}
+  return {"branches": ["cmp", "slc", "win"],
+          "per_layer_depth": np.moveaxis(by_depth, 1, 0).tolist(), **split}
+
+
+def strict_recall(cells, selections, config, per_cell) -> dict:
+  """`strict_hits` of every cell's selections [N, L, D, HKV, n]: "per_layer_group"
+  [L][HKV][lengths][depths], "mean" and "max" over the layers >= 1 (all layers for a
+  one-layer model) and groups, "chance" (`chance_of_strict`)."""
+  hit = np.stack([strict_hits(c, np.moveaxis(s, 1, 2), config.select_block)
+                  for c, s in zip(cells, selections)])          # [N, L, HKV, D]
+  strict = per_cell(hit.mean(-1))                               # [len, depth, L, HKV]
+  deep = strict[:, :, 1:] if strict.shape[2] > 1 else strict
+  return {"per_layer_group": np.moveaxis(strict, (2, 3), (0, 1)).tolist(),
+          "mean": deep.mean((2, 3)).tolist(), "max": deep.max((2, 3)).tolist(),
+          "chance": per_cell(np.array([chance_of_strict(c, config) for c in cells])).tolist()}
 
 
 def passkey_probe(model, lengths, depths=DEPTHS, *, samples: int = 8, batch_size: int = 8,
@@ -143,27 +227,30 @@ def passkey_probe(model, lengths, depths=DEPTHS, *, samples: int = 8, batch_size
 
   NSA adds "selection_recall": {"per_layer_group": [L][HKV][lengths][depths],
   "mean" (over layers and groups), "max" (the best layer/group per cell),
-  "chance"} and, with `record` = (length, depth), "example": sample 0 of that
-  cell, with the blocks each answer query selected per layer and group.
+  "chance", "strict" (`strict_recall`)}, "gates" (`gate_means`) and, with
+  `record` = (length, depth), "example": sample 0 of that cell, with the
+  blocks each answer query selected per layer and group.
   """
   cells = passkey_examples(lengths, depths, samples, seed)
-  hits, selections = run_probe(model, cells, batch_size)
+  hits, found = run_probe(model, cells, batch_size)
   shape = (len(lengths), len(depths), samples)
   result = {"lengths": list(lengths), "depths": list(depths), "samples": samples,
-            "accuracy": hits[:len(cells)].reshape(shape).mean(-1).tolist()}
-  if selections is None:
+            "accuracy": hits.reshape(shape).mean(-1).tolist()}
+  if found is None:
     return result
   config = model.config.nsa
-  selections = selections[:len(cells)]                          # [N, L, D, HKV, n]
-  found = np.stack([np.isin(s, needle_blocks(c, config.select_block)).any(-1)
-                    for c, s in zip(cells, selections)])        # [N, L, D, HKV]
-  L, HKV = found.shape[1], found.shape[3]
-  recall = found.mean(2).reshape(*shape, L, HKV).mean(2)        # [len, depth, L, HKV]
-  per_layer_group = np.moveaxis(recall, (2, 3), (0, 1))
-  chance = np.array([chance_of_selection(c, config) for c in cells]).reshape(shape).mean(-1)
+  selections = found["block_idx"]                                # [N, L, D, HKV, n]
+  per_cell = lambda values: values.reshape(*shape, *values.shape[1:]).mean(2)
+  hit = np.stack([np.isin(s, needle_blocks(c, config.select_block)).any(-1)
+                  for c, s in zip(cells, selections)])          # [N, L, D, HKV]
+  recall = per_cell(hit.mean(2))                                # [len, depth, L, HKV]
+  chance = per_cell(np.array([chance_of_selection(c, config) for c in cells]))
   result["selection_recall"] = {
-      "per_layer_group": per_layer_group.tolist(), "mean": recall.mean((2, 3)).tolist(),
-      "max": recall.max((2, 3)).tolist(), "chance": chance.tolist()}
+      "per_layer_group": np.moveaxis(recall, (2, 3), (0, 1)).tolist(),
+      "mean": recall.mean((2, 3)).tolist(), "max": recall.max((2, 3)).tolist(),
+      "chance": chance.tolist(),
+      "strict": strict_recall(cells, selections, config, per_cell)}
+  result["gates"] = gate_means(found["gates"], hits, shape)
   if record is not None:
     i = next(i for i, c in enumerate(cells) if (c["length"], c["depth"]) == tuple(record))
     c = cells[i]
@@ -266,12 +353,29 @@ def print_tables(result: dict) -> None:
   if "selection_recall" in result:
     rec = result["selection_recall"]
     grids += [("selection recall, mean over layers and KV groups", rec["mean"]),
-              ("selection recall by chance (random free slots)", rec["chance"])]
+              ("selection recall by chance (random free slots)", rec["chance"]),
+              ("strict recall (every key digit selected), mean over layers >= 1 and KV groups",
+               rec["strict"]["mean"]),
+              ("strict recall by chance", rec["strict"]["chance"])]
   for title, grid in grids:
     print(title)
     print(header)
     for n, row in zip(result["lengths"], grid):
       print(f"{n:>9} " + " ".join(f"{a:>6.2f}" for a in row))
+  if "gates" in result:
+    print_gates(result["gates"], result["depths"])
+
+
+def print_gates(gates: dict, depths) -> None:
+  """The mean gates at the answer's queries per layer: at each depth, and over the passkeys
+  retrieved and missed."""
+  print("mean gates g_cmp / g_slc / g_win at the answer's queries")
+  print("layer    " + " ".join(f"{f'{100 * d:.0f}%':>16}" for d in depths)
+        + f" {'retrieved':>16} {'missed':>16}")
+  fmt = lambda g: "–".rjust(16) if g is None else " " * 4 + "/".join(f"{x:.2f}" for x in g)
+  for layer, per_depth in enumerate(gates["per_layer_depth"]):
+    split = [gates[k] and gates[k][layer] for k in ("retrieved", "missed")]
+    print(f"{layer:>5}    " + " ".join(fmt(g) for g in [*per_depth, *split]))
 
 
 def evaluate_run(run_dir, lengths=None, depths=DEPTHS, *, samples: int = 8,

@@ -329,19 +329,68 @@ def retrieval_runs(files) -> str:
                  f"{_at_train_len(nsa, nsa['accuracy']):.0%}",
                  f"{_at_train_len(full, full['accuracy']):.0%}",
                  f"{_at_train_len(nsa, nsa['selection_recall']['mean']):.2f} / "
-                 f"{_at_train_len(nsa, nsa['selection_recall']['chance']):.2f}"])
+                 f"{_at_train_len(nsa, nsa['selection_recall']['chance']):.2f}",
+                 _strict_at_train_len(nsa)])
   return _table(["run", "NSA blocks", "tokens", "trained to", "NSA accuracy", "full accuracy",
-                 "NSA recall / chance"], rows)
+                 "NSA recall / chance", "NSA strict recall / chance"], rows)
+
+
+def _strict_at_train_len(run) -> str:
+  """Strict recall / its chance at the training length (mean over depths; layers >= 1), or
+  a dash for a run evaluated before strict recall existed."""
+  strict = run["selection_recall"].get("strict")
+  return "–" if strict is None else (f"{_at_train_len(run, strict['mean']):.2f} / "
+                                     f"{_at_train_len(run, strict['chance']):.2f}")
+
+
+def ablation_section(path, d):
+  """The recipes of `experiments/retrieval.py --recipes` (retrieval_ablation_*.json): one row
+  each (and full attention's), and the mean gates at the answer's queries at each depth."""
+  runs = [(name, r) for name, r in d["recipes"].items()]
+  first = runs[0][1]
+  tasks = sorted(first["val"])
+  rows = []
+  for name, r in [*runs, *([("full attention", d["full"])] if "full" in d else [])]:
+    rec = r.get("selection_recall")
+    rows.append([f"**{name}**" if name == d["winner"] else name,
+                 " ".join(f"`{x}`" for x in r.get("settings", [])) or "–",
+                 *(f"{_mean(a):.0%}" for a in r["accuracy"]),
+                 "–" if rec is None else f"{_at_train_len(r, rec['mean']):.2f} / "
+                                         f"{_at_train_len(r, rec['chance']):.2f}",
+                 "–" if rec is None else _strict_at_train_len(r),
+                 *(f"{r['val'][t]:.4f}" for t in tasks)])
+  gates = [[name, f"layer {i}", *("/".join(f"{x:.2f}" for x in g) for g in layer)]
+           for name, r in runs for i, layer in enumerate(r["gates"]["per_layer_depth"])]
+  stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
+  return [f"Selection-learning ablation (issue #29): `experiments/retrieval.py --recipes` on "
+          f"{d['device']}: NSA ({_blocks_text(d['nsa_config'])}; {model_config_text(d['model'])}, "
+          f"G = {d['model']['num_heads'] // d['model']['num_kv_heads']}, {d['dtype']}) with each "
+          f"recipe on the same {first['tokens']:,} tokens of `{d['mixture']}` (stages {stages}; "
+          f"seed {d.get('seed', 0)}); {first['samples']} passkeys per cell. Accuracy: mean over "
+          f"the depths per context length; recall and strict recall (every key digit's block "
+          f"selected, layers >= 1) at the training length {first['train_len']:,}, next to chance "
+          f"(random free slots); the winner (best mean accuracy) in bold:", "",
+          _table(["recipe", "settings", *(f"accuracy {_len(n)}" for n in first["lengths"]),
+                  "recall / chance", "strict / chance", *tasks], rows), "",
+          "Mean gates g_cmp / g_slc / g_win at the answer's queries per depth (mean over "
+          "lengths, heads and the 5 answer queries):", "",
+          _table(["recipe", "layer", *(f"{100 * x:.0f}%" for x in first["depths"])], gates), ""]
 
 
 def retrieval_section(path, d):
+  if "recipes" in d:
+    return ablation_section(path, d)
   nsa, full = d["runs"]["nsa"], d["runs"]["full"]
   rec = nsa["selection_recall"]
   pct = lambda row: f"{_mean(row):.0%}"
+  strict = rec.get("strict", {"mean": [None] * len(nsa["lengths"]),
+                               "chance": [None] * len(nsa["lengths"])})
+  two = lambda row: "–" if row is None else f"{_mean(row):.2f}"
   rows = [[f"{n:,}" + (" (trained)" if n == nsa["train_len"] else ""), pct(a), pct(f),
-           f"{_mean(r):.2f}", f"{_mean(m):.2f}", f"{_mean(c):.2f}"]
-          for n, a, f, r, m, c in zip(nsa["lengths"], nsa["accuracy"], full["accuracy"],
-                                      rec["mean"], rec["max"], rec["chance"])]
+           f"{_mean(r):.2f}", f"{_mean(m):.2f}", f"{_mean(c):.2f}", two(sm), two(sc)]
+          for n, a, f, r, m, c, sm, sc in zip(nsa["lengths"], nsa["accuracy"], full["accuracy"],
+                                              rec["mean"], rec["max"], rec["chance"],
+                                              strict["mean"], strict["chance"])]
   at = nsa["lengths"].index(nsa["train_len"]) if nsa["train_len"] in nsa["lengths"] else -1
   groups = len(rec["per_layer_group"][0])
   layers = [[f"layer {i}", *(f"{_mean(g[at]):.2f}" for g in layer)]
@@ -351,7 +400,7 @@ def retrieval_section(path, d):
                                                                      ("full", full))]
   stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
   m = d["model"]
-  history = _load("history/retrieval_*.json")
+  history = [(p, h) for p, h in _load("history/retrieval_*.json") if "runs" in h]
   return [f"Retrieval: `experiments/retrieval.py` on one {d['device']}: NSA "
           f"({_blocks_text(d['nsa_config'])}) and full attention "
           f"({model_config_text(m)}, {d['dtype']}) trained on the same {nsa['tokens']:,} "
@@ -362,9 +411,10 @@ def retrieval_section(path, d):
           + ". Accuracy: all 5 digits right under greedy decoding, mean over the depths. "
           "Recall: how often a block of the needle sentence is among the blocks an answer "
           "query selects (mean over layers and KV groups, and the best layer/group), next to "
-          "a random choice of the free slots:", "",
+          "a random choice of the free slots; strict recall: how often they hold every digit "
+          "of the key (layers >= 1):", "",
           _table(["context", "NSA accuracy", "full accuracy", "NSA recall", "best layer/group",
-                  "chance"], rows), "",
+                  "chance", "strict recall", "strict chance"], rows), "",
           retrieval_targets(nsa, full) + " "
           f"Accuracy stays >= 90 % at every length up to: NSA {_holds_up_to(nsa)}, full "
           f"attention {_holds_up_to(full)} (trained up to {nsa['train_len']:,} tokens). "

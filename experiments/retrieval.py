@@ -1,4 +1,4 @@
-"""Does NSA learn to retrieve? NSA against full attention on a passkey / mqar / text curriculum (issue #21).
+"""Does NSA learn to retrieve? NSA against full attention on a passkey / text curriculum (issue #21).
 
     PYTHONPATH=. python experiments/retrieval.py --out $OUT     # GPU; run it again until it says done
     PYTHONPATH=. python experiments/retrieval.py --small --out /tmp/retrieval   # CPU smoke test
@@ -12,11 +12,16 @@ selection and window cover every token of the stages up to T = 1024, so
 nothing asks the compressed branch to find the needle before T = 2048, and
 NSA did not learn to retrieve (`results/history/retrieval_paper_blocks_*`).
 Halved, the selection must choose from T = 512 on.
-The mixture teaches retrieval: passkeys (only the 5 answer digits carry loss),
-multi-query associative recall (`mqar`: only the recalled values carry loss)
+The mixture teaches retrieval: passkeys (only the 5 answer digits carry loss)
 and packed text, whose tokens weigh `--text_row_weight / seq_len` each so
 that a row of text does not drown a row's few answer digits in the batch's
-loss. Rows are packed (`nsa_jax.data`,
+loss. Multi-query associative recall (`mqar`) is no longer in the default
+mixture: both models sat at chance on it (validation loss ln 10 = 2.30 in
+`results/retrieval_nvidia-h200.json`), the task as drawn is sound (random
+4-letter keys, 4-digit values, only the recalled values carry loss) but
+needs a 4-byte key matched, which neither 4-layer model learned, and its 32
+answer tokens a row outweighed a passkey row's 5; its rows went to passkeys
+(`--mixture` still takes it). Rows are packed (`nsa_jax.data`,
 aligned to `select_block` for both models); `--pack_tasks` puts several
 passkey / mqar examples of random lengths in a row, each a document the models
 run alone (they read `segment_ids`). A stage starts from the previous one's final
@@ -42,6 +47,27 @@ To try a recipe on one model without retraining the other: `--attentions nsa`
 (written as retrieval-nsa_<gpu>.*, beside the comparison) with `--set NAME=VALUE`
 for any other field of the configuration, e.g. `--set num_kv_heads=8` for a
 selection per query head (G = 1), and a `--runs` directory of its own.
+
+Ablation (issue #29): `--recipes baseline,max,distill,st,combined` trains NSA
+with each recipe of `RECIPES` (aids to selection learning,
+docs/selection_learning.md: max over the group's heads, the distillation loss,
+the straight-through gate, all three) on the same tokens under <runs>/<recipe>,
+then full attention if in `--attentions`, and writes retrieval_ablation_<gpu>.json
+(each recipe's settings, accuracy, selection recall with `strict`, gates,
+validation losses) and prints its table; with full attention also the
+comparison retrieval_<gpu>.json of full attention and the winner (best mean
+accuracy, then strict recall). `--seed N` repeats it with other parameters,
+data order and passkeys (under <runs>/seedN, files *_seedN).
+
+CPU miniature screening (2 layers, width 64, HQ 4, HKV 1 so G = 4, float32,
+blocks 8,4,16,4,32; `results/history/retrieval_cpu_mini/`), ~10 minutes a recipe
+on 2 cores:
+
+    PYTHONPATH=. nice -n 10 python experiments/retrieval.py --preset demo \
+        --set d_model=64 --set num_layers=2 --set num_kv_heads=1 --nsa_blocks 8,4,16,4,32 \
+        --stages 128x32:150,256x32:400 --mixture passkey:0.8,text:0.2 --lr 3e-3 \
+        --lengths 256,512 --samples 16 --budget_s 0 --attentions nsa \
+        --recipes baseline,max,distill --runs runs/retrieval_cpu --out /tmp/retrieval_cpu
 """
 from __future__ import annotations
 
@@ -78,7 +104,16 @@ STAGE_FIELDS = ("attention", "out", "seq_len", "batch_size", "steps", "lr", "war
                 "min_lr_ratio", "mixture", "pack", "pack_tasks", "text_weight", "eval_every",
                 "eval_batches", "ckpt_every", "keep_checkpoints", "time_limit_s", "progress")
 BLOCK_FIELDS = ("compress_block", "compress_stride", "select_block", "num_selected", "window")
+# The fields with a flag of their own here, which --set may not set either.
+OWN_FLAGS = BLOCK_FIELDS + ("lr", "mixture", "pack_tasks", "seed")
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# Bumped when the evaluation records more (2: strict recall, gates): older caches are redone.
+EVAL_VERSION = 2
+# --recipes: NSA trained with each aid to selection learning (docs/selection_learning.md), and
+# with all of them ("combined"); --set applies on top of every recipe.
+RECIPES = {"baseline": [], "max": ["group_score=max"], "distill": ["select_distill=0.5"],
+           "st": ["select_gate=straight_through"],
+           "combined": ["group_score=max", "select_distill=0.5", "select_gate=straight_through"]}
 # train_s counts the training steps only; data, evaluation and checkpoints take the rest
 # of a call's wall time. A run segment gets this share of the time left.
 STEP_SHARE = 0.8
@@ -123,9 +158,9 @@ def parse_settings(preset: str, settings: list[str]) -> dict:
     name, eq, value = item.partition("=")
     if not eq or not name:
       raise ValueError(f"--set {item!r} is not NAME=VALUE")
-    if name in STAGE_FIELDS + BLOCK_FIELDS:
+    if name in STAGE_FIELDS + OWN_FLAGS:
       raise ValueError(f"--set {item!r}: {name} has a flag of its own here (--help)"
-                       if name in BLOCK_FIELDS + ("lr", "mixture", "pack_tasks") else
+                       if name in OWN_FLAGS else
                        f"--set {item!r}: {name} is set per stage (--stages)")
     argv += [f"--{name}", value]
   settings = vars(build_parser(PRESETS[preset].config, True).parse_args(argv))
@@ -134,8 +169,10 @@ def parse_settings(preset: str, settings: list[str]) -> dict:
 
 
 def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s: float = 0.0):
-  """Stage i's TrainConfig: warmup to --lr, constant, decaying (cosine) only in the last stage."""
+  """Stage i's TrainConfig: warmup to --lr, constant, decaying (cosine) only in the last stage;
+  a distill_warmup_steps (--set) ramps the distillation weight up in the first stage only."""
   stage = stages[i]
+  overrides = {k: v for k, v in args.overrides.items() if i == 0 or k != "distill_warmup_steps"}
   return make_config(
       args.preset, attention=attention, out=str(args.runs / attention / f"stage{i}-{stage.seq_len}"),
       seq_len=stage.seq_len, batch_size=stage.batch_size, steps=stage.steps, lr=args.lr,
@@ -144,7 +181,7 @@ def stage_config(args, attention: str, i: int, stages: list[Stage], time_limit_s
       pack_tasks=args.pack_tasks, text_weight=args.text_row_weight / stage.seq_len,
       eval_every=stage.steps, eval_batches=2,
       ckpt_every=max(1, min(100, stage.steps)), keep_checkpoints=2, time_limit_s=time_limit_s,
-      progress=sys.stderr.isatty() and not args.small, **args.overrides)
+      progress=sys.stderr.isatty() and not args.small, **overrides)
 
 
 def progress(run_dir: pathlib.Path) -> tuple[int | None, float]:
@@ -196,7 +233,7 @@ def evaluate(args, stages: list[Stage], attention: str, lengths, left) -> dict |
   run_dir = stage_config(args, attention, len(stages) - 1, stages).out_dir
   cache = run_dir / "retrieval_eval.json"
   key = {"step": stages[-1].steps, "lengths": lengths, "depths": list(DEPTHS),
-         "samples": args.samples}
+         "samples": args.samples, "version": EVAL_VERSION}
   if cache.exists() and json.loads(cache.read_text())["key"] == key:
     return json.loads(cache.read_text())["result"]
   if args.budget_s and left() < args.eval_reserve_s:
@@ -226,35 +263,46 @@ def summary(args, stages: list[Stage], attention: str, probe: dict) -> dict:
           "val": per_stage[-1]["val"], "stages": per_stage, **probe}
 
 
-def copy_metrics(args, stages: list[Stage]) -> None:
-  """Every stage's metrics.csv so far to <out>/retrieval_metrics/ (progress, even mid-way)."""
+def copy_metrics(args, stages: list[Stage], prefix: str = "") -> None:
+  """Every stage's metrics.csv so far to <out>/retrieval_metrics/ (progress, even mid-way),
+  named <prefix><attention>_stage<i>-<seq_len>.csv."""
   dest = pathlib.Path(args.out) / "retrieval_metrics"
   for i in range(len(stages)):
     for attention in args.attentions:
       csv = stage_config(args, attention, i, stages).out_dir / "metrics.csv"
       if csv.exists():
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(csv, dest / f"{attention}_stage{i}-{stages[i].seq_len}.csv")
+        shutil.copyfile(csv, dest / f"{prefix}{attention}_stage{i}-{stages[i].seq_len}.csv")
 
 
-def write_results(args, stages, results: dict) -> None:
-  """The JSON, the heatmaps of the models trained (NSA's recall last) and NSA's example."""
-  cfg = stage_config(args, "nsa", len(stages) - 1, stages)
-  mc = cfg.model
+def file_suffix(args) -> str:
+  """"_<gpu>" (none with --small), and "_seed<N>" for a --seed other than 0."""
+  return (("" if args.small else "_" + bench_common.slug(bench_common.gpu_name()))
+          + (f"_seed{args.seed}" if args.seed else ""))
+
+
+def common_record(args, stages) -> dict:
+  """What every run of this call shares: device, data, curriculum, model shape."""
+  mc = stage_config(args, "nsa", len(stages) - 1, stages).model
+  return {"device": bench_common.gpu_name(), "preset": args.preset, "mixture": args.mixture,
+          "pack_tasks": args.pack_tasks, "text_row_weight": args.text_row_weight,
+          "lr": args.lr, "seed": args.seed, "settings": args.set, "dtype": mc.dtype,
+          "stages": [dataclasses.asdict(s) for s in stages],
+          "model": {k: getattr(mc, k) for k in ("d_model", "num_layers", "num_heads",
+                                                "num_kv_heads", "head_dim")},
+          "nsa_config": dataclasses.asdict(mc.nsa)}
+
+
+def write_results(args, stages, results: dict, **extra) -> None:
+  """The JSON (with `extra` fields), the heatmaps of the models trained (NSA's recall last)
+  and NSA's example."""
   # A run of some of the models is named apart ("retrieval-nsa_<gpu>"): the README's section
   # (experiments/report.py) renders the comparisons, retrieval_<gpu>.json, and needs both.
   name = ("retrieval" + ("" if len(results) == len(ATTENTIONS) else "-" + "-".join(results))
-          + ("" if args.small else "_" + bench_common.slug(bench_common.gpu_name())))
+          + file_suffix(args))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  record = {
-      "device": bench_common.gpu_name(), "preset": args.preset, "mixture": args.mixture,
-      "pack_tasks": args.pack_tasks, "text_row_weight": args.text_row_weight, "lr": args.lr,
-      "settings": args.set, "dtype": mc.dtype,
-      "stages": [dataclasses.asdict(s) for s in stages],
-      "model": {k: getattr(mc, k) for k in ("d_model", "num_layers", "num_heads",
-                                            "num_kv_heads", "head_dim")},
-      "nsa_config": dataclasses.asdict(mc.nsa), "runs": results}
+  record = {**common_record(args, stages), **extra, "runs": results}
   bench_common.write_json(str(out / f"{name}.json"), record)
   nsa_panels = retrieval_panels(results["nsa"], "NSA") if "nsa" in results else []
   full_panels = retrieval_panels(results["full"], "full attention") if "full" in results else []
@@ -277,6 +325,73 @@ def write_results(args, stages, results: dict) -> None:
   print(f"wrote {out / name}_example.png")
 
 
+def recipe_args(args, recipe: str):
+  """`args` for NSA trained with `recipe` (RECIPES, on top of --set) under <runs>/<recipe>."""
+  settings = args.set + RECIPES[recipe]
+  return argparse.Namespace(**{
+      **vars(args), "set": settings, "runs": args.runs / recipe, "attentions": ["nsa"],
+      "overrides": {**args.overrides, **parse_settings(args.preset, settings)}})
+
+
+def ablation(args, stages: list[Stage], lengths, left) -> bool:
+  """NSA with each of --recipes (and full attention, if in --attentions) on the same
+  tokens: retrieval_ablation_<gpu>.json, and the comparison retrieval_<gpu>.json of full
+  attention with the winner (the best mean accuracy over the lengths and depths, then
+  the best strict recall). False when the time ran out first."""
+  runs = {}
+  for recipe in args.recipes:
+    rargs = recipe_args(args, recipe)
+    if not train_stages(rargs, stages, left):
+      return False
+    copy_metrics(rargs, stages, prefix=f"{recipe}_")
+    probe = evaluate(rargs, stages, "nsa", lengths, left)
+    if probe is None:
+      return False
+    runs[recipe] = {"settings": rargs.set, **summary(rargs, stages, "nsa", probe)}
+  full = None
+  if "full" in args.attentions:
+    fargs = argparse.Namespace(**{**vars(args), "attentions": ["full"]})
+    if not train_stages(fargs, stages, left):
+      return False
+    copy_metrics(fargs, stages)
+    probe = evaluate(fargs, stages, "full", lengths, left)
+    if probe is None:
+      return False
+    full = summary(fargs, stages, "full", probe)
+  score = lambda r: (np.mean(r[1]["accuracy"]),
+                     np.mean(r[1]["selection_recall"]["strict"]["mean"]))
+  winner = max(runs.items(), key=score)[0]
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"retrieval_ablation{file_suffix(args)}.json"
+  bench_common.write_json(str(path), {**common_record(args, stages), "winner": winner,
+                                      "recipes": runs, **({"full": full} if full else {})})
+  print_ablation(runs, full)
+  print(f"winner: {winner} ({' '.join(runs[winner]['settings']) or 'no settings'})")
+  if full is not None:
+    write_results(recipe_args(args, winner), stages, {"nsa": runs[winner], "full": full},
+                  recipe=winner)
+  return True
+
+
+def print_ablation(runs: dict, full: dict | None) -> None:
+  """One row per recipe: accuracy per length (mean over depths), recall and strict recall
+  at the training length (mean over depths; strict over layers >= 1) with their chance,
+  and the final validation losses."""
+  first = next(iter(runs.values()))
+  at = first["lengths"].index(first["train_len"]) if first["train_len"] in first["lengths"] else -1
+  tasks = sorted(first["val"])
+  print("\nrecipe      " + " ".join(f"{f'acc@{n}':>9}" for n in first["lengths"])
+        + f" {'recall':>13} {'strict':>13} " + " ".join(f"{t:>11}" for t in tasks))
+  rows = [*runs.items(), *([("full", full)] if full else [])]
+  for name, r in rows:
+    cells = " ".join(f"{np.mean(a):>9.2f}" for a in r["accuracy"])
+    rec = r.get("selection_recall")
+    pair = lambda d: f"{np.mean(d['mean'][at]):.2f} / {np.mean(d['chance'][at]):.2f}"
+    recall = (f"{pair(rec):>13} {pair(rec['strict']):>13}" if rec else f"{'–':>13} {'–':>13}")
+    print(f"{name:<11} {cells} {recall} " + " ".join(f"{r['val'][t]:>11.4f}" for t in tasks))
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=bench_common.default_out_dir(),
@@ -287,7 +402,7 @@ def main(argv=None) -> None:
                       help="CPU smoke test: preset tiny, two short stages, a small grid")
   parser.add_argument("--preset")
   parser.add_argument("--stages", help=f"SEQ_LENxBATCH:STEPS,... (default {GPU['stages']})")
-  parser.add_argument("--mixture", default="passkey:0.6,mqar:0.2,text:0.2",
+  parser.add_argument("--mixture", default="passkey:0.8,text:0.2",
                       help="share of the rows of each task")
   parser.add_argument("--text_row_weight", type=float, default=8.0,
                       help="loss weight of a whole text row, spread over its tokens (an answer "
@@ -303,6 +418,14 @@ def main(argv=None) -> None:
   parser.add_argument("--attentions", default=",".join(ATTENTIONS),
                       help="the models to train and evaluate, e.g. nsa alone to try an NSA "
                       "recipe (its results: retrieval-nsa_<gpu>.json, beside the comparisons)")
+  parser.add_argument("--recipes",
+                      help="ablation: NSA trained with each of these recipes (comma-separated, "
+                      f"of {', '.join(RECIPES)}) under <runs>/<recipe>, and full attention "
+                      "if in --attentions: retrieval_ablation_<gpu>.json, and the comparison "
+                      "retrieval_<gpu>.json with the winner")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="parameters, data order and passkeys (e.g. to repeat the winner); "
+                      "not 0: runs under <runs>/seed<N>, files named *_seed<N>")
   parser.add_argument("--pack_tasks", action="store_true",
                       help="several passkey/mqar examples a row, each a document of its own "
                       "(the models read segment_ids)")
@@ -323,12 +446,17 @@ def main(argv=None) -> None:
   for key, value in (SMALL if args.small else GPU).items():
     if getattr(args, key) is None:
       setattr(args, key, value)
-  args.runs = pathlib.Path(args.runs)
+  args.runs = pathlib.Path(args.runs) / (f"seed{args.seed}" if args.seed else "")
   args.attentions = args.attentions.split(",")
   if not set(args.attentions) <= set(ATTENTIONS):
     raise ValueError(f"--attentions={','.join(args.attentions)} must name some of {ATTENTIONS}")
+  args.recipes = args.recipes.split(",") if args.recipes else []
+  unknown = [r for r in args.recipes if r not in RECIPES]
+  if unknown:
+    raise ValueError(f"--recipes: {','.join(unknown)} not among {', '.join(RECIPES)}")
   # --nsa_blocks and --set, parsed once: a wrong name or value fails before any training.
-  args.overrides = {**parse_blocks(args.nsa_blocks), **parse_settings(args.preset, args.set)}
+  args.overrides = {**parse_blocks(args.nsa_blocks), **parse_settings(args.preset, args.set),
+                    "seed": args.seed}
   if not args.small:   # so that the next call does not compile the same steps again
     jax.config.update("jax_compilation_cache_dir", str((args.runs / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -340,6 +468,13 @@ def main(argv=None) -> None:
         f"({', '.join(f'{s.seq_len} x {s.batch_size} x {s.steps}' for s in stages)}); "
         f"checkpoints under {args.runs}"
         + (f"; this call stops after {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
+  if args.recipes:
+    if not ablation(args, stages, lengths, left):
+      print(f"time budget spent after {time.monotonic() - start:.0f} s: run the same command "
+            f"again to continue from the checkpoints under {args.runs}")
+      return
+    print(f"done in {time.monotonic() - start:.0f} s")
+    return
   done = train_stages(args, stages, left)
   copy_metrics(args, stages)
   probes = {a: evaluate(args, stages, a, lengths, left) for a in args.attentions} if done else {}

@@ -60,6 +60,10 @@ class ModelConfig:
       (jax.checkpoint_policies.dots_with_no_batch_dims_saveable: projections and MLP).
     scan_layers: the blocks' parameters stacked on a leading layer axis, run by one
       jax.lax.scan: one block compiled instead of num_layers (docs/memory.md).
+    select_distill: weight of the selection distillation loss (docs/selection_learning.md,
+      "Training"): each NSA layer's KL from its group's dense attention to its selection
+      scores, mean over layers, added to the training loss; 0: not computed. Ignored by full
+      attention, which selects nothing.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -77,6 +81,7 @@ class ModelConfig:
   impl: str = "auto"
   remat: str = "none"
   scan_layers: bool = False
+  select_distill: float = 0.0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
@@ -96,6 +101,14 @@ class ModelConfig:
       raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
     if self.remat not in REMATS:
       raise ValueError(f"remat={self.remat!r} must be one of {REMATS}")
+    if not self.select_distill >= 0:
+      raise ValueError(f"select_distill={self.select_distill} must be >= 0 (0: no "
+                       f"selection distillation)")
+
+  @property
+  def distills(self) -> bool:
+    """Whether training adds the selection distillation loss (NSA, select_distill > 0)."""
+    return self.attention == "nsa" and self.select_distill > 0
 
   @property
   def head_size(self) -> int:
@@ -233,11 +246,17 @@ class Block(nnx.Module):
                                 dtype=dtype, rngs=rngs)
     self.mlp = SwiGLU(c.d_model, c.mlp_size, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, attend=None, segment_ids=None):
-    """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding)."""
+  def __call__(self, x, attend=None, segment_ids=None, distill=False):
+    """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding).
+    distill: return (output, the NSA layer's selection distillation loss)."""
     h = self.attn_norm(x)
-    x = x + (self.attn(h, segment_ids) if attend is None else attend(self.attn, h))
-    return x + self.mlp(self.mlp_norm(x))
+    if distill:
+      y, loss = self.attn(h, segment_ids, distill=True)
+    else:
+      y = self.attn(h, segment_ids) if attend is None else attend(self.attn, h)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return (x, loss) if distill else x
 
 
 class Transformer(nnx.Module):
@@ -270,23 +289,31 @@ class Transformer(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
-  def run_blocks(self, x, segment_ids=None):
+  def run_blocks(self, x, segment_ids=None, distill=False):
     """The blocks over x [B, T, d_model]: a loop or a `jax.lax.scan` (scan_layers), each
-    block under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none"."""
+    block under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none".
+    Returns (output, each layer's selection distillation loss [L] with `distill`, else None)."""
     c = self.config
-    run = lambda graphdef, state, x: nnx.merge(graphdef, state)(x, segment_ids=segment_ids)
+
+    def run(graphdef, state, x):
+      out = nnx.merge(graphdef, state)(x, segment_ids=segment_ids, distill=distill)
+      return out if distill else (out, None)
+
     if c.remat != "none":   # prevent_cse=False is safe, and faster, under a scan
       run = jax.checkpoint(run, static_argnums=0, policy=REMAT_POLICIES[c.remat],
                            prevent_cse=not c.scan_layers)
     if c.scan_layers:
       graphdef, state = nnx.split(self.blocks)
-      return jax.lax.scan(lambda x, layer: (run(graphdef, layer, x), None), x, state)[0]
+      return jax.lax.scan(lambda x, layer: run(graphdef, layer, x), x, state)
+    losses = []
     for block in self.blocks:
-      x = run(*nnx.split(block), x)
-    return x
+      x, loss = run(*nnx.split(block), x)
+      losses.append(loss)
+    return x, jnp.stack(losses) if distill else None
 
-  def __call__(self, tokens, segment_ids=None, attend=None):
-    """Logits of tokens [B, T].
+  def __call__(self, tokens, segment_ids=None, attend=None, distill=False):
+    """Logits of tokens [B, T], or with `distill` (config.distills) (logits, the selection
+    distillation loss: the mean over layers of each NSA layer's, float32).
 
     segment_ids: [B, T] int, documents packed in a row (docs/semantics.md#packed-rows: runs,
       each starting at a multiple of the NSA config's select_block, as
@@ -299,15 +326,20 @@ class Transformer(nnx.Module):
     if attend is not None and segment_ids is not None:
       raise ValueError("segment_ids with attend: decoding (nsa_jax.decoding) runs one "
                        "document per row; pass segment_ids=None")
+    if distill and (attend is not None or not self.config.distills):
+      raise ValueError(f"distill=True needs an NSA model with select_distill > 0 (got "
+                       f"attention={self.config.attention!r}, select_distill="
+                       f"{self.config.select_distill}) and no attend")
     x = self.embed(tokens)
     if attend is None:
-      x = self.run_blocks(x, segment_ids)
+      x, losses = self.run_blocks(x, segment_ids, distill)
     else:
       for i in range(self.config.num_layers):
         x = self.layer(i)(x, functools.partial(attend, i))
     x = self.norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return (logits, jnp.mean(losses.astype(jnp.float32))) if distill else logits
 
 
 def _layer_axis(path) -> int | None:

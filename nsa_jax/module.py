@@ -10,12 +10,15 @@ token, positions restarting per document): docs/semantics.md#the-layer and #rope
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, segments
+from nsa_jax.ops import distill as distill_lib
 from nsa_jax.ops.nsa import SAVE_POLICY, nsa
 from nsa_jax.rope import apply_rope
 from nsa_jax.sharding import sharded_nsa, with_halo
@@ -186,9 +189,12 @@ class NativeSparseAttention(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x.shape={tuple(x.shape)} must be [B, T, d_model={self.d_model}]")
 
-  def __call__(self, x, segment_ids=None):
+  def __call__(self, x, segment_ids=None, distill=False):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
     of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows).
+
+    distill: also return the selection distillation loss of this call's q, k_cmp and
+    k_slc (`nsa_jax.ops.distill.selection_distill_loss`; docs/selection_learning.md).
 
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
     keeps x and the branches' outputs, lse and selection, not the projections, keys,
@@ -197,14 +203,19 @@ class NativeSparseAttention(nnx.Module):
     selected and compressed keys and values again (`nsa_jax.context`).
     """
     self.check_input(x)
+    forward = functools.partial(NativeSparseAttention.forward, distill=distill)
     if self.mesh is not None and self.mesh.shape["context"] > 1:
-      return self.forward(x, segment_ids)
-    return nnx.remat(NativeSparseAttention.forward, policy=SAVE_POLICY)(self, x, segment_ids)
+      return forward(self, x, segment_ids)
+    return nnx.remat(forward, policy=SAVE_POLICY)(self, x, segment_ids)
 
-  def forward(self, x, segment_ids=None):
+  def forward(self, x, segment_ids=None, distill=False):
     """`__call__` without its checkpoint."""
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
-    o = op(**self.branch_inputs(x, segment_ids=segment_ids), config=self.config,
-           impl=self.impl, segment_ids=segment_ids)
-    return self.o_proj(o.reshape(B, T, self.num_heads * self.dv))
+    inputs = self.branch_inputs(x, segment_ids=segment_ids)
+    o = op(**inputs, config=self.config, impl=self.impl, segment_ids=segment_ids)
+    y = self.o_proj(o.reshape(B, T, self.num_heads * self.dv))
+    if not distill:
+      return y
+    return y, distill_lib.selection_distill_loss(inputs["q"], inputs["k_cmp"], inputs["k_slc"],
+                                     config=self.config, segment_ids=segment_ids)

@@ -58,6 +58,8 @@ class TrainConfig:
     lr: peak learning rate (AdamW).
     min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio.
     warmup_steps: steps of linear warmup from 0 to lr.
+    distill_warmup_steps: steps over which the selection distillation weight (select_distill)
+      rises linearly to its value (docs/selection_learning.md, "Training"); 0: none.
     weight_decay: AdamW weight decay (matrices only).
     grad_clip: global gradient-norm clip.
     eval_every: steps between validation losses.
@@ -93,6 +95,7 @@ class TrainConfig:
   lr: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup_steps: int = 20
+  distill_warmup_steps: int = 0
   weight_decay: float = 0.1
   grad_clip: float = 1.0
   # evaluation, checkpoints, output
@@ -120,6 +123,8 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
       raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+    if self.distill_warmup_steps < 0:
+      raise ValueError(f"distill_warmup_steps={self.distill_warmup_steps} must be >= 0")
     data.parse_mixture(self.mixture, self.seq_len)
     if self.pack:
       data.check_alignment(self.model.nsa.select_block, self.seq_len)

@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from nsa_jax import data, decoding, sharding
 from nsa_jax.compile_cache import compile_cache
-from nsa_jax.model import Transformer, count_params, stack_layers, unstack_layers
-from nsa_jax.train_config import TrainConfig, from_dict, parse_args, to_dict
+from nsa_jax.checkpoints import (checkpoint_manager, load_model, restore_checkpoint,
+                                 save_checkpoint)
+from nsa_jax.model import Transformer, count_params
+from nsa_jax.train_config import TrainConfig, parse_args, to_dict
 
 
 # ----------------------------------------------------------------------------
@@ -72,16 +73,32 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> nnx.Optimizer:
 
 
 def loss_sums(model: Transformer, batch):
-  """(sum of weighted next-token NLL, sum of weights) of a batch; its rows' documents
-  (`segment_ids`, docs/semantics.md#packed-rows) each run as a sequence of their own."""
-  logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+  """(sum of weighted next-token NLL, sum of weights, selection distillation loss) of a
+  batch; its rows' documents (`segment_ids`, docs/semantics.md#packed-rows) each run as a sequence of their own.
+  The distillation loss (mean over layers, `Transformer(distill=True)`) is None unless
+  `model.config.distills`: then it is not computed at all."""
+  segment_ids = batch.get("segment_ids")
+  distill = None
+  if model.config.distills:
+    logits, distill = model(batch["inputs"], segment_ids=segment_ids, distill=True)
+  else:
+    logits = model(batch["inputs"], segment_ids=segment_ids)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["weights"].astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
+  return jnp.sum(nll * w), jnp.sum(w), distill
+
+
+def distill_weight(select_distill: float, warmup_steps: int, step):
+  """The distillation loss's weight at optimizer step `step` (0-based): rising linearly
+  from select_distill / warmup_steps to select_distill over the first warmup_steps
+  steps, then select_distill (docs/selection_learning.md, "Training")."""
+  if warmup_steps == 0:
+    return select_distill
+  return select_distill * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 @functools.lru_cache(maxsize=8)
-def make_steps(graphdef):
+def make_steps(graphdef, distill_warmup_steps: int = 0):
   """jit-compiled (train_step, eval_step) over the state of nnx.split((model, optimizer)).
 
   train_step(state, batch) -> (new state, metrics) *donates* `state`: its buffers
@@ -89,118 +106,37 @@ def make_steps(graphdef):
   optimizer's moments once, not twice. The state passed in (and the model and
   optimizer it was split from) must not be read afterwards: thread the returned
   state, and `nnx.update` the modules with it before using them.
-  Cached by graphdef, so runs of one configuration in one process (a resumed
-  run, the tests) share the compiled steps.
+  Its loss is the mean weighted NLL ("loss" in the metrics), plus, for a model whose
+  config distills, `distill_weight` times the selection distillation loss ("distill").
+  Cached by graphdef (and the warmup), so runs of one configuration in one process (a
+  resumed run, the tests) share the compiled steps.
   """
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    c = model.config
 
     def loss_fn(model):
-      total, count = loss_sums(model, batch)
-      return total / jnp.maximum(count, 1.0)
+      total, count, distill = loss_sums(model, batch)
+      loss = total / jnp.maximum(count, 1.0)
+      if distill is None:
+        return loss, {"loss": loss}
+      weight = distill_weight(c.select_distill, distill_warmup_steps, optimizer.step[...])
+      return loss + weight * distill, {"loss": loss, "distill": distill}
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return nnx.state((model, optimizer)), metrics
+    return nnx.state((model, optimizer)), {**metrics, "grad_norm": optax.tree.norm(grads)}
 
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
-    return loss_sums(model, batch)
+    return loss_sums(model, batch)[:2]
 
   return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 
 
 class NonFiniteError(RuntimeError):
   """A NaN or Inf loss or gradient: the run stopped, the last checkpoint is the last good state."""
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints.
-
-
-def checkpoint_manager(out_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      (out_dir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
-def save_checkpoint(manager, step: int, model, optimizer, loader: data.Loader,
-                    cfg: TrainConfig, train_s: float) -> None:
-  manager.save(step, args=ocp.args.Composite(
-      model=ocp.args.StandardSave(nnx.state(model)),
-      optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-      loader=ocp.args.JsonSave(loader.state_dict()),
-      meta=ocp.args.JsonSave({"step": step, "train_s": train_s, "config": to_dict(cfg)})))
-
-
-def _abstract(module, relayout=None) -> nnx.State:
-  """The restore target of `module`'s state; with `relayout` (a checkpoint of the other
-  layer layout, `nsa_jax.model.stack_layers`) in that layout, replicated."""
-  state = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
-  if relayout is None:
-    return state
-  sharding = jax.tree.leaves(state)[0].sharding
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      jax.eval_shape(relayout, state))
-
-
-def restore_checkpoint(manager, step: int, model, optimizer=None, loader=None) -> dict:
-  """Loads a checkpoint into `model` (and `optimizer`, `loader` when given); returns its meta.
-
-  A checkpoint of the other layer layout (`ModelConfig.scan_layers`) is converted on the way
-  (`stack_layers` / `unstack_layers`); one of another number of layers is a ValueError, raised
-  before any array is read. `remat` does not change the state.
-  """
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  want = model.config   # a meta without config (written by hand) is taken as the model's
-  saved = from_dict(meta["config"]).model if "config" in meta else want
-  if saved.num_layers != want.num_layers:
-    raise ValueError(f"checkpoint step {step} in {manager.directory} has num_layers="
-                     f"{saved.num_layers}, the model num_layers={want.num_layers}: "
-                     f"build the model with num_layers={saved.num_layers} or train anew")
-  to_saved, from_saved = None, lambda state: state
-  if saved.scan_layers != want.scan_layers:
-    to_saved, from_saved = ((unstack_layers, stack_layers) if want.scan_layers else
-                            (stack_layers, unstack_layers))
-  modules = {"model": model, "optimizer": optimizer}
-  modules = {name: m for name, m in modules.items() if m is not None}
-  items = {name: ocp.args.StandardRestore(_abstract(m, to_saved)) for name, m in modules.items()}
-  if loader is not None:
-    items["loader"] = ocp.args.JsonRestore()
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  for name, m in modules.items():
-    state = from_saved(restored[name])
-    if to_saved is not None:   # onto the module's devices and shardings
-      state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, nnx.state(m)))
-    nnx.update(m, state)
-  if loader is not None:
-    loader.load_state_dict(restored["loader"])
-  return meta
-
-
-def load_model(out_dir, step: int | None = None) -> tuple[Transformer, TrainConfig, int]:
-  """The model of a run's checkpoint (latest when `step` is None), for evaluation and sampling.
-
-  Checkpoints written before the nested config (flat TrainConfig) do not load: ValueError.
-  """
-  where = pathlib.Path(out_dir) / "checkpoints"
-  missing = f"no checkpoint under {where}: give the --out of a training run"
-  if not where.is_dir():   # looked at before the manager, which would create it
-    raise FileNotFoundError(missing)
-  manager = checkpoint_manager(pathlib.Path(out_dir))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(missing)
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  cfg = from_dict(meta["config"])
-  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  restore_checkpoint(manager, step, model)
-  manager.close()
-  return model, cfg, step
 
 
 # ----------------------------------------------------------------------------
@@ -381,8 +317,9 @@ def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
   if cfg.resume and manager.latest_step() is not None:
     meta = restore_checkpoint(manager, manager.latest_step(), model, optimizer, loader)
     start, train_s = meta["step"], meta["train_s"]
-  columns = ["step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "train_s",
-             "compile_s", *[f"val_{t}" for t in loader.mixture]]
+  columns = ["step", "loss", *(["distill"] if cfg.model.distills else []), "grad_norm", "lr",
+             "step_s", "tokens_per_s", "train_s", "compile_s",
+             *[f"val_{t}" for t in loader.mixture]]
   log = MetricsLog(out, columns, start, to_dict(cfg))
   if start:
     log.say(f"resumed from step {start} of {manager.directory}")
@@ -400,7 +337,8 @@ def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
   log.say("compiling the train and eval steps...")
   t0 = time.perf_counter()
   example = next(iter(val_sets.values()))[0]    # shaped and placed like a training batch
-  train_step, eval_step = (f.lower(state, example).compile() for f in make_steps(graphdef))
+  train_step, eval_step = (f.lower(state, example).compile()
+                           for f in make_steps(graphdef, cfg.distill_warmup_steps))
   compile_s = time.perf_counter() - t0
   log.say(f"compiled in {compile_s:.1f} s")
   schedule = lr_schedule(cfg)
@@ -423,6 +361,7 @@ def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
           f"Last good checkpoint: step {manager.latest_step()} in {manager.directory} "
           f"(lower --lr or raise --warmup_steps, then resume from it)")
     row = {"step": step, "loss": loss, "grad_norm": grad_norm,
+           **({"distill": float(metrics["distill"])} if "distill" in metrics else {}),
            "lr": float(schedule(step - 1)), "step_s": step_s,
            "tokens_per_s": tokens_per_step / step_s, "train_s": train_s}
     if step == start + 1:

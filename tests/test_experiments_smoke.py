@@ -318,15 +318,23 @@ def test_retrieval_small(tmp_path):
     assert len(run["depths"]) >= 5 and len(run["accuracy"]) == 3
     assert all(len(row) == len(run["depths"]) and 0 <= min(row) <= max(row) <= 1
                for row in run["accuracy"])
-    assert set(run["val"]) == {"val_passkey", "val_mqar", "val_text"}
+    assert set(run["val"]) == {"val_passkey", "val_text"}
   rec = nsa["selection_recall"]
   assert "selection_recall" not in full
   layers, groups = len(rec["per_layer_group"]), len(rec["per_layer_group"][0])
   assert (layers, groups) == (1, 2)   # preset tiny, num_kv_heads=2
-  for mean, chance in zip(np.ravel(rec["mean"]), np.ravel(rec["chance"])):
-    assert 0 <= mean <= 1 and 0 < chance <= 1
-    if chance == 1:   # the needle lies in an always-selected block
-      assert mean == 1
+  strict = rec["strict"]
+  assert np.shape(strict["per_layer_group"]) == (layers, groups, 3, len(nsa["depths"]))
+  for recall in (rec, strict):
+    for mean, chance in zip(np.ravel(recall["mean"]), np.ravel(recall["chance"])):
+      assert 0 <= mean <= 1 and 0 < chance <= 1
+      if chance == 1:   # the needle (strict: the key) lies in always-selected blocks
+        assert mean == 1
+  # strict asks for more blocks than one of the needle's
+  assert np.all(np.asarray(strict["chance"]) <= np.asarray(rec["chance"]))
+  gates = nsa["gates"]
+  assert np.shape(gates["per_layer_depth"]) == (layers, len(nsa["depths"]), 3)
+  assert all(0 < g < 1 for g in np.ravel(gates["per_layer_depth"]))
   example = nsa["example"]
   assert example["length"] == 320 and example["needle_text"].startswith("The pass key is")
   assert np.shape(example["block_idx"]) == (layers, groups, 5, 4)   # 5 answer queries, n = 4
@@ -338,6 +346,22 @@ def test_retrieval_small(tmp_path):
   with open(tmp_path / "retrieval-nsa.json") as f:
     alone = json.load(f)
   assert set(alone["runs"]) == {"nsa"} and alone["runs"]["nsa"]["accuracy"] == nsa["accuracy"]
+  # The ablation: NSA per recipe on the same tokens, full attention's run reused (its
+  # directory is the comparison's), and the comparison rewritten with the winner.
+  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs"), "--set",
+                                       "num_kv_heads=2", "--recipes", "baseline,max"], tmp_path)
+  with open(tmp_path / "retrieval_ablation.json") as f:
+    ablation = json.load(f)
+  assert set(ablation["recipes"]) == {"baseline", "max"} and ablation["winner"] in {"baseline", "max"}
+  assert ablation["recipes"]["max"]["settings"] == ["num_kv_heads=2", "group_score=max"]
+  assert ablation["full"]["accuracy"] == full["accuracy"]   # not retrained
+  for run in ablation["recipes"].values():
+    assert run["tokens"] == nsa["tokens"] and "strict" in run["selection_recall"]
+  with open(tmp_path / "retrieval.json") as f:
+    comparison = json.load(f)
+  assert comparison["recipe"] == ablation["winner"]
+  assert comparison["runs"]["nsa"] == ablation["recipes"][ablation["winner"]]
+  assert "winner:" in stdout and "strict" in stdout
 
 
 def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
@@ -353,6 +377,39 @@ def test_eval_retrieval_says_when_a_run_never_saw_a_passkey():
   from experiments import eval_retrieval
   assert "never saw a passkey" in eval_retrieval.passkey_note("text")
   assert eval_retrieval.passkey_note("text:0.8,passkey:0.2") is None
+
+
+def test_strict_recall_asks_for_every_key_digit_and_its_chance_is_exact():
+  """`key_blocks` hold the key's digits (both occurrences); a selection holds the key when
+  it has every block of one occurrence; `chance_of_strict` is the hit rate of random free
+  slots (Monte Carlo over the same candidates)."""
+  from nsa_jax.config import NSAConfig
+  ev = experiments_module("eval_retrieval")
+  config = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
+                     window=32)
+  rng = np.random.default_rng(0)
+  for cell in ev.passkey_examples([256], [0.0, 0.5, 0.9], 1, seed=3):
+    key = bytes(cell["example"].tokens[cell["answer"] + 1])
+    occurrences = ev.key_blocks(cell, 16)
+    assert len(occurrences) == 2
+    for blocks in occurrences:
+      assert key in bytes(cell["example"].tokens[blocks[0] * 16:(blocks[-1] + 1) * 16])
+    for blocks in occurrences:   # one occurrence whole suffices
+      assert ev.strict_hits(cell, np.pad(blocks, (0, 4 - len(blocks)), constant_values=-1)[None],
+                            16) == [True]
+    first, second = occurrences   # each lacking a block: no hit
+    broken = np.setdiff1d(np.union1d(first, second), [first[0], second[-1]])
+    assert not ev.strict_hits(cell, np.pad(broken, (0, 4 - len(broken)),
+                                           constant_values=-1)[None], 16)[0]
+    hits = []
+    for t in cell["answer"]:
+      forced = ev.forced_blocks(t, config)
+      others = [j for j in range(t // 16 + 1) if j not in forced]
+      for _ in range(400):
+        free = rng.choice(others, min(4 - len(forced), len(others)), replace=False)
+        chosen = np.array([[*forced, *free]])
+        hits.append(ev.strict_hits(cell, chosen, 16)[0])
+    assert abs(np.mean(hits) - ev.chance_of_strict(cell, config)) < 0.03
 
 
 def test_bench_train_small(tmp_path):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nsa_jax import decoding, train_lib
+from nsa_jax import checkpoints, decoding, train_lib
 from nsa_jax.train_config import make_config
-from nsa_jax.train_lib import NonFiniteError, checkpoint_manager, load_model, sample, train
+from nsa_jax.checkpoints import checkpoint_manager, load_model
+from nsa_jax.train_lib import NonFiniteError, sample, train
 
 
 def tiny(tmp_path, name, **kw):
@@ -174,7 +175,7 @@ def test_checkpoints_restore_across_layer_layouts(tmp_path, saved_scan):
   cfg = tiny(tmp_path, "layout", num_layers=2, scan_layers=saved_scan)
   model, optimizer = build(cfg, seed=1)
   manager = checkpoint_manager(cfg.out_dir)
-  train_lib.save_checkpoint(manager, 4, model, optimizer,
+  checkpoints.save_checkpoint(manager, 4, model, optimizer,
                             data.Loader(cfg.mixture, **cfg.data_options()), cfg, 0.0)
   manager.wait_until_finished()
 
@@ -184,13 +185,13 @@ def test_checkpoints_restore_across_layer_layouts(tmp_path, saved_scan):
   for module, saved in ((target, model), (target_opt, optimizer)):
     assert any(np.any(x != y) for x, y in zip(jax.tree.leaves(nnx.state(module)),
                                               jax.tree.leaves(relayout(nnx.state(saved)))))
-  train_lib.restore_checkpoint(manager, 4, target, target_opt)
+  checkpoints.restore_checkpoint(manager, 4, target, target_opt)
   for module, saved in ((target, model), (target_opt, optimizer)):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(module), relayout(nnx.state(saved)))
 
   fewer, _ = build(tiny(tmp_path, "layout", num_layers=1), seed=0)
   with pytest.raises(ValueError, match=r"has num_layers=2, the model num_layers=1"):
-    train_lib.restore_checkpoint(manager, 4, fewer)
+    checkpoints.restore_checkpoint(manager, 4, fewer)
 
 
 def test_a_later_start_reads_the_compile_cache(tmp_path):
