@@ -10,8 +10,6 @@ token, positions restarting per document): docs/semantics.md#the-layer and #rope
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -203,7 +201,7 @@ class NativeSparseAttention(nnx.Module):
     selected and compressed keys and values again (`nsa_jax.context`).
     """
     self.check_input(x)
-    forward = functools.partial(NativeSparseAttention.forward, distill=distill)
+    forward = lambda layer, x, segment_ids: layer.forward(x, segment_ids, distill)
     if self.mesh is not None and self.mesh.shape["context"] > 1:
       return forward(self, x, segment_ids)
     return nnx.remat(forward, policy=SAVE_POLICY)(self, x, segment_ids)

@@ -295,13 +295,13 @@ def train(cfg: TrainConfig, *, crash_after_step: int | None = None) -> list[dict
   like a killed process (used by the resume test).
   Raises NonFiniteError on a NaN/Inf loss or gradient norm.
   """
-  with compile_cache(cfg):
-    return _train(cfg, crash_after_step)
-
-
-def _train(cfg: TrainConfig, crash_after_step: int | None) -> list[dict]:
-  out = cfg.out_dir
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None   # may refuse: before any file
+  with compile_cache(cfg):
+    return _train(cfg, crash_after_step, mesh)
+
+
+def _train(cfg: TrainConfig, crash_after_step: int | None, mesh) -> list[dict]:
+  out = cfg.out_dir
   model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   optimizer = make_optimizer(model, cfg)
   place = (lambda b: sharding.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)

@@ -25,7 +25,7 @@ def read_patterns() -> set[str]:
 
 def test_results_top_level_holds_only_what_a_reader_reads():
   patterns = read_patterns()
-  assert "bench_kernels_*.json" in patterns and "retrieval*.json" in patterns, patterns
+  assert "bench_kernels_*.json" in patterns and "retrieval_*.json" in patterns, patterns
   files = [f for f in os.listdir(RESULTS) if os.path.isfile(os.path.join(RESULTS, f))]
   read = {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
   stems = {os.path.splitext(f)[0] for f in read}
