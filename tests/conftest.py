@@ -1,11 +1,20 @@
 """Test-wide JAX settings (no silent broadcasting; float64 available for gradient
-checks), fixtures shared by test files, and the run's progress: one line per test
-file as its last test ends."""
+checks; XLA's backend optimizations off), fixtures shared by test files, and the
+run's progress: one line per test file as its last test ends."""
 import collections
+import os
 import time
 
-import jax
-import pytest
+# The tests compile hundreds of small programs (interpret-mode Pallas kernels above all)
+# and run each a few times on tiny shapes, so LLVM's optimization passes cost more time
+# than they save (measurements: experiments/PERF_NOTES.md, "Test suite"). Set before
+# the CPU backend starts; the scripts and notebooks the tests run inherit it; flags
+# already in XLA_FLAGS come after, so they win.
+os.environ["XLA_FLAGS"] = " ".join(
+    ["--xla_backend_optimization_level=0", os.environ.get("XLA_FLAGS", "")]).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", True)
