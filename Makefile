@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 train: setup
 	$(PY) -m experiments.train --preset demo
 
-# Tests run in parallel (pytest-xdist), handed out one at a time (--dist
-# loadgroup) so that no slow file holds up the end, except the files marked
-# xdist_group (the 8-device checks), which go whole to one worker so that their
-# setup runs once. A line per test file as it finishes, the slowest tests last.
+# Tests run in parallel (pytest-xdist), handed out one at a time so that no slow
+# file holds up the end, except the groups of tests/conftest.py's ONE_WORKER (the
+# 8-device checks), each whole to one worker so that its setup runs once
+# (--dist loadgroup). A line per test file as it finishes, the slowest tests last.
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=10
 

@@ -16,6 +16,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
+from tests.scripts import run_script  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", True)
 
@@ -34,6 +36,44 @@ def cudnn_calls(monkeypatch):
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
   return calls
+
+
+
+# Tests (a file, or one test) that share a module or session fixture too costly to run
+# once per worker: `--dist loadgroup` sends each group whole to one worker (first, the
+# groups being the largest units), every other test alone. The groups are listed here,
+# not marked with xdist_group: on pytest 9.2, pytest-xdist 3.8 ignores the mark
+# (pytest-dev/pytest-xdist#1386).
+ONE_WORKER = {
+    "tests/test_sharding.py": "sharding_check",
+    "tests/test_context.py": "context_check",
+    "tests/test_experiments_smoke.py::test_bench_kernels_small": "bench_kernels_small",
+    "tests/test_notebooks.py::test_performance_plots_a_real_results_file": "bench_kernels_small",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """--dist loadgroup, grouped by ONE_WORKER."""
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class OneWorkerGroups(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      path, _, name = nodeid.partition("::")
+      return ONE_WORKER.get(path) or ONE_WORKER.get(f"{path}::{name.split('[')[0]}") or nodeid
+
+  return OneWorkerGroups(config, log)
+
+
+@pytest.fixture(scope="session")
+def bench_kernels_small(tmp_path_factory):
+  """One run of `experiments/bench_kernels.py --small --quick --impl xla` for the tests that
+  read what it writes (one worker runs them: ONE_WORKER): (its output directory, its
+  stdout)."""
+  out = tmp_path_factory.mktemp("bench_kernels_small")
+  return out, run_script("bench_kernels", ["--quick", "--impl", "xla"], out)
 
 
 class FileProgress:

@@ -19,11 +19,6 @@ F32_TOL = 1e-5
 RTOL = 2e-5
 
 
-# `make test` (pytest-xdist, --dist loadgroup) sends this file's tests to one worker,
-# so that the 8-device check below runs once.
-pytestmark = pytest.mark.xdist_group("context")
-
-
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
   return run_check("context_check.py", tmp_path_factory.mktemp("context"))

@@ -52,11 +52,6 @@ def test_param_spec_rules():
   assert spec("blocks/attn_norm/scale", (2, 32)) == P()
 
 
-# `make test` (pytest-xdist, --dist loadgroup) sends this file's tests to one worker,
-# so that the 8-device check below runs once.
-pytestmark = pytest.mark.xdist_group("sharding")
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
   return run_check("sharding_check.py", tmp_path_factory.mktemp("sharding"))
