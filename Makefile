@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 train: setup
 	$(PY) -m experiments.train --preset demo
 
-# Test files run in parallel, one file per worker (pytest-xdist): module
-# fixtures such as the sharding tests' setup run once.
+# Tests run in parallel (pytest-xdist), handed out one at a time so that no slow
+# file holds up the end, except the groups of tests/conftest.py's ONE_WORKER (the
+# 8-device checks), each whole to one worker so that its setup runs once
+# (--dist loadgroup). A line per test file as it finishes, the slowest tests last.
 test: setup
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=10
 
 # The `[notebooks]` extra (Jupyter Lab, nbclient) into .venv, then Jupyter Lab on
 # notebooks/ (they run on the CPU; committed without outputs).

@@ -13,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def run_check(script: str, out: pathlib.Path) -> dict:
   """`python tests/<script> OUT` with 8 host devices; its last stdout line, parsed."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": flags.strip(),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tests" / script), str(out)],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -7,31 +7,16 @@ for a smoke test; the kernels have their own tests); the check runs two ops
 through the Pallas kernels in interpret mode, which is what it exists to do.
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from nsa_jax.train_config import make_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(name, args, out_dir, **env_vars):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUMPY_RANK_PROMOTION="raise", **env_vars)
-  env.pop("OUT", None)
-  proc = subprocess.run(
-      [sys.executable, "-m", f"experiments.{name}", "--small",
-       "--out", str(out_dir), *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout
+from tests.scripts import run_script
 
 
-def test_bench_kernels_small(tmp_path):
-  stdout = run_script("bench_kernels", ["--quick", "--impl", "xla"], tmp_path)
+def test_bench_kernels_small(bench_kernels_small):
+  tmp_path, stdout = bench_kernels_small
   with open(tmp_path / "bench_kernels_cpu.json") as f:
     data = json.load(f)
   assert data["meta"]["jax_version"] and data["meta"]["gpu"] == "cpu"

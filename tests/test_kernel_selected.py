@@ -5,6 +5,8 @@ Interpret mode on the CPU, float32: forward output and the q, k, v gradients
 compiles once (interpret-mode compiles dominate the run time), so the cases
 pile several edge conditions each.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,22 +56,28 @@ def _selected_block_idx(key, q, HKV, config):
   return nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla")
 
 
+@functools.partial(jax.jit, static_argnames=("config", "scale", "first"))
+def _reference(q, k, v, block_idx, ct, *, config, scale, first=0):
+  """The reference's output and its q, k, v gradients under cotangent ct (one
+  compile per shape, shared by the tests)."""
+  o, vjp = jax.vjp(lambda *a: selected_attention_xla(*a, block_idx, config=config, scale=scale,
+                                                     first=first), q, k, v)
+  return o, vjp(ct)
+
+
 def _check(kernel_fn, q, k, v, block_idx, ct, config, first=0):
   """first: position of q's row 0 among the keys (q a slice of the queries)."""
   scale = q.shape[-1] ** -0.5
-  ref = lambda *a: selected_attention_xla(*a, block_idx, config=config, scale=scale,
-                                          first=first)
-  ref_fn = jax.jit(lambda q, k, v: jax.vjp(ref, q, k, v)[1](ct))
-  o_ref = ref(q, k, v)
 
   def run(q, k, v):
     o, vjp = jax.vjp(lambda *a: kernel_fn(*a, block_idx, scale), q, k, v)
     return o, vjp(ct)
 
   o, grads = jax.jit(run)(q, k, v)
+  o_ref, grads_ref = _reference(q, k, v, block_idx, ct, config=config, scale=scale, first=first)
   assert o.shape == o_ref.shape and o.dtype == q.dtype
   np.testing.assert_allclose(o, o_ref, rtol=RTOL, atol=ATOL)
-  for name, g, g_ref in zip("qkv", grads, ref_fn(q, k, v)):
+  for name, g, g_ref in zip("qkv", grads, grads_ref):
     assert bool(jnp.all(jnp.isfinite(g))), name
     np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=ATOL, err_msg=f"d{name}")
   return o
@@ -325,8 +333,9 @@ def test_block_major_bf16_dq_terms(dq_float32):
     return (o, *vjp(ct.astype(o.dtype)))
 
   got = jax.jit(lambda *a: run(lambda *x: _kernel(SMALL, tiles)(*x, block_idx, 0.25), *a))(q, k, v)
-  want = run(lambda *x: selected_attention_xla(*x, block_idx, config=SMALL, scale=0.25),
-             *(x.astype(jnp.float32) for x in (q, k, v)))
+  q32, k32, v32, ct32 = (x.astype(jnp.float32) for x in (q, k, v, ct))
+  o_ref, grads_ref = _reference(q32, k32, v32, block_idx, ct32, config=SMALL, scale=0.25)
+  want = (o_ref, *grads_ref)
   for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
     assert g.dtype == jnp.bfloat16, name
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)

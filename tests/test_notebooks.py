@@ -15,8 +15,6 @@ its plotting code is exercised against the script's real schema even before GPU 
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import nbformat
 import pytest
@@ -97,14 +95,8 @@ def test_runs_top_to_bottom(path):
       assert "No decode results" in text
 
 
-def test_performance_plots_a_real_results_file(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("OUT", None)
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_kernels", "--small",
-       "--quick", "--impl", "xla", "--out", str(tmp_path)],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  text, images = outputs(execute(PERFORMANCE, NSA_BENCH_RESULTS=str(tmp_path)))
+def test_performance_plots_a_real_results_file(bench_kernels_small):
+  results, _ = bench_kernels_small
+  text, images = outputs(execute(PERFORMANCE, NSA_BENCH_RESULTS=str(results)))
   assert "bench_kernels_cpu.json" in text and "No benchmark results" not in text
   assert images >= 3, (images, text[-2000:])   # time, speedup, branches vs floor
