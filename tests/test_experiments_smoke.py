@@ -6,6 +6,7 @@ The benchmark runs the XLA reference (interpret-mode Pallas compiles too slowly
 for a smoke test; the kernels have their own tests); the check runs two ops
 through the Pallas kernels in interpret mode, which is what it exists to do.
 """
+import importlib
 import json
 
 import numpy as np
@@ -333,7 +334,7 @@ def test_retrieval_small(tmp_path):
   assert set(alone["runs"]) == {"nsa"} and alone["runs"]["nsa"]["accuracy"] == nsa["accuracy"]
   # The ablation: NSA per recipe on the same tokens, full attention's run reused (its
   # directory is the comparison's), and the comparison rewritten with the winner.
-  stdout = run_script("retrieval.py", ["--runs", str(tmp_path / "runs"), "--set",
+  stdout = run_script("retrieval", ["--runs", str(tmp_path / "runs"), "--set",
                                        "num_kv_heads=2", "--recipes", "baseline,max"], tmp_path)
   with open(tmp_path / "retrieval_ablation.json") as f:
     ablation = json.load(f)
@@ -369,7 +370,7 @@ def test_strict_recall_asks_for_every_key_digit_and_its_chance_is_exact():
   it has every block of one occurrence; `chance_of_strict` is the hit rate of random free
   slots (Monte Carlo over the same candidates)."""
   from nsa_jax.config import NSAConfig
-  ev = experiments_module("eval_retrieval")
+  ev = importlib.import_module("experiments.eval_retrieval")
   config = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
                      window=32)
   rng = np.random.default_rng(0)
@@ -455,7 +456,7 @@ OOM_MESSAGES = [
 def test_bench_train_out_of_memory_is_a_row_with_the_bytes_asked(message, asked):
   """An out-of-memory error is recorded as "out of memory" with the bytes the failed
   allocation asked for; other errors keep their type and first line."""
-  bench_train = experiments_module("bench_train")
+  bench_train = importlib.import_module("experiments.bench_train")
   record = bench_train.failure(RuntimeError(message))
   assert record["error"] == "out of memory" and record["oom_bytes"] == asked
   assert bench_train.failure(ValueError("bad\nmore")) == {"error": "ValueError: bad"}
@@ -465,7 +466,7 @@ def test_bench_train_keeps_the_first_memory_option_that_fits():
   """The options are tried in order; the row keeps the first that fits and lists the ones
   before it with why; a case none fits is an out-of-memory row (the run goes on); none is
   started past the deadline."""
-  bench_train = experiments_module("bench_train")
+  bench_train = importlib.import_module("experiments.bench_train")
   fits = {"layer": 10.0, "layer+scan": 8.0}   # memory option -> tokens/s of a fake attempt
   tried = []
 
