@@ -201,10 +201,14 @@ class NativeSparseAttention(nnx.Module):
     selected and compressed keys and values again (`nsa_jax.context`).
     """
     self.check_input(x)
-    forward = lambda layer, x, segment_ids: layer.forward(x, segment_ids, distill)
     if self.mesh is not None and self.mesh.shape["context"] > 1:
-      return forward(self, x, segment_ids)
-    return nnx.remat(forward, policy=SAVE_POLICY)(self, x, segment_ids)
+      return self.forward(x, segment_ids, distill)
+    # jax.checkpoint over the layer's state as an argument (not nnx.remat over the module),
+    # so that a layer closed over by an outer jax.grad / jax.jit is read, never written.
+    graphdef, state = nnx.split(self)
+    forward = lambda state, x, segment_ids: nnx.merge(graphdef, state).forward(
+        x, segment_ids, distill)
+    return jax.checkpoint(forward, policy=SAVE_POLICY)(state, x, segment_ids)
 
   def forward(self, x, segment_ids=None, distill=False):
     """`__call__` without its checkpoint."""
