@@ -44,7 +44,7 @@ import numpy as np
 
 from experiments import bench_common as bc
 from nsa_jax import NSAConfig, compressed_attention, decoding, select_blocks, window_attention
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, decode
 from nsa_jax.ops.compressed import compressed_attention_xla, compressed_scores
 from nsa_jax.ops.selected import selected_attention_xla
 from nsa_jax.ops.selection import group_block_scores, select_blocks_xla
@@ -259,7 +259,7 @@ def decode_rows(ts, batches, variants, small, reps, config: NSAConfig) -> list[d
         row = dict(T=T, B=B, variant=name, **check_kernel(config, *operands))
         row["ok"] = row["o_rel_err"] <= TOLERANCE["decode"][jnp.dtype(dtype).name] and (
             row["selection_agreement"] == 1.0)
-        loop = steps_loop(lambda q, *c: decoding.nsa_decode(q, *c, config=config, impl="pallas"))
+        loop = steps_loop(lambda q, *c: decode.nsa_decode(q, *c, config=config, impl="pallas"))
         row["us_per_step"] = timed(loop, *operands, reps=reps) * 1e6
         if name == "default" and not small:
           row["breakdown_us"] = [(n.split(": ")[-1], us / STEPS)
