@@ -1,7 +1,7 @@
 """Per-step decode attention latency: NSA vs dense attention on the same cache sizes.
 
 For each context T and batch B, one new token per sequence attends to a full cache of T
-tokens (Config A's heads): `nsa_jax.decoding.nsa_decode` (impl "pallas" and "xla") against
+tokens (Config A's heads): `nsa_jax.ops.decode.nsa_decode` (impl "pallas" and "xla") against
 dense attention over the same cache (cuDNN and XLA), `STEPS` dependent steps in one
 `lax.fori_loop`; on a GPU the Pallas step is first checked against the XLA one (`CHECKS`).
 Method, byte time and launch floor: docs/benchmarks.md#decoding. --breakdown splits the NSA
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from experiments.bench_common import default_out_dir, device_op_times, median_ms
 from nsa_jax import NSAConfig
 from nsa_jax import decoding
+from nsa_jax.ops import decode
 
 STEPS = 16
 
@@ -95,7 +96,7 @@ def launch_floor(reps: int, kernels=(0, 1, 3, 5), interpret: bool = False) -> di
 def check_kernel(config, *operands) -> dict:
   """The Pallas step against the XLA one on the timed inputs: output error
   (max |diff| / max |ref|) and the share of (sequence, group) selections that agree."""
-  run = lambda impl: jax.jit(lambda *a: decoding.nsa_decode(
+  run = lambda impl: jax.jit(lambda *a: decode.nsa_decode(
       *a, config=config, impl=impl, return_block_idx=True))(*operands)
   (o, idx), (o_ref, idx_ref) = run("pallas"), run("xla")
   o, o_ref = o.astype(jnp.float32), o_ref.astype(jnp.float32)
@@ -211,7 +212,7 @@ def main():
                                 lengths))
       for name, impl in methods.items():
         if name.startswith("nsa"):
-          attend = lambda q, *c, impl=impl: decoding.nsa_decode(
+          attend = lambda q, *c, impl=impl: decode.nsa_decode(
               q, *c, config=config, impl=impl)
           operands = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths)
         else:

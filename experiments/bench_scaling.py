@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from experiments import bench_common, gpu_check_units  # noqa: E402
 from experiments.bench_train import time_train_step  # noqa: E402
-from nsa_jax import sharding  # noqa: E402
+from nsa_jax import context, sharding  # noqa: E402
 from nsa_jax.train_config import PRESETS, make_config, override  # noqa: E402
 
 # mode -> (mesh axis, what n devices take): "batch" n x the batch (weak), "same" the
@@ -71,7 +71,7 @@ def check_context(model, n: int, seq_len: int) -> dict:
   x = bench_common.random_nsa_inputs(1, seq_len, model.num_heads, model.num_kv_heads, D, D,
                                      config, dtype, jax.random.key(n))
   args, cotangent = [x[name] for name in gpu_check_units.NSA_ARGS], x["cotangent"]
-  op = sharding.sharded_nsa(sharding.make_mesh(f"context={n}", jax.devices()[:n]))
+  op = context.sharded_nsa(sharding.make_mesh(f"context={n}", jax.devices()[:n]))
   selection = jax.jit(lambda *a: op(*a, config=config, return_block_idx=True)[1])(*args)
   fb = lambda f, a: jax.jit(bench_common.forward_backward(f, len(a)))(*a, selection, cotangent)
   got = fb(lambda *a: op(*a[:-1], config=config), args)

@@ -59,7 +59,7 @@ SMALL = dict(d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, T=256, B=2,
 # frame of the repository's code that matches names a residual's source.
 SOURCES = (
     ("nsa_jax/ops/selected.py", None, None, "selected branch"),
-    ("pallas_kernels/selected_attention.py", None, None, "selected branch"),
+    ("pallas_kernels/selected_attention/wrapper.py", None, None, "selected branch"),
     ("nsa_jax/ops/window.py", None, None, "window branch"),
     ("pallas_kernels/window_attention.py", None, None, "window branch"),
     ("nsa_jax/ops/compressed.py", None, None, "compressed branch"),

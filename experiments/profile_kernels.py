@@ -14,7 +14,7 @@ OP is one of
   select              the top-n selection kernel, given the compressed lse as inside
                       `nsa` (--no-lse: computing its own); variants change its Tiles;
   selected            the selected-attention kernels; variants change the Tiles of
-                      `selected_tiles.default_tiles` (block-major, rows, dK/dV steps...);
+                      `selected_attention.default_tiles` (block-major, rows, dK/dV steps...);
   decode              the decode step's five kernels; variants change the constants of
                       pallas_kernels/decode_attention.py (warps, splits, tensor sizes).
 
@@ -44,13 +44,13 @@ import numpy as np
 
 from experiments import bench_common as bc
 from nsa_jax import NSAConfig, compressed_attention, decoding, select_blocks, window_attention
-from nsa_jax.ops import _common
+from nsa_jax.ops import _common, decode
 from nsa_jax.ops.compressed import compressed_attention_xla, compressed_scores
 from nsa_jax.ops.selected import selected_attention_xla
 from nsa_jax.ops.selection import group_block_scores, select_blocks_xla
 from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import compressed_attention as cmp_kernel
-from pallas_kernels import decode_attention, selected_attention, selected_tiles
+from pallas_kernels import decode_attention, selected_attention
 from pallas_kernels import select_blocks as select_kernel
 from pallas_kernels import window_attention as win_kernel
 
@@ -141,7 +141,7 @@ def kernel_fn(op: str, config: NSAConfig, interpret: bool, change: dict, args) -
     tiles = dataclasses.replace(select_kernel.default_tiles(q, sizes, True), **change)
     return lambda q, k, lse: (select_kernel.select_blocks(
         q, k, sizes=sizes, scale=scale, interpret=interpret, tiles=tiles, lse=lse),)
-  tiles = dataclasses.replace(selected_tiles.default_tiles(q, v), **change)
+  tiles = dataclasses.replace(selected_attention.default_tiles(q, v), **change)
   return lambda q, k, v, b: (selected_attention.selected_attention(
       q, k, v, b, block=config.select_block, scale=scale, interpret=interpret, tiles=tiles),)
 
@@ -259,7 +259,7 @@ def decode_rows(ts, batches, variants, small, reps, config: NSAConfig) -> list[d
         row = dict(T=T, B=B, variant=name, **check_kernel(config, *operands))
         row["ok"] = row["o_rel_err"] <= TOLERANCE["decode"][jnp.dtype(dtype).name] and (
             row["selection_agreement"] == 1.0)
-        loop = steps_loop(lambda q, *c: decoding.nsa_decode(q, *c, config=config, impl="pallas"))
+        loop = steps_loop(lambda q, *c: decode.nsa_decode(q, *c, config=config, impl="pallas"))
         row["us_per_step"] = timed(loop, *operands, reps=reps) * 1e6
         if name == "default" and not small:
           row["breakdown_us"] = [(n.split(": ")[-1], us / STEPS)

@@ -35,8 +35,9 @@ from experiments import bench_common as bc
 from nsa_jax import NSAConfig
 from nsa_jax.ops._common import selection_sizes
 from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
-                            selected_attention, selected_choice, selected_tiles,
-                            window_attention)
+                            selected_attention, window_attention)
+from pallas_kernels.selected_attention import choice as selected_choice
+from pallas_kernels.selected_attention import tiles as selected_tiles
 
 HEADS = [(32, 32), (64, 64), (96, 96), (128, 128), (192, 128), (256, 256)]
 GROUPS = [1, 2, 4, 8, 16]

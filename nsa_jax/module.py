@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax.config import NSAConfig
+from nsa_jax.context import sharded_nsa, with_halo
 from nsa_jax.ops import _common, segments
 from nsa_jax.ops import distill as distill_lib
 from nsa_jax.ops.nsa import SAVE_POLICY, nsa
 from nsa_jax.rope import apply_rope
-from nsa_jax.sharding import sharded_nsa, with_halo
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -75,8 +75,8 @@ class NativeSparseAttention(nnx.Module):
     rope_theta: RoPE base.
     impl: "xla", "pallas" or "auto" for the ops.
     dtype / param_dtype: compute and parameter dtypes (e.g. bf16 / f32).
-    mesh: a device mesh with the axes of `nsa_jax.sharding.AXES`: the op then runs
-      per shard (`nsa_jax.sharding.sharded_nsa`; sequences split over "context"
+    mesh: a device mesh with the axes of `nsa_jax.context.AXES`: the op then runs
+      per shard (`nsa_jax.context.sharded_nsa`; sequences split over "context"
       exchange what crosses a shard boundary); None runs it whole.
   """
 
@@ -133,7 +133,7 @@ class NativeSparseAttention(nnx.Module):
     [B, Tc]: its blocks' last tokens, in their documents for packed rows).
 
     On a mesh with context > 1 each shard compresses the T / (context * d) blocks that end
-    in its tokens, from them and the l - d tokens before (`sharding.with_halo`): T/d slots
+    in its tokens, from them and the l - d tokens before (`context.with_halo`): T/d slots
     in all, the first l/d - 1 of which lie before the sequence and are dropped.
     """
     c = self.config

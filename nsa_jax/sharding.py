@@ -1,33 +1,25 @@
-"""Training on a mesh of devices: `jax.jit` shardings, shard_mapped NSA kernels, several hosts.
+"""Training on a mesh of devices: `jax.jit` shardings of the model, optimizer and batches.
 
 The mesh has four named axes, any of size 1 (docs/api.md#meshes): ``data`` (batch split),
 ``fsdp`` (batch and large parameters split; XLA gathers a weight before use and
-reduce-scatters its gradient), ``context`` (sequences split along T, `nsa_jax.context`) and
-``heads`` (attention heads split; the NSA op runs per head shard under `jax.shard_map`,
-`sharded_nsa`). Parameter placement is a path-based rule table (`PARAM_RULES`), which the
-optimizer moments follow. Several hosts: call `setup_distributed()` first in every process,
-which then builds the same mesh and feeds its own rows through `shard_batch`.
+reduce-scatters its gradient), ``context`` (sequences split along T) and ``heads`` (attention
+heads split); the NSA op per shard is `nsa_jax.context.sharded_nsa`. Parameter placement
+is a path-based rule table (`PARAM_RULES`), which the optimizer moments follow. Several
+hosts: call `setup_distributed()` first in every process, which then builds the same mesh and
+feeds its own rows through `shard_batch`.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from nsa_jax import context
-from nsa_jax.ops import _common
-from nsa_jax.ops.nsa import check_inputs, nsa
-
-AXES = ("data", "fsdp", "context", "heads")
-BATCH_AXES = ("data", "fsdp")
-CONTEXT = context.AXIS
+from nsa_jax.context import AXES, BATCH_AXES, CONTEXT
 
 # First matching rule wins. The pattern is searched in the parameter's path
 # ("blocks/0/attn/q_proj/kernel"; optimizer moments have a prefix such as
@@ -36,7 +28,7 @@ CONTEXT = context.AXIS
 # (reshaped to [.., HQ, Dk], [.., HKV, branches, Dk + Dv] (FullAttention:
 # [.., HKV, 2, D]) and [.., HQ, 3]), o_proj in its input rows, so splitting
 # those dimensions over "heads" splits whole heads and the NSA op's inputs are
-# computed where `sharded_nsa` needs them. The SwiGLU's columns are
+# computed where `context.sharded_nsa` needs them. The SwiGLU's columns are
 # [gate | up], not heads: it only takes "fsdp".
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/(q_proj|kv_proj|gate)/kernel$", ("fsdp", "heads")),
@@ -196,72 +188,3 @@ def shard_model_and_optimizer(model: nnx.Module, optimizer: nnx.Optimizer | None
   target = model if optimizer is None else (model, optimizer)
   state = nnx.state(target)
   nnx.update(target, jax.device_put(state, state_shardings(state, mesh)))
-
-
-# ----------------------------------------------------------------------------
-# The NSA op per shard.
-
-
-@functools.lru_cache(maxsize=16)
-def sharded_nsa(mesh: Mesh):
-  """`nsa_jax.ops.nsa.nsa` under `jax.shard_map` over the axes of `mesh`.
-
-  The inputs of length T and the output are split as P(("data", "fsdp"),
-  "context", "heads", None): batch rows over data and fsdp, tokens over context,
-  query heads and KV heads over heads (segment_ids [B, T] as P(("data", "fsdp"),
-  "context")); k_cmp and v_cmp (Tc rows) are whole over context. Heads are grouped
-  contiguously (query head h reads KV head h // G), so a contiguous slice of
-  HQ / heads query heads reads exactly the slice of HKV / heads KV heads on the same
-  device: each head and batch shard is an independent NSA problem, the custom VJPs
-  of the kernels run per shard as well. With context > 1 the shards of one sequence
-  exchange what their queries need (`nsa_jax.context.local_nsa`); T must then be a
-  multiple of context.
-  """
-  spec = P(BATCH_AXES, CONTEXT, "heads", None)
-  cmp_spec = P(BATCH_AXES, None, "heads", None)
-  rows = mesh.shape["data"] * mesh.shape["fsdp"]
-  chunks, heads = mesh.shape[CONTEXT], mesh.shape["heads"]
-
-  def op(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config,
-         scale: float | None = None, impl: str = "auto", interpret: bool | None = None,
-         return_block_idx: bool = False, segment_ids=None):
-    args = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates]
-    # validated here, before tracing: inside shard_map the arrays are traced
-    check_inputs(*args, config=config, segment_ids=segment_ids)
-    _common.check_impl(impl)
-    B, T, HQ, HKV = q.shape[0], q.shape[1], q.shape[2], k_slc.shape[2]
-    if B % rows or T % chunks or HQ % heads or HKV % heads:
-      raise ValueError(f"sharded nsa: batch={B} must be a multiple of data*fsdp={rows}, "
-                       f"T={T} of context={chunks}, num_heads={HQ} and num_kv_heads={HKV} "
-                       f"of heads={heads}")
-    kw = dict(config=config, scale=scale, impl=impl, interpret=interpret,
-              return_block_idx=return_block_idx)
-    whole = (functools.partial(nsa, **kw) if chunks == 1 else
-             functools.partial(context.local_nsa, **kw, num_shards=chunks))
-    local = lambda *a: whole(*a[:8], segment_ids=a[8] if len(a) > 8 else None)
-    out_specs = (spec, spec) if return_block_idx else spec
-    in_specs = [spec, cmp_spec, cmp_spec] + [spec] * 5
-    if segment_ids is not None:
-      args.append(segment_ids)
-      in_specs.append(P(BATCH_AXES, CONTEXT))
-    # check_vma=False: pallas_call has no replication rule. Inputs whole over an
-    # axis (k_cmp, v_cmp over context) get their cotangents psum'd over it.
-    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
-                         check_vma=False)(*args)
-
-  return op
-
-
-def with_halo(fn, x, size: int, mesh: Mesh, *, heads: tuple[int, int] | None = None):
-  """`fn([halo; x_c])` on each shard x_c of x [B, T, ...] (rows as `batch_sharding`),
-  concatenated along axis 1: `fn` sees its shard's tokens after the `size` tokens before
-  them (`context.halo`; zeros before the sequence). heads: (dimension of x, dimension of
-  fn's output) split over "heads", if any. Under `jax.jit`."""
-  def spec(dim):
-    return P(BATCH_AXES, CONTEXT) if dim is None else P(
-        BATCH_AXES, CONTEXT, *(None,) * (dim - 2), "heads")
-  in_dim, out_dim = heads or (None, None)
-  per_shard = lambda x: fn(jnp.concatenate([context.halo(x, size, mesh.shape[CONTEXT]), x],
-                                           axis=1))
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=spec(in_dim), out_specs=spec(out_dim),
-                       check_vma=False)(x)

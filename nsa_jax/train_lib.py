@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from nsa_jax import data, decoding, sharding
+from nsa_jax import data, sampling, sharding
 from nsa_jax.compile_cache import compile_cache
 from nsa_jax.checkpoints import (checkpoint_manager, load_model, restore_checkpoint,
                                  save_checkpoint)
@@ -230,12 +230,12 @@ class MetricsLog:
 
 def sample(model: Transformer, prompt: bytes, num_tokens: int, *, seed: int = 0,
            temperature: float = 0.8) -> bytes:
-  """`prompt` continued by `num_tokens` bytes through `nsa_jax.decoding.generate` (prefill, then
+  """`prompt` continued by `num_tokens` bytes through `nsa_jax.sampling.generate` (prefill, then
   one decode step a token over the KV cache; the decode kernels on a GPU)."""
   tokens = list(prompt) or [ord("\n")]
-  new = decoding.generate(model, jnp.asarray([tokens], jnp.int32), jax.random.key(seed),
+  new = sampling.generate(model, jnp.asarray([tokens], jnp.int32), jax.random.key(seed),
                           max_new_tokens=num_tokens,
-                          sampling=decoding.Sampling(temperature=temperature))
+                          sampling=sampling.Sampling(temperature=temperature))
   return bytes(tokens + np.asarray(new[0]).tolist())
 
 
@@ -409,7 +409,7 @@ def main(argv=None) -> None:
     model, _, step = load_model(cfg.out_dir)   # on every process: Orbax syncs them
     if not is_process_0():
       return
-    print(f"--- sample from the step-{step} checkpoint (nsa_jax.decoding.generate, "
+    print(f"--- sample from the step-{step} checkpoint (nsa_jax.sampling.generate, "
           f"temperature 0.8) ---")
     text = sample(model, cfg.sample_prompt.encode(), cfg.sample_tokens, seed=cfg.seed)
   print(text.decode("utf-8", errors="replace"))

@@ -7,7 +7,7 @@ writes a partial result, as in flash-decoding. A step is five launches: `_compre
 (each head's lse, the block scores: the heads summed or their max, `sizes.group_score`),
 `_top_n_kernel` (Eq. 11), `_local_kernel` (selected blocks and window) and `_combine_kernel`
 (merges partials, applies the gates). Design: docs/kernels.md#decode-kernel. Reference:
-`nsa_jax.decoding.nsa_decode_xla`.
+`nsa_jax.ops.decode.nsa_decode_xla`.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def _attend(q, k_ref, v_ref, count, tile_rows, *, bk: int, scale: float, probs=N
 
 def _position(len_ref, plan: _Plan):
   """The query's position t: its sequence's length - 1, clamped to the cache
-  (`nsa_jax.decoding.nsa_decode` clamps lengths to 1 .. S alike)."""
+  (`nsa_jax.ops.decode.nsa_decode` clamps lengths to 1 .. S alike)."""
   return jnp.clip(len_ref[0], 1, plan.S) - 1
 
 
@@ -352,7 +352,7 @@ def _group_block(shape):
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *,
                sizes: Selection, window: int, scale: float, interpret: bool):
-  """Kernel path of `nsa_jax.decoding.nsa_decode`: (o [B, HQ, Dv], block_idx [B, HKV, n])."""
+  """Kernel path of `nsa_jax.ops.decode.nsa_decode`: (o [B, HQ, Dv], block_idx [B, HKV, n])."""
   B, HQ, Dk = q.shape
   Sc, HKV = k_cmp.shape[1], k_cmp.shape[2]
   S, Dv = k_slc.shape[1], v_slc.shape[-1]

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nsa_jax import sharding
+from nsa_jax import context, sharding
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.module import NativeSparseAttention
@@ -102,7 +102,7 @@ def check_op(res):
     if (impl, packed) not in unsharded:
       unsharded[impl, packed] = op_results(nsa, args, cot, **kw)
     o_ref, idx_ref, g_ref = unsharded[impl, packed]
-    o, idx, g = op_results(sharding.sharded_nsa(mesh_of(spec)), args, cot, **kw)
+    o, idx, g = op_results(context.sharded_nsa(mesh_of(spec)), args, cot, **kw)
     res["op"][f"{spec} {impl}" + " packed" * packed] = {
         "impl": impl,
         "out": max_abs_diff(o, o_ref),
@@ -110,7 +110,7 @@ def check_op(res):
         "grads": {n: max_abs_diff(a, b) for n, a, b in zip(names, g, g_ref)},
         "out_spec": str(o.sharding.spec)}
   try:
-    sharding.sharded_nsa(mesh_of("context=4"))(*op_inputs(70)[0], config=NSA)
+    context.sharded_nsa(mesh_of("context=4"))(*op_inputs(70)[0], config=NSA)
   except ValueError as err:
     res["op_bad_length"] = str(err)
 

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nsa_jax import sharding
+from nsa_jax import context, sharding
 from nsa_jax.config import NSAConfig
 from nsa_jax.model import ModelConfig, Transformer, unstack_layers
 from nsa_jax.ops.nsa import nsa
@@ -202,7 +202,7 @@ def main(out: pathlib.Path):
   args = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
   args[-1] = jax.nn.sigmoid(args[-1])
   cot = jax.random.normal(jax.random.key(2), (b, t, hq, d), jnp.float32)
-  op = sharding.sharded_nsa(mesh)
+  op = context.sharded_nsa(mesh)
   segment_ids = jnp.asarray(packed_rows(b, t))
 
   def out_and_grads(f, **kw):

@@ -1,4 +1,5 @@
-"""Decoding (nsa_jax.decoding, pallas_kernels/decode_attention.py) against one full forward pass.
+"""Decoding (the op nsa_jax.ops.decode and pallas_kernels/decode_attention.py, the caches of
+nsa_jax.decoding, nsa_jax.sampling) against one full forward pass.
 
 Small blocks (l=8, d=4, l'=16, n=4, w=24) so that a few dozen tokens cross
 compressed-block, selection-block and window boundaries. Each function is
@@ -14,9 +15,10 @@ import pytest
 from flax import nnx
 
 from nsa_jax import NSAConfig, nsa
-from nsa_jax import decoding
+from nsa_jax import decoding, sampling
 from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.module import NativeSparseAttention
+from nsa_jax.ops import decode
 
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
                 num_initial=1, num_local=2, window=24)
@@ -58,7 +60,7 @@ def test_nsa_decode_is_last_row_of_nsa(impl, HKV, G, group_score):
   def step(lengths):
     t = lengths - 1
     b = jnp.arange(B)
-    return decoding.nsa_decode(q[b, t], *caches, gates[b, t], lengths, config=config,
+    return decode.nsa_decode(q[b, t], *caches, gates[b, t], lengths, config=config,
                                impl=impl, interpret=True, return_block_idx=True)
 
   # 1: nothing compressed; 7/8/9: around the first compressed block; 16/17: a
@@ -96,7 +98,7 @@ def test_nsa_decode_kernel_paper_block_sizes(target_programs, monkeypatch):
       _pad_rows(x, 1152) for x in (k_slc, v_slc, k_win, v_win)]
   lengths = jnp.array([1100, 700], jnp.int32)
   b = jnp.arange(B)
-  o, idx = decoding.nsa_decode(q[b, lengths - 1], *caches, gates[b, lengths - 1], lengths,
+  o, idx = decode.nsa_decode(q[b, lengths - 1], *caches, gates[b, lengths - 1], lengths,
                                config=cfg, impl="pallas", interpret=True, return_block_idx=True)
   for i, L in enumerate((1100, 700)):
     np.testing.assert_allclose(o[i], want[i, L - 1], **TOL)
@@ -173,7 +175,7 @@ def test_model_decoding_matches_forward_and_greedy_generate(attention, scan_laye
     np.testing.assert_allclose(rest[i], want[jnp.arange(B), lengths + i], **TOL)
 
   # Greedy generation continues each prompt with the full forward's argmax.
-  new = decoding.generate(model, tokens[:, :9], jax.random.key(3), max_new_tokens=6,
+  new = sampling.generate(model, tokens[:, :9], jax.random.key(3), max_new_tokens=6,
                           lengths=lengths)
   seqs = jnp.zeros((B, T), jnp.int32)      # prompt + generated, zero-padded (causal)
   for i in range(B):
@@ -183,30 +185,30 @@ def test_model_decoding_matches_forward_and_greedy_generate(attention, scan_laye
     L = int(lengths[i])
     np.testing.assert_array_equal(new[i], jnp.argmax(logits[i, L - 1:L + 5], axis=-1))
   # Sampling inside generate(): top_k=1 leaves only the argmax.
-  sampled = decoding.generate(model, tokens[:, :9], jax.random.key(5), max_new_tokens=6,
+  sampled = sampling.generate(model, tokens[:, :9], jax.random.key(5), max_new_tokens=6,
                               lengths=lengths,
-                              sampling=decoding.Sampling(temperature=0.7, top_k=1, top_p=0.9))
+                              sampling=sampling.Sampling(temperature=0.7, top_k=1, top_p=0.9))
   np.testing.assert_array_equal(sampled, new)
 
 
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4096, jnp.float32))
   key = jax.random.key(4)
-  greedy = decoding.sample(logits, key, decoding.Sampling())
+  greedy = sampling.sample(logits, key, sampling.Sampling())
   assert set(np.asarray(greedy).tolist()) == {0}
-  top2 = decoding.sample(logits, key, decoding.Sampling(temperature=1.0, top_k=2))
+  top2 = sampling.sample(logits, key, sampling.Sampling(temperature=1.0, top_k=2))
   assert set(np.asarray(top2).tolist()) == {0, 1}
   # Nucleus 0.7: tokens 0 and 1 (0.5 before token 1 < 0.7, 0.8 before token 2).
-  nucleus = decoding.sample(logits, key, decoding.Sampling(temperature=1.0, top_p=0.7))
+  nucleus = sampling.sample(logits, key, sampling.Sampling(temperature=1.0, top_p=0.7))
   assert set(np.asarray(nucleus).tolist()) == {0, 1}
-  counts = np.bincount(np.asarray(decoding.sample(logits, key, decoding.Sampling(temperature=1.0))),
+  counts = np.bincount(np.asarray(sampling.sample(logits, key, sampling.Sampling(temperature=1.0))),
                        minlength=4) / 4096
   np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)   # ~4 sigma at n=4096
 
 
 def test_errors_name_values():
   with pytest.raises(ValueError, match="top_p=1.5"):
-    decoding.Sampling(temperature=1.0, top_p=1.5)
+    sampling.Sampling(temperature=1.0, top_p=1.5)
   layer = _layer(False, "xla")
   cache = decoding.init_cache(layer, 1, 16)
   with pytest.raises(ValueError, match="T=80"):
@@ -214,14 +216,14 @@ def test_errors_name_values():
   q = jnp.zeros((1, 4, 24), jnp.float32)
   kv = jnp.zeros((1, 64, 2, 24), jnp.float32)
   with pytest.raises(ValueError, match="Dk=24"):
-    decoding.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 3), jnp.float32),
+    decode.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 3), jnp.float32),
                         jnp.array([3]), config=CFG, impl="pallas")
   with pytest.raises(ValueError, match="gates.shape"):
-    decoding.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 2), jnp.float32),
+    decode.nsa_decode(q, kv, kv, kv, kv, kv, kv, jnp.zeros((1, 4, 2), jnp.float32),
                         jnp.array([3]), config=CFG)
   q2, kv2 = jnp.zeros((2, 4, 24), jnp.float32), jnp.zeros((2, 64, 2, 24), jnp.float32)
   with pytest.raises(ValueError, match=r"1 \.\. S=64 \(the cache rows\), got min 0, max 65"):
-    decoding.nsa_decode(q2, kv2, kv2, kv2, kv2, kv2, kv2, jnp.zeros((2, 4, 3), jnp.float32),
+    decode.nsa_decode(q2, kv2, kv2, kv2, kv2, kv2, kv2, jnp.zeros((2, 4, 3), jnp.float32),
                         jnp.array([0, 65]), config=CFG)
 
 
@@ -233,11 +235,11 @@ def test_traced_lengths_past_the_cache_are_clamped(impl):
   ks = jax.random.split(jax.random.key(5), 8)
   cache = [_normal(k, (B, n, HKV, D)) for k, n in zip(ks[1:7], (32, 32, S, S, S, S))]
   q, gates = _normal(ks[0], (B, G, D)), jax.nn.sigmoid(_normal(ks[7], (B, G, 3)))
-  step = jax.jit(lambda n: decoding.nsa_decode(q, *cache, gates, n, config=CFG, impl=impl,
+  step = jax.jit(lambda n: decode.nsa_decode(q, *cache, gates, n, config=CFG, impl=impl,
                                                interpret=True))
   np.testing.assert_allclose(step(jnp.array([S + 7, 3])), step(jnp.array([S, 3])), **TOL)
   with pytest.raises(ValueError, match=f"got min 3, max {S + 7}"):
-    decoding.nsa_decode(q, *cache, gates, jnp.array([S + 7, 3]), config=CFG, impl=impl,
+    decode.nsa_decode(q, *cache, gates, jnp.array([S + 7, 3]), config=CFG, impl=impl,
                         interpret=True)
 
 

@@ -1,4 +1,4 @@
-"""Selected-attention Pallas kernels (pallas_kernels/selected_*.py) vs their reference.
+"""Selected-attention Pallas kernels (pallas_kernels/selected_attention/) vs their reference.
 
 Interpret mode on the CPU, float32: forward output and the q, k, v gradients
 (jax.vjp with a random cotangent) against `selected_attention_xla`. Each case
@@ -15,12 +15,11 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops.selected import selected_attention_xla
-from pallas_kernels import selected_attention as kernel_module
-from pallas_kernels import selected_choice, selected_plan
+from pallas_kernels.selected_attention import choice, plan, wrapper
 from pallas_kernels.selected_attention import selected_attention
-from pallas_kernels.selected_choice import tiling
-from pallas_kernels.selected_plan import entry_index, listed, pad_blk
-from pallas_kernels.selected_tiles import Geometry, Tiles, default_tiles
+from pallas_kernels.selected_attention.choice import tiling
+from pallas_kernels.selected_attention.plan import entry_index, listed, pad_blk
+from pallas_kernels.selected_attention.tiles import Geometry, Tiles, default_tiles
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -222,9 +221,9 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
   q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
   chunks = []
-  index = selected_plan.entry_index
+  index = plan.entry_index
   record = lambda blk, geo, chunk: chunks.append(chunk) or index(blk, geo, chunk)
-  for module in (selected_plan, kernel_module):    # the forward's plan, the backward
+  for module in (plan, wrapper):    # the forward's plan, the backward
     monkeypatch.setattr(module, "entry_index", record)
   for dkv_tiles in (None, 256):
     loss = lambda q: jnp.sum(_kernel(SMALL, Tiles(block_major=True, block_entries=9,
@@ -255,12 +254,12 @@ def test_block_major_runs_only_where_its_buffers_fit(monkeypatch):
   query tiles."""
   q, v, block_idx = _shapes(300, 1, 4, jnp.float32, B=2, D=16)
   geo = _tiling(q, v, block_idx, Tiles(block_major=True))
-  need = selected_choice.block_major_bytes(geo, q.dtype)
+  need = choice.block_major_bytes(geo, q.dtype)
   # Per (entry, head) row: the forward's float32 output and lse (the dQ term is smaller).
   assert need == 2 * geo.Tq * geo.n_pad * 1 * geo.Gp * (16 * 4 + 4)
-  share = selected_choice.BLOCK_MAJOR_MEMORY_SHARE
+  share = choice.BLOCK_MAJOR_MEMORY_SHARE
   for memory, block_major in ((None, True), (need / share, True), (need / share - 1, False)):
-    monkeypatch.setattr(selected_choice, "device_memory", lambda: memory)
+    monkeypatch.setattr(choice, "device_memory", lambda: memory)
     assert _tiling(q, v, block_idx, Tiles()).tiles.block_major == block_major
   # The G sweep of docs/benchmarks.md#op-level (one 64k sequence, HQ = 64, bf16) keeps block-major
   # on an H200 (112.6 GB for jax): a quarter shut it out, G = 1 fwd+bwd 214 -> 600 ms.
@@ -270,7 +269,7 @@ def test_block_major_runs_only_where_its_buffers_fit(monkeypatch):
         shape(1, 65536, 64, 128), shape(1, 65536, 64 // G, 128),
         jax.ShapeDtypeStruct((1, 65536, 64 // G, 16), jnp.int32), NSAConfig().select_block,
         0.1, False, Tiles(block_major=True))
-    assert selected_choice.block_major_bytes(geo, jnp.bfloat16) <= share * 112.6e9
+    assert choice.block_major_bytes(geo, jnp.bfloat16) <= share * 112.6e9
 
 
 def test_public_op_shorter_than_a_block():

@@ -222,12 +222,12 @@ def test_full_attention_on_packed_rows_is_causal_attention_per_document(impl):
 
 def test_decoding_refuses_segment_ids():
   """Decoding continues one document per row: segment ids are refused, clearly."""
-  from nsa_jax import decoding
+  from nsa_jax import sampling
   model = Transformer(ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
                                   num_kv_heads=1, nsa=SMALL, impl="xla"), rngs=nnx.Rngs(0))
   prompt = jnp.ones((1, 32), jnp.int32)
   with pytest.raises(ValueError, match="decoding continues one document per row"):
-    decoding.generate(model, prompt, jax.random.key(0), max_new_tokens=2,
+    sampling.generate(model, prompt, jax.random.key(0), max_new_tokens=2,
                       segment_ids=jnp.zeros((1, 32), jnp.int32))
   with pytest.raises(ValueError, match="segment_ids with attend"):
     model(prompt, segment_ids=jnp.zeros((1, 32), jnp.int32), attend=lambda i, attn, h: h)

@@ -22,7 +22,9 @@ from nsa_jax import NSAConfig
 from nsa_jax.ops import dispatch
 from nsa_jax.ops._common import selection_sizes
 from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
-                            selected_choice, selected_tiles, window_attention)
+                            window_attention)
+from pallas_kernels.selected_attention import choice as selected_choice
+from pallas_kernels.selected_attention import tiles as selected_tiles
 
 BUDGET = _util.HOPPER_SHARED_MEMORY
 CONFIG = NSAConfig()

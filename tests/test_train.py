@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nsa_jax import checkpoints, decoding, train_lib
+from nsa_jax import checkpoints, sampling, train_lib
 from nsa_jax.train_config import make_config
 from nsa_jax.checkpoints import checkpoint_manager, load_model
 from nsa_jax.train_lib import NonFiniteError, sample, train
@@ -65,11 +65,11 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path, monkeypatch,
   text = sample(model, b"def ", 6)
   assert len(text) == 10 and text.startswith(b"def ")
 
-  # The finished run again: nothing to train, a sample through decoding.generate, and where
+  # The finished run again: nothing to train, a sample through sampling.generate, and where
   # everything is.
   calls = []
-  generate = decoding.generate
-  monkeypatch.setattr(decoding, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
+  generate = sampling.generate
+  monkeypatch.setattr(sampling, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
   capsys.readouterr()
   train_lib.main(cli_args(tiny(tmp_path, "resumed"), "--sample_tokens", "6"))
   out = capsys.readouterr().out

@@ -4,7 +4,7 @@ Query-tile forward and dQ (`_fwd_kernel`, `_dq_kernel`: one program per tile
 of Bq tokens x G heads over the tile's block union), the dK/dV kernel over a
 block's work items (`_dkv_kernel`, query tiles or block-major entries), and the
 block-major forward (`_block_fwd_kernel`). What they compute and why:
-`selected_attention.py`; their index: `selected_plan.py`.
+`wrapper.py`; their index: `plan.py`.
 
 Every kernel takes offset_ref [1] int32, the position of query row 0 among the keys
 (`selected_attention`'s q_offset, for a slice of the queries): rows are gathered by
@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.selected_tiles import NEG, Geometry, dq_dtype
+from pallas_kernels.selected_attention.tiles import NEG, Geometry, dq_dtype
 
 LOG2E = math.log2(math.e)
 

@@ -4,7 +4,7 @@
 planner of a call reads (padded to the powers of two Triton needs), `default_tiles`
 the tiles measured best per dtype and head width, `shared_memory` what each kernel's
 tiles take of a GPU's shared memory and `fit_tiles` the tiles shrunk to fit it.
-See `selected_attention.py`.
+See `wrapper.py`.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Tiles:
     block_major: run the *block-major* kernels (see `selected_attention`):
       None = where they are expected to be faster and their transient buffers
       fit the device's memory, fixed by the shapes at trace time
-      (`selected_choice.tiling`); True = always; False = never (query tiles).
+      (`choice.tiling`); True = always; False = never (query tiles).
     block_rows: query rows per step of the block-major forward (a power of
       2 >= 16: block_rows // G (token, block) entries of G heads each; its
       backward steps take dkv_rows rows).
@@ -191,7 +191,7 @@ FEWEST_ROWS = {"rows": 16, "dkv_rows": 32, "block_rows": 16}
 def shared_memory(tiles: Tiles, G: int, Dk: int, Dv: int, block: int,
                   itemsize: int) -> dict[str, int]:
   """Estimated shared memory (bytes) of a program of each kernel, counted from
-  `selected_kernels` as Triton allocates them (checked against Triton's own
+  `kernels.py` as Triton allocates them (checked against Triton's own
   allocation for sm90 by experiments/shared_memory.py):
 
   - fwd / dQ (query tiles of M rows): q (and dO) held, each block's K and V loaded per

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _util
-from pallas_kernels.selected_tiles import (FEWEST_ROWS, Geometry, Tiles, dq_dtype, fit_tiles,
-                                          shared_memory)
+from pallas_kernels.selected_attention.tiles import (FEWEST_ROWS, Geometry, Tiles, dq_dtype,
+                                                     fit_tiles, shared_memory)
 
 # Block-major runs by default for groups of at most this many query heads per KV
 # head (G padded to a power of 2): per (token, block) entry it moves G query rows in

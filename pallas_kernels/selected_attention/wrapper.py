@@ -1,14 +1,14 @@
 """Selected-block attention in Pallas (Triton lowering), forward and backward: the
 custom VJP and the public entry (paper §3.3.2, Eq. 10-12, and §3.4's group-centric loading).
 
-Two tilings, fixed by the shapes at trace time (`selected_choice.tiling`): *query tiles*
+Two tilings, fixed by the shapes at trace time (`choice.tiling`): *query tiles*
 (one program per Bq tokens x G heads over the union of their selected blocks; dQ alike;
 dK/dV per KV block over an inverted index of the tiles that chose it) and, by default for
 G <= 8, *block-major* (one program per KV block over the (token, slot) entries that chose
 it, forward and dK/dV, partial results merged in XLA). Design, determinism and padding:
-docs/kernels.md#selected-attention. The pieces: `selected_tiles.py` (tiles, geometry),
-`selected_plan.py` (index planning in XLA), `selected_kernels.py` (kernels, pallas_calls),
-`selected_choice.py` (which tiling runs). Reference:
+docs/kernels.md#selected-attention. The pieces, beside this file: `tiles.py` (tiles,
+geometry), `plan.py` (index planning in XLA), `kernels.py` (kernels, pallas_calls),
+`choice.py` (which tiling runs). Reference:
 `nsa_jax.ops.selected.selected_attention_xla`.
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _util
-from pallas_kernels.selected_choice import (QUERY_TILES, fit_tiles_for, shared_memory_reason,
-                                             tiling)
-from pallas_kernels.selected_kernels import backward_dkv, backward_dq, block_forward, forward
-from pallas_kernels.selected_plan import (entry_index, inverted_index, merge, pad_blk,
-                                          plan_index, slots)
-from pallas_kernels.selected_tiles import Geometry, Tiles, default_tiles
+from pallas_kernels.selected_attention.choice import (QUERY_TILES, fit_tiles_for,
+                                                      shared_memory_reason, tiling)
+from pallas_kernels.selected_attention.kernels import (backward_dkv, backward_dq, block_forward,
+                                                       forward)
+from pallas_kernels.selected_attention.plan import (entry_index, inverted_index, merge, pad_blk,
+                                                    plan_index, slots)
+from pallas_kernels.selected_attention.tiles import Geometry, Tiles, default_tiles
 
 
 def _pad_qkv(q, k, v, geo: Geometry):
@@ -79,7 +80,7 @@ def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
-  """Selected attention by the tiling `geo` (`selected_choice.tiling`), forward and
+  """Selected attention by the tiling `geo` (`choice.tiling`), forward and
   backward. The tiling's index (`plan_index`: sorts of block_idx) is kept for the
   backward: sorting again there cost most of the backward's overhead at G = 1
   (experiments/PERF_NOTES.md)."""
@@ -120,7 +121,7 @@ def selected_attention(q, k, v, block_idx, *, block: int, scale: float,
     block_idx: [B, T, HKV, n] int32, distinct block indices or -1; order free.
     block: l', tokens per selection block; scale: logit scale;
     interpret: run the kernels in Pallas interpret mode (CPU).
-    tiles: tile sizes and launch parameters (default: `selected_tiles.default_tiles`).
+    tiles: tile sizes and launch parameters (default: `tiles.default_tiles`).
     q_offset: int32 scalar (may be traced, e.g. under `shard_map` for context
       parallelism), the position of query row 0 among the S keys: its causal mask
       reads key <= q_offset + t; None: 0.

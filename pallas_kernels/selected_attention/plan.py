@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _util
-from pallas_kernels.selected_tiles import NEG, Geometry
+from pallas_kernels.selected_attention.tiles import NEG, Geometry
 
 INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 
