@@ -60,9 +60,9 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
   backend = dispatch.choose("select_blocks", impl, dispatch.Call(
       dict(q=q, k_cmp=k_cmp), config, interpret, segment_ids is not None, sliced))
   scale = _common.resolve_scale(scale, q)
-  if lse is None:
+  if lse is None:   # no gradient: the selection carries none
     lse = _selection_lse(
-        q, k_cmp, config=config, scale=scale, interpret=interpret, doc_start=doc_start,
+        lax.stop_gradient(q), lax.stop_gradient(k_cmp), config=config, scale=scale, interpret=interpret, doc_start=doc_start,
         doc_end=doc_end, q_offset=q_offset,
         backend=lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
                             packed=segment_ids is not None, offset=sliced))
