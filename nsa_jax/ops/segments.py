@@ -3,10 +3,9 @@
 A row of `segment_ids: [B, T] int32` holds several documents, each one contiguous
 run of equal ids, each starting at a multiple of A = `select_block` (the data
 pipeline pads every document up to the next multiple with tokens of its own id).
-The ops, the kernels and the module read the documents as positions, derived once
-here in XLA: `document_starts` (s(t), the first position of t's document) and
-`document_ends` (one past its last); `bounds` gives an op both, `documents` checks the
-ids first. Packing is
+The ops, the kernels and the module read the documents as positions, derived once here
+in XLA: `document_starts` (s(t), the first position of t's document) and `document_ends`
+(one past its last); `bounds` gives both, `documents` checks the ids first. Packing is
 invisible: every query sees what it would see were its document a sequence of its
 own starting at position 0.
 
