@@ -377,9 +377,10 @@ def offsets_function(case: Case, config: NSAConfig):
   def branches(q, k_cmp, v_cmp, k_slc, v_slc, q_offset):
     impls = nsa_backends(q, k_cmp, v_cmp, k_slc, v_slc, k_slc, v_slc, config=config,
                          impl="pallas", packed=ids is not None, offset=True)
+    doc_start, doc_end = segments.bounds(ids, q.shape[1], q_offset)
     return nsa_sparse_branches(q, k_cmp, v_cmp, k_slc, v_slc, impls=impls, config=config,
-                               scale=None, impl="pallas", interpret=None, segment_ids=ids,
-                               q_offset=q_offset)
+                               scale=None, interpret=None, doc_start=doc_start,
+                               doc_end=doc_end, q_offset=q_offset)
 
   def sliced(offsets, q, *kv):   # offsets: traced int32, as lax.axis_index gives a shard
     parts = [branches(q[:, i * case.rows:(i + 1) * case.rows], *kv, offsets[i])

@@ -74,7 +74,7 @@ SOURCES = (
     ("nsa_jax/module.py", None, "gate", "gates"),
     ("nsa_jax/module.py", None, "q_proj", "q projection"),
     ("nsa_jax/module.py", None, "o_proj", "output projection"),
-    ("nsa_jax/model.py", "dense_attention", None, "attention"),
+    ("nsa_jax/ops/dense.py", None, None, "attention"),
     ("nsa_jax/model.py", None, "q_proj", "q projection"),
     ("nsa_jax/model.py", None, "kv", "k/v projections"),
     ("nsa_jax/model.py", None, "o_proj", "output projection"),

@@ -18,7 +18,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, window
+from nsa_jax.ops import _common, segments, window
 from nsa_jax.ops.nsa import backends, check_inputs, mix, nsa, sparse_branches
 
 AXES = ("data", "fsdp", "context", "heads")   # the mesh axes (docs/api.md#meshes)
@@ -63,9 +63,11 @@ def window_attention(q, k, v, segment_ids, *, config: NSAConfig, scale: float | 
     front = halo(x, h, num_shards) if front is None else front
     return jnp.roll(jnp.concatenate([front, x], axis=1), -before_start, axis=1)
   q_ext = extend(q, jnp.zeros((q.shape[0], h) + q.shape[2:], q.dtype))
-  o = window.window_attention(q_ext, extend(k), extend(v), config=config, scale=scale,
-                              impl=backend, interpret=interpret,
-                              segment_ids=None if segment_ids is None else extend(segment_ids))
+  doc_start, doc_end = segments.bounds(None if segment_ids is None else extend(segment_ids),
+                                       q_ext.shape[1])
+  o = window._window_attention(q_ext, extend(k), extend(v), config=config,
+                               scale=_common.resolve_scale(scale, q), backend=backend,
+                               interpret=interpret, doc_start=doc_start, doc_end=doc_end)
   return jnp.roll(o, before_start, axis=1)[:, h:]
 
 
@@ -86,9 +88,11 @@ def local_nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, segment_ids
   ids = None if segment_ids is None else gather(segment_ids)
   impls = backends(q, k_cmp, v_cmp, k_all, v_all, k_win, v_win, config=config, impl=impl,
                    interpret=interpret, packed=ids is not None, offset=True)
+  q0 = lax.axis_index(CONTEXT) * q.shape[1]
+  doc_start, doc_end = segments.bounds(ids, q.shape[1], q0)
   o_cmp, o_slc, block_idx = sparse_branches(
-      q, k_cmp, v_cmp, k_all, v_all, impls=impls, config=config, scale=scale, impl=impl,
-      interpret=interpret, segment_ids=ids, q_offset=lax.axis_index(CONTEXT) * q.shape[1])
+      q, k_cmp, v_cmp, k_all, v_all, impls=impls, config=config, scale=scale,
+      interpret=interpret, doc_start=doc_start, doc_end=doc_end, q_offset=q0)
   o_win = window_attention(q, k_win, v_win, segment_ids, config=config, scale=scale,
                            backend=impls["window_attention"], interpret=interpret,
                            num_shards=num_shards)

@@ -3,8 +3,8 @@
 Pre-norm blocks (RMSNorm), RoPE, SwiGLU MLP, tied or untied embeddings, as in
 the NSA paper's backbone (§4.1: GQA + MoE; here a dense MLP). The attention is
 `"nsa"` (`nsa_jax.module.NativeSparseAttention`) or `"full"`: dense causal
-attention (`dense_attention`: cuDNN on GPU under the rule of NSA's cuDNN
-branches, `nsa_jax.ops.cudnn`) with the same query/key/value/output
+attention (`nsa_jax.ops.dense`, on the backends the ops' dispatch table gives it:
+cuDNN on a GPU where it runs) with the same query/key/value/output
 projections and the same RoPE, so the two models differ only by NSA's own
 parameters (per-branch keys and values, the compression MLPs and the gates).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,8 @@ from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.module import NativeSparseAttention
-from nsa_jax.ops import cudnn, segments
-from nsa_jax.ops.compressed import compressed_attention
+from nsa_jax.ops import segments
+from nsa_jax.ops.dense import dense_attention
 from nsa_jax.rope import apply_rope
 
 ATTENTIONS = ("nsa", "full")
@@ -144,28 +143,6 @@ class ModelConfig:
                        f"use a longer seq_len or smaller blocks")
 
 
-# Dense causal attention is the compressed branch's with one-token blocks (l = d = 1:
-# block i is token i, visible to t iff i <= t), document mask included: packed rows
-# run on that branch's Pallas kernel (its loops skip other documents) or reference.
-# select_block = 1: documents may start anywhere.
-TOKEN_BLOCKS = NSAConfig(compress_block=1, compress_stride=1, select_block=1, num_selected=3)
-
-
-def dense_attention(q, k, v, segment_ids=None):
-  """Causal GQA attention, scale 1/sqrt(D): `cudnn.cudnn_causal_attention` where
-  `cudnn.cudnn_runs` (it splits calls too large for cuDNN), jax's XLA one otherwise.
-
-  segment_ids [B, T] (packed rows): each query sees the keys of its own
-  document only, on `TOKEN_BLOCKS` compressed attention (the Pallas kernel on a GPU,
-  the reference elsewhere; cuDNN's packed layouts are not used, `nsa_jax.ops.dispatch`).
-  """
-  if segment_ids is not None:
-    return compressed_attention(q, k, v, config=TOKEN_BLOCKS, segment_ids=segment_ids)[0]
-  if cudnn.cudnn_runs(q, v):
-    return cudnn.cudnn_causal_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))[0]
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-
-
 class FullAttention(nnx.Module):
   """Dense causal GQA self-attention with RoPE: the baseline NSA is compared with.
 
@@ -211,7 +188,7 @@ class FullAttention(nnx.Module):
     positions = (jnp.arange(T) if segment_ids is None
                  else segments.positions_in_documents(segment_ids))
     q, k, v = self.qkv(x, positions)
-    o = dense_attention(q, k, v, segment_ids)
+    o = dense_attention(q, k, v, segment_ids=segment_ids)
     return self.o_proj(o.reshape(B, T, -1))
 
 

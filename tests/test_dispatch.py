@@ -8,10 +8,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import nsa_jax
 from nsa_jax import NSAConfig
-from nsa_jax.ops import dispatch
+from nsa_jax.model import ModelConfig, Transformer
+from nsa_jax.ops import dispatch, segments
+from nsa_jax.ops.dense import TOKEN_BLOCKS, dense_attention
 from nsa_jax.ops.nsa import backends
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
@@ -123,3 +126,73 @@ def test_ops_raise_for_unknown_impls():
   with pytest.raises(ValueError, match=r"impl='cudnn' must be one of \('auto', 'pallas', 'xla'\)"):
     nsa_jax.selected_attention(q, k, k, jnp.zeros((1, 40, 2, 4), jnp.int32), config=SMALL,
                                impl="cudnn")
+
+
+def _dense_call(dtype, D=64, interpret=None, packed=False):
+  x = lambda H: jax.ShapeDtypeStruct((1, 64, H, D), dtype)
+  return dispatch.Call(dict(q=x(4), k=x(2), v=x(2)), TOKEN_BLOCKS, interpret, packed)
+
+
+def test_dense_attention_on_a_gpu(fake_gpu):
+  """The model's dense attention: cuDNN where it takes the call, not packed rows (no
+  document mask) nor interpret mode nor float32: the compressed kernel over one-token
+  blocks there; the reference for inputs no kernel takes (float64)."""
+  choose = lambda call, impl="auto": dispatch.choose("dense_attention", impl, call)
+  assert choose(_dense_call(jnp.bfloat16)) == "cudnn"
+  assert choose(_dense_call(jnp.bfloat16, packed=True)) == "pallas"
+  assert choose(_dense_call(jnp.bfloat16, interpret=True)) == "pallas"
+  assert choose(_dense_call(jnp.float32)) == "pallas"
+  assert choose(_dense_call(jnp.float64)) == "xla"
+  with pytest.raises(ValueError, match=r"dense_attention\(impl='cudnn'\) cannot run .*"
+                                       r"segment_ids: cudnn: segment_ids \(packed rows\)"):
+    choose(_dense_call(jnp.bfloat16, packed=True), "cudnn")
+
+
+def test_dense_attention_off_a_gpu():
+  """On the CPU "auto" is the reference; "pallas" runs the kernel in interpret mode;
+  "cudnn" raises a ValueError naming why, from the op before anything is traced."""
+  choose = lambda impl, **kw: dispatch.choose("dense_attention", impl,
+                                              _dense_call(jnp.float32, **kw))
+  assert choose("auto") == choose("auto", packed=True) == choose("xla") == "xla"
+  assert choose("pallas") == "pallas"
+  with pytest.raises(ValueError, match="need a GPU backend"):
+    choose("pallas", interpret=False)
+  q = jnp.zeros((1, 16, 4, 8), jnp.bfloat16)
+  k = jnp.zeros((1, 16, 2, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"dense_attention\(impl='cudnn'\) cannot run .*"
+                                       r"cuDNN's fused attention needs a GPU backend"):
+    dense_attention(q, k, k, impl="cudnn")
+
+
+def test_nsa_checks_and_chooses_once(monkeypatch):
+  """One `nsa` call on concrete packed rows validates the segment ids once and chooses
+  each branch's backend once, and that of its selection's compressed pass once; the
+  straight-through gate is on, so that its scores run too."""
+  config = dataclasses.replace(SMALL, select_gate="straight_through")
+  checks, chosen = [], []
+  check, choose = segments.check_segment_ids, dispatch.choose
+  monkeypatch.setattr(segments, "check_segment_ids",
+                      lambda *a, **kw: checks.append(1) or check(*a, **kw))
+  monkeypatch.setattr(dispatch, "choose", lambda op, *a, **kw: chosen.append(op) or choose(
+      op, *a, **kw))
+  B, T, HQ, HKV, D = 1, 64, 2, 1, 8
+  x = lambda S, H: jax.random.normal(jax.random.key(S + H), (B, S, H, D), jnp.float32)
+  kv = lambda S=T: (x(S, HKV), x(S, HKV))
+  gates = jnp.full((B, T, HQ, 3), 0.5, jnp.float32)
+  ids = jnp.repeat(jnp.arange(2, dtype=jnp.int32), T // 2)[None]
+  nsa_jax.nsa(x(T, HQ), *kv(config.num_compressed(T)), *kv(), *kv(), gates, config=config,
+              impl="xla", segment_ids=ids)
+  assert len(checks) == 1
+  assert sorted(chosen) == ["compressed_attention", "compressed_attention", "select_blocks",
+                            "selected_attention", "window_attention"]
+
+
+def test_full_attention_runs_on_the_table(monkeypatch):
+  """The full-attention model's attention is chosen by the dispatch table."""
+  chosen, choose = [], dispatch.choose
+  monkeypatch.setattr(dispatch, "choose", lambda op, *a, **kw: chosen.append(op) or choose(
+      op, *a, **kw))
+  model = Transformer(ModelConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2,
+                                  num_kv_heads=1, attention="full"), rngs=nnx.Rngs(0))
+  model(jnp.ones((1, 8), jnp.int32))
+  assert chosen == ["dense_attention"]

@@ -30,9 +30,9 @@ from flax import nnx
 
 import nsa_jax
 from nsa_jax import NSAConfig, data, train_lib
-from nsa_jax.model import TOKEN_BLOCKS, ModelConfig, Transformer
-from nsa_jax.ops.compressed import compressed_attention
+from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.ops import segments
+from nsa_jax.ops.dense import TOKEN_BLOCKS, dense_attention
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -195,7 +195,7 @@ def test_model_loss_on_packed_rows_is_the_sum_over_documents(attention):
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_full_attention_on_packed_rows_is_causal_attention_per_document(impl):
-  """The full-attention model's packed path (`model.dense_attention`: compressed
+  """The full-attention model's packed path (`dense.dense_attention`: compressed
   attention with one-token blocks, `TOKEN_BLOCKS`) equals jax's causal attention run
   on each document alone: output and gradients, reference and Pallas kernel."""
   T, HKV, G, D = 70, 2, 2, 16
@@ -208,9 +208,8 @@ def test_full_attention_on_packed_rows_is_causal_attention_per_document(impl):
   q = jax.random.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
   k, v = (jax.random.normal(key, (B, T, HKV, D), jnp.float32) for key in ks[1:3])
   ct = jax.random.normal(ks[3], q.shape, jnp.float32)
-  packed = lambda q, k, v: compressed_attention(q, k, v, config=TOKEN_BLOCKS, impl=impl,
-                                                interpret=True,
-                                                segment_ids=jnp.asarray(segment_ids))[0]
+  packed = lambda q, k, v: dense_attention(q, k, v, impl=impl, interpret=True,
+                                           segment_ids=jnp.asarray(segment_ids))
   alone = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
   o, vjp = jax.vjp(jax.jit(packed), q, k, v)
   o_alone, vjp_alone = jax.vjp(alone, *(docs.alone(x) for x in (q, k, v)))

@@ -53,7 +53,17 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
   backend = dispatch.choose("compressed_attention", impl, dispatch.Call(
       dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret, segment_ids is not None,
       sliced))
-  scale = _common.resolve_scale(scale, q)
+  return _compressed_attention(q, k_cmp, v_cmp, config=config,
+                               scale=_common.resolve_scale(scale, q), backend=backend,
+                               interpret=interpret, doc_start=doc_start, doc_end=doc_end,
+                               q_offset=q_offset)
+
+
+def _compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float, backend: str,
+                          interpret: bool | None, doc_start=None, doc_end=None,
+                          q_offset=None):
+  """`compressed_attention` of checked inputs on `backend` (`dispatch.choose`'s), packed
+  rows given by their bounds (`segments.bounds`); checks nothing (`nsa` checks once)."""
   if backend == "cudnn":
     return compressed_attention_folded(q, k_cmp, v_cmp, config=config, scale=scale)
   if backend == "pallas":

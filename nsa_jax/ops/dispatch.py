@@ -1,7 +1,7 @@
 """Which implementation runs each op (the `impl` argument): one table (docs/api.md#impl).
 
 Every op has the reference "xla" and the Pallas kernels "pallas"; the window and compressed
-branches also "cudnn". Each backend has one check, `SUPPORTED[op][name](call)`, which reads
+branches and the model's dense attention (`nsa_jax.ops.dense`) also "cudnn". Each backend has one check, `SUPPORTED[op][name](call)`, which reads
 shapes, dtypes, the config and the device (never values) and returns why it cannot run the
 call, or None. `impl="auto"` takes the first backend of `AUTO[op]` that runs the call on a
 GPU, the reference elsewhere; an explicit impl that cannot run it raises a ValueError before
@@ -70,7 +70,8 @@ def _cudnn_masks(call: Call) -> str | None:
   return None
 
 
-def _cudnn_window(call: Call) -> str | None:
+def _cudnn_direct(call: Call) -> str | None:
+  """cuDNN over the call's own q and v: the window branch, dense attention."""
   a = call.arrays
   return _cudnn_masks(call) or _cudnn_runs(a["q"], a["v"], call.interpret)
 
@@ -129,8 +130,11 @@ def _pallas_decode(call: Call) -> str | None:
 SUPPORTED: dict[str, dict[str, Callable[[Call], str | None]]] = {
     "compressed_attention": {"cudnn": _cudnn_compressed,
                              "pallas": _on_pallas(_pallas_compressed), "xla": _reference},
-    "window_attention": {"cudnn": _cudnn_window, "pallas": _on_pallas(_pallas_window),
+    "window_attention": {"cudnn": _cudnn_direct, "pallas": _on_pallas(_pallas_window),
                          "xla": _reference},
+    # The compressed kernel over one-token blocks (`dense.TOKEN_BLOCKS`).
+    "dense_attention": {"cudnn": _cudnn_direct, "pallas": _on_pallas(_pallas_compressed),
+                        "xla": _reference},
     "select_blocks": {"pallas": _on_pallas(_pallas_select), "xla": _reference},
     "selected_attention": {"pallas": _on_pallas(_pallas_selected), "xla": _reference},
     "nsa_decode": {"pallas": _on_pallas(_pallas_decode), "xla": _reference},
@@ -142,6 +146,7 @@ SUPPORTED: dict[str, dict[str, Callable[[Call], str | None]]] = {
 AUTO: dict[str, tuple[str, ...]] = {
     "compressed_attention": ("pallas", "xla"),
     "window_attention": ("cudnn", "pallas", "xla"),
+    "dense_attention": ("cudnn", "pallas", "xla"),
     "select_blocks": ("pallas", "xla"),
     "selected_attention": ("pallas", "xla"),
     "nsa_decode": ("pallas", "xla"),

@@ -7,6 +7,11 @@ same queries (paper Eq. 8-11), from the lse that branch computed
 (`selection.selection_lse`: the selection `select_blocks` makes on the same
 inputs). Each branch may have its own keys and values. Packed rows (`segment_ids`,
 docs/semantics.md#packed-rows) go to every branch: each query sees its own document only.
+
+`nsa` checks its inputs once (`check_inputs`), derives the documents once
+(`segments.bounds`) and chooses every branch's backend once (`backends`), then runs the
+ops' unchecked internals (`compressed._compressed_attention` and its kind), which each
+op's public function calls after its own checks.
 """
 from __future__ import annotations
 
@@ -15,10 +20,10 @@ from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, cudnn, dispatch, segments
-from nsa_jax.ops.compressed import compressed_attention
-from nsa_jax.ops.selected import selected_attention
-from nsa_jax.ops.selection import lse_backend, select_blocks, selected_scores, selection_lse
-from nsa_jax.ops.window import window_attention
+from nsa_jax.ops.compressed import _compressed_attention
+from nsa_jax.ops.selected import _selected_attention
+from nsa_jax.ops.selection import _select_blocks, _selection_lse, lse_backend, selected_scores
+from nsa_jax.ops.window import _window_attention
 
 # What a `jax.checkpoint` around `nsa` (and the projections that make its inputs) saves for
 # the backward: each branch's outputs and lse and the selection, as the kernels, cuDNN and the
@@ -66,39 +71,46 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig
                segment_ids=segment_ids)
   impls = backends(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, config=config, impl=impl,
                    interpret=interpret, packed=segment_ids is not None)
+  doc_start, doc_end = segments.bounds(segment_ids, q.shape[1])
+  scale = _common.resolve_scale(scale, q)
   o_cmp, o_slc, block_idx = sparse_branches(
-      q, k_cmp, v_cmp, k_slc, v_slc, impls=impls, config=config, scale=scale, impl=impl,
-      interpret=interpret, segment_ids=segment_ids)
-  o_win = window_attention(q, k_win, v_win, config=config, scale=scale,
-                           impl=impls["window_attention"], interpret=interpret,
-                           segment_ids=segment_ids)
+      q, k_cmp, v_cmp, k_slc, v_slc, impls=impls, config=config, scale=scale,
+      interpret=interpret, doc_start=doc_start, doc_end=doc_end)
+  o_win = _window_attention(q, k_win, v_win, config=config, scale=scale,
+                            backend=impls["window_attention"], interpret=interpret,
+                            doc_start=doc_start, doc_end=doc_end)
   o = mix(gates, o_cmp, o_slc, o_win)
   return (o, block_idx) if return_block_idx else o
 
 
 def sparse_branches(q, k_cmp, v_cmp, k_slc, v_slc, *, impls: dict[str, str],
-                    config: NSAConfig, scale: float | None, impl: str,
-                    interpret: bool | None, segment_ids=None, q_offset=None):
+                    config: NSAConfig, scale: float | None, interpret: bool | None,
+                    doc_start=None, doc_end=None, q_offset=None):
   """(o_cmp, o_slc, block_idx) of `nsa`: the compressed branch, the selection from its
-  lse, the selected branch, on the backends `impls` (`backends`).
+  lse, the selected branch, on the backends `impls` (`backends`), over inputs `nsa`
+  checked (`check_inputs`; nothing is checked here). doc_start, doc_end: the documents
+  of packed rows (`segments.bounds`), or None.
 
   q_offset (context parallelism, `nsa_jax.context`): q holds the queries at positions
-  q_offset .. of a sequence whose k_cmp, v_cmp, k_slc, v_slc and segment_ids are whole.
+  q_offset .. of a sequence whose k_cmp, v_cmp, k_slc, v_slc and documents' ends are
+  whole (doc_start: q's own).
   """
-  kw = lambda op: dict(config=config, scale=scale, impl=impls[op], interpret=interpret,
-                       segment_ids=segment_ids, q_offset=q_offset)
-  o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, **kw("compressed_attention"))
-  lse = selection_lse(q, k_cmp, config=config, scale=_common.resolve_scale(scale, q),
-                      impl=impl, interpret=interpret, segment_ids=segment_ids,
-                      q_offset=q_offset, branch=(v_cmp, impls["compressed_attention"], lse))
-  block_idx = select_blocks(q, k_cmp, lse=lse, **kw("select_blocks"))
+  scale = _common.resolve_scale(scale, q)
+  kw = dict(config=config, scale=scale, interpret=interpret, q_offset=q_offset)
+  o_cmp, lse = _compressed_attention(q, k_cmp, v_cmp, backend=impls["compressed_attention"],
+                                     doc_start=doc_start, doc_end=doc_end, **kw)
+  lse = _selection_lse(q, k_cmp, backend=impls["selection_lse"], doc_start=doc_start,
+                       doc_end=doc_end, branch=(v_cmp, impls["compressed_attention"], lse),
+                       **kw)
+  block_idx = _select_blocks(q, k_cmp, lse, backend=impls["select_blocks"],
+                             doc_start=doc_start, **kw)
   bias = None
   if config.select_gate == "straight_through":   # 0 forward, the scores' gradient backward
-    s = selected_scores(q, k_cmp, block_idx, config=config, scale=_common.resolve_scale(
-        scale, q), segment_ids=segment_ids, q_offset=q_offset)
+    s = selected_scores(q, k_cmp, block_idx, config=config, scale=scale, doc_start=doc_start,
+                        q_offset=q_offset)
     bias = s - lax.stop_gradient(s)
-  o_slc = selected_attention(q, k_slc, v_slc, block_idx, **kw("selected_attention"),
-                             block_bias=bias)
+  o_slc = _selected_attention(q, k_slc, v_slc, block_idx, backend=impls["selected_attention"],
+                              doc_start=doc_start, block_bias=bias, **kw)
   return o_cmp, o_slc, block_idx
 
 

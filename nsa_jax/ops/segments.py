@@ -3,9 +3,9 @@
 A row of `segment_ids: [B, T] int32` holds several documents, each one contiguous
 run of equal ids, each starting at a multiple of A = `select_block` (the data
 pipeline pads every document up to the next multiple with tokens of its own id).
-The ops, the kernels and the module read the documents as positions, derived once
-here in XLA: `document_starts` (s(t), the first position of t's document) and
-`document_ends` (one past its last); `documents` gives an op both. Packing is
+The ops, the kernels and the module read the documents as positions, derived once here
+in XLA: `document_starts` (s(t), the first position of t's document) and `document_ends`
+(one past its last); `bounds` gives both, `documents` checks the ids first. Packing is
 invisible: every query sees what it would see were its document a sequence of its
 own starting at position 0.
 
@@ -74,16 +74,23 @@ def document_starts(segment_ids):
 
 
 def documents(segment_ids, q, align: int, q_offset=None):
-  """(s(t) [B, T] of the queries q [B, T, ...], document ends [B, S] of the keys) of
-  packed rows, checked (`check_segment_ids`); (None, None) where segment_ids is None.
-  q_offset (context parallelism, `nsa_jax.context`; may be traced): q holds the
-  queries at positions q_offset .. q_offset + T - 1 of rows segment_ids [B, S]."""
+  """`bounds` of packed rows, checked first (`check_segment_ids`): what an op's public
+  function derives; `nsa` checks once and derives once for all its branches."""
+  if segment_ids is not None:
+    check_segment_ids(segment_ids, q, align, sliced=q_offset is not None)
+  return bounds(segment_ids, q.shape[1], q_offset)
+
+
+def bounds(segment_ids, num_queries: int, q_offset=None):
+  """(s(t) [B, T] of the T = num_queries queries, document ends [B, S] of the keys) of
+  packed rows segment_ids [B, S], unchecked; (None, None) where segment_ids is None.
+  q_offset (context parallelism, `nsa_jax.context`; may be traced): the queries are
+  those at positions q_offset .. q_offset + T - 1 of the rows."""
   if segment_ids is None:
     return None, None
-  check_segment_ids(segment_ids, q, align, sliced=q_offset is not None)
   starts = document_starts(segment_ids)
   if q_offset is not None:
-    starts = lax.dynamic_slice_in_dim(starts, q_offset, q.shape[1], axis=1)
+    starts = lax.dynamic_slice_in_dim(starts, q_offset, num_queries, axis=1)
   return starts, document_ends(segment_ids)
 
 

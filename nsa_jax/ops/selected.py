@@ -53,7 +53,17 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
   bias = {} if block_bias is None else dict(block_bias=block_bias)
   backend = dispatch.choose("selected_attention", impl, dispatch.Call(
       dict(q=q, k=k, v=v, **bias), config, interpret, segment_ids is not None, sliced))
-  scale = _common.resolve_scale(scale, q)
+  return _selected_attention(q, k, v, block_idx, config=config,
+                             scale=_common.resolve_scale(scale, q), backend=backend,
+                             interpret=interpret, doc_start=doc_start, q_offset=q_offset,
+                             block_bias=block_bias)
+
+
+def _selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float, backend: str,
+                        interpret: bool | None, doc_start=None, q_offset=None,
+                        block_bias=None):
+  """`selected_attention` of checked inputs on `backend` (`dispatch.choose`'s), packed rows
+  given by s(t) (`segments.bounds`); checks nothing (`nsa` checks once)."""
   block_idx = block_idx.astype(jnp.int32)
   if doc_start is not None:
     block_idx = document_blocks(block_idx, doc_start, config)

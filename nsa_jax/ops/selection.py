@@ -17,7 +17,7 @@ from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch, segments
-from nsa_jax.ops.compressed import compressed_attention, compressed_scores
+from nsa_jax.ops.compressed import _compressed_attention, compressed_scores
 from pallas_kernels import compressed_attention as compressed_kernel
 from pallas_kernels import select_blocks as kernel
 
@@ -56,24 +56,37 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
                        f"[B, T, HQ]={q.shape[:3]}")
-  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
+  doc_start, doc_end = segments.documents(segment_ids, q, config.select_block, q_offset)
   backend = dispatch.choose("select_blocks", impl, dispatch.Call(
       dict(q=q, k_cmp=k_cmp), config, interpret, segment_ids is not None, sliced))
   scale = _common.resolve_scale(scale, q)
-  q, k_cmp = lax.stop_gradient(q), lax.stop_gradient(k_cmp)
-  if lse is None:
-    lse = selection_lse(q, k_cmp, config=config, scale=scale, impl=impl, interpret=interpret,
-                        segment_ids=segment_ids, q_offset=q_offset)
-  lse = lax.stop_gradient(lse)
+  if lse is None:   # no gradient: the selection carries none
+    lse = _selection_lse(
+        lax.stop_gradient(q), lax.stop_gradient(k_cmp), config=config, scale=scale, interpret=interpret, doc_start=doc_start,
+        doc_end=doc_end, q_offset=q_offset,
+        backend=lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
+                            packed=segment_ids is not None, offset=sliced))
+  return _select_blocks(q, k_cmp, lse, config=config, scale=scale, backend=backend,
+                        interpret=interpret, doc_start=doc_start, q_offset=q_offset)
+
+
+def _select_blocks(q, k_cmp, lse, *, config: NSAConfig, scale: float, backend: str,
+                   interpret: bool | None, doc_start=None, q_offset=None):
+  """`select_blocks` of checked inputs and their `selection_lse` on `backend`
+  (`dispatch.choose`'s), packed rows given by s(t) (`segments.bounds`); checks nothing
+  (`nsa` checks once)."""
+  q, k_cmp, lse = lax.stop_gradient(q), lax.stop_gradient(k_cmp), lax.stop_gradient(lse)
   if backend == "pallas":
     return kernel.select_blocks(q, k_cmp, sizes=_common.selection_sizes(config), scale=scale,
                                 interpret=_common.resolve_interpret(interpret),
                                 lse=lse, doc_start=doc_start, q_offset=q_offset)
   # A slice's sequence holds at most Tc*d + l - 1 tokens (Tc blocks, the next incomplete).
+  sliced = q_offset is not None
   return select_blocks_xla(
       q, k_cmp, config=config, scale=scale, lse=lse, doc_start=doc_start,
       first=0 if q_offset is None else q_offset,
-      seq_len=Tc * config.compress_stride + config.compress_block - 1 if sliced else None)
+      seq_len=k_cmp.shape[1] * config.compress_stride + config.compress_block - 1
+      if sliced else None)
 
 
 def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
@@ -83,24 +96,42 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   (docs/semantics.md#one-selection): that of the compressed branch on (q, k_cmp, k_cmp),
   run on the backend `nsa(impl=impl)` gives the branch (`dispatch.nsa_branches`). The lse
   does not depend on the values, so values as wide as the keys stand for any.
+  branch: optional (v_cmp, backend, lse) of the compressed branch `nsa` ran on these q
+  and k_cmp (`_selection_lse`). segment_ids: packed rows, or None; q_offset: a slice
+  of the queries (`compressed_attention`), or None. Checks as `compressed_attention` does.
+  """
+  _common.check_config(config)
+  sliced = q_offset is not None
+  _common.check_attention_inputs(
+      q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
+      seq_len=k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1]))
+  doc_start, doc_end = segments.documents(segment_ids, q, config.select_block, q_offset)
+  backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
+                        packed=segment_ids is not None, offset=sliced)
+  return _selection_lse(q, k_cmp, config=config, scale=scale, backend=backend,
+                        interpret=interpret, branch=branch, doc_start=doc_start,
+                        doc_end=doc_end, q_offset=q_offset)
+
+
+def _selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, backend: str,
+                   interpret: bool | None, branch=None, doc_start=None, doc_end=None,
+                   q_offset=None):
+  """`selection_lse` of checked inputs on `backend` (`lse_backend`'s); checks nothing.
 
   branch: optional (v_cmp, backend, lse) of the compressed branch `nsa` already
   ran on these q and k_cmp; its lse is the answer where it is that call's to the
   bit (`_same_lse`), which is always the case but for Dv > Dk (16-bit on a GPU,
   cuDNN then refuses the branch; or a Pallas forward tile narrowed by Dv): then
   the lse is computed here as `select_blocks` computes it, at the cost of a
-  second compressed pass. segment_ids: packed rows, or None; q_offset:
-  a slice of the queries (`compressed_attention`), or None.
+  second compressed pass.
   """
-  backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
-                        packed=segment_ids is not None, offset=q_offset is not None)
   if branch is not None:
     v_cmp, branch_backend, lse = branch
     if branch_backend == backend and _same_lse(backend, q, k_cmp, v_cmp):
       return lse
-  return compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale, impl=backend,
-                              interpret=interpret, segment_ids=segment_ids,
-                              q_offset=q_offset)[1]
+  return _compressed_attention(q, k_cmp, k_cmp, config=config, scale=scale, backend=backend,
+                               interpret=interpret, doc_start=doc_start, doc_end=doc_end,
+                               q_offset=q_offset)[1]
 
 
 def lse_backend(q, k_cmp, *, config: NSAConfig, impl: str, interpret: bool | None = None,
@@ -205,7 +236,7 @@ def importance_scores(qc, start, k_cmp, config: NSAConfig, scale: float, num_blo
 
 
 def selected_scores(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
-                    segment_ids=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
+                    doc_start=None, q_offset=None, query_chunk: int = QUERY_CHUNK):
   """Normalised importance scores [B, T, HKV, n] of the selected blocks, differentiable
   in q and k_cmp: the straight-through gate's s
   (docs/selection_learning.md#straight-through-gate; `nsa` adds s - stop_gradient(s), 0, to the scores of each
@@ -215,7 +246,8 @@ def selected_scores(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
 
   b = block_idx[t, g, slot], score as `importance_scores` gives it with the compressed
   branch's own softmax (a slot of -1 reads block 0: the selected branch masks it).
-  Arguments as `select_blocks`'s; q_offset: q holds the queries from that position.
+  Arguments as `select_blocks`'s, checked; doc_start: s(t) of packed rows
+  (`segments.bounds`), or None; q_offset: q holds the queries from that position.
   """
   B, T, HQ, _ = q.shape
   HKV = k_cmp.shape[2]
@@ -225,7 +257,6 @@ def selected_scores(q, k_cmp, block_idx, *, config: NSAConfig, scale: float,
   Ts = config.num_select_blocks(seq_len)
   norm = config.compress_block // config.compress_stride * (
       HQ // HKV if config.group_score == "sum" else 1)
-  doc_start, _ = segments.documents(segment_ids, q, config.select_block, q_offset)
 
   def chunk_fn(start, qc, bc, *doc_c):
     scores = importance_scores(qc, start, k_cmp, config, scale, Ts, *doc_c) / norm

@@ -39,7 +39,15 @@ def window_attention(q, k, v, *, config: NSAConfig, scale: float | None = None,
   doc_start, doc_end = segments.documents(segment_ids, q, config.select_block)
   backend = dispatch.choose("window_attention", impl, dispatch.Call(
       dict(q=q, k=k, v=v), config, interpret, segment_ids is not None))
-  scale = _common.resolve_scale(scale, q)
+  return _window_attention(q, k, v, config=config, scale=_common.resolve_scale(scale, q),
+                           backend=backend, interpret=interpret, doc_start=doc_start,
+                           doc_end=doc_end)
+
+
+def _window_attention(q, k, v, *, config: NSAConfig, scale: float, backend: str,
+                      interpret: bool | None, doc_start=None, doc_end=None):
+  """`window_attention` of checked inputs on `backend` (`dispatch.choose`'s), packed rows
+  given by their bounds (`segments.bounds`); checks nothing (`nsa` checks once)."""
   if backend == "cudnn":
     return cudnn.cudnn_causal_attention(q, k, v, scale=scale, window=config.window)[0]
   if backend == "pallas":
