@@ -5,7 +5,7 @@ Query head h of KV group g attends to the tokens of the blocks in
 empty. Packed rows (docs/semantics.md#packed-rows): only keys >= s(t); documents start
 at multiples of l', so a block lies wholly inside or before it, and emptying the
 slots of blocks before it (`document_blocks`) is the whole mask. The Pallas
-kernel is `pallas_kernels/selected_attention.py`. An optional per-slot bias is added
+kernel is `pallas_kernels/selected_attention/`. An optional per-slot bias is added
 to the scores of the slot's keys (the straight-through gate,
 docs/selection_learning.md#straight-through-gate); the reference alone takes it (`dispatch`).
 """
