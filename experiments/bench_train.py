@@ -1,16 +1,9 @@
-"""Model-level benchmark: the training step of NSA vs full attention (docs/benchmarks.md).
-
-One GPU, one process per attempt (this script with --child: an out-of-memory attempt ends
-nothing else; its memory numbers are its own). For each preset (`research`: 8k..128k;
-`gpu-compare`: 8k..64k) at --tokens (65536) per step, the same model with `attention="nsa"`
-and `attention="full"` takes `nsa_jax.train_lib`'s training step on the same random tokens:
-compiled cold into an empty persistent cache, then warm from it in a fresh process; the
-median of --steps (>= 20); allocator peak beside XLA's estimate; memory options (--memory:
-remat, +scan; docs/memory.md) tried fastest to leanest, the first that fits kept, the same
-order for NSA and full. The loss must stay near ln 256, else exit 1. docs/benchmarks.md#model-level.
+"""Model-level benchmark: the training step of NSA vs full attention, one process per attempt,
+on the `research` and `gpu-compare` presets at --tokens per step, with memory options tried
+fastest to leanest. Method: docs/benchmarks.md#model-level.
 
     python -m experiments.bench_train --presets research --seq-lens 8192,16384,32768
-    python -m experiments.bench_train --presets research --seq-lens 65536,131072 \\
+    python -m experiments.bench_train --presets research --seq-lens 65536,131072 \
         --append experiments/results/bench_train_<gpu>.json    # rows added to that file's
     python -m experiments.bench_train --memory layer+scan       # one option for every case
     python -m experiments.bench_train --breakdown --seq-lens 8192   # research preset
@@ -18,7 +11,7 @@ order for NSA and full. The loss must stay near ln 256, else exit 1. docs/benchm
     python -m experiments.bench_train --small [--breakdown]   # CPU smoke test, tiny preset
 
 Writes bench_train_<gpu>.json and .png (tokens/s and peak memory vs T) to --out (default
-$OUT, else experiments/results); report.py renders it and issue #31's targets.
+$OUT, else experiments/results); exits 1 when a loss strays from ln 256.
 --breakdown (with the first --memory option) writes train_breakdown_<preset>_<T>_<gpu>.json.
 """
 from __future__ import annotations

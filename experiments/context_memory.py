@@ -1,18 +1,8 @@
-"""Memory per device of context-parallel training (issue #23), from the compiled program.
-
-The `gpu-small` preset (6 layers, width 384, HQ 8, HKV 2, head_dim 64, bf16, the paper's NSA
-block sizes), one sequence per step, takes `train_lib`'s training step compiled on the CPU for
-the mesh context=P over P = 1, 2, 4, 8 host devices, at two sequence lengths. XLA's buffer
-assignment gives each device's bytes (`compiled.memory_analysis()`: parameters, optimizer
-state, batch, outputs and temporaries; `bench_train.program_peak_gib`). Per P, a line through
-the two points, bytes = fixed + per_token * T, where per_token counts the tokens of the whole
-sequence: the activations split over P devices give ~1/P of one device's; the all-gathered
-K/V of the selected branch and compressed keys (`nsa_jax.context`) do not shrink.
-
-The longest sequence that fits a device of --device_gb (H200: 140 GB) is then
-(device - fixed) / per_token: an estimate. The CPU program runs the reference ops
-(`impl="xla"`) where a GPU runs the kernels (smaller working memory, other saved residuals),
-and the line is extrapolated far beyond the measured lengths; issue #24 measures the GPUs.
+"""Memory per device of context-parallel training (issue #23), from the compiled program: the
+`gpu-small` training step compiled on the CPU for context=P over P = 1, 2, 4, 8 host
+devices at two lengths, a line bytes = fixed + per_token * T per P, and the longest
+sequence that fits a device of --device_gb (an estimate). Method and its limits:
+docs/memory.md#memory-per-device-under-context-parallelism.
 
     PYTHONPATH=. python experiments/context_memory.py           # ~10 min on 2 CPU cores
     PYTHONPATH=. python experiments/context_memory.py --small   # tiny preset, seconds

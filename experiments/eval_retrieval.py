@@ -3,27 +3,12 @@
     python -m experiments.eval_retrieval --run runs/demo [--lengths 128,256] \
         [--depths 0,0.25,0.5,0.75,1] [--samples 8]
 
-A passkey example (`nsa_jax.data.passkey_example`) hides a 5-digit number at a
-depth of filler text and asks for it at the end. It counts as retrieved when
-the model's argmax predicts every answer digit given the ones before it, which
-is exactly what greedy decoding would write.
-
-For an NSA model it also measures **selection recall** (paper §3.3.2): per
-layer and KV group, how often a selection block holding the needle sentence
-is among the blocks selected for the answer's tokens (the queries that
-predict the digits), next to the recall a random choice of the free slots
-would reach (`chance`; 1 where the needle lies in a block always selected).
-**Strict recall** (`strict`) asks more: that the selected blocks hold every
-digit of the key (of one of its two occurrences in the needle), so that the
-selected branch alone could copy it; its means count the layers >= 1 (layer
-0's queries know nothing of the needle yet). And the **gates** (paper Eq. 5):
-the mean g_cmp, g_slc, g_win per layer at the answer's queries, per depth and
-for the passkeys retrieved and missed: where the needle sits in the window
-(depth 100 %), a miss with a small g_win says the window branch was not used.
-
-Writes `retrieval.png` (heatmaps) and `retrieval.json` into the run directory
-(or --out) and prints the tables. A run whose training mixture had no passkeys
-is evaluated too, with a note saying that it never saw one.
+A passkey (`nsa_jax.data.passkey_example`) counts as retrieved when the model's argmax
+predicts every answer digit given the ones before it (what greedy decoding writes). For an
+NSA model it also measures selection recall (paper §3.3.2: `chance`, `strict`) and the gates
+(paper Eq. 5); what each measures: docs/selection_learning.md#the-retrieval-experiment.
+Writes `retrieval.png` (heatmaps) and `retrieval.json` into the run directory (or --out) and
+prints the tables; a run whose training mixture had no passkeys is evaluated with a note.
 """
 from __future__ import annotations
 

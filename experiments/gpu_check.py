@@ -1,23 +1,11 @@
 """GPU correctness check: the NSA ops against the float32 reference (docs/api.md#ops), on a
 list of shapes or on the shape matrix of issue #18 (`--matrix`).
 
-This file is the command line and the records' bookkeeping: the summary, --rerun's merge,
-the table printed last. The check itself, each file importing the ones before it:
-  - gpu_check_cases.py: what is checked: the cases of each mode, their kinds, the probes;
-  - gpu_check_units.py: how a case is computed and compared against the reference: its
-    inputs, its units (jitted functions returning error measures), errors and thresholds;
-  - gpu_check_runner.py: running the cases: units lowered in order and compiled in a thread
-    pool, the processes sharing the GPU, the time budget, a case's records.
+This file is the command line and the records' bookkeeping (the summary, --rerun's merge,
+the table printed last); the cases are in gpu_check_cases.py, their computation in
+gpu_check_units.py, their running in gpu_check_runner.py. What is checked, how, and --rerun:
+docs/benchmarks.md#gpu-checks. Exits non-zero on any failure or error outside the probes.
 
---rerun PATH (a JSON of this script) runs only what PATH has no pass for: its
-skipped, error and failed records and the cases it lacks (not its probes,
-whose outcome informs), plus the cases --redo names; and writes one JSON of
-both runs: PATH's records that were not redone and this run's, each record's
-"run" indexing meta["runs"] (each run's command, time, wall, cuDNN limits and
-own summary); "summary" counts the merged records. Exits non-zero on any
-failure or error outside the probes (of the merged records).
-
-Run on the device machine:
     python -m experiments.gpu_check                # SHAPES: a few minutes on an H200
     python -m experiments.gpu_check --matrix       # issue #18 (--budget-s 360)
     python -m experiments.gpu_check --matrix --rerun gpu_matrix_nvidia-h200.json

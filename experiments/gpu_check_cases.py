@@ -1,25 +1,8 @@
-"""What experiments/gpu_check.py checks: its cases, each a shape, a dtype, the
-(op, impl) pairs checked on it and its kind, in priority order per mode (a spent
-time budget skips the last ones). How a case is computed and compared against
-the reference: gpu_check_units.py.
-
-Kinds of case: "reference" (every op on every row, as gpu_check_units.py says);
-"batch" (the last batch row against the same row computed alone by the same op:
-issue #18's batch past 2^31 elements); "rows" (the last `rows` query rows against the reference
-evaluated on those rows only, with all keys, under a cotangent that is zero on
-the other rows: a 256k-token sequence). Probes are cases whose outcome informs
-rather than judges (they are left out of the pass/fail counts): the issue's
-cuDNN call unsplit (it must fail, or the check could not see the bug). The
-first run's second probe, one call of 5 x 32k rows under the element limit
-alone, passed: the split rule counts elements only (`nsa_jax.ops.cudnn`), and
-"batch-7x32k" checks its largest call of such rows. "packed" (`--packed`,
-issue #20: packing is invisible, docs/semantics.md#packed-rows): the ops on rows of several
-documents with
-segment_ids against the reference run on each document alone, a batch row of its
-own padded at its end (`nsa_jax.ops.segments.Alone`), the results mapped back (a
-document's compressed blocks shifted by s/d, its selection by s/l'); the selection
-is judged against the scores of the documents alone (padded rows apart) and must
-hold no block outside its query's document.
+"""What experiments/gpu_check.py checks: its cases, each a shape, a dtype, the (op, impl)
+pairs checked on it and its kind ("reference", "batch", "rows", "packed"), in priority
+order per mode (a spent time budget skips the last ones), and the probes, whose outcome
+informs rather than judges. How a case is computed and compared against the reference:
+gpu_check_units.py. The kinds and probes: docs/benchmarks.md#files-kinds-of-case-probes.
 """
 from __future__ import annotations
 

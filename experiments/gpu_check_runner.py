@@ -1,22 +1,10 @@
 """Runs the cases of experiments/gpu_check.py (gpu_check_cases.py) by their units
 (gpu_check_units.py) under a time budget, and makes their records.
 
-Speed (the matrix's ~75 cases must fit a few minutes of an H200 whose 16 CPUs
-compile them): a process lowers units in order (tracing holds the GIL) while a
-thread pool compiles them (XLA's compile releases it) and runs them in order. With
---procs > 1 (the default with --matrix: half the CPUs) the cases run in three
-phases, each in processes that exit after it (`run_everywhere`: XLA's allocator
-keeps the memory it grew to; the first full matrix run, with the large cases'
-process alive beside the workers, lost 88 records of the small cases to
-out-of-memory errors): the large cases in one process, then the "reference" cases
-one at a time to the first free of the worker processes sharing the GPU, then the
-probes. XLA compiles (flags set by gpu_check.main) with no autotuning and no Triton
-GEMM fusions: cuBLAS runs the references' matmuls (a check needs correct GEMMs, not
-the fastest, and each fusion was one more Triton compile). Each record keeps its
-unit's seconds of lowering, compiling and running. A unit that fails to lower,
-compile or run is retried op by op while the budget lasts, so that the error lands
-on the op that caused it ("error" records, the run goes on). No case starts after
---budget-s: those are "skipped" (started ones finish).
+Units are lowered in order while a thread pool compiles them; with --procs > 1 the cases
+run in three phases of processes (large cases, "reference" cases on shared workers, probes;
+`run_everywhere`). A unit that fails is retried op by op; no case starts after --budget-s.
+Why and how: docs/benchmarks.md#running-the-cases.
 """
 from __future__ import annotations
 

@@ -1,27 +1,7 @@
 """Where one attention layer's training memory goes (issue #31): the residuals it saves for
-the backward, by source, NSA's layer against full attention's.
-
-One `NativeSparseAttention` layer and one `FullAttention` layer (nsa_jax.model) of the same
-width, heads and dtype (bf16 compute, float32 parameters) are differentiated with `jax.vjp`;
-the residuals of its jaxpr (what the forward keeps for the backward, each buffer once) are
-sorted by the code that made them (its traceback: branch, projection, compression, gates,
-mix, ...). Bytes per token are the difference between two batch sizes, divided by the tokens
-added, so what does not grow with the batch (bf16 copies of the weights, RoPE tables) is
-left out of them and reported apart ("per layer").
-
-Backends (--backend):
-  xla     NSA's reference ops everywhere.
-  pallas  NSA's Pallas kernels (interpret mode off a GPU).
-  gpu     what `nsa(impl="pallas")` runs on a GPU: cuDNN for the window and compressed
-          branches, Pallas for the selection and the selected branch; full attention on
-          cuDNN. Off a GPU, cuDNN is modelled by a stand-in that saves what jax's cuDNN
-          rule saves (q, k, v, o and the lse: `jax._src.cudnn.fused_attention_stablehlo`).
-Full attention runs on cuDNN (the stand-in off a GPU) for every backend: its XLA attention
-would save the [T, T] probabilities, which no GPU run keeps.
-
-Tracing alone gives the residuals (nothing runs), so the research shape traces on a CPU too.
-On a GPU (--backend gpu, no stand-in) the script also compiles each layer's forward and
-backward and reports XLA's `memory_analysis` (arguments, outputs, temporaries, peak).
+the backward, by source, NSA's layer against full attention's. Backends (--backend): xla,
+pallas, gpu (cuDNN where `nsa(impl="pallas")` runs it; a stand-in off a GPU). Method:
+docs/memory.md#where-one-layers-memory-goes.
 
     PYTHONPATH=. python -m experiments.memory_breakdown --small     # CPU, tiny shapes, seconds
     PYTHONPATH=. python -m experiments.memory_breakdown --backend pallas   # research shape, traced

@@ -1,5 +1,6 @@
-"""GPU check and tile profile of one family of Pallas kernels: the kernels against their
-reference first, then timings of the default tiles and of variants of them.
+"""GPU check and tile profile of one family of Pallas kernels (OP: window, compressed, select,
+selected, decode): the kernels against their reference first, then timings of the default
+tiles and of variants of them (docs/benchmarks.md#kernel-profiles).
 
     python -m experiments.profile_kernels OP                # on a GPU, Config A
     python -m experiments.profile_kernels OP --config-b     # Dk = 192, Dv = 128
@@ -8,25 +9,6 @@ reference first, then timings of the default tiles and of variants of them.
     python -m experiments.profile_kernels OP --small        # CPU, interpret mode
     python -m experiments.profile_kernels select --group-score max   # select, decode: heads' max
 
-OP is one of
-  window, compressed  the banded flash kernels (pallas_kernels/_flash.py); variants
-                      change `_flash_tiles.Tiles`; `window` also times cuDNN's window;
-  select              the top-n selection kernel, given the compressed lse as inside
-                      `nsa` (--no-lse: computing its own); variants change its Tiles;
-  selected            the selected-attention kernels; variants change the Tiles of
-                      `selected_attention.default_tiles` (block-major, rows, dK/dV steps...);
-  decode              the decode step's five kernels; variants change the constants of
-                      pallas_kernels/decode_attention.py (warps, splits, tensor sizes).
-
-1. Checks (skip: --skip-check): at --check-ts (default 8k, 16k), float32 and bf16, the
-   kernels with the default tiles against the reference (float32 math at "highest"
-   precision): max |diff| / max |ref| of every output and gradient (select: the share of
-   (query, group) rows whose selected sets differ and the reference-score gap between
-   the blocks only one side chose; decode: output error and selections agreeing).
-2. Timings (docs/benchmarks.md#timing-method; median of --runs >= 10) of the default
-   tiles at --ts (default 8k .. 64k), forward and forward+backward.
-3. Variants (--variants, names of VARIANTS[OP]; none: --no-variants) at the largest T,
-   each also checked in bf16 at the largest check T: a fast variant must be right.
 Prints a table last; writes --out (default $OUT, else experiments/results)
 /profile_<OP>.json; exits 1 when a check fails. Figures: experiments/PERF_NOTES.md.
 """

@@ -3,71 +3,12 @@
     PYTHONPATH=. python experiments/retrieval.py --out $OUT     # GPU; run it again until it says done
     PYTHONPATH=. python experiments/retrieval.py --small --out /tmp/retrieval   # CPU smoke test
 
-Both models (preset `gpu-compare`: 4 layers, d_model 256, 8 query and 2 KV
-heads, bf16) train on the same rows in the same order, stage by stage
-(`--stages`: seq_len x batch : steps, growing lengths), NSA first.
-NSA's blocks are half the paper's and its window an eighth (`--nsa_blocks`,
-l, d, l', n, w = 16, 8, 32, 8, 64): with the paper's (32, 16, 64, 16, 512) the
-selection and window cover every token of the stages up to T = 1024, so
-nothing asks the compressed branch to find the needle before T = 2048, and
-NSA did not learn to retrieve (`results/history/retrieval_paper_blocks_*`).
-Halved, the selection must choose from T = 512 on.
-The mixture teaches retrieval: passkeys (only the 5 answer digits carry loss)
-and packed text, whose tokens weigh `--text_row_weight / seq_len` each so
-that a row of text does not drown a row's few answer digits in the batch's
-loss. Multi-query associative recall (`mqar`) is no longer in the default
-mixture: both models sat at chance on it (validation loss ln 10 = 2.30 in
-`results/retrieval_nvidia-h200.json`), the task as drawn is sound (random
-4-letter keys, 4-digit values, only the recalled values carry loss) but
-needs a 4-byte key matched, which neither 4-layer model learned, and its 32
-answer tokens a row outweighed a passkey row's 5; its rows went to passkeys
-(`--mixture` still takes it). Rows are packed (`nsa_jax.data`,
-aligned to `select_block` for both models); `--pack_tasks` puts several
-passkey / mqar examples of random lengths in a row, each a document the models
-run alone (they read `segment_ids`). A stage starts from the previous one's final
-parameters with a fresh AdamW: warmup to `--lr`, constant, and a cosine decay
-to 0.1x in the last stage.
-
-Then each model is evaluated (`eval_retrieval.passkey_probe`): passkey accuracy
-(all digits right under greedy decoding) over lengths from 1k up to 4x the
-last training length and 6 depths, and for NSA the selection recall per layer
-and KV group (is the needle's block among those the answer's queries select?)
-with one recorded example.
-
-Work is checkpointed under `--runs` (resumed on the next call): `--budget_s`
-caps one call's wall time; when it runs out the call stops cleanly (the run
-in progress evaluates its validation sets and checkpoints) and says so, and
-the same command continues. Every call copies the stages' metrics.csv to
-<out>/retrieval_metrics/. When both models are trained and evaluated it
-writes retrieval_<gpu>.json and retrieval_<gpu>.png (NSA's and full
-attention's accuracy and NSA's recall, paper Fig. 5 style) and
-retrieval_<gpu>_example.png to --out and prints the tables.
-
-To try a recipe on one model without retraining the other: `--attentions nsa`
-(written as retrieval-nsa_<gpu>.*, beside the comparison) with `--set NAME=VALUE`
-for any other field of the configuration, e.g. `--set num_kv_heads=8` for a
-selection per query head (G = 1), and a `--runs` directory of its own.
-
-Ablation (issue #29): `--recipes baseline,max,distill,st,combined` trains NSA
-with each recipe of `RECIPES` (aids to selection learning,
-docs/selection_learning.md: max over the group's heads, the distillation loss,
-the straight-through gate, all three) on the same tokens under <runs>/<recipe>,
-then full attention if in `--attentions`, and writes retrieval_ablation_<gpu>.json
-(each recipe's settings, accuracy, selection recall with `strict`, gates,
-validation losses) and prints its table; with full attention also the
-comparison retrieval_<gpu>.json of full attention and the winner (best mean
-accuracy, then strict recall). `--seed N` repeats it with other parameters,
-data order and passkeys (under <runs>/seedN, files *_seedN).
-
-CPU miniature screening (2 layers, width 64, HQ 4, HKV 1 so G = 4, float32,
-blocks 8,4,16,4,32; `results/history/retrieval_cpu_mini/`), ~10 minutes a recipe
-on 2 cores:
-
-    PYTHONPATH=. nice -n 10 python experiments/retrieval.py --preset demo \
-        --set d_model=64 --set num_layers=2 --set num_kv_heads=1 --nsa_blocks 8,4,16,4,32 \
-        --stages 128x32:150,256x32:400 --mixture passkey:0.8,text:0.2 --lr 3e-3 \
-        --lengths 256,512 --samples 16 --budget_s 0 --attentions nsa \
-        --recipes baseline,max,distill --runs runs/retrieval_cpu --out /tmp/retrieval_cpu
+Both models train on the same rows, stage by stage (`--stages`), NSA first, then each is
+evaluated by `eval_retrieval.passkey_probe`; work is checkpointed under `--runs`, `--budget_s`
+caps one call and the same command continues. Writes retrieval_<gpu>.json / .png to --out.
+`--recipes baseline,max,distill,st,combined` trains NSA with each aid to selection learning
+(issue #29) and writes retrieval_ablation_<gpu>.json. Curriculum, recipes, outputs and the
+CPU miniature: docs/selection_learning.md#the-retrieval-experiment.
 """
 from __future__ import annotations
 

@@ -1,20 +1,13 @@
 """The Pallas kernels' shared memory: each kernel's estimate next to Triton's own
-allocation, for an H100 / H200 (sm90), without a GPU.
+allocation, for an H100 / H200 (sm90), without a GPU (docs/kernels.md#shared-memory).
 
     python -m experiments.shared_memory                          # estimates only
     python -m experiments.shared_memory --triton-python PYTHON   # and Triton's numbers
 
-Every kernel of the four branch ops (forward and backward) and of the decode step is
-lowered for sm90 on this machine (jax's Pallas Triton lowering runs without a GPU), its
-Triton IR is compiled by PYTHON (an interpreter with the `triton` wheel from PyPI, run
-in its own process: its MLIR does not mix with jaxlib's) up to the point where Triton
-allocates shared memory, and that size is set beside the kernel's `shared_memory`
-estimate of the tiles the code now picks (`fit_tiles`); the estimate of the default
-tiles before fitting (what the code ran before the estimates) is listed too. An
-estimate below Triton's number is flagged: the estimates must bound it, so that the
-fitted tiles compile. Writes shared_memory.json to --out (default $OUT, else a new
-temporary directory: the committed table is results/history/shared_memory_sm90.json) and
-prints the rows over the budget or under-estimated.
+PYTHON is an interpreter with the `triton` wheel from PyPI. Writes shared_memory.json to
+--out (default $OUT, else a new temporary directory: the committed table is
+results/history/shared_memory_sm90.json) and prints the rows over the budget or
+under-estimated.
 """
 from __future__ import annotations
 
