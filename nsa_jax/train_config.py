@@ -195,8 +195,8 @@ PRESETS: dict[str, Preset] = {p.config.preset: p for p in (
                        lr=2e-3, warmup_steps=40, eval_every=50, eval_batches=2, ckpt_every=400,
                        time_limit_s=120.0)),
     Preset("research-sized, 8k context: 12 layers, width 1024, 16 query heads of 128, G = 4; "
-           "~165M parameters with full attention, ~216M with NSA; blocks rematerialised "
-           "(matmul outputs kept) and scanned (docs/memory.md)",
+           "~165M parameters with full attention, ~216M with NSA (memory options: "
+           "docs/memory.md)",
            TrainConfig(preset="research",
                        model=_gpu_model(d_model=1024, num_layers=12, num_heads=16,
                                         num_kv_heads=4, head_dim=128),
