@@ -16,6 +16,16 @@ from pallas_kernels import compressed_attention as kernel
 QUERY_CHUNK = 512
 
 
+def check_inputs(q, k_cmp, v_cmp, *, config: NSAConfig, q_offset=None,
+                 names=("q", "k_cmp", "v_cmp")) -> None:
+  """The compressed branch's checks (docs/api.md#errors): the config, and q, k_cmp, v_cmp with
+  Tc = config.num_compressed(T) blocks, or k_cmp whole when q is a slice at a query offset."""
+  _common.check_config(config)
+  _common.check_attention_inputs(
+      q, k_cmp, v_cmp, names=names,
+      seq_len=k_cmp.shape[1] if q_offset is not None else config.num_compressed(q.shape[1]))
+
+
 def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
                          scale: float | None = None, impl: str = "auto",
                          interpret: bool | None = None, segment_ids=None, q_offset=None):
@@ -44,11 +54,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, config: NSAConfig,
     (o [B, T, HQ, Dv], lse [B, T, HQ]): lse is the natural-log sum-exp in
     float32 (float64 for float64 inputs), -inf where no block is visible.
   """
-  _common.check_config(config)
+  check_inputs(q, k_cmp, v_cmp, config=config, q_offset=q_offset)
   sliced = q_offset is not None
-  _common.check_attention_inputs(
-      q, k_cmp, v_cmp, names=("q", "k_cmp", "v_cmp"),
-      seq_len=k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1]))
   doc_start, doc_end = segments.documents(segment_ids, q, config.select_block, q_offset)
   backend = dispatch.choose("compressed_attention", impl, dispatch.Call(
       dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp), config, interpret, segment_ids is not None,

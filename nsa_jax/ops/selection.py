@@ -17,7 +17,7 @@ from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, dispatch, segments
-from nsa_jax.ops.compressed import _compressed_attention, compressed_scores
+from nsa_jax.ops.compressed import _compressed_attention, check_inputs, compressed_scores
 from pallas_kernels import compressed_attention as compressed_kernel
 from pallas_kernels import select_blocks as kernel
 
@@ -48,10 +48,8 @@ def select_blocks(q, k_cmp, *, config: NSAConfig, scale: float | None = None,
     block_idx [B, T, HKV, n] int32, `-1` in unused slots; order is free.
     Carries no gradient.
   """
-  _common.check_config(config)
+  check_inputs(q, k_cmp, k_cmp, config=config, q_offset=q_offset, names=("q", "k_cmp", "k_cmp"))
   sliced = q_offset is not None
-  Tc = k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1])
-  _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"), seq_len=Tc)
   if lse is not None:
     if getattr(lse, "shape", None) != q.shape[:3]:
       raise ValueError(f"lse.shape={getattr(lse, 'shape', None)} must be "
@@ -100,11 +98,8 @@ def selection_lse(q, k_cmp, *, config: NSAConfig, scale: float, impl: str,
   and k_cmp (`_selection_lse`). segment_ids: packed rows, or None; q_offset: a slice
   of the queries (`compressed_attention`), or None. Checks as `compressed_attention` does.
   """
-  _common.check_config(config)
+  check_inputs(q, k_cmp, k_cmp, config=config, q_offset=q_offset, names=("q", "k_cmp", "k_cmp"))
   sliced = q_offset is not None
-  _common.check_attention_inputs(
-      q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
-      seq_len=k_cmp.shape[1] if sliced else config.num_compressed(q.shape[1]))
   doc_start, doc_end = segments.documents(segment_ids, q, config.select_block, q_offset)
   backend = lse_backend(q, k_cmp, config=config, impl=impl, interpret=interpret,
                         packed=segment_ids is not None, offset=sliced)
