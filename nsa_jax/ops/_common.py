@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from pallas_kernels._util import SAVED, saved
+from pallas_kernels._util import saved
 from pallas_kernels.scoring import Selection
 
 def selection_sizes(config: NSAConfig) -> Selection:

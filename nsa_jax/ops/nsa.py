@@ -24,6 +24,7 @@ from nsa_jax.ops.compressed import _compressed_attention
 from nsa_jax.ops.selected import _selected_attention
 from nsa_jax.ops.selection import _select_blocks, _selection_lse, lse_backend, selected_scores
 from nsa_jax.ops.window import _window_attention
+from pallas_kernels._util import SAVED
 
 # What a `jax.checkpoint` around `nsa` (and the projections that make its inputs) saves for
 # the backward: each branch's outputs and lse and the selection, as the kernels, cuDNN and the
@@ -33,7 +34,7 @@ from nsa_jax.ops.window import _window_attention
 # (cuDNN's folded queries) and the mix (docs/memory.md; measured: experiments/PERF_NOTES.md,
 # "Memory").
 SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names(_common.SAVED),
+    jax.checkpoint_policies.save_only_these_names(SAVED),
     cudnn.saves_forward)
 
 
