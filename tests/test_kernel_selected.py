@@ -5,6 +5,7 @@ Interpret mode on the CPU, float32: forward output and the q, k, v gradients
 compiles once (interpret-mode compiles dominate the run time), so the cases
 pile several edge conditions each.
 """
+import dataclasses
 import functools
 
 import jax
@@ -249,14 +250,14 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
 
 
 def test_block_major_runs_only_where_its_buffers_fit(monkeypatch):
-  """By default block-major runs only where its transient buffers (n x the output,
-  n x dQ) fit BLOCK_MAJOR_MEMORY_SHARE of the device's memory, else the narrow
-  query tiles."""
+  """By default block-major runs only where one batch row's transient buffers (n x
+  the output, n x dQ) fit BLOCK_MAJOR_MEMORY_SHARE of the device's memory, else the
+  narrow query tiles."""
   q, v, block_idx = _shapes(300, 1, 4, jnp.float32, B=2, D=16)
   geo = _tiling(q, v, block_idx, Tiles(block_major=True))
-  need = choice.block_major_bytes(geo, q.dtype)
+  need = choice.block_major_bytes(dataclasses.replace(geo, B=1), q.dtype)
   # Per (entry, head) row: the forward's float32 output and lse (the dQ term is smaller).
-  assert need == 2 * geo.Tq * geo.n_pad * 1 * geo.Gp * (16 * 4 + 4)
+  assert need == geo.Tq * geo.n_pad * 1 * geo.Gp * (16 * 4 + 4)
   share = choice.BLOCK_MAJOR_MEMORY_SHARE
   for memory, block_major in ((None, True), (need / share, True), (need / share - 1, False)):
     monkeypatch.setattr(choice, "device_memory", lambda: memory)
@@ -270,6 +271,21 @@ def test_block_major_runs_only_where_its_buffers_fit(monkeypatch):
         jax.ShapeDtypeStruct((1, 65536, 64 // G, 16), jnp.int32), NSAConfig().select_block,
         0.1, False, Tiles(block_major=True))
     assert choice.block_major_bytes(geo, jnp.bfloat16) <= share * 112.6e9
+
+
+def test_block_major_runs_the_batch_in_passes():
+  """Tiles.block_pass_bytes caps block-major's transient buffers per pass: the batch
+  runs in passes (lax.map) of the most rows, a divisor of B, that fit, at least one;
+  output and gradients are the reference's."""
+  B, T, HKV, G = 4, 77, 2, 2
+  q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 16, 16)
+  block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
+  tiles = lambda cap: Tiles(block_major=True, block_pass_bytes=cap)
+  row = choice.block_major_bytes(dataclasses.replace(_tiling(q, v, block_idx, tiles(1)), B=1),
+                                 q.dtype)
+  for cap, rows in ((4 * row, 4), (3 * row, 2), (row, 1), (1, 1)):
+    assert _tiling(q, v, block_idx, tiles(cap)).B == rows
+  _check(_kernel(SMALL, tiles(2 * row)), q, k, v, block_idx, ct, SMALL)
 
 
 def test_public_op_shorter_than_a_block():

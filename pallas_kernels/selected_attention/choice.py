@@ -20,9 +20,9 @@ from pallas_kernels.selected_attention.tiles import (FEWEST_ROWS, Geometry, Tile
 # G = 16 the narrow query tile is faster, on random and on a trained model's
 # selections alike.
 BLOCK_MAJOR_MAX_GROUP = 8
-# ... and only when its transient buffers take at most this share of the device's
-# memory: half keeps one 64k sequence of Config A's heads at any G on an H200 and
-# leaves out two.
+# ... and only when one batch row's transient buffers take at most this share of the
+# device's memory (a batch runs in passes: `block_major_rows`): half keeps one 64k
+# sequence of Config A's heads at any G on an H200.
 BLOCK_MAJOR_MEMORY_SHARE = 0.5
 
 QUERY_TILES = ("fwd", "dq", "dkv")        # the kernels of each tiling (`shared_memory`)
@@ -47,10 +47,11 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
   shared memory (`fit_tiles`); only its kernels are compiled.
 
   `tiles.block_major` None: block-major where G <= BLOCK_MAJOR_MAX_GROUP, its
-  tiles fit and its transient buffers fit BLOCK_MAJOR_MEMORY_SHARE of the
-  device's memory (at G = 1, HQ = 64, T = 64k, bf16: ~17 GB per sequence), else
+  tiles fit and one batch row's transient buffers fit BLOCK_MAJOR_MEMORY_SHARE of
+  the device's memory (at G = 1, HQ = 64, T = 64k, bf16: ~17 GB per sequence), else
   query tiles of `tiles.rows` rows; True or False: that tiling (a ValueError
-  where its smallest tiles do not fit).
+  where its smallest tiles do not fit). Block-major runs the batch in passes of
+  `block_major_rows` rows (the Geometry's B).
   """
   make = lambda t: Geometry.make(q, v, block_idx, block, scale, interpret, t)
   query = lambda: make(_must_fit(fit_tiles_for(
@@ -59,13 +60,25 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
     return query()
   fitted = fit_tiles_for(q, v, block, dataclasses.replace(tiles, block_major=True), BLOCK_MAJOR)
   if tiles.block_major:
-    return make(_must_fit(fitted, q, v, block))
+    geo = make(_must_fit(fitted, q, v, block))
+    return dataclasses.replace(geo, B=block_major_rows(geo, q.dtype) or 1)
   if fitted is None:
     return query()
-  geo, memory = make(fitted), device_memory()
-  too_big = memory is not None and (block_major_bytes(geo, q.dtype)
-                                    > BLOCK_MAJOR_MEMORY_SHARE * memory)
-  return query() if geo.Gp > BLOCK_MAJOR_MAX_GROUP or too_big else geo
+  geo = make(fitted)
+  rows = None if geo.Gp > BLOCK_MAJOR_MAX_GROUP else block_major_rows(geo, q.dtype)
+  return query() if rows is None else dataclasses.replace(geo, B=rows)
+
+
+def block_major_rows(geo: Geometry, dtype) -> int | None:
+  """Batch rows per block-major pass: the most rows dividing geo.B whose transient
+  buffers fit `Tiles.block_pass_bytes` (at least 1); None where one row's exceed
+  BLOCK_MAJOR_MEMORY_SHARE of the device's memory (then query tiles run)."""
+  one_row = block_major_bytes(dataclasses.replace(geo, B=1), dtype)
+  memory = device_memory()
+  if memory is not None and one_row > BLOCK_MAJOR_MEMORY_SHARE * memory:
+    return None
+  fits = max(1, geo.tiles.block_pass_bytes // one_row)
+  return max(r for r in range(1, geo.B + 1) if geo.B % r == 0 and r <= fits)
 
 
 def fit_tiles_for(q, v, block: int, tiles: Tiles, kernels: tuple[str, ...]) -> Tiles | None:

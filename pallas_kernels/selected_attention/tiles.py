@@ -68,6 +68,7 @@ class Tiles:
   block_entries: int = 256
   block_fwd_num_warps: int = 4
   block_dq_float32: bool = False
+  block_pass_bytes: int = 1 << 30
 
   def __post_init__(self):
     rows_ok = lambda x: isinstance(x, int) and x >= 16 and _util.is_pow2(x)
@@ -86,6 +87,8 @@ class Tiles:
       raise ValueError(f"Tiles.block_dq_float32={self.block_dq_float32!r} must be True or False")
     if not isinstance(self.block_entries, int) or self.block_entries < 1:
       raise ValueError(f"Tiles.block_entries={self.block_entries!r} must be an int >= 1")
+    if not isinstance(self.block_pass_bytes, int) or self.block_pass_bytes < 1:
+      raise ValueError(f"Tiles.block_pass_bytes={self.block_pass_bytes!r} must be an int >= 1")
     for name in ("num_warps", "dkv_num_warps", "block_fwd_num_warps"):
       value = getattr(self, name)
       if not isinstance(value, int) or not _util.is_pow2(value):
@@ -98,7 +101,7 @@ class Tiles:
 class Geometry:
   """Static sizes of one call; `*p` are padded sizes."""
 
-  B: int
+  B: int         # batch rows per pass: the call's, or a divisor (`Tiles.block_pass_bytes`)
   T: int         # queries
   S: int         # keys (T, or more for a slice of the queries: `q_offset`)
   HKV: int

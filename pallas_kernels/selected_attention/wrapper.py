@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels import _util
 from pallas_kernels.selected_attention.choice import (QUERY_TILES, fit_tiles_for,
@@ -78,6 +79,20 @@ def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometr
   return _unpad(dq5, geo, geo.Dk), dk, dv
 
 
+def _in_passes(fn, geo: Geometry, batched, per_pass=()):
+  """fn(*batched, *per_pass) over the batch in passes of geo.B rows, one after the
+  other (`lax.map`; block-major's `Tiles.block_pass_bytes`): `batched` arrays are
+  [B, ...] and split, `per_pass` trees are already [passes, ...] (a previous call's
+  `index`). Returns fn's outputs: arrays joined back to [B, ...], tuples (the index)
+  left [passes, ...]. One pass: fn itself."""
+  passes = batched[0].shape[0] // geo.B
+  if passes == 1:
+    return fn(*batched, *per_pass)
+  split = lambda x: x.reshape(passes, geo.B, *x.shape[1:])
+  out = lax.map(lambda xs: fn(*xs[0], *xs[1]), ([split(x) for x in batched], per_pass))
+  return tuple(x.reshape(-1, *x.shape[2:]) if isinstance(x, jax.Array) else x for x in out)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
   """Selected attention by the tiling `geo` (`choice.tiling`), forward and
@@ -88,12 +103,16 @@ def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
 
 
 def _selected_fwd(q, k, v, block_idx, q_offset, geo):
-  o, lse, index = _util.saved(_forward_pass(q, k, v, block_idx, q_offset, geo))
+  forward = lambda *xs: _forward_pass(*xs, q_offset, geo)
+  o, lse, index = _util.saved(_in_passes(forward, geo, (q, k, v, block_idx)))
   return o, (q, k, v, block_idx, q_offset, index, o, lse)
 
 
 def _selected_bwd(geo, res, do):
-  dq, dk, dv = _backward_pass(*res, do, geo)
+  q, k, v, block_idx, q_offset, index, o, lse = res
+  backward = lambda q, k, v, blk, o, lse, do, *index: _backward_pass(
+      q, k, v, blk, q_offset, index, o, lse, do, geo)
+  dq, dk, dv = _in_passes(backward, geo, (q, k, v, block_idx, o, lse, do), index)
   return dq, dk, dv, None, None
 
 
