@@ -2,6 +2,7 @@
 mode, on a GPU: the Pallas kernels compiled for the device against the float32 reference.
 The full runs (`python -m experiments.gpu_check --matrix`, ...) are the README's; on a
 CPU the harness's own smoke tests are in tests/test_experiments_smoke.py."""
+import functools
 import json
 import os
 import subprocess
@@ -27,3 +28,36 @@ def test_gpu_check_small(tmp_path, mode):
   summary = json.loads(path.read_text())["summary"]
   assert summary["pass"] > 0 and summary["fail"] == summary["error"] == summary["skipped"] == 0, (
       summary)
+
+
+def test_selected_block_major_passes_match_one_pass():
+  """Compiled block-major kernels in query passes (Tiles.block_pass_bytes) give the
+  output and gradients of one pass (bf16: dK and dV are summed over passes in float32,
+  within each pass by atomics in any order)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pallas_kernels.selected_attention import selected_attention
+  from pallas_kernels.selected_attention.tiles import Tiles
+
+  B, T, HKV, G, D, n, block = 2, 4096, 4, 4, 128, 16, 64
+  kq, kk, kv, kb, kc = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(kq, (B, T, HKV * G, D), jnp.bfloat16)
+  k = jax.random.normal(kk, (B, T, HKV, D), jnp.bfloat16)
+  v = jax.random.normal(kv, (B, T, HKV, D), jnp.bfloat16)
+  ct = jax.random.normal(kc, q.shape, jnp.bfloat16)
+  idx = jnp.argsort(jax.random.uniform(kb, (B, T, HKV, T // block)), axis=-1)[..., :n]
+  idx = idx.astype(jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(cap, q, k, v, ct):
+    fn = lambda q, k, v: selected_attention(q, k, v, idx, block=block, scale=D ** -0.5,
+                                            interpret=False,
+                                            tiles=Tiles(block_major=True, block_pass_bytes=cap))
+    o, vjp = jax.vjp(fn, q, k, v)
+    return (o, *vjp(ct))
+
+  one, passes = run(1 << 34, q, k, v, ct), run(1 << 25, q, k, v, ct)   # 1 pass; 9 passes
+  for name, a, b in zip(("o", "dq", "dk", "dv"), one, passes):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * np.abs(a).max(), err_msg=name)

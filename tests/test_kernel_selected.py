@@ -249,43 +249,30 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
         assert np.asarray(lengths).max() <= chunk and used.sum() > (per_block > 0).sum()
 
 
-def test_block_major_runs_only_where_its_buffers_fit(monkeypatch):
-  """By default block-major runs only where one batch row's transient buffers (n x
-  the output, n x dQ) fit BLOCK_MAJOR_MEMORY_SHARE of the device's memory, else the
-  narrow query tiles."""
-  q, v, block_idx = _shapes(300, 1, 4, jnp.float32, B=2, D=16)
-  geo = _tiling(q, v, block_idx, Tiles(block_major=True))
-  need = choice.block_major_bytes(dataclasses.replace(geo, B=1), q.dtype)
+def test_block_major_runs_the_queries_in_passes():
+  """Tiles.block_pass_bytes caps block-major's transient buffers (n x the output and
+  lse, n x dQ; `block_major_bytes`) per pass: the queries run in passes of whole
+  query tiles that fit, at least one, evenly spread; output and gradients are the
+  reference's, at a query offset too."""
+  B, T, HKV, G = 2, 77, 2, 2
+  q, v, block_idx = _shapes(T, HKV, G, jnp.float32, B=B, D=16)
+  tiles = lambda cap: Tiles(block_major=True, block_pass_bytes=cap)
+  whole = _tiling(q, v, block_idx, tiles(1 << 30))
+  tile = choice.block_major_bytes(dataclasses.replace(whole, nT=1), q.dtype)
   # Per (entry, head) row: the forward's float32 output and lse (the dQ term is smaller).
-  assert need == geo.Tq * geo.n_pad * 1 * geo.Gp * (16 * 4 + 4)
-  share = choice.BLOCK_MAJOR_MEMORY_SHARE
-  for memory, block_major in ((None, True), (need / share, True), (need / share - 1, False)):
-    monkeypatch.setattr(choice, "device_memory", lambda: memory)
-    assert _tiling(q, v, block_idx, Tiles()).tiles.block_major == block_major
-  # The G sweep of docs/benchmarks.md#op-level (one 64k sequence, HQ = 64, bf16) keeps block-major
-  # on an H200 (112.6 GB for jax): a quarter shut it out, G = 1 fwd+bwd 214 -> 600 ms.
-  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
-  for G in (1, 2, 4, 8):
-    geo = Geometry.make(
-        shape(1, 65536, 64, 128), shape(1, 65536, 64 // G, 128),
-        jax.ShapeDtypeStruct((1, 65536, 64 // G, 16), jnp.int32), NSAConfig().select_block,
-        0.1, False, Tiles(block_major=True))
-    assert choice.block_major_bytes(geo, jnp.bfloat16) <= share * 112.6e9
-
-
-def test_block_major_runs_the_batch_in_passes():
-  """Tiles.block_pass_bytes caps block-major's transient buffers per pass: the batch
-  runs in passes (lax.map) of the most rows, a divisor of B, that fit, at least one;
-  output and gradients are the reference's."""
-  B, T, HKV, G = 4, 77, 2, 2
+  assert tile == B * whole.Bq * whole.n_pad * HKV * whole.Gp * (16 * 4 + 4)
+  assert whole.T == T and whole.nT == 10                  # Bq = 8: one pass
+  for cap, nT in ((10 * tile, 10), (9 * tile, 5), (3 * tile, 3), (tile, 1), (1, 1)):
+    assert _tiling(q, v, block_idx, tiles(cap)).nT == nT
   q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
-  tiles = lambda cap: Tiles(block_major=True, block_pass_bytes=cap)
-  row = choice.block_major_bytes(dataclasses.replace(_tiling(q, v, block_idx, tiles(1)), B=1),
-                                 q.dtype)
-  for cap, rows in ((4 * row, 4), (3 * row, 2), (row, 1), (1, 1)):
-    assert _tiling(q, v, block_idx, tiles(cap)).B == rows
-  _check(_kernel(SMALL, tiles(2 * row)), q, k, v, block_idx, ct, SMALL)
+  _check(_kernel(SMALL, tiles(3 * tile)), q, k, v, block_idx, ct, SMALL)   # 4 passes
+  q0, Tl = 21, 40
+  at_offset = lambda q, k, v, b, scale: selected_attention(
+      q, k, v, b, block=SMALL.select_block, scale=scale, interpret=True, tiles=tiles(2 * tile),
+      q_offset=jnp.int32(q0))
+  _check(at_offset, q[:, q0:q0 + Tl], k, v, block_idx[:, q0:q0 + Tl], ct[:, q0:q0 + Tl], SMALL,
+         first=q0)
 
 
 def test_public_op_shorter_than_a_block():

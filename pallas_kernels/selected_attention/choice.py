@@ -20,10 +20,6 @@ from pallas_kernels.selected_attention.tiles import (FEWEST_ROWS, Geometry, Tile
 # G = 16 the narrow query tile is faster, on random and on a trained model's
 # selections alike.
 BLOCK_MAJOR_MAX_GROUP = 8
-# ... and only when one batch row's transient buffers take at most this share of the
-# device's memory (a batch runs in passes: `block_major_rows`): half keeps one 64k
-# sequence of Config A's heads at any G on an H200.
-BLOCK_MAJOR_MEMORY_SHARE = 0.5
 
 QUERY_TILES = ("fwd", "dq", "dkv")        # the kernels of each tiling (`shared_memory`)
 BLOCK_MAJOR = ("block_fwd", "block_dkv")
@@ -37,21 +33,14 @@ def block_major_bytes(geo: Geometry, dtype) -> int:
                        geo.Dkp * dq_dtype(geo.tiles, dtype).itemsize)
 
 
-def device_memory() -> int | None:
-  """Bytes the default device may allocate (None where unknown, as on the CPU)."""
-  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-
-
 def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geometry:
   """The one tiling that runs this call, with its tiles fitted to the device's
   shared memory (`fit_tiles`); only its kernels are compiled.
 
-  `tiles.block_major` None: block-major where G <= BLOCK_MAJOR_MAX_GROUP, its
-  tiles fit and one batch row's transient buffers fit BLOCK_MAJOR_MEMORY_SHARE of
-  the device's memory (at G = 1, HQ = 64, T = 64k, bf16: ~17 GB per sequence), else
-  query tiles of `tiles.rows` rows; True or False: that tiling (a ValueError
-  where its smallest tiles do not fit). Block-major runs the batch in passes of
-  `block_major_rows` rows (the Geometry's B).
+  `tiles.block_major` None: block-major where G <= BLOCK_MAJOR_MAX_GROUP and its
+  tiles fit, else query tiles of `tiles.rows` rows; True or False: that tiling (a
+  ValueError where its smallest tiles do not fit). Block-major runs the queries in
+  passes of `pass_queries` (the Geometry's T).
   """
   make = lambda t: Geometry.make(q, v, block_idx, block, scale, interpret, t)
   query = lambda: make(_must_fit(fit_tiles_for(
@@ -60,25 +49,22 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
     return query()
   fitted = fit_tiles_for(q, v, block, dataclasses.replace(tiles, block_major=True), BLOCK_MAJOR)
   if tiles.block_major:
-    geo = make(_must_fit(fitted, q, v, block))
-    return dataclasses.replace(geo, B=block_major_rows(geo, q.dtype) or 1)
-  if fitted is None:
+    return in_passes(make(_must_fit(fitted, q, v, block)), q.dtype)
+  if fitted is None or make(fitted).Gp > BLOCK_MAJOR_MAX_GROUP:
     return query()
-  geo = make(fitted)
-  rows = None if geo.Gp > BLOCK_MAJOR_MAX_GROUP else block_major_rows(geo, q.dtype)
-  return query() if rows is None else dataclasses.replace(geo, B=rows)
+  return in_passes(make(fitted), q.dtype)
 
 
-def block_major_rows(geo: Geometry, dtype) -> int | None:
-  """Batch rows per block-major pass: the most rows dividing geo.B whose transient
-  buffers fit `Tiles.block_pass_bytes` (at least 1); None where one row's exceed
-  BLOCK_MAJOR_MEMORY_SHARE of the device's memory (then query tiles run)."""
-  one_row = block_major_bytes(dataclasses.replace(geo, B=1), dtype)
-  memory = device_memory()
-  if memory is not None and one_row > BLOCK_MAJOR_MEMORY_SHARE * memory:
-    return None
-  fits = max(1, geo.tiles.block_pass_bytes // one_row)
-  return max(r for r in range(1, geo.B + 1) if geo.B % r == 0 and r <= fits)
+def in_passes(geo: Geometry, dtype) -> Geometry:
+  """geo for one block-major pass: the most whole query tiles (of every batch row)
+  whose transient buffers fit `Tiles.block_pass_bytes`, at least one, spread evenly
+  over the passes; geo itself where one pass takes every query."""
+  tile = block_major_bytes(dataclasses.replace(geo, nT=1), dtype)
+  passes = _util.cdiv(geo.nT, max(1, geo.tiles.block_pass_bytes // tile))
+  if passes == 1:
+    return geo
+  nT = _util.cdiv(geo.nT, passes)
+  return dataclasses.replace(geo, T=nT * geo.Bq, nT=nT)
 
 
 def fit_tiles_for(q, v, block: int, tiles: Tiles, kernels: tuple[str, ...]) -> Tiles | None:

@@ -101,8 +101,8 @@ class Tiles:
 class Geometry:
   """Static sizes of one call; `*p` are padded sizes."""
 
-  B: int         # batch rows per pass: the call's, or a divisor (`Tiles.block_pass_bytes`)
-  T: int         # queries
+  B: int
+  T: int         # queries (of one pass: `choice.in_passes`)
   S: int         # keys (T, or more for a slice of the queries: `q_offset`)
   HKV: int
   G: int

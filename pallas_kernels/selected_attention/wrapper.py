@@ -55,7 +55,7 @@ def _forward_pass(q, k, v, block_idx, q_offset, geo: Geometry):
 
 
 def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometry):
-  """dq, dk, dv by the tiling `geo`, p recomputed from the forward's lse."""
+  """dq, dk, dv (float32) by the tiling `geo`, p recomputed from the forward's lse."""
   blk = pad_blk(block_idx, q_offset, geo)
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   B, T, HKV, G = geo.B, geo.T, geo.HKV, geo.G
@@ -74,23 +74,58 @@ def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometr
     tiles, items = inverted_index(*index, geo)
     dk, dv = backward_dkv(q5, kp, vp, blk, q_offset, do5, lse, delta, tiles, items, geo,
                            block_major=False)
-  dk = dk[:, :geo.S, :, :geo.Dk].astype(kp.dtype)
-  dv = dv[:, :geo.S, :, :geo.Dv].astype(vp.dtype)
-  return _unpad(dq5, geo, geo.Dk), dk, dv
+  return _unpad(dq5, geo, geo.Dk), dk[:, :geo.S, :, :geo.Dk], dv[:, :geo.S, :, :geo.Dv]
 
 
-def _in_passes(fn, geo: Geometry, batched, per_pass=()):
-  """fn(*batched, *per_pass) over the batch in passes of geo.B rows, one after the
-  other (`lax.map`; block-major's `Tiles.block_pass_bytes`): `batched` arrays are
-  [B, ...] and split, `per_pass` trees are already [passes, ...] (a previous call's
-  `index`). Returns fn's outputs: arrays joined back to [B, ...], tuples (the index)
-  left [passes, ...]. One pass: fn itself."""
-  passes = batched[0].shape[0] // geo.B
+def _split(x, geo: Geometry, passes: int, fill=0):
+  """[B, T, ...] -> [passes, B, geo.T, ...]: the queries of each pass (padded with fill)."""
+  x = _util.pad_to(x, (x.shape[0], passes * geo.T) + x.shape[2:], value=fill)
+  return jnp.moveaxis(x.reshape(x.shape[0], passes, geo.T, *x.shape[2:]), 1, 0)
+
+
+def _join(x, T: int):
+  """[passes, B, geo.T, ...] -> [B, T, ...]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
+
+
+def _starts(q_offset, geo: Geometry, passes: int):
+  """[passes, 1] int32: each pass's q_offset."""
+  return q_offset[0] + geo.T * jnp.arange(passes, dtype=jnp.int32)[:, None]
+
+
+def _forward(q, k, v, block_idx, q_offset, geo: Geometry):
+  """`_forward_pass` over the queries in passes of geo.T (`choice.in_passes`), one
+  after the other; the index stays [passes, ...]."""
+  T = q.shape[1]
+  passes = _util.cdiv(T, geo.T)
   if passes == 1:
-    return fn(*batched, *per_pass)
-  split = lambda x: x.reshape(passes, geo.B, *x.shape[1:])
-  out = lax.map(lambda xs: fn(*xs[0], *xs[1]), ([split(x) for x in batched], per_pass))
-  return tuple(x.reshape(-1, *x.shape[2:]) if isinstance(x, jax.Array) else x for x in out)
+    return _forward_pass(q, k, v, block_idx, q_offset, geo)
+  starts = _starts(q_offset, geo, passes)
+  o, lse, index = lax.map(lambda xs: _forward_pass(xs[0], k, v, xs[1], xs[2], geo),
+                          (_split(q, geo, passes), _split(block_idx, geo, passes, -1), starts))
+  return _join(o, T), _join(lse, T), index
+
+
+def _backward(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometry):
+  """`_backward_pass` over the passes of `_forward`, dK and dV summed in float32."""
+  T = q.shape[1]
+  passes = _util.cdiv(T, geo.T)
+  if passes == 1:
+    dq, dk, dv = _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+  def one(dkv, xs):
+    qp, blk, op, lsep, dop, start, idx = xs
+    dq, dk, dv = _backward_pass(qp, k, v, blk, start, idx, op, lsep, dop, geo)
+    return (dkv[0] + dk, dkv[1] + dv), dq
+
+  split = lambda x, fill=0: _split(x, geo, passes, fill)
+  starts = _starts(q_offset, geo, passes)
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  (dk, dv), dq = lax.scan(one, (zeros(k), zeros(v)), (
+      split(q), split(block_idx, -1), split(o), split(lse), split(do), starts, index))
+  return _join(dq, T), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -103,16 +138,12 @@ def _selected(q, k, v, block_idx, q_offset, geo: Geometry):
 
 
 def _selected_fwd(q, k, v, block_idx, q_offset, geo):
-  forward = lambda *xs: _forward_pass(*xs, q_offset, geo)
-  o, lse, index = _util.saved(_in_passes(forward, geo, (q, k, v, block_idx)))
+  o, lse, index = _util.saved(_forward(q, k, v, block_idx, q_offset, geo))
   return o, (q, k, v, block_idx, q_offset, index, o, lse)
 
 
 def _selected_bwd(geo, res, do):
-  q, k, v, block_idx, q_offset, index, o, lse = res
-  backward = lambda q, k, v, blk, o, lse, do, *index: _backward_pass(
-      q, k, v, blk, q_offset, index, o, lse, do, geo)
-  dq, dk, dv = _in_passes(backward, geo, (q, k, v, block_idx, o, lse, do), index)
+  dq, dk, dv = _backward(*res, do, geo)
   return dq, dk, dv, None, None
 
 
