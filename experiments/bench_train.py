@@ -8,6 +8,7 @@ fastest to leanest. Method: docs/benchmarks.md#model-level.
     python -m experiments.bench_train --memory layer+scan       # one option for every case
     python -m experiments.bench_train --breakdown --seq-lens 8192   # research preset
     python -m experiments.bench_train --packed 4096    # also on rows packed with 4k documents
+    python -m experiments.bench_train --distill 0.5    # also NSA with selection distillation
     python -m experiments.bench_train --small [--breakdown]   # CPU smoke test, tiny preset
 
 Writes bench_train_<gpu>.json and .png (tokens/s and peak memory vs T) to --out (default
@@ -45,6 +46,8 @@ from nsa_jax.train_config import TrainConfig, make_config
 from nsa_jax.train_lib import make_optimizer, make_steps
 
 ATTENTIONS = ("nsa", "full")
+DISTILL = "nsa+distill"   # --distill: NSA trained with the selection distillation loss
+ATTENTION_OF = {"nsa": "nsa", "full": "full", DISTILL: "nsa"}
 LOSS_RANGE = (0.9 * math.log(256), 1.1 * math.log(256))   # random bytes: ~ln 256 per token
 GIB = 2 ** 30
 SEQ_LENS = {"research": (8192, 16384, 32768, 65536, 131072)}   # other presets: DEFAULT_SEQ_LENS
@@ -180,10 +183,13 @@ def memory_fields(option: str) -> dict:
 
 
 def case_config(preset: str, seq_len: int, attention: str, small: bool,
-                memory_option: str) -> TrainConfig:
-  """The preset at `seq_len` with `attention` and `memory_option`; --small: the reference ops
-  (CPU)."""
+                memory_option: str, select_distill: float = 0.0) -> TrainConfig:
+  """The preset at `seq_len` with `attention` and `memory_option`, NSA with the selection
+  distillation loss at weight `select_distill` (docs/selection_learning.md); --small: the
+  reference ops (CPU)."""
   kw = dict(impl="xla") if small else {}
+  if select_distill:
+    kw["select_distill"] = select_distill
   return make_config(preset, seq_len=seq_len, attention=attention, mixture="text",
                      progress=False, **memory_fields(memory_option), **kw)
 
@@ -211,8 +217,8 @@ def attempt_here(spec: dict) -> dict:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   record = {}
   try:
-    cfg = case_config(spec["preset"], spec["seq_len"], spec["attention"], spec["small"],
-                      spec["memory_option"])
+    cfg = case_config(spec["preset"], spec["seq_len"], ATTENTION_OF[spec["attention"]],
+                      spec["small"], spec["memory_option"], spec.get("select_distill", 0.0))
     step, state, batches, record = compile_step(cfg, spec["batch_size"],
                                                 document=spec["document"])
     if not spec["warm"]:
@@ -276,9 +282,10 @@ def run_cases(args, attempt) -> list[dict]:
   for preset in args.presets:
     for T in seq_lens(args, preset):
       for document in (None, args.packed) if args.packed else (None,):
-        for attention in ATTENTIONS:
+        for attention in ATTENTIONS + ((DISTILL,) if args.distill else ()):
           case = {"preset": preset, "seq_len": T, "batch_size": max(1, args.tokens // T),
-                  "attention": attention, "document": document}
+                  "attention": attention, "document": document,
+                  **({"select_distill": args.distill} if attention == DISTILL else {})}
           row = first_fit(case, args.memory, attempt, deadline)
           if "tokens_per_s" in row:
             row["check"] = check(row) or "ok"
@@ -563,6 +570,9 @@ def main(argv=None):
                       help="also time every case on packed rows: documents of TOKENS tokens "
                            "(a multiple of select_block), segment ids through the model "
                            "(packed rows); full attention then runs on the Pallas kernel")
+  parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                      help="also time NSA trained with the selection distillation loss at "
+                           "this weight (rows 'nsa+distill'; issue #29's cost target)")
   parser.add_argument("--n-iter", type=int, default=10, help="--breakdown: runs per part")
   parser.add_argument("--top", type=int, default=25, help="--breakdown: device ops listed")
   parser.add_argument("--budget-s", type=float, default=480.0,
@@ -596,6 +606,8 @@ def main(argv=None):
       memory_fields(option)
     except ValueError as err:
       parser.error(f"--memory: {err}")
+  if not args.distill >= 0:
+    parser.error(f"--distill={args.distill} must be >= 0 (0: no distillation rows)")
   if args.steps < 20:
     parser.error(f"--steps={args.steps} must be >= 20 (docs/benchmarks.md#model-level)")
   for preset in args.presets if args.packed else ():

@@ -172,6 +172,7 @@ def train_step_section(path, d):
                   "XLA peak GiB NSA / full"], rows), "",
           *([f"Options that did not fit: {'; '.join(not_fit)}.", ""] if not_fit else []),
           f"Targets (issue #31; `{TARGET_PRESET}`, random rows):", "", *train_targets(d), "",
+          *distill_cost(d),
           f"![training step throughput]({path.relative_to(ROOT).with_suffix('.png')})", ""]
 
 
@@ -179,6 +180,7 @@ GIB = 2 ** 30
 TARGET_PRESET = "research"
 SPEEDUP_TARGETS = {16384: 1.2, 32768: 2.0, 65536: 2.5, 131072: 4.0}   # NSA / full tokens/s
 EVERY_T = (8192, 16384, 32768, 65536, 131072)
+DISTILL_COST = 0.15   # issue #29: the distillation loss's share of the NSA step, at most
 CARD_80GB = 81559 * 2 ** 20   # an H100 80GB's memory as nvidia-smi reports it
 POOL_80GB = 0.75 * CARD_80GB / GIB   # JAX's default pool on it, GiB
 
@@ -248,6 +250,24 @@ def train_targets(d) -> list[str]:
              lambda r: small_card or (_peak(r)[0] or math.inf) <= POOL_80GB,
              lambda r: f"{r.get('memory_option') or 'default'}, {_gib(_peak(r)[0])} GiB "
                        f"{_peak(r)[1]}", every=EVERY_T)]
+
+
+def distill_cost(d) -> list[str]:
+  """Issue #29's cost target from the `nsa+distill` rows (bench_train --distill): the NSA
+  step's time with the selection distillation loss against without, per (preset, T)."""
+  by = {(r["preset"], r["seq_len"], r.get("document"), r["attention"]): r for r in d["rows"]
+        if "step_ms" in r}
+  costs = [(preset, T, r["select_distill"],
+            r["step_ms"] / by[(preset, T, doc, "nsa")]["step_ms"] - 1)
+           for (preset, T, doc, attention), r in by.items()
+           if attention == "nsa+distill" and (preset, T, doc, "nsa") in by]
+  if not costs:
+    return []
+  judged = [c <= DISTILL_COST for p, T, _, c in costs if p == TARGET_PRESET and T in (8192, 32768)]
+  verdict = f" (**{'met' if all(judged) else 'not met'}**)" if judged else ""
+  text = ", ".join(f"`{p}` {_len(T)} {c:+.0%}" for p, T, _, c in costs)
+  return [f"Selection distillation (`--distill {costs[0][2]:g}`; issue #29: at most "
+          f"{DISTILL_COST:.0%} of the NSA step at 8k and 32k): {text}{verdict}.", ""]
 
 
 def _gib(x):

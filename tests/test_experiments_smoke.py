@@ -462,6 +462,23 @@ def test_bench_train_out_of_memory_is_a_row_with_the_bytes_asked(message, asked)
   assert bench_train.failure(ValueError("bad\nmore")) == {"error": "ValueError: bad"}
 
 
+def test_bench_train_distill_rows_and_their_cost():
+  """--distill adds NSA trained with the selection distillation loss at that weight; the
+  report gives its step time against NSA's alone, judged at 8k and 32k (issue #29)."""
+  bench_train = importlib.import_module("experiments.bench_train")
+  cfg = bench_train.case_config("tiny", 160, bench_train.ATTENTION_OF["nsa+distill"], True,
+                                "none", 0.5)
+  assert cfg.model.attention == "nsa" and cfg.model.select_distill == 0.5
+  row = lambda T, attention, ms: {"preset": "research", "seq_len": T, "attention": attention,
+                                  "step_ms": ms, "select_distill": 0.5}
+  rows = [row(8192, "nsa", 100.0), row(8192, "nsa+distill", 110.0),
+          row(32768, "nsa", 200.0), row(32768, "nsa+distill", 240.0)]
+  report = importlib.import_module("experiments.report")
+  [line, _] = report.distill_cost({"rows": rows})
+  assert "8k +10%, `research` 32k +20% (**not met**)" in line
+  assert report.distill_cost({"rows": rows[:1]}) == []
+
+
 def test_bench_train_keeps_the_first_memory_option_that_fits():
   """The options are tried in order; the row keeps the first that fits and lists the ones
   before it with why; a case none fits is an out-of-memory row (the run goes on); none is
