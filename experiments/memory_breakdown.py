@@ -185,9 +185,8 @@ def _forward_abstract(q, k, v, *, scale, window):
           jax.core.ShapedArray((B, HQ, T), jnp.float32))
 
 
-# Named as jax's cuDNN forward (`cudnn.FORWARD_PRIMITIVE`), so that checkpoint policies treat
-# it alike; it is only traced, never run.
-_forward_p = jax.extend.core.Primitive(cudnn.FORWARD_PRIMITIVE)
+# Only traced, never run.
+_forward_p = jax.extend.core.Primitive("cudnn_standin_fwd")
 _forward_p.multiple_results = True
 _forward_p.def_abstract_eval(_forward_abstract)
 

@@ -189,7 +189,6 @@ def _forward(q, k, v, docs, q_offset, band, scale, tiles, interpret):
   HQ = sh.HKV * sh.G
   o = o[:, :sh.T, :, :sh.G, :sh.Dv].reshape(sh.B, sh.T, HQ, sh.Dv)
   lse = lse[:, :sh.T, :, :sh.G].reshape(sh.B, sh.T, HQ)
-  o, lse = _util.saved((o, lse))
   return (o, lse), (q, k, v, docs, q_offset, o, lse)
 
 

@@ -20,7 +20,7 @@ from pallas_kernels.selected_attention import choice, plan, wrapper
 from pallas_kernels.selected_attention import selected_attention
 from pallas_kernels.selected_attention.choice import tiling
 from pallas_kernels.selected_attention.plan import entry_index, listed, pad_blk
-from pallas_kernels.selected_attention.tiles import Geometry, Tiles, default_tiles
+from pallas_kernels.selected_attention.tiles import Tiles, default_tiles
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)

@@ -122,7 +122,8 @@ def masked_softmax(s, mask):
   return p, lse[..., 0]
 
 
-def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: int = 0):
+def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: int = 0,
+                     save: bool = True):
   """Applies `fn(start, *x_chunks)` to query chunks along axis 1 with `lax.map`.
 
   Each x in `xs` is [B, T, ...]; T is padded up to a multiple of `chunk` (the
@@ -131,9 +132,10 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
   returns a pytree of [B, chunk, ...] arrays; the result is the same pytree
   with [B, T, ...] arrays. Keeps live memory at one chunk's worth of scores
   instead of all T queries' worth, in the backward pass too: each chunk is
-  rematerialised (`jax.checkpoint`) rather than saved. The results are named
-  `saved`, as the kernels' outputs are: the NSA layer's checkpoint policy keeps them
-  (`nsa_jax.ops.nsa.SAVE_POLICY`), a pass over every chunk being costly to make again.
+  rematerialised (`jax.checkpoint`) rather than saved. With `save` the results are
+  named `saved`, as the selection's and the selected kernel's outputs are: the NSA
+  layer's checkpoint policy keeps them (`nsa_jax.ops.nsa.SAVE_POLICY`); without, the
+  layer's backward makes them again (the window and compressed branches: cheap).
   """
   T = xs[0].shape[1]
   chunk = min(chunk, T)
@@ -152,4 +154,5 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
   starts = first + jnp.arange(n, dtype=jnp.int32) * chunk
   body = jax.checkpoint(lambda a: fn(a[0], *a[1:]))
   out = lax.map(body, (starts, *map(split, xs)))
-  return saved(jax.tree.map(merge, out))
+  out = jax.tree.map(merge, out)
+  return saved(out) if save else out

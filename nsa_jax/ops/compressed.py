@@ -130,7 +130,7 @@ def compressed_attention_xla(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float
             jnp.moveaxis(lse, 3, 1).reshape(B, C, HQ))
 
   xs = (q,) if doc_start is None else (q, doc_start)
-  return _common.map_query_chunks(chunk_fn, xs, query_chunk, first)
+  return _common.map_query_chunks(chunk_fn, xs, query_chunk, first, save=False)
 
 
 def compressed_attention_folded(q, k_cmp, v_cmp, *, config: NSAConfig, scale: float):

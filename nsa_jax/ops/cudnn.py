@@ -21,15 +21,6 @@ from nsa_jax.ops import _common
 # Limit on the elements of every tensor of one cuDNN call (module doc). A module
 # constant so that a test can lower it to exercise the split on small shapes.
 MAX_ELEMENTS = 2 ** 31
-# The primitive of jax's cuDNN attention forward (`jax._src.cudnn.fused_attention_stablehlo`):
-# its outputs, o and the lse, are what its backward reads besides q, k and v.
-FORWARD_PRIMITIVE = "dot_product_attention_fwd_wrapper"
-
-
-def saves_forward(prim, *_, **__) -> bool:
-  """A `jax.checkpoint` policy: save the outputs of cuDNN's attention forward (running it
-  again in the backward would cost as much as the forward)."""
-  return prim.name == FORWARD_PRIMITIVE
 
 
 class CallPlan(typing.NamedTuple):

@@ -19,7 +19,7 @@ import jax
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import _common, cudnn, dispatch, segments
+from nsa_jax.ops import _common, dispatch, segments
 from nsa_jax.ops.compressed import _compressed_attention
 from nsa_jax.ops.selected import _selected_attention
 from nsa_jax.ops.selection import _select_blocks, _selection_lse, lse_backend, selected_scores
@@ -27,15 +27,13 @@ from nsa_jax.ops.window import _window_attention
 from pallas_kernels._util import SAVED
 
 # What a `jax.checkpoint` around `nsa` (and the projections that make its inputs) saves for
-# the backward: each branch's outputs and lse and the selection, as the kernels, cuDNN and the
-# references' chunked passes make them (`pallas_kernels._util.SAVED`,
-# `cudnn.saves_forward`). The rest is recomputed from the checkpoint's inputs: the
-# projections, RoPE, the compression MLPs, the gates, the layout copies around the kernels
-# (cuDNN's folded queries) and the mix (docs/memory.md; measured: experiments/PERF_NOTES.md,
-# "Memory").
-SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names(SAVED),
-    cudnn.saves_forward)
+# the backward: the selection and the selected branch's output, lse and index, as its kernels
+# and reference passes make them (named `pallas_kernels._util.SAVED`). The rest is
+# recomputed from the checkpoint's inputs: the projections, RoPE, the compression MLPs, the
+# gates, the window and compressed branches (cuDNN, Pallas or reference: about a millisecond
+# a layer at the research shape), the layout copies and the mix (docs/memory.md; measured:
+# experiments/PERF_NOTES.md, "Memory").
+SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(SAVED)
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config: NSAConfig,

@@ -91,4 +91,4 @@ def window_attention_xla(q, k, v, *, config: NSAConfig, scale: float,
     return o.reshape(B, C, HQ, Dv).astype(q.dtype)
 
   xs = (q,) if doc_start is None else (q, doc_start)
-  return _common.map_query_chunks(chunk_fn, xs, C, first)
+  return _common.map_query_chunks(chunk_fn, xs, C, first, save=False)
