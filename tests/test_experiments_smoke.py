@@ -130,9 +130,10 @@ def test_context_memory_small(tmp_path):
 
 def test_memory_breakdown_small(tmp_path):
   """The script behind PERF_NOTES' "Memory" table writes a breakdown per backend; on the
-  GPU path (cuDNN modelled by its stand-in) the NSA layer keeps each cuDNN branch's output
-  and lse alone (the checkpoint policy saves cuDNN's forward by its primitive; no folded
-  copy of q): HQ * Dv * 2 + HQ * 4 bytes a token, as full attention's cuDNN call."""
+  GPU path (cuDNN modelled by its stand-in) the NSA layer keeps nothing of its cuDNN
+  branches (window and compressed: recomputed in the backward) and the selected branch's
+  output and lse (HQ * Dv * 2 + HQ * 4 bytes a token, as full attention's cuDNN call keeps
+  for its o and lse) with the index."""
   run_script("memory_breakdown", [], tmp_path)
   for backend in ("xla", "pallas", "gpu"):
     with open(tmp_path / f"memory_breakdown_{backend}_cpu_small.json") as f:
@@ -141,7 +142,8 @@ def test_memory_breakdown_small(tmp_path):
                                    for n in ("nsa", "full"))
   kept = data["nsa"]["per_token"]
   HQ, D = data["shape"]["num_heads"], data["shape"]["head_dim"]
-  assert kept["window branch"] == kept["compressed branch"] == HQ * D * 2 + HQ * 4, kept
+  assert "window branch" not in kept and "compressed branch" not in kept, kept
+  assert kept["selected branch"] > HQ * D * 2 + HQ * 4, kept
   assert data["full"]["per_token"]["attention"] == HQ * D * 2 + HQ * 4
 
 
