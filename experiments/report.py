@@ -153,7 +153,7 @@ def train_step_section(path, d):
   memory = (f" Memory options (`--memory`, tried in this order until one fits, the same for "
             f"NSA and full): {', '.join(d['memory_options'])}; the allocator at JAX's defaults "
             f"(a pool of 75 % of the card"
-            + (f", {card / GIB:.1f} GiB" if card else "") + ")." if "memory_options" in d
+            + (f"'s {card / GIB:.1f} GiB" if card else "") + ")." if "memory_options" in d
             else "")
   not_fit = [f"{r['preset']} {_len(r['seq_len'])} {r['attention']}: "
              + ", ".join(f"{t['memory_option']} ({_failed(t)})" for t in r["not_fit"])
