@@ -58,7 +58,10 @@ VARIANTS = {
                  "dq-f32": dict(block_major=True, block_dq_float32=True),
                  "block-entries1024": dict(block_major=True, block_entries=1024),
                  "dkv-warps4": dict(block_major=True, dkv_num_warps=4),
-                 "dkv-rows64-stages1": dict(block_major=True, dkv_rows=64, num_stages=1)},
+                 "dkv-rows64-stages1": dict(block_major=True, dkv_rows=64, num_stages=1),
+                 # Block-major in one pass whatever its transient buffers (the default runs
+                 # the queries in passes of <= 1 GiB of them: issue #31).
+                 "one-pass": dict(block_major=True, block_pass_bytes=2 ** 50)},
     "decode": {"compressed 4 warps": dict(COMPRESSED=dict(num_warps=4, num_stages=2)),
                "splits <= 16": dict(MAX_SPLITS=16),
                "scores 8 warps": dict(SCORES=dict(num_warps=8, num_stages=1)),
