@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from pallas_kernels._util import saved
+from pallas_kernels._util import join_rows, saved, split_rows
 from pallas_kernels.scoring import Selection
 
 def selection_sizes(config: NSAConfig) -> Selection:
@@ -140,19 +140,8 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
   T = xs[0].shape[1]
   chunk = min(chunk, T)
   n = -(-T // chunk)
-  pad = n * chunk - T
-
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  def merge(y):
-    y = jnp.moveaxis(y, 0, 1)
-    return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :T]
-
   starts = first + jnp.arange(n, dtype=jnp.int32) * chunk
   body = jax.checkpoint(lambda a: fn(a[0], *a[1:]))
-  out = lax.map(body, (starts, *map(split, xs)))
-  out = jax.tree.map(merge, out)
+  out = lax.map(body, (starts, *(split_rows(x, n, chunk) for x in xs)))
+  out = jax.tree.map(lambda y: join_rows(y, T), out)
   return saved(out) if save else out

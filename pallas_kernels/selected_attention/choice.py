@@ -39,7 +39,7 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
   `tiles.block_major` None: block-major where G <= BLOCK_MAJOR_MAX_GROUP and its
   tiles fit, else query tiles of `tiles.rows` rows; True or False: that tiling (a
   ValueError where its smallest tiles do not fit). Block-major runs the queries in
-  passes of `pass_queries` (the Geometry's T).
+  passes of `in_passes` (the Geometry's T).
   """
   make = lambda t: Geometry.make(q, v, block_idx, block, scale, interpret, t)
   query = lambda: make(_must_fit(fit_tiles_for(

@@ -77,18 +77,6 @@ def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometr
   return _unpad(dq5, geo, geo.Dk), dk[:, :geo.S, :, :geo.Dk], dv[:, :geo.S, :, :geo.Dv]
 
 
-def _split(x, geo: Geometry, passes: int, fill=0):
-  """[B, T, ...] -> [passes, B, geo.T, ...]: the queries of each pass (padded with fill)."""
-  x = _util.pad_to(x, (x.shape[0], passes * geo.T) + x.shape[2:], value=fill)
-  return jnp.moveaxis(x.reshape(x.shape[0], passes, geo.T, *x.shape[2:]), 1, 0)
-
-
-def _join(x, T: int):
-  """[passes, B, geo.T, ...] -> [B, T, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
-
-
 def _starts(q_offset, geo: Geometry, passes: int):
   """[passes, 1] int32: each pass's q_offset."""
   return q_offset[0] + geo.T * jnp.arange(passes, dtype=jnp.int32)[:, None]
@@ -102,9 +90,10 @@ def _forward(q, k, v, block_idx, q_offset, geo: Geometry):
   if passes == 1:
     return _forward_pass(q, k, v, block_idx, q_offset, geo)
   starts = _starts(q_offset, geo, passes)
+  split = lambda x, fill=0: _util.split_rows(x, passes, geo.T, fill)
   o, lse, index = lax.map(lambda xs: _forward_pass(xs[0], k, v, xs[1], xs[2], geo),
-                          (_split(q, geo, passes), _split(block_idx, geo, passes, -1), starts))
-  return _join(o, T), _join(lse, T), index
+                          (split(q), split(block_idx, -1), starts))
+  return _util.join_rows(o, T), _util.join_rows(lse, T), index
 
 
 def _backward(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometry):
@@ -120,12 +109,12 @@ def _backward(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometry):
     dq, dk, dv = _backward_pass(qp, k, v, blk, start, idx, op, lsep, dop, geo)
     return (dkv[0] + dk, dkv[1] + dv), dq
 
-  split = lambda x, fill=0: _split(x, geo, passes, fill)
+  split = lambda x, fill=0: _util.split_rows(x, passes, geo.T, fill)
   starts = _starts(q_offset, geo, passes)
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
   (dk, dv), dq = lax.scan(one, (zeros(k), zeros(v)), (
       split(q), split(block_idx, -1), split(o), split(lse), split(do), starts, index))
-  return _join(dq, T), dk.astype(k.dtype), dv.astype(v.dtype)
+  return _util.join_rows(dq, T), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
