@@ -31,9 +31,9 @@ def test_gpu_check_small(tmp_path, mode):
 
 
 def test_selected_block_major_passes_match_one_pass():
-  """Compiled block-major kernels in query passes (Tiles.block_pass_bytes) give the
-  output and gradients of one pass (bf16: dK and dV are summed over passes in float32,
-  within each pass by atomics in any order)."""
+  """Compiled block-major kernels in passes of (batch row, KV head) units
+  (Tiles.block_pass_bytes) give the output and gradients of one pass (bf16: dK and dV
+  are summed by atomics in any order)."""
   import jax.numpy as jnp
   import numpy as np
 
@@ -57,7 +57,7 @@ def test_selected_block_major_passes_match_one_pass():
     o, vjp = jax.vjp(fn, q, k, v)
     return (o, *vjp(ct))
 
-  one, passes = run(1 << 34, q, k, v, ct), run(1 << 25, q, k, v, ct)   # 1 pass; 9 passes
+  one, passes = run(1 << 34, q, k, v, ct), run(1 << 28, q, k, v, ct)   # 1; 3 of 3 units
   for name, a, b in zip(("o", "dq", "dk", "dv"), one, passes):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * np.abs(a).max(), err_msg=name)

@@ -249,27 +249,29 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
         assert np.asarray(lengths).max() <= chunk and used.sum() > (per_block > 0).sum()
 
 
-def test_block_major_runs_the_queries_in_passes():
+def test_block_major_runs_in_passes_of_batch_rows_and_heads():
   """Tiles.block_pass_bytes caps block-major's transient buffers (n x the output and
-  lse, n x dQ; `block_major_bytes`) per pass: the queries run in passes of whole
-  query tiles that fit, at least one, evenly spread; output and gradients are the
-  reference's, at a query offset too."""
-  B, T, HKV, G = 2, 77, 2, 2
+  lse, n x dQ; `block_major_bytes`) per pass: the (batch row, KV head) units run in
+  passes of as many as fit, at least one, evenly spread (the last pass padded); output
+  and gradients are the reference's, at a query offset too."""
+  B, T, HKV, G = 3, 77, 3, 2
   q, v, block_idx = _shapes(T, HKV, G, jnp.float32, B=B, D=16)
   tiles = lambda cap: Tiles(block_major=True, block_pass_bytes=cap)
   whole = _tiling(q, v, block_idx, tiles(1 << 30))
-  tile = choice.block_major_bytes(dataclasses.replace(whole, nT=1), q.dtype)
+  unit = choice.block_major_bytes(dataclasses.replace(whole, B=1, HKV=1), q.dtype)
   # Per (entry, head) row: the forward's float32 output and lse (the dQ term is smaller).
-  assert tile == B * whole.Bq * whole.n_pad * HKV * whole.Gp * (16 * 4 + 4)
-  assert whole.T == T and whole.nT == 10                  # Bq = 8: one pass
-  for cap, nT in ((10 * tile, 10), (9 * tile, 5), (3 * tile, 3), (tile, 1), (1, 1)):
-    assert _tiling(q, v, block_idx, tiles(cap)).nT == nT
+  assert unit == whole.Tq * whole.n_pad * whole.Gp * (16 * 4 + 4)
+  assert (whole.B, whole.HKV) == (B, HKV)                 # one pass
+  for cap, units in ((9 * unit, (3, 3)), (8 * unit, (5, 1)), (4 * unit, (3, 1)),
+                     (2 * unit, (2, 1)), (unit, (1, 1)), (1, (1, 1))):
+    geo = _tiling(q, v, block_idx, tiles(cap))
+    assert (geo.B, geo.HKV, geo.T) == units + (T,)
   q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
-  _check(_kernel(SMALL, tiles(3 * tile)), q, k, v, block_idx, ct, SMALL)   # 4 passes
+  _check(_kernel(SMALL, tiles(2 * unit)), q, k, v, block_idx, ct, SMALL)   # 5 passes, 1 padded
   q0, Tl = 21, 40
   at_offset = lambda q, k, v, b, scale: selected_attention(
-      q, k, v, b, block=SMALL.select_block, scale=scale, interpret=True, tiles=tiles(2 * tile),
+      q, k, v, b, block=SMALL.select_block, scale=scale, interpret=True, tiles=tiles(4 * unit),
       q_offset=jnp.int32(q0))
   _check(at_offset, q[:, q0:q0 + Tl], k, v, block_idx[:, q0:q0 + Tl], ct[:, q0:q0 + Tl], SMALL,
          first=q0)

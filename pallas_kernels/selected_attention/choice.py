@@ -38,8 +38,8 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
 
   `tiles.block_major` None: block-major where G <= BLOCK_MAJOR_MAX_GROUP and its
   tiles fit, else query tiles of `tiles.rows` rows; True or False: that tiling (a
-  ValueError where its smallest tiles do not fit). Block-major runs the queries in
-  passes of `in_passes` (the Geometry's T).
+  ValueError where its smallest tiles do not fit). Block-major runs in the passes
+  of `in_passes` (the Geometry's B and HKV are one pass's).
   """
   make = lambda t: Geometry.make(q, v, block_idx, block, scale, interpret, t)
   query = lambda: make(_must_fit(fit_tiles_for(
@@ -55,15 +55,16 @@ def tiling(q, v, block_idx, block: int, scale, interpret, tiles: Tiles) -> Geome
 
 
 def in_passes(geo: Geometry, dtype) -> Geometry:
-  """geo for one block-major pass: the most whole query tiles (of every batch row)
-  whose transient buffers fit `Tiles.block_pass_bytes`, at least one, spread evenly
-  over the passes; geo itself where one pass takes every query."""
-  tile = block_major_bytes(dataclasses.replace(geo, nT=1), dtype)
-  passes = _util.cdiv(geo.nT, max(1, geo.tiles.block_pass_bytes // tile))
+  """geo for one block-major pass: the most (batch row, KV head) units whose transient
+  buffers fit `Tiles.block_pass_bytes`, at least one, spread evenly over the passes (a
+  pass's batch holds its units, one KV head each); geo itself where one pass takes all.
+  Units split no work: a pass reads only its units' keys and writes their dK and dV."""
+  unit = block_major_bytes(dataclasses.replace(geo, B=1, HKV=1), dtype)
+  units = geo.B * geo.HKV
+  passes = _util.cdiv(units, max(1, geo.tiles.block_pass_bytes // unit))
   if passes == 1:
     return geo
-  nT = _util.cdiv(geo.nT, passes)
-  return dataclasses.replace(geo, T=nT * geo.Bq, nT=nT)
+  return dataclasses.replace(geo, B=_util.cdiv(units, passes), HKV=1)
 
 
 def fit_tiles_for(q, v, block: int, tiles: Tiles, kernels: tuple[str, ...]) -> Tiles | None:

@@ -55,6 +55,9 @@ class Tiles:
       float32 instead of the input dtype (n terms per query row, summed in XLA
       in float32 either way): twice the bytes written and read back, for dQ
       terms without a rounding each. float32 inputs store float32 regardless.
+    block_pass_bytes: the block-major kernels' transient buffers (`choice.block_major_bytes`)
+      of one pass at most: the (batch row, KV head) pairs run in passes of as many as
+      fit, at least one (`choice.in_passes`).
   """
 
   rows: int = 16
@@ -101,10 +104,10 @@ class Tiles:
 class Geometry:
   """Static sizes of one call; `*p` are padded sizes."""
 
-  B: int
-  T: int         # queries (of one pass: `choice.in_passes`)
+  B: int         # batch rows (of one pass: `choice.in_passes`)
+  T: int         # queries
   S: int         # keys (T, or more for a slice of the queries: `q_offset`)
-  HKV: int
+  HKV: int       # KV heads (of one pass)
   G: int
   Dk: int
   Dv: int

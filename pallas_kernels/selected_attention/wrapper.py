@@ -77,44 +77,55 @@ def _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometr
   return _unpad(dq5, geo, geo.Dk), dk[:, :geo.S, :, :geo.Dk], dv[:, :geo.S, :, :geo.Dv]
 
 
-def _starts(q_offset, geo: Geometry, passes: int):
-  """[passes, 1] int32: each pass's q_offset."""
-  return q_offset[0] + geo.T * jnp.arange(passes, dtype=jnp.int32)[:, None]
+def _passes(q, k, geo: Geometry) -> int:
+  """How many block-major passes `geo` runs (`choice.in_passes`)."""
+  B, HKV = q.shape[0], k.shape[2]
+  return 1 if (geo.B, geo.HKV) == (B, HKV) else _util.cdiv(B * HKV, geo.B)
+
+
+def _to_units(x, HKV: int, passes: int):
+  """[B, T, HKV * m, ...] -> [passes, U, T, m, ...]: one (batch row, KV head) per unit,
+  padded to passes x U units (integers with -1: no block) for a `lax.map` over passes."""
+  B, T, H = x.shape[:3]
+  x = jnp.moveaxis(x.reshape(B, T, HKV, H // HKV, *x.shape[3:]), 2, 1)
+  x = x.reshape(B * HKV, *x.shape[2:])
+  U = _util.cdiv(B * HKV, passes)
+  fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
+  return _util.pad_to(x, (passes * U,) + x.shape[1:], fill).reshape(passes, U, *x.shape[1:])
+
+
+def _from_units(y, B: int, HKV: int):
+  """[passes, U, T, m, ...] -> [B, T, HKV * m, ...]: the inverse of `_to_units`."""
+  y = y.reshape(-1, *y.shape[2:])[:B * HKV]
+  y = jnp.moveaxis(y.reshape(B, HKV, *y.shape[1:]), 1, 2)
+  return y.reshape(B, y.shape[1], HKV * y.shape[3], *y.shape[4:])
 
 
 def _forward(q, k, v, block_idx, q_offset, geo: Geometry):
-  """`_forward_pass` over the queries in passes of geo.T (`choice.in_passes`), one
-  after the other; the index stays [passes, ...]."""
-  T = q.shape[1]
-  passes = _util.cdiv(T, geo.T)
+  """`_forward_pass` in the passes of `choice.in_passes`, one after the other; the
+  index stays [passes, ...]."""
+  passes = _passes(q, k, geo)
   if passes == 1:
     return _forward_pass(q, k, v, block_idx, q_offset, geo)
-  starts = _starts(q_offset, geo, passes)
-  split = lambda x, fill=0: _util.split_rows(x, passes, geo.T, fill)
-  o, lse, index = lax.map(lambda xs: _forward_pass(xs[0], k, v, xs[1], xs[2], geo),
-                          (split(q), split(block_idx, -1), starts))
-  return _util.join_rows(o, T), _util.join_rows(lse, T), index
+  B, HKV = q.shape[0], k.shape[2]
+  o, lse, index = lax.map(lambda xs: _forward_pass(*xs, q_offset, geo),
+                          tuple(_to_units(x, HKV, passes) for x in (q, k, v, block_idx)))
+  return _from_units(o, B, HKV), _from_units(lse, B, HKV), index
 
 
 def _backward(q, k, v, block_idx, q_offset, index, o, lse, do, geo: Geometry):
-  """`_backward_pass` over the passes of `_forward`, dK and dV summed in float32."""
-  T = q.shape[1]
-  passes = _util.cdiv(T, geo.T)
-  if passes == 1:
+  """`_backward_pass` in the passes of `_forward`: each writes its own units' dK and dV."""
+  def one(q, k, v, block_idx, o, lse, do, index):
     dq, dk, dv = _backward_pass(q, k, v, block_idx, q_offset, index, o, lse, do, geo)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
-  def one(dkv, xs):
-    qp, blk, op, lsep, dop, start, idx = xs
-    dq, dk, dv = _backward_pass(qp, k, v, blk, start, idx, op, lsep, dop, geo)
-    return (dkv[0] + dk, dkv[1] + dv), dq
-
-  split = lambda x, fill=0: _util.split_rows(x, passes, geo.T, fill)
-  starts = _starts(q_offset, geo, passes)
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  (dk, dv), dq = lax.scan(one, (zeros(k), zeros(v)), (
-      split(q), split(block_idx, -1), split(o), split(lse), split(do), starts, index))
-  return _util.join_rows(dq, T), dk.astype(k.dtype), dv.astype(v.dtype)
+  passes = _passes(q, k, geo)
+  if passes == 1:
+    return one(q, k, v, block_idx, o, lse, do, index)
+  B, HKV = q.shape[0], k.shape[2]
+  units = tuple(_to_units(x, HKV, passes) for x in (q, k, v, block_idx, o, lse, do))
+  grads = lax.map(lambda xs: one(*xs), units + (index,))
+  return tuple(_from_units(g, B, HKV) for g in grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
