@@ -60,7 +60,7 @@ VARIANTS = {
                  "dkv-warps4": dict(block_major=True, dkv_num_warps=4),
                  "dkv-rows64-stages1": dict(block_major=True, dkv_rows=64, num_stages=1),
                  # Block-major in one pass whatever its transient buffers (the default runs
-                 # the queries in passes of <= 1 GiB of them: issue #31).
+                 # (batch row, KV head) units in passes of <= 1 GiB of them: issue #31).
                  "one-pass": dict(block_major=True, block_pass_bytes=2 ** 50)},
     "decode": {"compressed 4 warps": dict(COMPRESSED=dict(num_warps=4, num_stages=2)),
                "splits <= 16": dict(MAX_SPLITS=16),

@@ -129,7 +129,8 @@ def train_step_section(path, d):
   key = lambda r: (r["preset"], r["seq_len"], r.get("document"))
   by = {(*key(r), r["attention"]): r for r in d["rows"]}
   rows = []
-  for preset, T, document in dict.fromkeys(map(key, d["rows"])):
+  for preset, T, document in sorted(dict.fromkeys(map(key, d["rows"])),
+                                    key=lambda c: (c[0], c[2] or 0, c[1])):
     n, f = by.get((preset, T, document, "nsa"), {}), by.get((preset, T, document, "full"), {})
     pair = lambda k, fmt: f"{_value(n, k, fmt)} / {_value(f, k, fmt)}"
     rows.append([preset, _len(T), f"packed, {_len(document)} documents" if document else "random",
@@ -526,6 +527,13 @@ def check_groups(records) -> list[tuple]:
           for key, rs in groups.items()]
 
 
+def _error_text(message: str) -> str:
+  """An error record's message in a few words: out of memory with the bytes asked, else its
+  first 80 characters."""
+  asked = re.search(r"Out of memory while trying to allocate (\S+)", message)
+  return f"out of memory, {asked.group(1)} asked" if asked else message[:80]
+
+
 def correctness_section(path, d):
   rows = []
   for op, impl, dtype, rs, worst in check_groups(d["records"]):
@@ -534,11 +542,14 @@ def correctness_section(path, d):
                  f"{rs[0]['tol']:g}"])
   kind = path.stem.rsplit("_", 1)[0]
   summary = ", ".join(f"{n} {k}" for k, n in d["summary"].items())
+  errors = sorted({f"{r['case']} {r['op']} ({r['impl']}): {_error_text(r['message'])}"
+                   for r in d["records"] if r["status"] == "error"})
   runs = len(d["meta"].get("runs", []))
   return [f"{CHECKS[kind]} On one {d['meta']['gpu']} (jax {d['meta']['jax_version']}"
           f"{f', {runs} runs merged' if runs > 1 else ''}), `{path.relative_to(ROOT)}`: "
           f"{summary}. Error: norm-relative, worst over a group's records and quantities.", "",
-          _table(["op", "impl", "dtype", "passed", "worst error", "tolerance"], rows), ""]
+          _table(["op", "impl", "dtype", "passed", "worst error", "tolerance"], rows), "",
+          *([f"Errors: {'; '.join(errors)}.", ""] if errors else [])]
 
 
 def trained_selections_section(path, d):
