@@ -1,24 +1,14 @@
 """Packing is invisible (docs/semantics.md#packed-rows): every op, `nsa` and the model on
 packed rows equal each document run alone, as a sequence of its own from position 0.
 
-One property, tested as one. For each case a jitted function runs every op (outputs,
-the selection, and the gradients of every float input under random cotangents) on
-packed rows [B, T] with `segment_ids`, and the same function runs them on the
-documents alone without segment ids: each document a batch row of its own, padded at
-its end to the longest (`segments.Alone`: the ops are causal, what follows a document
-changes none of its rows, and the cotangents are zero there). Every output, selection
-and gradient of a document's rows and keys must then equal its own alone: a document
-starting at s holds the compressed blocks s/d .. s/d + Tc(length) - 1 (those that
-start in it and end before its end) and the selection blocks from s/l'; compressed
-blocks straddling two documents, seen by no query, get zero gradient.
-
-Segment ids come from the data pipeline (`data.pack_documents`: documents aligned to
-select_block, padded with their own id, the last of a row running to its end):
-documents shorter than one compressed block, exactly one selection block, crossing
-many; G in {1, 2, 16}, Dk != Dv. The reference runs in float64 (equal to the last
-bits), the Pallas kernels in interpret mode in float32 (another summation order, so
-equal to float32 rounding). Selected attention runs on random block indices over the
-whole row, so that its mask of the blocks before a document is tested too.
+One property, tested as one: a jitted function runs every op (outputs, the selection,
+gradients under random cotangents) on packed rows with `segment_ids` and on the documents
+alone, each a batch row of its own padded at its end (`segments.Alone`); every output,
+selection and gradient of a document's rows and keys must be equal, and compressed
+blocks straddling two documents, seen by no query, get zero gradient. Documents come from
+`data.pack_documents` (shorter than one compressed block, exactly one selection block,
+crossing many); G in {1, 2, 16}, Dk != Dv; the reference in float64, the Pallas kernels in
+interpret mode in float32; selected attention on random block indices over the whole row.
 """
 import dataclasses
 
