@@ -23,9 +23,10 @@ train: setup
 	$(PY) -m experiments.train --preset demo
 
 # Tests run in parallel (pytest-xdist), handed out one at a time so that no slow
-# file holds up the end, except the groups of tests/conftest.py's ONE_WORKER (the
-# 8-device checks), each whole to one worker so that its setup runs once
-# (--dist loadgroup). A line per test file as it finishes, the slowest tests last.
+# file holds up the end (the slowest files first: tests/conftest.py's SLOW_FILES),
+# except the groups of tests/conftest.py's ONE_WORKER (the 8-device checks), each
+# whole to one worker so that its setup runs once (--dist loadgroup). A line per
+# test file as it finishes, the slowest tests last.
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=10
 

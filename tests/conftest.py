@@ -52,6 +52,20 @@ ONE_WORKER = {
 }
 
 
+# Files with tests of 20 s to 2 min (scripts and notebooks in subprocesses, training): handed
+# out first, after the groups, so that the run does not end on one worker with one of them.
+SLOW_FILES = ("tests/test_experiments_smoke.py", "tests/test_notebooks.py",
+              "tests/test_packed.py", "tests/test_readme.py", "tests/test_distill_training.py",
+              "tests/test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+  """SLOW_FILES' tests first (in that order), the others after them in collection order."""
+  rank = lambda item: (SLOW_FILES.index(item.nodeid.split("::")[0])
+                       if item.nodeid.split("::")[0] in SLOW_FILES else len(SLOW_FILES))
+  items.sort(key=rank)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
   """--dist loadgroup, grouped by ONE_WORKER."""

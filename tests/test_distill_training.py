@@ -35,7 +35,7 @@ def test_the_distillation_gradient_reaches_the_compression_mlp_and_the_queries()
   cfg = tiny(select_distill=1.0, num_layers=2)
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   b = batch(cfg)
-  grads = nnx.grad(lambda m: train_lib.loss_sums(m, b)[2])(model)
+  grads = nnx.jit(nnx.grad(lambda m: train_lib.loss_sums(m, b)[2]))(model)
   for layer in range(2):
     for name in ("phi_k", "q_proj"):
       norm = float(optax_norm(grads["blocks"][layer]["attn"][name]))
@@ -67,21 +67,22 @@ def test_the_step_adds_the_weighted_distillation_loss():
   assert train_lib.distill_weight(0.5, 4, 9) == 0.5 == train_lib.distill_weight(0.5, 0, 0)
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
 
-  def expected_grads(weight):
+  @nnx.jit   # one compile for both weights (traced)
+  def expected(m, weight):
     def total(m):
       s, n, distill = train_lib.loss_sums(m, b)
-      return s / n + weight * distill
-    return nnx.state(nnx.grad(total)(model), nnx.Param)
+      return s / n + weight * distill, (s / n, distill)
+    grads, (loss, distill) = nnx.grad(total, has_aux=True)(m)
+    return loss, distill, optax_norm(nnx.state(grads, nnx.Param))
 
-  s, n, distill = train_lib.loss_sums(model, b)
   graphdef, state = nnx.split((model, train_lib.make_optimizer(model, cfg)))
   for warmup, weight in ((0, 0.5), (4, 0.125)):   # at step 0
+    loss, distill, grad_norm = expected(model, weight)
     copy = jax.tree.map(jnp.copy, state)          # the step donates the state it is given
     _, metrics = train_lib.make_steps(graphdef, warmup)[0](copy, b)
-    np.testing.assert_allclose(metrics["loss"], s / n, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["distill"], distill, rtol=1e-5)
-    np.testing.assert_allclose(metrics["grad_norm"], optax_norm(expected_grads(weight)),
-                               rtol=1e-4)
+    np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-4)
 
 
 def test_scanned_and_rematerialized_blocks_give_the_same_distillation_loss():
@@ -89,7 +90,8 @@ def test_scanned_and_rematerialized_blocks_give_the_same_distillation_loss():
   blocks (scan_layers), each block rematerialized (remat)."""
   cfg = tiny(select_distill=1.0, num_layers=2)
   b = batch(cfg)
-  plain = train_lib.loss_sums(Transformer(cfg.model, rngs=nnx.Rngs(0)), b)[2]
+  distill = nnx.jit(lambda m: train_lib.loss_sums(m, b)[2])
+  plain = distill(Transformer(cfg.model, rngs=nnx.Rngs(0)))
   model = dataclasses.replace(cfg.model, scan_layers=True, remat="layer")
-  scanned = nnx.jit(lambda m: train_lib.loss_sums(m, b)[2])(Transformer(model, rngs=nnx.Rngs(0)))
+  scanned = distill(Transformer(model, rngs=nnx.Rngs(0)))
   np.testing.assert_allclose(scanned, plain, rtol=1e-5)
