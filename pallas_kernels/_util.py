@@ -68,19 +68,6 @@ def pad_to(x, shape, value=0):
   return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)], constant_values=value)
 
 
-def split_rows(x, chunks: int, rows: int, fill=0):
-  """[B, T, ...] -> [chunks, B, rows, ...]: axis 1 padded with `fill` to chunks * rows and
-  cut into chunks (for a `lax.map` or `lax.scan` over them)."""
-  x = pad_to(x, (x.shape[0], chunks * rows) + x.shape[2:], value=fill)
-  return jnp.moveaxis(x.reshape(x.shape[0], chunks, rows, *x.shape[2:]), 1, 0)
-
-
-def join_rows(y, T: int):
-  """[chunks, B, rows, ...] -> [B, T, ...]: the inverse of `split_rows`, padding dropped."""
-  y = jnp.moveaxis(y, 0, 1)
-  return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :T]
-
-
 def dot(a, b, *, interpret: bool, contract=(1, 0)):
   """2-D matmul with float32 accumulation. Float32 inputs keep float32 accuracy:
   3-pass TF32 on the GPU's tensor cores (plain float32 dots spill registers badly in

@@ -266,13 +266,16 @@ def test_block_major_runs_in_passes_of_batch_rows_and_heads():
                      (2 * unit, (2, 1)), (unit, (1, 1)), (1, (1, 1))):
     geo = _tiling(q, v, block_idx, tiles(cap))
     assert (geo.B, geo.HKV, geo.T) == units + (T,)
-  q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 16, 16)
+  # Dk = 32 != Dv: 128 bytes a row (the dQ term), so 4 x unit holds 2 units.
+  q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 32, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
-  _check(_kernel(SMALL, tiles(2 * unit)), q, k, v, block_idx, ct, SMALL)   # 5 passes, 1 padded
+  assert _tiling(q, v, block_idx, tiles(4 * unit)).B == 2
+  assert _tiling(q[:, :40], v, block_idx[:, :40], tiles(8 * unit)).B == 5
+  _check(_kernel(SMALL, tiles(4 * unit)), q, k, v, block_idx, ct, SMALL)   # 5 passes, 1 padded
   q0, Tl = 21, 40
   at_offset = lambda q, k, v, b, scale: selected_attention(
-      q, k, v, b, block=SMALL.select_block, scale=scale, interpret=True, tiles=tiles(4 * unit),
-      q_offset=jnp.int32(q0))
+      q, k, v, b, block=SMALL.select_block, scale=scale, interpret=True, tiles=tiles(8 * unit),
+      q_offset=jnp.int32(q0))                                              # 2 passes of 5
   _check(at_offset, q[:, q0:q0 + Tl], k, v, block_idx[:, q0:q0 + Tl], ct[:, q0:q0 + Tl], SMALL,
          first=q0)
 
