@@ -85,19 +85,20 @@ def test_auto_falls_back_and_explicit_impls_raise(fake_gpu):
     dispatch.nsa_branches("pallas", calls)
 
 
-def test_straight_through_gate_runs_the_selected_branch_on_the_reference(fake_gpu):
+def test_straight_through_gate_runs_the_selected_branch_on_the_kernels(fake_gpu):
   """select_gate="straight_through" gives the selected branch a block bias, which the
-  Pallas kernels do not take: "auto" runs that branch on the reference, the others as
-  without the gate; "pallas" raises a ValueError saying so."""
+  kernels' block-major tiling takes: every branch runs where it runs without the gate,
+  at G = 16 too (where block-major is not the default tiling)."""
   gated = dataclasses.replace(SMALL, select_gate="straight_through")
   x = lambda H, S=64: jax.ShapeDtypeStruct((1, S, H, 128), jnp.bfloat16)
   kv = lambda S=64: (x(2, S), x(2, S))
-  arrays = (x(4), *kv(SMALL.num_compressed(64)), *kv(), *kv())
-  plain = backends(*arrays, config=SMALL, impl="auto")
-  assert backends(*arrays, config=gated, impl="auto") == dict(plain, selected_attention="xla")
-  with pytest.raises(ValueError, match=r"selected_attention\(impl='pallas'\) cannot run .*"
-                                       r"block_bias .*select_gate='straight_through'"):
-    backends(*arrays, config=gated, impl="pallas")
+  for HQ in (4, 32):
+    arrays = (x(HQ), *kv(SMALL.num_compressed(64)), *kv(), *kv())
+    plain = backends(*arrays, config=SMALL, impl="auto")
+    assert plain["selected_attention"] == "pallas"
+    for impl in ("auto", "pallas"):
+      assert backends(*arrays, config=gated, impl=impl)["selected_attention"] == "pallas"
+    assert backends(*arrays, config=gated, impl="auto") == plain
 
 
 def test_auto_is_the_reference_off_a_gpu():

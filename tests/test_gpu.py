@@ -61,3 +61,43 @@ def test_selected_block_major_passes_match_one_pass():
   for name, a, b in zip(("o", "dq", "dk", "dv"), one, passes):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * np.abs(a).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("G", [4, 16])
+def test_selected_block_bias_matches_the_reference(dtype, G):
+  """The straight-through gate's score bias on the compiled kernels (block-major at any G):
+  output and the gradients of q, k, v and the bias against the float32 reference."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from nsa_jax import NSAConfig
+  from nsa_jax.ops.selected import selected_attention_xla
+  from pallas_kernels.selected_attention import selected_attention
+
+  B, T, HKV, D, n, block = 1, 1000, 2, 128, 16, 64
+  config = NSAConfig(select_block=block, num_selected=n)
+  dt = jnp.dtype(dtype)
+  kq, kk, kv, kb, kc, ks = jax.random.split(jax.random.key(1), 6)
+  x = lambda key, *shape: jax.random.normal(key, shape, jnp.float32)
+  q, k, v, ct = x(kq, B, T, HKV * G, D), x(kk, B, T, HKV, D), x(kv, B, T, HKV, D), x(
+      kc, B, T, HKV * G, D)
+  nb = -(-T // block)
+  idx = jnp.argsort(jax.random.uniform(kb, (B, T, HKV, nb)), axis=-1)[..., :n].astype(jnp.int32)
+  bias = 2.0 * x(ks, B, T, HKV, n)
+  kernel = lambda q, k, v, b: selected_attention(q, k, v, idx, block=block, scale=D ** -0.5,
+                                                 interpret=False, block_bias=b)
+  reference = lambda q, k, v, b: selected_attention_xla(q, k, v, idx, config=config,
+                                                        scale=D ** -0.5, block_bias=b)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(f, *args):
+    o, vjp = jax.vjp(f, *args)
+    return (o, *vjp(ct.astype(args[0].dtype)))
+
+  got = run(kernel, *(a.astype(dt) for a in (q, k, v)), bias)
+  want = run(reference, q, k, v, bias)
+  tol = {"float32": 1e-3, "bfloat16": 2e-2}[dtype]
+  for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)

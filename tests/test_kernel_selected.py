@@ -280,6 +280,41 @@ def test_block_major_runs_in_passes_of_batch_rows_and_heads():
          first=q0)
 
 
+@pytest.mark.parametrize("B,T,HKV,G,Dk,Dv,config,tiles,q0", [
+    pytest.param(2, 77, 2, 1, 32, 16, SMALL, Tiles(block_pass_bytes=1, block_entries=3), 0,
+                 id="T77-G1-DkneDv-passes"),
+    pytest.param(1, 45, 1, 3, 24, 40, TINY_BLOCKS, Tiles(block_rows=32, dkv_rows=32), 0,
+                 id="lp8-G3-Dk24-Dv40"),
+    # Default tiles would pick query tiles at G = 16: a bias runs block-major anyway.
+    pytest.param(1, 70, 2, 16, 16, 16, SMALL, None, 0, id="T70-G16"),
+    pytest.param(2, 72, 2, 2, 32, 16, SMALL, None, 27, id="slice-at-offset-27"),
+])
+def test_block_bias(B, T, HKV, G, Dk, Dv, config, tiles, q0):
+  """A score bias per slot (the straight-through gate; docs/selection_learning.md): the
+  output and the gradients of q, k, v and the bias against the reference's, which adds
+  the bias to the scores of each slot's keys; odd T, G in {1, 3, 16}, Dk != Dv, l' = 8,
+  -1 slots, rows that see nothing, passes, a query slice at an offset."""
+  q, k, v, ct, kc = _inputs(jax.random.key(8), B, q0 + T, HKV, G, Dk, Dv)
+  block_idx = _random_block_idx(kc, B, q0 + T, HKV, config, empty_frac=0.25)
+  block_idx = block_idx.at[:, q0 + 3:q0 + 5].set(-1)        # these rows see nothing
+  rows = slice(q0, q0 + T)
+  q, ct, block_idx = q[:, rows], ct[:, rows], block_idx[:, rows]
+  bias = 2.0 * jax.random.normal(jax.random.key(9), block_idx.shape, jnp.float32)
+  scale = Dk ** -0.5
+  kernel = jax.jit(lambda q, k, v, b: selected_attention(
+      q, k, v, block_idx, block=config.select_block, scale=scale, interpret=True,
+      tiles=tiles, q_offset=jnp.int32(q0) if q0 else None, block_bias=b))
+  reference = jax.jit(lambda q, k, v, b: selected_attention_xla(
+      q, k, v, block_idx, config=config, scale=scale, first=q0, block_bias=b))
+  (o, vjp), (o_ref, vjp_ref) = (jax.vjp(f, q, k, v, bias) for f in (kernel, reference))
+  np.testing.assert_allclose(o, o_ref, rtol=RTOL, atol=ATOL)
+  assert bool(jnp.all(o[:, 3:5] == 0))
+  for name, g, g_ref in zip(("q", "k", "v", "bias"), vjp(ct), vjp_ref(ct)):
+    assert bool(jnp.all(jnp.isfinite(g))), name
+    np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=ATOL, err_msg=f"d{name}")
+  assert float(jnp.max(jnp.abs(vjp(ct)[3]))) > 0
+
+
 def test_public_op_shorter_than_a_block():
   """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")
   (default tiles: block-major at G = 1)."""

@@ -7,7 +7,7 @@ call, or None. `impl="auto"` takes the first backend of `AUTO[op]` that runs the
 GPU, the reference elsewhere; an explicit impl that cannot run it raises a ValueError before
 anything is traced; `nsa(impl=...)` gives each branch the backends `NSA_BRANCHES[impl]` lists.
 The selected branch with the straight-through gate (a `block_bias` in its call) runs on the
-reference (docs/selection_learning.md#straight-through-gate).
+kernels' block-major tiling (docs/selection_learning.md#straight-through-gate).
 """
 from __future__ import annotations
 
@@ -112,14 +112,10 @@ def _pallas_select(call: Call) -> str | None:
 
 
 def _pallas_selected(call: Call) -> str | None:
-  """The kernels' backward emits no gradient of a per-block score bias: the
-  straight-through gate (`block_bias`, config.select_gate) runs on the reference."""
   a = call.arrays
-  if "block_bias" in a:
-    return ("the Pallas selected kernels take no block_bias (select_gate="
-            f"{call.config.select_gate!r}): the reference runs it")
   return selected_attention.unsupported(a["q"], a["k"], a["v"],
-                                        block=call.config.select_block)
+                                        block=call.config.select_block,
+                                        biased="block_bias" in a)
 
 
 def _pallas_decode(call: Call) -> str | None:

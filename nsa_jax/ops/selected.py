@@ -7,7 +7,7 @@ at multiples of l', so a block lies wholly inside or before it, and emptying the
 slots of blocks before it (`document_blocks`) is the whole mask. The Pallas
 kernel is `pallas_kernels/selected_attention/`. An optional per-slot bias is added
 to the scores of the slot's keys (the straight-through gate,
-docs/selection_learning.md#straight-through-gate); the reference alone takes it (`dispatch`).
+docs/selection_learning.md#straight-through-gate).
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ def selected_attention(q, k, v, block_idx, *, config: NSAConfig,
       traced; q and block_idx hold the queries at positions q_offset .. q_offset + T - 1
       of a sequence whose keys k, v [B, S, ...] and segment_ids [B, S] are whole.
     block_bias: optional [B, T, HKV, n] float, added to the scores of the keys of
-      each slot's block (the gate of `nsa`: `selection.selected_scores`); the Pallas kernels take none.
+      each slot's block (the gate of `nsa`: `selection.selected_scores`); it gets a gradient.
 
   Returns:
-    o [B, T, HQ, Dv]. Gradients flow to q, k, v.
+    o [B, T, HQ, Dv]. Gradients flow to q, k, v (and block_bias).
   """
   _common.check_config(config)
   sliced = q_offset is not None
@@ -70,7 +70,8 @@ def _selected_attention(q, k, v, block_idx, *, config: NSAConfig, scale: float, 
   if backend == "pallas":
     return kernel.selected_attention(
         q, k, v, block_idx, block=config.select_block, scale=scale,
-        interpret=_common.resolve_interpret(interpret), q_offset=q_offset)
+        interpret=_common.resolve_interpret(interpret), q_offset=q_offset,
+        block_bias=block_bias)
   return selected_attention_xla(q, k, v, block_idx, config=config, scale=scale,
                                 first=0 if q_offset is None else q_offset,
                                 block_bias=block_bias)

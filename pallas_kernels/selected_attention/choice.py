@@ -80,12 +80,12 @@ def _must_fit(tiles: Tiles | None, q, v, block: int) -> Tiles:
   return tiles
 
 
-def shared_memory_reason(q, v, block: int) -> str:
-  """Why no tiles fit: the smallest tiles' need against the device's budget."""
+def shared_memory_reason(q, v, block: int, kernels: tuple[str, ...] = QUERY_TILES) -> str:
+  """Why no tiles of `kernels` fit: the smallest tiles' need against the device's budget."""
   least = Tiles(**FEWEST_ROWS)
   G, Dk, Dv = q.shape[2] // v.shape[2], q.shape[-1], v.shape[-1]
   need = shared_memory(least, G, Dk, Dv, block, jnp.dtype(q.dtype).itemsize)
-  return (f"even the smallest tiles ({FEWEST_ROWS}) need {max(need[k] for k in QUERY_TILES)} "
+  return (f"even the smallest tiles ({FEWEST_ROWS}) need {max(need[k] for k in kernels)} "
           f"bytes of shared memory per program for Dk={Dk}, Dv={Dv}, G={G}, "
           f"select_block={block}, {jnp.dtype(q.dtype).name}; the device has "
           f"{_util.shared_memory_budget()}")

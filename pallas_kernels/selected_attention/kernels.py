@@ -130,8 +130,13 @@ def _clamped(hi, count: int, start):
   return jnp.maximum(jnp.minimum(start + jnp.arange(count, dtype=jnp.int32), hi - 1), 0)
 
 
-def _block_fwd_kernel(q_ref, k_ref, v_ref, offset_ref, entry_ref, item_ref, o_ref, lse_ref,
-                      *, geo: Geometry):
+def _block_fwd_kernel(q_ref, k_ref, v_ref, offset_ref, entry_ref, item_ref, *refs,
+                      geo: Geometry, biased: bool):
+  """Each (token, block) entry of work item (block j, entries[lo:hi]): its G rows'
+  attention over block j, normalised, and their base-2 lse. biased: refs start with
+  bias_ref [E, Gp], a score bias per entry (natural-log units) added to its keys' scores."""
+  bias_ref = refs[0] if biased else None
+  o_ref, lse_ref = refs[biased:]
   j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
   q0 = offset_ref[0]
   k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
@@ -140,11 +145,16 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, offset_ref, entry_ref, item_ref, o_re
   # Past hi, repeat the last entry: its rows compute the same values again
   # and store them to the same place (no masked stores needed).
   index_at = lambda step: entry_ref[_clamped(hi, C, lo + step * C)]
-  gather = lambda e: q_ref[e // geo.n_pad].reshape(C * geo.Gp, geo.Dkp)
 
-  def step(_, e, q, carry):
+  def gather(e):
+    q = q_ref[e // geo.n_pad].reshape(C * geo.Gp, geo.Dkp)
+    return q, (None if bias_ref is None else bias_ref[e].reshape(C * geo.Gp))
+
+  def step(_, e, data, carry):
+    q, bias = data
     tok = e // geo.n_pad
     s, mask = _scores(q, k, j, _token_rows(q0 + tok, geo), None, geo)
+    s = _biased(s, bias)
     # Every listed entry sees key j * l' (`listed`), so l >= 1.
     m = jnp.max(jnp.where(mask, s, NEG), axis=1)
     p = jnp.where(mask, jnp.exp2(s - m[:, None]), 0.0)
@@ -155,6 +165,11 @@ def _block_fwd_kernel(q_ref, k_ref, v_ref, offset_ref, entry_ref, item_ref, o_re
     return carry
 
   _steps((hi - lo + C - 1) // C, index_at, gather, step, 0, prefetch=True)
+
+
+def _biased(s, bias):
+  """Base-2 scores [rows, Lb] plus each row's bias [rows] (natural-log units), if any."""
+  return s if bias is None else s + (bias * LOG2E)[:, None]
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, union_ref, count_ref,
@@ -179,15 +194,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, union_ref, count_ref,
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, do_ref, lse_ref, delta_ref,
-                ids_ref, item_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *dq_ref,
-                geo: Geometry):
+                ids_ref, item_ref, dk_in_ref, dv_in_ref, *refs, geo: Geometry,
+                block_major: bool, biased: bool):
   """dK and dV of one work item (block j, ids[lo:hi]); block-major, it also
-  stores each (token, block) entry's term of dQ to dq_ref."""
+  stores each (token, block) entry's term of dQ to dq_ref, and biased (refs start
+  with bias_ref [E, Gp], as in `_block_fwd_kernel`) each entry's dS summed over the
+  block's keys to dbias_ref: the gradient of its bias."""
   del dk_in_ref, dv_in_ref   # aliased with dk_ref, dv_ref (zeros)
+  bias_ref = refs[0] if biased else None
+  dk_ref, dv_ref, *terms = refs[biased:]
+  dq_ref, dbias_ref = (terms + [None, None])[:2]
   j, lo, hi = item_ref[0], item_ref[1], item_ref[2]
   q0 = offset_ref[0]
   k, v = _block(k_ref, j, geo), _block(v_ref, j, geo)
-  block_major = bool(dq_ref)
   R = geo.C_bwd if block_major else geo.R     # entries or query tiles per step
   tokens_per_id = 1 if block_major else geo.Bq
   rows = R * tokens_per_id * geo.Gp
@@ -207,20 +226,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blk_ref, offset_ref, do_ref, lse_ref, delta
     # An entry's token chose block j by construction; a tile's tokens may not.
     return (tok, q_ref[tok].reshape(rows, geo.Dkp), do_ref[tok].reshape(rows, geo.Dvp),
             lse_ref[tok].reshape(rows), delta_ref[tok].reshape(rows),
-            None if block_major else blk_ref[tok])
+            None if block_major else blk_ref[tok],
+            None if bias_ref is None else bias_ref[ids].reshape(rows))
 
   def step(_, index, data, carry):
     dk, dv = carry
     live, ids = index
-    tok, q, do, lse, delta, blk = data
+    tok, q, do, lse, delta, blk, bias = data
     rows_tok, sel = ((_token_rows(q0 + tok, geo), None) if block_major
                      else _rows(blk, q0 + tok, geo))
     s, mask = _scores(q, k, j, rows_tok, sel, geo)
-    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    p = jnp.where(mask, jnp.exp2(_biased(s, bias) - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     if block_major:   # repeated entries store the same values to the same place
       dq = plgpu.dot(ds.astype(k.dtype), k) * geo.scale
-      dq_ref[0][ids] = dq.reshape(R, geo.Gp, geo.Dkp).astype(dq_ref[0].dtype)
+      dq_ref[ids] = dq.reshape(R, geo.Gp, geo.Dkp).astype(dq_ref.dtype)
+    if dbias_ref is not None:
+      dbias_ref[ids] = jnp.sum(ds, axis=1).reshape(R, geo.Gp)
     live = jnp.broadcast_to(live[:, None], (R, rows // R)).reshape(rows)[:, None]
     p, ds = jnp.where(live, p, 0.0), jnp.where(live, ds, 0.0)
     dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
@@ -282,23 +304,26 @@ def forward(q5, k, v, blk, q_offset, union, count, geo: Geometry):
   )(q5, k, v, blk, q_offset, union, count)
 
 
-def block_forward(q5, k, v, blk, q_offset, entries, items, geo: Geometry):
-  """The block-major forward: per-entry outputs and lse (`_block_fwd_kernel`), to merge."""
+def block_forward(q5, k, v, blk, q_offset, entries, items, geo: Geometry, bias=None):
+  """The block-major forward: per-entry outputs and lse (`_block_fwd_kernel`), to merge;
+  bias: None or [B, E, HKV, Gp] float32, each entry's score bias."""
   HKV, E, whole = geo.HKV, geo.Tq * geo.n_pad, _whole_spec(geo)
+  biased = bias is not None
   o_part, lse_part = pl.pallas_call(
-      functools.partial(_block_fwd_kernel, geo=geo),
+      functools.partial(_block_fwd_kernel, geo=geo, biased=biased),
       grid=(items.shape[2], geo.B * HKV),
       in_specs=[
           whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp),
           _OFFSET_BLOCK,
           pl.BlockSpec((None, None, E), lambda w, z: (z // HKV, z % HKV, 0)),
-          pl.BlockSpec((None, None, None, 4), lambda w, z: (z // HKV, z % HKV, w, 0))],
+          pl.BlockSpec((None, None, None, 4), lambda w, z: (z // HKV, z % HKV, w, 0)),
+      ] + [whole(E, geo.Gp)] * biased,
       out_specs=[whole(E, geo.Gp, geo.Dvp), whole(E, geo.Gp)],
       out_shape=[jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp, geo.Dvp), q5.dtype),
                  jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp), jnp.float32)],
       compiler_params=geo.params(geo.tiles.block_fwd_num_warps),
       interpret=geo.interpret, name="nsa_selected_block_fwd",
-  )(q5, k, v, q_offset, entries, items)
+  )(q5, k, v, q_offset, entries, items, *[bias] * biased)
   return o_part, lse_part
 
 
@@ -332,23 +357,29 @@ def _whole_spec(geo: Geometry):
 
 
 def backward_dkv(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, geo: Geometry,
-                  block_major: bool):
+                 block_major: bool, bias=None):
   """dK, dV (float32, [B, Tk, HKV, D]) over work items of query tiles, or,
   block-major, of (token, block) entries, and then also the entries' dQ terms
-  [B, Tq*n_pad, HKV, Gp, Dkp] (`dq_dtype`)."""
+  [B, Tq*n_pad, HKV, Gp, Dkp] (`dq_dtype`) and, with a bias (block-major only, as in
+  `block_forward`), its gradient [B, Tq*n_pad, HKV, Gp] float32."""
   HKV, whole = geo.HKV, _whole_spec(geo)
+  biased = bias is not None
+  assert block_major or not biased, "a score bias runs block-major only"
+  E = geo.Tq * geo.n_pad
   dk0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dkp), jnp.float32)
   dv0 = jnp.zeros((geo.B, geo.Tk, HKV, geo.Dvp), jnp.float32)
   out_specs = [whole(geo.Tk, geo.Dkp), whole(geo.Tk, geo.Dvp)]
   out_shape = [jax.ShapeDtypeStruct(dk0.shape, dk0.dtype),
                jax.ShapeDtypeStruct(dv0.shape, dv0.dtype)]
   if block_major:
-    E = geo.Tq * geo.n_pad
     out_specs.append(whole(E, geo.Gp, geo.Dkp))
     out_shape.append(jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp, geo.Dkp),
                                           dq_dtype(geo.tiles, q5.dtype)))
+  if biased:
+    out_specs.append(whole(E, geo.Gp))
+    out_shape.append(jax.ShapeDtypeStruct((geo.B, E, HKV, geo.Gp), jnp.float32))
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, geo=geo),
+      functools.partial(_dkv_kernel, geo=geo, block_major=block_major, biased=biased),
       grid=(items.shape[2], geo.B * HKV),
       in_specs=[
           whole(geo.Tq, geo.Gp, geo.Dkp), whole(geo.Tk, geo.Dkp),
@@ -359,7 +390,7 @@ def backward_dkv(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, geo: Geom
                        lambda w, z: (z // HKV, z % HKV, 0)),
           pl.BlockSpec((None, None, None, 4),
                        lambda w, z: (z // HKV, z % HKV, w, 0)),
-      ] + out_specs[:2],
+      ] + out_specs[:2] + [whole(E, geo.Gp)] * biased,
       out_specs=out_specs,
       out_shape=out_shape,
       input_output_aliases={10: 0, 11: 1},
@@ -368,4 +399,4 @@ def backward_dkv(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, geo: Geom
       compiler_params=geo.params(geo.tiles.dkv_num_warps,
                                  1 if block_major and q5.dtype.itemsize == 4 else None),
       interpret=geo.interpret, name="nsa_selected_dkv",
-  )(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, dk0, dv0)
+  )(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, dk0, dv0, *[bias] * biased)
