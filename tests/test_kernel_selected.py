@@ -382,3 +382,32 @@ def test_block_major_bf16_dq_terms(dq_float32):
     assert g.dtype == jnp.bfloat16, name
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     assert np.abs(g - w).max() / np.abs(w).max() <= 1e-2, name
+
+
+def test_straight_through_gate_through_nsa_on_the_kernels():
+  """nsa with select_gate="straight_through" on impl="pallas" (interpret mode; the selected
+  branch takes the gate's bias on the kernels) gives the reference's output and the
+  gradients of every input, k_cmp's through the gate included (float32, G = 2, T = 70)."""
+  B, T, HQ, HKV, Dk, Dv = 1, 70, 4, 2, 16, 8
+  config = dataclasses.replace(SMALL, select_gate="straight_through")
+  ks = jax.random.split(jax.random.key(10), 9)
+  x = lambda i, S, H, D: jax.random.normal(ks[i], (B, S, H, D), jnp.float32)
+  Tc = config.num_compressed(T)
+  args = (x(0, T, HQ, Dk), x(1, Tc, HKV, Dk), x(2, Tc, HKV, Dv), x(3, T, HKV, Dk),
+          x(4, T, HKV, Dv), x(5, T, HKV, Dk), x(6, T, HKV, Dv),
+          jax.nn.sigmoid(x(7, T, HQ, 3)))
+  ct = x(8, T, HQ, Dv)
+
+  def run(impl):
+    f = lambda *a: nsa_jax.nsa(*a, config=config, impl=impl, interpret=True)
+    o, vjp = jax.vjp(f, *args)
+    return o, vjp(ct)
+
+  (o, grads), (o_ref, grads_ref) = jax.jit(lambda: run("pallas"))(), jax.jit(lambda: run("xla"))()
+  np.testing.assert_allclose(o, o_ref, rtol=RTOL, atol=ATOL)
+  for name, g, g_ref in zip(("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win",
+                             "gates"), grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=ATOL, err_msg=f"d{name}")
+  plain = jax.vjp(lambda k_cmp: nsa_jax.nsa(args[0], k_cmp, *args[2:], config=SMALL,
+                                            impl="pallas", interpret=True), args[1])[1](ct)[0]
+  assert float(jnp.max(jnp.abs(grads[1] - plain))) > 1e-3   # the gate's path into k_cmp
