@@ -92,16 +92,21 @@ def main() -> None:
   parser.add_argument("--small", action="store_true", help="the tiny preset (smoke test)")
   parser.add_argument("--device_gb", type=float, default=140.0,
                       help="device memory in GB (1e9 bytes); H200: 140")
+  parser.add_argument("--max_devices", type=int, default=DEVICES[-1],
+                      help=f"the largest context size compiled (of {DEVICES})")
   parser.add_argument("--out", default=bench_common.default_out_dir())
   args = parser.parse_args()
+  if args.max_devices < 2:
+    parser.error(f"--max_devices={args.max_devices} must be >= 2 (one device is the baseline)")
+  devices = [P for P in DEVICES if P <= args.max_devices]
   preset = "tiny" if args.small else "gpu-small"
   lengths = RUNS[preset]
   cfg = make_config(preset, seq_len=lengths[0], batch_size=1, impl="xla", mixture="text",
                     progress=False)
   device_bytes = args.device_gb * 1e9
-  cases = [(P, T) for P in DEVICES for T in lengths]
+  cases = [(P, T) for P in devices for T in lengths]
   rows = [compiled_bytes(cfg, P, T) for P, T in tqdm(cases, desc="compiling")]
-  fits = [fit([r for r in rows if r["devices"] == P], device_bytes) for P in DEVICES]
+  fits = [fit([r for r in rows if r["devices"] == P], device_bytes) for P in devices]
   one = fits[0]["bytes_per_token"]
   for f in fits:
     f["per_token_vs_one_device"] = f["bytes_per_token"] / one

@@ -120,10 +120,10 @@ def test_context_memory_small(tmp_path):
   """The script behind the README's context-parallel memory table: a fit per device count,
   each device's bytes per token below one device's (the ~1/P property itself:
   tests/test_context.py)."""
-  run_script("context_memory", [], tmp_path)
+  run_script("context_memory", ["--max_devices", "2"], tmp_path)
   with open(tmp_path / "context_memory.json") as f:
     fits = json.load(f)["fits"]
-  assert [f["devices"] for f in fits] == [1, 2, 4, 8]
+  assert [f["devices"] for f in fits] == [1, 2]
   assert all(f["per_token_vs_one_device"] < 1 for f in fits[1:])
   assert (tmp_path / "context_memory.png").stat().st_size > 0
 

@@ -400,3 +400,66 @@ def backward_dkv(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, geo: Geom
                                  1 if block_major and q5.dtype.itemsize == 4 else None),
       interpret=geo.interpret, name="nsa_selected_dkv",
   )(q5, k, v, blk, q_offset, do5, lse, delta, ids, items, dk0, dv0, *[bias] * biased)
+
+
+def _slot_sum_kernel(part_ref, blk_ref, *refs, weighted: bool):
+  """One tile of Bt tokens and one KV head: the sum over the n slots of part_ref
+  [Bt, n_pad, Gp, D], slots not listed (blk_ref [Bt, n_pad] < 0: never written) skipped.
+  weighted (the forward's merge; refs start with lse_ref [Bt, n_pad, Gp], each slot's
+  base-2 lse): each slot's rows weighted by 2^(lse_k - lse), lse = log2 sum_k 2^lse_k,
+  also stored (0 for rows that see nothing, whose sum is 0)."""
+  lse_ref = refs[0] if weighted else None
+  o_ref, *lse_out = refs[weighted:]
+  Bt, n_pad, Gp, D = part_ref.shape
+  if weighted:
+    lse_k = jnp.where((blk_ref[...] >= 0)[:, :, None], lse_ref[...], NEG)
+    m = jnp.max(lse_k, axis=1)                                         # [Bt, Gp]
+    total = jnp.sum(jnp.exp2(lse_k - m[:, None, :]), axis=1)          # listed: >= 1
+    seen = m > NEG
+
+  def add(s, acc):
+    listed = (blk_ref[:, s] >= 0)[:, None]                              # [Bt, 1]
+    w = jnp.where(listed, jnp.exp2(lse_ref[:, s] - m) if weighted else 1.0, 0.0)
+    x = jnp.where(listed[:, :, None], part_ref[:, s].astype(jnp.float32), 0.0)
+    return acc + w[:, :, None] * x
+
+  acc = lax.fori_loop(0, n_pad, add, jnp.zeros((Bt, Gp, D), jnp.float32))
+  if weighted:
+    acc = acc / jnp.where(seen, total, 1.0)[:, :, None]
+    lse_out[0][...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, total, 1.0)), 0.0)
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+# Elements of a slot-sum program's [Bt, Gp, D] float32 accumulator at most.
+_SLOT_SUM_ELEMENTS = 4096
+
+
+def slot_sum(part, blk, geo: Geometry, dtype, lse_part=None):
+  """Each token's sum over its listed slots (`plan.listed`) of the block-major kernels'
+  per-entry results part [B, Tq*n_pad, HKV, Gp, D] -> [B, Tq, HKV, Gp, D] in `dtype`
+  (`_slot_sum_kernel`): the dQ terms' sum; with lse_part [B, Tq*n_pad, HKV, Gp] the
+  forward's merge, o = sum_k 2^(lse_k - lse) o_k (Eq. 10 over the union of the
+  blocks), returned with lse [B, Tq, HKV, Gp]. One pass over part instead of XLA's
+  fusions (experiments/PERF_NOTES.md)."""
+  B, Tq, HKV, Gp, D, n_pad = geo.B, geo.Tq, geo.HKV, geo.Gp, part.shape[-1], geo.n_pad
+  rows = B * Tq
+  Bt = min(rows & -rows, max(1, _SLOT_SUM_ELEMENTS // (Gp * D)))   # a power of 2 | rows
+  weighted = lse_part is not None
+  per_slot = lambda *tail: pl.BlockSpec((Bt, n_pad, None, *tail),
+                                        lambda i, h: (i, 0, h) + (0,) * len(tail))
+  per_token = lambda *tail: pl.BlockSpec((Bt, None, *tail),
+                                         lambda i, h: (i, h) + (0,) * len(tail))
+  out_specs = [per_token(Gp, D)] + [per_token(Gp)] * weighted
+  out_shape = [jax.ShapeDtypeStruct((rows, HKV, Gp, D), dtype)] + [
+      jax.ShapeDtypeStruct((rows, HKV, Gp), jnp.float32)] * weighted
+  out = pl.pallas_call(
+      functools.partial(_slot_sum_kernel, weighted=weighted),
+      grid=(rows // Bt, HKV),
+      in_specs=[per_slot(Gp, D), per_token(n_pad)] + [per_slot(Gp)] * weighted,
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=geo.params(4, 1), interpret=geo.interpret,
+      name="nsa_selected_slot_sum",
+  )(part.reshape(rows, n_pad, HKV, Gp, D), blk.reshape(rows, HKV, n_pad),
+    *([lse_part.reshape(rows, n_pad, HKV, Gp)] if weighted else []))
+  out = [x.reshape(B, Tq, *x.shape[1:]) for x in out]
+  return tuple(out) if weighted else out[0]
