@@ -101,10 +101,14 @@ def test_split_call_equals_the_whole_call(cudnn_calls, monkeypatch, window, max_
   ct = jax.random.normal(keys[3], (3, 9, 4, 6), jnp.float32)
   f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=window)
 
-  def run():
+  def run():   # traced afresh (the calls and MAX_ELEMENTS are read while tracing), one compile
     cudnn_calls.clear()
-    (o, lse), vjp = jax.vjp(f, *args)
-    return (o, lse, *vjp((ct, jnp.zeros_like(lse)))), list(cudnn_calls)
+
+    @jax.jit
+    def whole_program(args, ct):
+      (o, lse), vjp = jax.vjp(f, *args)
+      return (o, lse, *vjp((ct, jnp.zeros_like(lse))))
+    return whole_program(args, ct), list(cudnn_calls)
 
   whole, whole_calls = run()
   monkeypatch.setattr(cudnn, "MAX_ELEMENTS", max_elements)

@@ -177,8 +177,7 @@ def _pallas_calls(jaxpr) -> list[str]:
 
 
 @pytest.mark.parametrize("G,kernels", [
-    (4, ["nsa_selected_block_fwd", "nsa_selected_slot_sum", "nsa_selected_dkv",
-         "nsa_selected_slot_sum"]),
+    (4, ["nsa_selected_block_fwd", "nsa_selected_dkv"]),
     (16, ["nsa_selected_fwd", "nsa_selected_dq", "nsa_selected_dkv"])])
 def test_forward_and_backward_compile_one_tiling(G, kernels):
   """Forward and backward trace the kernels of the one tiling that runs (block-major
@@ -355,41 +354,6 @@ def test_default_tiles_one_warp_only_where_measured():
   assert default_tiles(x(128, jnp.float32), x(128, jnp.float32)) == Tiles(
       dkv_rows=64, num_warps=2, num_stages=2)
   assert default_tiles(x(64, jnp.float32), x(192, jnp.float32)).num_stages == 1
-
-
-@pytest.mark.parametrize("weighted", [False, True])
-def test_slot_sum_reads_only_listed_slots(weighted):
-  """`kernels.slot_sum` (the block-major merge and dQ sum) against the formula on the
-  listed slots, with NaN in every slot not listed (the kernels never write those):
-  sum_k w_k x_k, w_k = 1, or 2^(lse_k - lse) with lse = log2 sum_k 2^lse_k returned
-  too; a row with no listed slot gets 0 and lse 0. B*Tq = 2*20 rows (tiles of 8),
-  HKV 2, G 4, D 16, n 4."""
-  geo = tiling(jnp.zeros((2, 20, 8, 16)), jnp.zeros((2, 20, 2, 16)),
-               jnp.zeros((2, 20, 2, 4), jnp.int32), 4, 1.0, True, Tiles(block_major=True))
-  B, Tq, HKV, Gp, n = geo.B, geo.Tq, geo.HKV, geo.Gp, geo.n_pad
-  ks = jax.random.split(jax.random.key(11), 3)
-  blk = jnp.where(jax.random.uniform(ks[0], (B, Tq, HKV, n)) < 0.4, -1, 0)
-  blk = blk.at[0, 3].set(-1)                                    # rows that see nothing
-  on = jnp.transpose(blk >= 0, (0, 1, 3, 2)).reshape(B, Tq * n, HKV)[..., None]
-  part = jnp.where(on[..., None], jax.random.normal(ks[1], (B, Tq * n, HKV, Gp, 16), jnp.float32),
-                   jnp.nan)
-  lse = jnp.where(on, 3 * jax.random.normal(ks[2], (B, Tq * n, HKV, Gp), jnp.float32), jnp.nan)
-  on, x, lse_k = (a.reshape(B, Tq, n, *a.shape[2:]) for a in (on, part, lse))
-  if weighted:
-    got, got_lse = wrapper.slot_sum(part, blk, geo, jnp.float32, lse.reshape(part.shape[:-1]))
-    m = jnp.max(jnp.where(on, lse_k, -jnp.inf), axis=2, keepdims=True)
-    w = jnp.where(on, jnp.exp2(lse_k - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(w, axis=2)
-    want_lse = jnp.where(l > 0, m[:, :, 0] + jnp.log2(jnp.where(l > 0, l, 1.0)), 0.0)
-    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6, atol=1e-6)
-    w = w / jnp.where(l > 0, l, 1.0)[:, :, None]
-  else:
-    got = wrapper.slot_sum(part, blk, geo, jnp.float32)
-    w = on.astype(jnp.float32)
-  want = jnp.sum(w[..., None] * jnp.where(on[..., None], x, 0.0), axis=2)
-  assert bool(jnp.all(jnp.isfinite(got)))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-  assert float(jnp.max(jnp.abs(got[0, 3]))) == 0.0
 
 
 @pytest.mark.parametrize("dq_float32", [False, True])

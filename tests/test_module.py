@@ -39,8 +39,9 @@ def test_shapes_and_causality(shared_kv):
 
 def test_short_sequences_and_bf16():
   m = layer(dtype=jnp.bfloat16)
+  run = nnx.jit(lambda m, x: m(x))   # a compile per length, not per primitive op by op
   for T in (1, 5, 17):
-    y = m(jax.random.normal(jax.random.key(T), (1, T, 32), jnp.float32))
+    y = run(m, jax.random.normal(jax.random.key(T), (1, T, 32), jnp.float32))
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 

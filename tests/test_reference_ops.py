@@ -4,6 +4,7 @@ Forward values must match the float64 NumPy oracle of tests/oracle.py to 1e-5
 in float32; gradients pass `jax.test_util.check_grads` in float64.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +125,8 @@ def test_selected_attention_ignores_slot_order_and_empty_slots():
   x = make_inputs(jax.random.key(4), B, T, HQ, HKV, Dk, Dv, SMALL)
   idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=SMALL, impl="xla")
   shuffled = jnp.flip(idx, axis=-1)
-  f = lambda i: nsa_jax.selected_attention(x["q"], x["k_slc"], x["v_slc"], i,
-                                           config=SMALL, impl="xla")
+  f = jax.jit(lambda i: nsa_jax.selected_attention(x["q"], x["k_slc"], x["v_slc"], i,
+                                                   config=SMALL, impl="xla"))
   np.testing.assert_allclose(f(idx), f(shuffled), rtol=1e-6, atol=1e-6)
   # Only -1 slots: nothing visible, zero output and no NaN.
   o = f(jnp.full_like(idx, -1))
@@ -176,9 +177,9 @@ def test_gradients_float64(shape):
 def test_group_max_is_sum_for_one_head_per_group():
   """G = 1: the max over a group's one head is its score, as is the sum."""
   x = make_inputs(jax.random.key(12), 2, 77, 2, 2, 8, 8, SMALL)
-  f = lambda group_score: nsa_jax.nsa(
-      *(x[n] for n in NAMES), config=dataclasses.replace(SMALL, group_score=group_score),
-      impl="xla", return_block_idx=True)
+  f = lambda group_score: jax.jit(lambda *a: nsa_jax.nsa(
+      *a, config=dataclasses.replace(SMALL, group_score=group_score),
+      impl="xla", return_block_idx=True))(*(x[n] for n in NAMES))
   for got, want in zip(f("max"), f("sum")):
     np.testing.assert_array_equal(got, want)
 
@@ -198,17 +199,18 @@ def test_straight_through_gate(group_score):
   x["gates"] = jnp.zeros_like(x["gates"]).at[..., 1].set(1.0)   # o = o_slc
   args = ("q", "k_cmp", "k_slc", "v_slc")
 
+  @functools.cache   # one jitted function per config: its compiles are reused
   def op(config):
     def f(q, k_cmp, k_slc, v_slc):
       y = dict(x, q=q, k_cmp=k_cmp, k_slc=k_slc, v_slc=v_slc)
       return nsa_jax.nsa(*(y[n] for n in NAMES), config=config, impl="xla")
     return jax.jit(f)
 
-  o, idx = nsa_jax.nsa(*(x[n] for n in NAMES), config=gated, impl="xla",
-                       return_block_idx=True)
+  o, idx = jax.jit(lambda *a: nsa_jax.nsa(*a, config=gated, impl="xla",
+                                           return_block_idx=True))(*(x[n] for n in NAMES))
   np.testing.assert_array_equal(o, op(cfg)(*(x[n] for n in args)))
   scores = lambda q, k_cmp: selected_scores(q, k_cmp, idx, config=gated, scale=scale_of(x))
-  s0 = scores(x["q"], x["k_cmp"])
+  s0 = jax.jit(scores)(x["q"], x["k_cmp"])
   assert np.all(np.asarray(s0) >= 0) and np.asarray(s0).max() > 0
 
   @jax.jit
@@ -238,9 +240,8 @@ def test_gradients_finite_where_nothing_is_visible():
   for n, g in zip(NAMES, grads):
     assert np.all(np.isfinite(np.asarray(g))), n
   x = make_inputs(jax.random.key(8), 1, 20, 2, 1, 8, 8, SMALL)  # rows t < l-1 see no block
-  o, lse = nsa_jax.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config=SMALL, impl="xla")
-  g = jax.grad(lambda q: jnp.sum(nsa_jax.compressed_attention(
-      q, x["k_cmp"], x["v_cmp"], config=SMALL, impl="xla")[0]))(x["q"])
+  g = jax.jit(jax.grad(lambda q: jnp.sum(nsa_jax.compressed_attention(
+      q, x["k_cmp"], x["v_cmp"], config=SMALL, impl="xla")[0])))(x["q"])
   assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[:, :7] == 0)
 
 
@@ -310,9 +311,12 @@ def test_cudnn_window_call_matches_the_reference(cudnn_calls, T, Dk, Dv):
   f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
   ref = lambda *a: window.window_attention_xla(*a, config=SMALL, scale=0.3)
   ct = jax.random.normal(jax.random.key(5), (2, T, 4, Dv), jnp.float32)
-  (o, vjp), (o_ref, vjp_ref) = jax.vjp(f, *args), jax.vjp(ref, *args)
+  # Both sides in one jitted program (one compile, not one per primitive op by op).
+  both = jax.jit(lambda args, ct: [(o, vjp(ct)) for o, vjp in (jax.vjp(fn, *args)
+                                                                for fn in (f, ref))])
+  (o, grads), (o_ref, grads_ref) = both(args, ct)
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
-  for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+  for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
@@ -333,14 +337,23 @@ def test_compressed_folded_by_residue_matches_the_reference(cudnn_calls, shape):
   args = (x["q"], x["k_cmp"], x["v_cmp"])
   f = lambda *a: compressed.compressed_attention_folded(*a, config=cfg, scale=0.3)
   ref = lambda *a: compressed.compressed_attention_xla(*a, config=cfg, scale=0.3)
-  (o, vjp, lse), (o_ref, vjp_ref, lse_ref) = (
-      jax.vjp(lambda *a: fn(*a), *args, has_aux=True) for fn in (f, ref))
+  B, T, HQ, _, _, Dv = dims
+  ct = jax.random.normal(jax.random.key(7), (B, T, HQ, Dv), jnp.float32)
+
+  @jax.jit   # both sides in one program (one compile, not one per primitive op by op)
+  def both(args, ct):
+    out = []
+    for fn in (f, ref):
+      o, vjp, lse = jax.vjp(fn, *args, has_aux=True)
+      out.append((o, lse, vjp(ct)))
+    return out
+  (o, lse, grads), (o_ref, lse_ref, grads_ref) = both(args, ct)
+  assert o.shape == ct.shape
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.isinf(lse), np.isinf(lse_ref))
   fin = np.isfinite(np.asarray(lse_ref))
   np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(lse_ref)[fin], rtol=1e-5, atol=1e-6)
-  ct = jax.random.normal(jax.random.key(7), o.shape, jnp.float32)
-  for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+  for g, g_ref in zip(grads, grads_ref):
     # jax's XLA attention rounds logits to float32 even for float64 inputs, so
     # this runs in float32: dk, dv sum up to T terms, hence a tolerance scaled
     # by the largest gradient (a wrong index map is off by O(1) of it).
@@ -386,13 +399,21 @@ def test_references_on_a_query_slice_give_those_rows():
                q, k, v, i, **kw, first=first), ("k_slc", "v_slc")),
           (lambda q, k, v, i, first: window.window_attention_xla(
                q, k, v, **kw, first=first), ("k_win", "v_win"))]
-  for ref, keys in refs:
-    k, v = x[keys[0]], x[keys[1]]
-    whole, vjp = jax.vjp(lambda k, v: ref(x["q"], k, v, idx, 0), k, v)
-    part, vjp_part = jax.vjp(lambda k, v: ref(x["q"][:, t0:t1], k, v, idx[:, t0:t1], t0), k, v)
+
+  @jax.jit   # every reference, whole and on the rows, in one program (one compile)
+  def run(x, idx, ct):
+    out = []
+    for ref, keys in refs:
+      k, v = x[keys[0]], x[keys[1]]
+      whole, vjp = jax.vjp(lambda k, v: ref(x["q"], k, v, idx, 0), k, v)
+      part, vjp_part = jax.vjp(lambda k, v: ref(x["q"][:, t0:t1], k, v, idx[:, t0:t1], t0),
+                               k, v)
+      out.append((whole, part, vjp(ct * on_rows[None, :, None, None]),
+                  vjp_part(ct[:, t0:t1])))
+    return out
+  for whole, part, grads, grads_part in run(x, idx, ct):
     np.testing.assert_allclose(part, whole[:, t0:t1], rtol=1e-6, atol=1e-6)
-    grads = vjp(ct * on_rows[None, :, None, None])
-    for g_part, g in zip(vjp_part(ct[:, t0:t1]), grads):
+    for g_part, g in zip(grads_part, grads):
       np.testing.assert_allclose(g_part, g, rtol=1e-5, atol=1e-6)
 
 

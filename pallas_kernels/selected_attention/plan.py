@@ -4,7 +4,8 @@ The query-tile kernels walk each tile's *union* of selected blocks
 (`tile_unions`); the dK/dV kernel and the block-major kernels run one program
 per KV block over an *inverted index*: the query tiles (`inverted_index`) or
 the (token, slot) entries (`entry_index`) that chose the block, cut into work
-items (`_work_items`).
+items (`_work_items`). The block-major forward's per-entry results are merged
+here too (`merge`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _util
-from pallas_kernels.selected_attention.tiles import Geometry
+from pallas_kernels.selected_attention.tiles import NEG, Geometry
 
 INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 
@@ -111,11 +112,37 @@ def entry_index(blk, geo: Geometry, chunk: int | None):
   return entries.reshape(B, HKV, E), items.reshape(B, HKV, -1, 4)
 
 
-def slots(part, blk, geo: Geometry):
-  """[B, Tq*n_pad, HKV, Gp] per-entry results -> [B, Tq, n_pad, HKV, Gp], 0 in the
-  slots not listed (never written by the kernels)."""
+def slots(part, blk, geo: Geometry, fill=0.0):
+  """[B, Tq*n_pad, HKV, Gp, ...] per-entry results -> [B, Tq, n_pad, HKV, Gp, ...],
+  `fill` in the slots not listed (never written by the kernels)."""
   x = part.reshape(geo.B, geo.Tq, geo.n_pad, *part.shape[2:])
-  return jnp.where(jnp.transpose(listed(blk), (0, 1, 3, 2))[..., None], x, 0.0)
+  listed = _slot_mask(blk, geo)
+  return jnp.where(listed.reshape(listed.shape + (1,) * (x.ndim - listed.ndim)), x, fill)
+
+
+def _slot_mask(blk, geo: Geometry):
+  """[B, Tq, n_pad, HKV, 1]: `listed` in the layout of `slots`."""
+  return jnp.transpose(listed(blk), (0, 1, 3, 2))[..., None]
+
+
+def merge(o_part, lse_part, blk, geo: Geometry):
+  """Combines the block-major forward's per-entry results into o and lse.
+
+  o_part [B, Tq*n_pad, HKV, Gp, Dvp], lse_part [B, Tq*n_pad, HKV, Gp]: each
+  listed entry's attention over its one block (normalised) and base-2
+  log-sum-exp. o = sum_k 2^(lse_k - lse) o_k with lse = log2 sum_k 2^lse_k
+  (Eq. 10 over the union of the blocks). Rows that see nothing get o = 0 and
+  lse = 0, as in the query-tile forward.
+  """
+  listed = _slot_mask(blk, geo)
+  lse_k = slots(lse_part, blk, geo, NEG)                        # [B, Tq, n, HKV, Gp]
+  m = jnp.max(lse_k, axis=2)
+  w = jnp.where(listed, jnp.exp2(lse_k - m[:, :, None]), 0.0)
+  l = jnp.sum(w, axis=2)                                         # [B, Tq, HKV, Gp]
+  o = jnp.sum(w[..., None] * slots(o_part, blk, geo).astype(jnp.float32), axis=2)
+  seen = l > 0
+  o = o / jnp.where(seen, l, 1.0)[..., None]
+  return o.astype(o_part.dtype), jnp.where(seen, m + jnp.log2(l), 0.0)
 
 
 def pad_blk(block_idx, q_offset, geo: Geometry):

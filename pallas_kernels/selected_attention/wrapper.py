@@ -5,7 +5,7 @@ Two tilings, fixed by the shapes at trace time (`choice.tiling`): *query tiles*
 (one program per Bq tokens x G heads over the union of their selected blocks; dQ alike;
 dK/dV per KV block over an inverted index of the tiles that chose it) and, by default for
 G <= 8, *block-major* (one program per KV block over the (token, slot) entries that chose
-it, forward and dK/dV, partial results summed per token by `kernels.slot_sum`). Design, determinism and padding:
+it, forward and dK/dV, partial results merged in XLA). Design, determinism and padding:
 docs/kernels.md#selected-attention. The pieces, beside this file: `tiles.py` (tiles,
 geometry), `plan.py` (index planning in XLA), `kernels.py` (kernels, pallas_calls),
 `choice.py` (which tiling runs). Reference:
@@ -24,8 +24,8 @@ from pallas_kernels import _util
 from pallas_kernels.selected_attention.choice import (BLOCK_MAJOR, QUERY_TILES, fit_tiles_for,
                                                       shared_memory_reason, tiling)
 from pallas_kernels.selected_attention.kernels import (backward_dkv, backward_dq, block_forward,
-                                                       forward, slot_sum)
-from pallas_kernels.selected_attention.plan import (entry_index, inverted_index, pad_blk,
+                                                       forward)
+from pallas_kernels.selected_attention.plan import (entry_index, inverted_index, merge, pad_blk,
                                                     plan_index, slots)
 from pallas_kernels.selected_attention.tiles import Geometry, Tiles, default_tiles
 
@@ -64,8 +64,7 @@ def _forward_pass(q, k, v, block_idx, bias, q_offset, geo: Geometry):
   q5, kp, vp = _pad_qkv(q, k, v, geo)
   if geo.tiles.block_major:
     bias5 = None if bias is None else _entry_bias(bias, geo)
-    o_part, lse_part = block_forward(q5, kp, vp, blk, q_offset, *index, geo, bias5)
-    o5, lse = slot_sum(o_part, blk, geo, q5.dtype, lse_part)
+    o5, lse = merge(*block_forward(q5, kp, vp, blk, q_offset, *index, geo, bias5), blk, geo)
   else:
     o5, lse = forward(q5, kp, vp, blk, q_offset, *index, geo)
   return _unpad(o5, geo, geo.Dv), lse[:, :geo.T], index
@@ -89,7 +88,7 @@ def _backward_pass(q, k, v, block_idx, bias, q_offset, index, o, lse, do, geo: G
     dk, dv, dq_part, *dbias_part = backward_dkv(q5, kp, vp, blk, q_offset, do5, lse, delta,
                                                 entries, items, geo, block_major=True,
                                                 bias=bias5)
-    dq5 = slot_sum(dq_part, blk, geo, q5.dtype)
+    dq5 = jnp.sum(slots(dq_part, blk, geo), axis=2, dtype=jnp.float32).astype(q5.dtype)
     if dbias_part:
       dbias = _slot_grad(dbias_part[0], blk, bias, geo)
   else:
