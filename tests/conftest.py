@@ -5,18 +5,18 @@ import collections
 import os
 import time
 
+from tests.scripts import FAST_COMPILE, run_script  # noqa: E402  (imports no jax)
+
 # The tests compile hundreds of small programs (interpret-mode Pallas kernels above all)
 # and run each a few times on tiny shapes, so LLVM's optimization passes cost more time
 # than they save (measurements: experiments/PERF_NOTES.md, "Test suite"). Set before
-# the CPU backend starts; the scripts and notebooks the tests run inherit it; flags
-# already in XLA_FLAGS come after, so they win.
-os.environ["XLA_FLAGS"] = " ".join(
-    ["--xla_backend_optimization_level=0", os.environ.get("XLA_FLAGS", "")]).strip()
+# the CPU backend starts; the scripts the tests run inherit it, the notebooks (which train
+# models) run without it (`tests.scripts.optimized`); flags already in XLA_FLAGS come
+# after, so they win.
+os.environ["XLA_FLAGS"] = " ".join([FAST_COMPILE, os.environ.get("XLA_FLAGS", "")]).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
-
-from tests.scripts import run_script  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", True)

@@ -6,6 +6,15 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA's CPU backend without its optimization passes (set for the whole run by
+# tests/conftest.py): most tests compile many small programs and run each a few times.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def optimized(env: dict) -> dict:
+  """env without FAST_COMPILE in XLA_FLAGS: for a process that trains for hundreds of steps,
+  where optimized code pays for its longer compiles (experiments/PERF_NOTES.md, "Test suite")."""
+  return dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "").replace(FAST_COMPILE, "").strip())
 
 
 def run_script(name, args, out_dir, **env_vars):
