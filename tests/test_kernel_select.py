@@ -9,6 +9,7 @@ RTOL apart, and elsewhere allows swaps only between blocks whose reference
 scores differ by less than RTOL (relative).
 """
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -36,6 +37,25 @@ EQUAL_BLOCKS = NSAConfig(compress_block=16, compress_stride=8, select_block=16,
                          num_selected=4, num_initial=0)
 
 
+@functools.cache   # one jitted function per (config, scale, Ts): its compiles are reused
+def _block_scores(config, scale, Ts):
+  """[B, HKV, T, Ts] float64 block scores of the reference, in one compiled program (not
+  one compile per primitive op by op)."""
+  @jax.jit
+  def block_scores(q, k_cmp, doc_start):
+    s, mask = compressed_scores(q.astype(jnp.float64), 0,
+                                k_cmp.astype(jnp.float64), config, scale, doc_start)
+    p, _ = _common.masked_softmax(s, mask)
+    return group_block_scores(p, config, Ts)
+  return block_scores
+
+
+@functools.cache   # one jitted function per (config, scale): its compiles are reused
+def _reference_selection(config, scale):
+  return jax.jit(lambda q, k_cmp, doc_start: select_blocks_xla(
+      q, k_cmp, config=config, scale=scale, doc_start=doc_start))
+
+
 def ranked_reference_scores(q, k_cmp, config, scale, doc_start=None):
   """[B, T, HKV, Ts] float64 scores as ranked: forced +inf, non-candidates -inf;
   doc_start [B, T]: packed rows (docs/semantics.md#packed-rows)."""
@@ -45,10 +65,7 @@ def ranked_reference_scores(q, k_cmp, config, scale, doc_start=None):
   if k_cmp.shape[1] == 0:
     scores = jnp.zeros((B, HKV, T, Ts))
   else:
-    s, mask = compressed_scores(q.astype(jnp.float64), 0,
-                                k_cmp.astype(jnp.float64), config, scale, doc_start)
-    p, _ = _common.masked_softmax(s, mask)
-    scores = group_block_scores(p, config, Ts)
+    scores = _block_scores(config, scale, Ts)(q, k_cmp, doc_start)
   scores = np.moveaxis(np.asarray(scores), 1, 2)
   t = np.arange(T)[:, None, None]
   j = np.arange(Ts)
@@ -63,8 +80,7 @@ def ranked_reference_scores(q, k_cmp, config, scale, doc_start=None):
 def assert_same_selection(block_idx, q, k_cmp, config, scale, exact=False, doc_start=None):
   """block_idx selects what select_blocks_xla selects, up to near-ties (module doc)."""
   block_idx = np.asarray(block_idx)
-  reference = np.asarray(select_blocks_xla(q, k_cmp, config=config, scale=scale,
-                                           doc_start=doc_start))
+  reference = np.asarray(_reference_selection(config, scale)(q, k_cmp, doc_start))
   assert block_idx.shape == reference.shape
   assert block_idx.dtype == np.int32
   ranked = ranked_reference_scores(q, k_cmp, config, scale, doc_start)
@@ -104,7 +120,7 @@ CASES = [
     pytest.param(130, 2, 2, 32, EQUAL_BLOCKS, jnp.float32, Tiles(block_k=16),
                  id="l-eq-lp-no-initial-G1"),
     # tiles None: called like the public op does (test_public_op_... reuses
-    # this compilation).
+    # the reference's compilation of this case).
     pytest.param(77, 6, 2, 40, SMALL_N5, jnp.bfloat16, None, id="bf16-n5-Dk40-G3"),
 ]
 
@@ -148,14 +164,14 @@ def test_exact_ties_go_to_lower_index():
 
 def test_public_op_dispatches_to_kernel(monkeypatch):
   """nsa_jax.select_blocks(impl="pallas"): default scale and tiles (the inputs
-  of the bf16 case above, so the kernel's compilation is reused)."""
+  of the bf16 case above, so the reference's compilation is reused)."""
   calls = []
   monkeypatch.setattr(select_blocks_module, "select_blocks",
                       lambda *args, **kwargs: calls.append(kwargs) or
                       select_blocks(*args, **kwargs))
   q, k_cmp = random_inputs(77, 2, 77, 6, 2, 40, SMALL_N5, jnp.bfloat16)
-  got = nsa_jax.select_blocks(q, k_cmp, config=SMALL_N5, impl="pallas",
-                              interpret=True)
+  got = jax.jit(lambda q, k_cmp: nsa_jax.select_blocks(   # traced afresh: one compile
+      q, k_cmp, config=SMALL_N5, impl="pallas", interpret=True))(q, k_cmp)
   assert len(calls) == 1 and calls[0]["interpret"] is True
   assert_same_selection(got, q, k_cmp, SMALL_N5, _common.resolve_scale(None, q))
 
@@ -170,8 +186,8 @@ def test_given_lse_skips_pass_1():
   q, k_cmp = random_inputs(1, 2, 70, 6, 2, 32, config)
   v_cmp = jnp.zeros(k_cmp.shape, k_cmp.dtype)
   scale = _common.resolve_scale(None, q)
-  _, lse = nsa_jax.compressed_attention(q, k_cmp, v_cmp, config=config,
-                                        scale=scale, impl="xla")
+  _, lse = jax.jit(lambda q, k_cmp, v_cmp: nsa_jax.compressed_attention(
+      q, k_cmp, v_cmp, config=config, scale=scale, impl="xla"))(q, k_cmp, v_cmp)
   assert np.all(np.isneginf(np.asarray(lse)[:, :config.compress_block - 1]))
   tiles = Tiles(block_q=16, block_k=16)
   without = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=scale, interpret=True,
@@ -190,8 +206,9 @@ def test_given_lse_default_tiles_paper_sizes():
   config = NSAConfig()
   q, k_cmp = random_inputs(2, 1, 2200, 4, 2, 32, config)
   scale = _common.resolve_scale(None, q)
-  _, lse = nsa_jax.compressed_attention(q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype),
-                                        config=config, scale=scale, impl="xla")
+  _, lse = jax.jit(lambda q, k_cmp: nsa_jax.compressed_attention(
+      q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype), config=config, scale=scale,
+      impl="xla"))(q, k_cmp)
   given = select_blocks(q, k_cmp, sizes=selection_sizes(config), scale=scale, interpret=True, lse=lse)
   assert_same_selection(given, q, k_cmp, config, scale)
 
@@ -205,9 +222,13 @@ def test_reference_given_lse():
   config = SMALL
   q, k_cmp = random_inputs(2, 2, 300, 4, 2, 16, config, jnp.float64)
   v_cmp = jnp.zeros(k_cmp.shape, k_cmp.dtype)
-  _, lse = nsa_jax.compressed_attention(q, k_cmp, v_cmp, config=config, impl="xla")
-  got = nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse)
-  want = nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla")
+
+  @jax.jit   # one compile for the three calls, not one per primitive op by op
+  def both(q, k_cmp, v_cmp):
+    _, lse = nsa_jax.compressed_attention(q, k_cmp, v_cmp, config=config, impl="xla")
+    return (lse, nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse),
+            nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla"))
+  lse, got, want = both(q, k_cmp, v_cmp)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with pytest.raises(ValueError, match="lse.shape"):
     nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla", lse=lse[:, 1:])
@@ -227,9 +248,9 @@ def test_packed_rows_and_query_offset(T, t0, block_k):
   segment_ids = jnp.asarray(np.repeat([0, 1, 2], [48, 64, T - 112])[None], jnp.int32)
   doc_start = segments.document_starts(segment_ids)
   scale = _common.resolve_scale(None, q)
-  _, lse = nsa_jax.compressed_attention(q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype),
-                                        config=config, scale=scale, impl="xla",
-                                        segment_ids=segment_ids)
+  _, lse = jax.jit(lambda q, k_cmp: nsa_jax.compressed_attention(
+      q, k_cmp, jnp.zeros(k_cmp.shape, k_cmp.dtype), config=config, scale=scale,
+      impl="xla", segment_ids=segment_ids))(q, k_cmp)
   kw = dict(sizes=selection_sizes(config), scale=scale, interpret=True,
             tiles=Tiles(block_q=16, block_k=block_k))
   for given in (None, lse):

@@ -32,15 +32,19 @@ def test_full_attention_matches_naive_gqa_with_rope():
   attn = FullAttention(d_model, H, HKV, head_dim=D, rope_theta=10000.0, dtype=jnp.float32,
                        rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (B, T, d_model), jnp.float32)
-  pos = jnp.arange(T)
-  q = apply_rope((x @ attn.q_proj.kernel[...]).reshape(B, T, H, D), pos)
-  kv = (x @ attn.kv_proj.kernel[...]).reshape(B, T, HKV, 2, D)   # head-major columns
-  k = jnp.repeat(apply_rope(kv[:, :, :, 0], pos), H // HKV, axis=2)
-  v = jnp.repeat(kv[:, :, :, 1], H // HKV, axis=2)
-  s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
-  s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
-  o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(B, T, H * D)
-  np.testing.assert_allclose(attn(x), o @ attn.o_proj.kernel[...], rtol=1e-5, atol=1e-5)
+
+  @nnx.jit   # the layer and the naive reference in one compile, not one per op
+  def both(attn, x):
+    pos = jnp.arange(T)
+    q = apply_rope((x @ attn.q_proj.kernel[...]).reshape(B, T, H, D), pos)
+    kv = (x @ attn.kv_proj.kernel[...]).reshape(B, T, HKV, 2, D)   # head-major columns
+    k = jnp.repeat(apply_rope(kv[:, :, :, 0], pos), H // HKV, axis=2)
+    v = jnp.repeat(kv[:, :, :, 1], H // HKV, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(B, T, H * D)
+    return attn(x), o @ attn.o_proj.kernel[...]
+  np.testing.assert_allclose(*both(attn, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["nsa", "full"])
@@ -72,7 +76,9 @@ def test_parameter_counts():
   assert count(attention="full", tie_embeddings=False) - full == 256 * c.d_model
 
 
-@functools.lru_cache(maxsize=2)   # the plain models', shared by the cases below
+# the plain models', shared by the cases below (which alternate nsa and full: 4 entries keep
+# both plain models while each case adds its own)
+@functools.lru_cache(maxsize=4)
 def loss_and_grads(config):
   """Loss and parameter gradients of the tiny model of `config` (seed 0) on packed rows."""
   model = Transformer(config, rngs=nnx.Rngs(0))
@@ -117,7 +123,8 @@ def test_bf16_compute_keeps_f32_parameters_and_logits():
   tokens = jax.random.randint(jax.random.key(3), (1, 64), 0, 256, jnp.int32)
   hidden = model16.embed(tokens)
   assert hidden.dtype == jnp.bfloat16
-  a, b = model32(tokens), model16(tokens)
+  # both models in one compile, not one per primitive op by op
+  a, b = nnx.jit(lambda m32, m16, tokens: (m32(tokens), m16(tokens)))(model32, model16, tokens)
   assert b.dtype == jnp.float32
   # bf16 keeps ~3 significant digits; logits here are O(1).
   np.testing.assert_allclose(a, b, atol=0.1, rtol=0.05)

@@ -66,7 +66,11 @@ def test_nsa_reuses_its_branch_lse_only_where_it_is_the_selections(Dv):
   k_cmp = jax.random.normal(ks[1], (B, Tc, HKV, Dk), jnp.float32)
   v_cmp = jax.random.normal(ks[2], (B, Tc, HKV, Dv), jnp.float32)
   kw = dict(config=SMALL, scale=Dk ** -0.5, impl="pallas", interpret=True)
-  branch_lse = compressed.compressed_attention(q, k_cmp, v_cmp, **kw)[1]
-  from_nsa = selection.selection_lse(q, k_cmp, **kw, branch=(v_cmp, "pallas", branch_lse))
-  alone = selection.selection_lse(q, k_cmp, **kw)
+  # Each call its own compiled program (not one compile per op), as nsa and select_blocks
+  # are apart.
+  branch_lse = jax.jit(lambda q, k_cmp, v_cmp: compressed.compressed_attention(
+      q, k_cmp, v_cmp, **kw)[1])(q, k_cmp, v_cmp)
+  from_nsa = jax.jit(lambda q, k_cmp, v_cmp, branch_lse: selection.selection_lse(
+      q, k_cmp, **kw, branch=(v_cmp, "pallas", branch_lse)))(q, k_cmp, v_cmp, branch_lse)
+  alone = jax.jit(lambda q, k_cmp: selection.selection_lse(q, k_cmp, **kw))(q, k_cmp)
   np.testing.assert_array_equal(from_nsa, alone)

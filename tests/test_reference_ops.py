@@ -54,8 +54,8 @@ def scale_of(x):
 def test_compressed_attention_matches_oracle(shape):
   *dims, cfg = shape
   x = make_inputs(jax.random.key(0), *dims, cfg)
-  o, lse = nsa_jax.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
-                                        config=cfg, impl="xla")
+  o, lse = jax.jit(functools.partial(nsa_jax.compressed_attention, config=cfg, impl="xla"))(
+      x["q"], x["k_cmp"], x["v_cmp"])   # one compile, not one per primitive op by op
   B, T, _, HKV, _, _ = dims
   o_ref, lse_ref = oracle.dense_attention(
       x["q"], x["k_cmp"], x["v_cmp"], oracle.compressed_mask(B, T, HKV, cfg),
@@ -74,7 +74,8 @@ def test_compressed_attention_matches_oracle(shape):
 def test_window_attention_matches_oracle(shape):
   *dims, cfg = shape
   x = make_inputs(jax.random.key(1), *dims, cfg)
-  o = nsa_jax.window_attention(x["q"], x["k_win"], x["v_win"], config=cfg, impl="xla")
+  o = jax.jit(functools.partial(nsa_jax.window_attention, config=cfg, impl="xla"))(
+      x["q"], x["k_win"], x["v_win"])   # one compile, not one per primitive op by op
   B, T, _, HKV, _, _ = dims
   o_ref, _ = oracle.dense_attention(x["q"], x["k_win"], x["v_win"],
                                     oracle.window_mask(B, T, HKV, cfg), scale_of(x))
@@ -88,7 +89,8 @@ def test_select_blocks_matches_oracle(shape, group_score):
   *dims, cfg = shape
   cfg = dataclasses.replace(cfg, group_score=group_score)
   x = make_inputs(jax.random.key(2), *dims, cfg)
-  idx = np.asarray(nsa_jax.select_blocks(x["q"], x["k_cmp"], config=cfg, impl="xla"))
+  idx = np.asarray(jax.jit(functools.partial(nsa_jax.select_blocks, config=cfg, impl="xla"))(
+      x["q"], x["k_cmp"]))   # one compile, not one per primitive op by op
   want, scores = oracle.select_blocks(x["q"], x["k_cmp"], cfg, scale_of(x))
   B, T, HKV, n = idx.shape
   assert n == cfg.num_selected and idx.dtype == np.int32
@@ -111,9 +113,12 @@ def test_select_blocks_matches_oracle(shape, group_score):
 def test_selected_attention_matches_oracle(shape):
   *dims, cfg = shape
   x = make_inputs(jax.random.key(3), *dims, cfg)
-  idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=cfg, impl="xla")
-  o = nsa_jax.selected_attention(x["q"], x["k_slc"], x["v_slc"], idx,
-                                 config=cfg, impl="xla")
+
+  @jax.jit   # both ops in one compile, not one per primitive op by op
+  def run(q, k_cmp, k_slc, v_slc):
+    idx = nsa_jax.select_blocks(q, k_cmp, config=cfg, impl="xla")
+    return idx, nsa_jax.selected_attention(q, k_slc, v_slc, idx, config=cfg, impl="xla")
+  idx, o = run(x["q"], x["k_cmp"], x["k_slc"], x["v_slc"])
   T = dims[1]
   o_ref, _ = oracle.dense_attention(x["q"], x["k_slc"], x["v_slc"],
                                     oracle.selected_mask(idx, T, cfg), scale_of(x))
@@ -137,7 +142,8 @@ def test_selected_attention_ignores_slot_order_and_empty_slots():
 def test_nsa_matches_oracle(shape):
   *dims, cfg = shape
   x = make_inputs(jax.random.key(5), *dims, cfg)
-  o, idx = nsa_jax.nsa(**x, config=cfg, impl="xla", return_block_idx=True)
+  o, idx = jax.jit(functools.partial(nsa_jax.nsa, config=cfg, impl="xla",
+                                      return_block_idx=True))(**x)   # one compile, not per op
   B, T, _, HKV, _, _ = dims
   sc = scale_of(x)
   o_cmp, _ = oracle.dense_attention(x["q"], x["k_cmp"], x["v_cmp"],
