@@ -167,7 +167,7 @@ def main() -> None:
       if n > 1:
         rows.append(time_steps(mode_cfg, mesh, n, batch_size, args.iters))
       else:
-        key = (repr(mode_cfg), batch_size)
+        key = (mode_cfg, batch_size)
         if key not in one_device:
           one_device[key] = time_steps(mode_cfg, mesh, n, batch_size, args.iters)
         rows.append(dict(one_device[key], mesh=mesh))

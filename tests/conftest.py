@@ -5,7 +5,7 @@ import collections
 import os
 import time
 
-from tests.scripts import FAST_COMPILE, run_script  # noqa: E402  (imports no jax)
+from tests.scripts import FAST_COMPILE, run_script   # imports no jax
 
 # The tests compile hundreds of small programs (interpret-mode Pallas kernels above all)
 # and run each a few times on tiny shapes, so LLVM's optimization passes cost more time
