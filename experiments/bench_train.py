@@ -637,10 +637,18 @@ def main(argv=None):
     if value is not None:
       print(f"NOTE: {name}={value} is set: the allocator is not at JAX's defaults")
   device = {}
-  cache_dir = tempfile.mkdtemp(prefix="bench_train_cache_")   # empty: compile_s is cold
+  cache_root = tempfile.mkdtemp(prefix="bench_train_cache_")
+  caches = {}
 
   def attempt(case, option, warm=False):
-    spec = dict(case, memory_option=option, warm=warm, cache_dir=cache_dir, small=args.small,
+    # A fresh directory per cold attempt: its compile_s is cold for XLA's GEMM autotuning
+    # too (JAX keeps XLA's per-fusion autotuning results in the compilation cache's
+    # directory; a shared one let later rows reuse earlier rows' results). The warm start
+    # reads the directory of its case's cold attempt.
+    key = json.dumps([case, option], sort_keys=True)
+    if not warm:
+      caches[key] = tempfile.mkdtemp(dir=cache_root)
+    spec = dict(case, memory_option=option, warm=warm, cache_dir=caches[key], small=args.small,
                 steps=args.steps)
     record = attempt_in_child(spec, args.attempt_timeout_s)
     device.update(record.pop("device", {}))
@@ -649,7 +657,7 @@ def main(argv=None):
   try:
     rows = run_cases(args, attempt)
   finally:
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    shutil.rmtree(cache_root, ignore_errors=True)
   if not device:
     sys.exit("no attempt ran (see above)")
   data = {"meta": bc.run_meta(device), "tokens_per_step": args.tokens, "steps": args.steps,
