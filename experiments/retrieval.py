@@ -274,11 +274,30 @@ def recipe_args(args, recipe: str):
       "overrides": {**args.overrides, **parse_settings(args.preset, settings)}})
 
 
+def merged_ablations(args, stages: list[Stage]) -> dict:
+  """The recipes (and full attention) of the --merge files, earlier calls of the same
+  ablation: {"recipes": {...}, "full": ... or None}. A file whose experiment differs from
+  this call's (any field of `common_record` but the device) is an error naming the field."""
+  mine = common_record(args, stages)
+  merged = {"recipes": {}, "full": None}
+  for path in args.merge:
+    earlier = json.loads(pathlib.Path(path).read_text())
+    differ = [k for k in mine if k != "device" and earlier.get(k) != mine[k]]
+    if differ:
+      raise ValueError(f"--merge {path}: not this experiment: {differ[0]}="
+                       f"{earlier.get(differ[0])!r} there, {mine[differ[0]]!r} here")
+    merged["recipes"].update(earlier["recipes"])
+    merged["full"] = earlier.get("full") or merged["full"]
+  return merged
+
+
 def ablation(args, stages: list[Stage], lengths, left) -> bool:
   """NSA with each of --recipes (and full attention, if in --attentions) on the same
-  tokens: retrieval_ablation_<gpu>.json, and the comparison retrieval_<gpu>.json of full
-  attention with the winner (the best mean accuracy over the lengths and depths, then
-  the best strict recall). False when the time ran out first."""
+  tokens, beside those of the --merge files: retrieval_ablation_<gpu>.json, and the
+  comparison retrieval_<gpu>.json of full attention with the winner (the best mean accuracy
+  over the lengths and depths, then the best strict recall). False when the time ran out
+  first."""
+  earlier = merged_ablations(args, stages)   # a wrong file fails before any training
   runs = {}
   for recipe in args.recipes:
     rargs = recipe_args(args, recipe)
@@ -299,6 +318,8 @@ def ablation(args, stages: list[Stage], lengths, left) -> bool:
     if probe is None:
       return False
     full = summary(fargs, stages, "full", probe)
+  runs = {**earlier["recipes"], **runs}
+  full = full or earlier["full"]
   score = lambda r: (np.mean(r[1]["accuracy"]),
                      np.mean(r[1]["selection_recall"]["strict"]["mean"]))
   winner = max(runs.items(), key=score)[0]
@@ -306,7 +327,8 @@ def ablation(args, stages: list[Stage], lengths, left) -> bool:
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"retrieval_ablation{file_suffix(args)}.json"
   bench_common.write_json(str(path), {**common_record(args, stages), "winner": winner,
-                                      "recipes": runs, **({"full": full} if full else {})})
+                                      "recipes": runs, **({"full": full} if full else {}),
+                                      **({"merged": args.merge} if args.merge else {})})
   print_ablation(runs, full)
   print(f"winner: {winner} ({' '.join(runs[winner]['settings']) or 'no settings'})")
   if full is not None:
@@ -364,6 +386,10 @@ def main(argv=None) -> None:
                       f"of {', '.join(RECIPES)}) under <runs>/<recipe>, and full attention "
                       "if in --attentions: retrieval_ablation_<gpu>.json, and the comparison "
                       "retrieval_<gpu>.json with the winner")
+  parser.add_argument("--merge", default="", metavar="JSON[,JSON]",
+                      help="ablation: earlier calls' retrieval_ablation_<gpu>.json of the same "
+                      "experiment (same data, curriculum, model, seed); their recipes and full "
+                      "attention join this call's in the table and the winner's choice")
   parser.add_argument("--seed", type=int, default=0,
                       help="parameters, data order and passkeys (e.g. to repeat the winner); "
                       "not 0: runs under <runs>/seed<N>, files named *_seed<N>")
@@ -392,6 +418,11 @@ def main(argv=None) -> None:
   if not set(args.attentions) <= set(ATTENTIONS):
     raise ValueError(f"--attentions={','.join(args.attentions)} must name some of {ATTENTIONS}")
   args.recipes = args.recipes.split(",") if args.recipes else []
+  args.merge = [p for p in args.merge.split(",") if p]
+  missing = [p for p in args.merge if not pathlib.Path(p).is_file()]
+  if missing or (args.merge and not args.recipes):
+    raise ValueError(f"--merge {','.join(missing)}: no such file" if missing else
+                     "--merge needs --recipes (it merges ablations)")
   unknown = [r for r in args.recipes if r not in RECIPES]
   if unknown:
     raise ValueError(f"--recipes: {','.join(unknown)} not among {', '.join(RECIPES)}")

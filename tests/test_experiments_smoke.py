@@ -353,6 +353,31 @@ def test_retrieval_small(tmp_path):
   assert "winner:" in stdout and "strict" in stdout
 
 
+def test_retrieval_merge_takes_earlier_ablations_of_the_same_experiment_only(tmp_path,
+                                                                             monkeypatch):
+  """--merge: the recipes and full attention of earlier ablation files join this call's;
+  a file of another experiment (here: another mixture) is an error naming the field, and a
+  missing file fails before anything runs."""
+  from experiments import retrieval
+  seen = {}
+  monkeypatch.setattr(retrieval, "ablation",
+                      lambda args, stages, lengths, left: seen.update(args=args, stages=stages))
+  retrieval.main(["--small", "--recipes", "st", "--runs", str(tmp_path), "--out", str(tmp_path)])
+  args, stages = seen["args"], seen["stages"]
+  record = retrieval.common_record(args, stages)
+  paths = [tmp_path / "a.json", tmp_path / "b.json"]
+  paths[0].write_text(json.dumps({**record, "recipes": {"baseline": {"acc": 1}}}))
+  paths[1].write_text(json.dumps({**record, "recipes": {"max": {"acc": 2}}, "full": {"acc": 3}}))
+  args.merge = [str(p) for p in paths]
+  assert retrieval.merged_ablations(args, stages) == {
+      "recipes": {"baseline": {"acc": 1}, "max": {"acc": 2}}, "full": {"acc": 3}}
+  paths[1].write_text(json.dumps({**record, "mixture": "text", "recipes": {}}))
+  with pytest.raises(ValueError, match="not this experiment: mixture='text'"):
+    retrieval.merged_ablations(args, stages)
+  with pytest.raises(ValueError, match="no such file"):
+    retrieval.main(["--small", "--recipes", "st", "--merge", str(tmp_path / "missing.json")])
+
+
 def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
   from experiments import retrieval
   assert retrieval.parse_settings("tiny", ["num_kv_heads=2", "weight_decay=0"]) == {
