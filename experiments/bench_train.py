@@ -8,7 +8,7 @@ fastest to leanest. Method: docs/benchmarks.md#model-level.
     python -m experiments.bench_train --memory layer+scan       # one option for every case
     python -m experiments.bench_train --breakdown --seq-lens 8192   # research preset
     python -m experiments.bench_train --packed 4096    # also on rows packed with 4k documents
-    python -m experiments.bench_train --distill 0.5    # also NSA with selection distillation
+    python -m experiments.bench_train --distill 0.5 [--distill-stride 8]   # + NSA distilling
     python -m experiments.bench_train --small [--breakdown]   # CPU smoke test, tiny preset
 
 Writes bench_train_<gpu>.json and .png (tokens/s and peak memory vs T) to --out (default
@@ -183,13 +183,14 @@ def memory_fields(option: str) -> dict:
 
 
 def case_config(preset: str, seq_len: int, attention: str, small: bool,
-                memory_option: str, select_distill: float = 0.0) -> TrainConfig:
+                memory_option: str, select_distill: float = 0.0,
+                select_distill_stride: int = 1) -> TrainConfig:
   """The preset at `seq_len` with `attention` and `memory_option`, NSA with the selection
   distillation loss at weight `select_distill` (docs/selection_learning.md); --small: the
   reference ops (CPU)."""
   kw = dict(impl="xla") if small else {}
   if select_distill:
-    kw["select_distill"] = select_distill
+    kw |= {"select_distill": select_distill, "select_distill_stride": select_distill_stride}
   return make_config(preset, seq_len=seq_len, attention=attention, mixture="text",
                      progress=False, **memory_fields(memory_option), **kw)
 
@@ -218,7 +219,8 @@ def attempt_here(spec: dict) -> dict:
   record = {}
   try:
     cfg = case_config(spec["preset"], spec["seq_len"], ATTENTION_OF[spec["attention"]],
-                      spec["small"], spec["memory_option"], spec.get("select_distill", 0.0))
+                      spec["small"], spec["memory_option"], spec.get("select_distill", 0.0),
+                      spec.get("select_distill_stride", 1))
     step, state, batches, record = compile_step(cfg, spec["batch_size"],
                                                 document=spec["document"])
     if not spec["warm"]:
@@ -285,7 +287,9 @@ def run_cases(args, attempt) -> list[dict]:
         for attention in ATTENTIONS + ((DISTILL,) if args.distill else ()):
           case = {"preset": preset, "seq_len": T, "batch_size": max(1, args.tokens // T),
                   "attention": attention, "document": document,
-                  **({"select_distill": args.distill} if attention == DISTILL else {})}
+                  **({"select_distill": args.distill,
+                      "select_distill_stride": args.distill_stride}
+                     if attention == DISTILL else {})}
           row = first_fit(case, args.memory, attempt, deadline)
           if "tokens_per_s" in row:
             row["check"] = check(row) or "ok"
@@ -573,6 +577,9 @@ def main(argv=None):
   parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
                       help="also time NSA trained with the selection distillation loss at "
                            "this weight (rows 'nsa+distill'; issue #29's cost target)")
+  parser.add_argument("--distill-stride", type=int, default=1, metavar="K",
+                      help="--distill: the loss over every K-th chunk of queries "
+                           "(ModelConfig.select_distill_stride)")
   parser.add_argument("--n-iter", type=int, default=10, help="--breakdown: runs per part")
   parser.add_argument("--top", type=int, default=25, help="--breakdown: device ops listed")
   parser.add_argument("--budget-s", type=float, default=480.0,
@@ -608,6 +615,8 @@ def main(argv=None):
       parser.error(f"--memory: {err}")
   if not args.distill >= 0:
     parser.error(f"--distill={args.distill} must be >= 0 (0: no distillation rows)")
+  if args.distill_stride < 1:
+    parser.error(f"--distill-stride={args.distill_stride} must be >= 1 (1: every query)")
   if args.steps < 20:
     parser.error(f"--steps={args.steps} must be >= 20 (docs/benchmarks.md#model-level)")
   for preset in args.presets if args.packed else ():

@@ -258,7 +258,8 @@ def distill_cost(d) -> list[str]:
   step's time with the selection distillation loss against without, per (preset, T)."""
   by = {(r["preset"], r["seq_len"], r.get("document"), r["attention"]): r for r in d["rows"]
         if "step_ms" in r}
-  costs = [(preset, T, r["select_distill"],
+  costs = [(preset, T, r["select_distill"] if r.get("select_distill_stride", 1) == 1 else
+            f"{r['select_distill']:g} --distill-stride {r['select_distill_stride']}",
             r["step_ms"] / by[(preset, T, doc, "nsa")]["step_ms"] - 1)
            for (preset, T, doc, attention), r in by.items()
            if attention == "nsa+distill" and (preset, T, doc, "nsa") in by]
@@ -267,7 +268,7 @@ def distill_cost(d) -> list[str]:
   judged = [c <= DISTILL_COST for p, T, _, c in costs if p == TARGET_PRESET and T in (8192, 32768)]
   verdict = f" (**{'met' if all(judged) else 'not met'}**)" if judged else ""
   text = ", ".join(f"`{p}` {_len(T)} {c:+.0%}" for p, T, _, c in costs)
-  return [f"Selection distillation (`--distill {costs[0][2]:g}`; issue #29: at most "
+  return [f"Selection distillation (`--distill {costs[0][2]}`; issue #29: at most "
           f"{DISTILL_COST:.0%} of the NSA step at 8k and 32k): {text}{verdict}.", ""]
 
 

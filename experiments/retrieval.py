@@ -53,6 +53,7 @@ EVAL_VERSION = 2
 # --recipes: NSA trained with each aid to selection learning (docs/selection_learning.md), and
 # with all of them ("combined"); --set applies on top of every recipe.
 RECIPES = {"baseline": [], "max": ["group_score=max"], "distill": ["select_distill=0.5"],
+           "distill_s8": ["select_distill=0.5", "select_distill_stride=8"],
            "st": ["select_gate=straight_through"],
            "combined": ["group_score=max", "select_distill=0.5", "select_gate=straight_through"]}
 # train_s counts the training steps only; data, evaluation and checkpoints take the rest

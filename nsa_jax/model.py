@@ -63,6 +63,8 @@ class ModelConfig:
       "Training"): each NSA layer's KL from its group's dense attention to its selection
       scores, mean over layers, added to the training loss; 0: not computed. Ignored by full
       attention, which selects nothing.
+    select_distill_stride: that loss over every k-th chunk of 128 queries only (1: every
+      query); the teacher's cost falls k-fold.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -81,6 +83,7 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   select_distill: float = 0.0
+  select_distill_stride: int = 1
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
@@ -103,6 +106,9 @@ class ModelConfig:
     if not self.select_distill >= 0:
       raise ValueError(f"select_distill={self.select_distill} must be >= 0 (0: no "
                        f"selection distillation)")
+    if not isinstance(self.select_distill_stride, int) or self.select_distill_stride < 1:
+      raise ValueError(f"select_distill_stride={self.select_distill_stride!r} must be an int "
+                       f">= 1 (1: every query)")
 
   @property
   def distills(self) -> bool:
@@ -222,13 +228,14 @@ class Block(nnx.Module):
                                 head_dim=c.head_size, rope_theta=c.rope_theta,
                                 dtype=dtype, rngs=rngs)
     self.mlp = SwiGLU(c.d_model, c.mlp_size, dtype=dtype, rngs=rngs)
+    self.distill_stride = c.select_distill_stride
 
   def __call__(self, x, attend=None, segment_ids=None, distill=False):
     """Pre-norm residual block; `attend(attn, h) -> y` replaces `attn(h)` (decoding).
     distill: return (output, the NSA layer's selection distillation loss)."""
     h = self.attn_norm(x)
     if distill:
-      y, loss = self.attn(h, segment_ids, distill=True)
+      y, loss = self.attn(h, segment_ids, distill=True, distill_stride=self.distill_stride)
     else:
       y = self.attn(h, segment_ids) if attend is None else attend(self.attn, h)
     x = x + y

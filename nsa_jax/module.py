@@ -187,12 +187,13 @@ class NativeSparseAttention(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x.shape={tuple(x.shape)} must be [B, T, d_model={self.d_model}]")
 
-  def __call__(self, x, segment_ids=None, distill=False):
+  def __call__(self, x, segment_ids=None, distill=False, distill_stride=1):
     """Causal NSA over x [B, T, d_model] at positions 0 .. T-1, or over the documents
     of packed rows: segment_ids [B, T] int (docs/semantics.md#packed-rows).
 
     distill: also return the selection distillation loss of this call's q, k_cmp and
-    k_slc (`nsa_jax.ops.distill.selection_distill_loss`; docs/selection_learning.md).
+    k_slc (`nsa_jax.ops.distill.selection_distill_loss`, over every distill_stride-th
+    chunk of queries; docs/selection_learning.md).
 
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
     keeps x and the branches' outputs, lse and selection, not the projections, keys,
@@ -202,15 +203,15 @@ class NativeSparseAttention(nnx.Module):
     """
     self.check_input(x)
     if self.mesh is not None and self.mesh.shape["context"] > 1:
-      return self.forward(x, segment_ids, distill)
+      return self.forward(x, segment_ids, distill, distill_stride)
     # jax.checkpoint over the layer's state as an argument (not nnx.remat over the module),
     # so that a layer closed over by an outer jax.grad / jax.jit is read, never written.
     graphdef, state = nnx.split(self)
     forward = lambda state, x, segment_ids: nnx.merge(graphdef, state).forward(
-        x, segment_ids, distill)
+        x, segment_ids, distill, distill_stride)
     return jax.checkpoint(forward, policy=SAVE_POLICY)(state, x, segment_ids)
 
-  def forward(self, x, segment_ids=None, distill=False):
+  def forward(self, x, segment_ids=None, distill=False, distill_stride=1):
     """`__call__` without its checkpoint."""
     B, T, _ = x.shape
     op = nsa if self.mesh is None else sharded_nsa(self.mesh)
@@ -220,4 +221,5 @@ class NativeSparseAttention(nnx.Module):
     if not distill:
       return y
     return y, distill_lib.selection_distill_loss(inputs["q"], inputs["k_cmp"], inputs["k_slc"],
-                                     config=self.config, segment_ids=segment_ids)
+                                     config=self.config, segment_ids=segment_ids,
+                                     query_stride=distill_stride)

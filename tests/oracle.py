@@ -105,9 +105,9 @@ def select_blocks(q, k_cmp, cfg, scale):
   return out, sc
 
 
-def selection_distill_loss(q, k_cmp, k_slc, cfg, scale, doc_start=None):
+def selection_distill_loss(q, k_cmp, k_slc, cfg, scale, doc_start=None, queries=None):
   """The selection distillation loss (docs/selection_learning.md#selection-distillation),
-  query by query.
+  query by query, over the positions `queries` (default: all).
 
   Teacher: dense causal attention over k_slc (keys of t's document), averaged over
   a group's heads, summed per selection block; student: `selection_scores`; both
@@ -123,7 +123,7 @@ def selection_distill_loss(q, k_cmp, k_slc, cfg, scale, doc_start=None):
   kk = np.repeat(np.asarray(k_slc, np.float64), G, axis=2)
   total, count = 0.0, 0
   for b in range(B):
-    for t in range(T):
+    for t in range(T) if queries is None else queries:
       cur, first = t // lp, doc_start[b, t] // lp
       free = [j for j in range(first, cur + 1)
               if not (j < first + cfg.num_initial or j > cur - cfg.num_local)]

@@ -47,6 +47,27 @@ def test_matches_dense_oracle(T, HQ, HKV, config, chunk, packed, group_score):
   np.testing.assert_allclose(float(got), want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("T, chunk, stride, packed", [
+    (150, 32, 2, True),    # 5 chunks: 0, 2 and 4 (the last, partial) count
+    (77, 32, 3, False),    # 3 chunks: the last alone, partial
+    (96, 32, 4, False),    # stride past the chunks: the last
+])
+def test_query_stride_is_the_loss_over_every_kth_chunk(T, chunk, stride, packed):
+  """query_stride k: the oracle's loss over the queries of every k-th chunk, counted back
+  from the last (the mean over those queries alone)."""
+  q, k_cmp, k_slc = inputs(T + stride, 2, T, 4, 2, 8, SMALL)
+  segment_ids = (jnp.asarray(np.repeat([[0, 1]], [96, T - 96], axis=1), jnp.int32)
+                 .repeat(2, axis=0) if packed else None)
+  got = selection_distill_loss(q, k_cmp, k_slc, config=SMALL, scale=0.4,
+                               segment_ids=segment_ids, query_chunk=chunk, query_stride=stride)
+  n = -(-T // chunk)
+  queries = [t for t in range(T) if (n - 1 - t // chunk) % stride == 0]
+  doc_start = None if segment_ids is None else segments.document_starts(segment_ids)
+  want = oracle.selection_distill_loss(q, k_cmp, k_slc, SMALL, 0.4, doc_start, queries)
+  assert want > 0
+  np.testing.assert_allclose(float(got), want, rtol=1e-10)
+
+
 def test_gradient_reaches_q_and_k_cmp_only():
   """Nonzero gradient for q and k_cmp (the student), none for k_slc (the teacher);
   float32 inputs, where every gradient is finite; float64 numerical check of k_cmp's. With no
@@ -75,6 +96,8 @@ def test_bad_inputs_raise_value_errors():
   q, k_cmp, k_slc = inputs(2, 1, 40, 4, 2, 8, SMALL, jnp.float32)
   with pytest.raises(ValueError, match="query_chunk=0"):
     selection_distill_loss(q, k_cmp, k_slc, config=SMALL, query_chunk=0)
+  with pytest.raises(ValueError, match="query_stride=0"):
+    selection_distill_loss(q, k_cmp, k_slc, config=SMALL, query_stride=0)
   with pytest.raises(ValueError, match="k_cmp"):
     selection_distill_loss(q, k_cmp[:, 1:], k_slc, config=SMALL)
   with pytest.raises(ValueError, match="k_slc"):

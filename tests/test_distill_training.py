@@ -29,6 +29,28 @@ def test_select_distill_must_not_be_negative():
     ModelConfig(select_distill=-0.5)
 
 
+def test_select_distill_stride_must_be_a_positive_int():
+  for bad in (0, 2.0):
+    with pytest.raises(ValueError, match=f"select_distill_stride={bad!r} must be an int >= 1"):
+      ModelConfig(select_distill_stride=bad)
+
+
+def test_each_layer_computes_the_loss_at_the_configured_query_stride(monkeypatch):
+  """select_distill_stride reaches every NSA layer's loss as its query_stride (traced only)."""
+  from nsa_jax.ops import distill
+  strides = []
+  real = distill.selection_distill_loss
+  def recorded(*args, **kwargs):
+    strides.append(kwargs["query_stride"])
+    return real(*args, **kwargs)
+  monkeypatch.setattr(distill, "selection_distill_loss", recorded)
+  cfg = tiny(select_distill=1.0, select_distill_stride=4, num_layers=2)
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  b = batch(cfg)
+  jax.eval_shape(lambda: model(b["inputs"], distill=True))
+  assert strides == [4, 4]
+
+
 def test_the_distillation_gradient_reaches_the_compression_mlp_and_the_queries():
   """The loss is computed from the layer's own q and k_cmp: its gradient alone moves
   phi_k (the compressed keys) and q_proj in every layer."""

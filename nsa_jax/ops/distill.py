@@ -9,7 +9,8 @@ s(t) <= j*l' <= t that Eq. 11 does not force in; those compete for the n slots):
     loss = mean over (b, t, g) with F(t) non-empty of KL(teacher || student)
 
 both normalised over F(t); the teacher carries no gradient. Computed one query chunk
-at a time: the [T, T] attention never exists whole.
+at a time: the [T, T] attention never exists whole. With a query stride k, only every
+k-th chunk counts (counted back from the last): the teacher's cost falls k-fold.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ QUERY_CHUNK = 128
 
 
 def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float | None = None,
-                           segment_ids=None, query_chunk: int = QUERY_CHUNK):
+                           segment_ids=None, query_chunk: int = QUERY_CHUNK,
+                           query_stride: int = 1):
   """KL(dense attention's block mass || NSA's importance scores), a scalar (module doc).
 
   Args:
@@ -34,6 +36,9 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
     segment_ids: [B, T] int, packed documents (`nsa`'s contract): teacher, student
       and candidates are those of t's document. None: one document per row.
     query_chunk: queries per chunk; memory O(chunk * T * HQ).
+    query_stride: the loss over the queries of every query_stride-th chunk of query_chunk
+      positions, counted back from the last chunk (1: every query); the mean is over
+      those queries (docs/selection_learning.md#selection-distillation).
 
   Returns:
     The loss in the compute dtype (float32, or float64 for float64 inputs).
@@ -43,16 +48,25 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
   _common.check_attention_inputs(q, k_slc, k_slc, names=("q", "k_slc", "k_slc"))
   _common.check_attention_inputs(q, k_cmp, k_cmp, names=("q", "k_cmp", "k_cmp"),
                                  seq_len=config.num_compressed(q.shape[1]))
-  if not isinstance(query_chunk, int) or query_chunk < 1:
-    raise ValueError(f"query_chunk={query_chunk!r} must be an int >= 1")
+  for name, value in (("query_chunk", query_chunk), ("query_stride", query_stride)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} must be an int >= 1")
   doc_start, _ = segments.documents(segment_ids, q, config.select_block)
   scale = _common.resolve_scale(scale, q)
-  Ts = config.num_select_blocks(q.shape[1])
+  T = q.shape[1]
+  Ts = config.num_select_blocks(T)
+  chunk = min(query_chunk, T)
+  n = -(-T // chunk)
+  picked = jnp.arange((n - 1) % query_stride, n, query_stride)   # ends with the last chunk
 
   def chunk_fn(start, qc, *doc):
     doc_c = doc[0] if doc else None
-    candidate, forced = candidate_blocks(start + jnp.arange(qc.shape[1]), Ts, config, doc_c)
+    if query_stride > 1:   # `start` counts the picked chunks only
+      start = picked[start // chunk] * chunk
+    t = start + jnp.arange(qc.shape[1])
+    candidate, forced = candidate_blocks(t, Ts, config, doc_c)
     free = candidate & ~forced                       # [C, Ts] or [B, 1, C, Ts]
+    free = free & (t < T).reshape((1,) * (free.ndim - 2) + (-1, 1))   # not past T
     teacher = lax.stop_gradient(_block_attention(qc, start, k_slc, scale, Ts, config, doc_c))
     student = importance_scores(qc, start, k_cmp, config, scale, Ts, doc_c)
     kl = _kl(teacher, student, free)                 # [B, HKV, C]
@@ -60,7 +74,11 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
     return jnp.moveaxis(kl, 1, 2), jnp.moveaxis(has_free, 1, 2).astype(kl.dtype)
 
   xs = (q,) + (() if doc_start is None else (doc_start,))
-  kl, counted = _common.map_query_chunks(chunk_fn, xs, query_chunk)
+  if query_stride > 1:     # the picked chunks' rows, one after another
+    xs = tuple(_common.pad_to(x, (x.shape[0], n * chunk) + x.shape[2:])
+               .reshape(x.shape[0], n, chunk, *x.shape[2:])[:, picked]
+               .reshape(x.shape[0], -1, *x.shape[2:]) for x in xs)
+  kl, counted = _common.map_query_chunks(chunk_fn, xs, chunk)
   return kl.sum() / jnp.maximum(counted.sum(), 1)
 
 
