@@ -26,6 +26,7 @@ from nsa_jax.ops.nsa import nsa
 from nsa_jax.train_config import make_config
 from nsa_jax.train_lib import make_optimizer, make_steps, restore_checkpoint
 from tests.sharding_check import all_gathers, max_abs_diff
+from tests import rand
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -63,10 +64,10 @@ def op_inputs(T: int, dtype=jnp.float64):
   Tc = NSA.num_compressed(T)
   shapes = [(B, T, HQ, Dk), (B, Tc, HKV, Dk), (B, Tc, HKV, Dv)] + [
       (B, T, HKV, Dk), (B, T, HKV, Dv)] * 2 + [(B, T, HQ, 3)]
-  keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
-  args = [jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes)]
+  keys = rand.split(rand.key(0), len(shapes) + 1)
+  args = [rand.normal(k, s, dtype) for k, s in zip(keys, shapes)]
   args[-1] = jax.nn.sigmoid(args[-1])
-  return args, jax.random.normal(keys[-1], (B, T, HQ, Dv), dtype)
+  return args, rand.normal(keys[-1], (B, T, HQ, Dv), dtype)
 
 
 def packed_rows(B: int, T: int):
@@ -125,8 +126,8 @@ def check_layer(res):
   and on packed rows (RoPE positions in the documents): output and the gradients of x and
   of every parameter."""
   B, T, d = 2, 64, 32
-  x = jax.random.normal(jax.random.key(3), (B, T, d), jnp.float64)
-  cot = jax.random.normal(jax.random.key(4), (B, T, d), jnp.float64)
+  x = rand.normal(rand.key(3), (B, T, d), jnp.float64)
+  cot = rand.normal(rand.key(4), (B, T, d), jnp.float64)
 
   def results(mesh, segment_ids):
     layer = NativeSparseAttention(d, 4, 2, head_dim=8, head_dim_v=6, config=NSA, impl="xla",

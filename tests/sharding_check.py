@@ -23,6 +23,7 @@ from nsa_jax.model import ModelConfig, Transformer, unstack_layers
 from nsa_jax.ops.nsa import nsa
 from nsa_jax.train_config import make_config
 from nsa_jax.train_lib import make_optimizer, make_steps, restore_checkpoint
+from tests import rand
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -195,13 +196,13 @@ def main(out: pathlib.Path):
   # 3. The Pallas kernels (interpret mode) and their VJPs under shard_map vs the reference,
   # on packed rows (segment ids split by batch rows only).
   mesh = sharding.make_mesh("data=4,heads=2")
-  keys = jax.random.split(jax.random.key(1), 8)
+  keys = rand.split(rand.key(1), 8)
   b, t, hq, hkv, d = 4, 40, 4, 2, 16
   tc = NSA.num_compressed(t)
   shapes = [(b, t, hq, d), (b, tc, hkv, d), (b, tc, hkv, d)] + [(b, t, hkv, d)] * 4 + [(b, t, hq, 3)]
-  args = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+  args = [rand.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
   args[-1] = jax.nn.sigmoid(args[-1])
-  cot = jax.random.normal(jax.random.key(2), (b, t, hq, d), jnp.float32)
+  cot = rand.normal(rand.key(2), (b, t, hq, d), jnp.float32)
   op = context.sharded_nsa(mesh)
   segment_ids = jnp.asarray(packed_rows(b, t))
 

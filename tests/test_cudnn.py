@@ -14,6 +14,7 @@ import pytest
 
 from nsa_jax import NSAConfig
 from nsa_jax.ops import cudnn, dispatch
+from tests import rand
 
 LIMIT = 2 ** 31
 
@@ -95,10 +96,10 @@ def test_branches_past_2_31_are_split_or_leave_cudnn(monkeypatch):
 def test_split_call_equals_the_whole_call(cudnn_calls, monkeypatch, window, max_elements, calls):
   """B=3, T=9 (padded to 10), HQ=4, HKV=2, Dk=8, Dv=6 in float32: o, lse and the
   gradients of q, k, v of a call split by a lowered limit equal the whole call's."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  args = [jax.random.normal(kk, shape, jnp.float32) for kk, shape in
+  keys = rand.split(rand.key(0), 4)
+  args = [rand.normal(kk, shape, jnp.float32) for kk, shape in
           zip(keys, [(3, 9, 4, 8), (3, 9, 2, 8), (3, 9, 2, 6)])]
-  ct = jax.random.normal(keys[3], (3, 9, 4, 6), jnp.float32)
+  ct = rand.normal(keys[3], (3, 9, 4, 6), jnp.float32)
   f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=window)
 
   def run():   # traced afresh (the calls and MAX_ELEMENTS are read while tracing), one compile

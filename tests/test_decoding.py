@@ -19,6 +19,7 @@ from nsa_jax import decoding, sampling
 from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.module import NativeSparseAttention
 from nsa_jax.ops import decode
+from tests import rand
 
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
                 num_initial=1, num_local=2, window=24)
@@ -27,7 +28,7 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def _normal(key, shape):
-  return jax.random.normal(key, shape, jnp.float32)
+  return rand.normal(key, shape, jnp.float32)
 
 
 def _pad_rows(x, rows):
@@ -42,7 +43,7 @@ def test_nsa_decode_is_last_row_of_nsa(impl, HKV, G, group_score):
   heads' block scores summed (Eq. 10) or their max (config.group_score)."""
   config = dataclasses.replace(CFG, group_score=group_score)
   B, T, Dk, Dv = 2, 70, 16, 32
-  ks = jax.random.split(jax.random.key(0), 8)
+  ks = rand.split(rand.key(0), 8)
   q = _normal(ks[0], (B, T, HKV * G, Dk))
   Tc = CFG.num_compressed(T)
   k_cmp, v_cmp = _normal(ks[1], (B, Tc, HKV, Dk)), _normal(ks[2], (B, Tc, HKV, Dv))
@@ -86,7 +87,7 @@ def test_nsa_decode_kernel_paper_block_sizes(target_programs, monkeypatch):
   monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", target_programs)
   cfg = NSAConfig()
   B, T, HKV, G, D = 2, 1100, 1, 2, 16
-  ks = jax.random.split(jax.random.key(3), 8)
+  ks = rand.split(rand.key(3), 8)
   q = _normal(ks[0], (B, T, HKV * G, D))
   Tc = cfg.num_compressed(T)
   k_cmp, v_cmp = _normal(ks[1], (B, Tc, HKV, D)), _normal(ks[2], (B, Tc, HKV, D))
@@ -115,7 +116,7 @@ def test_layer_decoding_matches_forward(shared_kv, impl):
   """Prefill prompts of different lengths, then decode token by token == layer(x)."""
   B, T = 2, 60
   layer = _layer(shared_kv, impl="xla")
-  x = _normal(jax.random.key(1), (B, T, 32))
+  x = _normal(rand.key(1), (B, T, 32))
   graphdef, state = nnx.split(layer)
   want = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
   prompt_lengths = jnp.array([5, 13], jnp.int32)
@@ -150,7 +151,7 @@ def test_model_decoding_matches_forward_and_greedy_generate(attention, scan_laye
                        head_dim=16, nsa=CFG, attention=attention, impl="xla",
                        scan_layers=scan_layers)
   model = Transformer(config, rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(2), (B, T), 0, 64, jnp.int32)
+  tokens = rand.randint(rand.key(2), (B, T), 0, 64, jnp.int32)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
   want = forward(state, tokens)
@@ -232,7 +233,7 @@ def test_traced_lengths_past_the_cache_are_clamped(impl):
   """Under jit, lengths past the cache rows act as the cache's length (the
   kernel never reads past the cache); a concrete out-of-range value raises."""
   B, S, HKV, G, D = 2, 64, 1, 2, 16
-  ks = jax.random.split(jax.random.key(5), 8)
+  ks = rand.split(rand.key(5), 8)
   cache = [_normal(k, (B, n, HKV, D)) for k, n in zip(ks[1:7], (32, 32, S, S, S, S))]
   q, gates = _normal(ks[0], (B, G, D)), jax.nn.sigmoid(_normal(ks[7], (B, G, 3)))
   step = jax.jit(lambda n: decode.nsa_decode(q, *cache, gates, n, config=CFG, impl=impl,

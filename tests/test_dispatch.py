@@ -16,6 +16,7 @@ from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.ops import dispatch, segments
 from nsa_jax.ops.dense import TOKEN_BLOCKS, dense_attention
 from nsa_jax.ops.nsa import backends
+from tests import rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -177,7 +178,7 @@ def test_nsa_checks_and_chooses_once(monkeypatch):
   monkeypatch.setattr(dispatch, "choose", lambda op, *a, **kw: chosen.append(op) or choose(
       op, *a, **kw))
   B, T, HQ, HKV, D = 1, 64, 2, 1, 8
-  x = lambda S, H: jax.random.normal(jax.random.key(S + H), (B, S, H, D), jnp.float32)
+  x = lambda S, H: rand.normal(rand.key(S + H), (B, S, H, D), jnp.float32)
   kv = lambda S=T: (x(S, HKV), x(S, HKV))
   gates = jnp.full((B, T, HQ, 3), 0.5, jnp.float32)
   ids = jnp.repeat(jnp.arange(2, dtype=jnp.int32), T // 2)[None]

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 from nsa_jax import NSAConfig
 from nsa_jax.ops import segments
 from nsa_jax.ops.distill import selection_distill_loss
-from tests import oracle
+from tests import oracle, rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
                   window=16)
@@ -21,8 +21,8 @@ ODD = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selec
 
 
 def inputs(seed, B, T, HQ, HKV, Dk, config, dtype=jnp.float64):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  n = lambda k, s: jax.random.normal(k, s, dtype)
+  ks = rand.split(rand.key(seed), 3)
+  n = lambda k, s: rand.normal(k, s, dtype)
   return (n(ks[0], (B, T, HQ, Dk)), n(ks[1], (B, config.num_compressed(T), HKV, Dk)),
           n(ks[2], (B, T, HKV, Dk)))
 

@@ -23,6 +23,7 @@ from nsa_jax.ops.window import window_attention_xla
 from pallas_kernels import _flash, _flash_tiles
 from pallas_kernels.compressed_attention import compressed_attention
 from pallas_kernels.window_attention import window_attention
+from tests import rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -44,12 +45,12 @@ def _assert_close(got, want, name):
 
 
 def _inputs(seed, B, T, S, HKV, G, Dk, Dv):
-  ks = jax.random.split(jax.random.key(seed), 6)
-  q = jax.random.normal(ks[0], (B, T, HKV * G, Dk), jnp.float32)
-  k = jax.random.normal(ks[1], (B, S, HKV, Dk), jnp.float32)
-  v = jax.random.normal(ks[2], (B, S, HKV, Dv), jnp.float32)
-  do = jax.random.normal(ks[3], (B, T, HKV * G, Dv), jnp.float32)
-  dlse = jax.random.normal(ks[4], (B, T, HKV * G), jnp.float32)
+  ks = rand.split(rand.key(seed), 6)
+  q = rand.normal(ks[0], (B, T, HKV * G, Dk), jnp.float32)
+  k = rand.normal(ks[1], (B, S, HKV, Dk), jnp.float32)
+  v = rand.normal(ks[2], (B, S, HKV, Dv), jnp.float32)
+  do = rand.normal(ks[3], (B, T, HKV * G, Dv), jnp.float32)
+  dlse = rand.normal(ks[4], (B, T, HKV * G), jnp.float32)
   return q, k, v, do, dlse
 
 

@@ -25,6 +25,7 @@ from nsa_jax.ops.compressed import compressed_scores
 from nsa_jax.ops.selection import group_block_scores, select_blocks_xla
 from pallas_kernels import select_blocks as select_blocks_module
 from pallas_kernels.select_blocks import Tiles, select_blocks
+from tests import rand
 
 RTOL = 1e-5
 
@@ -105,9 +106,9 @@ def assert_same_selection(block_idx, q, k_cmp, config, scale, exact=False, doc_s
 
 
 def random_inputs(seed, B, T, HQ, HKV, Dk, config, dtype=jnp.float32):
-  kq, kk = jax.random.split(jax.random.key(seed))
-  q = jax.random.normal(kq, (B, T, HQ, Dk), dtype)
-  k_cmp = jax.random.normal(kk, (B, config.num_compressed(T), HKV, Dk), dtype)
+  kq, kk = rand.split(rand.key(seed))
+  q = rand.normal(kq, (B, T, HQ, Dk), dtype)
+  k_cmp = rand.normal(kk, (B, config.num_compressed(T), HKV, Dk), dtype)
   return q, k_cmp
 
 

@@ -21,6 +21,7 @@ from pallas_kernels.selected_attention import selected_attention
 from pallas_kernels.selected_attention.choice import tiling
 from pallas_kernels.selected_attention.plan import entry_index, listed, pad_blk
 from pallas_kernels.selected_attention.tiles import Tiles, default_tiles
+from tests import rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -31,28 +32,28 @@ RTOL = ATOL = 1e-4   # float32, same math in a different summation order
 
 
 def _inputs(key, B, T, HKV, G, Dk, Dv):
-  kq, kk, kv, kc, kg = jax.random.split(key, 5)
-  q = jax.random.normal(kq, (B, T, HKV * G, Dk), jnp.float32)
-  k = jax.random.normal(kk, (B, T, HKV, Dk), jnp.float32)
-  v = jax.random.normal(kv, (B, T, HKV, Dv), jnp.float32)
-  ct = jax.random.normal(kg, (B, T, HKV * G, Dv), jnp.float32)
+  kq, kk, kv, kc, kg = rand.split(key, 5)
+  q = rand.normal(kq, (B, T, HKV * G, Dk), jnp.float32)
+  k = rand.normal(kk, (B, T, HKV, Dk), jnp.float32)
+  v = rand.normal(kv, (B, T, HKV, Dv), jnp.float32)
+  ct = rand.normal(kg, (B, T, HKV * G, Dv), jnp.float32)
   return q, k, v, ct, kc
 
 
 def _random_block_idx(key, B, T, HKV, config, empty_frac):
   """Distinct random block indices in shuffled slot order, some slots -1."""
   n, nb = config.num_selected, config.num_select_blocks(T)
-  k1, k2 = jax.random.split(key)
-  idx = jnp.argsort(jax.random.uniform(k1, (B, T, HKV, max(n, nb))), axis=-1)[..., :n]
+  k1, k2 = rand.split(key)
+  idx = jnp.argsort(rand.uniform(k1, (B, T, HKV, max(n, nb))), axis=-1)[..., :n]
   idx = jnp.where(idx < nb, idx, -1)
-  drop = jax.random.uniform(k2, idx.shape) < empty_frac
+  drop = rand.uniform(k2, idx.shape) < empty_frac
   return jnp.where(drop, -1, idx).astype(jnp.int32)
 
 
 def _selected_block_idx(key, q, HKV, config):
   """block_idx from the reference top-n selection on random compressed keys."""
   B, T, _, Dk = q.shape
-  k_cmp = jax.random.normal(key, (B, config.num_compressed(T), HKV, Dk), jnp.float32)
+  k_cmp = rand.normal(key, (B, config.num_compressed(T), HKV, Dk), jnp.float32)
   return nsa_jax.select_blocks(q, k_cmp, config=config, impl="xla")
 
 
@@ -94,7 +95,7 @@ def test_random_indices_odd_length_chunked_dkv():
   step gathering up to 8 tiles (dkv_rows = 128 of 16-row tiles): steps only
   partly filled."""
   B, T, HKV, G = 2, 77, 2, 2
-  q, k, v, ct, kc = _inputs(jax.random.key(0), B, T, HKV, G, 32, 16)
+  q, k, v, ct, kc = _inputs(rand.key(0), B, T, HKV, G, 32, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
   block_idx = block_idx.at[:, 40:43].set(-1)       # these rows see nothing
   o = _check(_kernel(SMALL, Tiles(rows=16, dkv_tiles=2, block_major=False)), q, k, v, block_idx,
@@ -106,7 +107,7 @@ def test_selected_indices_group16_deterministic_dkv():
   """T=130, G=16 (4 tokens per 64-row tile), block_idx from select_blocks,
   one dK/dV program per block."""
   B, T, HKV, G = 1, 130, 2, 16
-  q, k, v, ct, kc = _inputs(jax.random.key(1), B, T, HKV, G, 16, 16)
+  q, k, v, ct, kc = _inputs(rand.key(1), B, T, HKV, G, 16, 16)
   block_idx = _selected_block_idx(kc, q, HKV, SMALL)
   _check(_kernel(SMALL, Tiles(rows=64, dkv_tiles=None)), q, k, v, block_idx, ct, SMALL)
 
@@ -115,7 +116,7 @@ def test_small_blocks_odd_group_and_dims():
   """l' = 8 (blocks padded to 16-key loads), n = 3, G = 3, Dk = 24, Dv = 40:
   every padding path of the wrapper."""
   B, T, HKV, G = 1, 45, 1, 3
-  q, k, v, ct, kc = _inputs(jax.random.key(2), B, T, HKV, G, 24, 40)
+  q, k, v, ct, kc = _inputs(rand.key(2), B, T, HKV, G, 24, 40)
   block_idx = _random_block_idx(kc, B, T, HKV, TINY_BLOCKS, empty_frac=0.1)
   _check(_kernel(TINY_BLOCKS, Tiles(rows=16, dkv_tiles=3, block_major=False)), q, k, v,
          block_idx, ct, TINY_BLOCKS)
@@ -127,7 +128,7 @@ def test_query_slice_at_a_traced_offset(block_major):
   shard_map for context parallelism; no multiple of a tile or block): the reference's
   rows, forward and the gradients of the slice and of every key, in either tiling."""
   B, T, HKV, G, q0, Tl = 2, 72, 2, 2, 27, 27
-  q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 32, 16)
+  q, k, v, ct, kc = _inputs(rand.key(6), B, T, HKV, G, 32, 16)
   rows = slice(q0, q0 + Tl)
   block_idx = _selected_block_idx(kc, q, HKV, SMALL)[:, rows]
   at_offset = jax.jit(lambda q, k, v, b, offset, scale: selected_attention(
@@ -206,7 +207,7 @@ def test_block_major(B, T, HKV, G, Dk, Dv, config, tiles):
   """The block-major forward (per-entry results merged in XLA) and backward
   (dK/dV over entries, dQ terms summed in XLA) against the reference: odd T,
   G in {1, 2, 3, 16}, Dk != Dv, l' = 8, -1 slots, rows that see nothing."""
-  q, k, v, ct, kc = _inputs(jax.random.key(5), B, T, HKV, G, Dk, Dv)
+  q, k, v, ct, kc = _inputs(rand.key(5), B, T, HKV, G, Dk, Dv)
   block_idx = _random_block_idx(kc, B, T, HKV, config, empty_frac=0.25)
   block_idx = block_idx.at[:, 3:5].set(-1)       # these rows see nothing
   o = _check(_kernel(config, tiles), q, k, v, block_idx, ct, config)
@@ -219,7 +220,7 @@ def test_block_major_deterministic_mode_runs_one_program_per_block(monkeypatch):
   bitwise reproducible on the GPU); by default it reuses the forward's index,
   chunks of at most block_entries."""
   B, T, HKV, G = 1, 300, 2, 4
-  q, k, v, ct, kc = _inputs(jax.random.key(6), B, T, HKV, G, 16, 16)
+  q, k, v, ct, kc = _inputs(rand.key(6), B, T, HKV, G, 16, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.1)
   chunks = []
   index = plan.entry_index
@@ -267,7 +268,7 @@ def test_block_major_runs_in_passes_of_batch_rows_and_heads():
     geo = _tiling(q, v, block_idx, tiles(cap))
     assert (geo.B, geo.HKV, geo.T) == units + (T,)
   # Dk = 32 != Dv: 128 bytes a row (the dQ term), so 4 x unit holds 2 units.
-  q, k, v, ct, kc = _inputs(jax.random.key(7), B, T, HKV, G, 32, 16)
+  q, k, v, ct, kc = _inputs(rand.key(7), B, T, HKV, G, 32, 16)
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
   assert _tiling(q, v, block_idx, tiles(4 * unit)).B == 2
   assert _tiling(q[:, :40], v, block_idx[:, :40], tiles(8 * unit)).B == 5
@@ -294,12 +295,12 @@ def test_block_bias(B, T, HKV, G, Dk, Dv, config, tiles, q0):
   output and the gradients of q, k, v and the bias against the reference's, which adds
   the bias to the scores of each slot's keys; odd T, G in {1, 3, 16}, Dk != Dv, l' = 8,
   -1 slots, rows that see nothing, passes, a query slice at an offset."""
-  q, k, v, ct, kc = _inputs(jax.random.key(8), B, q0 + T, HKV, G, Dk, Dv)
+  q, k, v, ct, kc = _inputs(rand.key(8), B, q0 + T, HKV, G, Dk, Dv)
   block_idx = _random_block_idx(kc, B, q0 + T, HKV, config, empty_frac=0.25)
   block_idx = block_idx.at[:, q0 + 3:q0 + 5].set(-1)        # these rows see nothing
   rows = slice(q0, q0 + T)
   q, ct, block_idx = q[:, rows], ct[:, rows], block_idx[:, rows]
-  bias = 2.0 * jax.random.normal(jax.random.key(9), block_idx.shape, jnp.float32)
+  bias = 2.0 * rand.normal(rand.key(9), block_idx.shape, jnp.float32)
   scale = Dk ** -0.5
   kernel = jax.jit(lambda q, k, v, b: selected_attention(
       q, k, v, block_idx, block=config.select_block, scale=scale, interpret=True,
@@ -319,7 +320,7 @@ def test_public_op_shorter_than_a_block():
   """T = 5 < l', G = 1, through nsa_jax.selected_attention(impl="pallas")
   (default tiles: block-major at G = 1)."""
   B, T, HKV, G = 2, 5, 2, 1
-  q, k, v, ct, kc = _inputs(jax.random.key(3), B, T, HKV, G, 16, 32)
+  q, k, v, ct, kc = _inputs(rand.key(3), B, T, HKV, G, 16, 32)
   block_idx = _selected_block_idx(kc, q, HKV, SMALL)
   assert bool(jnp.all(block_idx[..., 0] == 0)) and bool(jnp.all(block_idx[..., 1:] == -1))
   _check(lambda q, k, v, b, scale: nsa_jax.selected_attention(
@@ -364,7 +365,7 @@ def test_block_major_bf16_dq_terms(dq_float32):
   |diff| / max |ref| within 1e-2, a few bf16 roundings (2^-8 = 3.9e-3; the GPU
   check allows 2e-2). T = 77, G = 2, Dk != Dv, -1 slots."""
   B, T, HKV, G = 2, 77, 2, 2
-  q, k, v, ct, kc = _inputs(jax.random.key(9), B, T, HKV, G, 32, 16)
+  q, k, v, ct, kc = _inputs(rand.key(9), B, T, HKV, G, 32, 16)
   q, k, v, ct = (x.astype(jnp.bfloat16) for x in (q, k, v, ct))
   block_idx = _random_block_idx(kc, B, T, HKV, SMALL, empty_frac=0.25)
   tiles = Tiles(block_major=True, block_rows=16, block_entries=3, dkv_rows=16,
@@ -390,8 +391,8 @@ def test_straight_through_gate_through_nsa_on_the_kernels():
   gradients of every input, k_cmp's through the gate included (float32, G = 2, T = 70)."""
   B, T, HQ, HKV, Dk, Dv = 1, 70, 4, 2, 16, 8
   config = dataclasses.replace(SMALL, select_gate="straight_through")
-  ks = jax.random.split(jax.random.key(10), 9)
-  x = lambda i, S, H, D: jax.random.normal(ks[i], (B, S, H, D), jnp.float32)
+  ks = rand.split(rand.key(10), 9)
+  x = lambda i, S, H, D: rand.normal(ks[i], (B, S, H, D), jnp.float32)
   Tc = config.num_compressed(T)
   args = (x(0, T, HQ, Dk), x(1, Tc, HKV, Dk), x(2, Tc, HKV, Dv), x(3, T, HKV, Dk),
           x(4, T, HKV, Dv), x(5, T, HKV, Dk), x(6, T, HKV, Dv),

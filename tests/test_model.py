@@ -12,6 +12,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.model import (FullAttention, ModelConfig, Transformer, count_params, stack_layers,
                            unstack_layers)
 from nsa_jax.rope import apply_rope
+from tests import rand
 
 TINY_NSA = NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=4,
                      num_initial=1, num_local=2, window=32)
@@ -31,7 +32,7 @@ def test_full_attention_matches_naive_gqa_with_rope():
   B, T, H, HKV, D, d_model = 2, 12, 4, 2, 8, 16
   attn = FullAttention(d_model, H, HKV, head_dim=D, rope_theta=10000.0, dtype=jnp.float32,
                        rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (B, T, d_model), jnp.float32)
+  x = rand.normal(rand.key(1), (B, T, d_model), jnp.float32)
 
   @nnx.jit   # the layer and the naive reference in one compile, not one per op
   def both(attn, x):
@@ -53,7 +54,7 @@ def test_model_is_causal(attention):
   model = Transformer(tiny_config(attention=attention), rngs=nnx.Rngs(0))
   fwd, state = forward(model)
   T, t = 160, 120  # 5 selection blocks (one slot chosen by score), several windows
-  tokens = jax.random.randint(jax.random.key(2), (2, T), 0, 256, jnp.int32)
+  tokens = rand.randint(rand.key(2), (2, T), 0, 256, jnp.int32)
   changed = tokens.at[:, t].set((tokens[:, t] + 1) % 256)
   a, b = fwd(state, tokens), fwd(state, changed)
   assert a.shape == (2, T, 256) and a.dtype == jnp.float32
@@ -83,7 +84,7 @@ def loss_and_grads(config):
   """Loss and parameter gradients of the tiny model of `config` (seed 0) on packed rows."""
   model = Transformer(config, rngs=nnx.Rngs(0))
   T = 96
-  tokens = jax.random.randint(jax.random.key(4), (2, T + 1), 0, 256, jnp.int32)
+  tokens = rand.randint(rand.key(4), (2, T + 1), 0, 256, jnp.int32)
   segment_ids = (jnp.arange(T)[None, :] >= jnp.array([[64], [32]])).astype(jnp.int32)
 
   def loss(model):
@@ -120,7 +121,7 @@ def test_bf16_compute_keeps_f32_parameters_and_logits():
   model16 = Transformer(tiny_config(attention="full", dtype="bfloat16"), rngs=nnx.Rngs(0))
   params = jax.tree.leaves(nnx.state(model16, nnx.Param))
   assert all(p.dtype == jnp.float32 for p in params)
-  tokens = jax.random.randint(jax.random.key(3), (1, 64), 0, 256, jnp.int32)
+  tokens = rand.randint(rand.key(3), (1, 64), 0, 256, jnp.int32)
   hidden = model16.embed(tokens)
   assert hidden.dtype == jnp.bfloat16
   # both models in one compile, not one per primitive op by op

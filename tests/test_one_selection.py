@@ -21,6 +21,7 @@ import pytest
 import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops import compressed, selection
+from tests import rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -28,9 +29,9 @@ NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
 
 
 def near_tie_inputs(key, B, T, HQ, HKV, Dk, Dv, dtype):
-  ks = jax.random.split(key, 8)
+  ks = rand.split(key, 8)
   Tc = SMALL.num_compressed(T)
-  n = lambda k, s, sd=1.0: (sd * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+  n = lambda k, s, sd=1.0: (sd * rand.normal(k, s, jnp.float32)).astype(dtype)
   return dict(
       q=n(ks[0], (B, T, HQ, Dk), 1e-7),
       k_cmp=n(ks[1], (B, Tc, HKV, Dk)), v_cmp=n(ks[2], (B, Tc, HKV, Dv)),
@@ -44,7 +45,7 @@ def near_tie_inputs(key, B, T, HQ, HKV, Dk, Dv, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_nsa_selects_what_select_blocks_selects(impl, dtype, shape):
-  x = near_tie_inputs(jax.random.key(0), *shape, jnp.dtype(dtype))
+  x = near_tie_inputs(rand.key(0), *shape, jnp.dtype(dtype))
   kw = dict(config=SMALL, impl=impl, interpret=True)
   from_nsa = jax.jit(lambda *a: nsa_jax.nsa(*a, **kw, return_block_idx=True)[1])(
       *(x[n] for n in NAMES))
@@ -60,11 +61,11 @@ def test_nsa_reuses_its_branch_lse_only_where_it_is_the_selections(Dv):
   in float32 (`_flash_tiles.fit_tiles`), which changes the lse's rounding: there the
   branch's lse must not be reused."""
   B, T, HQ, HKV, Dk = 1, 90, 2, 1, 32
-  ks = jax.random.split(jax.random.key(1), 3)
+  ks = rand.split(rand.key(1), 3)
   Tc = SMALL.num_compressed(T)
-  q = jax.random.normal(ks[0], (B, T, HQ, Dk), jnp.float32)
-  k_cmp = jax.random.normal(ks[1], (B, Tc, HKV, Dk), jnp.float32)
-  v_cmp = jax.random.normal(ks[2], (B, Tc, HKV, Dv), jnp.float32)
+  q = rand.normal(ks[0], (B, T, HQ, Dk), jnp.float32)
+  k_cmp = rand.normal(ks[1], (B, Tc, HKV, Dk), jnp.float32)
+  v_cmp = rand.normal(ks[2], (B, Tc, HKV, Dv), jnp.float32)
   kw = dict(config=SMALL, scale=Dk ** -0.5, impl="pallas", interpret=True)
   # Each call its own compiled program (not one compile per op), as nsa and select_blocks
   # are apart.

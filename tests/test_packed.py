@@ -23,6 +23,7 @@ from nsa_jax import NSAConfig, data, train_lib
 from nsa_jax.model import ModelConfig, Transformer
 from nsa_jax.ops import segments
 from nsa_jax.ops.dense import TOKEN_BLOCKS, dense_attention
+from tests import rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -91,8 +92,8 @@ def every_op(x, block_idx, cts, segment_ids, *, impl, config):
 
 def inputs(case: Case, dtype, B):
   cfg, T, HQ = case.config, case.T, case.HKV * case.G
-  ks = jax.random.split(jax.random.key(case.T), 11)
-  n = lambda k, *shape: jax.random.normal(k, shape, dtype)
+  ks = rand.split(rand.key(case.T), 11)
+  n = lambda k, *shape: rand.normal(k, shape, dtype)
   Tc = cfg.num_compressed(T)
   x = dict(q=n(ks[0], B, T, HQ, case.Dk),
            k_cmp=n(ks[1], B, Tc, case.HKV, case.Dk), v_cmp=n(ks[2], B, Tc, case.HKV, case.Dv),
@@ -100,7 +101,7 @@ def inputs(case: Case, dtype, B):
            k_win=n(ks[5], B, T, case.HKV, case.Dk), v_win=n(ks[6], B, T, case.HKV, case.Dv),
            gates=jax.nn.sigmoid(n(ks[7], B, T, HQ, 3)))
   nb, slots = cfg.num_select_blocks(T), cfg.num_selected
-  order = jnp.argsort(jax.random.uniform(ks[8], (B, T, case.HKV, max(nb, slots))), axis=-1)
+  order = jnp.argsort(rand.uniform(ks[8], (B, T, case.HKV, max(nb, slots))), axis=-1)
   block_idx = jnp.where(order[..., :slots] < nb, order[..., :slots], -1).astype(jnp.int32)
   return x, block_idx, (n(ks[9], B, T, HQ, case.Dv), n(ks[10], B, T, HQ))
 
@@ -194,10 +195,10 @@ def test_full_attention_on_packed_rows_is_causal_attention_per_document(impl):
                                     align=8)["segment_ids"]
   B = segment_ids.shape[0]
   docs = segments.Alone(segment_ids, TOKEN_BLOCKS)
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
-  k, v = (jax.random.normal(key, (B, T, HKV, D), jnp.float32) for key in ks[1:3])
-  ct = jax.random.normal(ks[3], q.shape, jnp.float32)
+  ks = rand.split(rand.key(0), 4)
+  q = rand.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
+  k, v = (rand.normal(key, (B, T, HKV, D), jnp.float32) for key in ks[1:3])
+  ct = rand.normal(ks[3], q.shape, jnp.float32)
   packed = lambda q, k, v: dense_attention(q, k, v, impl=impl, interpret=True,
                                            segment_ids=jnp.asarray(segment_ids))
   alone = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)

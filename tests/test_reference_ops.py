@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 import nsa_jax
 from nsa_jax import NSAConfig
-from tests import oracle
+from tests import oracle, rand
 
 SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16,
                   num_selected=4, window=16)
@@ -35,9 +35,9 @@ SHAPES = [
 
 
 def make_inputs(key, B, T, HQ, HKV, Dk, Dv, cfg, dtype=jnp.float32):
-  ks = jax.random.split(key, 8)
+  ks = rand.split(key, 8)
   Tc = cfg.num_compressed(T)
-  n = lambda k, s: jax.random.normal(k, s, dtype)
+  n = lambda k, s: rand.normal(k, s, dtype)
   return dict(
       q=n(ks[0], (B, T, HQ, Dk)),
       k_cmp=n(ks[1], (B, Tc, HKV, Dk)), v_cmp=n(ks[2], (B, Tc, HKV, Dv)),
@@ -53,7 +53,7 @@ def scale_of(x):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_compressed_attention_matches_oracle(shape):
   *dims, cfg = shape
-  x = make_inputs(jax.random.key(0), *dims, cfg)
+  x = make_inputs(rand.key(0), *dims, cfg)
   o, lse = jax.jit(functools.partial(nsa_jax.compressed_attention, config=cfg, impl="xla"))(
       x["q"], x["k_cmp"], x["v_cmp"])   # one compile, not one per primitive op by op
   B, T, _, HKV, _, _ = dims
@@ -73,7 +73,7 @@ def test_compressed_attention_matches_oracle(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_window_attention_matches_oracle(shape):
   *dims, cfg = shape
-  x = make_inputs(jax.random.key(1), *dims, cfg)
+  x = make_inputs(rand.key(1), *dims, cfg)
   o = jax.jit(functools.partial(nsa_jax.window_attention, config=cfg, impl="xla"))(
       x["q"], x["k_win"], x["v_win"])   # one compile, not one per primitive op by op
   B, T, _, HKV, _, _ = dims
@@ -88,7 +88,7 @@ def test_select_blocks_matches_oracle(shape, group_score):
   """Heads of a KV group summed (Eq. 10) or their max (config.group_score)."""
   *dims, cfg = shape
   cfg = dataclasses.replace(cfg, group_score=group_score)
-  x = make_inputs(jax.random.key(2), *dims, cfg)
+  x = make_inputs(rand.key(2), *dims, cfg)
   idx = np.asarray(jax.jit(functools.partial(nsa_jax.select_blocks, config=cfg, impl="xla"))(
       x["q"], x["k_cmp"]))   # one compile, not one per primitive op by op
   want, scores = oracle.select_blocks(x["q"], x["k_cmp"], cfg, scale_of(x))
@@ -112,7 +112,7 @@ def test_select_blocks_matches_oracle(shape, group_score):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_selected_attention_matches_oracle(shape):
   *dims, cfg = shape
-  x = make_inputs(jax.random.key(3), *dims, cfg)
+  x = make_inputs(rand.key(3), *dims, cfg)
 
   @jax.jit   # both ops in one compile, not one per primitive op by op
   def run(q, k_cmp, k_slc, v_slc):
@@ -127,7 +127,7 @@ def test_selected_attention_matches_oracle(shape):
 
 def test_selected_attention_ignores_slot_order_and_empty_slots():
   B, T, HQ, HKV, Dk, Dv = 1, 50, 4, 2, 16, 8
-  x = make_inputs(jax.random.key(4), B, T, HQ, HKV, Dk, Dv, SMALL)
+  x = make_inputs(rand.key(4), B, T, HQ, HKV, Dk, Dv, SMALL)
   idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=SMALL, impl="xla")
   shuffled = jnp.flip(idx, axis=-1)
   f = jax.jit(lambda i: nsa_jax.selected_attention(x["q"], x["k_slc"], x["v_slc"], i,
@@ -141,7 +141,7 @@ def test_selected_attention_ignores_slot_order_and_empty_slots():
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_nsa_matches_oracle(shape):
   *dims, cfg = shape
-  x = make_inputs(jax.random.key(5), *dims, cfg)
+  x = make_inputs(rand.key(5), *dims, cfg)
   o, idx = jax.jit(functools.partial(nsa_jax.nsa, config=cfg, impl="xla",
                                       return_block_idx=True))(**x)   # one compile, not per op
   B, T, _, HKV, _, _ = dims
@@ -164,7 +164,7 @@ NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
 def test_gradients_float64(shape):
   *dims, cfg = shape
-  x = make_inputs(jax.random.key(6), *dims, cfg, dtype=jnp.float64)
+  x = make_inputs(rand.key(6), *dims, cfg, dtype=jnp.float64)
   kw = dict(config=cfg, impl="xla")
 
   @jax.jit
@@ -182,7 +182,7 @@ def test_gradients_float64(shape):
 
 def test_group_max_is_sum_for_one_head_per_group():
   """G = 1: the max over a group's one head is its score, as is the sum."""
-  x = make_inputs(jax.random.key(12), 2, 77, 2, 2, 8, 8, SMALL)
+  x = make_inputs(rand.key(12), 2, 77, 2, 2, 8, 8, SMALL)
   f = lambda group_score: jax.jit(lambda *a: nsa_jax.nsa(
       *a, config=dataclasses.replace(SMALL, group_score=group_score),
       impl="xla", return_block_idx=True))(*(x[n] for n in NAMES))
@@ -201,7 +201,7 @@ def test_straight_through_gate(group_score):
   from nsa_jax.ops.selection import selected_scores
   cfg = dataclasses.replace(SMALL, group_score=group_score)
   gated = dataclasses.replace(cfg, select_gate="straight_through")
-  x = make_inputs(jax.random.key(13), 2, 70, 4, 2, 8, 8, cfg, dtype=jnp.float64)
+  x = make_inputs(rand.key(13), 2, 70, 4, 2, 8, 8, cfg, dtype=jnp.float64)
   x["gates"] = jnp.zeros_like(x["gates"]).at[..., 1].set(1.0)   # o = o_slc
   args = ("q", "k_cmp", "k_slc", "v_slc")
 
@@ -224,7 +224,7 @@ def test_straight_through_gate(group_score):
     return nsa_jax.selected_attention(q, k_slc, v_slc, idx, config=gated, impl="xla",
                                       block_bias=scores(q, k_cmp) - s0)
 
-  ct = jax.random.normal(jax.random.key(14), o.shape, o.dtype)
+  ct = rand.normal(rand.key(14), o.shape, o.dtype)
   primals = tuple(x[n] for n in args)
   for config, reference in ((gated, surrogate), (cfg, None)):
     grads = jax.vjp(op(config), *primals)[1](ct)
@@ -240,19 +240,19 @@ def test_straight_through_gate(group_score):
 
 
 def test_gradients_finite_where_nothing_is_visible():
-  x = make_inputs(jax.random.key(7), 1, 6, 2, 1, 8, 8, SMALL)   # T < l: Tc = 0
+  x = make_inputs(rand.key(7), 1, 6, 2, 1, 8, 8, SMALL)   # T < l: Tc = 0
   loss = lambda *a: jnp.sum(nsa_jax.nsa(*a, config=SMALL, impl="xla") ** 2)
   grads = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*(x[n] for n in NAMES))
   for n, g in zip(NAMES, grads):
     assert np.all(np.isfinite(np.asarray(g))), n
-  x = make_inputs(jax.random.key(8), 1, 20, 2, 1, 8, 8, SMALL)  # rows t < l-1 see no block
+  x = make_inputs(rand.key(8), 1, 20, 2, 1, 8, 8, SMALL)  # rows t < l-1 see no block
   g = jax.jit(jax.grad(lambda q: jnp.sum(nsa_jax.compressed_attention(
       q, x["k_cmp"], x["v_cmp"], config=SMALL, impl="xla")[0])))(x["q"])
   assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[:, :7] == 0)
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument():
-  x = make_inputs(jax.random.key(9), 1, 40, 4, 2, 8, 8, SMALL)
+  x = make_inputs(rand.key(9), 1, 40, 4, 2, 8, 8, SMALL)
   q, kc, vc, k, v = x["q"], x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"]
   kw = dict(config=SMALL, impl="xla")
   with pytest.raises(ValueError, match="q must have shape"):
@@ -312,11 +312,11 @@ def test_cudnn_window_call_matches_the_reference(cudnn_calls, T, Dk, Dv):
   """The cuDNN path's band (`local_window_size`), odd-T padding and v padding,
   run through jax's XLA implementation of the same call."""
   from nsa_jax.ops import cudnn, window
-  x = make_inputs(jax.random.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
+  x = make_inputs(rand.key(4), 2, T, 4, 2, Dk, Dv, SMALL)
   args = (x["q"], x["k_win"], x["v_win"])
   f = lambda *a: cudnn.cudnn_causal_attention(*a, scale=0.3, window=SMALL.window)[0]
   ref = lambda *a: window.window_attention_xla(*a, config=SMALL, scale=0.3)
-  ct = jax.random.normal(jax.random.key(5), (2, T, 4, Dv), jnp.float32)
+  ct = rand.normal(rand.key(5), (2, T, 4, Dv), jnp.float32)
   # Both sides in one jitted program (one compile, not one per primitive op by op).
   both = jax.jit(lambda args, ct: [(o, vjp(ct)) for o, vjp in (jax.vjp(fn, *args)
                                                                 for fn in (f, ref))])
@@ -339,12 +339,12 @@ def test_compressed_folded_by_residue_matches_the_reference(cudnn_calls, shape):
   the attention call run through jax's XLA implementation."""
   from nsa_jax.ops import compressed
   *dims, cfg = shape
-  x = make_inputs(jax.random.key(6), *dims, cfg)
+  x = make_inputs(rand.key(6), *dims, cfg)
   args = (x["q"], x["k_cmp"], x["v_cmp"])
   f = lambda *a: compressed.compressed_attention_folded(*a, config=cfg, scale=0.3)
   ref = lambda *a: compressed.compressed_attention_xla(*a, config=cfg, scale=0.3)
   B, T, HQ, _, _, Dv = dims
-  ct = jax.random.normal(jax.random.key(7), (B, T, HQ, Dv), jnp.float32)
+  ct = rand.normal(rand.key(7), (B, T, HQ, Dv), jnp.float32)
 
   @jax.jit   # both sides in one program (one compile, not one per primitive op by op)
   def both(args, ct):
@@ -394,9 +394,9 @@ def test_references_on_a_query_slice_give_those_rows():
   from nsa_jax.ops import compressed, selected, window
   B, T, HQ, HKV, Dk, Dv = 1, 77, 4, 2, 16, 8
   t0, t1 = 37, 77   # t0 inside a query chunk; t1 = T, not a multiple of the chunk
-  x = make_inputs(jax.random.key(10), B, T, HQ, HKV, Dk, Dv, SMALL)
+  x = make_inputs(rand.key(10), B, T, HQ, HKV, Dk, Dv, SMALL)
   idx = nsa_jax.select_blocks(x["q"], x["k_cmp"], config=SMALL, impl="xla")
-  ct = jax.random.normal(jax.random.key(11), (B, T, HQ, Dv), jnp.float32)
+  ct = rand.normal(rand.key(11), (B, T, HQ, Dv), jnp.float32)
   on_rows = (jnp.arange(T) >= t0) & (jnp.arange(T) < t1)
   kw = dict(config=SMALL, scale=0.3, query_chunk=8)
   refs = [(lambda q, k, v, i, first: compressed.compressed_attention_xla(
@@ -438,7 +438,7 @@ def _largest_intermediate(jaxpr):
 def test_memory_is_subquadratic():
   """The references never build a [T, T]-sized array (checked on the jaxpr)."""
   T, cfg = 4096, NSAConfig()
-  x = jax.eval_shape(lambda: make_inputs(jax.random.key(0), 1, T, 2, 1, 16, 16, cfg))
+  x = jax.eval_shape(lambda: make_inputs(rand.key(0), 1, T, 2, 1, 16, 16, cfg))
   idx = jax.ShapeDtypeStruct((1, T, 1, cfg.num_selected), jnp.int32)
   kw = dict(config=cfg, impl="xla")
   cases = [

@@ -25,6 +25,7 @@ from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_at
                             window_attention)
 from pallas_kernels.selected_attention import choice as selected_choice
 from pallas_kernels.selected_attention import tiles as selected_tiles
+from tests import rand
 
 BUDGET = _util.HOPPER_SHARED_MEMORY
 CONFIG = NSAConfig()
@@ -145,12 +146,12 @@ def test_selected_matches_the_reference_with_the_fitted_tiles(B, T, HKV, G, Dk, 
   gradients against the reference, T not a multiple of any tile or block."""
   from pallas_kernels.selected_attention import selected_attention
   from nsa_jax.ops.selected import selected_attention_xla
-  ks = jax.random.split(jax.random.key(Dk), 6)
-  q = jax.random.normal(ks[0], (B, T, HKV * G, Dk), jnp.float32)
-  k = jax.random.normal(ks[1], (B, T, HKV, Dk), jnp.float32)
-  v = jax.random.normal(ks[2], (B, T, HKV, Dv), jnp.float32)
-  ct = jax.random.normal(ks[3], (B, T, HKV * G, Dv), jnp.float32)
-  k_cmp = jax.random.normal(ks[4], (B, SMALL.num_compressed(T), HKV, Dk), jnp.float32)
+  ks = rand.split(rand.key(Dk), 6)
+  q = rand.normal(ks[0], (B, T, HKV * G, Dk), jnp.float32)
+  k = rand.normal(ks[1], (B, T, HKV, Dk), jnp.float32)
+  v = rand.normal(ks[2], (B, T, HKV, Dv), jnp.float32)
+  ct = rand.normal(ks[3], (B, T, HKV * G, Dv), jnp.float32)
+  k_cmp = rand.normal(ks[4], (B, SMALL.num_compressed(T), HKV, Dk), jnp.float32)
   block_idx = nsa_jax.select_blocks(q, k_cmp, config=SMALL, impl="xla")
   scale = Dk ** -0.5
   ref = jax.vjp(lambda *a: selected_attention_xla(*a, block_idx, config=SMALL, scale=scale),

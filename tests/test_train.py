@@ -19,6 +19,7 @@ from nsa_jax import checkpoints, sampling, train_lib
 from nsa_jax.train_config import make_config
 from nsa_jax.checkpoints import checkpoint_manager, load_model
 from nsa_jax.train_lib import NonFiniteError, sample, train
+from tests import rand
 
 
 def tiny(tmp_path, name, **kw):
@@ -161,7 +162,7 @@ def build(cfg, seed):
   optimizer = train_lib.make_optimizer(model, cfg)
   leaves, treedef = jax.tree.flatten(nnx.state(optimizer))
   nnx.update(optimizer, jax.tree.unflatten(treedef, [
-      jax.random.normal(jax.random.key(seed * 1000 + i), x.shape, x.dtype)
+      rand.normal(rand.key(seed * 1000 + i), x.shape, x.dtype)
       if jnp.issubdtype(x.dtype, jnp.floating) else x for i, x in enumerate(leaves)]))
   return model, optimizer
 

@@ -117,7 +117,8 @@ class Alone:
 
   A document at tokens [s, e) of row b holds the compressed blocks that start in it
   and end before e, s/d .. s/d + Tc(e - s) - 1 (`blocks=True`), and the selection
-  blocks from s/l'. Maps arrays either way, under jit too (the layout is static).
+  blocks from s/l'. Maps arrays either way, under jit too (the layout is static);
+  concrete arrays are mapped on the host (numpy), with no XLA program per slice.
   """
 
   def __init__(self, segment_ids, config):
@@ -136,44 +137,62 @@ class Alone:
 
   def alone(self, x, *, blocks: bool = False, fill=0):
     """[B, N, ...] packed rows -> [D, N_alone, ...], one document per row."""
+    xp, x = _array_module(x)
     size = self.config.num_compressed(self.length) if blocks else self.length
     pieces = []
     for b, s, e in self.runs:
       lo, n = self._span(s, e, blocks)
       pad = [(0, size - n)] + [(0, 0)] * (x.ndim - 2)
-      pieces.append(jnp.pad(x[b, lo:lo + n], pad, constant_values=fill))
-    return jnp.stack(pieces)
+      pieces.append(xp.pad(x[b, lo:lo + n], pad, constant_values=fill))
+    return jnp.asarray(xp.stack(pieces))
 
   def packed(self, y, shape, *, blocks: bool = False):
     """[D, N_alone, ...] results alone -> packed rows of `shape` ([B, N, ...]), zero
     where no document has an entry (compressed blocks across a boundary)."""
-    out = jnp.zeros(shape, y.dtype)
+    xp, y = _array_module(y)
+    out = xp.zeros(shape, y.dtype)
     for i, (b, s, e) in enumerate(self.runs):
       lo, n = self._span(s, e, blocks)
-      out = out.at[b, lo:lo + n].set(y[i, :n])
-    return out
+      out = _set(out, (b, slice(lo, lo + n)), y[i, :n])
+    return jnp.asarray(out)
 
   def alone_selection(self, block_idx):
     """Packed block indices [B, T, HKV, n] -> each document's: shifted by s/l', blocks
     before the document -1 (so are the padded rows)."""
+    xp, block_idx = _array_module(block_idx)
     lp = self.config.select_block
-    shifted = jnp.stack([
-        jnp.pad(jnp.where(block_idx[b, s:e] * lp >= s, block_idx[b, s:e] - s // lp, -1),
-                [(0, self.length - (e - s)), (0, 0), (0, 0)], constant_values=-1)
+    shifted = xp.stack([
+        xp.pad(xp.where(block_idx[b, s:e] * lp >= s, block_idx[b, s:e] - s // lp, -1),
+               [(0, self.length - (e - s)), (0, 0), (0, 0)], constant_values=-1)
         for b, s, e in self.runs])
-    return shifted.astype(block_idx.dtype)
+    return jnp.asarray(shifted.astype(block_idx.dtype))
 
   def packed_selection(self, block_idx):
     """Block indices of the documents alone [D, L, HKV, n] -> of the packed rows
     [B, T, HKV, n]: shifted by s/l'."""
+    xp, block_idx = _array_module(block_idx)
     lp = self.config.select_block
-    out = jnp.full(self.shape + block_idx.shape[2:], -1, block_idx.dtype)
+    out = xp.full(self.shape + block_idx.shape[2:], -1, block_idx.dtype)
     for i, (b, s, e) in enumerate(self.runs):
       x = block_idx[i, :e - s]
-      out = out.at[b, s:e].set(jnp.where(x >= 0, x + s // lp, -1))
-    return out
+      out = _set(out, (b, slice(s, e)), xp.where(x >= 0, x + s // lp, -1))
+    return jnp.asarray(out)
 
   def valid(self):
     """[D, N_alone] bool: the rows of the documents alone that are not padding."""
     lengths = np.array([e - s for _, s, e in self.runs])
     return jnp.asarray(np.arange(self.length)[None, :] < lengths[:, None])
+
+
+def _array_module(x):
+  """(numpy, x on the host) for a concrete array, (jax.numpy, x) for a tracer: `Alone`
+  maps concrete arrays on the host, where each slice is not an XLA program of its own."""
+  return (jnp, x) if isinstance(x, jax.core.Tracer) else (np, np.asarray(x))
+
+
+def _set(out, index, value):
+  """`out` with out[index] = value: in place on the host, `.at[].set` under jit."""
+  if isinstance(out, np.ndarray):
+    out[index] = value
+    return out
+  return out.at[index].set(value)
