@@ -16,12 +16,18 @@ def split(key: tuple, num: int = 2) -> list[tuple]:
 
 def normal(key: tuple, shape, dtype=None):
   """dtype None: jax's default float (float64 with jax_enable_x64, as the tests set)."""
-  return jnp.asarray(np.random.default_rng(key).standard_normal(shape), dtype)
+  return _array(np.random.default_rng(key).standard_normal(shape), dtype)
 
 
 def uniform(key: tuple, shape, dtype=None, minval=0.0, maxval=1.0):
-  return jnp.asarray(np.random.default_rng(key).uniform(minval, maxval, shape), dtype)
+  return _array(np.random.default_rng(key).uniform(minval, maxval, shape), dtype)
 
 
 def randint(key: tuple, shape, minval: int, maxval: int, dtype=jnp.int32):
-  return jnp.asarray(np.random.default_rng(key).integers(minval, maxval, shape), dtype)
+  return _array(np.random.default_rng(key).integers(minval, maxval, shape), dtype)
+
+
+def _array(x, dtype):
+  """A jax array of x in `dtype`, converted on the host (jnp.asarray would convert with a
+  compiled program per shape)."""
+  return jnp.asarray(x if dtype is None else np.asarray(x, dtype))
