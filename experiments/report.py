@@ -461,8 +461,10 @@ def retrieval_section(path, d):
   stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
   m = d["model"]
   history = [(p, h) for p, h in _load("history/retrieval_*.json") if "runs" in h]
+  recipe = (f", recipe `{d['recipe']}`: " + (" ".join(f"`{x}`" for x in nsa.get("settings", []))
+                                           or "the paper's") if d.get("recipe") else "")
   return [f"Retrieval: `experiments/retrieval.py` on one {d['device']}: NSA "
-          f"({_blocks_text(d['nsa_config'])}) and full attention "
+          f"({_blocks_text(d['nsa_config'])}{recipe}) and full attention "
           f"({model_config_text(m)}, {d['dtype']}) trained on the same {nsa['tokens']:,} "
           f"tokens ({nsa['steps']} steps; stages seq_len x batch x steps: {stages}) of "
           f"`{d['mixture']}` ({'several' if d['pack_tasks'] else 'one'} passkey or mqar "
