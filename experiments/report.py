@@ -258,9 +258,10 @@ def distill_cost(d) -> list[str]:
   step's time with the selection distillation loss against without, per (preset, T)."""
   by = {(r["preset"], r["seq_len"], r.get("document"), r["attention"]): r for r in d["rows"]
         if "step_ms" in r}
-  costs = [(preset, T, r["select_distill"] if r.get("select_distill_stride", 1) == 1 else
-            f"{r['select_distill']:g} --distill-stride {r['select_distill_stride']}",
-            r["step_ms"] / by[(preset, T, doc, "nsa")]["step_ms"] - 1)
+  flags = lambda r: f"{r['select_distill']:g}" + (
+      f" --distill-stride {r['select_distill_stride']}"
+      if r.get("select_distill_stride", 1) > 1 else "")
+  costs = [(preset, T, flags(r), r["step_ms"] / by[(preset, T, doc, "nsa")]["step_ms"] - 1)
            for (preset, T, doc, attention), r in by.items()
            if attention == "nsa+distill" and (preset, T, doc, "nsa") in by]
   if not costs:

@@ -122,14 +122,14 @@ def masked_softmax(s, mask):
   return p, lse[..., 0]
 
 
-def _split_rows(x, chunks: int, rows: int):
+def split_rows(x, chunks: int, rows: int):
   """[B, T, ...] -> [chunks, B, rows, ...]: axis 1 padded to chunks * rows and cut."""
   x = pad_to(x, (x.shape[0], chunks * rows) + x.shape[2:])
   return jnp.moveaxis(x.reshape(x.shape[0], chunks, rows, *x.shape[2:]), 1, 0)
 
 
-def _join_rows(y, T: int):
-  """[chunks, B, rows, ...] -> [B, T, ...]: the inverse of `_split_rows`, padding dropped."""
+def join_rows(y, T: int):
+  """[chunks, B, rows, ...] -> [B, T, ...]: the inverse of `split_rows`, padding dropped."""
   y = jnp.moveaxis(y, 0, 1)
   return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :T]
 
@@ -154,6 +154,6 @@ def map_query_chunks(fn: Callable, xs: Sequence[jax.Array], chunk: int, first: i
   n = -(-T // chunk)
   starts = first + jnp.arange(n, dtype=jnp.int32) * chunk
   body = jax.checkpoint(lambda a: fn(a[0], *a[1:]))
-  out = lax.map(body, (starts, *(_split_rows(x, n, chunk) for x in xs)))
-  out = jax.tree.map(lambda y: _join_rows(y, T), out)
+  out = lax.map(body, (starts, *(split_rows(x, n, chunk) for x in xs)))
+  out = jax.tree.map(lambda y: join_rows(y, T), out)
   return saved(out) if save else out

@@ -57,12 +57,12 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
   Ts = config.num_select_blocks(T)
   chunk = min(query_chunk, T)
   n = -(-T // chunk)
-  picked = jnp.arange((n - 1) % query_stride, n, query_stride)   # ends with the last chunk
+  first = (n - 1) % query_stride      # the picked chunks: first, first + k, .., n - 1
 
   def chunk_fn(start, qc, *doc):
     doc_c = doc[0] if doc else None
     if query_stride > 1:   # `start` counts the picked chunks only
-      start = picked[start // chunk] * chunk
+      start = (first + start // chunk * query_stride) * chunk
     t = start + jnp.arange(qc.shape[1])
     candidate, forced = candidate_blocks(t, Ts, config, doc_c)
     free = candidate & ~forced                       # [C, Ts] or [B, 1, C, Ts]
@@ -75,9 +75,9 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
 
   xs = (q,) + (() if doc_start is None else (doc_start,))
   if query_stride > 1:     # the picked chunks' rows, one after another
-    xs = tuple(_common.pad_to(x, (x.shape[0], n * chunk) + x.shape[2:])
-               .reshape(x.shape[0], n, chunk, *x.shape[2:])[:, picked]
-               .reshape(x.shape[0], -1, *x.shape[2:]) for x in xs)
+    picked = -(-(n - first) // query_stride)
+    xs = tuple(_common.join_rows(_common.split_rows(x, n, chunk)[first::query_stride],
+                                 picked * chunk) for x in xs)
   kl, counted = _common.map_query_chunks(chunk_fn, xs, chunk)
   return kl.sum() / jnp.maximum(counted.sum(), 1)
 
