@@ -118,13 +118,15 @@ def test_gpu_matrix_small(tmp_path):
 
 def test_context_memory_small(tmp_path):
   """The script behind the README's context-parallel memory table: a fit per device count,
-  each device's bytes per token below one device's (the ~1/P property itself:
-  tests/test_context.py)."""
+  and memory per device falls with the devices: on context=2 each device's bytes per token
+  (the training step's compiled program) are about half one device's; what does not split
+  (the gathered K/V of the selected branch, the compressed keys) is allowed 40 % on top
+  (measured: 0.50)."""
   run_script("context_memory", ["--max_devices", "2"], tmp_path)
   with open(tmp_path / "context_memory.json") as f:
     fits = json.load(f)["fits"]
   assert [f["devices"] for f in fits] == [1, 2]
-  assert all(f["per_token_vs_one_device"] < 1 for f in fits[1:])
+  assert fits[1]["per_token_vs_one_device"] < 1.4 / 2, fits
   assert (tmp_path / "context_memory.png").stat().st_size > 0
 
 
