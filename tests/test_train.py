@@ -198,8 +198,11 @@ def test_checkpoints_restore_across_layer_layouts(tmp_path, saved_scan):
 def test_a_later_start_reads_the_compile_cache(tmp_path):
   """The first run fills <out>/jax_cache; a later start (nothing compiled in memory), cache
   given by name, reads every program from it and writes nothing new. JAX's settings are
-  back after each run."""
-  cfg = tiny(tmp_path, "cache", steps=2, warmup_steps=1, eval_every=2, ckpt_every=2)
+  back after each run. (Full attention: the cache's use does not depend on the attention, and
+  its programs compile faster; NSA's step read from the cache in a fresh process:
+  tests/test_experiments_smoke.py::test_bench_train_small.)"""
+  cfg = tiny(tmp_path, "cache", attention="full", steps=2, warmup_steps=1, eval_every=2,
+             ckpt_every=2)
   jax.clear_caches()   # every program of the run compiled (and cached) by it
   train(cfg)
   cache = cfg.out_dir / "jax_cache"
