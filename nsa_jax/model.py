@@ -274,12 +274,13 @@ class Transformer(nnx.Module):
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
   def run_blocks(self, x, segment_ids=None, distill=False):
-    """The blocks over x [B, T, d_model]: a loop or a `jax.lax.scan` (scan_layers), each
-    block under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none".
+    """The blocks over x [B, T, d_model]: a loop over one jitted block (traced and lowered
+    once for every layer, docs/memory.md) or a `jax.lax.scan` (scan_layers), each block
+    under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none".
     Returns (output, each layer's selection distillation loss [L] with `distill`, else None)."""
     c = self.config
 
-    def run(graphdef, state, x):
+    def run(graphdef, state, x, segment_ids):
       out = nnx.merge(graphdef, state)(x, segment_ids=segment_ids, distill=distill)
       return out if distill else (out, None)
 
@@ -288,10 +289,11 @@ class Transformer(nnx.Module):
                            prevent_cse=not c.scan_layers)
     if c.scan_layers:
       graphdef, state = nnx.split(self.blocks)
-      return jax.lax.scan(lambda x, layer: run(graphdef, layer, x), x, state)
+      return jax.lax.scan(lambda x, layer: run(graphdef, layer, x, segment_ids), x, state)
+    run = jax.jit(run, static_argnums=0)
     losses = []
     for block in self.blocks:
-      x, loss = run(*nnx.split(block), x)
+      x, loss = run(*nnx.split(block), x, segment_ids)
       losses.append(loss)
     return x, jnp.stack(losses) if distill else None
 

@@ -36,7 +36,8 @@ def test_select_distill_stride_must_be_a_positive_int():
 
 
 def test_each_layer_computes_the_loss_at_the_configured_query_stride(monkeypatch):
-  """select_distill_stride reaches every NSA layer's loss as its query_stride (traced only)."""
+  """select_distill_stride reaches the NSA layers' loss as its query_stride (traced only;
+  the blocks share one trace, `Transformer.run_blocks`)."""
   from nsa_jax.ops import distill
   strides = []
   real = distill.selection_distill_loss
@@ -48,7 +49,7 @@ def test_each_layer_computes_the_loss_at_the_configured_query_stride(monkeypatch
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   b = batch(cfg)
   jax.eval_shape(lambda: model(b["inputs"], distill=True))
-  assert strides == [4, 4]
+  assert strides and set(strides) == {4}
 
 
 def test_the_distillation_gradient_reaches_the_compression_mlp_and_the_queries():
