@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from experiments import bench_common as bc
 from nsa_jax import NSAConfig
 from nsa_jax.ops._common import selection_sizes
-from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
-                            selected_attention, window_attention)
+from pallas_kernels import (_flash_tiles, _util, block_lse, compressed_attention, decode_attention,
+                            select_blocks, selected_attention, window_attention)
 from pallas_kernels.selected_attention import choice as selected_choice
 from pallas_kernels.selected_attention import tiles as selected_tiles
 
@@ -140,6 +140,11 @@ def cases(Dk, Dv, G, dtype, config):
     extra = (x(1, T, HKV * G, d="float32"),) if lse else ()
     out.append(("select" + " lse" * lse, est, lambda q, k, *l: select_blocks.select_blocks(
         q, k, sizes=sizes, scale=0.1, interpret=False, lse=l[0] if l else None), (q, kc) + extra))
+  tiles = block_lse.default_tiles(q, config.select_block)
+  est = [("block_lse", *(block_lse.shared_memory(t, config.select_block, Dk, isz)
+                         for t in (tiles, block_lse.Tiles())))]
+  out.append(("block lse", est, lambda q, k, p: block_lse.block_lse(
+      q, k, p, block=config.select_block, scale=0.1, interpret=False), (q, k, x(T, d="int32"))))
   # Selected attention: each tiling forced in turn (query tiles, block-major where its
   # tiles fit), its forward's kernels, then its backward's.
   block_idx = x(1, T, HKV, config.num_selected, d="int32")

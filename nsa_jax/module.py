@@ -222,4 +222,4 @@ class NativeSparseAttention(nnx.Module):
       return y
     return y, distill_lib.selection_distill_loss(inputs["q"], inputs["k_cmp"], inputs["k_slc"],
                                      config=self.config, segment_ids=segment_ids,
-                                     query_stride=distill_stride)
+                                     query_stride=distill_stride, impl=self.impl)

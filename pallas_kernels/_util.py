@@ -68,6 +68,20 @@ def pad_to(x, shape, value=0):
   return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)], constant_values=value)
 
 
+def pow2_parts(size: int) -> list[tuple[int, int]]:
+  """(start, length) pieces of [0, size), size a multiple of 16, in powers of 2 >= 16.
+
+  Triton arrays must have power-of-2 sizes: Dk = 192 is read as 128 + 64
+  instead of being padded to 256.
+  """
+  parts, start = [], 0
+  for bit in reversed(range(size.bit_length())):
+    if size & (1 << bit):
+      parts.append((start, 1 << bit))
+      start += 1 << bit
+  return parts
+
+
 def dot(a, b, *, interpret: bool, contract=(1, 0)):
   """2-D matmul with float32 accumulation. Float32 inputs keep float32 accuracy:
   3-pass TF32 on the GPU's tensor cores (plain float32 dots spill registers badly in

@@ -63,20 +63,6 @@ class Tiles:
 WITH_LSE = Tiles(block_k=128)
 
 
-def _pow2_parts(size: int) -> list[tuple[int, int]]:
-  """(start, length) pieces of [0, size), size a multiple of 16, in powers of 2 >= 16.
-
-  Triton arrays must have power-of-2 sizes: Dk = 192 is read as 128 + 64
-  instead of being padded to 256.
-  """
-  parts, start = [], 0
-  for bit in reversed(range(size.bit_length())):
-    if size & (1 << bit):
-      parts.append((start, 1 << bit))
-      start += 1 << bit
-  return parts
-
-
 def _merge_top_n(vals, idx, run_vals, run_idx):
   """Inserts a chunk's candidates (vals, idx) [Bq, Sc] into the running top-n.
 
@@ -156,7 +142,7 @@ def _select_kernel(*refs, sizes: Selection, scale: float, seq_len: int,
     s = sum(plgpu.dot(q_ref[:, h, pl.ds(start, size)],
                       k_ref[pl.ds(row0, block_k), pl.ds(start, size)],
                       trans_b=True).astype(dtype)
-            for start, size in _pow2_parts(q_ref.shape[-1])) * scale
+            for start, size in _util.pow2_parts(q_ref.shape[-1])) * scale
     visible = ((i[None, :] * d >= doc_start) & (i[None, :] < num_cmp)
                & (i[None, :] * d + l - 1 <= t[:, None]))
     return s, visible

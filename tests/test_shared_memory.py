@@ -21,8 +21,8 @@ import nsa_jax
 from nsa_jax import NSAConfig
 from nsa_jax.ops import dispatch
 from nsa_jax.ops._common import selection_sizes
-from pallas_kernels import (_flash_tiles, _util, compressed_attention, decode_attention, select_blocks,
-                            window_attention)
+from pallas_kernels import (_flash_tiles, _util, block_lse, compressed_attention, decode_attention,
+                            select_blocks, window_attention)
 from pallas_kernels.selected_attention import choice as selected_choice
 from pallas_kernels.selected_attention import tiles as selected_tiles
 from tests import rand
@@ -64,6 +64,8 @@ def test_every_kernel_fits_on_every_shape(heads, G, dtype):
   for lse_given in (False, True):
     tiles = select_blocks.default_tiles(q, sizes, lse_given)
     assert select_blocks.shared_memory(tiles, sizes, Dk, isz) <= BUDGET
+  tiles = block_lse.default_tiles(q, CONFIG.select_block)
+  assert block_lse.shared_memory(tiles, CONFIG.select_block, Dk, isz) <= BUDGET
   tilings = _selected_tilings(q, k, v)
   assert "query tiles" in tilings
   for name, tiles in tilings.items():

@@ -1,13 +1,15 @@
 """Which implementation runs each op (the `impl` argument): one table (docs/api.md#impl).
 
-Every op has the reference "xla" and the Pallas kernels "pallas"; the window and compressed
-branches and the model's dense attention (`nsa_jax.ops.dense`) also "cudnn". Each backend has one check, `SUPPORTED[op][name](call)`, which reads
-shapes, dtypes, the config and the device (never values) and returns why it cannot run the
-call, or None. `impl="auto"` takes the first backend of `AUTO[op]` that runs the call on a
-GPU, the reference elsewhere; an explicit impl that cannot run it raises a ValueError before
-anything is traced; `nsa(impl=...)` gives each branch the backends `NSA_BRANCHES[impl]` lists.
-The selected branch with the straight-through gate (a `block_bias` in its call) runs on the
-kernels' block-major tiling (docs/selection_learning.md#straight-through-gate).
+Every op has the reference "xla" and the Pallas kernels "pallas" (the distillation's
+teacher, `distill_teacher`, among them); the window and compressed branches and the model's
+dense attention (`nsa_jax.ops.dense`) also "cudnn". Each backend has one check,
+`SUPPORTED[op][name](call)`, which reads shapes, dtypes, the config and the device (never
+values) and returns why it cannot run the call, or None. `impl="auto"` takes the first
+backend of `AUTO[op]` that runs the call on a GPU, the reference elsewhere; an explicit impl
+that cannot run it raises a ValueError before anything is traced; `nsa(impl=...)` gives each
+branch the backends `NSA_BRANCHES[impl]` lists. The selected branch with the straight-through
+gate (a `block_bias` in its call) runs on the kernels' block-major tiling
+(docs/selection_learning.md#straight-through-gate).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import _common, cudnn
-from pallas_kernels import (compressed_attention, decode_attention, select_blocks,
+from pallas_kernels import (block_lse, compressed_attention, decode_attention, select_blocks,
                             selected_attention, window_attention)
 
 
@@ -118,6 +120,11 @@ def _pallas_selected(call: Call) -> str | None:
                                         biased="block_bias" in a)
 
 
+def _pallas_teacher(call: Call) -> str | None:
+  a = call.arrays
+  return block_lse.unsupported(a["q"], a["k"], block=call.config.select_block)
+
+
 def _pallas_decode(call: Call) -> str | None:
   return decode_attention.unsupported(*call.arrays.values(),
                                       sizes=_common.selection_sizes(call.config))
@@ -134,6 +141,8 @@ SUPPORTED: dict[str, dict[str, Callable[[Call], str | None]]] = {
     "select_blocks": {"pallas": _on_pallas(_pallas_select), "xla": _reference},
     "selected_attention": {"pallas": _on_pallas(_pallas_selected), "xla": _reference},
     "nsa_decode": {"pallas": _on_pallas(_pallas_decode), "xla": _reference},
+    # The selection distillation's teacher (`nsa_jax.ops.distill.block_teacher`).
+    "distill_teacher": {"pallas": _on_pallas(_pallas_teacher), "xla": _reference},
 }
 
 # impl="auto" on a GPU, first supported first. The compressed op alone keeps cuDNN
@@ -146,6 +155,7 @@ AUTO: dict[str, tuple[str, ...]] = {
     "select_blocks": ("pallas", "xla"),
     "selected_attention": ("pallas", "xla"),
     "nsa_decode": ("pallas", "xla"),
+    "distill_teacher": ("pallas", "xla"),
 }
 
 # nsa(impl=...) -> the backends of each branch, first supported first. "pallas" means
