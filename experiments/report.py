@@ -223,7 +223,7 @@ def train_targets(d) -> list[str]:
   for r in d["rows"]:
     if r["preset"] == TARGET_PRESET and not r.get("document") and "tokens_per_s" in r:
       runs.setdefault(r["seq_len"], {})[r["attention"]] = r
-  pairs = {T: (p["nsa"], p["full"]) for T, p in runs.items() if len(p) == 2}
+  pairs = {T: (p["nsa"], p["full"]) for T, p in runs.items() if "nsa" in p and "full" in p}
   same = {T: (n, f) for T, (n, f) in pairs.items()
           if n.get("memory_option") == f.get("memory_option")}
   peak = {T: (_peak(n)[0] / _peak(f)[0], _peak(n)[1]) for T, (n, f) in same.items()
