@@ -43,16 +43,14 @@ def cudnn_calls(monkeypatch):
 # too costly to make once per worker: `--dist loadgroup` sends each group whole to one worker
 # (first, the groups being the largest units), every other test alone. The groups are listed
 # here, not marked with xdist_group: on pytest 9.2, pytest-xdist 3.8 ignores the mark
-# (pytest-dev/pytest-xdist#1386). test_train.py's runs of the tiny preset reuse the first
-# test's compiled steps (train_lib.make_steps' cache), test_model.py's remat and scan cases
-# the plain models' loss and gradients, test_kernel_select.py's cases the reference's
-# compiled block scores.
+# (pytest-dev/pytest-xdist#1386). test_model.py's remat and scan cases reuse the plain
+# models' loss and gradients, test_kernel_select.py's cases the reference's compiled block
+# scores.
 ONE_WORKER = {
     "tests/test_sharding.py": "sharding_check",
     "tests/test_context.py": "context_check",
     "tests/test_experiments_smoke.py::test_bench_kernels_small": "bench_kernels_small",
     "tests/test_notebooks.py::test_performance_plots_a_real_results_file": "bench_kernels_small",
-    "tests/test_train.py": "train",
     "tests/test_model.py": "model",
     "tests/test_kernel_select.py": "kernel_select",
 }
