@@ -24,8 +24,9 @@ train: setup
 
 # Tests run in parallel (pytest-xdist), handed out one at a time so that no slow
 # file holds up the end (the slowest files first: tests/conftest.py's SLOW_FILES),
-# except the groups of tests/conftest.py's ONE_WORKER (the 8-device checks), each
-# whole to one worker so that its setup runs once (--dist loadgroup). A line per
+# except the groups of tests/conftest.py's ONE_WORKER (the 8-device checks, files whose
+# tests share compiled programs), each whole to one worker so that its setup runs once
+# (--dist loadgroup). A line per
 # test file as it finishes, the slowest tests last.
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=10
