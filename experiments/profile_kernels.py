@@ -1,6 +1,7 @@
 """GPU check and tile profile of one family of Pallas kernels (OP: window, compressed, select,
-selected, decode): the kernels against their reference first, then timings of the default
-tiles and of variants of them (docs/benchmarks.md#kernel-profiles).
+selected, decode, teacher: the distillation's block lse): the kernels against their reference
+first, then timings of the default tiles and of variants of them
+(docs/benchmarks.md#kernel-profiles).
 
     python -m experiments.profile_kernels OP                # on a GPU, Config A
     python -m experiments.profile_kernels OP --config-b     # Dk = 192, Dv = 128
@@ -8,6 +9,7 @@ tiles and of variants of them (docs/benchmarks.md#kernel-profiles).
     python -m experiments.profile_kernels selected --batch 4 --q-heads 16 --group 4  # research
     python -m experiments.profile_kernels OP --small        # CPU, interpret mode
     python -m experiments.profile_kernels select --group-score max   # select, decode: heads' max
+    python -m experiments.profile_kernels teacher --batch 2 --q-heads 16 --group 4 --ts 32768
 
 Prints a table last; writes --out (default $OUT, else experiments/results)
 /profile_<OP>.json; exits 1 when a check fails. Figures: experiments/PERF_NOTES.md.
@@ -28,9 +30,11 @@ from experiments import bench_common as bc
 from nsa_jax import NSAConfig, compressed_attention, decoding, select_blocks, window_attention
 from nsa_jax.ops import _common, decode
 from nsa_jax.ops.compressed import compressed_attention_xla, compressed_scores
+from nsa_jax.ops.distill import block_lse_xla
 from nsa_jax.ops.selected import selected_attention_xla
 from nsa_jax.ops.selection import group_block_scores, select_blocks_xla
 from nsa_jax.ops.window import window_attention_xla
+from pallas_kernels import block_lse as teacher_kernel
 from pallas_kernels import compressed_attention as cmp_kernel
 from pallas_kernels import decode_attention, selected_attention
 from pallas_kernels import select_blocks as select_kernel
@@ -62,6 +66,8 @@ VARIANTS = {
                  # Block-major in one pass whatever its transient buffers (the default runs
                  # (batch row, KV head) units in passes of <= 1 GiB of them: issue #31).
                  "one-pass": dict(block_major=True, block_pass_bytes=2 ** 50)},
+    "teacher": {"bq32": dict(block_q=32), "bq128": dict(block_q=128), "w8": dict(num_warps=8),
+                "stages3": dict(num_stages=3)},
     "decode": {"compressed 4 warps": dict(COMPRESSED=dict(num_warps=4, num_stages=2)),
                "splits <= 16": dict(MAX_SPLITS=16),
                "scores 8 warps": dict(SCORES=dict(num_warps=8, num_stages=1)),
@@ -72,7 +78,11 @@ VARIANTS = {
 TOLERANCE = {"window": {"float32": 1e-4, "bfloat16": 1e-2},
              "compressed": {"float32": 1e-4, "bfloat16": 1e-2},
              "selected": {"float32": 1e-3, "bfloat16": 2e-2},
-             "decode": {"float32": 1e-4, "bfloat16": 2e-2}}
+             "decode": {"float32": 1e-4, "bfloat16": 2e-2},
+             # the lse of a block: float32 sums of exact bf16 products or 3-pass TF32 ones
+             "teacher": {"float32": 1e-5, "bfloat16": 1e-5}}
+# teacher: its query rows are every TEACHER_STRIDE-th position (select_distill_stride's share).
+TEACHER_STRIDE = 8
 # select: differing rows at most this share, each at a reference-score gap at most MAX_GAP.
 MAX_DIFFERING_ROWS, MAX_GAP = 0.01, {"bfloat16": 1e-4, "float32": 1e-2}
 
@@ -98,6 +108,9 @@ def inputs(op: str, key, T: int, shape: Shape, config: NSAConfig, dtype):
   if op == "select":
     lse = jax.jit(lambda q, k: compressed_attention(q, k, k, config=config, impl="xla")[1])
     return (q, k, lse(q, k)), ()
+  if op == "teacher":
+    rows = jnp.arange(0, T, TEACHER_STRIDE, dtype=jnp.int32)
+    return (q[:, rows], k, rows), ()
   if op == "compressed":
     return (q, k, v), (do, jax.random.normal(ks[4], (B, T, HQ), jnp.float32))
   if op == "selected":
@@ -121,6 +134,10 @@ def kernel_fn(op: str, config: NSAConfig, interpret: bool, change: dict, args) -
     return lambda q, k, v: cmp_kernel.compressed_attention(
         q, k, v, block=config.compress_block, stride=config.compress_stride, scale=scale,
         interpret=interpret, tiles=tiles)
+  if op == "teacher":
+    tiles = dataclasses.replace(teacher_kernel.default_tiles(q, config.select_block), **change)
+    return lambda q, k, rows: (teacher_kernel.block_lse(
+        q, k, rows, block=config.select_block, scale=scale, interpret=interpret, tiles=tiles),)
   if op == "select":
     sizes = _common.selection_sizes(config)
     tiles = dataclasses.replace(select_kernel.default_tiles(q, sizes, True), **change)
@@ -138,7 +155,9 @@ def reference_fn(op: str, config: NSAConfig, args) -> Callable:
                                                                  scale=scale),
          "select": lambda q, k, lse: (select_blocks_xla(q, k, config=config, scale=scale),),
          "selected": lambda q, k, v, b: (selected_attention_xla(q, k, v, b, config=config,
-                                                                scale=scale),)}[op]
+                                                                scale=scale),),
+         "teacher": lambda q, k, rows: (block_lse_xla(
+             q, rows, k, scale, config.select_block, config.num_select_blocks(k.shape[1])),)}[op]
   def f(*a):
     with jax.default_matmul_precision("highest"):
       return ref(*a)
@@ -201,6 +220,11 @@ def check(op: str, T: int, dtype, shape: Shape, config, interpret, key, change=N
   if op == "select":
     errors = selection_errors(jax.jit(fn)(*args)[0], args, config)
     ok = errors["differing_rows"] <= MAX_DIFFERING_ROWS and errors["max_gap"] <= MAX_GAP[name]
+  elif op == "teacher":   # no gradient
+    f32 = args[0].astype(jnp.float32), args[1].astype(jnp.float32), args[2]
+    errors = relative_errors(("lse",), jax.jit(fn)(*args),
+                             jax.jit(reference_fn(op, config, args))(*f32))
+    ok = errors["lse"] <= TOLERANCE[op][name]
   else:
     f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
     got = with_grads(fn, 3)(*args, cts)
@@ -215,7 +239,7 @@ def time_op(op: str, T: int, shape, config, interpret, runs, key, change=None) -
   args, cts = inputs(op, key, T, shape, config, jnp.bfloat16)
   fn = kernel_fn(op, config, interpret, change or {}, args)
   row = {"T": T, "fwd_ms": bc.median_ms(jax.jit(fn), *args, runs=runs)}
-  if op != "select":
+  if op not in ("select", "teacher"):
     row["fwd_bwd_ms"] = bc.median_ms(with_grads(fn, 3), *args, cts, runs=runs)
   if op == "window" and not interpret:   # the yardstick nsa runs for 16-bit windows
     cudnn = lambda q, k, v: window_attention(q, k, v, config=config, impl="cudnn")

@@ -176,14 +176,19 @@ def test_bench_scaling_small(tmp_path):
 
 
 def test_profile_kernels_small(tmp_path):
-  """One flash op and the decode step: checks against the reference, then the
-  default tiles and a variant timed (interpret mode); every check passes."""
+  """One flash op, the distillation teacher and the decode step: checks against the
+  reference, then the default tiles and a variant timed (interpret mode); every check
+  passes."""
   run_script("profile_kernels", ["window", "--variants", "bwd-k128"], tmp_path)
   with open(tmp_path / "profile_window.json") as f:
     data = json.load(f)
   assert [c["dtype"] for c in data["checks"]] == ["float32", "bfloat16"]
   assert all(c["ok"] and set(c["errors"]) == {"o", "dq", "dk", "dv"} for c in data["checks"])
   assert data["timings"][0]["fwd_bwd_ms"] > 0 and data["variants"][0]["ok"]
+  run_script("profile_kernels", ["teacher", "--no-variants"], tmp_path)
+  with open(tmp_path / "profile_teacher.json") as f:
+    data = json.load(f)
+  assert all(c["ok"] and set(c["errors"]) == {"lse"} for c in data["checks"]), data["checks"]
   run_script("profile_kernels", ["decode", "--variants", "splits <= 16"], tmp_path)
   with open(tmp_path / "profile_decode.json") as f:
     rows = json.load(f)["timings"]
