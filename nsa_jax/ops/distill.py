@@ -14,6 +14,7 @@ k-th chunk counts (counted back from the last): the teacher's cost falls k-fold.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -70,9 +71,10 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
                           jnp.int32)
   rows = lambda x: _common.join_rows(_common.split_rows(x, n, chunk)[picked.start::query_stride],
                                      len(picked) * chunk)
-  xs = (rows(q), positions[None]) + (() if doc_start is None else (rows(doc_start),))
-  teacher = block_teacher(*xs, k_slc, scale=scale, config=config, chunk=chunk,
-                          backend=backend, interpret=interpret)
+  q, positions = rows(q), positions[None]
+  doc_start = None if doc_start is None else rows(doc_start)
+  teacher = block_teacher(q, positions, k_slc, doc_start=doc_start, scale=scale, config=config,
+                          chunk=chunk, backend=backend, interpret=interpret)
 
   def chunk_fn(_, qc, tc, pos, *doc):
     doc_c = doc[0] if doc else None
@@ -85,29 +87,28 @@ def selection_distill_loss(q, k_cmp, k_slc, *, config: NSAConfig, scale: float |
     has_free = jnp.broadcast_to(jnp.any(free, axis=-1), kl.shape)
     return jnp.moveaxis(kl, 1, 2), jnp.moveaxis(has_free, 1, 2).astype(kl.dtype)
 
-  kl, counted = _common.map_query_chunks(chunk_fn, (xs[0], teacher) + xs[1:], chunk)
+  kl, counted = _common.map_query_chunks(
+      chunk_fn, (q, teacher, positions) + (() if doc_start is None else (doc_start,)), chunk)
   return kl.sum() / jnp.maximum(counted.sum(), 1)
 
 
-def block_teacher(q, positions, *doc_start_and_k, scale: float, config: NSAConfig,
+def block_teacher(q, positions, k, *, doc_start=None, scale: float, config: NSAConfig,
                   chunk: int, backend: str, interpret: bool | None):
   """The teacher [B, R, HKV, Ts] of query rows q [B, R, HQ, Dk] at positions [1, R]
   (documents from doc_start [B, R] where given) over the keys k [B, T, HKV, Dk]: causal
   softmax attention averaged over each group's heads and summed per selection block,
   computed from each block's lse (`block_lse_xla` or the kernel). Carries no gradient;
   named as a kernel's output (`saved`), so that a layer's backward does not make it again."""
-  *doc_start, k = doc_start_and_k
   q, k = lax.stop_gradient(q), lax.stop_gradient(k)
   block, Ts = config.select_block, config.num_select_blocks(k.shape[1])
   if backend == "pallas":
     lse = kernel.block_lse(q, k, positions[0], block=block, scale=scale,
-                           interpret=_common.resolve_interpret(interpret),
-                           doc_start=doc_start[0] if doc_start else None)
+                           interpret=_common.resolve_interpret(interpret), doc_start=doc_start)
     return _util.saved(_teacher_from_block_lse(lse, k.shape[2]))
   return _common.map_query_chunks(
       lambda _, qc, pos, *doc: _teacher_from_block_lse(
           block_lse_xla(qc, pos[0], k, scale, block, Ts, *doc), k.shape[2]),
-      (q, positions) + tuple(doc_start), chunk)
+      (q, positions) + (() if doc_start is None else (doc_start,)), chunk)
 
 
 def block_lse_xla(qc, t, k, scale: float, block: int, num_blocks: int, doc_start=None):
@@ -125,18 +126,13 @@ def block_lse_xla(qc, t, k, scale: float, block: int, num_blocks: int, doc_start
     seen = seen & (key[None, None, :] >= doc_start[:, :, None])
   s = jnp.where(seen[:, :, None, None], s, -jnp.inf).reshape(B, C, HQ, T)
   s = jnp.pad(s, [(0, 0)] * 3 + [(0, num_blocks * block - T)], constant_values=-jnp.inf)
-  s = s.reshape(B, C, HQ, num_blocks, block)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(m == -jnp.inf, 0.0, m)
-  return (m + jnp.log(jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True)))[..., 0]
+  return jax.nn.logsumexp(s.reshape(B, C, HQ, num_blocks, block), axis=-1)   # -inf: none
 
 
 def _teacher_from_block_lse(lse, num_kv_heads: int):
   """[B, R, HQ, Ts] per-block lse -> [B, R, HKV, Ts]: each head's softmax mass per block,
   averaged over the group's heads (0 where a head sees nothing)."""
-  total = jnp.max(lse, axis=-1, keepdims=True)
-  total = jnp.where(total == -jnp.inf, 0.0, total)
-  total = total + jnp.log(jnp.sum(jnp.exp(lse - total), axis=-1, keepdims=True))
+  total = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
   mass = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - total))
   B, R, HQ, Ts = lse.shape
   return mass.reshape(B, R, num_kv_heads, HQ // num_kv_heads, Ts).mean(axis=3)
