@@ -6,6 +6,9 @@ Nothing here knows NSA: the kernels take sizes (ints), never `nsa_jax.NSAConfig`
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -109,6 +112,19 @@ def dtype_unsupported(dtype) -> str | None:
   if jnp.dtype(dtype) not in KERNEL_DTYPES:
     return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
   return None
+
+
+def fit_tiles(tiles, used: Callable[[Any], int], halve: Sequence[tuple[str, int]]):
+  """`tiles` with the fields of `halve` ((name, floor), in order) halved, each down to its
+  floor, until `used(tiles)` bytes fit the device's shared memory (`shared_memory_budget`);
+  unchanged where they fit, None where nothing left to halve makes them fit."""
+  budget = shared_memory_budget()
+  while used(tiles) > budget:
+    name = next((n for n, floor in halve if getattr(tiles, n) > floor), None)
+    if name is None:
+      return None
+    tiles = dataclasses.replace(tiles, **{name: getattr(tiles, name) // 2})
+  return tiles
 
 
 def shared_memory_budget() -> int:

@@ -98,18 +98,11 @@ def shared_memory(tiles: Tiles, block: int, Dk: int, itemsize: int) -> int:
 
 
 def default_tiles(q, block: int) -> Tiles | None:
-  """`Tiles()` with its query rows halved (16 at least), then one stage, until
+  """`Tiles()` with its query rows halved (16 at least), then its stages, until
   `shared_memory` fits the device; None where nothing fits."""
-  tiles, budget = Tiles(), _util.shared_memory_budget()
   itemsize = jnp.dtype(q.dtype).itemsize
-  while shared_memory(tiles, block, q.shape[-1], itemsize) > budget:
-    if tiles.block_q > 16:
-      tiles = dataclasses.replace(tiles, block_q=tiles.block_q // 2)
-    elif tiles.num_stages > 1:
-      tiles = dataclasses.replace(tiles, num_stages=1)
-    else:
-      return None
-  return tiles
+  return _util.fit_tiles(Tiles(), lambda t: shared_memory(t, block, q.shape[-1], itemsize),
+                         (("block_q", 16), ("num_stages", 1)))
 
 
 def unsupported(q, k, *, block: int) -> str | None:

@@ -249,16 +249,10 @@ def default_tiles(q, sizes: Selection, lse_given: bool) -> Tiles | None:
   """`Tiles()`, or `WITH_LSE` when the lse is given, fitted to the device's shared
   memory: key tiles, then query tiles halved (16 at least) until `shared_memory`
   fits; unchanged where they fit, None where 16 x 16 tiles do not."""
-  tiles = WITH_LSE if lse_given else Tiles()
-  itemsize, budget = jnp.dtype(q.dtype).itemsize, _util.shared_memory_budget()
-  while shared_memory(tiles, sizes, q.shape[-1], itemsize) > budget:
-    if tiles.block_k > 16:
-      tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
-    elif tiles.block_q > 16:
-      tiles = dataclasses.replace(tiles, block_q=tiles.block_q // 2)
-    else:
-      return None
-  return tiles
+  itemsize = jnp.dtype(q.dtype).itemsize
+  return _util.fit_tiles(WITH_LSE if lse_given else Tiles(),
+                         lambda t: shared_memory(t, sizes, q.shape[-1], itemsize),
+                         (("block_k", 16), ("block_q", 16)))
 
 
 def unsupported(q, k_cmp, *, sizes: Selection) -> str | None:
