@@ -13,7 +13,7 @@ import numpy as np
 from experiments import bench_common as bc
 
 OPS = ("compressed_attention", "select_blocks", "selected_attention",
-       "window_attention", "nsa", "nsa_vs_select_blocks")
+       "window_attention", "nsa", "nsa_vs_select_blocks", "distill_teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,8 @@ MATRIX_GROUPS = (1, 2, 4, 8, 16)
 MATRIX_OPS = (("compressed_attention", "pallas"), ("select_blocks", "pallas"),
               ("selected_attention", "pallas"), ("window_attention", "pallas"),
               ("nsa", "auto"), ("nsa", "pallas"),
-              ("nsa_vs_select_blocks", "auto"), ("nsa_vs_select_blocks", "pallas"))
+              ("nsa_vs_select_blocks", "auto"), ("nsa_vs_select_blocks", "pallas"),
+              ("distill_teacher", "pallas"))
 UNLIMITED = 2 ** 62
 
 

@@ -3,7 +3,7 @@ the reference: its inputs, its units, the error measures and thresholds.
 
 What each op's check asserts, the error measure and the thresholds with their reasons:
 docs/benchmarks.md#gpu-checks. The reference runs in float32 on upcast inputs at full
-matmul precision, chunked and rematerialised. A case's ops are checked in three units
+matmul precision, chunked and rematerialised. A case's ops are checked in units
 (`UNIT_OF`), each one jitted function of the inputs that returns error measures only, so
 that what several ops need (the reference selection, nsa's own selection) is computed once;
 nsa and select_blocks under impls "auto" and "pallas" that run the same backends
@@ -28,6 +28,7 @@ from nsa_jax import (NSAConfig, compressed_attention, nsa, select_blocks,
                      selected_attention, window_attention)
 from nsa_jax.ops import _common, compressed, cudnn, dispatch, segments, selected, window
 from nsa_jax.ops.compressed import compressed_scores
+from nsa_jax.ops.distill import selection_distill_loss
 from nsa_jax.ops.nsa import backends as nsa_backends
 from nsa_jax.ops.nsa import sparse_branches as nsa_sparse_branches
 from nsa_jax.ops.selection import lse_backend, overlap_to_select_blocks
@@ -165,7 +166,7 @@ def measure(a, b) -> dict:
 # selection nsa made; the two flash-style branches share nothing but are small.
 UNIT_OF = {"compressed_attention": "branches", "window_attention": "branches",
            "select_blocks": "selection", "selected_attention": "selection",
-           "nsa": "nsa", "nsa_vs_select_blocks": "nsa"}
+           "nsa": "nsa", "nsa_vs_select_blocks": "nsa", "distill_teacher": "teacher"}
 
 
 def units(case: Case) -> list[Case]:
@@ -345,8 +346,20 @@ def unit_function(case: Case, config: NSAConfig):
       return {"block_idx": {"rel": share, "max_rel": share, "ok": True,
                             "rows_differing": differ}}
 
+    def teacher(impl):
+      """The selection distillation loss and its gradients with the teacher on `impl`,
+      against the loss with the reference teacher (the student is the same XLA code)."""
+      def loss(impl):
+        return jax.value_and_grad(lambda q, k_cmp: selection_distill_loss(
+            q, k_cmp, x["k_slc"], config=config, impl=impl, segment_ids=seg),
+            argnums=(0, 1))(x["q"], x["k_cmp"])
+      got = jax.tree.leaves(loss(impl))
+      with highest():
+        want = jax.tree.leaves(loss("xla"))
+      return {q: measure(a, b) for q, a, b in zip(("loss", "dq", "dk_cmp"), got, want)}
+
     checks = {"select_blocks": selection, "nsa_vs_select_blocks": agreement,
-              "nsa": lambda impl: nsa_check(impl)[0]}
+              "nsa": lambda impl: nsa_check(impl)[0], "distill_teacher": teacher}
     return {f"{op}|{impl}": checks[op](impl) if op in checks else gradients(op, impl)[0]
             for op, impl in case.ops}
   return f

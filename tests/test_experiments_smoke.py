@@ -59,7 +59,7 @@ def test_gpu_check_packed_small(tmp_path):
   run_script("gpu_check", ["--packed", "--impl", "xla"], tmp_path)
   with open(tmp_path / "gpu_packed_cpu.json") as f:
     data = json.load(f)
-  assert data["summary"] == {"pass": 6, "fail": 0, "error": 0, "skipped": 0}
+  assert data["summary"] == {"pass": 7, "fail": 0, "error": 0, "skipped": 0}
   assert {r["kind"] for r in data["records"]} == {"packed"}
   checked = {r["op"]: r["errors"] for r in data["records"]}
   assert set(checked["nsa"]) == {"o"} | {f"d{n}" for n in ("q", "k_cmp", "v_cmp", "k_slc",
