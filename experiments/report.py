@@ -268,9 +268,9 @@ def distill_cost(d) -> list[str]:
     return []
   judged = [c <= DISTILL_COST for p, T, _, c in costs if p == TARGET_PRESET and T in (8192, 32768)]
   verdict = f" (**{'met' if all(judged) else 'not met'}**)" if judged else ""
-  text = ", ".join(f"`{p}` {_len(T)} {c:+.0%}" for p, T, _, c in costs)
-  return [f"Selection distillation (`--distill {costs[0][2]}`; issue #29: at most "
-          f"{DISTILL_COST:.0%} of the NSA step at 8k and 32k): {text}{verdict}.", ""]
+  text = ", ".join(f"`{p}` {_len(T)} (`--distill {f}`) {c:+.0%}" for p, T, f, c in costs)
+  return [f"Selection distillation (issue #29: at most {DISTILL_COST:.0%} of the NSA step at "
+          f"8k and 32k): {text}{verdict}.", ""]
 
 
 def _gib(x):

@@ -89,12 +89,15 @@ def _kernel(q_ref, k_ref, pos_ref, *refs, scale: float, block: int, seq_len: int
 
 
 def shared_memory(tiles: Tiles, block: int, Dk: int, itemsize: int) -> int:
-  """Estimated shared memory (bytes) of a program: its heads' query tiles and
-  `num_stages` key tiles, at Dk padded to 16."""
+  """Estimated shared memory (bytes) of a program, counted as Triton allocates it for
+  sm90 (docs/kernels.md#shared-memory): the query tiles are loaded in the block loop, so
+  each of `num_stages` buffers holds its heads' query tiles and a key tile; float32
+  stages its TF32 operands in one more set of query tiles. Dk padded to 16."""
   dk = _util.cdiv(Dk, 16) * 16
   tile_k = _util.next_pow2(block, 16)
-  return (itemsize * dk * (tiles.heads * tiles.block_q + tiles.num_stages * tile_k)
-          + _util.SCRATCH_BYTES)
+  q_rows = tiles.heads * tiles.block_q
+  rows = tiles.num_stages * (q_rows + tile_k) + (q_rows if itemsize == 4 else 0)
+  return itemsize * dk * rows + _util.SCRATCH_BYTES
 
 
 def default_tiles(q, block: int) -> Tiles | None:
