@@ -504,13 +504,15 @@ def test_bench_train_distill_rows_and_their_cost():
   cfg = bench_train.case_config("tiny", 160, bench_train.ATTENTION_OF["nsa+distill"], True,
                                 "none", 0.5)
   assert cfg.model.attention == "nsa" and cfg.model.select_distill == 0.5
-  row = lambda T, attention, ms: {"preset": "research", "seq_len": T, "attention": attention,
-                                  "step_ms": ms, "select_distill": 0.5}
+  row = lambda T, attention, ms, stride=1: {"preset": "research", "seq_len": T,
+                                            "attention": attention, "step_ms": ms,
+                                            "select_distill": 0.5, "select_distill_stride": stride}
   rows = [row(8192, "nsa", 100.0), row(8192, "nsa+distill", 110.0),
-          row(32768, "nsa", 200.0), row(32768, "nsa+distill", 240.0)]
+          row(32768, "nsa", 200.0), row(32768, "nsa+distill", 240.0, stride=32)]
   report = importlib.import_module("experiments.report")
   [line, _] = report.distill_cost({"rows": rows})
-  assert "8k +10%, `research` 32k +20% (**not met**)" in line
+  assert ("`research` 8k (`--distill 0.5`) +10%, `research` 32k (`--distill 0.5 "
+          "--distill-stride 32`) +20% (**not met**)") in line
   assert report.distill_cost({"rows": rows[:1]}) == []
 
 
