@@ -67,9 +67,7 @@ VARIANTS = {
                  # (batch row, KV head) units in passes of <= 1 GiB of them: issue #31).
                  "one-pass": dict(block_major=True, block_pass_bytes=2 ** 50)},
     "teacher": {"bq32": dict(block_q=32), "bq128": dict(block_q=128), "w8": dict(num_warps=8),
-                "stages3": dict(num_stages=3),
-                # a key tile loaded once for 2 or 4 heads of a group (the research preset's G)
-                "heads2": dict(heads=2), "heads4": dict(heads=4)},
+                "stages3": dict(num_stages=3)},
     "decode": {"compressed 4 warps": dict(COMPRESSED=dict(num_warps=4, num_stages=2)),
                "splits <= 16": dict(MAX_SPLITS=16),
                "scores 8 warps": dict(SCORES=dict(num_warps=8, num_stages=1)),

@@ -6,8 +6,8 @@ distillation (docs/selection_learning.md#selection-distillation; reference: `blo
 
 over the keys k of block j ([j*block, (j+1)*block)) that query row r sees: k <= pos[r],
 k < T and, for packed rows, k >= doc_start[b, r]; -inf where it sees none. One program per
-(query tile, `Tiles.heads` heads of a KV group, batch row) walks the tile's visible blocks
-once, each key tile loaded once for its heads, and writes one value per row, head and block: the [T, T] logits never reach memory. No custom_vjp: the teacher carries no
+(query tile, head, batch row) walks the tile's visible blocks once and writes one value per
+row and block: the [T, T] logits never reach memory. No custom_vjp: the teacher carries no
 gradient (its caller stops it).
 """
 from __future__ import annotations
@@ -27,19 +27,15 @@ from pallas_kernels import _util
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """block_q: query rows per program, a power of 2 >= 16 (shrunk for short inputs);
-  heads: query heads per program, of one KV group (at most G: the largest power of 2
-  dividing G is taken); num_warps, num_stages: Triton launch parameters."""
+  num_warps, num_stages: Triton launch parameters."""
 
   block_q: int = 64
-  heads: int = 1
   num_warps: int = 4
   num_stages: int = 2
 
   def __post_init__(self):
     if not _util.is_pow2(self.block_q) or self.block_q < 16:
       raise ValueError(f"Tiles.block_q={self.block_q!r} must be a power of 2 >= 16")
-    if not _util.is_pow2(self.heads):
-      raise ValueError(f"Tiles.heads={self.heads!r} must be a power of 2")
     if not _util.is_pow2(self.num_warps):
       raise ValueError(f"Tiles.num_warps={self.num_warps!r} must be a power of 2")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -48,9 +44,9 @@ class Tiles:
 
 def _kernel(q_ref, k_ref, pos_ref, *refs, scale: float, block: int, seq_len: int,
             num_blocks: int, interpret: bool):
-  """One (query tile, heads, batch row) program. refs: q_ref [Bq, H, Dk'] (the tile's rows
-  of these heads), k_ref [rows, Dk'] (their KV group's keys, padded), pos_ref [Bq], then
-  start_ref [Bq] (packed rows) and o_ref [H, num_blocks, Bq]."""
+  """One (query tile, head, batch row) program. refs: q_ref [Bq, Dk'] (the tile's rows of
+  this head), k_ref [rows, Dk'] (its KV group's keys, padded), pos_ref [Bq], then start_ref
+  [Bq] (packed rows) and o_ref [num_blocks, Bq]."""
   *start_ref, o_ref = refs
   tile_k = _util.next_pow2(block, 16)
   t = pos_ref[...]
@@ -59,29 +55,23 @@ def _kernel(q_ref, k_ref, pos_ref, *refs, scale: float, block: int, seq_len: int
   hi = _util.div(jnp.minimum(jnp.max(t), seq_len - 1), block) + 1    # blocks [lo, hi)
   none = jnp.full(t.shape, -jnp.inf, jnp.float32)
 
-  heads = q_ref.shape[1]
-
   def fill(j, carry):
-    for h in range(heads):
-      o_ref[h, j, :] = none
+    o_ref[j, :] = none
     return carry
 
   def body(j, carry):
     key = j * block + jnp.arange(tile_k, dtype=jnp.int32)
     seen = ((key[None, :] <= t[:, None]) & (key[None, :] >= doc[:, None])
             & (key[None, :] < jnp.minimum(seq_len, (j + 1) * block)))
-    k = [(start, size, k_ref[pl.ds(j * block, tile_k), pl.ds(start, size)])
-         for start, size in _util.pow2_parts(q_ref.shape[-1])]
-
-    def head(h, carry):
-      s = sum(_util.dot(q_ref[:, h, pl.ds(start, size)], part, interpret=interpret,
-                        contract=(1, 1)) for start, size, part in k) * scale
-      s = jnp.where(seen, s, -jnp.inf)
-      m = jnp.max(s, axis=1)
-      m = jnp.where(m == -jnp.inf, 0.0, m)
-      o_ref[h, j, :] = m + jnp.log(jnp.sum(jnp.exp(s - m[:, None]), axis=1))   # log 0: -inf
-      return carry
-    return lax.fori_loop(0, heads, head, carry)
+    s = sum(_util.dot(q_ref[:, pl.ds(start, size)],
+                      k_ref[pl.ds(j * block, tile_k), pl.ds(start, size)],
+                      interpret=interpret, contract=(1, 1))
+            for start, size in _util.pow2_parts(q_ref.shape[-1])) * scale
+    s = jnp.where(seen, s, -jnp.inf)
+    m = jnp.max(s, axis=1)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    o_ref[j, :] = m + jnp.log(jnp.sum(jnp.exp(s - m[:, None]), axis=1))   # log 0: -inf
+    return carry
 
   lax.fori_loop(0, lo, fill, 0)
   lax.fori_loop(lo, hi, body, 0)
@@ -90,12 +80,12 @@ def _kernel(q_ref, k_ref, pos_ref, *refs, scale: float, block: int, seq_len: int
 
 def shared_memory(tiles: Tiles, block: int, Dk: int, itemsize: int) -> int:
   """Estimated shared memory (bytes) of a program, counted as Triton allocates it for
-  sm90 (docs/kernels.md#shared-memory): the query tiles are loaded in the block loop, so
-  each of `num_stages` buffers holds its heads' query tiles and a key tile; float32
-  stages its TF32 operands in one more set of query tiles. Dk padded to 16."""
+  sm90 (docs/kernels.md#shared-memory): the query tile is loaded in the block loop, so
+  each of `num_stages` buffers holds a query tile and a key tile; float32 stages its TF32
+  operands in one more query tile. Dk padded to 16."""
   dk = _util.cdiv(Dk, 16) * 16
   tile_k = _util.next_pow2(block, 16)
-  q_rows = tiles.heads * tiles.block_q
+  q_rows = tiles.block_q
   rows = tiles.num_stages * (q_rows + tile_k) + (q_rows if itemsize == 4 else 0)
   return itemsize * dk * rows + _util.SCRATCH_BYTES
 
@@ -138,7 +128,6 @@ def block_lse(q, k, positions, *, block: int, scale: float, interpret: bool,
   B, R, HQ, Dk = q.shape
   T, HKV = k.shape[1], k.shape[2]
   G = HQ // HKV
-  H = min(tiles.heads, G & -G)                     # heads per program, dividing G
   num_blocks = pl.cdiv(T, block)
   block_q = min(tiles.block_q, _util.next_pow2(R, 16))
   num_tiles = pl.cdiv(R, block_q)
@@ -150,8 +139,8 @@ def block_lse(q, k, positions, *, block: int, scale: float, interpret: bool,
   pad_rows = lambda x: jnp.pad(x.astype(jnp.int32), [(0, 0)] * (x.ndim - 1)
                                + [(0, num_tiles * block_q - R)], mode="edge")
   inputs = [q, k, pad_rows(positions)]
-  in_specs = [pl.BlockSpec((None, block_q, H, dk), lambda i, h, b: (b, i, h, 0)),
-              pl.BlockSpec((None, rows, None, dk), lambda i, h, b: (b, 0, h * H // G, 0)),
+  in_specs = [pl.BlockSpec((None, block_q, None, dk), lambda i, h, b: (b, i, h, 0)),
+              pl.BlockSpec((None, rows, None, dk), lambda i, h, b: (b, 0, h // G, 0)),
               pl.BlockSpec((block_q,), lambda i, h, b: (i,))]
   if doc_start is not None:
     inputs.append(pad_rows(doc_start))
@@ -159,9 +148,9 @@ def block_lse(q, k, positions, *, block: int, scale: float, interpret: bool,
   out = pl.pallas_call(
       functools.partial(_kernel, scale=scale, block=block, seq_len=T,
                         num_blocks=num_blocks, interpret=interpret),
-      grid=(num_tiles, HQ // H, B),
+      grid=(num_tiles, HQ, B),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, H, num_blocks, block_q), lambda i, h, b: (b, h, 0, i)),
+      out_specs=pl.BlockSpec((None, None, num_blocks, block_q), lambda i, h, b: (b, h, 0, i)),
       out_shape=jax.ShapeDtypeStruct((B, HQ, num_blocks, num_tiles * block_q), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),

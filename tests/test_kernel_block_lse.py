@@ -8,25 +8,25 @@ import pytest
 
 from nsa_jax import NSAConfig
 from nsa_jax.ops.distill import block_lse_xla, selection_distill_loss
-from pallas_kernels.block_lse import Tiles, block_lse
+from pallas_kernels.block_lse import block_lse
 from tests import rand
 
 
-@pytest.mark.parametrize("B, R, T, HQ, HKV, Dk, block, dtype, packed, heads", [
-    (2, 77, 77, 4, 2, 24, 16, jnp.float32, False, 2),   # T and R off the tiles, Dk padded
-    (1, 40, 100, 2, 2, 192, 24, jnp.float32, True, 1),  # G = 1, Dk = 128 + 64, 24-key blocks
-    (1, 33, 12, 16, 1, 16, 16, jnp.bfloat16, False, 4),  # G = 16, T < block
+@pytest.mark.parametrize("B, R, T, HQ, HKV, Dk, block, dtype, packed", [
+    (2, 77, 77, 4, 2, 24, 16, jnp.float32, False),   # T and R off the tiles, Dk padded
+    (1, 40, 100, 2, 2, 192, 24, jnp.float32, True),  # G = 1, Dk = 128 + 64, 24-key blocks
+    (1, 33, 12, 16, 1, 16, 16, jnp.bfloat16, False),  # G = 16, T < block
 ])
-def test_matches_reference(B, R, T, HQ, HKV, Dk, block, dtype, packed, heads):
+def test_matches_reference(B, R, T, HQ, HKV, Dk, block, dtype, packed):
   """Rows at positions in any order, some past T (they see every key), documents starting
-  anywhere, `heads` heads a program; -inf exactly where a row sees no key of the block."""
+  anywhere; -inf exactly where a row sees no key of the block."""
   ks = rand.split(rand.key(R), 3)
   q = rand.normal(ks[0], (B, R, HQ, Dk), dtype)
   k = rand.normal(ks[1], (B, T, HKV, Dk), dtype)
   positions = rand.randint(ks[2], (R,), 0, T + 8)
   doc_start = rand.randint(ks[1], (B, R), 0, T // 2) if packed else None
   got = block_lse(q, k, positions, block=block, scale=0.3, interpret=True,
-                  doc_start=doc_start, tiles=Tiles(heads=heads))
+                  doc_start=doc_start)
   want = jax.jit(block_lse_xla, static_argnums=(3, 4, 5))(
       q, positions, k, 0.3, block, -(-T // block), doc_start)
   got, want = np.asarray(got), np.asarray(want)
