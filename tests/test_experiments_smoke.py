@@ -558,3 +558,24 @@ def test_bench_train_keeps_the_first_memory_option_that_fits():
 
   row = bench_train.first_fit(case, ladder, attempt, deadline=0.0)
   assert row["skipped"] == "time budget spent" and row["not_fit"] == []
+
+
+def test_ablation_targets_judge_the_winner_and_count_the_others():
+  """The README's #29 target line: each target spelled out for the winner, and for every
+  other recipe with an aid how many it meets and which it misses."""
+  report = importlib.import_module("experiments.report")
+  run = lambda acc, strict, text: {
+      "lengths": [1024, 2048], "train_len": 2048, "accuracy": [[acc], [acc]],
+      "val": {"val_text": text},
+      # [layer][KV group][length][depth]
+      "selection_recall": {"strict": {"per_layer_group": [[[[0.0], [0.0]]],
+                                                          [[[strict], [strict]]]]}}}
+  d = {"winner": "distill", "full": {**run(1.0, 0, 0), "selection_recall": None},
+       "recipes": {"baseline": run(0.5, 0.2, 1.0), "distill": run(1.0, 0.95, 0.99),
+                   "st": run(0.9, 0.5, 1.02)}}
+  line = report.ablation_targets(d)
+  assert line.startswith("Targets (issue #29) for the winner, `distill`: >= 95 % at the "
+                         "training length: met (100%)")
+  assert "strict recall >= 0.90 in a layer >= 1: met (0.95, layer 1)" in line
+  assert line.endswith("The other recipes: `st` 0 of 4 (not met: 95 %, full attention, "
+                       "strict recall, text loss).")
