@@ -85,8 +85,8 @@ def shared_memory(tiles: Tiles, block: int, Dk: int, itemsize: int) -> int:
   operands in one more query tile. Dk padded to 16."""
   dk = _util.cdiv(Dk, 16) * 16
   tile_k = _util.next_pow2(block, 16)
-  q_rows = tiles.block_q
-  rows = tiles.num_stages * (q_rows + tile_k) + (q_rows if itemsize == 4 else 0)
+  rows = (tiles.num_stages * (tiles.block_q + tile_k)
+          + (tiles.block_q if itemsize == 4 else 0))
   return itemsize * dk * rows + _util.SCRATCH_BYTES
 
 
