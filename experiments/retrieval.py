@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -218,9 +219,10 @@ def copy_metrics(args, stages: list[Stage], prefix: str = "") -> None:
 
 
 def file_suffix(args) -> str:
-  """"_<gpu>" (none with --small), and "_seed<N>" for a --seed other than 0."""
+  """"_<gpu>" (none with --small), "_<tag>" with --tag, and "_seed<N>" for a --seed other
+  than 0."""
   return (("" if args.small else "_" + bench_common.slug(bench_common.gpu_name()))
-          + (f"_seed{args.seed}" if args.seed else ""))
+          + (f"_{args.tag}" if args.tag else "") + (f"_seed{args.seed}" if args.seed else ""))
 
 
 def common_record(args, stages) -> dict:
@@ -394,6 +396,9 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0,
                       help="parameters, data order and passkeys (e.g. to repeat the winner); "
                       "not 0: runs under <runs>/seed<N>, files named *_seed<N>")
+  parser.add_argument("--tag", default="",
+                      help="names an experiment apart from the default one (other blocks or "
+                      "stages): runs under <runs>/<tag>, files named *_<tag>")
   parser.add_argument("--pack_tasks", action="store_true",
                       help="several passkey/mqar examples a row, each a document of its own "
                       "(the models read segment_ids)")
@@ -414,7 +419,9 @@ def main(argv=None) -> None:
   for key, value in (SMALL if args.small else GPU).items():
     if getattr(args, key) is None:
       setattr(args, key, value)
-  args.runs = pathlib.Path(args.runs) / (f"seed{args.seed}" if args.seed else "")
+  if not re.fullmatch(r"[A-Za-z0-9-]*", args.tag):
+    parser.error(f"--tag {args.tag!r}: letters, digits and '-' only (it goes into file names)")
+  args.runs = pathlib.Path(args.runs) / args.tag / (f"seed{args.seed}" if args.seed else "")
   args.attentions = args.attentions.split(",")
   if not set(args.attentions) <= set(ATTENTIONS):
     raise ValueError(f"--attentions={','.join(args.attentions)} must name some of {ATTENTIONS}")

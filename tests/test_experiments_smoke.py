@@ -385,6 +385,22 @@ def test_retrieval_merge_takes_earlier_ablations_of_the_same_experiment_only(tmp
     retrieval.main(["--small", "--recipes", "st", "--merge", str(tmp_path / "missing.json")])
 
 
+def test_retrieval_tag_names_an_experiment_apart(tmp_path, monkeypatch, capsys):
+  """--tag: its own checkpoints and file names (beside the seed's); a tag that cannot be
+  part of a file name is an argparse error naming it."""
+  from experiments import retrieval
+  seen = {}
+  monkeypatch.setattr(retrieval, "ablation",
+                      lambda args, stages, lengths, left: seen.update(args=args))
+  retrieval.main(["--small", "--recipes", "st", "--tag", "paper-blocks", "--seed", "1",
+                  "--runs", str(tmp_path), "--out", str(tmp_path)])
+  assert seen["args"].runs == tmp_path / "paper-blocks" / "seed1"
+  assert retrieval.file_suffix(seen["args"]) == "_paper-blocks_seed1"
+  with pytest.raises(SystemExit):
+    retrieval.main(["--small", "--tag", "a/b"])
+  assert "--tag 'a/b'" in capsys.readouterr().err
+
+
 def test_retrieval_settings_are_typed_and_leave_the_stage_fields_alone():
   from experiments import retrieval
   assert retrieval.parse_settings("tiny", ["num_kv_heads=2", "weight_decay=0"]) == {
