@@ -270,10 +270,13 @@ def write_results(args, stages, results: dict, **extra) -> None:
 
 
 def recipe_args(args, recipe: str):
-  """`args` for NSA trained with `recipe` (RECIPES, on top of --set) under <runs>/<recipe>."""
+  """`args` for NSA trained with `recipe` (RECIPES, on top of --set) under <runs>/<recipe>;
+  the baseline, which adds nothing, is the comparison's NSA run under <runs> (the same model,
+  not trained twice), as full attention is."""
   settings = args.set + RECIPES[recipe]
   return argparse.Namespace(**{
-      **vars(args), "set": settings, "runs": args.runs / recipe, "attentions": ["nsa"],
+      **vars(args), "set": settings, "runs": args.runs / recipe if RECIPES[recipe] else args.runs,
+      "attentions": ["nsa"],
       "overrides": {**args.overrides, **parse_settings(args.preset, settings)}})
 
 

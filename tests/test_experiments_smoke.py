@@ -341,16 +341,18 @@ def test_retrieval_small(tmp_path):
   with open(tmp_path / "retrieval-nsa.json") as f:
     alone = json.load(f)
   assert set(alone["runs"]) == {"nsa"} and alone["runs"]["nsa"]["accuracy"] == nsa["accuracy"]
-  # The ablation: NSA per recipe on the same tokens (one recipe here: each trains the same
-  # way), full attention's run reused (its directory is the comparison's), and the comparison
-  # rewritten with the winner.
+  # The ablation: NSA per recipe on the same tokens, the baseline's and full attention's runs
+  # reused (their directories are the comparison's: a recipe with an aid trains as the
+  # baseline does, under a directory of its own, test_retrieval_recipes_add_their_settings),
+  # and the comparison rewritten with the winner.
   stdout = run_script("retrieval", ["--runs", str(tmp_path / "runs"), "--set",
-                                       "num_kv_heads=2", "--recipes", "max"], tmp_path)
+                                       "num_kv_heads=2", "--recipes", "baseline"], tmp_path)
   with open(tmp_path / "retrieval_ablation.json") as f:
     ablation = json.load(f)
-  assert set(ablation["recipes"]) == {"max"} and ablation["winner"] == "max"
-  assert ablation["recipes"]["max"]["settings"] == ["num_kv_heads=2", "group_score=max"]
-  assert ablation["full"]["accuracy"] == full["accuracy"]   # not retrained
+  assert set(ablation["recipes"]) == {"baseline"} and ablation["winner"] == "baseline"
+  assert ablation["recipes"]["baseline"]["settings"] == ["num_kv_heads=2"]
+  assert ablation["recipes"]["baseline"]["accuracy"] == nsa["accuracy"]   # not retrained
+  assert ablation["full"]["accuracy"] == full["accuracy"]
   for run in ablation["recipes"].values():
     assert run["tokens"] == nsa["tokens"] and "strict" in run["selection_recall"]
   with open(tmp_path / "retrieval.json") as f:
@@ -383,6 +385,22 @@ def test_retrieval_merge_takes_earlier_ablations_of_the_same_experiment_only(tmp
     retrieval.merged_ablations(args, stages)
   with pytest.raises(ValueError, match="no such file"):
     retrieval.main(["--small", "--recipes", "st", "--merge", str(tmp_path / "missing.json")])
+
+
+def test_retrieval_recipes_add_their_settings(tmp_path, monkeypatch):
+  """A recipe with an aid: the preset's model with its settings on top of --set, trained
+  under <runs>/<recipe>; the baseline adds nothing and is the comparison's NSA run."""
+  from experiments import retrieval
+  seen = {}
+  monkeypatch.setattr(retrieval, "ablation",
+                      lambda args, stages, lengths, left: seen.update(args=args))
+  retrieval.main(["--small", "--recipes", "max", "--set", "num_kv_heads=2",
+                  "--runs", str(tmp_path), "--out", str(tmp_path)])
+  got = retrieval.recipe_args(seen["args"], "max")
+  assert got.set == ["num_kv_heads=2", "group_score=max"] and got.runs == tmp_path / "max"
+  assert got.overrides["group_score"] == "max" and got.overrides["num_kv_heads"] == 2
+  base = retrieval.recipe_args(seen["args"], "baseline")
+  assert base.runs == tmp_path and base.overrides == seen["args"].overrides
 
 
 def test_retrieval_tag_names_an_experiment_apart(tmp_path, monkeypatch, capsys):
