@@ -234,7 +234,7 @@ def common_record(args, stages) -> dict:
           "stages": [dataclasses.asdict(s) for s in stages],
           "model": {k: getattr(mc, k) for k in ("d_model", "num_layers", "num_heads",
                                                 "num_kv_heads", "head_dim")},
-          "nsa_config": dataclasses.asdict(mc.nsa)}
+          "nsa_config": dataclasses.asdict(mc.nsa), **({"tag": args.tag} if args.tag else {})}
 
 
 def write_results(args, stages, results: dict, **extra) -> None:

@@ -404,16 +404,20 @@ def test_retrieval_recipes_add_their_settings(tmp_path, monkeypatch):
 
 
 def test_retrieval_tag_names_an_experiment_apart(tmp_path, monkeypatch, capsys):
-  """--tag: its own checkpoints and file names (beside the seed's); a tag that cannot be
-  part of a file name is an argparse error naming it."""
+  """--tag: its own checkpoints, file names (beside the seed's) and a field of the records
+  (none without it, as before tags); a tag that cannot be part of a file name is an
+  argparse error naming it."""
   from experiments import retrieval
   seen = {}
   monkeypatch.setattr(retrieval, "ablation",
-                      lambda args, stages, lengths, left: seen.update(args=args))
+                      lambda args, stages, lengths, left: seen.update(args=args, stages=stages))
   retrieval.main(["--small", "--recipes", "st", "--tag", "paper-blocks", "--seed", "1",
                   "--runs", str(tmp_path), "--out", str(tmp_path)])
   assert seen["args"].runs == tmp_path / "paper-blocks" / "seed1"
   assert retrieval.file_suffix(seen["args"]) == "_paper-blocks_seed1"
+  assert retrieval.common_record(seen["args"], seen["stages"])["tag"] == "paper-blocks"
+  retrieval.main(["--small", "--recipes", "st", "--runs", str(tmp_path), "--out", str(tmp_path)])
+  assert "tag" not in retrieval.common_record(seen["args"], seen["stages"])
   with pytest.raises(SystemExit):
     retrieval.main(["--small", "--tag", "a/b"])
   assert "--tag 'a/b'" in capsys.readouterr().err
