@@ -444,9 +444,10 @@ def ablation_section(path, d):
           f"{d['device']}: NSA ({_blocks_text(d['nsa_config'])}; {model_config_text(d['model'])}, "
           f"G = {d['model']['num_heads'] // d['model']['num_kv_heads']}, {d['dtype']}) with each "
           f"recipe on the same {first['tokens']:,} tokens of `{d['mixture']}` (stages {stages}; "
-          f"seed {d.get('seed', 0)}); {first['samples']} passkeys per cell. Accuracy: mean over "
-          f"the depths per context length; recall and strict recall (every key digit's block "
-          f"selected, layers >= 1) at the training length {first['train_len']:,}, next to chance "
+          f"seed {d.get('seed', 0)}" + (f", `--tag {d['tag']}`" if "tag" in d else "")
+          + f"); {first['samples']} passkeys per cell. Accuracy: mean over the depths per "
+          f"context length; recall and strict recall (every key digit's block selected, "
+          f"layers >= 1) at the training length {first['train_len']:,}, next to chance "
           f"(random free slots); the winner (best mean accuracy) in bold:", "",
           _table(["recipe", "settings", *(f"accuracy {_len(n)}" for n in first["lengths"]),
                   "recall / chance", "strict / chance", "strict, best layer >= 1", *tasks],
