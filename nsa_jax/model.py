@@ -31,7 +31,7 @@ ATTENTIONS = ("nsa", "full")
 # What a rematerialised block keeps for the backward pass besides its input (docs/memory.md).
 REMAT_POLICIES = {"layer": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-REMATS = ("none", *REMAT_POLICIES)
+REMATS = ("none", "keep", *REMAT_POLICIES)
 EMBED_INIT = nnx.initializers.normal(0.02)
 
 
@@ -54,7 +54,9 @@ class ModelConfig:
     rope_theta: RoPE base.
     dtype: compute dtype name ("float32", "bfloat16"); parameters stay float32.
     impl: NSA op implementation ("auto", "xla", "pallas").
-    remat: recompute each block in the backward pass (docs/memory.md): "none"; "layer" keeps
+    remat: recompute each block in the backward pass (docs/memory.md): "none"; "keep" also
+      keeps what the NSA layer would recompute from its input (its projections, keys,
+      values, gates and window and compressed branches: more memory, less time); "layer" keeps
       only the block's input; "dots" keeps its input and the outputs of its weight matmuls
       (jax.checkpoint_policies.dots_with_no_batch_dims_saveable: projections and MLP).
     scan_layers: the blocks' parameters stacked on a leading layer axis, run by one
@@ -222,7 +224,7 @@ class Block(nnx.Module):
       self.attn = NativeSparseAttention(
           c.d_model, c.num_heads, c.num_kv_heads, head_dim=c.head_size, config=c.nsa,
           shared_kv=c.shared_kv, rope_theta=c.rope_theta, impl=c.impl, dtype=dtype,
-          param_dtype=jnp.float32, rngs=rngs)
+          param_dtype=jnp.float32, recompute=c.remat != "keep", rngs=rngs)
     else:
       self.attn = FullAttention(c.d_model, c.num_heads, c.num_kv_heads,
                                 head_dim=c.head_size, rope_theta=c.rope_theta,
@@ -276,7 +278,7 @@ class Transformer(nnx.Module):
   def run_blocks(self, x, segment_ids=None, distill=False):
     """The blocks over x [B, T, d_model]: a loop over one jitted block (traced and lowered
     once for every layer, docs/memory.md) or a `jax.lax.scan` (scan_layers), each block
-    under `jax.checkpoint` with `REMAT_POLICIES[remat]` unless remat == "none".
+    under `jax.checkpoint` with `REMAT_POLICIES[remat]` for remat "layer" and "dots".
     Returns (output, each layer's selection distillation loss [L] with `distill`, else None)."""
     c = self.config
 
@@ -284,7 +286,7 @@ class Transformer(nnx.Module):
       out = nnx.merge(graphdef, state)(x, segment_ids=segment_ids, distill=distill)
       return out if distill else (out, None)
 
-    if c.remat != "none":   # prevent_cse=False is safe, and faster, under a scan
+    if c.remat in REMAT_POLICIES:   # prevent_cse=False is safe, and faster, under a scan
       run = jax.checkpoint(run, static_argnums=0, policy=REMAT_POLICIES[c.remat],
                            prevent_cse=not c.scan_layers)
     if c.scan_layers:

@@ -78,6 +78,9 @@ class NativeSparseAttention(nnx.Module):
     mesh: a device mesh with the axes of `nsa_jax.context.AXES`: the op then runs
       per shard (`nsa_jax.context.sharded_nsa`; sequences split over "context"
       exchange what crosses a shard boundary); None runs it whole.
+    recompute: the backward recomputes the projections, keys, values, gates and the
+      window and compressed branches from x (`__call__`, docs/memory.md); False keeps
+      them instead: more memory, less time.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *,
@@ -85,7 +88,8 @@ class NativeSparseAttention(nnx.Module):
                config: NSAConfig = NSAConfig(), shared_kv: bool = False,
                rope_theta: float = 10000.0, impl: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32,
-               mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):
+               mesh: jax.sharding.Mesh | None = None, recompute: bool = True,
+               rngs: nnx.Rngs):
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a positive multiple of "
                        f"num_kv_heads={num_kv_heads}")
@@ -100,7 +104,7 @@ class NativeSparseAttention(nnx.Module):
     _common.check_config(config)
     _common.check_impl(impl)
     self.config, self.impl, self.rope_theta = config, impl, rope_theta
-    self.mesh, self.d_model = mesh, d_model
+    self.mesh, self.d_model, self.recompute = mesh, d_model, recompute
     self.num_heads, self.num_kv_heads, self.dk, self.dv = num_heads, num_kv_heads, Dk, Dv
     self.kv_branches = 1 if shared_kv else len(BRANCHES)
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -198,11 +202,11 @@ class NativeSparseAttention(nnx.Module):
     The backward recomputes what is cheap (`nsa_jax.ops.nsa.SAVE_POLICY`): the layer
     keeps x and the branches' outputs, lse and selection, not the projections, keys,
     values, gates or mix made from x (docs/memory.md; measured: experiments/PERF_NOTES.md,
-    "Memory"). Not on a mesh with context > 1: recomputing there would all-gather the
-    selected and compressed keys and values again (`nsa_jax.context`).
+    "Memory"). Not with recompute=False, nor on a mesh with context > 1: recomputing there
+    would all-gather the selected and compressed keys and values again (`nsa_jax.context`).
     """
     self.check_input(x)
-    if self.mesh is not None and self.mesh.shape["context"] > 1:
+    if not self.recompute or (self.mesh is not None and self.mesh.shape["context"] > 1):
       return self.forward(x, segment_ids, distill, distill_stride)
     # jax.checkpoint over the layer's state as an argument (not nnx.remat over the module),
     # so that a layer closed over by an outer jax.grad / jax.jit is read, never written.

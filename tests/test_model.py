@@ -96,7 +96,8 @@ def loss_and_grads(config):
 
 @pytest.mark.parametrize("attention", ["nsa", "full"])
 @pytest.mark.parametrize("remat, scan_layers", [("layer", False), ("dots", False),
-                                                ("none", True), ("layer", True)])
+                                                ("keep", False), ("none", True),
+                                                ("layer", True)])
 def test_remat_and_scan_compute_the_plain_models_loss_and_gradients(attention, remat,
                                                                     scan_layers):
   """Same parameters (the plain model's, stacked for scan_layers; a seed gives the same
@@ -138,7 +139,8 @@ def test_config_errors_name_the_values():
     ModelConfig(d_model=100, num_heads=8)
   with pytest.raises(ValueError, match="attention='sparse'"):
     ModelConfig(attention="sparse")
-  with pytest.raises(ValueError, match=r"remat='all' must be one of \('none', 'layer', 'dots'\)"):
+  with pytest.raises(ValueError,
+                     match=r"remat='all' must be one of \('none', 'keep', 'layer', 'dots'\)"):
     ModelConfig(remat="all")
   config = tiny_config()
   with pytest.raises(ValueError, match="seq_len=8 is shorter than one compressed block"):
