@@ -15,6 +15,8 @@ import pathlib
 import re
 import sys
 
+from nsa_jax import data
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 BEGIN, END = "<!-- BEGIN RESULTS (experiments/report.py) -->", "<!-- END RESULTS -->"
@@ -420,6 +422,14 @@ def ablation_targets(d) -> str:
   return " ".join(lines)
 
 
+def _key_gap() -> int:
+  """At needle depth 100 %, tokens from the answer's first digit back to the first digit of
+  the needle's last copy of the key (`nsa_jax.data.passkey_example`)."""
+  key = "0" * data.PASSKEY_DIGITS
+  needle = data.PASSKEY_NEEDLE.format(key=key)
+  return len(data.PASSKEY_QUESTION) + len(needle) - needle.rindex(key)
+
+
 def ablation_section(path, d):
   """The recipes of `experiments/retrieval.py --recipes` (retrieval_ablation_*.json): one row
   each (and full attention's), and the mean gates at the answer's queries at each depth."""
@@ -439,6 +449,8 @@ def ablation_section(path, d):
                  *(f"{r['val'][t]:.4f}" for t in tasks)])
   gates = [[name, f"layer {i}", *("/".join(f"{x:.2f}" for x in g) for g in layer)]
            for name, r in runs for i, layer in enumerate(r["gates"]["per_layer_depth"])]
+  by_depth = [[name, *(f"{a:.0%}" for a in r["accuracy"][r["lengths"].index(r["train_len"])])]
+              for name, r in [*runs, *([("full attention", d["full"])] if "full" in d else [])]]
   stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
   return [f"Selection-learning ablation (issue #29): `experiments/retrieval.py --recipes` on "
           f"{d['device']}: NSA ({_blocks_text(d['nsa_config'])}; {model_config_text(d['model'])}, "
@@ -453,6 +465,10 @@ def ablation_section(path, d):
                   "recall / chance", "strict / chance", "strict, best layer >= 1", *tasks],
                  rows), "",
           *([ablation_targets(d), ""] if "full" in d and "baseline" in d["recipes"] else []),
+          f"Accuracy at the training length {first['train_len']:,} per needle depth (at 100 % "
+          f"the needle's last copy of the key starts {_key_gap()} tokens before the answer; "
+          f"w = {d['nsa_config']['window']}):", "",
+          _table(["recipe", *(f"{100 * x:.0f}%" for x in first["depths"])], by_depth), "",
           "Mean gates g_cmp / g_slc / g_win at the answer's queries per depth (mean over "
           "lengths, heads and the 5 answer queries):", "",
           _table(["recipe", "layer", *(f"{100 * x:.0f}%" for x in first["depths"])], gates), ""]
