@@ -378,11 +378,11 @@ def _best_strict_layer(run) -> tuple[int, float]:
 
 
 def _recipe_targets(d, name) -> list[tuple[str, bool, str]]:
-  """Issue #29's targets for one recipe, each (short name, met, what was measured, with a
-  {} for the verdict): >= 95 % at the
-  training length, >= full attention at every length up to the longest where full attention
-  holds >= 90 % (RoPE past its training length), strict recall >= 0.9 in a layer >= 1, text
-  validation loss within 1 % of the baseline's (the same recipe without an aid)."""
+  """Issue #29's targets for one recipe, each (short name, met, what was measured with a {}
+  for the verdict): >= 95 % at the training length, >= full attention at every length up to
+  the longest where full attention holds >= 90 % (RoPE past its training length), strict
+  recall >= 0.9 in a layer >= 1, text validation loss within 1 % of the baseline's (the same
+  recipe without an aid)."""
   run, full, base = d["recipes"][name], d["full"], d["recipes"]["baseline"]
   sound = [n for n, f in zip(full["lengths"], full["accuracy"]) if _mean(f) >= 0.9]
   upto = max(sound) if sound else full["train_len"]
@@ -395,11 +395,13 @@ def _recipe_targets(d, name) -> list[tuple[str, bool, str]]:
   where = ("full attention's last length at >= 90 %" if sound else
            "the training length: full attention is at >= 90 % nowhere")
   return [("95 %", acc >= 0.95, f">= 95 % at the training length: {{}} ({acc:.0%})"),
-          ("full attention", not behind, f">= full attention at every length up to {_len(upto)} ({where}): {{}}"
-                       + ("" if not behind else ", behind at " + ", ".join(behind))),
-          ("strict recall", strict >= 0.9, f"strict recall >= 0.90 in a layer >= 1: {{}} ({strict:.2f}, "
-                          f"layer {layer})"),
-          ("text loss", text <= 0.01, f"text validation loss within 1 % of the baseline's: {{}} ({text:+.1%})")]
+          ("full attention", not behind,
+           f">= full attention at every length up to {_len(upto)} ({where}): {{}}"
+           + ("" if not behind else ", behind at " + ", ".join(behind))),
+          ("strict recall", strict >= 0.9,
+           f"strict recall >= 0.90 in a layer >= 1: {{}} ({strict:.2f}, layer {layer})"),
+          ("text loss", text <= 0.01,
+           f"text validation loss within 1 % of the baseline's: {{}} ({text:+.1%})")]
 
 
 def ablation_targets(d) -> str:
@@ -432,12 +434,14 @@ def _key_gap() -> int:
 
 def ablation_section(path, d):
   """The recipes of `experiments/retrieval.py --recipes` (retrieval_ablation_*.json): one row
-  each (and full attention's), and the mean gates at the answer's queries at each depth."""
+  each (and full attention's), their accuracy per depth at the training length, and the mean
+  gates at the answer's queries at each depth."""
   runs = [(name, r) for name, r in d["recipes"].items()]
+  models = [*runs, *([("full attention", d["full"])] if "full" in d else [])]
   first = runs[0][1]
   tasks = sorted(first["val"])
   rows = []
-  for name, r in [*runs, *([("full attention", d["full"])] if "full" in d else [])]:
+  for name, r in models:
     rec = r.get("selection_recall")
     rows.append([f"**{name}**" if name == d["winner"] else name,
                  " ".join(f"`{x}`" for x in r.get("settings", [])) or "–",
@@ -450,7 +454,7 @@ def ablation_section(path, d):
   gates = [[name, f"layer {i}", *("/".join(f"{x:.2f}" for x in g) for g in layer)]
            for name, r in runs for i, layer in enumerate(r["gates"]["per_layer_depth"])]
   by_depth = [[name, *(f"{a:.0%}" for a in r["accuracy"][r["lengths"].index(r["train_len"])])]
-              for name, r in [*runs, *([("full attention", d["full"])] if "full" in d else [])]]
+              for name, r in models]
   stages = " -> ".join(f"{s['seq_len']} x {s['batch_size']} x {s['steps']}" for s in d["stages"])
   return [f"Selection-learning ablation (issue #29): `experiments/retrieval.py --recipes` on "
           f"{d['device']}: NSA ({_blocks_text(d['nsa_config'])}; {model_config_text(d['model'])}, "
