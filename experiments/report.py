@@ -386,7 +386,9 @@ def _recipe_targets(d, name) -> list[tuple[str, bool, str]]:
   run, full, base = d["recipes"][name], d["full"], d["recipes"]["baseline"]
   sound = [n for n, f in zip(full["lengths"], full["accuracy"]) if _mean(f) >= 0.9]
   upto = max(sound) if sound else full["train_len"]
-  behind = [f"{_len(n)} ({_mean(a):.0%} vs {_mean(f):.0%})"
+  passkeys = lambda r, row: round(sum(row) * r["samples"])   # answered, of samples x depths
+  behind = [f"{_len(n)} ({_mean(a):.0%} vs {_mean(f):.0%}, p = "
+            f"{_fisher_p(passkeys(run, a), passkeys(full, f), run['samples'] * len(a)):.2f})"
             for n, a, f in zip(run["lengths"], run["accuracy"], full["accuracy"])
             if n <= upto and _mean(a) < _mean(f)]
   acc = _at_train_len(run, run["accuracy"])
@@ -397,11 +399,22 @@ def _recipe_targets(d, name) -> list[tuple[str, bool, str]]:
   return [("95 %", acc >= 0.95, f">= 95 % at the training length: {{}} ({acc:.0%})"),
           ("full attention", not behind,
            f">= full attention at every length up to {_len(upto)} ({where}): {{}}"
-           + ("" if not behind else ", behind at " + ", ".join(behind))),
+           + ("" if not behind else ", behind at " + ", ".join(behind)
+              + " (p: the chance of so few answers if both models answered alike)")),
           ("strict recall", strict >= 0.9,
            f"strict recall >= 0.90 in a layer >= 1: {{}} ({strict:.2f}, layer {layer})"),
           ("text loss", text <= 0.01,
            f"text validation loss within 1 % of the baseline's: {{}} ({text:+.1%})")]
+
+
+def _fisher_p(k_a: int, k_b: int, n: int) -> float:
+  """One-sided Fisher exact test of k_a against k_b successes in n trials each: the
+  probability that a model answering as often as the other (k_a + k_b answers over both)
+  answers k_a times or fewer, under a split of the answers at random."""
+  K = k_a + k_b
+  total = math.comb(2 * n, n)
+  return sum(math.comb(K, x) * math.comb(2 * n - K, n - x)
+             for x in range(max(0, K - n), k_a + 1)) / total
 
 
 def ablation_targets(d) -> str:
