@@ -618,7 +618,7 @@ def test_ablation_targets_judge_the_winner_and_count_the_others():
   assert line.endswith("The other recipes: `st` 0 of 4 (not met: 95 %, full attention, "
                        "strict recall, text loss).")
   # Where a recipe is behind full attention, how likely so few answers were if both answered
-  # alike (one-sided Fisher exact test): 7 of 8 against 8 of 8, both failures in one model's
+  # alike (one-sided Fisher exact test): 7 of 8 against 8 of 8, the one miss in this model's
   # 8 of the 16 passkeys by chance: p = 1/2.
   [behind] = [text for short, _, text in report._recipe_targets(d, "st")
               if short == "full attention"]
